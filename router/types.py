@@ -1,0 +1,80 @@
+"""Typed messages of the routing policy. Pure: stdlib only.
+
+Units are in the names (``_s`` seconds, ``_tokens``); snapshots are frozen, and policy code never
+mutates them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Role(str, enum.Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestDescriptor:
+    """What the router knows about one request; built once at ingress (prompt already tokenised)."""
+
+    request_id: str
+    model: str
+    num_prompt_tokens: int
+    max_new_tokens: int
+    tier: str
+    arrival_s: float
+    block_hashes: tuple[int, ...] = ()
+
+    def __repr__(self) -> str:  # never print prompt content
+        return (f"RequestDescriptor(id={self.request_id}, prompt_tokens={self.num_prompt_tokens}, "
+                f"max_new_tokens={self.max_new_tokens}, tier={self.tier})")
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointState:
+    """A snapshot of one engine replica as the router sees it."""
+
+    endpoint_id: str
+    pool: str
+    role: Role
+    healthy: bool
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0            # 0..1 of the engine's KV blocks in use
+    in_flight: int = 0               # requests this router dispatched and has not seen finish
+    updated_s: float = 0.0
+
+    @property
+    def load(self) -> int:
+        """Outstanding requests: the engine's own count, or the router's if stats lag behind."""
+        return max(self.num_running + self.num_waiting, self.in_flight)
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingDecision:
+    decode: EndpointState
+    prefill: EndpointState | None    # None => the decode engine prefills locally
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """The request is refused before it takes any queue slot or KV block."""
+
+    reason: str                      # bounded, metric-label safe: "no_decode_capacity", ...
+    message: str
+    status_code: int = 503           # 503 overload/unavailable, 429 quota
+    retry_after_s: float | None = 1.0
+
+
+@dataclass(slots=True)
+class PoolSnapshot:
+    """All endpoints the router may pick from at one instant."""
+
+    endpoints: list[EndpointState] = field(default_factory=list)
+    taken_s: float = 0.0
+
+    def by_role(self, role: Role) -> list[EndpointState]:
+        return [e for e in self.endpoints if e.role is role]

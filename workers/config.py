@@ -1,0 +1,123 @@
+"""Pool configuration: one pool = one Ray Serve deployment of identical vLLM engines.
+
+Only pydantic and the stdlib are imported here so the schema is usable (and testable) without
+Ray or vLLM installed.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PoolRole(str, enum.Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+class ReplicaRange(_Strict):
+    """Replica count of a pool. ``min == max`` is a fixed size; ``min < max`` enables autoscaling."""
+
+    min: int = Field(1, ge=0)
+    max: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0, description="autoscaling target per replica")
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> "ReplicaRange":
+        if self.min > self.max:
+            raise ValueError(f"replicas.min ({self.min}) > replicas.max ({self.max})")
+        return self
+
+    @property
+    def fixed(self) -> bool:
+        return self.min == self.max
+
+
+class CpuDevice(_Strict):
+    """A CPU engine. ``cpu_cores`` pins the engine's OpenMP threads (vLLM
+    ``VLLM_CPU_OMP_THREADS_BIND``: ``"0"``, ``"0-3"``, ``"auto"``); two engines on the same cores
+    fight each other, so give each pool its own cores."""
+
+    kind: Literal["cpu"] = "cpu"
+    cpu_cores: str = Field("auto", pattern=r"^(auto|all|nobind|[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*)$")
+    num_cpus: float = Field(1.0, gt=0, description="Ray logical CPUs reserved per replica")
+    kv_cache_space_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE (GiB) per engine")
+
+
+class GpuDevice(_Strict):
+    """A CUDA engine: ``count`` GPUs per replica (= tensor x pipeline parallel size), optionally of
+    one Ray accelerator type (``A100``, ``H100``, ``L4`` ...)."""
+
+    kind: Literal["gpu"] = "gpu"
+    gpu_type: str | None = None
+    count: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, gt=0)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+
+
+class EngineConfig(_Strict):
+    """The vLLM engine arguments we manage; anything else goes through ``extra`` verbatim."""
+
+    block_size: int = Field(128, ge=1)
+    max_model_len: int | None = Field(None, ge=16)
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int | None = Field(None, ge=16)
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    enable_prefix_caching: bool = True
+    dtype: str = "bfloat16"
+    enforce_eager: bool = True
+    extra: dict[str, Any] = Field(default_factory=dict, description="passed to vLLM AsyncEngineArgs")
+
+    @field_validator("extra")
+    @classmethod
+    def _no_managed_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        managed = {"model", "kv_transfer_config", "block_size", "max_model_len", "tensor_parallel_size",
+                   "pipeline_parallel_size", "max_num_seqs"}
+        clash = sorted(managed & set(v))
+        if clash:
+            raise ValueError(f"engine.extra must not set managed keys {clash}; use the engine fields")
+        return v
+
+
+class PoolConfig(_Strict):
+    name: str = Field(..., pattern=r"^[a-z][a-z0-9-]{0,30}$")
+    role: PoolRole
+    replicas: ReplicaRange = Field(default_factory=ReplicaRange)
+    device: CpuDevice | GpuDevice = Field(default_factory=CpuDevice, discriminator="kind")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    max_ongoing_requests: int = Field(64, ge=1, description="Ray Serve per-replica concurrency cap")
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _int_replicas(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):
+            return {"min": v, "max": v}
+        return v
+
+    @model_validator(mode="after")
+    def _gpu_count_matches_parallelism(self) -> "PoolConfig":
+        if isinstance(self.device, GpuDevice):
+            need = self.engine.tensor_parallel_size * self.engine.pipeline_parallel_size
+            if self.device.count != need:
+                raise ValueError(
+                    f"pool {self.name!r}: device.count ({self.device.count}) must equal "
+                    f"tensor_parallel_size x pipeline_parallel_size ({need})")
+        return self
+
+
+class KvHandoffConfig(_Strict):
+    """How KV moves from prefill to decode engines (see workers/handoff.py)."""
+
+    backend: Literal["nixl"] = Field("nixl", description="'nixl': vLLM's NixlConnector (UCX)")
+    ucx_tls: str = Field("tcp,self,sm", description="UCX transports; e.g. 'rc,cuda_ipc,cuda_copy,tcp' on GPU")
+    side_channel_host: str = Field("auto", description="address peers use to reach an engine; "
+                                   "'auto' = this Ray node's IP")
+    kv_buffer_device: Literal["cpu", "cuda"] = "cpu"
+    kv_lease_s: int = Field(30, ge=6, description="prefill frees KV no decode has read after this long")

@@ -1,0 +1,167 @@
+"""EngineWrapper: one vLLM ``AsyncLLM`` built from a PoolConfig, with prefill/decode helpers.
+
+This is the only module (with workers/stats.py) that imports vLLM's engine API. It runs inside a
+Ray Serve replica but knows nothing about Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from workers.config import CpuDevice, GpuDevice, PoolConfig
+from workers.handoff import HandoffBackend
+from workers.messages import DecodeRequest, PrefillRequest, PrefillResult, SamplingSpec, TokenChunk, WorkerStats
+from workers.stats import EngineStatsCollector
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSpec:
+    pool: PoolConfig
+    model_path: str
+    served_model_name: str
+    max_model_len: int
+
+
+def device_env(pool: PoolConfig) -> dict[str, str]:
+    """Process environment for the engine's device (CPU pinning / KV space)."""
+    if isinstance(pool.device, CpuDevice):
+        return {
+            "VLLM_CPU_OMP_THREADS_BIND": pool.device.cpu_cores,
+            "VLLM_CPU_KVCACHE_SPACE": str(pool.device.kv_cache_space_gib),
+        }
+    return {}
+
+
+def engine_kwargs(spec: EngineSpec, kv_transfer_config: dict[str, Any] | None) -> dict[str, Any]:
+    """Keyword arguments of ``AsyncEngineArgs`` (pure; unit-tested)."""
+    e = spec.pool.engine
+    kwargs: dict[str, Any] = dict(
+        model=spec.model_path,
+        served_model_name=spec.served_model_name,
+        tokenizer=spec.model_path,
+        max_model_len=e.max_model_len or spec.max_model_len,
+        block_size=e.block_size,
+        max_num_seqs=e.max_num_seqs,
+        tensor_parallel_size=e.tensor_parallel_size,
+        pipeline_parallel_size=e.pipeline_parallel_size,
+        enable_prefix_caching=e.enable_prefix_caching,
+        dtype=e.dtype,
+        enforce_eager=e.enforce_eager,
+        disable_log_stats=False,
+    )
+    if e.max_num_batched_tokens:
+        kwargs["max_num_batched_tokens"] = e.max_num_batched_tokens
+    if isinstance(spec.pool.device, GpuDevice):
+        kwargs["gpu_memory_utilization"] = spec.pool.device.gpu_memory_utilization
+    if kv_transfer_config:
+        kwargs["kv_transfer_config"] = kv_transfer_config
+    kwargs.update(e.extra)
+    return kwargs
+
+
+def to_sampling_params(s: SamplingSpec, extra_args: dict[str, Any] | None = None):
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        n=1, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+        seed=s.seed, stop=list(s.stop) or None, presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty, repetition_penalty=s.repetition_penalty,
+        ignore_eos=s.ignore_eos, output_kind=RequestOutputKind.DELTA, extra_args=extra_args,
+    )
+
+
+class EngineWrapper:
+    """Owns one AsyncLLM. Requests are aborted in the engine when their caller goes away."""
+
+    def __init__(self, spec: EngineSpec, handoff: HandoffBackend | None, endpoint_id: str) -> None:
+        self.spec = spec
+        self.handoff = handoff
+        self.endpoint_id = endpoint_id
+        self.collector = EngineStatsCollector()
+        self.engine = None
+        self.load_s = 0.0
+
+    def start(self) -> None:
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        env = device_env(self.spec.pool)
+        if self.handoff is not None:
+            env.update(self.handoff.engine_env())
+        os.environ.update(env)  # inherited by the engine-core process vLLM spawns
+        kv_cfg = self.handoff.kv_transfer_config() if self.handoff else None
+        args = AsyncEngineArgs(**engine_kwargs(self.spec, kv_cfg))
+        t0 = time.monotonic()
+        self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[self.collector.factory])
+        self.load_s = time.monotonic() - t0
+        logger.info("engine for pool %s up in %.1fs (%s)", self.spec.pool.name, self.load_s, self.endpoint_id)
+
+    @property
+    def healthy(self) -> bool:
+        return self.engine is not None and not self.engine.errored
+
+    async def check_health(self) -> None:
+        if self.engine is None:
+            raise RuntimeError("engine not started")
+        await self.engine.check_health()
+
+    async def prefill(self, req: PrefillRequest) -> PrefillResult:
+        """Prefill only: compute the prompt's KV, keep it for the decode side, return the handoff."""
+        params = self.handoff.prefill_params() if self.handoff else None
+        sampling = to_sampling_params(SamplingSpec(max_tokens=1, temperature=0.0),
+                                      extra_args={"kv_transfer_params": params} if params else None)
+        t0 = time.monotonic()
+        final = None
+        cached = 0
+        async for out in self._generate(req.request_id, req.prompt_token_ids, sampling, req.cache_salt):
+            cached = out.num_cached_tokens or cached
+            final = out
+        if final is None:
+            raise RuntimeError(f"prefill of {req.request_id} produced no output")
+        handoff = self.handoff.handoff_from_output(final.kv_transfer_params) if self.handoff else None
+        return PrefillResult(request_id=req.request_id, endpoint_id=self.endpoint_id, handoff=handoff,
+                             num_prompt_tokens=len(req.prompt_token_ids), num_cached_tokens=cached,
+                             prefill_s=time.monotonic() - t0)
+
+    async def generate(self, req: DecodeRequest) -> AsyncIterator[TokenChunk]:
+        """Decode (after a remote prefill when ``req.handoff`` is set), streaming deltas."""
+        extra = {"kv_transfer_params": req.handoff.to_kv_transfer_params()} if req.handoff else None
+        sampling = to_sampling_params(req.sampling, extra_args=extra)
+        first = True
+        async for out in self._generate(req.request_id, req.prompt_token_ids, sampling, req.cache_salt):
+            c = out.outputs[0]
+            yield TokenChunk(text=c.text, token_ids=tuple(c.token_ids), finish_reason=c.finish_reason,
+                             num_cached_tokens=out.num_cached_tokens if first else None,
+                             endpoint_id=self.endpoint_id)
+            first = False
+
+    async def _generate(self, request_id: str, prompt_token_ids, sampling, cache_salt):
+        from vllm.inputs import TokensPrompt
+
+        prompt = TokensPrompt(prompt_token_ids=list(prompt_token_ids))
+        if cache_salt:
+            prompt["cache_salt"] = cache_salt
+        finished = False
+        try:
+            async for out in self.engine.generate(prompt, sampling, request_id):
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:  # caller went away or errored: free the engine's blocks now
+                await self.engine.abort(request_id)
+
+    def stats(self, drain: bool = False) -> WorkerStats:
+        return self.collector.snapshot(self.endpoint_id, self.spec.pool.name, self.spec.pool.role.value,
+                                       healthy=self.healthy, drain=drain)
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None

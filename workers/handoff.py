@@ -1,0 +1,86 @@
+"""The KV handoff seam: how a pool's engines are configured for, and shape requests for, moving
+a prefill's KV cache to a decode engine.
+
+``HandoffBackend`` is small on purpose; the stock NIXL connector is one implementation and the
+slab connector in ``kvtransfer/`` plugs in beside it. Engines never talk to each other through us:
+the connector moves the bytes; we only carry its ``kv_transfer_params`` from one response to the
+next request.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any, Mapping, Protocol
+
+from workers.config import KvHandoffConfig
+from workers.kv_params import KvHandoff, prefill_request_params
+
+
+class HandoffBackend(Protocol):
+    name: str
+
+    def engine_env(self) -> dict[str, str]:
+        """Environment the engine process needs (set before the engine starts)."""
+
+    def kv_transfer_config(self) -> dict[str, Any]:
+        """vLLM ``kv_transfer_config`` for every engine of the cluster."""
+
+    def prefill_params(self) -> dict[str, Any]:
+        """``kv_transfer_params`` of a prefill-only request."""
+
+    def handoff_from_output(self, params: Mapping[str, Any] | None) -> KvHandoff | None:
+        """The typed handoff from a finished prefill's output params (None: nothing to hand off)."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class NixlHandoff:
+    """vLLM's ``NixlConnector``: the decode engine READs the prefill engine's KV blocks over UCX.
+
+    Every engine is ``kv_both`` so a replica can serve either side; each picks a free side-channel
+    port at start (no fixed global ports, no collisions between replicas on one node).
+    """
+
+    name = "nixl"
+
+    def __init__(self, cfg: KvHandoffConfig, side_channel_host: str, side_channel_port: int | None = None):
+        self._cfg = cfg
+        self._host = side_channel_host
+        self._port = side_channel_port or free_port(side_channel_host if side_channel_host != "0.0.0.0" else "")
+
+    @property
+    def side_channel(self) -> tuple[str, int]:
+        return self._host, self._port
+
+    def engine_env(self) -> dict[str, str]:
+        return {
+            "UCX_TLS": self._cfg.ucx_tls,
+            "VLLM_NIXL_SIDE_CHANNEL_HOST": self._host,
+            "VLLM_NIXL_SIDE_CHANNEL_PORT": str(self._port),
+        }
+
+    def kv_transfer_config(self) -> dict[str, Any]:
+        return {
+            "kv_connector": "NixlConnector",
+            "kv_role": "kv_both",
+            "kv_buffer_device": self._cfg.kv_buffer_device,
+            "kv_connector_extra_config": {"kv_lease_duration": self._cfg.kv_lease_s},
+        }
+
+    def prefill_params(self) -> dict[str, Any]:
+        return prefill_request_params()
+
+    def handoff_from_output(self, params: Mapping[str, Any] | None) -> KvHandoff | None:
+        if not params or not params.get("do_remote_prefill"):
+            return None
+        return KvHandoff.from_kv_transfer_params(params, connector=self.name)
+
+
+def make_handoff(cfg: KvHandoffConfig, side_channel_host: str) -> HandoffBackend:
+    if cfg.backend == "nixl":
+        return NixlHandoff(cfg, side_channel_host)
+    raise ValueError(f"unknown kv_handoff.backend {cfg.backend!r}")

@@ -1,0 +1,103 @@
+"""Typed messages between the orchestrator (serve/) and engine workers. Pure: stdlib only.
+
+They cross process boundaries through Ray, so they hold plain data only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from workers.kv_params import KvHandoff
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingSpec:
+    """The sampling parameters we accept from the OpenAI API (validated at ingress)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    cache_salt: str | None = None
+
+    def __repr__(self) -> str:
+        return f"PrefillRequest(id={self.request_id}, prompt_tokens={len(self.prompt_token_ids)})"
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillResult:
+    request_id: str
+    endpoint_id: str
+    handoff: KvHandoff | None         # None: nothing to hand off (the decode side prefills)
+    num_prompt_tokens: int
+    num_cached_tokens: int            # prefix-cache hit on the prefill engine
+    prefill_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingSpec
+    handoff: KvHandoff | None = None  # None => prefill locally on the decode engine
+    cache_salt: str | None = None
+
+    def __repr__(self) -> str:
+        return (f"DecodeRequest(id={self.request_id}, prompt_tokens={len(self.prompt_token_ids)}, "
+                f"remote_kv={self.handoff is not None})")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenChunk:
+    """A delta of generated output. The first chunk carries ``num_cached_tokens``; the last one a
+    ``finish_reason``."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None = None
+    num_cached_tokens: int | None = None
+    endpoint_id: str = ""
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    """Load and KV state of one engine replica, published to routers; cumulative counters since start."""
+
+    endpoint_id: str
+    pool: str
+    role: str
+    healthy: bool = True
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+    prompt_tokens_total: int = 0
+    prompt_tokens_computed: int = 0
+    prompt_tokens_local_cache_hit: int = 0
+    prompt_tokens_external_kv: int = 0
+    generation_tokens_total: int = 0
+    kv_transfers_total: int = 0
+    kv_transfer_bytes_total: int = 0
+    kv_transfer_seconds_total: float = 0.0
+    kv_transfer_descriptors_total: int = 0
+    kv_transfer_failures_total: int = 0
+    kv_transfer_durations_s: list[float] = field(default_factory=list)  # since last drain
+    updated_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "WorkerStats":
+        return cls(**{k: v for k, v in d.items() if k in cls.__slots__})

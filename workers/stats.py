@@ -1,0 +1,72 @@
+"""Collect an engine's load, KV and handoff counters from vLLM's stat-logger hook.
+
+``EngineStatsCollector`` is registered as an ``AsyncLLM`` stat logger; it keeps the latest
+scheduler gauges and cumulative counters, and ``snapshot()`` turns them into ``WorkerStats``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+from workers.messages import WorkerStats
+
+
+class EngineStatsCollector(StatLoggerBase):
+    """Cumulative counters + latest gauges of one engine. Thread-safe; never raises into vLLM."""
+
+    def __init__(self, vllm_config: Any = None, engine_index: int = 0) -> None:  # noqa: D401
+        self._lock = threading.Lock()
+        self._stats = WorkerStats(endpoint_id="", pool="", role="")
+        self._pending_durations: list[float] = []
+
+    def factory(self, vllm_config: Any, engine_index: int = 0) -> "EngineStatsCollector":
+        """Stat-logger factory handed to ``AsyncLLM``: returns this very collector."""
+        return self
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+        with self._lock:
+            s = self._stats
+            if scheduler_stats is not None:
+                s.num_running = scheduler_stats.num_running_reqs
+                s.num_waiting = scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
+                s.kv_usage = float(scheduler_stats.kv_cache_usage)
+                if scheduler_stats.kv_connector_stats:
+                    self._record_connector(scheduler_stats.kv_connector_stats)
+            if iteration_stats is not None:
+                p = iteration_stats.prompt_token_stats
+                s.prompt_tokens_total += p.total
+                s.prompt_tokens_computed += p.computed
+                s.prompt_tokens_local_cache_hit += p.local_cache_hit
+                s.prompt_tokens_external_kv += p.external_kv_transfer
+                s.generation_tokens_total += iteration_stats.num_generation_tokens
+            s.updated_s = time.time()
+
+    def _record_connector(self, data: dict[str, Any]) -> None:
+        s = self._stats
+        durations = data.get("transfer_duration") or []
+        s.kv_transfers_total += len(durations)
+        s.kv_transfer_seconds_total += float(sum(durations))
+        s.kv_transfer_bytes_total += int(sum(data.get("bytes_transferred") or []))
+        s.kv_transfer_descriptors_total += int(sum(data.get("num_descriptors") or []))
+        s.kv_transfer_failures_total += sum(len(data.get(k) or []) for k in (
+            "num_failed_transfers", "num_failed_notifications", "num_failed_handshakes", "num_kv_expired_reqs"))
+        self._pending_durations.extend(float(d) for d in durations)
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+    def snapshot(self, endpoint_id: str, pool: str, role: str, healthy: bool, drain: bool = False) -> WorkerStats:
+        """A copy of the current stats; ``drain`` hands over (and clears) per-transfer durations."""
+        with self._lock:
+            d = self._stats.to_dict()
+            if drain:
+                d["kv_transfer_durations_s"] = self._pending_durations
+                self._pending_durations = []
+            else:
+                d["kv_transfer_durations_s"] = []
+        d.update(endpoint_id=endpoint_id, pool=pool, role=role, healthy=healthy)
+        return WorkerStats.from_dict(d)
