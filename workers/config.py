@@ -7,9 +7,13 @@ Ray or vLLM installed.
 from __future__ import annotations
 
 import enum
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+_CORE_BINDING = re.compile(r"^(auto|nobind|[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*)$")
 
 
 class _Strict(BaseModel):
@@ -45,9 +49,24 @@ class CpuDevice(_Strict):
     fight each other, so give each pool its own cores."""
 
     kind: Literal["cpu"] = "cpu"
-    cpu_cores: str = Field("auto", pattern=r"^(auto|all|nobind|[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*)$")
+    cpu_cores: str | list[str] = Field("auto", description="one binding for every replica, or one per "
+                                       "replica (by its local rank on the node, wrapping around)")
     num_cpus: float = Field(1.0, gt=0, description="Ray logical CPUs reserved per replica")
     kv_cache_space_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE (GiB) per engine")
+
+
+    @field_validator("cpu_cores")
+    @classmethod
+    def _valid_binding(cls, v: str | list[str]) -> str | list[str]:
+        for b in [v] if isinstance(v, str) else v:
+            if not _CORE_BINDING.match(b):
+                raise ValueError(f"invalid core binding {b!r}: use 'auto', 'nobind', '0', '0-3' or '0,2'")
+        if isinstance(v, list) and not v:
+            raise ValueError("cpu_cores list is empty")
+        return v
+
+    def cores_for_rank(self, local_rank: int) -> str:
+        return self.cpu_cores if isinstance(self.cpu_cores, str) else self.cpu_cores[local_rank % len(self.cpu_cores)]
 
 
 class GpuDevice(_Strict):

@@ -26,13 +26,14 @@ class EngineSpec:
     model_path: str
     served_model_name: str
     max_model_len: int
+    local_rank: int = 0
 
 
-def device_env(pool: PoolConfig) -> dict[str, str]:
+def device_env(pool: PoolConfig, local_rank: int = 0) -> dict[str, str]:
     """Process environment for the engine's device (CPU pinning / KV space)."""
     if isinstance(pool.device, CpuDevice):
         return {
-            "VLLM_CPU_OMP_THREADS_BIND": pool.device.cpu_cores,
+            "VLLM_CPU_OMP_THREADS_BIND": pool.device.cores_for_rank(local_rank),
             "VLLM_CPU_KVCACHE_SPACE": str(pool.device.kv_cache_space_gib),
         }
     return {}
@@ -92,7 +93,7 @@ class EngineWrapper:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        env = device_env(self.spec.pool)
+        env = device_env(self.spec.pool, self.spec.local_rank)
         if self.handoff is not None:
             env.update(self.handoff.engine_env())
         os.environ.update(env)  # inherited by the engine-core process vLLM spawns

@@ -1,0 +1,65 @@
+"""build_app(ClusterConfig) -> a Ray Serve application: one deployment per pool + the ingress."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve.config import AutoscalingConfig, RequestRouterConfig
+from ray.serve.schema import LoggingConfig
+
+from serve.config import ClusterConfig
+from serve.ingress import Ingress
+from workers.config import GpuDevice, PoolConfig
+from workers.deployment import EngineServer
+
+
+ROUTER_CLASS = "serve.request_router:PdRequestRouter"
+
+
+def pool_deployment_options(pool: PoolConfig, cfg: ClusterConfig) -> dict[str, Any]:
+    """Serve options of one pool's deployment (pure; unit-tested)."""
+    actor: dict[str, Any] = {"num_cpus": pool.device.num_cpus}
+    if isinstance(pool.device, GpuDevice):
+        actor["num_gpus"] = pool.device.count
+        if pool.device.gpu_type:
+            actor["accelerator_type"] = pool.device.gpu_type
+    opts: dict[str, Any] = {
+        "name": f"pool-{pool.name}",
+        "ray_actor_options": actor,
+        "max_ongoing_requests": pool.max_ongoing_requests,
+        "health_check_period_s": 5.0,
+        "health_check_timeout_s": 30.0,
+        "graceful_shutdown_timeout_s": 10.0,
+        "logging_config": LoggingConfig(enable_access_log=False, log_level="WARNING"),
+        "request_router_config": RequestRouterConfig(
+            request_router_class=ROUTER_CLASS,
+            request_router_kwargs={"pool": pool.name, "role": pool.role.value,
+                                   "stale_s": cfg.router.stats_stale_s},
+            request_routing_stats_period_s=cfg.router.stats_period_s,
+            request_routing_stats_timeout_s=max(1.0, cfg.router.stats_period_s * 4),
+        ),
+    }
+    if pool.replicas.fixed:
+        opts["num_replicas"] = pool.replicas.max
+    else:
+        opts["autoscaling_config"] = AutoscalingConfig(
+            min_replicas=pool.replicas.min, max_replicas=pool.replicas.max,
+            initial_replicas=max(1, pool.replicas.min),
+            target_ongoing_requests=pool.replicas.target_ongoing_requests)
+    return opts
+
+
+def build_app(cfg: ClusterConfig, model_path: str) -> serve.Application:
+    pools = {}
+    for pool in cfg.pools:
+        dep = serve.deployment(EngineServer).options(**pool_deployment_options(pool, cfg))
+        pools[pool.name] = dep.bind(pool.model_dump(mode="json"), cfg.kv_handoff.model_dump(mode="json"),
+                                    model_path, cfg.model.name, cfg.model.max_model_len)
+    ingress = serve.deployment(Ingress).options(
+        name="ingress", num_replicas=1, max_ongoing_requests=cfg.server.max_ongoing_requests,
+        ray_actor_options={"num_cpus": 1},
+        logging_config=LoggingConfig(enable_access_log=False, log_level="WARNING"))
+    return ingress.bind(cfg.model_dump(mode="json"), model_path, pools)
+
+

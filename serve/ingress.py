@@ -1,0 +1,210 @@
+"""The OpenAI-compatible HTTP ingress (FastAPI inside a Ray Serve deployment).
+
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
+GET /metrics. Every error leaves in OpenAI shape ``{"error": {message, type, param, code}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from router.policy import LeastLoadedPolicy
+from router.types import Role
+from serve.adapters import ParsedRequest, RequestAdapter, parse_body
+from serve.config import ClusterConfig
+from serve.metrics import ClusterMetrics
+from serve.orchestrator import Orchestrator
+from serve.pool_monitor import PoolMonitor
+from serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest
+from serve.responses import ChunkWriter, full_response
+
+logger = logging.getLogger(__name__)
+
+app = FastAPI(title="pdserve", description="Disaggregated prefill/decode OpenAI-compatible endpoint")
+
+
+def _error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status_code, headers=e.headers())
+
+
+@app.exception_handler(ApiError)
+async def _api_error(_: Request, e: ApiError) -> JSONResponse:
+    return _error_response(e)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    type_ = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+    return _error_response(ApiError(e.status_code, str(e.detail), type_=type_))
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+    return _error_response(ApiError(400, str(e.errors()[:1]), code="invalid_value"))
+
+
+async def _next_or_none(gen: AsyncIterator[Any]) -> Any:
+    try:
+        return await gen.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    async for item in rest:
+        yield item
+
+
+# NOTE: everything Ingress uses must be defined above it: @serve.ingress pickles the class by value
+# when it is decorated.
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, config: dict[str, Any], model_path: str, pools: dict[str, Any]) -> None:
+        from transformers import AutoTokenizer
+
+        # Imported at run time: Serve ships this class by value (cloudpickle), which would copy
+        # module-level objects; the routers register with the module in sys.modules.
+        from serve import pool_directory
+
+        self._directory = pool_directory.DIRECTORY
+
+        self._cfg = ClusterConfig.model_validate(config)
+        self._roles = {p.name: Role(p.role.value) for p in self._cfg.pools}
+        self._handles = pools
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        r = self._cfg.router
+        self._adapter = RequestAdapter(tokenizer, self._cfg.model.name, self._cfg.model.max_model_len,
+                                       r.default_tier, frozenset(r.qos_tiers))
+        self._monitor: PoolMonitor | None = None
+        self.metrics = ClusterMetrics(lambda: self._monitor.stats() if self._monitor else [])
+        self._monitor = PoolMonitor(pools, self._directory, self.metrics, period_s=r.stats_period_s)
+        self._orch = Orchestrator(pools, LeastLoadedPolicy(), self._directory, self.metrics,
+                                  idle_timeout_s=self._cfg.server.request_timeout_s)
+
+    # -- OpenAI routes ----------------------------------------------------------------------
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._handle(request, "chat", ChatCompletionRequest)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._handle(request, "completion", CompletionRequest)
+
+    @app.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [{
+            "id": self._cfg.model.name, "object": "model", "created": 0, "owned_by": "pdserve",
+            "root": self._cfg.model.name, "max_model_len": self._cfg.model.max_model_len}]}
+
+    @app.get("/health")
+    async def health(self) -> JSONResponse:
+        self._monitor.ensure_started()
+        body = self.health_report()
+        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+
+    @app.get("/metrics")
+    async def metrics_route(self) -> Response:
+        self._monitor.ensure_started()
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # -- helpers ----------------------------------------------------------------------------
+    def health_report(self) -> dict[str, Any]:
+        snap = self._directory.snapshot(self._orch.in_flight())
+        pools: dict[str, dict[str, Any]] = {}
+        for name, role in self._roles.items():
+            eps = [e for e in snap.endpoints if e.pool == name]
+            pools[name] = {"role": role.value, "replicas": len(eps), "healthy": sum(e.healthy for e in eps),
+                           "running": sum(e.num_running for e in eps), "waiting": sum(e.num_waiting for e in eps),
+                           "kv_usage": [round(e.kv_usage, 4) for e in eps],
+                           "endpoints": [e.endpoint_id for e in eps]}
+        ok = all(any(p["healthy"] for p in pools.values() if p["role"] == role.value) for role in Role)
+        return {"status": "ok" if ok else "unavailable", "model": self._cfg.model.name, "pools": pools}
+
+    async def _handle(self, request: Request, kind: str, model_cls: type) -> Response:
+        self._monitor.ensure_started()
+        t0 = time.monotonic()
+        try:
+            body = parse_body(await request.body(), model_cls)
+            parsed = self._adapter.build(kind, body, request.headers.get(self._cfg.router.tier_header))
+        except ApiError as e:
+            self.metrics.requests.labels(kind, str(e.status_code)).inc()
+            raise
+        self.metrics.prompt_tokens.inc(parsed.job.desc.num_prompt_tokens)
+        if body.stream:
+            stream = self._stream(parsed, t0)
+            # surface routing errors (503/429) as an HTTP status, not inside a 200 stream
+            first = await stream.__anext__()
+            return StreamingResponse(_prepend(first, stream), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Request-Id": parsed.response_id})
+        return await self._complete(parsed, t0)
+
+    async def _complete(self, p: ParsedRequest, t0: float) -> JSONResponse:
+        parts: list[str] = []
+        n_tokens, reason, first_s = 0, None, None
+        try:
+            async for chunk in self._orch.generate(p.job):
+                if first_s is None and chunk.token_ids:
+                    first_s = time.monotonic()
+                    self.metrics.ttft.labels(p.kind).observe(first_s - t0)
+                parts.append(chunk.text)
+                n_tokens += len(chunk.token_ids)
+                reason = chunk.finish_reason or reason
+        except ApiError as e:
+            self.metrics.requests.labels(p.kind, str(e.status_code)).inc()
+            raise
+        self._finish_metrics(p, t0, n_tokens, "200")
+        return JSONResponse(full_response(p, "".join(parts), reason, p.job.desc.num_prompt_tokens, n_tokens),
+                            headers={"X-Request-Id": p.response_id})
+
+    async def _stream(self, p: ParsedRequest, t0: float) -> AsyncIterator[bytes]:
+        """SSE stream. Errors before the first byte propagate (-> HTTP status); later ones become an
+        ``error`` event followed by ``[DONE]``."""
+        w = ChunkWriter(p)
+        gen = self._orch.generate(p.job)
+        n_tokens, last_s, status, yielded = 0, None, "200", False
+        try:
+            chunk = await _next_or_none(gen)
+            if role := w.role():
+                yielded = True
+                yield role
+            while chunk is not None:
+                if chunk.token_ids:
+                    now = time.monotonic()
+                    hist = self.metrics.ttft if last_s is None else self.metrics.itl
+                    hist.labels(p.kind).observe(now - (t0 if last_s is None else last_s))
+                    last_s = now
+                n_tokens += len(chunk.token_ids)
+                if chunk.text or chunk.finish_reason:
+                    yielded = True
+                    yield w.delta(chunk.text, chunk.finish_reason)
+                chunk = await _next_or_none(gen)
+            if u := w.usage(p.job.desc.num_prompt_tokens, n_tokens):
+                yield u
+        except ApiError as e:
+            status = str(e.status_code)
+            if not yielded:
+                raise
+            yield w.error(e.body())
+        except (asyncio.CancelledError, GeneratorExit):
+            status = "499"
+            self.metrics.aborts.labels("client_disconnect").inc()
+            raise
+        finally:
+            await gen.aclose()
+            self._finish_metrics(p, t0, n_tokens, status)
+        yield w.done()
+
+    def _finish_metrics(self, p: ParsedRequest, t0: float, n_tokens: int, status: str) -> None:
+        self.metrics.requests.labels(p.kind, status).inc()
+        self.metrics.e2e.labels(p.kind).observe(time.monotonic() - t0)
+        self.metrics.completion_tokens.inc(n_tokens)

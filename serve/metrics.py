@@ -1,0 +1,88 @@
+"""Prometheus metrics of the cluster (the only module that touches prometheus_client).
+
+Request-path metrics are observed at the ingress; engine metrics (queue depth, KV usage, handoff
+counters) are exported from the latest ``WorkerStats`` of every replica at scrape time.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from workers.messages import WorkerStats
+
+_LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0,
+                      5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_HANDOFF_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class _WorkerStatsCollector:
+    """Exports the cached per-replica WorkerStats as gauges and counters."""
+
+    def __init__(self, source) -> None:
+        self._source = source  # callable -> Iterable[WorkerStats]
+
+    def collect(self):
+        stats: list[WorkerStats] = list(self._source())
+        g_queue = GaugeMetricFamily("pdserve_pool_queue_depth", "Requests waiting in engine queues", labels=["pool", "role"])
+        g_running = GaugeMetricFamily("pdserve_pool_running_requests", "Requests running in engines", labels=["pool", "role"])
+        g_replicas = GaugeMetricFamily("pdserve_pool_replicas", "Healthy replicas per pool", labels=["pool", "role"])
+        g_kv = GaugeMetricFamily("pdserve_engine_kv_usage_ratio", "Fraction of KV blocks in use", labels=["pool", "endpoint"])
+        c_prompt = CounterMetricFamily("pdserve_engine_prompt_tokens", "Prompt tokens by source", labels=["pool", "source"])
+        c_gen = CounterMetricFamily("pdserve_engine_generation_tokens", "Generated tokens", labels=["pool"])
+        c_xfer = CounterMetricFamily("pdserve_kv_handoff_transfers", "KV handoff transfers completed", labels=["pool"])
+        c_bytes = CounterMetricFamily("pdserve_kv_handoff_bytes", "KV bytes moved by handoffs", labels=["pool"])
+        c_desc = CounterMetricFamily("pdserve_kv_handoff_descriptors", "Transfer descriptors posted", labels=["pool"])
+        c_fail = CounterMetricFamily("pdserve_kv_handoff_failures", "Failed/expired KV handoffs", labels=["pool"])
+        pools: dict[tuple[str, str], list[WorkerStats]] = {}
+        for s in stats:
+            pools.setdefault((s.pool, s.role), []).append(s)
+            g_kv.add_metric([s.pool, s.endpoint_id], s.kv_usage)
+        for (pool, role), items in sorted(pools.items()):
+            g_queue.add_metric([pool, role], sum(s.num_waiting for s in items))
+            g_running.add_metric([pool, role], sum(s.num_running for s in items))
+            g_replicas.add_metric([pool, role], sum(1 for s in items if s.healthy))
+            for source, attr in (("local_compute", "prompt_tokens_computed"),
+                                 ("local_cache_hit", "prompt_tokens_local_cache_hit"),
+                                 ("external_kv_transfer", "prompt_tokens_external_kv")):
+                c_prompt.add_metric([pool, source], sum(getattr(s, attr) for s in items))
+            c_gen.add_metric([pool], sum(s.generation_tokens_total for s in items))
+            c_xfer.add_metric([pool], sum(s.kv_transfers_total for s in items))
+            c_bytes.add_metric([pool], sum(s.kv_transfer_bytes_total for s in items))
+            c_desc.add_metric([pool], sum(s.kv_transfer_descriptors_total for s in items))
+            c_fail.add_metric([pool], sum(s.kv_transfer_failures_total for s in items))
+        yield from (g_queue, g_running, g_replicas, g_kv, c_prompt, c_gen, c_xfer, c_bytes, c_desc, c_fail)
+
+
+class ClusterMetrics:
+    def __init__(self, worker_stats_source) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("pdserve_requests", "Finished HTTP requests", ["route", "status"], registry=r)
+        self.rejections = Counter("pdserve_admission_rejections", "Requests rejected before admission",
+                                  ["reason", "tier"], registry=r)
+        self.prefill_fallbacks = Counter("pdserve_prefill_fallbacks", "Remote prefills that fell back to "
+                                         "local prefill on the decode engine", ["reason"], registry=r)
+        self.routing = Counter("pdserve_routing_decisions", "Routing decisions", ["prefill", "decode_pool"], registry=r)
+        self.aborts = Counter("pdserve_request_aborts", "Requests aborted before finishing", ["reason"], registry=r)
+        self.ttft = Histogram("pdserve_request_ttft_seconds", "Time to first token at the ingress",
+                              ["route"], buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.itl = Histogram("pdserve_request_inter_token_latency_seconds", "Gap between streamed tokens",
+                             ["route"], buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.e2e = Histogram("pdserve_request_e2e_seconds", "End-to-end request latency",
+                             ["route"], buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.prefill_s = Histogram("pdserve_prefill_seconds", "Remote prefill call duration",
+                                   buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.handoff_s = Histogram("pdserve_kv_handoff_duration_seconds", "Per-transfer KV handoff time",
+                                   buckets=_HANDOFF_BUCKETS_S, registry=r)
+        self.prompt_tokens = Counter("pdserve_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
+        self.completion_tokens = Counter("pdserve_completion_tokens", "Tokens returned to clients", registry=r)
+        r.register(_WorkerStatsCollector(worker_stats_source))
+
+    def observe_handoff_durations(self, durations_s: Iterable[float]) -> None:
+        for d in durations_s:
+            self.handoff_s.observe(d)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,163 @@
+"""The P/D request flow as named steps: route -> prefill -> handoff -> decode stream.
+
+Failure policy (each path counts in metrics with a reason):
+- no healthy decode replica: reject 503 + Retry-After before any engine work;
+- remote prefill fails or times out: the decode engine prefills locally (``prefill_fallbacks``);
+- decode fails before its first token: retried once on another decode replica, local prefill;
+- no output for ``idle_timeout_s``: the request ends with an error, engines abort it.
+Every engine call is cancelled (-> vLLM abort, KV freed) when the client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Mapping
+
+from router.policy import RoutingPolicy
+from router.types import EndpointState, PoolSnapshot, RequestDescriptor, Rejection, RoutingDecision
+from serve.metrics import ClusterMetrics
+from serve.pool_directory import PoolDirectory
+from serve.protocol import ApiError
+from workers.kv_params import KvHandoff
+from workers.messages import DecodeRequest, PrefillRequest, SamplingSpec, TokenChunk
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationJob:
+    desc: RequestDescriptor
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingSpec
+    cache_salt: str | None = None
+
+
+def rejection_to_error(r: Rejection) -> ApiError:
+    type_ = "rate_limit_error" if r.status_code == 429 else "overloaded_error"
+    return ApiError(r.status_code, r.message, type_=type_, code=r.reason, retry_after_s=r.retry_after_s)
+
+
+class Orchestrator:
+    def __init__(self, handles: Mapping[str, Any], policy: RoutingPolicy, directory: PoolDirectory,
+                 metrics: ClusterMetrics, prefill_timeout_s: float = 60.0, idle_timeout_s: float = 120.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._handles = handles
+        self._policy = policy
+        self._directory = directory
+        self._metrics = metrics
+        self._prefill_timeout_s = prefill_timeout_s
+        self._idle_timeout_s = idle_timeout_s
+        self._clock = clock
+        self._in_flight: collections.Counter[str] = collections.Counter()
+
+    # -- step 1: route ---------------------------------------------------------------------
+    def snapshot(self, exclude: frozenset[str] = frozenset()) -> PoolSnapshot:
+        snap = self._directory.snapshot(self._in_flight)
+        if exclude:
+            snap.endpoints = [e for e in snap.endpoints if e.endpoint_id not in exclude]
+        return snap
+
+    def route(self, desc: RequestDescriptor, exclude: frozenset[str] = frozenset()) -> RoutingDecision:
+        decision = self._policy.route(desc, self.snapshot(exclude))
+        if isinstance(decision, Rejection):
+            self._metrics.rejections.labels(decision.reason, desc.tier).inc()
+            raise rejection_to_error(decision)
+        self._metrics.routing.labels("remote" if decision.prefill else "local", decision.decode.pool).inc()
+        logger.debug("route %s -> prefill=%s decode=%s (%s)", desc.request_id,
+                     decision.prefill and decision.prefill.endpoint_id, decision.decode.endpoint_id, decision.reason)
+        return decision
+
+    # -- step 2: remote prefill ----------------------------------------------------------------
+    async def prefill(self, job: GenerationJob, target: EndpointState | None) -> KvHandoff | None:
+        """Run the prefill on ``target``; None means 'decode engine prefills locally'."""
+        if target is None:
+            return None
+        req = PrefillRequest(request_id=job.desc.request_id, prompt_token_ids=job.prompt_token_ids,
+                             cache_salt=job.cache_salt)
+        t0 = self._clock()
+        self._in_flight[target.endpoint_id] += 1
+        resp = self._handles[target.pool].prefill.remote(req, endpoint_hint=target.endpoint_id)
+        try:
+            result = await asyncio.wait_for(resp, timeout=self._prefill_timeout_s)
+        except asyncio.CancelledError:
+            resp.cancel()
+            raise
+        except asyncio.TimeoutError:
+            resp.cancel()
+            self._metrics.prefill_fallbacks.labels("timeout").inc()
+            logger.warning("prefill of %s timed out on %s; prefilling on decode", req.request_id, target.endpoint_id)
+            return None
+        except Exception as e:  # replica died, engine error...
+            self._metrics.prefill_fallbacks.labels("error").inc()
+            logger.warning("prefill of %s failed on %s (%r); prefilling on decode", req.request_id,
+                           target.endpoint_id, e)
+            return None
+        finally:
+            self._release(target.endpoint_id)
+        self._metrics.prefill_s.observe(self._clock() - t0)
+        if result.handoff is None:
+            self._metrics.prefill_fallbacks.labels("no_handoff").inc()
+        return result.handoff
+
+    # -- step 3: decode stream -----------------------------------------------------------------
+    async def decode(self, job: GenerationJob, target: EndpointState, handoff: KvHandoff | None
+                     ) -> AsyncIterator[TokenChunk]:
+        req = DecodeRequest(request_id=job.desc.request_id, prompt_token_ids=job.prompt_token_ids,
+                            sampling=job.sampling, handoff=handoff, cache_salt=job.cache_salt)
+        self._in_flight[target.endpoint_id] += 1
+        gen = self._handles[target.pool].options(stream=True).generate.remote(req, endpoint_hint=target.endpoint_id)
+        finished = False
+        try:
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(gen.__anext__(), timeout=self._idle_timeout_s)
+                except StopAsyncIteration:
+                    finished = True
+                    return
+                except asyncio.TimeoutError:
+                    self._metrics.aborts.labels("idle_timeout").inc()
+                    raise ApiError(504, f"no output for {self._idle_timeout_s:.0f}s; request aborted",
+                                   type_="timeout_error", code="engine_timeout") from None
+                yield chunk
+                if chunk.finish_reason is not None:
+                    finished = True
+        finally:
+            if not finished:
+                gen.cancel()
+            self._release(target.endpoint_id)
+
+    # -- the whole flow ------------------------------------------------------------------------
+    async def generate(self, job: GenerationJob) -> AsyncIterator[TokenChunk]:
+        decision = self.route(job.desc)
+        handoff = await self.prefill(job, decision.prefill)
+        produced = False
+        try:
+            async for chunk in self.decode(job, decision.decode, handoff):
+                produced = True
+                yield chunk
+            return
+        except (ApiError, asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as e:
+            if produced:
+                self._metrics.aborts.labels("decode_failed").inc()
+                raise ApiError(502, "the decode engine failed mid-stream", type_="server_error",
+                               code="decode_failed") from e
+            logger.warning("decode of %s failed on %s before any token (%r); retrying locally",
+                           job.desc.request_id, decision.decode.endpoint_id, e)
+        retry = self.route(job.desc, exclude=frozenset({decision.decode.endpoint_id}))
+        self._metrics.prefill_fallbacks.labels("decode_retry").inc()
+        async for chunk in self.decode(job, retry.decode, None):
+            yield chunk
+
+    def _release(self, endpoint_id: str) -> None:
+        self._in_flight[endpoint_id] -= 1
+        if self._in_flight[endpoint_id] <= 0:
+            del self._in_flight[endpoint_id]
+
+    def in_flight(self) -> dict[str, int]:
+        return dict(self._in_flight)

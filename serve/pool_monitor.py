@@ -1,0 +1,85 @@
+"""PoolMonitor: a background task that polls every engine replica's stats.
+
+The cache feeds /metrics, /health and (fresher than Serve's routing-stats broadcast) the routing
+snapshot. Polls never block the request path: routing reads the last cached value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Callable, Mapping
+
+from serve.metrics import ClusterMetrics
+from serve.pool_directory import PoolDirectory
+from workers.messages import WorkerStats
+
+logger = logging.getLogger(__name__)
+
+
+class PoolMonitor:
+    def __init__(self, handles: Mapping[str, Any], directory: PoolDirectory, metrics: ClusterMetrics | None,
+                 period_s: float, timeout_s: float = 2.0, clock: Callable[[], float] = time.time) -> None:
+        self._handles = handles
+        self._directory = directory
+        self._metrics = metrics
+        self._period_s = period_s
+        self._timeout_s = timeout_s
+        self._clock = clock
+        self._cache: dict[str, WorkerStats] = {}
+        self._task: asyncio.Task | None = None
+
+    def ensure_started(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def stats(self) -> list[WorkerStats]:
+        return list(self._cache.values())
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.poll_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a poll failure must never kill the monitor
+                logger.exception("pool stats poll failed")
+            await asyncio.sleep(self._period_s)
+
+    async def poll_once(self) -> None:
+        known = set(self._directory.pools())
+        calls = []
+        for pool, handle in self._handles.items():
+            if pool not in known:  # first call creates the handle's request router
+                calls.append(self._poll(handle, None))
+        for e in self._directory.snapshot().endpoints:
+            calls.append(self._poll(self._handles[e.pool], e.endpoint_id))
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        live = {e.endpoint_id for e in self._directory.snapshot().endpoints}
+        for r in results:
+            if isinstance(r, WorkerStats):
+                self._cache[r.endpoint_id] = r
+                self._directory.update_stats(r.endpoint_id, {
+                    "healthy": r.healthy, "num_running": r.num_running, "num_waiting": r.num_waiting,
+                    "kv_usage": r.kv_usage, "updated_s": self._clock()})
+                if self._metrics is not None:
+                    self._metrics.observe_handoff_durations(r.kv_transfer_durations_s)
+        for gone in set(self._cache) - live:
+            if live:
+                del self._cache[gone]
+
+    async def _poll(self, handle: Any, endpoint_id: str | None) -> WorkerStats | None:
+        resp = handle.stats.remote(drain=True, endpoint_hint=endpoint_id)
+        try:
+            d = await asyncio.wait_for(resp, timeout=self._timeout_s)
+        except (asyncio.TimeoutError, Exception) as e:
+            resp.cancel()
+            if endpoint_id:
+                self._directory.update_stats(endpoint_id, {"healthy": False, "updated_s": self._clock()})
+            logger.debug("stats poll of %s failed: %r", endpoint_id, e)
+            return None
+        stats = WorkerStats.from_dict(d)
+        if endpoint_id and stats.endpoint_id != endpoint_id:
+            return stats  # the hinted replica is gone; Serve answered from another one
+        return stats

@@ -1,0 +1,57 @@
+"""PdRequestRouter: the Ray Serve RequestRouter of every engine pool (thin).
+
+Serve calls ``choose_replicas`` for each call on a pool's handle. The orchestrator has already
+made the decision with the pure policy in ``router/``; it passes the chosen replica as the
+``endpoint_hint`` keyword, and this router only honours it (falling back to the least-loaded
+other replicas if that one is gone). Without a hint, it ranks by the replicas' reported load.
+It also publishes the pool's replicas + routing stats to the process's ``PoolDirectory``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import List, Optional
+
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+
+from router.types import EndpointState, Role
+from serve.pool_directory import endpoint_from_stats
+
+logger = logging.getLogger(__name__)
+
+
+class PdRequestRouter(RequestRouter):
+    def initialize_state(self, pool: str = "", role: str = "decode", stale_s: float = 10.0) -> None:
+        self._pool = pool
+        self._role = Role(role)
+        self._stale_s = stale_s
+        self._rng = random.Random()
+        # Imported here, not at module level: Serve may ship this class by value (cloudpickle),
+        # which would give it a private copy of module globals; sys.modules has the real one.
+        from serve import pool_directory
+
+        pool_directory.DIRECTORY.register(pool, self)
+
+    def endpoints(self) -> list[EndpointState]:
+        now = time.time()
+        return [endpoint_from_stats(r.replica_id.unique_id, self._pool, self._role, r.routing_stats,
+                                    now, self._stale_s)
+                for r in list(self.curr_replicas.values())]
+
+    async def choose_replicas(self, candidate_replicas: List[RunningReplica],
+                              pending_request: Optional[PendingRequest] = None) -> List[List[RunningReplica]]:
+        hint = pending_request.kwargs.get("endpoint_hint") if pending_request is not None else None
+        if hint:
+            chosen = [r for r in candidate_replicas if r.replica_id.unique_id == hint]
+            rest = [r for r in candidate_replicas if r.replica_id.unique_id != hint]
+            if chosen:
+                return [chosen, self._by_load(rest)] if rest else [chosen]
+        return [self._by_load(candidate_replicas)]
+
+    def _by_load(self, replicas: List[RunningReplica]) -> List[RunningReplica]:
+        def load(r: RunningReplica) -> tuple[int, float]:
+            s = r.routing_stats or {}
+            return (int(s.get("num_running", 0)) + int(s.get("num_waiting", 0)), self._rng.random())
+        return sorted(replicas, key=load)

@@ -1,0 +1,92 @@
+"""Start and stop a whole cluster (Ray + Serve app) from a ClusterConfig; used by the CLI and tests."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from serve.config import BUNDLED_SMOLLM2, ClusterConfig
+from serve.model_prep import resolve_model_path
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunningCluster:
+    cfg: ClusterConfig
+    base_url: str
+    model_path: str
+    started_ray: bool
+    cold_start_s: float
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            serve.shutdown()
+        finally:
+            if self.started_ray:
+                ray.shutdown()
+
+
+def _runtime_env() -> dict:
+    """Replicas must import this project's packages: ship the repo root as the working dir only
+    when the packages are not importable from site-packages (e.g. a plain checkout)."""
+    return {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": os.environ.get(
+        "VLLM_LOGGING_LEVEL", "WARNING"), "RAY_SERVE_ENABLE_TASK_EVENTS": "0"}}
+
+
+def wait_healthy(base_url: str, timeout_s: float, progress=None) -> dict:
+    deadline = time.monotonic() + timeout_s
+    last: dict | str = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{base_url}/health", timeout=5.0)
+            last = r.json()
+            if r.status_code == 200:
+                return last
+        except (httpx.HTTPError, ValueError) as e:
+            last = repr(e)
+        if progress:
+            progress(last)
+        time.sleep(1.0)
+    raise TimeoutError(f"cluster not healthy after {timeout_s:.0f}s: {last}")
+
+
+def start_cluster(cfg: ClusterConfig, timeout_s: float = 600.0, progress=print) -> RunningCluster:
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    t0 = time.monotonic()
+    progress(f"[pdserve] model: {cfg.model.path}")
+    model_path = str(resolve_model_path(cfg.model.path, BUNDLED_SMOLLM2))
+    started_ray = False
+    if not ray.is_initialized():
+        if cfg.ray.address:
+            ray.init(address=cfg.ray.address, runtime_env=_runtime_env(), logging_level=logging.WARNING)
+        else:
+            ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, runtime_env=_runtime_env(),
+                     logging_level=logging.WARNING)
+            started_ray = True
+    progress(f"[pdserve] Ray up; starting {len(cfg.pools)} pools: " +
+             ", ".join(f"{p.name}({p.role.value} x{p.replicas.max})" for p in cfg.pools))
+    serve.start(http_options={"host": cfg.server.host, "port": cfg.server.port})
+    base_url = f"http://{cfg.server.host}:{cfg.server.port}"
+    cluster = RunningCluster(cfg=cfg, base_url=base_url, model_path=model_path, started_ray=started_ray,
+                             cold_start_s=0.0)
+    try:
+        serve.run(build_app(cfg, model_path), name=cfg.app_name, route_prefix="/", blocking=False)
+        progress("[pdserve] engines loaded; waiting for health")
+        wait_healthy(base_url, timeout_s, progress=None)
+    except BaseException:
+        cluster.stop()
+        raise
+    cluster.cold_start_s = time.monotonic() - t0
+    return cluster

@@ -1,0 +1,86 @@
+import textwrap
+
+import pytest
+
+from serve.config import DEFAULT_CONFIG, ClusterConfig, ConfigError
+from workers.config import CpuDevice, GpuDevice, PoolConfig, PoolRole
+
+BASE = {
+    "model": {"name": "m"},
+    "pools": [
+        {"name": "prefill", "role": "prefill", "device": {"kind": "cpu", "cpu_cores": "0"}},
+        {"name": "decode", "role": "decode", "device": {"kind": "cpu", "cpu_cores": "1"}},
+    ],
+}
+
+
+def with_pool(i: int, **changes) -> dict:
+    d = {**BASE, "pools": [dict(p) for p in BASE["pools"]]}
+    d["pools"][i].update(changes)
+    return d
+
+
+def error_of(data: dict) -> str:
+    with pytest.raises(Exception) as ei:
+        ClusterConfig.from_dict(data)
+    return str(ei.value)
+
+
+class TestDefaultConfig:
+    def test_embedded_default_loads(self):
+        cfg = ClusterConfig.from_yaml(DEFAULT_CONFIG)
+        assert [p.role for p in cfg.pools] == [PoolRole.PREFILL, PoolRole.DECODE]
+        cores = [p.device.cpu_cores for p in cfg.pools]
+        assert cores[0] != cores[1], "the default pins prefill and decode to separate cores"
+        assert cfg.model.path == "bundled:smollm2"
+
+    def test_int_replicas_is_fixed_range(self):
+        cfg = ClusterConfig.from_dict(with_pool(1, replicas=2))
+        r = cfg.pools[1].replicas
+        assert (r.min, r.max, r.fixed) == (2, 2, True)
+
+
+class TestInvalidConfig:
+    @pytest.mark.parametrize("data, field", [
+        (with_pool(0, role="prefil"), "pools.0.role"),
+        (with_pool(1, replicas={"min": 3, "max": 1}), "pools.1.replicas"),
+        (with_pool(0, engine={"block_size": 16}), "block_size"),
+        (with_pool(0, engine={"bogus": 1}), "pools.0.engine.bogus"),
+        (with_pool(0, device={"kind": "cpu", "cpu_cores": "zero"}), "pools.0.device.cpu.cpu_cores"),
+        (with_pool(0, device={"kind": "gpu", "count": 2}), "device.count"),
+        (with_pool(0, engine={"extra": {"model": "x"}}), "managed keys"),
+        ({**BASE, "pools": [BASE["pools"][1], BASE["pools"][1]]}, "duplicate pool names"),
+        ({**BASE, "pools": [BASE["pools"][1], {**BASE["pools"][1], "name": "d2"}]}, "role ['prefill']"),
+        ({**BASE, "surprise": 1}, "surprise"),
+        ({**BASE, "router": {"default_tier": "gold"}}, "default_tier"),
+    ])
+    def test_error_names_the_field(self, data, field):
+        assert field in error_of(data)
+
+    def test_yaml_errors_name_file_and_field(self, tmp_path):
+        p = tmp_path / "bad.yaml"
+        p.write_text(textwrap.dedent("""
+            model: {name: m}
+            pools:
+              - {name: prefill, role: prefill}
+              - {name: decode, role: decode, replicas: -1}
+        """))
+        with pytest.raises(ConfigError) as ei:
+            ClusterConfig.from_yaml(p)
+        msg = str(ei.value)
+        assert "bad.yaml" in msg and "pools.1.replicas" in msg
+
+    def test_missing_file(self, tmp_path):
+        with pytest.raises(ConfigError, match="not found"):
+            ClusterConfig.from_yaml(tmp_path / "nope.yaml")
+
+
+class TestDevices:
+    def test_cores_per_rank_wrap(self):
+        d = CpuDevice(cpu_cores=["0", "1"])
+        assert [d.cores_for_rank(i) for i in range(3)] == ["0", "1", "0"]
+
+    def test_gpu_pool_matches_parallelism(self):
+        p = PoolConfig(name="p", role="prefill", device={"kind": "gpu", "gpu_type": "A100", "count": 2},
+                       engine={"tensor_parallel_size": 2, "block_size": 16})
+        assert isinstance(p.device, GpuDevice) and p.device.count == 2

@@ -1,0 +1,66 @@
+"""The Ray Serve replica class of every engine pool (thin: all logic is in EngineWrapper).
+
+``serve/app.py`` turns each PoolConfig into one deployment of ``EngineServer``. Methods take an
+``endpoint_hint`` keyword that only the request router reads (it pins a call to one replica).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, AsyncIterator
+
+from ray import serve
+
+from workers.config import KvHandoffConfig, PoolConfig
+from workers.engine import EngineSpec, EngineWrapper
+from workers.handoff import make_handoff
+from workers.messages import DecodeRequest, PrefillRequest, PrefillResult, TokenChunk
+
+logger = logging.getLogger(__name__)
+
+
+def _side_channel_host(cfg: KvHandoffConfig) -> str:
+    if cfg.side_channel_host != "auto":
+        return cfg.side_channel_host
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+class EngineServer:
+    """One vLLM engine replica of a prefill or decode pool."""
+
+    def __init__(self, pool: dict[str, Any], handoff: dict[str, Any], model_path: str,
+                 served_model_name: str, max_model_len: int) -> None:
+        ctx = serve.get_replica_context()
+        pool_cfg = PoolConfig.model_validate(pool)
+        handoff_cfg = KvHandoffConfig.model_validate(handoff)
+        local_rank = getattr(getattr(ctx, "rank", None), "local_rank", 0) or 0
+        spec = EngineSpec(pool=pool_cfg, model_path=model_path, served_model_name=served_model_name,
+                          max_model_len=max_model_len, local_rank=local_rank)
+        self._pool = pool_cfg
+        self._wrapper = EngineWrapper(spec, make_handoff(handoff_cfg, _side_channel_host(handoff_cfg)),
+                                      endpoint_id=ctx.replica_id.unique_id)
+        self._wrapper.start()
+
+    async def prefill(self, req: PrefillRequest, endpoint_hint: str | None = None) -> PrefillResult:
+        return await self._wrapper.prefill(req)
+
+    async def generate(self, req: DecodeRequest, endpoint_hint: str | None = None) -> AsyncIterator[TokenChunk]:
+        async for chunk in self._wrapper.generate(req):
+            yield chunk
+
+    async def stats(self, drain: bool = False, endpoint_hint: str | None = None) -> dict[str, Any]:
+        return self._wrapper.stats(drain=drain).to_dict()
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Polled by Serve every ``request_routing_stats_period_s``; read by PdRequestRouter."""
+        return self._wrapper.stats().to_dict()
+
+    async def check_health(self) -> None:
+        await self._wrapper.check_health()
+
+    def __del__(self) -> None:
+        wrapper = getattr(self, "_wrapper", None)
+        if wrapper is not None:
+            wrapper.shutdown()
