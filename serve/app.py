@@ -34,8 +34,7 @@ def pool_deployment_options(pool: PoolConfig, cfg: ClusterConfig) -> dict[str, A
         "logging_config": LoggingConfig(enable_access_log=False, log_level="WARNING"),
         "request_router_config": RequestRouterConfig(
             request_router_class=ROUTER_CLASS,
-            request_router_kwargs={"pool": pool.name, "role": pool.role.value,
-                                   "stale_s": cfg.router.stats_stale_s},
+            request_router_kwargs={"pool": pool.name, "role": pool.role.value},
             request_routing_stats_period_s=cfg.router.stats_period_s,
             request_routing_stats_timeout_s=max(1.0, cfg.router.stats_period_s * 4),
         ),

@@ -79,6 +79,7 @@ class Ingress:
         self._directory = pool_directory.DIRECTORY
 
         self._cfg = ClusterConfig.model_validate(config)
+        self._directory.stale_s = self._cfg.router.stats_stale_s
         self._roles = {p.name: Role(p.role.value) for p in self._cfg.pools}
         self._handles = pools
         tokenizer = AutoTokenizer.from_pretrained(model_path)

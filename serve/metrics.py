@@ -30,8 +30,9 @@ class _WorkerStatsCollector:
         g_running = GaugeMetricFamily("pdserve_pool_running_requests", "Requests running in engines", labels=["pool", "role"])
         g_replicas = GaugeMetricFamily("pdserve_pool_replicas", "Healthy replicas per pool", labels=["pool", "role"])
         g_kv = GaugeMetricFamily("pdserve_engine_kv_usage_ratio", "Fraction of KV blocks in use", labels=["pool", "endpoint"])
-        c_prompt = CounterMetricFamily("pdserve_engine_prompt_tokens", "Prompt tokens by source", labels=["pool", "source"])
-        c_gen = CounterMetricFamily("pdserve_engine_generation_tokens", "Generated tokens", labels=["pool"])
+        c_prompt = CounterMetricFamily("pdserve_engine_prompt_tokens", "Prompt tokens by source",
+                                       labels=["pool", "endpoint", "source"])
+        c_gen = CounterMetricFamily("pdserve_engine_generation_tokens", "Generated tokens", labels=["pool", "endpoint"])
         c_xfer = CounterMetricFamily("pdserve_kv_handoff_transfers", "KV handoff transfers completed", labels=["pool"])
         c_bytes = CounterMetricFamily("pdserve_kv_handoff_bytes", "KV bytes moved by handoffs", labels=["pool"])
         c_desc = CounterMetricFamily("pdserve_kv_handoff_descriptors", "Transfer descriptors posted", labels=["pool"])
@@ -40,15 +41,15 @@ class _WorkerStatsCollector:
         for s in stats:
             pools.setdefault((s.pool, s.role), []).append(s)
             g_kv.add_metric([s.pool, s.endpoint_id], s.kv_usage)
+            c_gen.add_metric([s.pool, s.endpoint_id], s.generation_tokens_total)
+            for source, attr in (("local_compute", "prompt_tokens_computed"),
+                                 ("local_cache_hit", "prompt_tokens_local_cache_hit"),
+                                 ("external_kv_transfer", "prompt_tokens_external_kv")):
+                c_prompt.add_metric([s.pool, s.endpoint_id, source], getattr(s, attr))
         for (pool, role), items in sorted(pools.items()):
             g_queue.add_metric([pool, role], sum(s.num_waiting for s in items))
             g_running.add_metric([pool, role], sum(s.num_running for s in items))
             g_replicas.add_metric([pool, role], sum(1 for s in items if s.healthy))
-            for source, attr in (("local_compute", "prompt_tokens_computed"),
-                                 ("local_cache_hit", "prompt_tokens_local_cache_hit"),
-                                 ("external_kv_transfer", "prompt_tokens_external_kv")):
-                c_prompt.add_metric([pool, source], sum(getattr(s, attr) for s in items))
-            c_gen.add_metric([pool], sum(s.generation_tokens_total for s in items))
             c_xfer.add_metric([pool], sum(s.kv_transfers_total for s in items))
             c_bytes.add_metric([pool], sum(s.kv_transfer_bytes_total for s in items))
             c_desc.add_metric([pool], sum(s.kv_transfer_descriptors_total for s in items))

@@ -8,6 +8,7 @@ the single process-level object in the code base, and it only mirrors state Serv
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from typing import Callable, Mapping, Protocol
@@ -20,11 +21,16 @@ class EndpointSource(Protocol):
 
 
 class PoolDirectory:
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    """Which replicas exist comes from Serve (the routers); how loaded and alive they are comes
+    from the ingress's own stats polls (``update_stats``), which are fresher than Serve's
+    routing-stats broadcast. A replica whose polls have failed for ``stale_s`` is unhealthy."""
+
+    def __init__(self, clock: Callable[[], float] = time.time, stale_s: float = 10.0) -> None:
         self._lock = threading.Lock()
         self._sources: dict[str, EndpointSource] = {}
-        self._overrides: dict[str, dict] = {}
+        self._polled: dict[str, dict] = {}
         self._clock = clock
+        self.stale_s = stale_s
 
     def register(self, pool: str, source: EndpointSource) -> None:
         with self._lock:
@@ -35,53 +41,42 @@ class PoolDirectory:
             return sorted(self._sources)
 
     def update_stats(self, endpoint_id: str, fields: dict) -> None:
-        """Fresher stats than Serve's periodic routing stats (from the orchestrator's own polls)."""
+        """Record a successful stats poll of one replica (``fields`` include ``updated_s``)."""
         with self._lock:
-            self._overrides[endpoint_id] = fields
+            self._polled[endpoint_id] = fields
 
     def snapshot(self, in_flight: Mapping[str, int] | None = None) -> PoolSnapshot:
         in_flight = in_flight or {}
+        now = self._clock()
         with self._lock:
             sources = list(self._sources.values())
-            overrides = dict(self._overrides)
-        endpoints: list[EndpointState] = []
-        for src in sources:
-            for e in src.endpoints():
-                o = overrides.get(e.endpoint_id)
-                if o is not None and o.get("updated_s", 0) >= e.updated_s:
-                    e = _with_stats(e, o)
-                endpoints.append(_replace_in_flight(e, in_flight.get(e.endpoint_id, 0)))
-        return PoolSnapshot(endpoints=endpoints, taken_s=self._clock())
+            polled = dict(self._polled)
+        endpoints = [self._merge(e, polled.get(e.endpoint_id), in_flight.get(e.endpoint_id, 0), now)
+                     for src in sources for e in src.endpoints()]
+        live = {e.endpoint_id for e in endpoints}
+        with self._lock:  # forget replicas Serve no longer lists
+            for gone in set(self._polled) - live:
+                self._polled.pop(gone, None)
+        return PoolSnapshot(endpoints=endpoints, taken_s=now)
+
+    def _merge(self, e: EndpointState, polled: Mapping | None, in_flight: int, now: float) -> EndpointState:
+        if polled is None:  # not polled yet: Serve lists it as running, so it is routable
+            return dataclasses.replace(e, healthy=True, in_flight=in_flight)
+        fresh = now - float(polled.get("updated_s", 0.0)) <= self.stale_s
+        return dataclasses.replace(
+            e, healthy=bool(polled.get("healthy", True)) and fresh, in_flight=in_flight,
+            num_running=int(polled.get("num_running", 0)), num_waiting=int(polled.get("num_waiting", 0)),
+            kv_usage=float(polled.get("kv_usage", 0.0)), updated_s=float(polled.get("updated_s", 0.0)))
 
 
-def endpoint_from_stats(endpoint_id: str, pool: str, role: Role, stats: Mapping | None,
-                        now_s: float, stale_s: float) -> EndpointState:
-    """Routing stats dict (WorkerStats.to_dict) -> EndpointState. No stats yet counts as healthy:
-    a fresh replica is routable before its first stats poll."""
-    if not stats:
-        return EndpointState(endpoint_id=endpoint_id, pool=pool, role=role, healthy=True, updated_s=0.0)
-    updated = float(stats.get("updated_s") or 0.0)
-    fresh = updated == 0.0 or now_s - updated <= stale_s
+def endpoint_from_stats(endpoint_id: str, pool: str, role: Role, stats: Mapping | None) -> EndpointState:
+    """A replica as Serve lists it, with the load its last routing stats reported (if any)."""
+    stats = stats or {}
     return EndpointState(
-        endpoint_id=endpoint_id, pool=pool, role=role,
-        healthy=bool(stats.get("healthy", True)) and fresh,
+        endpoint_id=endpoint_id, pool=pool, role=role, healthy=True,
         num_running=int(stats.get("num_running", 0)), num_waiting=int(stats.get("num_waiting", 0)),
-        kv_usage=float(stats.get("kv_usage", 0.0)), updated_s=updated,
+        kv_usage=float(stats.get("kv_usage", 0.0)), updated_s=float(stats.get("updated_s") or 0.0),
     )
-
-
-def _with_stats(e: EndpointState, o: Mapping) -> EndpointState:
-    return EndpointState(endpoint_id=e.endpoint_id, pool=e.pool, role=e.role,
-                         healthy=e.healthy and bool(o.get("healthy", True)),
-                         num_running=int(o.get("num_running", 0)), num_waiting=int(o.get("num_waiting", 0)),
-                         kv_usage=float(o.get("kv_usage", 0.0)), in_flight=e.in_flight,
-                         updated_s=float(o.get("updated_s", 0.0)))
-
-
-def _replace_in_flight(e: EndpointState, n: int) -> EndpointState:
-    return EndpointState(endpoint_id=e.endpoint_id, pool=e.pool, role=e.role, healthy=e.healthy,
-                         num_running=e.num_running, num_waiting=e.num_waiting, kv_usage=e.kv_usage,
-                         in_flight=n, updated_s=e.updated_s)
 
 
 DIRECTORY = PoolDirectory()

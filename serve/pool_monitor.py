@@ -74,9 +74,7 @@ class PoolMonitor:
         try:
             d = await asyncio.wait_for(resp, timeout=self._timeout_s)
         except (asyncio.TimeoutError, Exception) as e:
-            resp.cancel()
-            if endpoint_id:
-                self._directory.update_stats(endpoint_id, {"healthy": False, "updated_s": self._clock()})
+            resp.cancel()  # a slow answer is not a verdict: staleness + Serve's health checks decide
             logger.debug("stats poll of %s failed: %r", endpoint_id, e)
             return None
         stats = WorkerStats.from_dict(d)

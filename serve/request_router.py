@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from typing import List, Optional
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
@@ -23,10 +22,9 @@ logger = logging.getLogger(__name__)
 
 
 class PdRequestRouter(RequestRouter):
-    def initialize_state(self, pool: str = "", role: str = "decode", stale_s: float = 10.0) -> None:
+    def initialize_state(self, pool: str = "", role: str = "decode") -> None:
         self._pool = pool
         self._role = Role(role)
-        self._stale_s = stale_s
         self._rng = random.Random()
         # Imported here, not at module level: Serve may ship this class by value (cloudpickle),
         # which would give it a private copy of module globals; sys.modules has the real one.
@@ -35,13 +33,15 @@ class PdRequestRouter(RequestRouter):
         pool_directory.DIRECTORY.register(pool, self)
 
     def endpoints(self) -> list[EndpointState]:
-        now = time.time()
-        return [endpoint_from_stats(r.replica_id.unique_id, self._pool, self._role, r.routing_stats,
-                                    now, self._stale_s)
+        return [endpoint_from_stats(r.replica_id.unique_id, self._pool, self._role, r.routing_stats)
                 for r in list(self.curr_replicas.values())]
 
     async def choose_replicas(self, candidate_replicas: List[RunningReplica],
                               pending_request: Optional[PendingRequest] = None) -> List[List[RunningReplica]]:
+        if pending_request is not None:
+            # Serve re-asks immediately unless told to back off: without this, replicas that are
+            # momentarily full or slow to answer a queue probe turn routing into a busy loop.
+            pending_request.routing_context.should_backoff = True
         hint = pending_request.kwargs.get("endpoint_hint") if pending_request is not None else None
         if hint:
             chosen = [r for r in candidate_replicas if r.replica_id.unique_id == hint]

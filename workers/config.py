@@ -140,3 +140,5 @@ class KvHandoffConfig(_Strict):
                                    "'auto' = this Ray node's IP")
     kv_buffer_device: Literal["cpu", "cuda"] = "cpu"
     kv_lease_s: int = Field(30, ge=6, description="prefill frees KV no decode has read after this long")
+    nixl_progress_thread: bool = Field(False, description="NIXL's busy-polling progress thread (a core per "
+                                       "engine); needed only for multi-node TCP fabrics")

@@ -64,11 +64,14 @@ class NixlHandoff:
         }
 
     def kv_transfer_config(self) -> dict[str, Any]:
+        quiet = {} if self._cfg.nixl_progress_thread else {
+            "kv_connector": "QuietNixlConnector", "kv_connector_module_path": "workers.nixl_connector"}
         return {
             "kv_connector": "NixlConnector",
             "kv_role": "kv_both",
             "kv_buffer_device": self._cfg.kv_buffer_device,
             "kv_connector_extra_config": {"kv_lease_duration": self._cfg.kv_lease_s},
+            **quiet,
         }
 
     def prefill_params(self) -> dict[str, Any]:

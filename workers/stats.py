@@ -68,5 +68,7 @@ class EngineStatsCollector(StatLoggerBase):
                 self._pending_durations = []
             else:
                 d["kv_transfer_durations_s"] = []
-        d.update(endpoint_id=endpoint_id, pool=pool, role=role, healthy=healthy)
+        # updated_s = when the replica answered (it is alive), not when the engine last logged:
+        # an idle engine logs nothing and must not look stale.
+        d.update(endpoint_id=endpoint_id, pool=pool, role=role, healthy=healthy, updated_s=time.time())
         return WorkerStats.from_dict(d)

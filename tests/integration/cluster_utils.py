@@ -1,0 +1,62 @@
+"""Helpers for integration tests against a real local cluster (HTTP on loopback only)."""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+
+import httpx
+
+from serve.config import DEFAULT_CONFIG, ClusterConfig
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cluster_config(port: int, decode_replicas: int = 1, **router) -> ClusterConfig:
+    data = ClusterConfig.from_yaml(DEFAULT_CONFIG).model_dump(mode="json")
+    data["server"]["port"] = port
+    data["app_name"] = "pdserve-test"
+    for pool in data["pools"]:
+        if pool["role"] == "decode":
+            pool["replicas"] = {"min": decode_replicas, "max": decode_replicas}
+            if decode_replicas > 1:
+                pool["device"]["cpu_cores"] = ["1", "0"]  # by local rank, wrapping around
+    data["router"].update(router)
+    return ClusterConfig.from_dict(data)
+
+
+_SAMPLE = re.compile(r'^(\w+)(?:\{([^}]*)\})? ([0-9.eE+-]+|NaN|\+Inf)$')
+
+
+def scrape(base_url: str) -> dict[tuple[str, frozenset], float]:
+    """Prometheus text -> {(name, frozenset(labels)): value}."""
+    out = {}
+    for line in httpx.get(f"{base_url}/metrics", timeout=10).text.splitlines():
+        m = _SAMPLE.match(line)
+        if not m:
+            continue
+        labels = frozenset(tuple(kv.split("=", 1)) for kv in re.findall(r'\w+="[^"]*"', m.group(2) or ""))
+        labels = frozenset((k, v.strip('"')) for k, v in labels)
+        out[(m.group(1), labels)] = float(m.group(3))
+    return out
+
+
+def metric_sum(samples: dict, name: str, **labels: str) -> float:
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
+
+
+def wait_for(pred, timeout_s: float = 20.0, interval_s: float = 0.25):
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(interval_s)
+    raise AssertionError(f"condition not met within {timeout_s}s (last={last!r})")

@@ -1,0 +1,34 @@
+"""Greedy outputs of ONE colocated vLLM engine (the baseline a P/D path must reproduce).
+
+Run as a subprocess (vLLM spawns processes; this keeps them out of the pytest process):
+    python -m tests.integration.reference_greedy MODEL_DIR MAX_TOKENS OUT.json < prompts.json
+stdin: a JSON list of token-id lists; OUT.json: a JSON list of {text, token_ids}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def main() -> None:
+    model_dir, max_tokens, out_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    prompts = json.loads(sys.stdin.read())
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=model_dir, max_model_len=2048, block_size=128, dtype="bfloat16", enforce_eager=True,
+              enable_prefix_caching=False)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    outs = []
+    for ids in prompts:  # one at a time: same batch shapes as the sequential cluster requests
+        o = llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)[0].outputs[0]
+        outs.append({"text": o.text, "token_ids": list(o.token_ids)})
+    with open(out_path, "w") as f:
+        json.dump(outs, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""End to end on a real local cluster: Ray Serve + two vLLM CPU pools + NIXL handoff + SmolLM2.
+
+One cluster for the module (1 prefill replica, 2 decode replicas), torn down after. Asserts
+tokens, bytes and status codes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from tests.conftest import REPO
+from tests.integration.cluster_utils import cluster_config, free_port, metric_sum, scrape, wait_for
+
+pytestmark = pytest.mark.integration
+
+MODEL = "SmolLM2-135M-Instruct"
+GREEDY_TOKENS = 48
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three uses of a paperclip.",
+    # > 1 KV block (128 tokens): the handoff moves several blocks
+    "Summarise this text: " + " ".join(f"Item {i} is a small red box placed on shelf {i % 7}." for i in range(20)),
+]
+
+
+@pytest.fixture(scope="module")
+def chat_ids(tokenizer):
+    def ids(text: str) -> list[int]:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                 add_generation_prompt=True)
+        return tokenizer.encode(rendered, add_special_tokens=False)
+    return [ids(p) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, chat_ids, tmp_path_factory):
+    """Greedy outputs of a single colocated engine, computed before the cluster starts. One OpenMP
+    thread, like each cluster engine: a different thread count changes bf16 reduction order."""
+    out_path = tmp_path_factory.mktemp("reference") / "greedy.json"
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+    out = subprocess.run([sys.executable, "-m", "tests.integration.reference_greedy", str(model_dir),
+                          str(GREEDY_TOKENS), str(out_path)], input=json.dumps(chat_ids), capture_output=True, text=True,
+                         cwd=REPO, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out_path.read_text())
+
+
+@pytest.fixture(scope="module")
+def cluster(reference):
+    from serve.runner import start_cluster
+
+    c = start_cluster(cluster_config(free_port(), decode_replicas=2), timeout_s=600, progress=lambda m: None)
+    try:
+        wait_for(lambda: _healthy_decode(c.base_url) == 2, timeout_s=120)
+        yield c
+    finally:
+        c.stop()
+
+
+def _healthy_decode(base_url: str) -> int:
+    body = httpx.get(f"{base_url}/health", timeout=10).json()
+    return sum(p["healthy"] for p in body["pools"].values() if p["role"] == "decode")
+
+
+def chat(base_url: str, content: str, **kw) -> httpx.Response:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": content}], **kw}
+    return httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=120)
+
+
+class TestServing:
+    def test_capital_of_france(self, cluster):
+        r = chat(cluster.base_url, "What is the capital of France?", max_tokens=24, temperature=0)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert "Paris" in body["choices"][0]["message"]["content"]
+        assert body["usage"]["completion_tokens"] > 0
+        assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+
+    def test_greedy_equals_colocated_engine(self, cluster, chat_ids, reference):
+        for ids, ref in zip(chat_ids, reference):
+            r = httpx.post(f"{cluster.base_url}/v1/completions", timeout=120, json={
+                "model": MODEL, "prompt": ids, "max_tokens": GREEDY_TOKENS, "temperature": 0})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["choices"][0]["text"] == ref["text"]
+            assert body["usage"]["completion_tokens"] == len(ref["token_ids"])
+            assert body["usage"]["prompt_tokens"] == len(ids)
+
+    def test_stream_equals_non_stream(self, cluster):
+        kw = dict(max_tokens=40, temperature=0)
+        full = chat(cluster.base_url, "Name two planets.", **kw).json()
+        events = []
+        with httpx.stream("POST", f"{cluster.base_url}/v1/chat/completions", timeout=120, json={
+                "model": MODEL, "messages": [{"role": "user", "content": "Name two planets."}], "stream": True,
+                "stream_options": {"include_usage": True}, **kw}) as r:
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("text/event-stream")
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+        assert text == full["choices"][0]["message"]["content"]
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == full["usage"]
+        assert all(c["usage"] is None for c in chunks[:-1])
+        assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "stop"
+
+    def test_sampling_params_are_honoured(self, cluster):
+        stop = chat(cluster.base_url, "Count from 1 to 10, separated by commas.", max_tokens=60, temperature=0,
+                    stop=["5"]).json()
+        assert "5" not in stop["choices"][0]["message"]["content"]
+        assert stop["choices"][0]["finish_reason"] == "stop"
+        capped = chat(cluster.base_url, "Tell me a long story.", max_tokens=5, temperature=0).json()
+        assert capped["usage"]["completion_tokens"] == 5 and capped["choices"][0]["finish_reason"] == "length"
+        a = chat(cluster.base_url, "Invent a word.", max_tokens=12, temperature=1.0, seed=7).json()
+        b = chat(cluster.base_url, "Invent a word.", max_tokens=12, temperature=1.0, seed=7).json()
+        assert a["choices"][0]["message"]["content"] == b["choices"][0]["message"]["content"]
+
+    def test_models_and_health(self, cluster):
+        models = httpx.get(f"{cluster.base_url}/v1/models").json()
+        assert [m["id"] for m in models["data"]] == [MODEL]
+        health = httpx.get(f"{cluster.base_url}/health")
+        assert health.status_code == 200
+        pools = health.json()["pools"]
+        assert pools["prefill"]["healthy"] == 1 and pools["decode"]["healthy"] == 2
+
+
+class TestDisaggregation:
+    def test_prefill_engine_prefills_and_decode_engine_reads_kv(self, cluster):
+        before = scrape(cluster.base_url)
+        prompt = "Explain why the sky is blue in " + "very " * 150 + "simple words."
+        r = chat(cluster.base_url, prompt, max_tokens=8, temperature=0)
+        assert r.status_code == 200
+        n_prompt = r.json()["usage"]["prompt_tokens"]
+
+        def delta(name, **labels):
+            return metric_sum(scrape(cluster.base_url), name, **labels) - metric_sum(before, name, **labels)
+
+        wait_for(lambda: delta("pdserve_kv_handoff_transfers_total", pool="decode") >= 1)
+        # the prefill engine computed the whole prompt ...
+        assert delta("pdserve_engine_prompt_tokens_total", pool="prefill", source="local_compute") == n_prompt
+        # ... and the decode engine computed none of it: every prompt token arrived over NIXL
+        assert delta("pdserve_engine_prompt_tokens_total", pool="decode", source="external_kv_transfer") == n_prompt
+        assert delta("pdserve_engine_prompt_tokens_total", pool="decode", source="local_compute") == 0
+        # bytes moved = blocks x layers x (K+V) x kv_heads x head_dim x block_size x 2 bytes (bf16)
+        blocks = -(-n_prompt // 128)
+        assert delta("pdserve_kv_handoff_bytes_total", pool="decode") == blocks * 30 * 2 * 3 * 64 * 128 * 2
+        assert delta("pdserve_kv_handoff_failures_total") == 0
+
+    def test_both_decode_replicas_receive_traffic(self, cluster):
+        before = scrape(cluster.base_url)
+        for i in range(8):
+            assert chat(cluster.base_url, f"Say the number {i}.", max_tokens=4, temperature=0).status_code == 200
+        after = wait_for(lambda: scrape(cluster.base_url))
+        endpoints = {dict(ls)["endpoint"] for (n, ls) in after if n == "pdserve_engine_generation_tokens_total"
+                     and dict(ls)["pool"] == "decode"}
+        assert len(endpoints) == 2
+        gained = {e: metric_sum(after, "pdserve_engine_generation_tokens_total", endpoint=e)
+                  - metric_sum(before, "pdserve_engine_generation_tokens_total", endpoint=e) for e in endpoints}
+        assert all(v > 0 for v in gained.values()), gained
+
+
+class TestBadInput:
+    @pytest.mark.parametrize("body, status, code", [
+        (b"{not json", 400, "invalid_json"),
+        ({"model": MODEL}, 400, "missing_required_parameter"),
+        ({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}, 404, "model_not_found"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, 400, "invalid_value"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400, "invalid_value"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "invalid_value"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": []}, 400, "unsupported_parameter"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 2100}]}, 400, "context_length_exceeded"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 4000}, 400,
+         "context_length_exceeded"),
+    ])
+    def test_openai_error_shape(self, cluster, body, status, code):
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        r = httpx.post(f"{cluster.base_url}/v1/chat/completions", content=content, timeout=30,
+                       headers={"content-type": "application/json"})
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["code"] == code and err["message"]
+
+    def test_unknown_tier_and_route(self, cluster):
+        r = httpx.post(f"{cluster.base_url}/v1/chat/completions", headers={"x-customer-tier": "platinum"},
+                       json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "x-customer-tier"
+        r = httpx.get(f"{cluster.base_url}/v1/nope")
+        assert r.status_code == 404 and "error" in r.json()
+
+    def test_cluster_still_serves_after_bad_input(self, cluster):
+        assert chat(cluster.base_url, "Hi", max_tokens=4).status_code == 200
+
+
+class TestDisconnect:
+    def test_client_disconnect_aborts_and_frees_kv(self, cluster):
+        before = scrape(cluster.base_url)
+        with httpx.stream("POST", f"{cluster.base_url}/v1/chat/completions", timeout=60, json={
+                "model": MODEL, "messages": [{"role": "user", "content": "Write a very long essay about rivers."}],
+                "max_tokens": 1500, "ignore_eos": True, "stream": True}) as r:
+            n = 0
+            for line in r.iter_lines():
+                n += line.startswith("data: ")
+                if n >= 5:
+                    break  # leave mid-stream: closing the response drops the connection
+
+        def settled():
+            s = scrape(cluster.base_url)
+            running = metric_sum(s, "pdserve_pool_running_requests")
+            kv = metric_sum(s, "pdserve_engine_kv_usage_ratio")
+            return s if running == 0 and kv == 0 else None
+
+        after = wait_for(settled, timeout_s=30)
+        generated = metric_sum(after, "pdserve_engine_generation_tokens_total", pool="decode") - metric_sum(
+            before, "pdserve_engine_generation_tokens_total", pool="decode")
+        assert generated < 1500, "the decode engine kept generating after the client left"
+        assert metric_sum(after, "pdserve_request_aborts_total", reason="client_disconnect") >= 1
+
+
+class TestClients:
+    def test_openai_client_stream_and_completions(self, cluster):
+        import openai
+
+        client = openai.OpenAI(base_url=f"{cluster.base_url}/v1", api_key="unused")
+        stream = client.chat.completions.create(model=MODEL, stream=True, max_tokens=24, temperature=0,
+                                                messages=[{"role": "user", "content": "What is the capital of France?"}])
+        text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+        assert "Paris" in text
+        comp = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0)
+        assert comp.choices[0].text and comp.usage.completion_tokens == 5
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+
+    def test_metrics_have_latency_histograms(self, cluster):
+        s = scrape(cluster.base_url)
+        assert metric_sum(s, "pdserve_request_ttft_seconds_count") > 0
+        assert metric_sum(s, "pdserve_request_inter_token_latency_seconds_count") > 0
+        assert metric_sum(s, "pdserve_kv_handoff_duration_seconds_count") > 0
+        assert metric_sum(s, "pdserve_pool_replicas", pool="decode") == 2
+
+    def test_status_command(self, cluster):
+        out = subprocess.run([sys.executable, "-m", "serve.cli", "status", "--url", cluster.base_url],
+                             capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert out.returncode == 0, out.stderr
+        assert "pool decode" in out.stdout and "replicas=2" in out.stdout

@@ -1,0 +1,51 @@
+from router.types import Role
+from serve.pool_directory import PoolDirectory, endpoint_from_stats
+
+
+class FakeSource:
+    """A fake stand-in for a Serve request router's replica list."""
+
+    def __init__(self, *ids):
+        self.ids = ids
+
+    def endpoints(self):
+        return [endpoint_from_stats(i, "decode", Role.DECODE, None) for i in self.ids]
+
+
+class TestPoolDirectory:
+    def test_unpolled_replica_is_routable(self):
+        d = PoolDirectory(clock=lambda: 100.0)
+        d.register("decode", FakeSource("a"))
+        (e,) = d.snapshot().endpoints
+        assert e.healthy and e.endpoint_id == "a"
+
+    def test_polled_stats_and_in_flight(self):
+        d = PoolDirectory(clock=lambda: 100.0)
+        d.register("decode", FakeSource("a"))
+        d.update_stats("a", {"healthy": True, "num_running": 3, "num_waiting": 2, "kv_usage": 0.5, "updated_s": 99.0})
+        (e,) = d.snapshot({"a": 7}).endpoints
+        assert (e.num_running, e.num_waiting, e.kv_usage, e.in_flight, e.load) == (3, 2, 0.5, 7, 7)
+
+    def test_stale_polls_make_unhealthy(self):
+        now = [100.0]
+        d = PoolDirectory(clock=lambda: now[0], stale_s=10.0)
+        d.register("decode", FakeSource("a"))
+        d.update_stats("a", {"healthy": True, "updated_s": 100.0})
+        assert d.snapshot().endpoints[0].healthy
+        now[0] = 111.0
+        assert not d.snapshot().endpoints[0].healthy
+
+    def test_engine_reported_unhealthy(self):
+        d = PoolDirectory(clock=lambda: 100.0)
+        d.register("decode", FakeSource("a"))
+        d.update_stats("a", {"healthy": False, "updated_s": 100.0})
+        assert not d.snapshot().endpoints[0].healthy
+
+    def test_removed_replicas_are_forgotten(self):
+        d = PoolDirectory(clock=lambda: 100.0)
+        src = FakeSource("a", "b")
+        d.register("decode", src)
+        d.update_stats("b", {"updated_s": 100.0})
+        src.ids = ("a",)
+        assert [e.endpoint_id for e in d.snapshot().endpoints] == ["a"]
+        assert "b" not in d._polled

@@ -1,0 +1,50 @@
+import random
+
+import pytest
+
+from router.policy import LeastLoadedPolicy, least_loaded
+from router.types import EndpointState, PoolSnapshot, RequestDescriptor, Rejection, Role
+
+
+def ep(eid, role=Role.DECODE, healthy=True, running=0, waiting=0, in_flight=0, kv=0.0):
+    return EndpointState(endpoint_id=eid, pool=role.value, role=role, healthy=healthy, num_running=running,
+                         num_waiting=waiting, in_flight=in_flight, kv_usage=kv)
+
+
+REQ = RequestDescriptor(request_id="r", model="m", num_prompt_tokens=10, max_new_tokens=5, tier="free",
+                        arrival_s=0.0)
+
+
+class TestLeastLoaded:
+    @pytest.mark.parametrize("cands, expected", [
+        ([ep("a", running=3), ep("b", running=1)], "b"),
+        ([ep("a", waiting=2), ep("b", running=1)], "b"),
+        ([ep("a", in_flight=4), ep("b", running=2)], "b"),       # router-side reservations count
+        ([ep("a", kv=0.9), ep("b", kv=0.1)], "b"),                 # tie on load -> lower KV usage
+        ([ep("a", healthy=False), ep("b", running=9)], "b"),
+    ])
+    def test_table(self, cands, expected):
+        assert least_loaded(cands, random.Random(0)).endpoint_id == expected
+
+    def test_no_healthy(self):
+        assert least_loaded([ep("a", healthy=False)], random.Random(0)) is None
+
+    def test_ties_spread_over_replicas(self):
+        rng = random.Random(1)
+        picks = {least_loaded([ep("a"), ep("b")], rng).endpoint_id for _ in range(50)}
+        assert picks == {"a", "b"}
+
+
+class TestLeastLoadedPolicy:
+    def test_picks_one_of_each_role(self):
+        snap = PoolSnapshot([ep("p", Role.PREFILL), ep("d", Role.DECODE)])
+        d = LeastLoadedPolicy(random.Random(0)).route(REQ, snap)
+        assert (d.prefill.endpoint_id, d.decode.endpoint_id) == ("p", "d")
+
+    def test_no_prefill_means_local_prefill(self):
+        d = LeastLoadedPolicy().route(REQ, PoolSnapshot([ep("p", Role.PREFILL, healthy=False), ep("d")]))
+        assert d.prefill is None and d.decode.endpoint_id == "d"
+
+    def test_no_decode_is_a_503_rejection_with_retry_after(self):
+        r = LeastLoadedPolicy().route(REQ, PoolSnapshot([ep("p", Role.PREFILL)]))
+        assert isinstance(r, Rejection) and r.status_code == 503 and r.retry_after_s > 0

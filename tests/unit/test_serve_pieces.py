@@ -1,0 +1,108 @@
+import json
+
+import pytest
+
+from serve.adapters import RequestAdapter
+from serve.app import ROUTER_CLASS, pool_deployment_options
+from serve.config import DEFAULT_CONFIG, ClusterConfig
+from serve.metrics import ClusterMetrics
+from serve.model_prep import MANIFEST, verify_manifest, write_manifest
+from serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest
+from workers.messages import WorkerStats
+
+
+class TestDeploymentOptions:
+    def test_fixed_and_autoscaled_pools(self):
+        data = ClusterConfig.from_yaml(DEFAULT_CONFIG).model_dump(mode="json")
+        data["pools"][1]["replicas"] = {"min": 1, "max": 3}
+        cfg = ClusterConfig.from_dict(data)
+        fixed = pool_deployment_options(cfg.pools[0], cfg)
+        auto = pool_deployment_options(cfg.pools[1], cfg)
+        assert fixed["name"] == "pool-prefill" and fixed["num_replicas"] == 1
+        assert auto["autoscaling_config"].max_replicas == 3 and "num_replicas" not in auto
+        rr = fixed["request_router_config"]
+        assert rr.request_router_class == ROUTER_CLASS
+        assert rr.request_router_kwargs == {"pool": "prefill", "role": "prefill"}
+
+    def test_gpu_pool_requests_gpus(self):
+        data = ClusterConfig.from_yaml(DEFAULT_CONFIG).model_dump(mode="json")
+        data["pools"][0]["device"] = {"kind": "gpu", "gpu_type": "A100", "count": 1}
+        data["pools"][0]["engine"]["block_size"] = 128
+        cfg = ClusterConfig.from_dict(data)
+        actor = pool_deployment_options(cfg.pools[0], cfg)["ray_actor_options"]
+        assert actor["num_gpus"] == 1 and actor["accelerator_type"] == "A100"
+
+
+class TestModelManifest:
+    def test_detects_missing_and_corrupt_files(self, tmp_path):
+        (tmp_path / "model.safetensors").write_bytes(b"weights")
+        (tmp_path / "config.json").write_text("{}")
+        write_manifest(tmp_path, {"package": "x"})
+        assert verify_manifest(tmp_path) == (True, "ok")
+        (tmp_path / "model.safetensors").write_bytes(b"weightz")
+        assert verify_manifest(tmp_path)[1] == "checksum mismatch for model.safetensors"
+        (tmp_path / "config.json").unlink()
+        assert not verify_manifest(tmp_path)[0]
+
+    def test_no_manifest(self, tmp_path):
+        assert verify_manifest(tmp_path) == (False, "no manifest")
+        (tmp_path / MANIFEST).write_text("not json")
+        assert not verify_manifest(tmp_path)[0]
+
+    def test_prepared_model_is_verified(self, model_dir):
+        ok, why = verify_manifest(model_dir)
+        assert ok, why
+        cfg = json.loads((model_dir / "config.json").read_text())
+        assert cfg["num_hidden_layers"] == 30 and cfg["num_key_value_heads"] == 3
+
+
+@pytest.fixture(scope="module")
+def adapter(tokenizer):
+    return RequestAdapter(tokenizer, "m", max_model_len=64, default_tier="free",
+                          known_tiers=frozenset({"free", "premium"}))
+
+
+class TestRequestAdapter:
+    def test_chat_template_and_defaults(self, adapter, tokenizer):
+        body = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "Hi"}]})
+        p = adapter.build("chat", body, None)
+        text = tokenizer.decode(list(p.job.prompt_token_ids))
+        assert "Hi" in text and text.rstrip().endswith("assistant")
+        assert p.job.sampling.max_tokens == 64 - len(p.job.prompt_token_ids)
+        assert p.job.desc.tier == "free" and p.response_id.startswith("chatcmpl-")
+
+    def test_token_prompt_and_tier(self, adapter):
+        body = CompletionRequest.model_validate({"model": "m", "prompt": [1, 2, 3], "max_tokens": 4, "stop": "x"})
+        p = adapter.build("completion", body, "Premium")
+        assert p.job.prompt_token_ids == (1, 2, 3) and p.job.desc.tier == "premium"
+        assert p.job.sampling.stop == ("x",)
+
+    @pytest.mark.parametrize("kind, body, status, code", [
+        ("chat", {"model": "other", "messages": [{"role": "user", "content": "x"}]}, 404, "model_not_found"),
+        ("chat", {"model": "m", "messages": [{"role": "user", "content": "w " * 80}]}, 400, "context_length_exceeded"),
+        ("completion", {"model": "m", "prompt": "x", "max_tokens": 64}, 400, "context_length_exceeded"),
+        ("completion", {"model": "m", "prompt": [10 ** 9]}, 400, "invalid_value"),
+    ])
+    def test_errors(self, adapter, kind, body, status, code):
+        cls = ChatCompletionRequest if kind == "chat" else CompletionRequest
+        with pytest.raises(ApiError) as ei:
+            adapter.build(kind, cls.model_validate(body), None)
+        assert (ei.value.status_code, ei.value.code) == (status, code)
+
+    def test_unknown_tier(self, adapter):
+        body = CompletionRequest.model_validate({"model": "m", "prompt": "x"})
+        with pytest.raises(ApiError) as ei:
+            adapter.build("completion", body, "gold")
+        assert ei.value.param == "x-customer-tier"
+
+
+def test_metrics_render_worker_stats():
+    stats = [WorkerStats(endpoint_id="d1", pool="decode", role="decode", num_waiting=2, kv_usage=0.5,
+                         kv_transfers_total=3, kv_transfer_bytes_total=1024, prompt_tokens_external_kv=40)]
+    m = ClusterMetrics(lambda: stats)
+    m.observe_handoff_durations([0.01, 0.02])
+    text = m.render().decode()
+    assert 'pdserve_pool_queue_depth{pool="decode",role="decode"} 2.0' in text
+    assert 'pdserve_kv_handoff_bytes_total{pool="decode"} 1024.0' in text
+    assert 'pdserve_engine_prompt_tokens_total{endpoint="d1",pool="decode",source="external_kv_transfer"} 40.0' in text
+    assert "pdserve_kv_handoff_duration_seconds_count 2.0" in text

@@ -1,0 +1,74 @@
+import pytest
+
+from workers.config import KvHandoffConfig, PoolConfig
+from workers.engine import EngineSpec, device_env, engine_kwargs
+from workers.handoff import NixlHandoff
+from workers.kv_params import KvHandoff
+from workers.messages import WorkerStats
+
+PARAMS = {"do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": [[4, 5, 6]],
+          "remote_engine_id": "eng", "remote_request_id": "r-1", "remote_host": "127.0.0.1",
+          "remote_port": 5600, "tp_size": 1, "remote_num_tokens": 300, "transfer_mode": "pull"}
+
+
+class TestKvHandoff:
+    def test_round_trip_keeps_every_key(self):
+        h = KvHandoff.from_kv_transfer_params(PARAMS, connector="nixl")
+        assert (h.remote_engine_id, h.remote_port, h.num_blocks, h.num_tokens) == ("eng", 5600, 3, 300)
+        assert h.to_kv_transfer_params() == PARAMS
+
+    def test_flat_block_list(self):
+        assert KvHandoff.from_kv_transfer_params({**PARAMS, "remote_block_ids": [1, 2]}, "nixl").num_blocks == 2
+
+    @pytest.mark.parametrize("bad", [{**PARAMS, "do_remote_prefill": False}, {**PARAMS, "remote_host": None}])
+    def test_rejects_incomplete_params(self, bad):
+        with pytest.raises(ValueError):
+            KvHandoff.from_kv_transfer_params(bad, "nixl")
+
+
+class TestNixlHandoff:
+    def test_engine_side(self):
+        h = NixlHandoff(KvHandoffConfig(side_channel_host="127.0.0.1", kv_lease_s=12), "127.0.0.1", 5601)
+        env = h.engine_env()
+        assert env["VLLM_NIXL_SIDE_CHANNEL_PORT"] == "5601" and env["UCX_TLS"] == "tcp,self,sm"
+        cfg = h.kv_transfer_config()
+        assert cfg["kv_role"] == "kv_both" and cfg["kv_connector_extra_config"] == {"kv_lease_duration": 12}
+        assert cfg["kv_connector"] == "QuietNixlConnector"
+        assert h.prefill_params()["do_remote_decode"] is True
+
+    def test_progress_thread_option_uses_stock_connector(self):
+        h = NixlHandoff(KvHandoffConfig(nixl_progress_thread=True), "127.0.0.1", 5602)
+        cfg = h.kv_transfer_config()
+        assert cfg["kv_connector"] == "NixlConnector" and "kv_connector_module_path" not in cfg
+
+    def test_free_ports_differ(self):
+        a, b = NixlHandoff(KvHandoffConfig(), "127.0.0.1"), NixlHandoff(KvHandoffConfig(), "127.0.0.1")
+        assert a.side_channel[1] != b.side_channel[1]
+
+    def test_handoff_from_output(self):
+        h = NixlHandoff(KvHandoffConfig(), "127.0.0.1", 5603)
+        assert h.handoff_from_output(None) is None
+        assert h.handoff_from_output(PARAMS).remote_request_id == "r-1"
+
+
+class TestEngineArgs:
+    def test_pool_to_engine_kwargs(self):
+        pool = PoolConfig(name="decode", role="decode", device={"kind": "cpu", "cpu_cores": ["1", "0"],
+                                                                "kv_cache_space_gib": 2},
+                          engine={"block_size": 32, "max_num_seqs": 8, "extra": {"seed": 3}})
+        spec = EngineSpec(pool=pool, model_path="/m", served_model_name="m", max_model_len=1024, local_rank=1)
+        kw = engine_kwargs(spec, {"kv_connector": "X"})
+        assert kw["block_size"] == 32 and kw["max_model_len"] == 1024 and kw["seed"] == 3
+        assert kw["kv_transfer_config"] == {"kv_connector": "X"} and "gpu_memory_utilization" not in kw
+        assert device_env(pool, local_rank=1) == {"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_KVCACHE_SPACE": "2"}
+
+    def test_gpu_pool(self):
+        pool = PoolConfig(name="p", role="prefill", device={"kind": "gpu", "count": 1, "gpu_memory_utilization": 0.5})
+        kw = engine_kwargs(EngineSpec(pool=pool, model_path="/m", served_model_name="m", max_model_len=64), None)
+        assert kw["gpu_memory_utilization"] == 0.5 and "kv_transfer_config" not in kw
+        assert device_env(pool) == {}
+
+
+def test_worker_stats_round_trip():
+    s = WorkerStats(endpoint_id="e", pool="p", role="decode", kv_usage=0.25, kv_transfer_durations_s=[0.1])
+    assert WorkerStats.from_dict({**s.to_dict(), "unknown": 1}) == s
