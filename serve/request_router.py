@@ -3,7 +3,7 @@
 Serve calls ``choose_replicas`` for each call on a pool's handle. The orchestrator has already
 made the decision with the pure policy in ``router/``; it passes the chosen replica as the
 ``endpoint_hint`` keyword, and this router only honours it (falling back to the least-loaded
-other replicas if that one is gone). Without a hint, it ranks by the replicas' reported load.
+replicas if that one is no longer a candidate). Without a hint, it ranks by the replicas' reported load.
 It also publishes the pool's replicas + routing stats to the process's ``PoolDirectory``.
 """
 
@@ -45,9 +45,11 @@ class PdRequestRouter(RequestRouter):
         hint = pending_request.kwargs.get("endpoint_hint") if pending_request is not None else None
         if hint:
             chosen = [r for r in candidate_replicas if r.replica_id.unique_id == hint]
-            rest = [r for r in candidate_replicas if r.replica_id.unique_id != hint]
             if chosen:
-                return [chosen, self._by_load(rest)] if rest else [chosen]
+                # Strict: the policy chose this replica (its prefix cache, its KV). Serve retries
+                # with backoff while it is busy; if it dies it leaves the candidates and we fall
+                # back below. Callers bound the wait with their own timeouts.
+                return [chosen]
         return [self._by_load(candidate_replicas)]
 
     def _by_load(self, replicas: List[RunningReplica]) -> List[RunningReplica]:

@@ -1,7 +1,7 @@
 """Greedy outputs of ONE colocated vLLM engine (the baseline a P/D path must reproduce).
 
 Run as a subprocess (vLLM spawns processes; this keeps them out of the pytest process):
-    python -m tests.integration.reference_greedy MODEL_DIR MAX_TOKENS OUT.json < prompts.json
+    python -m tests.integration.reference_greedy MODEL_DIR MAX_TOKENS DTYPE OUT.json < prompts.json
 stdin: a JSON list of token-id lists; OUT.json: a JSON list of {text, token_ids}.
 """
 
@@ -13,13 +13,13 @@ import sys
 
 
 def main() -> None:
-    model_dir, max_tokens, out_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    model_dir, max_tokens, dtype, out_path = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
     prompts = json.loads(sys.stdin.read())
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=model_dir, max_model_len=2048, block_size=128, dtype="bfloat16", enforce_eager=True,
+    llm = LLM(model=model_dir, max_model_len=2048, block_size=128, dtype=dtype, enforce_eager=True,
               enable_prefix_caching=False)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     outs = []

@@ -1,7 +1,11 @@
 """End to end on a real local cluster: Ray Serve + two vLLM CPU pools + NIXL handoff + SmolLM2.
 
 One cluster for the module (1 prefill replica, 2 decode replicas), torn down after. Asserts
-tokens, bytes and status codes.
+tokens, bytes and status codes. Engines run in float32 here: in bf16 the decode engine's
+recomputation of the last prompt token as a one-token step (vLLM's P/D path) rounds differently
+from a one-pass prefill and can flip a near-tie many tokens later (measured: 1 of 3 prompts diverged
+after ~12 tokens; the same engine prefilling locally matches the colocated engine). In float32 the
+disaggregated path matches token for token, which is what proves the KV really moved.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ pytestmark = pytest.mark.integration
 
 MODEL = "SmolLM2-135M-Instruct"
 GREEDY_TOKENS = 48
+DTYPE = "float32"
+DTYPE_BYTES = 4
 PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -46,7 +52,7 @@ def reference(model_dir, chat_ids, tmp_path_factory):
     out_path = tmp_path_factory.mktemp("reference") / "greedy.json"
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
     out = subprocess.run([sys.executable, "-m", "tests.integration.reference_greedy", str(model_dir),
-                          str(GREEDY_TOKENS), str(out_path)], input=json.dumps(chat_ids), capture_output=True, text=True,
+                          str(GREEDY_TOKENS), DTYPE, str(out_path)], input=json.dumps(chat_ids), capture_output=True, text=True,
                          cwd=REPO, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out_path.read_text())
@@ -56,7 +62,7 @@ def reference(model_dir, chat_ids, tmp_path_factory):
 def cluster(reference):
     from serve.runner import start_cluster
 
-    c = start_cluster(cluster_config(free_port(), decode_replicas=2), timeout_s=600, progress=lambda m: None)
+    c = start_cluster(cluster_config(free_port(), decode_replicas=2, dtype=DTYPE), timeout_s=600, progress=lambda m: None)
     try:
         wait_for(lambda: _healthy_decode(c.base_url) == 2, timeout_s=120)
         yield c
@@ -144,16 +150,28 @@ class TestDisaggregation:
         def delta(name, **labels):
             return metric_sum(scrape(cluster.base_url), name, **labels) - metric_sum(before, name, **labels)
 
-        wait_for(lambda: delta("pdserve_kv_handoff_transfers_total", pool="decode") >= 1)
-        # the prefill engine computed the whole prompt ...
-        assert delta("pdserve_engine_prompt_tokens_total", pool="prefill", source="local_compute") == n_prompt
-        # ... and the decode engine computed none of it: every prompt token arrived over NIXL
-        assert delta("pdserve_engine_prompt_tokens_total", pool="decode", source="external_kv_transfer") == n_prompt
-        assert delta("pdserve_engine_prompt_tokens_total", pool="decode", source="local_compute") == 0
-        # bytes moved = blocks x layers x (K+V) x kv_heads x head_dim x block_size x 2 bytes (bf16)
         blocks = -(-n_prompt // 128)
-        assert delta("pdserve_kv_handoff_bytes_total", pool="decode") == blocks * 30 * 2 * 3 * 64 * 128 * 2
-        assert delta("pdserve_kv_handoff_failures_total") == 0
+        # bytes = blocks x layers x (K+V) x kv_heads x head_dim x block_size x dtype bytes
+        expected = {
+            # the prefill engine computed the whole prompt ...
+            ("pdserve_engine_prompt_tokens_total", "prefill", "local_compute"): n_prompt,
+            # ... and the decode engine computed none of it: every prompt token arrived over NIXL
+            ("pdserve_engine_prompt_tokens_total", "decode", "external_kv_transfer"): n_prompt,
+            ("pdserve_engine_prompt_tokens_total", "decode", "local_compute"): 0,
+            ("pdserve_kv_handoff_transfers_total", "decode", None): 1,
+            ("pdserve_kv_handoff_bytes_total", "decode", None): blocks * 30 * 2 * 3 * 64 * 128 * DTYPE_BYTES,
+            ("pdserve_kv_handoff_failures_total", "decode", None): 0,
+        }
+
+        def observed():
+            now = scrape(cluster.base_url)
+            return {k: metric_sum(now, k[0], pool=k[1], **({"source": k[2]} if k[2] else {}))
+                    - metric_sum(before, k[0], pool=k[1], **({"source": k[2]} if k[2] else {})) for k in expected}
+
+        try:  # engine stats reach the ingress with a poll's delay
+            wait_for(lambda: observed() == expected, timeout_s=20)
+        except AssertionError:
+            assert observed() == expected
 
     def test_both_decode_replicas_receive_traffic(self, cluster):
         before = scrape(cluster.base_url)

@@ -1,0 +1,1 @@
+"""Load generation and benchmarks. Black box: talks HTTP to any OpenAI-compatible endpoint only."""

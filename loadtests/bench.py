@@ -1,0 +1,136 @@
+"""Side-by-side benchmark: for each system, start it, wait, warm up, run workloads at rates, stop.
+
+    python -m loadtests.bench --systems ours,colocated --workload random --rates 0.5,1,2,4 \
+        --workload shared-prefix --rates 1 --requests 60 --duration 90
+    python -m loadtests.bench --smoke          # CI: one system, one small workload, a few minutes
+
+Writes ``loadtests/results/<run-id>/``: ``raw/*.json`` (every request), ``summary.json``,
+``report.md`` (ratios vs ``colocated`` and ``raypd``) and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from loadtests import report, workloads
+from loadtests.openloop import run_open_loop
+from loadtests.stats import summarize
+from loadtests.systems import REPO, STARTERS, wait_ready
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--systems", default="ours,colocated")
+    p.add_argument("--workload", action="append", dest="workloads", help="workload name (repeatable)")
+    p.add_argument("--rates", action="append", help="comma-separated req/s for the preceding --workload")
+    p.add_argument("--requests", type=int, default=60, help="requests per (workload, rate)")
+    p.add_argument("--duration", type=float, default=120.0, help="max seconds of arrivals per run")
+    p.add_argument("--drain", type=float, default=120.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", default=str(REPO / "configs" / "local.yaml"))
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--model-dir", default=None, help="HF dir for colocated/raypd (default: the bundled model)")
+    p.add_argument("--ttft-slo", type=float, default=2.0)
+    p.add_argument("--tpot-slo", type=float, default=0.2)
+    p.add_argument("--out", default=None)
+    p.add_argument("--smoke", action="store_true")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.systems, args.workloads, args.rates = "ours", ["random"], ["1"]
+        args.requests, args.duration, args.drain = 8, 30.0, 120.0
+    args.workloads = args.workloads or ["random"]
+    args.rates = args.rates or ["1"] * len(args.workloads)
+    if len(args.rates) != len(args.workloads):
+        p.error("give one --rates per --workload")
+    return args
+
+
+def workload_kwargs(name: str, smoke: bool) -> dict:
+    if smoke and name == "random":
+        return {"input_tokens": 256, "output_tokens": 16}
+    return {}
+
+
+def scrape_metrics(base_url: str) -> str:
+    try:
+        r = httpx.get(f"{base_url}/metrics", timeout=10)
+        return r.text if r.status_code == 200 else ""
+    except httpx.HTTPError:
+        return ""
+
+
+def bundled_model_dir() -> str:
+    """The bundled model's directory, via the CLI (loadtests stay a black box: no serve imports)."""
+    out = subprocess.run([sys.executable, "-m", "serve.cli", "prepare-model"], cwd=REPO, check=True,
+                         capture_output=True, text=True).stdout
+    return out.strip().splitlines()[-1]
+
+
+def run_system(name: str, args, out: Path) -> list[dict]:
+    model_dir = args.model_dir or (bundled_model_dir() if name != "ours" else "")
+    port = free_port()
+    print(f"[bench] starting {name} on :{port}", flush=True)
+    sp = STARTERS[name](config=args.config, model_dir=model_dir, model=args.model, port=port, log_dir=out / "logs")
+    rows = []
+    try:
+        wait_ready(sp, args.model)
+        print(f"[bench] {name} ready in {sp.ready_s:.0f}s; warming up", flush=True)
+        warm = workloads.build("random", seed=999, n=4, rate=4.0, input_tokens=64, output_tokens=8)
+        asyncio.run(run_open_loop(sp.base_url, args.model, warm, max_duration_s=30, drain_s=60))
+        for wl, rates in zip(args.workloads, args.rates):
+            for rate in [float(r) for r in rates.split(",")]:
+                specs = workloads.build(wl, seed=args.seed, n=args.requests, rate=rate,
+                                        **workload_kwargs(wl, args.smoke))
+                print(f"[bench] {name} {wl} @ {rate} req/s: {len(specs)} requests", flush=True)
+                res = asyncio.run(run_open_loop(sp.base_url, args.model, specs, args.duration, args.drain))
+                summary = summarize(res.records, res.duration_s, args.ttft_slo, args.tpot_slo, res.skipped)
+                summary.update(system=name, workload=wl, rate=rate, server_rss_bytes=sp.rss_bytes(),
+                               ready_s=sp.ready_s)
+                rows.append(summary)
+                raw = out / "raw" / f"{name}-{wl}-{rate}.json"
+                raw.parent.mkdir(parents=True, exist_ok=True)
+                raw.write_text(json.dumps({"summary": summary, "records": [r.to_dict() for r in res.records],
+                                           "metrics": scrape_metrics(sp.base_url)}))
+                print(f"[bench]   ok={summary['ok']}/{summary['requests']} goodput={summary['goodput_rps']:.2f} "
+                      f"ttft_p50={summary['ttft_s']['p50']} itl_p99={summary['itl_s']['p99']}", flush=True)
+    finally:
+        sp.stop()
+        print(f"[bench] {name} stopped", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    run_id = time.strftime("%Y%m%d-%H%M%S") + ("-smoke" if args.smoke else "")
+    out = Path(args.out) if args.out else REPO / "loadtests" / "results" / run_id
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.systems.split(","):
+        rows += run_system(name.strip(), args, out)
+    meta = {"run_id": run_id, "args": {k: v for k, v in vars(args).items()}, "slo": {
+        "ttft_s": args.ttft_slo, "tpot_s": args.tpot_slo}}
+    (out / "summary.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    report.write_report(out, rows, meta)
+    print(f"[bench] results in {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,50 @@
+"""Open-loop load: send each request at its scheduled arrival time, whatever the server does.
+
+Bounded by request count (the workload) and wall time (``max_duration_s``): requests not yet sent
+when time runs out are skipped and counted; in-flight ones are given ``drain_s`` to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import httpx
+
+from loadtests.client import RequestRecord, stream_chat
+from loadtests.workloads import RequestSpec
+
+
+@dataclass
+class RunResult:
+    records: list[RequestRecord] = field(default_factory=list)
+    duration_s: float = 0.0
+    skipped: int = 0
+
+
+async def run_open_loop(base_url: str, model: str, specs: Sequence[RequestSpec], max_duration_s: float = 300.0,
+                        drain_s: float = 120.0, max_connections: int = 512) -> RunResult:
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+    result = RunResult()
+    async with httpx.AsyncClient(limits=limits, timeout=None) as client:
+        t0 = time.perf_counter()
+        tasks = []
+        for spec in sorted(specs, key=lambda s: s.arrival_s):
+            if spec.arrival_s > max_duration_s:
+                result.skipped += 1
+                continue
+            delay = spec.arrival_s - (time.perf_counter() - t0)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(stream_chat(client, base_url, model, spec.messages, spec.max_tokens,
+                                                         spec.headers, start_s=spec.arrival_s, tag=spec.tag,
+                                                         timeout_s=max_duration_s + drain_s)))
+        done, pending = await asyncio.wait(tasks, timeout=drain_s + max(0.0, max_duration_s - (time.perf_counter() - t0)))
+        for p in pending:
+            p.cancel()
+        result.records = [t.result() for t in done]
+        result.records += [RequestRecord(start_s=0.0, outcome="error", reason="client_timeout") for _ in pending]
+        result.duration_s = time.perf_counter() - t0
+    return result

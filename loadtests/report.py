@@ -1,0 +1,102 @@
+"""Markdown report + PNG plots of a benchmark run (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _fmt(v, scale=1.0, digits=2) -> str:
+    return "-" if v is None else f"{v * scale:.{digits}f}"
+
+
+def _ratio(a, b) -> str:
+    if a is None or b in (None, 0):
+        return "-"
+    return f"{a / b:.2f}x"
+
+
+def write_report(out: Path, rows: list[dict], meta: dict) -> None:
+    lines = [f"# Benchmark {meta['run_id']}", "",
+             f"SLOs: TTFT <= {meta['slo']['ttft_s']} s, TPOT <= {meta['slo']['tpot_s']} s. "
+             "Goodput = requests meeting both, per second.", "",
+             "| system | workload | rate | ok/sent | rejected | errors | goodput rps | out tok/s | TTFT p50/p99 ms "
+             "| ITL p50/p99 ms | TPOT p50 ms | RSS GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['system']} | {r['workload']} | {r['rate']} | {r['ok']}/{r['requests']} | "
+            f"{sum(r['rejected'].values())} | {sum(r['errors'].values())} | {r['goodput_rps']:.2f} | "
+            f"{r['output_tps']:.1f} | {_fmt(r['ttft_s']['p50'], 1e3, 0)}/{_fmt(r['ttft_s']['p99'], 1e3, 0)} | "
+            f"{_fmt(r['itl_s']['p50'], 1e3, 0)}/{_fmt(r['itl_s']['p99'], 1e3, 0)} | "
+            f"{_fmt(r['tpot_s']['p50'], 1e3, 0)} | {r['server_rss_bytes'] / 2**30:.1f} |")
+    by_key = {(r["system"], r["workload"], r["rate"]): r for r in rows}
+    for base in ("colocated", "raypd"):
+        pairs = [(r, by_key.get((base, r["workload"], r["rate"]))) for r in rows if r["system"] == "ours"]
+        pairs = [(a, b) for a, b in pairs if b]
+        if not pairs:
+            continue
+        lines += ["", f"## ours vs {base}", "", "| workload | rate | goodput ratio | ITL p99 ratio | TTFT p50 ratio |",
+                  "|---|---|---|---|---|"]
+        for a, b in pairs:
+            lines.append(f"| {a['workload']} | {a['rate']} | {_ratio(a['goodput_rps'], b['goodput_rps'])} | "
+                         f"{_ratio(a['itl_s']['p99'], b['itl_s']['p99'])} | "
+                         f"{_ratio(a['ttft_s']['p50'], b['ttft_s']['p50'])} |")
+    lines += ["", "Plots: " + ", ".join(f"`{p.name}`" for p in plot_all(out, rows))]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def plot_all(out: Path, rows: list[dict]) -> list[Path]:
+    paths = []
+    by_wl = defaultdict(list)
+    for r in rows:
+        by_wl[r["workload"]].append(r)
+    for wl, items in by_wl.items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for system in sorted({r["system"] for r in items}):
+            pts = sorted((r["rate"], r["goodput_rps"]) for r in items if r["system"] == system)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=system)
+        rates = sorted({r["rate"] for r in items})
+        ax.plot(rates, rates, ls=":", color="grey", label="offered")
+        ax.set_xlabel("offered load (req/s)")
+        ax.set_ylabel("goodput (req/s meeting TTFT+TPOT SLOs)")
+        ax.set_title(f"goodput vs rate: {wl}")
+        ax.legend()
+        paths.append(_save(fig, out / f"goodput-{wl}.png"))
+        paths += _cdfs(out, wl, items)
+    return paths
+
+
+def _cdfs(out: Path, wl: str, items: list[dict]) -> list[Path]:
+    top_rate = max(r["rate"] for r in items)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for system in sorted({r["system"] for r in items}):
+        raw = out / "raw" / f"{system}-{wl}-{top_rate}.json"
+        if not raw.exists():
+            continue
+        recs = [x for x in json.loads(raw.read_text())["records"] if x["outcome"] == "ok"]
+        for ax, values in ((axes[0], [x["ttft_s"] for x in recs if x["ttft_s"] is not None]),
+                           (axes[1], [g for x in recs for g in x["itl_s"]])):
+            if values:
+                v = sorted(values)
+                ax.plot([x * 1e3 for x in v], [(i + 1) / len(v) for i in range(len(v))], label=system)
+    for ax, name in ((axes[0], "TTFT"), (axes[1], "inter-token latency")):
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{name} (ms)")
+        ax.set_ylabel("CDF")
+        ax.set_title(f"{name} CDF: {wl} @ {top_rate} req/s")
+        ax.legend()
+    return [_save(fig, out / f"cdf-{wl}-{top_rate}.png")]
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,114 @@
+"""Systems under test, each started as its own process tree and stopped completely.
+
+- ``ours``: ``pdserve serve CONFIG``;
+- ``colocated``: one plain vLLM OpenAI server on the same total cores (what users run instead);
+- ``raypd``: Ray Serve LLM's own prefill/decode app (``loadtests/raypd_app.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class SystemProcess:
+    name: str
+    base_url: str
+    proc: subprocess.Popen
+    log_path: Path
+    started_s: float = 0.0
+    ready_s: float = 0.0
+    _log: object = field(default=None, repr=False)
+
+    def rss_bytes(self) -> int:
+        try:
+            root = psutil.Process(self.proc.pid)
+            procs = [root] + root.children(recursive=True)
+        except psutil.NoSuchProcess:
+            return 0
+        total = 0
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    def stop(self, timeout_s: float = 120.0) -> None:
+        """SIGINT (a clean stop), then SIGKILL the whole tree if anything is left."""
+        try:
+            tree = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            tree = []
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        _, alive = psutil.wait_procs(tree, timeout=20)
+        for p in alive:
+            p.kill()
+        if self._log:
+            self._log.close()
+
+
+def _spawn(name: str, cmd: list[str], env: dict, port: int, log_dir: Path) -> SystemProcess:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    log = log_path.open("w")
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    return SystemProcess(name=name, base_url=f"http://127.0.0.1:{port}", proc=proc, log_path=log_path,
+                         started_s=time.monotonic(), _log=log)
+
+
+def wait_ready(sp: SystemProcess, model: str, timeout_s: float = 900.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if sp.proc.poll() is not None:
+            raise RuntimeError(f"{sp.name} exited with {sp.proc.returncode}; see {sp.log_path}")
+        try:
+            r = httpx.post(f"{sp.base_url}/v1/chat/completions", timeout=30, json={
+                "model": model, "max_tokens": 2, "messages": [{"role": "user", "content": "ping"}]})
+            if r.status_code == 200:
+                sp.ready_s = time.monotonic() - sp.started_s
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2.0)
+    raise TimeoutError(f"{sp.name} not ready after {timeout_s}s; see {sp.log_path}")
+
+
+def start_ours(config: str, port: int, log_dir: Path, **_) -> SystemProcess:
+    return _spawn("ours", [sys.executable, "-m", "serve.cli", "serve", config, "--port", str(port)], {}, port, log_dir)
+
+
+def start_colocated(model_dir: str, model: str, port: int, log_dir: Path, cores: str = "0-1",
+                    kv_gib: int = 2, max_model_len: int = 2048, **_) -> SystemProcess:
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+           "--served-model-name", model, "--host", "127.0.0.1", "--port", str(port),
+           "--max-model-len", str(max_model_len), "--block-size", "128", "--dtype", "bfloat16",
+           "--enforce-eager", "--disable-log-stats"]
+    env = {"VLLM_CPU_OMP_THREADS_BIND": cores, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
+    return _spawn("colocated", cmd, env, port, log_dir)
+
+
+def start_raypd(model_dir: str, model: str, port: int, log_dir: Path, **_) -> SystemProcess:
+    cmd = [sys.executable, "-m", "loadtests.raypd_app", model_dir, model, str(port)]
+    return _spawn("raypd", cmd, {}, port, log_dir)
+
+
+STARTERS = {"ours": start_ours, "colocated": start_colocated, "raypd": start_raypd}

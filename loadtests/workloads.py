@@ -1,0 +1,165 @@
+"""Seeded, download-free workloads: each yields RequestSpec objects with an arrival offset.
+
+Text comes from a fixed English word list shipped here; lengths are in words, and ~1.3 tokens per
+word for SmolLM2's tokenizer. Distributions and where their parameters come from:
+
+- ``random``: fixed ``input_words`` / ``max_tokens`` (default 512 tokens in / 64 out, the
+  vLLM ``benchmark_serving`` "random" dataset shape).
+- ``chat``: long-tailed lengths, log-normal prompt (median 180 tokens, sigma 1.0) and output
+  (median 120 tokens, sigma 0.8), clipped to the context: the shape reported for ShareGPT-style
+  conversations (Splitwise / DistServe trace analyses: prompt median ~100-300, output median
+  ~100-250, heavy right tail).
+- ``shared-prefix``: ``num_system_prompts`` long system prompts (~400 tokens), many users, each
+  user's history grows turn by turn (multi-turn chat, the prefix-cache workload).
+- ``long-prompt``: summarisation, prompts near ``max_model_len`` minus the output, short outputs.
+- ``qos``: the ``chat`` shape with ``x-customer-tier`` headers drawn premium/standard/free
+  = 10/30/60 %.
+Arrivals are open-loop: Poisson at ``rate`` req/s, or a piecewise-constant rate schedule
+(``bursty``: base rate, tripled within a minute, then back).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+WORDS = (
+    "the of and to in is was for on that with as by at from his her an which it be are this had not "
+    "but were they have their all one been has more when there so can who into up out about would "
+    "what some time only other new them than first also after two then these may any such most over "
+    "world city river mountain market science music history language garden kitchen window morning "
+    "evening winter summer ocean forest village station library museum engine system network signal "
+    "memory question answer problem method result report letter story picture number paper water "
+    "light sound colour stone metal glass bridge road field animal bird tree flower child teacher "
+    "doctor farmer driver writer player friend family people country government company office"
+).split()
+
+TOKENS_PER_WORD = 1.3
+
+
+@dataclass(frozen=True, slots=True)
+class RequestSpec:
+    arrival_s: float                      # offset from the start of the run
+    messages: tuple[dict, ...]            # chat messages
+    max_tokens: int
+    headers: dict = field(default_factory=dict)
+    tag: str = ""                         # workload-specific label (tier, system prompt id, ...)
+
+
+def words(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(max(1, n)))
+
+
+def poisson_arrivals(rng: random.Random, rate: float, n: int) -> list[float]:
+    t, out = 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        out.append(t)
+    return out
+
+
+def schedule_arrivals(rng: random.Random, schedule: Sequence[tuple[float, float]], n: int) -> list[float]:
+    """Poisson arrivals with a piecewise-constant rate: ``schedule`` = [(duration_s, rate), ...]."""
+    out, t0 = [], 0.0
+    for duration, rate in schedule:
+        t = t0
+        while len(out) < n:
+            t += rng.expovariate(rate)
+            if t >= t0 + duration:
+                break
+            out.append(t)
+        t0 += duration
+    return out
+
+
+def bursty_schedule(base_rate: float, minute_s: float = 60.0) -> list[tuple[float, float]]:
+    """Base rate, a ramp to 3x within a minute, a minute at 3x, back to base."""
+    return [(minute_s / 2, base_rate), (minute_s / 4, base_rate * 2), (minute_s, base_rate * 3),
+            (minute_s / 2, base_rate)]
+
+
+def _user(text: str) -> tuple[dict, ...]:
+    return ({"role": "user", "content": text},)
+
+
+def random_fixed(seed: int, n: int, rate: float, input_tokens: int = 512, output_tokens: int = 64,
+                 **_) -> list[RequestSpec]:
+    rng = random.Random(seed)
+    n_words = int(input_tokens / TOKENS_PER_WORD)
+    return [RequestSpec(t, _user(words(rng, n_words)), output_tokens) for t in poisson_arrivals(rng, rate, n)]
+
+
+def _lognormal(rng: random.Random, median: float, sigma: float, lo: int, hi: int) -> int:
+    return int(min(hi, max(lo, rng.lognormvariate(math.log(median), sigma))))
+
+
+def chat_mix(seed: int, n: int, rate: float, max_model_len: int = 2048, **_) -> list[RequestSpec]:
+    rng = random.Random(seed)
+    out = []
+    for t in poisson_arrivals(rng, rate, n):
+        prompt = _lognormal(rng, 180, 1.0, 8, max_model_len // 2)
+        output = _lognormal(rng, 120, 0.8, 4, max_model_len // 4)
+        out.append(RequestSpec(t, _user(words(rng, int(prompt / TOKENS_PER_WORD))), output))
+    return out
+
+
+def shared_prefix(seed: int, n: int, rate: float, num_system_prompts: int = 3, num_users: int = 24,
+                  system_tokens: int = 400, turn_tokens: int = 40, output_tokens: int = 32,
+                  max_history_turns: int = 6, **_) -> list[RequestSpec]:
+    rng = random.Random(seed)
+    systems = [f"You are assistant #{i}. " + words(rng, int(system_tokens / TOKENS_PER_WORD))
+               for i in range(num_system_prompts)]
+    histories: dict[int, list[dict]] = {}
+    out = []
+    for t in poisson_arrivals(rng, rate, n):
+        user = rng.randrange(num_users)
+        sys_id = user % num_system_prompts
+        hist = histories.setdefault(user, [])
+        hist.append({"role": "user", "content": words(rng, int(turn_tokens / TOKENS_PER_WORD))})
+        msgs = ({"role": "system", "content": systems[sys_id]},) + tuple(hist[-(2 * max_history_turns - 1):])
+        out.append(RequestSpec(t, msgs, output_tokens, tag=f"system-{sys_id}"))
+        hist.append({"role": "assistant", "content": words(rng, int(output_tokens / TOKENS_PER_WORD))})
+    return out
+
+
+def long_prompt(seed: int, n: int, rate: float, max_model_len: int = 2048, output_tokens: int = 32,
+                **_) -> list[RequestSpec]:
+    rng = random.Random(seed)
+    n_words = int((max_model_len - output_tokens - 64) * 0.9 / TOKENS_PER_WORD)
+    return [RequestSpec(t, _user("Summarise the following text in one sentence: " + words(rng, n_words)),
+                        output_tokens) for t in poisson_arrivals(rng, rate, n)]
+
+
+def bursty(seed: int, n: int, rate: float, minute_s: float = 60.0, **kw) -> list[RequestSpec]:
+    rng = random.Random(seed)
+    arrivals = schedule_arrivals(rng, bursty_schedule(rate, minute_s), n)
+    base = random_fixed(seed + 1, len(arrivals), rate, **kw)
+    return [RequestSpec(t, s.messages, s.max_tokens) for t, s in zip(arrivals, base)]
+
+
+TIERS = (("premium", 0.10), ("standard", 0.30), ("free", 0.60))
+
+
+def qos_mix(seed: int, n: int, rate: float, **kw) -> list[RequestSpec]:
+    rng = random.Random(seed + 7)
+    out = []
+    for s in chat_mix(seed, n, rate, **kw):
+        tier = rng.choices([t for t, _ in TIERS], weights=[w for _, w in TIERS])[0]
+        out.append(RequestSpec(s.arrival_s, s.messages, s.max_tokens, {"x-customer-tier": tier}, tag=tier))
+    return out
+
+
+WORKLOADS = {"random": random_fixed, "chat": chat_mix, "shared-prefix": shared_prefix,
+             "long-prompt": long_prompt, "bursty": bursty, "qos": qos_mix}
+
+
+def build(name: str, seed: int, n: int, rate: float, **kw) -> list[RequestSpec]:
+    if name not in WORKLOADS:
+        raise ValueError(f"unknown workload {name!r}; choose from {sorted(WORKLOADS)}")
+    return WORKLOADS[name](seed=seed, n=n, rate=rate, **kw)
+
+
+def iter_specs(specs: Sequence[RequestSpec]) -> Iterator[RequestSpec]:
+    return iter(sorted(specs, key=lambda s: s.arrival_s))
