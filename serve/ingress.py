@@ -122,12 +122,15 @@ class Ingress:
     def health_report(self) -> dict[str, Any]:
         snap = self._directory.snapshot(self._orch.in_flight())
         pools: dict[str, dict[str, Any]] = {}
+        ages = self._directory.poll_ages()
         for name, role in self._roles.items():
             eps = [e for e in snap.endpoints if e.pool == name]
             pools[name] = {"role": role.value, "replicas": len(eps), "healthy": sum(e.healthy for e in eps),
                            "running": sum(e.num_running for e in eps), "waiting": sum(e.num_waiting for e in eps),
                            "kv_usage": [round(e.kv_usage, 4) for e in eps],
-                           "endpoints": [e.endpoint_id for e in eps]}
+                           "endpoints": [e.endpoint_id for e in eps],
+                           "last_poll_age_s": {e.endpoint_id: ages.get(e.endpoint_id) for e in eps},
+                           "routers": self._directory.registrations.get(name, 0)}
         ok = all(any(p["healthy"] for p in pools.values() if p["role"] == role.value) for role in Role)
         return {"status": "ok" if ok else "unavailable", "model": self._cfg.model.name, "pools": pools}
 

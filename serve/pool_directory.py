@@ -29,12 +29,22 @@ class PoolDirectory:
         self._lock = threading.Lock()
         self._sources: dict[str, EndpointSource] = {}
         self._polled: dict[str, dict] = {}
+        self.registrations: dict[str, int] = {}
         self._clock = clock
         self.stale_s = stale_s
 
     def register(self, pool: str, source: EndpointSource) -> None:
+        """Serve builds one router per handle *variant* (e.g. ``.options(stream=True)``); they all
+        see the same replicas, so the latest registration simply replaces the previous one."""
         with self._lock:
             self._sources[pool] = source
+            self.registrations[pool] = self.registrations.get(pool, 0) + 1
+
+    def poll_ages(self) -> dict[str, float]:
+        """Seconds since each replica's last successful stats poll (for /health)."""
+        now = self._clock()
+        with self._lock:
+            return {k: round(now - float(v.get("updated_s", 0.0)), 2) for k, v in self._polled.items()}
 
     def pools(self) -> list[str]:
         with self._lock:

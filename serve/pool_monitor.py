@@ -7,6 +7,7 @@ snapshot. Polls never block the request path: routing reads the last cached valu
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from typing import Any, Callable, Mapping
@@ -32,7 +33,11 @@ class PoolMonitor:
 
     def ensure_started(self) -> None:
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            # A fresh context: started from inside an HTTP request, the task would otherwise
+            # inherit that request's Serve context, and every poll would carry the same
+            # internal request id, which Serve's router uses to match a chosen replica back to
+            # its request; concurrent polls would then receive each other's replicas.
+            self._task = asyncio.get_running_loop().create_task(self._run(), context=contextvars.Context())
 
     def stats(self) -> list[WorkerStats]:
         return list(self._cache.values())

@@ -61,3 +61,18 @@ def wait_for(pred, timeout_s: float = 20.0, interval_s: float = 0.25):
             return last
         time.sleep(interval_s)
     raise AssertionError(f"condition not met within {timeout_s}s (last={last!r})")
+
+
+def settled_scrape(base_url: str, timeout_s: float = 30.0) -> dict:
+    """A scrape taken once no request is running and engine counters stopped moving (stats reach
+    the ingress with a poll's delay, so a scrape right after a request can miss its last numbers)."""
+    deadline = time.monotonic() + timeout_s
+    prev = None
+    while time.monotonic() < deadline:
+        cur = scrape(base_url)
+        counters = {k: v for k, v in cur.items() if k[0].startswith(("pdserve_engine_", "pdserve_kv_handoff"))}
+        if prev is not None and counters == prev and metric_sum(cur, "pdserve_pool_running_requests") == 0:
+            return cur
+        prev = counters
+        time.sleep(1.0)
+    return scrape(base_url)

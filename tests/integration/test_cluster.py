@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.conftest import REPO
-from tests.integration.cluster_utils import cluster_config, free_port, metric_sum, scrape, wait_for
+from tests.integration.cluster_utils import cluster_config, free_port, metric_sum, scrape, settled_scrape, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -141,7 +141,7 @@ class TestServing:
 
 class TestDisaggregation:
     def test_prefill_engine_prefills_and_decode_engine_reads_kv(self, cluster):
-        before = scrape(cluster.base_url)
+        before = settled_scrape(cluster.base_url)
         prompt = "Explain why the sky is blue in " + "very " * 150 + "simple words."
         r = chat(cluster.base_url, prompt, max_tokens=8, temperature=0)
         assert r.status_code == 200
@@ -174,10 +174,10 @@ class TestDisaggregation:
             assert observed() == expected
 
     def test_both_decode_replicas_receive_traffic(self, cluster):
-        before = scrape(cluster.base_url)
+        before = settled_scrape(cluster.base_url)
         for i in range(8):
             assert chat(cluster.base_url, f"Say the number {i}.", max_tokens=4, temperature=0).status_code == 200
-        after = wait_for(lambda: scrape(cluster.base_url))
+        after = settled_scrape(cluster.base_url)
         endpoints = {dict(ls)["endpoint"] for (n, ls) in after if n == "pdserve_engine_generation_tokens_total"
                      and dict(ls)["pool"] == "decode"}
         assert len(endpoints) == 2
