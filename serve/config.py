@@ -7,7 +7,7 @@ this module composes them and holds the cross-field invariants, one validator ea
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator

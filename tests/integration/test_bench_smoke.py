@@ -22,8 +22,9 @@ def test_bench_smoke_produces_report_and_plots(tmp_path):
     (row,) = summary["rows"]
     assert row["system"] == "ours" and row["requests"] == 8
     assert row["ok"] == 8 and not row["errors"]
-    assert 0 < row["ttft_s"]["p50"] < 30 and 0 < row["itl_s"]["p50"] < 5
-    assert row["output_tps"] > 0 and 0 < row["goodput_rps"] <= row["throughput_rps"]
+    # sane, not fast: the smoke run checks the harness; speed claims come from full runs
+    assert 0 < row["ttft_s"]["p50"] < 120 and 0 < row["itl_s"]["p50"] < 5
+    assert row["output_tps"] > 0 and 0 <= row["goodput_rps"] <= row["throughput_rps"] > 0
     assert row["server_rss_bytes"] > 1 << 30  # Ray + two engines
     raw = json.loads((out / "raw" / "ours-random-1.0.json").read_text())
     assert "pdserve_kv_handoff_bytes_total" in raw["metrics"]
