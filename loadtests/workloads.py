@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Sequence
 
 WORDS = (
     "the of and to in is was for on that with as by at from his her an which it be are this had not "
@@ -160,6 +160,3 @@ def build(name: str, seed: int, n: int, rate: float, **kw) -> list[RequestSpec]:
         raise ValueError(f"unknown workload {name!r}; choose from {sorted(WORKLOADS)}")
     return WORKLOADS[name](seed=seed, n=n, rate=rate, **kw)
 
-
-def iter_specs(specs: Sequence[RequestSpec]) -> Iterator[RequestSpec]:
-    return iter(sorted(specs, key=lambda s: s.arrival_s))

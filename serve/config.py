@@ -96,12 +96,6 @@ class ClusterConfig(_Strict):
                              f"router.qos_tiers {sorted(self.router.qos_tiers)}")
         return self
 
-    def pools_by_role(self, role: PoolRole) -> list[PoolConfig]:
-        return [p for p in self.pools if p.role is role]
-
-    def max_model_len(self) -> int:
-        return self.model.max_model_len
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ClusterConfig":
         return cls.model_validate(data)

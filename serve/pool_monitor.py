@@ -78,11 +78,9 @@ class PoolMonitor:
         resp = handle.stats.remote(drain=True, endpoint_hint=endpoint_id)
         try:
             d = await asyncio.wait_for(resp, timeout=self._timeout_s)
-        except (asyncio.TimeoutError, Exception) as e:
+        except Exception as e:  # includes asyncio.TimeoutError
             resp.cancel()  # a slow answer is not a verdict: staleness + Serve's health checks decide
             logger.debug("stats poll of %s failed: %r", endpoint_id, e)
             return None
-        stats = WorkerStats.from_dict(d)
-        if endpoint_id and stats.endpoint_id != endpoint_id:
-            return stats  # the hinted replica is gone; Serve answered from another one
-        return stats
+        # if the hinted replica is gone Serve answers from another one; stats carry their own id
+        return WorkerStats.from_dict(d)
