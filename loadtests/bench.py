@@ -47,8 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default=str(REPO / "configs" / "local.yaml"))
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--model-dir", default=None, help="HF dir for colocated/raypd (default: the bundled model)")
-    p.add_argument("--ttft-slo", type=float, default=2.0)
-    p.add_argument("--tpot-slo", type=float, default=0.2)
+    p.add_argument("--dtype", default=None,
+                   help="engine dtype for colocated/raypd (default: the dtype of the config's first pool)")
+    p.add_argument("--ttft-slo", type=float, default=None, help="seconds (default: the config's router.slo)")
+    p.add_argument("--tpot-slo", type=float, default=None, help="seconds (default: the config's router.slo)")
     p.add_argument("--out", default=None)
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
@@ -60,6 +62,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     if len(args.rates) != len(args.workloads):
         p.error("give one --rates per --workload")
     return args
+
+
+def config_defaults(config: str) -> dict:
+    """From a pdserve YAML config: the first pool's dtype (every system runs it) and the SLOs."""
+    import yaml
+
+    data = yaml.safe_load(Path(config).read_text()) or {}
+    pools = data.get("pools") or [{}]
+    slo = (data.get("router") or {}).get("slo") or {}
+    return {"dtype": (pools[0].get("engine") or {}).get("dtype", "bfloat16"),
+            "ttft_slo": slo.get("ttft_ms", 2000) / 1e3, "tpot_slo": slo.get("tpot_ms", 200) / 1e3}
 
 
 def workload_kwargs(name: str, smoke: bool) -> dict:
@@ -87,7 +100,8 @@ def run_system(name: str, args, out: Path) -> list[dict]:
     model_dir = args.model_dir or (bundled_model_dir() if name != "ours" else "")
     port = free_port()
     print(f"[bench] starting {name} on :{port}", flush=True)
-    sp = STARTERS[name](config=args.config, model_dir=model_dir, model=args.model, port=port, log_dir=out / "logs")
+    sp = STARTERS[name](config=args.config, model_dir=model_dir, model=args.model, port=port, log_dir=out / "logs",
+                        dtype=args.dtype)
     rows = []
     try:
         wait_ready(sp, args.model)
@@ -107,7 +121,8 @@ def run_system(name: str, args, out: Path) -> list[dict]:
                 raw = out / "raw" / f"{name}-{wl}-{rate}.json"
                 raw.parent.mkdir(parents=True, exist_ok=True)
                 raw.write_text(json.dumps({"summary": summary, "records": [r.to_dict() for r in res.records],
-                                           "metrics": scrape_metrics(sp.base_url)}))
+                                           "metrics": scrape_metrics(sp.base_url),
+                                           "timeline": res.timeline}))
                 print(f"[bench]   ok={summary['ok']}/{summary['requests']} goodput={summary['goodput_rps']:.2f} "
                       f"ttft_p50={summary['ttft_s']['p50']} itl_p99={summary['itl_s']['p99']}", flush=True)
     finally:
@@ -118,13 +133,16 @@ def run_system(name: str, args, out: Path) -> list[dict]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    for key, value in config_defaults(args.config).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     run_id = time.strftime("%Y%m%d-%H%M%S") + ("-smoke" if args.smoke else "")
     out = Path(args.out) if args.out else REPO / "loadtests" / "results" / run_id
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.systems.split(","):
         rows += run_system(name.strip(), args, out)
-    meta = {"run_id": run_id, "args": {k: v for k, v in vars(args).items()}, "slo": {
+    meta = {"run_id": run_id, "args": dict(vars(args)), "slo": {
         "ttft_s": args.ttft_slo, "tpot_s": args.tpot_slo}}
     (out / "summary.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     report.write_report(out, rows, meta)

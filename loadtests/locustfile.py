@@ -4,7 +4,8 @@
         --csv loadtests/results/locust --only-summary
 Environment: PDSERVE_MODEL (default SmolLM2-135M-Instruct), PDSERVE_WORKLOAD (random | chat |
 shared-prefix | long-prompt | qos; default chat), PDSERVE_STREAM (1), PDSERVE_API (chat | completions),
-PDSERVE_RATE (per-user req/s for open-loop pacing; 0 = closed loop), PDSERVE_SEED.
+PDSERVE_RATE (per-user req/s for open-loop pacing; 0 = closed loop), PDSERVE_SEED,
+PDSERVE_WORKLOAD_ARGS (JSON keyword arguments of the workload, e.g. '{"input_tokens": 64}').
 
 Besides the request itself, each request fires custom events so locust's stats and CSVs carry
 TTFT, mean TPOT and every inter-token gap (request_type TTFT / TPOT / ITL); 503/429 rejections
@@ -28,7 +29,8 @@ STREAM = os.environ.get("PDSERVE_STREAM", "1") == "1"
 API = os.environ.get("PDSERVE_API", "chat")
 RATE = float(os.environ.get("PDSERVE_RATE", "0"))
 SEED = int(os.environ.get("PDSERVE_SEED", "0"))
-_SPECS = itertools.cycle(workloads.build(WORKLOAD, seed=SEED, n=500, rate=1.0))
+WORKLOAD_ARGS = json.loads(os.environ.get("PDSERVE_WORKLOAD_ARGS", "{}"))
+_SPECS = itertools.cycle(workloads.build(WORKLOAD, seed=SEED, n=500, rate=1.0, **WORKLOAD_ARGS))
 
 
 def _fire(request_type: str, name: str, seconds: float, length: int = 0, exc=None) -> None:

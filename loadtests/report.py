@@ -70,7 +70,53 @@ def plot_all(out: Path, rows: list[dict]) -> list[Path]:
         ax.legend()
         paths.append(_save(fig, out / f"goodput-{wl}.png"))
         paths += _cdfs(out, wl, items)
+        if wl == "bursty":
+            paths += [_timeline(out, wl, rate, items) for rate in sorted({r["rate"] for r in items})]
     return paths
+
+
+def _bins(times: list[float], width: float, end: float) -> tuple[list[float], list[float]]:
+    n = max(1, int(end // width) + 1)
+    counts = [0] * n
+    for t in times:
+        if 0 <= t < n * width:
+            counts[int(t // width)] += 1
+    return [i * width + width / 2 for i in range(n)], [c / width for c in counts]
+
+
+def _timeline(out: Path, wl: str, rate: float, items: list[dict], bin_s: float = 5.0) -> Path:
+    """Offered rate, completions, rejections, queue depth and replicas over time, per system."""
+    fig, axes = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
+    for system in sorted({r["system"] for r in items if r["rate"] == rate}):
+        raw = out / "raw" / f"{system}-{wl}-{rate}.json"
+        if not raw.exists():
+            continue
+        data = json.loads(raw.read_text())
+        recs, tl = data["records"], data.get("timeline") or []
+        end = max([x["start_s"] + (x["e2e_s"] or 0) for x in recs] + [s["t"] for s in tl] + [1.0])
+        xs, offered = _bins([x["start_s"] for x in recs], bin_s, end)
+        line = axes[0].plot(xs, offered, ls="--", label=f"{system} offered")[0]
+        _, done = _bins([x["start_s"] + x["e2e_s"] for x in recs if x["outcome"] == "ok" and x["e2e_s"]], bin_s, end)
+        axes[0].plot(xs, done, color=line.get_color(), label=f"{system} completed")
+        _, rej = _bins([x["start_s"] for x in recs if x["outcome"] == "rejected"], bin_s, end)
+        axes[0].bar(xs, rej, width=bin_s * 0.8, alpha=0.3, color=line.get_color(), label=f"{system} rejected")
+        if tl:
+            axes[1].plot([s["t"] for s in tl], [s.get("queue", 0) for s in tl], color=line.get_color(),
+                         label=f"{system} queued")
+            axes[1].plot([s["t"] for s in tl], [s.get("running", 0) for s in tl], color=line.get_color(),
+                         ls=":", label=f"{system} running")
+            if any("replicas" in s for s in tl):
+                axes[2].step([s["t"] for s in tl], [s.get("replicas", 0) for s in tl], where="post",
+                             color=line.get_color(), label=f"{system} replicas")
+    axes[0].set_ylabel(f"req/s ({bin_s:.0f} s bins)")
+    axes[0].set_title(f"bursty trace (base {rate} req/s, 3x peak): arrivals, completions, rejections")
+    axes[1].set_ylabel("requests in engines")
+    axes[2].set_ylabel("healthy replicas (all pools)")
+    axes[2].set_xlabel("seconds since run start")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, ncol=3)
+    return _save(fig, out / f"timeline-{wl}-{rate}.png")
 
 
 def _cdfs(out: Path, wl: str, items: list[dict]) -> list[Path]:

@@ -96,17 +96,17 @@ def start_ours(config: str, port: int, log_dir: Path, **_) -> SystemProcess:
 
 
 def start_colocated(model_dir: str, model: str, port: int, log_dir: Path, cores: str = "0-1",
-                    kv_gib: int = 2, max_model_len: int = 2048, **_) -> SystemProcess:
+                    kv_gib: int = 2, max_model_len: int = 2048, dtype: str = "float32", **_) -> SystemProcess:
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
            "--served-model-name", model, "--host", "127.0.0.1", "--port", str(port),
-           "--max-model-len", str(max_model_len), "--block-size", "128", "--dtype", "bfloat16",
+           "--max-model-len", str(max_model_len), "--block-size", "128", "--dtype", dtype,
            "--enforce-eager", "--disable-log-stats"]
     env = {"VLLM_CPU_OMP_THREADS_BIND": cores, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
     return _spawn("colocated", cmd, env, port, log_dir)
 
 
-def start_raypd(model_dir: str, model: str, port: int, log_dir: Path, **_) -> SystemProcess:
-    cmd = [sys.executable, "-m", "loadtests.raypd_app", model_dir, model, str(port)]
+def start_raypd(model_dir: str, model: str, port: int, log_dir: Path, dtype: str = "float32", **_) -> SystemProcess:
+    cmd = [sys.executable, "-m", "loadtests.raypd_app", model_dir, model, str(port), dtype]
     return _spawn("raypd", cmd, {}, port, log_dir)
 
 

@@ -17,12 +17,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cluster_config(port: int, decode_replicas: int = 1, dtype: str = "bfloat16", **router) -> ClusterConfig:
+def cluster_config(port: int, decode_replicas: int = 1, dtype: str | None = None, **router) -> ClusterConfig:
     data = ClusterConfig.from_yaml(DEFAULT_CONFIG).model_dump(mode="json")
     data["server"]["port"] = port
     data["app_name"] = "pdserve-test"
     for pool in data["pools"]:
-        pool["engine"]["dtype"] = dtype
+        if dtype:
+            pool["engine"]["dtype"] = dtype
         if pool["role"] == "decode":
             pool["replicas"] = {"min": decode_replicas, "max": decode_replicas}
             if decode_replicas > 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import subprocess
@@ -19,7 +20,20 @@ from tests.integration.cluster_utils import free_port
 pytestmark = pytest.mark.integration
 
 
-def test_serve_default_config_then_ctrl_c_leaves_no_processes():
+def run_locust(base_url: str, csv_prefix) -> dict[tuple[str, str], dict]:
+    """The shipped locustfile, headless, bounded (2 users, 20 s), small random prompts; CSV stats rows."""
+    env = {**os.environ, "PDSERVE_WORKLOAD": "random",
+           "PDSERVE_WORKLOAD_ARGS": '{"input_tokens": 64, "output_tokens": 8}'}
+    proc = subprocess.run([sys.executable, "-m", "locust", "-f", "loadtests/locustfile.py", "--headless",
+                           "-H", base_url, "-u", "2", "-r", "2", "-t", "20s", "--stop-timeout", "30",
+                           "--csv", str(csv_prefix), "--only-summary"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with open(f"{csv_prefix}_stats.csv") as f:
+        return {(row["Type"], row["Name"]): row for row in csv.DictReader(f)}
+
+
+def test_serve_default_config_then_ctrl_c_leaves_no_processes(tmp_path):
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "serve.cli", "serve", "--port", str(port)], cwd=REPO, env=env,
@@ -39,6 +53,12 @@ def test_serve_default_config_then_ctrl_c_leaves_no_processes():
             "model": "SmolLM2-135M-Instruct", "max_tokens": 16, "temperature": 0,
             "messages": [{"role": "user", "content": "What is the capital of France?"}]})
         assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"]
+        stats = run_locust(f"http://127.0.0.1:{port}", tmp_path / "locust")
+        main = stats[("POST", "chat:random")]
+        assert int(main["Request Count"]) >= 4 and int(main["Failure Count"]) == 0
+        assert int(stats[("TTFT", "random")]["Request Count"]) == int(main["Request Count"])
+        assert int(stats[("ITL", "random")]["Request Count"]) >= int(main["Request Count"])
+        assert int(stats[("TPOT", "random")]["Request Count"]) >= int(main["Request Count"]) - 1
         tree = psutil.Process(proc.pid).children(recursive=True)
         engines = [p for p in tree if p.name().startswith("VLLM::")]
         assert len(engines) >= 2, [p.name() for p in tree]

@@ -54,3 +54,66 @@ class TestStats:
         s = summarize(recs, duration_s=2.0, ttft_slo_s=2.0, tpot_slo_s=0.2)
         assert s["ok"] == 3 and s["goodput_rps"] == 0.5 and s["rejected"] == {"overloaded": 1}
         assert s["slo_attainment"] == 0.25
+
+
+class TestTimeline:
+    OURS = """# TYPE pdserve_pool_queue_depth gauge
+pdserve_pool_queue_depth{pool="prefill",role="prefill"} 3.0
+pdserve_pool_queue_depth{pool="decode",role="decode"} 1.0
+# TYPE pdserve_pool_running_requests gauge
+pdserve_pool_running_requests{pool="prefill",role="prefill"} 2.0
+# TYPE pdserve_pool_replicas gauge
+pdserve_pool_replicas{pool="prefill",role="prefill"} 1.0
+pdserve_pool_replicas{pool="decode",role="decode"} 2.0
+# TYPE pdserve_requests counter
+pdserve_requests_total{route="chat",status="200"} 5.0
+"""
+    VLLM = """# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="m"} 4.0
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 7.0
+"""
+
+    def test_parse_ours_and_vllm(self):
+        from loadtests.timeline import parse_sample
+        assert parse_sample(self.OURS) == {"queue": 4.0, "running": 2.0, "replicas": 3.0}
+        assert parse_sample(self.VLLM) == {"queue": 4.0, "running": 7.0}
+        assert parse_sample("") == {}
+
+
+class TestBenchConfig:
+    def test_dtype_and_slo_come_from_the_config(self, tmp_path):
+        from loadtests.bench import config_defaults
+        from serve.config import DEFAULT_CONFIG
+        d = config_defaults(str(DEFAULT_CONFIG))
+        assert d["dtype"] == "float32" and d["ttft_slo"] == 4.0 and d["tpot_slo"] == 0.25
+        p = tmp_path / "c.yaml"
+        p.write_text("pools: [{engine: {}}]\n")
+        assert config_defaults(str(p)) == {"dtype": "bfloat16", "ttft_slo": 2.0, "tpot_slo": 0.2}
+
+
+class TestReport:
+    """Report + plots from synthetic rows (fake records: this tests the report code, not a server)."""
+
+    def _row(self, system, wl, rate, goodput):
+        d = {"p50": 0.1, "p90": 0.2, "p99": 0.3, "mean": 0.1, "n": 3}
+        return {"system": system, "workload": wl, "rate": rate, "ok": 3, "requests": 3, "rejected": {},
+                "errors": {}, "goodput_rps": goodput, "output_tps": 10.0, "ttft_s": d, "itl_s": d, "tpot_s": d,
+                "server_rss_bytes": 1 << 30}
+
+    def test_ratios_and_bursty_timeline(self, tmp_path):
+        import json
+        from loadtests import report
+        rows = [self._row("ours", "bursty", 0.5, 0.4), self._row("colocated", "bursty", 0.5, 0.2)]
+        (tmp_path / "raw").mkdir()
+        for system in ("ours", "colocated"):
+            recs = [RequestRecord(float(i), 200, ttft_s=0.5, e2e_s=2.0, itl_s=[0.1], completion_tokens=8).to_dict()
+                    for i in range(20)]
+            recs.append(RequestRecord(10.0, 503, outcome="rejected", reason="overloaded").to_dict())
+            tl = [{"t": float(t), "queue": t % 3, "running": 1.0, "replicas": 2.0} for t in range(25)]
+            (tmp_path / "raw" / f"{system}-bursty-0.5.json").write_text(json.dumps({"records": recs, "timeline": tl}))
+        report.write_report(tmp_path, rows, {"run_id": "t", "slo": {"ttft_s": 4.0, "tpot_s": 0.25}})
+        md = (tmp_path / "report.md").read_text()
+        assert "| bursty | 0.5 | 2.00x |" in md
+        for png in ("goodput-bursty.png", "cdf-bursty-0.5.png", "timeline-bursty-0.5.png"):
+            assert (tmp_path / png).stat().st_size > 5000
