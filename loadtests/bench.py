@@ -37,7 +37,8 @@ def free_port() -> int:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--systems", default="ours,colocated")
+    p.add_argument("--systems", default="ours,colocated",
+                   help="comma-separated: ours, colocated, raypd, or LABEL=ours@CONFIG for an A/B variant")
     p.add_argument("--workload", action="append", dest="workloads", help="workload name (repeatable)")
     p.add_argument("--rates", action="append", help="comma-separated req/s for the preceding --workload")
     p.add_argument("--requests", type=int, default=60, help="requests per (workload, rate)")
@@ -49,8 +50,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-dir", default=None, help="HF dir for colocated/raypd (default: the bundled model)")
     p.add_argument("--dtype", default=None,
                    help="engine dtype for colocated/raypd (default: the dtype of the config's first pool)")
+    p.add_argument("--executor", default=None, help="vLLM executor for colocated (default: as the config)")
     p.add_argument("--ttft-slo", type=float, default=None, help="seconds (default: the config's router.slo)")
     p.add_argument("--tpot-slo", type=float, default=None, help="seconds (default: the config's router.slo)")
+    p.add_argument("--baseline", action="append", default=[],
+                   help="extra system label to report ratios against (e.g. the A side of an A/B)")
     p.add_argument("--out", default=None)
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
@@ -71,7 +75,9 @@ def config_defaults(config: str) -> dict:
     data = yaml.safe_load(Path(config).read_text()) or {}
     pools = data.get("pools") or [{}]
     slo = (data.get("router") or {}).get("slo") or {}
-    return {"dtype": (pools[0].get("engine") or {}).get("dtype", "bfloat16"),
+    engine = pools[0].get("engine") or {}
+    executor = engine.get("executor", "auto")
+    return {"dtype": engine.get("dtype", "bfloat16"), "executor": "uni" if executor == "auto" else executor,
             "ttft_slo": slo.get("ttft_ms", 2000) / 1e3, "tpot_slo": slo.get("tpot_ms", 200) / 1e3}
 
 
@@ -96,12 +102,25 @@ def bundled_model_dir() -> str:
     return out.strip().splitlines()[-1]
 
 
-def run_system(name: str, args, out: Path) -> list[dict]:
-    model_dir = args.model_dir or (bundled_model_dir() if name != "ours" else "")
+def parse_system(entry: str, default_config: str) -> tuple[str, str, str]:
+    """``ours`` | ``colocated`` | ``raypd`` | ``LABEL=ours@CONFIG`` (an A/B variant of ours) ->
+    (label, kind, config)."""
+    label, _, rest = entry.strip().partition("=")
+    kind, _, config = (rest or label).partition("@")
+    if kind not in STARTERS:
+        raise SystemExit(f"unknown system {kind!r} in {entry!r}; known: {sorted(STARTERS)}")
+    if config and kind != "ours":
+        raise SystemExit(f"only ours takes a config ({entry!r})")
+    return label, kind, config or default_config
+
+
+def run_system(entry: str, args, out: Path) -> list[dict]:
+    name, kind, config = parse_system(entry, args.config)
+    model_dir = args.model_dir or (bundled_model_dir() if kind != "ours" else "")
     port = free_port()
-    print(f"[bench] starting {name} on :{port}", flush=True)
-    sp = STARTERS[name](config=args.config, model_dir=model_dir, model=args.model, port=port, log_dir=out / "logs",
-                        dtype=args.dtype)
+    print(f"[bench] starting {name} ({kind}) on :{port}", flush=True)
+    sp = STARTERS[kind](config=config, model_dir=model_dir, model=args.model, port=port, log_dir=out / "logs",
+                        dtype=args.dtype, executor=args.executor, name=name)
     rows = []
     try:
         wait_ready(sp, args.model)
@@ -142,7 +161,7 @@ def main(argv=None) -> int:
     rows = []
     for name in args.systems.split(","):
         rows += run_system(name.strip(), args, out)
-    meta = {"run_id": run_id, "args": dict(vars(args)), "slo": {
+    meta = {"run_id": run_id, "args": dict(vars(args)), "baselines": args.baseline, "slo": {
         "ttft_s": args.ttft_slo, "tpot_s": args.tpot_slo}}
     (out / "summary.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     report.write_report(out, rows, meta)

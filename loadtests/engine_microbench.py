@@ -1,9 +1,11 @@
 """Engine microbenchmark: prefill tokens/s and decode ms/token per engine setting, side by side.
 
-    python -m loadtests.engine_microbench [--dtypes bfloat16,float32] [--cores 0] [--prompt-tokens 512]
+    python -m loadtests.engine_microbench [--settings bfloat16:mp,float32:mp,float32:uni] [--cores 0]
 
-Each setting gets a fresh vLLM ``AsyncLLM`` (one after the other, same pinned core(s), no Ray, no
-NIXL), so the numbers isolate the engine from the serving stack. Per setting: prefill of
+A setting is ``DTYPE:EXECUTOR`` (executor = vLLM's ``distributed_executor_backend``: ``mp`` runs the
+model in a separate worker process fed by the engine-core process, vLLM's CPU default; ``uni`` runs it
+inside the engine-core process). Each setting gets a fresh vLLM ``AsyncLLM`` (one after the other,
+same pinned core(s), no Ray, no NIXL), so the numbers isolate the engine from the serving stack. Per setting: prefill of
 ``--prompt-tokens`` random tokens (``max_tokens=1``, prefix caching off, ``--repeats`` times, median)
 and greedy decode of 64 tokens at batch 1 and at batch 8. Writes
 ``loadtests/results/<run-id>-engine/engine.json`` and ``engine.png`` with ratios to the first setting.
@@ -24,15 +26,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-async def _measure(model_dir: str, dtype: str, prompt_tokens: int, repeats: int) -> dict:
+async def _measure(model_dir: str, setting: str, prompt_tokens: int, repeats: int) -> dict:
     from vllm import AsyncEngineArgs, SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    dtype, executor = setting.split(":")
     t0 = time.monotonic()
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
         model=model_dir, max_model_len=2048, block_size=128, dtype=dtype, enforce_eager=True,
-        enable_prefix_caching=False, disable_log_stats=True))
+        enable_prefix_caching=False, disable_log_stats=True, distributed_executor_backend=executor))
     load_s = time.monotonic() - t0
 
     async def one(rid: str, n: int, max_tokens: int, seed: int) -> tuple[float, float]:
@@ -54,7 +57,7 @@ async def _measure(model_dir: str, dtype: str, prompt_tokens: int, repeats: int)
     finally:
         engine.shutdown()
     p = statistics.median(prefill)
-    return {"dtype": dtype, "load_s": load_s, "prefill_s": p, "prefill_tok_s": prompt_tokens / p,
+    return {"setting": setting, "dtype": dtype, "executor": executor, "load_s": load_s, "prefill_s": p, "prefill_tok_s": prompt_tokens / p,
             "decode_ms_per_tok_b1": decode[1] * 1e3, "decode_ms_per_tok_b8": decode[8] * 1e3}
 
 
@@ -72,11 +75,11 @@ def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    names = [r["dtype"] for r in rows]
+    names = [r["setting"] for r in rows]
     for ax, key, title in zip(axes, ("prefill_tok_s", "decode_ms_per_tok_b1", "decode_ms_per_tok_b8"),
                               ("prefill tokens/s (higher is better)", "decode ms/token, batch 1",
                                "decode ms/token, batch 8")):
-        ax.bar(names, [r[key] for r in rows], color=["tab:blue", "tab:orange", "tab:green"][: len(rows)])
+        ax.bar(names, [r[key] for r in rows], color=["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"][: len(rows)])
         ax.set_title(title, fontsize=10)
         for i, r in enumerate(rows):
             ax.annotate(f"{r[key]:.0f}", (i, r[key]), ha="center", va="bottom", fontsize=9)
@@ -87,7 +90,7 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dtypes", default="bfloat16,float32")
+    p.add_argument("--settings", default="bfloat16:mp,float32:mp,float32:uni")
     p.add_argument("--cores", default="0", help="VLLM_CPU_OMP_THREADS_BIND for every setting")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
@@ -102,20 +105,20 @@ def main(argv=None) -> int:
         [sys.executable, "-m", "serve.cli", "prepare-model"], cwd=REPO, check=True, capture_output=True,
         text=True).stdout.strip().splitlines()[-1]
     rows = []
-    for dtype in args.dtypes.split(","):
-        out = subprocess.run([sys.executable, "-m", "loadtests.engine_microbench", "--child", dtype,
+    for setting in args.settings.split(","):
+        out = subprocess.run([sys.executable, "-m", "loadtests.engine_microbench", "--child", setting,
                               "--cores", args.cores, "--prompt-tokens", str(args.prompt_tokens),
                               "--repeats", str(args.repeats), "--model-dir", model_dir],
                              cwd=REPO, capture_output=True, text=True, timeout=900)
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
             sys.stderr.write(out.stdout[-3000:] + out.stderr[-3000:])
-            raise RuntimeError(f"engine microbench for {dtype} failed")
+            raise RuntimeError(f"engine microbench for {setting} failed")
         rows.append(json.loads(line[len("RESULT "):]))
         print(json.dumps(rows[-1]), flush=True)
     base = rows[0]
     for r in rows:
-        r["ratio_vs_" + base["dtype"]] = {
+        r["ratio_vs_" + base["setting"]] = {
             "prefill_tok_s": r["prefill_tok_s"] / base["prefill_tok_s"],
             "decode_ms_per_tok_b1": r["decode_ms_per_tok_b1"] / base["decode_ms_per_tok_b1"],
             "decode_ms_per_tok_b8": r["decode_ms_per_tok_b8"] / base["decode_ms_per_tok_b8"]}

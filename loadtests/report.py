@@ -37,19 +37,25 @@ def write_report(out: Path, rows: list[dict], meta: dict) -> None:
             f"{_fmt(r['itl_s']['p50'], 1e3, 0)}/{_fmt(r['itl_s']['p99'], 1e3, 0)} | "
             f"{_fmt(r['tpot_s']['p50'], 1e3, 0)} | {r['server_rss_bytes'] / 2**30:.1f} |")
     by_key = {(r["system"], r["workload"], r["rate"]): r for r in rows}
-    for base in ("colocated", "raypd"):
-        pairs = [(r, by_key.get((base, r["workload"], r["rate"]))) for r in rows if r["system"] == "ours"]
-        pairs = [(a, b) for a, b in pairs if b]
-        if not pairs:
-            continue
-        lines += ["", f"## ours vs {base}", "", "| workload | rate | goodput ratio | ITL p99 ratio | TTFT p50 ratio |",
-                  "|---|---|---|---|---|"]
-        for a, b in pairs:
-            lines.append(f"| {a['workload']} | {a['rate']} | {_ratio(a['goodput_rps'], b['goodput_rps'])} | "
-                         f"{_ratio(a['itl_s']['p99'], b['itl_s']['p99'])} | "
-                         f"{_ratio(a['ttft_s']['p50'], b['ttft_s']['p50'])} |")
+    peers = ("colocated", "raypd")
+    for base in (*peers, *meta.get("baselines", [])):
+        for system in sorted({r["system"] for r in rows} - {base, *peers}):
+            pairs = [(r, by_key.get((base, r["workload"], r["rate"]))) for r in rows if r["system"] == system]
+            pairs = [(a, b) for a, b in pairs if b]
+            if pairs:
+                lines += _ratio_table(system, base, pairs)
     lines += ["", "Plots: " + ", ".join(f"`{p.name}`" for p in plot_all(out, rows))]
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def _ratio_table(system: str, base: str, pairs: list[tuple[dict, dict]]) -> list[str]:
+    lines = ["", f"## {system} vs {base}", "",
+             "| workload | rate | goodput ratio | ITL p99 ratio | TTFT p50 ratio |", "|---|---|---|---|---|"]
+    for a, b in pairs:
+        lines.append(f"| {a['workload']} | {a['rate']} | {_ratio(a['goodput_rps'], b['goodput_rps'])} | "
+                     f"{_ratio(a['itl_s']['p99'], b['itl_s']['p99'])} | "
+                     f"{_ratio(a['ttft_s']['p50'], b['ttft_s']['p50'])} |")
+    return lines
 
 
 def plot_all(out: Path, rows: list[dict]) -> list[Path]:

@@ -92,13 +92,17 @@ class EngineConfig(_Strict):
     enable_prefix_caching: bool = True
     dtype: str = "bfloat16"
     enforce_eager: bool = True
+    executor: Literal["auto", "uni", "mp", "ray"] = Field(
+        "auto", description="vLLM distributed_executor_backend; 'auto' = 'uni' (model in the engine-core "
+        "process) when TP x PP == 1, else vLLM's choice. vLLM's CPU default 'mp' adds a worker process "
+        "whose engine core spin-waits on it (1.45x slower prefill on one core, engine microbenchmark)")
     extra: dict[str, Any] = Field(default_factory=dict, description="passed to vLLM AsyncEngineArgs")
 
     @field_validator("extra")
     @classmethod
     def _no_managed_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
         managed = {"model", "kv_transfer_config", "block_size", "max_model_len", "tensor_parallel_size",
-                   "pipeline_parallel_size", "max_num_seqs"}
+                   "pipeline_parallel_size", "max_num_seqs", "distributed_executor_backend"}
         clash = sorted(managed & set(v))
         if clash:
             raise ValueError(f"engine.extra must not set managed keys {clash}; use the engine fields")
@@ -140,5 +144,7 @@ class KvHandoffConfig(_Strict):
                                    "'auto' = this Ray node's IP")
     kv_buffer_device: Literal["cpu", "cuda"] = "cpu"
     kv_lease_s: int = Field(30, ge=6, description="prefill frees KV no decode has read after this long")
-    nixl_progress_thread: bool = Field(False, description="NIXL's busy-polling progress thread (a core per "
-                                       "engine); needed only for multi-node TCP fabrics")
+    nixl_progress_thread: bool = Field(True, description="NIXL's UCX progress thread; off, transfers over TCP "
+                                       "progress only when an engine steps (slow handoffs)")
+    nixl_progress_delay_us: int = Field(1000, ge=0, description="progress thread poll timeout; 0 = NIXL's stock "
+                                        "busy spin (a core per engine)")

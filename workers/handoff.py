@@ -61,10 +61,13 @@ class NixlHandoff:
             "UCX_TLS": self._cfg.ucx_tls,
             "VLLM_NIXL_SIDE_CHANNEL_HOST": self._host,
             "VLLM_NIXL_SIDE_CHANNEL_PORT": str(self._port),
+            "PDSERVE_NIXL_PROGRESS_THREAD": "1" if self._cfg.nixl_progress_thread else "0",
+            "PDSERVE_NIXL_PROGRESS_DELAY_US": str(self._cfg.nixl_progress_delay_us),
         }
 
     def kv_transfer_config(self) -> dict[str, Any]:
-        quiet = {} if self._cfg.nixl_progress_thread else {
+        stock = self._cfg.nixl_progress_thread and self._cfg.nixl_progress_delay_us == 0
+        quiet = {} if stock else {
             "kv_connector": "QuietNixlConnector", "kv_connector_module_path": "workers.nixl_connector"}
         return {
             "kv_connector": "NixlConnector",

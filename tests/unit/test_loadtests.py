@@ -86,10 +86,10 @@ class TestBenchConfig:
         from loadtests.bench import config_defaults
         from serve.config import DEFAULT_CONFIG
         d = config_defaults(str(DEFAULT_CONFIG))
-        assert d["dtype"] == "float32" and d["ttft_slo"] == 4.0 and d["tpot_slo"] == 0.25
+        assert d["dtype"] == "float32" and d["ttft_slo"] == 4.0 and d["tpot_slo"] == 0.25 and d["executor"] == "uni"
         p = tmp_path / "c.yaml"
         p.write_text("pools: [{engine: {}}]\n")
-        assert config_defaults(str(p)) == {"dtype": "bfloat16", "ttft_slo": 2.0, "tpot_slo": 0.2}
+        assert config_defaults(str(p)) == {"dtype": "bfloat16", "executor": "uni", "ttft_slo": 2.0, "tpot_slo": 0.2}
 
 
 class TestReport:

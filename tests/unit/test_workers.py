@@ -34,10 +34,11 @@ class TestNixlHandoff:
         cfg = h.kv_transfer_config()
         assert cfg["kv_role"] == "kv_both" and cfg["kv_connector_extra_config"] == {"kv_lease_duration": 12}
         assert cfg["kv_connector"] == "QuietNixlConnector"
+        assert env["PDSERVE_NIXL_PROGRESS_THREAD"] == "1" and env["PDSERVE_NIXL_PROGRESS_DELAY_US"] == "1000"
         assert h.prefill_params()["do_remote_decode"] is True
 
     def test_progress_thread_option_uses_stock_connector(self):
-        h = NixlHandoff(KvHandoffConfig(nixl_progress_thread=True), "127.0.0.1", 5602)
+        h = NixlHandoff(KvHandoffConfig(nixl_progress_delay_us=0), "127.0.0.1", 5602)
         cfg = h.kv_transfer_config()
         assert cfg["kv_connector"] == "NixlConnector" and "kv_connector_module_path" not in cfg
 
@@ -67,6 +68,15 @@ class TestEngineArgs:
         kw = engine_kwargs(EngineSpec(pool=pool, model_path="/m", served_model_name="m", max_model_len=64), None)
         assert kw["gpu_memory_utilization"] == 0.5 and "kv_transfer_config" not in kw
         assert device_env(pool) == {}
+
+    @pytest.mark.parametrize("engine,expected", [
+        ({}, "uni"), ({"tensor_parallel_size": 2}, None), ({"executor": "mp"}, "mp"),
+        ({"pipeline_parallel_size": 2, "executor": "ray"}, "ray")])
+    def test_executor(self, engine, expected):
+        count = engine.get("tensor_parallel_size", 1) * engine.get("pipeline_parallel_size", 1)
+        pool = PoolConfig(name="p", role="decode", device={"kind": "gpu", "count": count}, engine=engine)
+        kw = engine_kwargs(EngineSpec(pool=pool, model_path="/m", served_model_name="m", max_model_len=64), None)
+        assert kw.get("distributed_executor_backend") == expected
 
 
 def test_worker_stats_round_trip():
