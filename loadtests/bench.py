@@ -39,7 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--systems", default="ours,colocated",
                    help="comma-separated: ours, colocated, raypd, or LABEL=ours@CONFIG for an A/B variant")
-    p.add_argument("--workload", action="append", dest="workloads", help="workload name (repeatable)")
+    p.add_argument("--workload", action="append", dest="workloads",
+                   help="workload NAME or NAME:key=value,... (repeatable; e.g. bursty:n=80,output_tokens=32)")
     p.add_argument("--rates", action="append", help="comma-separated req/s for the preceding --workload")
     p.add_argument("--requests", type=int, default=60, help="requests per (workload, rate)")
     p.add_argument("--duration", type=float, default=120.0, help="max seconds of arrivals per run")
@@ -50,7 +51,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-dir", default=None, help="HF dir for colocated/raypd (default: the bundled model)")
     p.add_argument("--dtype", default=None,
                    help="engine dtype for colocated/raypd (default: the dtype of the config's first pool)")
-    p.add_argument("--executor", default=None, help="vLLM executor for colocated (default: as the config)")
     p.add_argument("--ttft-slo", type=float, default=None, help="seconds (default: the config's router.slo)")
     p.add_argument("--tpot-slo", type=float, default=None, help="seconds (default: the config's router.slo)")
     p.add_argument("--baseline", action="append", default=[],
@@ -76,15 +76,29 @@ def config_defaults(config: str) -> dict:
     pools = data.get("pools") or [{}]
     slo = (data.get("router") or {}).get("slo") or {}
     engine = pools[0].get("engine") or {}
-    executor = engine.get("executor", "auto")
-    return {"dtype": engine.get("dtype", "bfloat16"), "executor": "uni" if executor == "auto" else executor,
+    return {"dtype": engine.get("dtype", "bfloat16"),
             "ttft_slo": slo.get("ttft_ms", 2000) / 1e3, "tpot_slo": slo.get("tpot_ms", 200) / 1e3}
 
 
-def workload_kwargs(name: str, smoke: bool) -> dict:
-    if smoke and name == "random":
-        return {"input_tokens": 256, "output_tokens": 16}
-    return {}
+def parse_workload(entry: str, smoke: bool = False) -> tuple[str, dict]:
+    """``NAME`` or ``NAME:key=value,...`` (workload keyword arguments; ``n`` overrides --requests)."""
+    name, _, rest = entry.partition(":")
+    kwargs: dict = {"input_tokens": 256, "output_tokens": 16} if smoke and name == "random" else {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"bad workload option {item!r} in {entry!r}; use key=value")
+        try:
+            kwargs[key] = int(value)
+        except ValueError:
+            kwargs[key] = float(value)
+    return name, kwargs
+
+
+def run_seed(base: int, wl_index: int, rate_index: int) -> int:
+    """A distinct seed per (workload, rate) run: repeating prompts across runs would hit the prefix
+    cache and make later runs artificially cheap. The same across systems, so runs stay comparable."""
+    return base * 10_000 + wl_index * 100 + rate_index
 
 
 def scrape_metrics(base_url: str) -> str:
@@ -120,17 +134,18 @@ def run_system(entry: str, args, out: Path) -> list[dict]:
     port = free_port()
     print(f"[bench] starting {name} ({kind}) on :{port}", flush=True)
     sp = STARTERS[kind](config=config, model_dir=model_dir, model=args.model, port=port, log_dir=out / "logs",
-                        dtype=args.dtype, executor=args.executor, name=name)
+                        dtype=args.dtype, name=name)
     rows = []
     try:
         wait_ready(sp, args.model)
         print(f"[bench] {name} ready in {sp.ready_s:.0f}s; warming up", flush=True)
         warm = workloads.build("random", seed=999, n=4, rate=4.0, input_tokens=64, output_tokens=8)
         asyncio.run(run_open_loop(sp.base_url, args.model, warm, max_duration_s=30, drain_s=60))
-        for wl, rates in zip(args.workloads, args.rates):
-            for rate in [float(r) for r in rates.split(",")]:
-                specs = workloads.build(wl, seed=args.seed, n=args.requests, rate=rate,
-                                        **workload_kwargs(wl, args.smoke))
+        for wi, (entry, rates) in enumerate(zip(args.workloads, args.rates)):
+            wl, kwargs = parse_workload(entry, args.smoke)
+            n = kwargs.pop("n", args.requests)
+            for ri, rate in enumerate(float(r) for r in rates.split(",")):
+                specs = workloads.build(wl, seed=run_seed(args.seed, wi, ri), n=n, rate=rate, **kwargs)
                 print(f"[bench] {name} {wl} @ {rate} req/s: {len(specs)} requests", flush=True)
                 res = asyncio.run(run_open_loop(sp.base_url, args.model, specs, args.duration, args.drain))
                 summary = summarize(res.records, res.duration_s, args.ttft_slo, args.tpot_slo, res.skipped)

@@ -1,10 +1,9 @@
 """Engine microbenchmark: prefill tokens/s and decode ms/token per engine setting, side by side.
 
-    python -m loadtests.engine_microbench [--settings bfloat16:mp,float32:mp,float32:uni] [--cores 0]
+    python -m loadtests.engine_microbench [--settings bfloat16,float32] [--cores 0]
 
-A setting is ``DTYPE:EXECUTOR`` (executor = vLLM's ``distributed_executor_backend``: ``mp`` runs the
-model in a separate worker process fed by the engine-core process, vLLM's CPU default; ``uni`` runs it
-inside the engine-core process). Each setting gets a fresh vLLM ``AsyncLLM`` (one after the other,
+A setting is ``DTYPE`` or ``DTYPE:EXECUTOR`` (vLLM's ``distributed_executor_backend``; note that the
+CPU platform turns ``uni`` into ``mp`` unless ``VLLM_ENABLE_V1_MULTIPROCESSING=0``). Each setting gets a fresh vLLM ``AsyncLLM`` (one after the other,
 same pinned core(s), no Ray, no NIXL), so the numbers isolate the engine from the serving stack. Per setting: prefill of
 ``--prompt-tokens`` random tokens (``max_tokens=1``, prefix caching off, ``--repeats`` times, median)
 and greedy decode of 64 tokens at batch 1 and at batch 8. Writes
@@ -31,7 +30,8 @@ async def _measure(model_dir: str, setting: str, prompt_tokens: int, repeats: in
     from vllm.inputs import TokensPrompt
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    dtype, executor = setting.split(":")
+    dtype, _, executor = setting.partition(":")
+    executor = executor or "mp"
     t0 = time.monotonic()
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
         model=model_dir, max_model_len=2048, block_size=128, dtype=dtype, enforce_eager=True,
@@ -90,7 +90,7 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--settings", default="bfloat16:mp,float32:mp,float32:uni")
+    p.add_argument("--settings", default="bfloat16,float32")
     p.add_argument("--cores", default="0", help="VLLM_CPU_OMP_THREADS_BIND for every setting")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)

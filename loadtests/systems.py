@@ -96,13 +96,12 @@ def start_ours(config: str, port: int, log_dir: Path, name: str = "ours", **_) -
 
 
 def start_colocated(model_dir: str, model: str, port: int, log_dir: Path, cores: str = "0-1",
-                    kv_gib: int = 2, max_model_len: int = 2048, dtype: str = "float32", executor: str = "uni", **_) -> SystemProcess:
-    """Same dtype and executor as ``ours`` so the comparison isolates disaggregation and routing."""
+                    kv_gib: int = 2, max_model_len: int = 2048, dtype: str = "float32", **_) -> SystemProcess:
+    """Same dtype as ``ours`` so the comparison isolates disaggregation and routing."""
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
            "--served-model-name", model, "--host", "127.0.0.1", "--port", str(port),
            "--max-model-len", str(max_model_len), "--block-size", "128", "--dtype", dtype,
-           "--enforce-eager", "--disable-log-stats",
-           "--distributed-executor-backend", executor]
+           "--enforce-eager", "--disable-log-stats"]
     env = {"VLLM_CPU_OMP_THREADS_BIND": cores, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
     return _spawn("colocated", cmd, env, port, log_dir)
 

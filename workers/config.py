@@ -92,17 +92,13 @@ class EngineConfig(_Strict):
     enable_prefix_caching: bool = True
     dtype: str = "bfloat16"
     enforce_eager: bool = True
-    executor: Literal["auto", "uni", "mp", "ray"] = Field(
-        "auto", description="vLLM distributed_executor_backend; 'auto' = 'uni' (model in the engine-core "
-        "process) when TP x PP == 1, else vLLM's choice. vLLM's CPU default 'mp' adds a worker process "
-        "whose engine core spin-waits on it (1.45x slower prefill on one core, engine microbenchmark)")
     extra: dict[str, Any] = Field(default_factory=dict, description="passed to vLLM AsyncEngineArgs")
 
     @field_validator("extra")
     @classmethod
     def _no_managed_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
         managed = {"model", "kv_transfer_config", "block_size", "max_model_len", "tensor_parallel_size",
-                   "pipeline_parallel_size", "max_num_seqs", "distributed_executor_backend"}
+                   "pipeline_parallel_size", "max_num_seqs"}
         clash = sorted(managed & set(v))
         if clash:
             raise ValueError(f"engine.extra must not set managed keys {clash}; use the engine fields")

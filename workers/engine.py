@@ -56,11 +56,6 @@ def engine_kwargs(spec: EngineSpec, kv_transfer_config: dict[str, Any] | None) -
         enforce_eager=e.enforce_eager,
         disable_log_stats=False,
     )
-    executor = e.executor
-    if executor == "auto":
-        executor = "uni" if e.tensor_parallel_size * e.pipeline_parallel_size == 1 else None
-    if executor:
-        kwargs["distributed_executor_backend"] = executor
     if e.max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = e.max_num_batched_tokens
     if isinstance(spec.pool.device, GpuDevice):

@@ -86,10 +86,10 @@ class TestBenchConfig:
         from loadtests.bench import config_defaults
         from serve.config import DEFAULT_CONFIG
         d = config_defaults(str(DEFAULT_CONFIG))
-        assert d["dtype"] == "float32" and d["ttft_slo"] == 4.0 and d["tpot_slo"] == 0.25 and d["executor"] == "uni"
+        assert d["dtype"] == "float32" and d["ttft_slo"] == 4.0 and d["tpot_slo"] == 0.25
         p = tmp_path / "c.yaml"
         p.write_text("pools: [{engine: {}}]\n")
-        assert config_defaults(str(p)) == {"dtype": "bfloat16", "executor": "uni", "ttft_slo": 2.0, "tpot_slo": 0.2}
+        assert config_defaults(str(p)) == {"dtype": "bfloat16", "ttft_slo": 2.0, "tpot_slo": 0.2}
 
 
 class TestReport:
@@ -117,3 +117,15 @@ class TestReport:
         assert "| bursty | 0.5 | 2.00x |" in md
         for png in ("goodput-bursty.png", "cdf-bursty-0.5.png", "timeline-bursty-0.5.png"):
             assert (tmp_path / png).stat().st_size > 5000
+
+
+class TestBenchArgs:
+    def test_workload_options_and_seeds(self):
+        from loadtests.bench import parse_system, parse_workload, run_seed
+        assert parse_workload("bursty:n=80,minute_s=30.5") == ("bursty", {"n": 80, "minute_s": 30.5})
+        assert parse_workload("random", smoke=True) == ("random", {"input_tokens": 256, "output_tokens": 16})
+        assert len({run_seed(0, w, r) for w in range(3) for r in range(4)}) == 12
+        assert parse_system("ours", "c.yaml") == ("ours", "ours", "c.yaml")
+        assert parse_system("old=ours@x.yaml", "c.yaml") == ("old", "ours", "x.yaml")
+        with pytest.raises(SystemExit):
+            parse_system("colocated@x.yaml", "c.yaml")

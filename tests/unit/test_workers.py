@@ -69,15 +69,6 @@ class TestEngineArgs:
         assert kw["gpu_memory_utilization"] == 0.5 and "kv_transfer_config" not in kw
         assert device_env(pool) == {}
 
-    @pytest.mark.parametrize("engine,expected", [
-        ({}, "uni"), ({"tensor_parallel_size": 2}, None), ({"executor": "mp"}, "mp"),
-        ({"pipeline_parallel_size": 2, "executor": "ray"}, "ray")])
-    def test_executor(self, engine, expected):
-        count = engine.get("tensor_parallel_size", 1) * engine.get("pipeline_parallel_size", 1)
-        pool = PoolConfig(name="p", role="decode", device={"kind": "gpu", "count": count}, engine=engine)
-        kw = engine_kwargs(EngineSpec(pool=pool, model_path="/m", served_model_name="m", max_model_len=64), None)
-        assert kw.get("distributed_executor_backend") == expected
-
 
 def test_worker_stats_round_trip():
     s = WorkerStats(endpoint_id="e", pool="p", role="decode", kv_usage=0.25, kv_transfer_durations_s=[0.1])
