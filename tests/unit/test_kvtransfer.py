@@ -1,0 +1,137 @@
+"""Pure parts of kvtransfer/: slab planning, pool sizing, group quantization, gather/scatter codec."""
+
+import pytest
+import torch
+
+from kvtransfer.codec import SlabCodec
+from kvtransfer.quant import GroupQuant
+from kvtransfer.slab import MiB, SlabSpec, plan_slabs, pool_nbytes
+
+# SmolLM2-135M: 30 layers, 3 KV heads, head_dim 64
+SMOL = dict(num_layers=30, num_kv_heads=3, head_dim=64)
+
+
+class TestPlanning:
+    def test_issue_example_7500_tokens_block_16(self):
+        spec = SlabSpec(**SMOL, block_size=16, dtype_bytes=2)
+        plan = plan_slabs(list(range(1000, 1469)), 7500, spec)
+        assert spec.blocks_per_slab == 8 and plan.num_descriptors == 59
+        assert all(len(s.block_ids) == 8 and s.num_tokens == 128 for s in plan.slabs[:-1])
+        last = plan.slabs[-1]
+        assert last.block_ids == (1464, 1465, 1466, 1467, 1468) and last.num_tokens == 7500 - 58 * 128
+        assert plan.num_tokens == 7500
+        assert [s.token_start for s in plan.slabs[:3]] == [0, 128, 256]
+
+    @pytest.mark.parametrize("block_size,tokens,slabs", [(128, 128, 1), (128, 129, 2), (32, 512, 4), (32, 1, 1),
+                                                         (256, 600, 3), (16, 0, 0)])
+    def test_slab_counts(self, block_size, tokens, slabs):
+        spec = SlabSpec(**SMOL, block_size=block_size, dtype_bytes=4)
+        plan = plan_slabs(list(range(64)), tokens, spec)
+        assert plan.num_descriptors == slabs and plan.num_tokens == tokens
+        assert all(s.num_tokens >= 128 for s in plan.slabs[:-1])
+
+    def test_extra_blocks_ignored_and_too_few_rejected(self):
+        spec = SlabSpec(**SMOL, block_size=32, dtype_bytes=2)
+        assert plan_slabs([5, 6, 7, 8, 9, 10], 40, spec).slabs[0].block_ids == (5, 6)
+        with pytest.raises(ValueError):
+            plan_slabs([1], 40, spec)
+
+    def test_kv_bytes_and_pool_size(self):
+        spec = SlabSpec(**SMOL, block_size=128, dtype_bytes=2)
+        assert spec.kv_bytes_per_token == 2 * 30 * 3 * 64 * 2 == 23040
+        assert pool_nbytes(spec, 2048) == 256 * MiB                      # 45 MiB -> one 256 MiB unit
+        assert pool_nbytes(spec, 20_000) == 512 * MiB                    # 439 MiB -> 512
+        assert pool_nbytes(spec, 20_000, wire_bytes_per_token=100, round_to=MiB) == 2 * MiB
+
+
+class TestGroupQuant:
+    @pytest.mark.parametrize("bits", [4, 8])
+    def test_round_trip_within_bound(self, bits):
+        torch.manual_seed(0)
+        q = GroupQuant(bits=bits, group=32)
+        x = torch.randn(4, 3, 50, 128) * torch.linspace(0.01, 20, 128)   # varied ranges per group
+        buf = q.encode(x)
+        assert buf.dtype == torch.uint8 and buf.numel() == q.encoded_nbytes(x.numel())
+        y = q.decode(buf, tuple(x.shape), torch.float32)
+        err = (x - y).abs()
+        assert torch.all(err <= q.error_bound(x)), float((err - q.error_bound(x)).max())
+
+    def test_sizes(self):
+        n = 30 * 3 * 128 * 128
+        assert GroupQuant(4, 32).encoded_nbytes(n) == n // 2 + n // 32 * 2 + n // 64
+        assert GroupQuant(4, 32).encoded_nbytes(n) / (n * 2) < 0.3           # vs bf16
+        assert GroupQuant(8, 32).encoded_nbytes(n) == n + n // 32 * 3
+
+    def test_constant_and_zero_groups(self):
+        q = GroupQuant(4, 32)
+        x = torch.cat([torch.zeros(32), torch.full((32,), 3.0), torch.full((32,), -2.5), torch.arange(32.0)])
+        y = q.decode(q.encode(x), (128,), torch.float32)
+        assert torch.all(y[:32] == 0)
+        assert torch.allclose(y[32:96], x[32:96], rtol=2e-3)
+
+    def test_bad_shapes(self):
+        with pytest.raises(ValueError):
+            GroupQuant(4, 32).encode(torch.zeros(48))
+        with pytest.raises(ValueError):
+            GroupQuant(3, 32)
+
+
+def _paged(num_blocks, block_size, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(num_blocks, SMOL["num_kv_heads"], block_size, 2 * SMOL["head_dim"], generator=g).to(dtype)
+            for _ in range(SMOL["num_layers"])]
+
+
+class TestSlabCodec:
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    @pytest.mark.parametrize("block_size", [32, 128])
+    def test_none_round_trip_is_bit_exact(self, dtype, block_size):
+        spec = SlabSpec(**SMOL, block_size=block_size, dtype_bytes=torch.finfo(dtype).bits // 8)
+        codec = SlabCodec(spec, dtype)
+        src = _paged(24, block_size, dtype)
+        dst = [torch.zeros_like(t) for t in src]
+        src_ids = [7, 3, 11, 20, 1, 9, 14, 2, 5, 17]
+        dst_ids = [12, 4, 0, 19, 8, 22, 6, 15, 10, 13]
+        tokens = 9 * block_size + block_size // 2                        # a partial last block
+        plan = plan_slabs(src_ids, tokens, spec)
+        pool = torch.empty(codec.encoded_nbytes(spec.blocks_per_slab * block_size), dtype=torch.uint8)
+        for slab in plan.slabs:
+            wire = codec.pack(src, slab, out=pool)
+            assert wire.numel() == codec.encoded_nbytes(slab.num_tokens)
+            first = slab.token_start // block_size
+            codec.unpack(wire, slab.num_tokens, dst, dst_ids[first:first + len(slab.block_ids)])
+        for s, d in zip(src, dst):
+            for i, (a, b) in enumerate(zip(src_ids, dst_ids)):
+                n = block_size if i < 9 else block_size // 2
+                assert torch.equal(s[a, :, :n], d[b, :, :n])
+                if n < block_size:
+                    assert torch.all(d[b, :, n:] == 0)                   # other slots untouched
+
+    def test_receiver_with_a_different_block_size(self):
+        spec = SlabSpec(**SMOL, block_size=128, dtype_bytes=4)
+        codec = SlabCodec(spec, torch.float32)
+        src = _paged(4, 128, torch.float32)
+        dst = [torch.zeros(16, 3, 32, 128) for _ in range(30)]
+        (slab,) = plan_slabs([2], 100, spec).slabs
+        codec.unpack(codec.pack(src, slab), 100, dst, [5, 9, 1, 7], block_size=32)
+        for s, d in zip(src, dst):
+            got = torch.cat([d[5], d[9], d[1], d[7]], dim=1)[:, :100]
+            assert torch.equal(got, s[2, :, :100])
+
+    def test_int4_wire_bytes_and_error(self):
+        spec = SlabSpec(**SMOL, block_size=128, dtype_bytes=2)
+        codec = SlabCodec(spec, torch.bfloat16, compression="int4")
+        src = _paged(4, 128, torch.bfloat16, seed=1)
+        dst = [torch.zeros_like(t) for t in src]
+        (slab,) = plan_slabs([3], 128, spec).slabs
+        wire = codec.pack(src, slab)
+        assert wire.numel() == codec.encoded_nbytes(128) <= 0.3 * codec.raw_nbytes(128)
+        codec.unpack(wire, 128, dst, [0])
+        kv = codec.gather(src, slab).float()
+        back = codec.gather(dst, plan_slabs([0], 128, spec).slabs[0]).float()
+        bound = codec.quant.error_bound(kv) + kv.abs() * 2 ** -7           # + bf16 rounding on the receiver
+        assert torch.all((kv - back).abs() <= bound)
+
+    def test_unknown_compression(self):
+        with pytest.raises(ValueError):
+            SlabCodec(SlabSpec(**SMOL, block_size=32, dtype_bytes=2), torch.bfloat16, compression="zstd")
