@@ -1,0 +1,94 @@
+"""Cluster-wide prefix index: block hash -> the replicas holding it, LRU-bounded. Pure: stdlib only.
+
+Each replica gets a bit; an entry is ``short_key(hash) -> bitmask``. Fed by engine KV cache events
+(stored / removed / cleared) or, when events are off, by the router's own record of what it routed
+where. Lookups are longest-exact-prefix: a replica's hit stops at the first block it does not hold,
+even if it holds later blocks.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Iterable, Sequence
+
+from router.hashing import short_key
+
+
+class PrefixIndex:
+    def __init__(self, capacity_blocks: int = 1_000_000) -> None:
+        if capacity_blocks < 1:
+            raise ValueError("capacity_blocks must be >= 1")
+        self.capacity = capacity_blocks
+        self._entries: OrderedDict[int, int] = OrderedDict()
+        self._bit: dict[str, int] = {}
+        self._free_bits: list[int] = []
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _bit_of(self, endpoint: str) -> int:
+        bit = self._bit.get(endpoint)
+        if bit is None:
+            bit = self._free_bits.pop() if self._free_bits else len(self._bit)
+            self._bit[endpoint] = bit
+        return 1 << bit
+
+    def add(self, endpoint: str, hashes: Iterable[bytes | int]) -> None:
+        """The endpoint now holds these blocks (most recently used)."""
+        mask = self._bit_of(endpoint)
+        entries = self._entries
+        for h in hashes:
+            k = short_key(h)
+            entries[k] = entries.get(k, 0) | mask
+            entries.move_to_end(k)
+        while len(entries) > self.capacity:
+            entries.popitem(last=False)
+            self.evictions += 1
+
+    def remove(self, endpoint: str, hashes: Iterable[bytes | int]) -> None:
+        """The endpoint evicted these blocks."""
+        bit = self._bit.get(endpoint)
+        if bit is None:
+            return
+        mask = ~(1 << bit)
+        for h in hashes:
+            k = short_key(h)
+            v = self._entries.get(k)
+            if v is not None:
+                v &= mask
+                if v:
+                    self._entries[k] = v
+                else:
+                    del self._entries[k]
+
+    def drop_endpoint(self, endpoint: str) -> None:
+        """All blocks of a replica are gone (cache cleared, replica removed)."""
+        bit = self._bit.pop(endpoint, None)
+        if bit is None:
+            return
+        mask = 1 << bit
+        for k in [k for k, v in self._entries.items() if v & mask]:
+            v = self._entries[k] & ~mask
+            if v:
+                self._entries[k] = v
+            else:
+                del self._entries[k]
+        self._free_bits.append(bit)
+
+    def match(self, hashes: Sequence[bytes | int], endpoints: Iterable[str]) -> dict[str, int]:
+        """Leading blocks of ``hashes`` each endpoint holds (longest exact prefix, in blocks)."""
+        result = {e: 0 for e in endpoints}
+        live = {e: 1 << self._bit[e] for e in result if e in self._bit}
+        for i, h in enumerate(hashes):
+            if not live:
+                break
+            v = self._entries.get(short_key(h), 0)
+            if v:
+                self._entries.move_to_end(short_key(h))
+            for e, m in list(live.items()):
+                if v & m:
+                    result[e] = i + 1
+                else:
+                    del live[e]
+        return result
