@@ -1,0 +1,81 @@
+"""SLO-aware admission with early rejection and QoS tiers. Pure: stdlib only.
+
+At arrival, for the prefill and decode replicas the placement step picked:
+
+    TTFT ~ queue wait on the prefill replica + prefill of the uncached tokens + KV handoff
+    TPOT ~ decode step time at the batch the request would join
+
+``queue wait`` is the prefill work already dispatched to that replica and not finished (the
+router's own accounting, in uncached tokens) at the fitted prefill rate.
+
+Tiers: each tier has a reserved fraction of the pool's queueing budget (the TTFT SLO). A tier may
+fill the queue only up to the sum of the fractions of itself and every LOWER-priority tier, so
+lower tiers never take a higher tier's reserved share and, as the queue grows, the lowest tiers
+are shed first. Outcomes:
+
+- admit, with the predictions recorded (so the model's error is visible in metrics);
+- 429 ``tier_quota``: the request's tier is over its share, but higher tiers would be admitted;
+- 503 ``overload_ttft`` / ``overload_tpot``: even the top tier would miss the SLO.
+
+Both carry ``Retry-After`` = the time for the queue to drain back under the tier's limit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+from router.cost_model import CostModel
+from router.types import Rejection
+
+
+@dataclass(frozen=True, slots=True)
+class TierPolicy:
+    reserved_fraction: float
+    priority: int
+    ttft_s: float
+    tpot_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    predicted_ttft_s: float
+    predicted_tpot_s: float
+    queue_wait_s: float
+
+
+def usable_fraction(tier: str, tiers: Mapping[str, TierPolicy]) -> float:
+    """Share of the queueing budget a tier may fill: its own reservation plus all lower tiers'."""
+    me = tiers[tier]
+    return min(1.0, sum(t.reserved_fraction for t in tiers.values() if t.priority <= me.priority))
+
+
+def decide(tier: str, tiers: Mapping[str, TierPolicy], model: CostModel, *, queued_prefill_tokens: int,
+           uncached_tokens: int, decode_batch: int, kv_bytes: int = 0,
+           min_retry_after_s: float = 1.0) -> Admission | Rejection:
+    """Admit or reject one request (see module docstring). ``decode_batch`` excludes the request."""
+    pol = tiers[tier]
+    wait = model.prefill_s(queued_prefill_tokens)
+    ttft = wait + model.prefill_s(uncached_tokens) + model.handoff_s(kv_bytes)
+    tpot = model.decode_step_s(decode_batch + 1)
+    top_ttft = max(t.ttft_s for t in tiers.values())
+    top_tpot = max(t.tpot_s for t in tiers.values())
+    if tpot > top_tpot:
+        return Rejection(reason="overload_tpot", status_code=503, retry_after_s=max(min_retry_after_s, 2 * tpot),
+                         message=f"decode is saturated (predicted {tpot * 1e3:.0f} ms per token); retry later")
+    if ttft > top_ttft:
+        return Rejection(reason="overload_ttft", status_code=503,
+                         retry_after_s=_retry(ttft - top_ttft, min_retry_after_s),
+                         message=f"prefill queue is full (predicted time to first token {ttft:.1f} s); retry later")
+    # the tier's share of the queueing budget, and its own SLO
+    budget = usable_fraction(tier, tiers) * pol.ttft_s
+    if wait > budget or ttft > pol.ttft_s or tpot > pol.tpot_s:
+        over = max(wait - budget, ttft - pol.ttft_s, 0.0)
+        return Rejection(reason="tier_quota", status_code=429, retry_after_s=_retry(over, min_retry_after_s),
+                         message=f"capacity for tier '{tier}' is exhausted; retry later or use a higher tier")
+    return Admission(predicted_ttft_s=ttft, predicted_tpot_s=tpot, queue_wait_s=wait)
+
+
+def _retry(seconds: float, floor: float) -> float:
+    return float(max(floor, math.ceil(seconds)))

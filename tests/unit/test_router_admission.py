@@ -1,0 +1,83 @@
+"""router/cost_model.py and router/admission.py: fits and decision tables (pure)."""
+
+import random
+
+import pytest
+
+from router.admission import Admission, TierPolicy, decide, usable_fraction
+from router.cost_model import CostModel, CostPrior, OnlineLine
+from router.types import Rejection
+
+TIERS = {"premium": TierPolicy(0.10, 100, 4.0, 0.25), "standard": TierPolicy(0.30, 50, 4.0, 0.25),
+         "free": TierPolicy(0.60, 10, 4.0, 0.25)}
+
+
+class TestCostModel:
+    def test_line_fits_synthetic_timings_with_noise(self):
+        rng = random.Random(0)
+        line = OnlineLine(a=0.5, b=0.01, prior_weight=5, x_scale=1e3)     # a wrong prior
+        for _ in range(200):
+            x = rng.uniform(50, 2000)
+            line.update(x, 0.05 + x / 250 + rng.gauss(0, 0.02))          # truth: 250 tok/s + 50 ms
+        assert abs(line.slope - 1 / 250) < 2e-4 and abs(line.intercept - 0.05) < 0.05
+
+    def test_tracks_a_change(self):
+        m = CostModel(CostPrior(prefill_tokens_per_s=1000))
+        for _ in range(150):
+            for x in (100, 400, 900):
+                m.observe_prefill(x, x / 200)                              # slower than the prior
+        assert 180 < m.prefill_tokens_per_s() < 220
+        assert m.prefill_s(0) == 0.0 and m.prefill_s(512) == pytest.approx(512 / 200, rel=0.05)
+
+    def test_decode_and_handoff(self):
+        m = CostModel()
+        for b in (1, 4, 8, 16) * 50:
+            m.observe_decode(b, 0.1 + 0.005 * b)
+            m.observe_handoff(b * 1_000_000, 0.002 + b * 1e-3)
+        assert m.decode_step_s(8) == pytest.approx(0.14, rel=0.02)
+        assert m.handoff_s(4_000_000) == pytest.approx(0.006, rel=0.1)
+        m.observe_decode(0, 1.0)                                           # ignored
+        assert m.decode_step_s(0) == pytest.approx(m.decode_step_s(1))
+
+
+def _model(rate=250.0, step=0.1):
+    m = CostModel(CostPrior(prefill_tokens_per_s=rate, prefill_overhead_s=0.0, decode_step_s=step,
+                            decode_step_per_seq_s=0.0, handoff_overhead_s=0.0))
+    return m
+
+
+class TestAdmission:
+    def test_tier_fractions(self):
+        assert usable_fraction("free", TIERS) == pytest.approx(0.6)
+        assert usable_fraction("standard", TIERS) == pytest.approx(0.9)
+        assert usable_fraction("premium", TIERS) == pytest.approx(1.0)
+
+    def test_empty_queue_admits_with_predictions(self):
+        a = decide("free", TIERS, _model(), queued_prefill_tokens=0, uncached_tokens=500, decode_batch=3)
+        assert isinstance(a, Admission) and a.predicted_ttft_s == pytest.approx(2.0, rel=0.01)
+        assert a.predicted_tpot_s == pytest.approx(0.1, rel=0.01) and a.queue_wait_s == 0
+
+    @pytest.mark.parametrize("queued,tier,expected", [
+        (500, "free", "admit"),          # wait 2.0 s <= 0.6 x 4 s, TTFT 2.4 s
+        (650, "free", "tier_quota"),     # wait 2.6 s > 2.4 s: free is shed first
+        (650, "standard", "admit"),      # 2.6 s <= 3.6 s and TTFT 3.0 s <= 4 s
+        (880, "standard", "admit"),      # wait 3.52 s <= 0.9 x 4 s, TTFT 3.92 s
+        (920, "standard", "tier_quota"), # wait 3.68 s > 3.6 s
+        (920, "premium", "overload_ttft"),  # TTFT 4.08 s > 4 s for every tier
+        (850, "premium", "admit"),       # TTFT 3.4 + 0.4 = 3.8 s
+    ])
+    def test_ttft_boundary_table(self, queued, tier, expected):
+        d = decide(tier, TIERS, _model(), queued_prefill_tokens=queued, uncached_tokens=100, decode_batch=0)
+        got = "admit" if isinstance(d, Admission) else d.reason
+        assert got == expected
+        if isinstance(d, Rejection):
+            assert d.status_code == (429 if expected == "tier_quota" else 503) and d.retry_after_s >= 1
+
+    def test_decode_saturation_rejects_503(self):
+        d = decide("premium", TIERS, _model(step=0.3), queued_prefill_tokens=0, uncached_tokens=10, decode_batch=4)
+        assert isinstance(d, Rejection) and d.reason == "overload_tpot" and d.status_code == 503
+
+    def test_retry_after_grows_with_overload(self):
+        a = decide("premium", TIERS, _model(), queued_prefill_tokens=1200, uncached_tokens=10, decode_batch=0)
+        b = decide("premium", TIERS, _model(), queued_prefill_tokens=3000, uncached_tokens=10, decode_batch=0)
+        assert a.retry_after_s < b.retry_after_s
