@@ -57,17 +57,18 @@ class TestAdmission:
         assert isinstance(a, Admission) and a.predicted_ttft_s == pytest.approx(2.0, rel=0.01)
         assert a.predicted_tpot_s == pytest.approx(0.1, rel=0.01) and a.queue_wait_s == 0
 
-    @pytest.mark.parametrize("queued,tier,expected", [
-        (500, "free", "admit"),          # wait 2.0 s <= 0.6 x 4 s, TTFT 2.4 s
-        (650, "free", "tier_quota"),     # wait 2.6 s > 2.4 s: free is shed first
-        (650, "standard", "admit"),      # 2.6 s <= 3.6 s and TTFT 3.0 s <= 4 s
-        (880, "standard", "admit"),      # wait 3.52 s <= 0.9 x 4 s, TTFT 3.92 s
-        (920, "standard", "tier_quota"), # wait 3.68 s > 3.6 s
-        (920, "premium", "overload_ttft"),  # TTFT 4.08 s > 4 s for every tier
-        (850, "premium", "admit"),       # TTFT 3.4 + 0.4 = 3.8 s
+    @pytest.mark.parametrize("queued,tier,expected", [   # 250 tok/s; the request adds 25 tokens = 0.1 s
+        (500, "free", "admit"),             # wait 2.0 s <= 0.6 x 4 s
+        (650, "free", "tier_quota"),        # wait 2.6 s > 2.4 s: free is shed first
+        (650, "standard", "admit"),         # 2.6 s <= 0.9 x 4 s
+        (880, "standard", "admit"),         # 3.52 s <= 3.6 s, TTFT 3.62 s
+        (920, "standard", "tier_quota"),    # 3.68 s > 3.6 s, though TTFT 3.78 s would meet the SLO
+        (920, "premium", "admit"),          # premium may use the whole budget
+        (960, "premium", "admit"),          # TTFT 3.94 s
+        (980, "premium", "overload_ttft"),  # TTFT 4.02 s > 4 s for every tier
     ])
     def test_ttft_boundary_table(self, queued, tier, expected):
-        d = decide(tier, TIERS, _model(), queued_prefill_tokens=queued, uncached_tokens=100, decode_batch=0)
+        d = decide(tier, TIERS, _model(), queued_prefill_tokens=queued, uncached_tokens=25, decode_batch=0)
         got = "admit" if isinstance(d, Admission) else d.reason
         assert got == expected
         if isinstance(d, Rejection):
