@@ -52,13 +52,14 @@ def usable_fraction(tier: str, tiers: Mapping[str, TierPolicy]) -> float:
 
 
 def decide(tier: str, tiers: Mapping[str, TierPolicy], model: CostModel, *, queued_prefill_tokens: int,
-           uncached_tokens: int, decode_batch: int, kv_bytes: int = 0,
+           uncached_tokens: int, decode_batch: int, kv_bytes: int = 0, decode_model: CostModel | None = None,
            min_retry_after_s: float = 1.0) -> Admission | Rejection:
-    """Admit or reject one request (see module docstring). ``decode_batch`` excludes the request."""
+    """Admit or reject one request (see module docstring). ``model`` is the prefilling pool's,
+    ``decode_model`` the decode pool's (default: the same); ``decode_batch`` excludes the request."""
     pol = tiers[tier]
     wait = model.prefill_s(queued_prefill_tokens)
     ttft = wait + model.prefill_s(uncached_tokens) + model.handoff_s(kv_bytes)
-    tpot = model.decode_step_s(decode_batch + 1)
+    tpot = (decode_model or model).decode_step_s(decode_batch + 1)
     top_ttft = max(t.ttft_s for t in tiers.values())
     top_tpot = max(t.tpot_s for t in tiers.values())
     if tpot > top_tpot:

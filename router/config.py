@@ -30,13 +30,46 @@ def _default_tiers() -> dict[str, QosTierConfig]:
     }
 
 
+class PlacementConfig(BaseModel):
+    """Scorer weights of the prefix-aware placement (score = prefix - load - kv) and the
+    conditional-disaggregation thresholds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prefix_weight: float = Field(1.0, ge=0, description="x fraction of the prompt already cached")
+    load_weight: float = Field(0.5, ge=0, description="x outstanding requests / max_batch_hint")
+    kv_weight: float = Field(0.2, ge=0, description="x KV usage 0..1")
+    max_batch_hint: int = Field(16, ge=1, description="normaliser for request load")
+    local_prefill_max_tokens: int = Field(64, ge=0, description="uncached prompts this short prefill on "
+                                          "the decode replica")
+    local_prefill_min_hit_ratio: float = Field(0.9, ge=0, le=1, description="...or when the decode replica "
+                                               "already caches this share of the prompt")
+    prefill_queue_limit_tokens: int = Field(8192, ge=1, description="a prefill replica with more queued "
+                                            "uncached tokens has no room")
+    prefix_index_capacity_blocks: int = Field(1_000_000, ge=1)
+    share_prefix_across_tenants: bool = Field(False, description="false: a tenant's hashes are salted")
+
+
+class AdmissionConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    prefill_tokens_per_s_prior: float = Field(300.0, gt=0)
+    decode_step_s_prior: float = Field(0.10, gt=0)
+    min_retry_after_s: float = Field(1.0, ge=0)
+
+
 class RouterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    policy: Literal["least-loaded"] = "least-loaded"
+    policy: Literal["least-loaded", "slo-aware"] = "slo-aware"
     stats_period_s: float = Field(0.5, gt=0, description="how often replicas publish load stats")
     stats_stale_s: float = Field(10.0, gt=0, description="a replica silent for longer is unhealthy")
     slo: SloConfig = Field(default_factory=SloConfig)
     qos_tiers: dict[str, QosTierConfig] = Field(default_factory=_default_tiers)
     default_tier: str = "free"
     tier_header: str = "x-customer-tier"
+    tenant_header: str = Field("x-tenant-id", description="tenant for prefix-cache isolation (else the "
+                               "body's 'user')")
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)

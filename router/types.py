@@ -44,6 +44,7 @@ class EndpointState:
     num_waiting: int = 0
     kv_usage: float = 0.0            # 0..1 of the engine's KV blocks in use
     in_flight: int = 0               # requests this router dispatched and has not seen finish
+    queued_prefill_tokens: int = 0   # uncached prompt tokens dispatched here for prefill, not yet done
     updated_s: float = 0.0
 
     @property
@@ -57,6 +58,10 @@ class RoutingDecision:
     decode: EndpointState
     prefill: EndpointState | None    # None => the decode engine prefills locally
     reason: str = ""
+    prefix_hit_tokens: int = 0       # cached-prefix tokens on the replica that prefills
+    uncached_tokens: int = 0         # prompt tokens that replica must compute
+    predicted_ttft_s: float | None = None
+    predicted_tpot_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -10,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from router.hashing import block_hashes
 from router.types import RequestDescriptor
 from serve.orchestrator import GenerationJob
 from serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, validation_error_to_api
@@ -42,8 +44,11 @@ class RequestAdapter:
     """Turns validated bodies into jobs. Holds the tokenizer; knows the served model and limits."""
 
     def __init__(self, tokenizer: Any, served_model: str, max_model_len: int, default_tier: str,
-                 known_tiers: frozenset[str]) -> None:
+                 known_tiers: frozenset[str], block_size: int = 128, share_prefix_across_tenants: bool = False
+                 ) -> None:
         self._tok = tokenizer
+        self.block_size = block_size
+        self.share_prefix = share_prefix_across_tenants
         self.served_model = served_model
         self.max_model_len = max_model_len
         self._default_tier = default_tier
@@ -97,8 +102,15 @@ class RequestAdapter:
                            param="x-customer-tier", code="invalid_value")
         return tier
 
-    def build(self, kind: str, body: ChatCompletionRequest | CompletionRequest, tier_header: str | None
-              ) -> ParsedRequest:
+    def cache_salt(self, tenant: str | None) -> str | None:
+        """Per-tenant prefix-cache salt (vLLM ``cache_salt``): no prefix hit crosses tenants. The
+        tenant name itself never reaches the engines."""
+        if self.share_prefix or not tenant:
+            return None
+        return hashlib.sha256(tenant.encode()).hexdigest()[:32]
+
+    def build(self, kind: str, body: ChatCompletionRequest | CompletionRequest, tier_header: str | None,
+              tenant_header: str | None = None) -> ParsedRequest:
         self.check_model(body.model)
         if kind == "chat":
             ids = self.chat_prompt_ids(body)
@@ -115,8 +127,10 @@ class RequestAdapter:
             seed=body.seed, stop=body.stop_list(), presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
             ignore_eos=body.ignore_eos)
+        salt = self.cache_salt(tenant_header or body.user)
         desc = RequestDescriptor(request_id=rid, model=body.model, num_prompt_tokens=len(ids),
-                                 max_new_tokens=max_new, tier=self.tier(tier_header), arrival_s=time.time())
-        job = GenerationJob(desc=desc, prompt_token_ids=tuple(ids), sampling=sampling)
+                                 max_new_tokens=max_new, tier=self.tier(tier_header), arrival_s=time.time(),
+                                 block_hashes=tuple(block_hashes(ids, self.block_size, salt)))
+        job = GenerationJob(desc=desc, prompt_token_ids=tuple(ids), sampling=sampling, cache_salt=salt)
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
         return ParsedRequest(kind=kind, body=body, job=job, response_id=prefix + rid, created_s=int(time.time()))

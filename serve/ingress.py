@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from router.policy import LeastLoadedPolicy
+from router.placement import build_policy
 from router.types import Role
 from serve.adapters import ParsedRequest, RequestAdapter, parse_body
 from serve.config import ClusterConfig
@@ -84,13 +84,16 @@ class Ingress:
         self._handles = pools
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         r = self._cfg.router
+        block_size = self._cfg.pools[0].engine.block_size
         self._adapter = RequestAdapter(tokenizer, self._cfg.model.name, self._cfg.model.max_model_len,
-                                       r.default_tier, frozenset(r.qos_tiers))
+                                       r.default_tier, frozenset(r.qos_tiers), block_size=block_size,
+                                       share_prefix_across_tenants=r.placement.share_prefix_across_tenants)
         self._monitor: PoolMonitor | None = None
         self.metrics = ClusterMetrics(lambda: self._monitor.stats() if self._monitor else [])
-        self._monitor = PoolMonitor(pools, self._directory, self.metrics, period_s=r.stats_period_s)
-        self._orch = Orchestrator(pools, LeastLoadedPolicy(), self._directory, self.metrics,
+        self._orch = Orchestrator(pools, build_policy(r, block_size), self._directory, self.metrics,
                                   idle_timeout_s=self._cfg.server.request_timeout_s)
+        self._monitor = PoolMonitor(pools, self._directory, self.metrics, period_s=r.stats_period_s,
+                                    on_stats=self._orch.observe)
 
     # -- OpenAI routes ----------------------------------------------------------------------
     @app.post("/v1/chat/completions")
@@ -139,7 +142,8 @@ class Ingress:
         t0 = time.monotonic()
         try:
             body = parse_body(await request.body(), model_cls)
-            parsed = self._adapter.build(kind, body, request.headers.get(self._cfg.router.tier_header))
+            parsed = self._adapter.build(kind, body, request.headers.get(self._cfg.router.tier_header),
+                                         request.headers.get(self._cfg.router.tenant_header))
         except ApiError as e:
             self.metrics.requests.labels(kind, str(e.status_code)).inc()
             raise

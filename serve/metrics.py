@@ -66,6 +66,16 @@ class ClusterMetrics:
         self.prefill_fallbacks = Counter("pdserve_prefill_fallbacks", "Remote prefills that fell back to "
                                          "local prefill on the decode engine", ["reason"], registry=r)
         self.routing = Counter("pdserve_routing_decisions", "Routing decisions", ["prefill", "decode_pool"], registry=r)
+        self.admitted = Counter("pdserve_admitted_requests", "Requests admitted", ["tier", "prefill"], registry=r)
+        self.prefix_hit_tokens = Counter("pdserve_prefix_hit_tokens", "Prompt tokens the chosen replica had "
+                                         "cached (router's prefix index)", registry=r)
+        self.routed_prompt_tokens = Counter("pdserve_routed_prompt_tokens", "Prompt tokens of routed requests",
+                                            registry=r)
+        ratio_buckets = (0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0, 8.0)
+        self.ttft_pred_ratio = Histogram("pdserve_ttft_actual_over_predicted", "Observed / predicted time to "
+                                         "first token (admission model error)", buckets=ratio_buckets, registry=r)
+        self.tpot_pred_ratio = Histogram("pdserve_tpot_actual_over_predicted", "Observed / predicted time per "
+                                         "output token", buckets=ratio_buckets, registry=r)
         self.aborts = Counter("pdserve_request_aborts", "Requests aborted before finishing", ["reason"], registry=r)
         self.ttft = Histogram("pdserve_request_ttft_seconds", "Time to first token at the ingress",
                               ["route"], buckets=_LATENCY_BUCKETS_S, registry=r)

@@ -53,10 +53,12 @@ class Orchestrator:
         self._idle_timeout_s = idle_timeout_s
         self._clock = clock
         self._in_flight: collections.Counter[str] = collections.Counter()
+        self._queued_tokens: collections.Counter[str] = collections.Counter()  # prefill work dispatched
+        self._index = getattr(policy, "index", None)          # prefix-aware policies expose theirs
 
     # -- step 1: route ---------------------------------------------------------------------
     def snapshot(self, exclude: frozenset[str] = frozenset()) -> PoolSnapshot:
-        snap = self._directory.snapshot(self._in_flight)
+        snap = self._directory.snapshot(self._in_flight, self._queued_tokens)
         if exclude:
             snap.endpoints = [e for e in snap.endpoints if e.endpoint_id not in exclude]
         return snap
@@ -66,7 +68,15 @@ class Orchestrator:
         if isinstance(decision, Rejection):
             self._metrics.rejections.labels(decision.reason, desc.tier).inc()
             raise rejection_to_error(decision)
-        self._metrics.routing.labels("remote" if decision.prefill else "local", decision.decode.pool).inc()
+        where = "remote" if decision.prefill else "local"
+        self._metrics.routing.labels(where, decision.decode.pool).inc()
+        self._metrics.admitted.labels(desc.tier, where).inc()
+        self._metrics.prefix_hit_tokens.inc(decision.prefix_hit_tokens)
+        self._metrics.routed_prompt_tokens.inc(desc.num_prompt_tokens)
+        if self._index is not None and desc.block_hashes:
+            # the router's own record: both replicas will hold the prompt's KV blocks
+            for e in filter(None, (decision.prefill, decision.decode)):
+                self._index.add(e.endpoint_id, desc.block_hashes)
         logger.debug("route %s -> prefill=%s decode=%s (%s)", desc.request_id,
                      decision.prefill and decision.prefill.endpoint_id, decision.decode.endpoint_id, decision.reason)
         return decision
@@ -132,17 +142,41 @@ class Orchestrator:
 
     # -- the whole flow ------------------------------------------------------------------------
     async def generate(self, job: GenerationJob) -> AsyncIterator[TokenChunk]:
+        t0 = self._clock()
         decision = self.route(job.desc)
-        handoff = await self.prefill(job, decision.prefill)
+        worker = decision.prefill or decision.decode
+        queued = self._queue(worker.endpoint_id, decision.uncached_tokens)
+        try:
+            handoff = await self.prefill(job, decision.prefill)
+        except BaseException:
+            self._dequeue(worker.endpoint_id, queued)
+            raise
+        if decision.prefill is not None:
+            self._dequeue(worker.endpoint_id, queued)
+            queued = 0
         produced = False
+        first_s, ntok = None, 0
         try:
             async for chunk in self.decode(job, decision.decode, handoff):
-                produced = True
+                ntok += len(chunk.token_ids)
+                if not produced:
+                    produced, first_s = True, self._clock()
+                    self._dequeue(worker.endpoint_id, queued)
+                    queued = 0
+                    if decision.predicted_ttft_s:
+                        self._metrics.ttft_pred_ratio.observe((first_s - t0) / decision.predicted_ttft_s)
+                if chunk.finish_reason is not None and decision.predicted_tpot_s and ntok > 1:
+                    tpot = (self._clock() - first_s) / (ntok - 1)
+                    self._metrics.tpot_pred_ratio.observe(tpot / decision.predicted_tpot_s)
                 yield chunk
             return
         except (ApiError, asyncio.CancelledError, GeneratorExit):
+            self._dequeue(worker.endpoint_id, queued)
+            queued = 0
             raise
         except Exception as e:
+            self._dequeue(worker.endpoint_id, queued)
+            queued = 0
             if produced:
                 self._metrics.aborts.labels("decode_failed").inc()
                 raise ApiError(502, "the decode engine failed mid-stream", type_="server_error",
@@ -153,6 +187,35 @@ class Orchestrator:
         self._metrics.prefill_fallbacks.labels("decode_retry").inc()
         async for chunk in self.decode(job, retry.decode, None):
             yield chunk
+
+    def _queue(self, endpoint_id: str, tokens: int) -> int:
+        if tokens > 0:
+            self._queued_tokens[endpoint_id] += tokens
+        return max(tokens, 0)
+
+    def _dequeue(self, endpoint_id: str, tokens: int) -> None:
+        if tokens:
+            self._queued_tokens[endpoint_id] -= tokens
+            if self._queued_tokens[endpoint_id] <= 0:
+                del self._queued_tokens[endpoint_id]
+
+    def queued_prefill_tokens(self) -> dict[str, int]:
+        return dict(self._queued_tokens)
+
+    def observe(self, stats) -> None:
+        """Calibrate the policy's cost models from a replica's drained engine samples."""
+        model_of = getattr(self._policy, "model", None)
+        if model_of is None:
+            return
+        m = model_of(stats.pool)
+        for tokens, seconds in stats.prefill_samples:
+            m.observe_prefill(tokens, seconds)
+        for batch, seconds in stats.decode_samples:
+            m.observe_decode(batch, seconds)
+        if stats.kv_transfer_durations_s and stats.kv_transfers_total:
+            avg_bytes = stats.kv_transfer_bytes_total // stats.kv_transfers_total
+            for d in stats.kv_transfer_durations_s:
+                m.observe_handoff(avg_bytes, d)
 
     def _release(self, endpoint_id: str) -> None:
         self._in_flight[endpoint_id] -= 1

@@ -55,13 +55,16 @@ class PoolDirectory:
         with self._lock:
             self._polled[endpoint_id] = fields
 
-    def snapshot(self, in_flight: Mapping[str, int] | None = None) -> PoolSnapshot:
+    def snapshot(self, in_flight: Mapping[str, int] | None = None,
+                 queued_tokens: Mapping[str, int] | None = None) -> PoolSnapshot:
         in_flight = in_flight or {}
+        queued_tokens = queued_tokens or {}
         now = self._clock()
         with self._lock:
             sources = list(self._sources.values())
             polled = dict(self._polled)
-        endpoints = [self._merge(e, polled.get(e.endpoint_id), in_flight.get(e.endpoint_id, 0), now)
+        endpoints = [self._merge(e, polled.get(e.endpoint_id), in_flight.get(e.endpoint_id, 0), now,
+                                 queued_tokens.get(e.endpoint_id, 0))
                      for src in sources for e in src.endpoints()]
         live = {e.endpoint_id for e in endpoints}
         with self._lock:  # forget replicas Serve no longer lists
@@ -69,12 +72,14 @@ class PoolDirectory:
                 self._polled.pop(gone, None)
         return PoolSnapshot(endpoints=endpoints, taken_s=now)
 
-    def _merge(self, e: EndpointState, polled: Mapping | None, in_flight: int, now: float) -> EndpointState:
+    def _merge(self, e: EndpointState, polled: Mapping | None, in_flight: int, now: float,
+               queued_tokens: int = 0) -> EndpointState:
         if polled is None:  # not polled yet: Serve lists it as running, so it is routable
-            return dataclasses.replace(e, healthy=True, in_flight=in_flight)
+            return dataclasses.replace(e, healthy=True, in_flight=in_flight, queued_prefill_tokens=queued_tokens)
         fresh = now - float(polled.get("updated_s", 0.0)) <= self.stale_s
         return dataclasses.replace(
             e, healthy=bool(polled.get("healthy", True)) and fresh, in_flight=in_flight,
+            queued_prefill_tokens=queued_tokens,
             num_running=int(polled.get("num_running", 0)), num_waiting=int(polled.get("num_waiting", 0)),
             kv_usage=float(polled.get("kv_usage", 0.0)), updated_s=float(polled.get("updated_s", 0.0)))
 

@@ -21,7 +21,9 @@ logger = logging.getLogger(__name__)
 
 class PoolMonitor:
     def __init__(self, handles: Mapping[str, Any], directory: PoolDirectory, metrics: ClusterMetrics | None,
-                 period_s: float, timeout_s: float = 2.0, clock: Callable[[], float] = time.time) -> None:
+                 period_s: float, timeout_s: float = 2.0, clock: Callable[[], float] = time.time,
+                 on_stats: Callable[[WorkerStats], None] | None = None) -> None:
+        self._on_stats = on_stats
         self._handles = handles
         self._directory = directory
         self._metrics = metrics
@@ -70,6 +72,11 @@ class PoolMonitor:
                     "kv_usage": r.kv_usage, "updated_s": self._clock()})
                 if self._metrics is not None:
                     self._metrics.observe_handoff_durations(r.kv_transfer_durations_s)
+                if self._on_stats is not None:
+                    try:
+                        self._on_stats(r)
+                    except Exception:  # calibration must never break polling
+                        logger.exception("stats hook failed")
         for gone in set(self._cache) - live:
             if live:
                 del self._cache[gone]

@@ -93,6 +93,9 @@ class WorkerStats:
     kv_transfer_descriptors_total: int = 0
     kv_transfer_failures_total: int = 0
     kv_transfer_durations_s: list[float] = field(default_factory=list)  # since last drain
+    # cost-model calibration samples since last drain (finished requests, engine-measured):
+    prefill_samples: list[tuple[int, float]] = field(default_factory=list)   # (uncached tokens, prefill s)
+    decode_samples: list[tuple[int, float]] = field(default_factory=list)    # (batch, s per output token)
     updated_s: float = 0.0
 
     def to_dict(self) -> dict:

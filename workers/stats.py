@@ -14,6 +14,8 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 
 from workers.messages import WorkerStats
 
+MAX_SAMPLES = 256  # per drain period; older samples are dropped
+
 
 class EngineStatsCollector(StatLoggerBase):
     """Cumulative counters + latest gauges of one engine. Thread-safe; never raises into vLLM."""
@@ -22,6 +24,8 @@ class EngineStatsCollector(StatLoggerBase):
         self._lock = threading.Lock()
         self._stats = WorkerStats(endpoint_id="", pool="", role="")
         self._pending_durations: list[float] = []
+        self._prefill_samples: list[tuple[int, float]] = []
+        self._decode_samples: list[tuple[int, float]] = []
 
     def factory(self, vllm_config: Any, engine_index: int = 0) -> "EngineStatsCollector":
         """Stat-logger factory handed to ``AsyncLLM``: returns this very collector."""
@@ -43,7 +47,17 @@ class EngineStatsCollector(StatLoggerBase):
                 s.prompt_tokens_local_cache_hit += p.local_cache_hit
                 s.prompt_tokens_external_kv += p.external_kv_transfer
                 s.generation_tokens_total += iteration_stats.num_generation_tokens
+                for f in iteration_stats.finished_requests or ():
+                    self._record_finished(f, s.num_running)
             s.updated_s = time.time()
+
+    def _record_finished(self, f, num_running: int) -> None:
+        uncached = int(f.num_prompt_tokens) - int(f.num_cached_tokens or 0)
+        if uncached > 0 and f.prefill_time > 0:
+            self._prefill_samples = (self._prefill_samples + [(uncached, float(f.prefill_time))])[-MAX_SAMPLES:]
+        if f.num_generation_tokens > 1 and f.mean_time_per_output_token > 0:
+            batch = max(1, num_running + 1)  # the batch it ran in, approximately: itself + the others
+            self._decode_samples = (self._decode_samples + [(batch, float(f.mean_time_per_output_token))])[-MAX_SAMPLES:]
 
     def _record_connector(self, data: dict[str, Any]) -> None:
         s = self._stats
@@ -65,9 +79,10 @@ class EngineStatsCollector(StatLoggerBase):
             d = self._stats.to_dict()
             if drain:
                 d["kv_transfer_durations_s"] = self._pending_durations
-                self._pending_durations = []
+                d["prefill_samples"], d["decode_samples"] = self._prefill_samples, self._decode_samples
+                self._pending_durations, self._prefill_samples, self._decode_samples = [], [], []
             else:
-                d["kv_transfer_durations_s"] = []
+                d["kv_transfer_durations_s"], d["prefill_samples"], d["decode_samples"] = [], [], []
         # updated_s = when the replica answered (it is alive), not when the engine last logged:
         # an idle engine logs nothing and must not look stale.
         d.update(endpoint_id=endpoint_id, pool=pool, role=role, healthy=healthy, updated_s=time.time())

@@ -1,0 +1,116 @@
+"""SLO-aware, prefix-aware placement: filter -> score -> pick, conditional disaggregation, admission.
+
+``SloAwarePolicy.route(request, snapshot)`` keeps the pure policy signature. It reads (never writes)
+a ``PrefixIndex`` and per-pool ``CostModel``s owned by the caller, who records what it routed
+(``PrefixIndex.add``) and feeds observed timings to the models.
+
+1. Filter: healthy replicas of each role.
+2. Score decode replicas: ``prefix_weight * cached share of the prompt - load_weight * load /
+   max_batch_hint - kv_weight * kv_usage``; pick the best (ties at random).
+3. Prefill placement: local (on the decode replica) when its uncached part is short or its cached
+   share is high; otherwise the prefill replica with the longest cached prefix among those whose
+   queue has room (then least queued). No prefill replica with room -> local.
+4. Admission (``router.admission.decide``) on the chosen replicas, per QoS tier.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Mapping, Sequence
+
+from router.admission import Admission, TierPolicy, decide
+from router.config import RouterConfig
+from router.cost_model import CostModel, CostPrior
+from router.prefix_index import PrefixIndex
+from router.types import EndpointState, PoolSnapshot, RequestDescriptor, Rejection, Role, RoutingDecision
+
+
+def tier_policies(cfg: RouterConfig) -> dict[str, TierPolicy]:
+    return {name: TierPolicy(t.reserved_fraction, t.priority, (t.slo or cfg.slo).ttft_ms / 1e3,
+                             (t.slo or cfg.slo).tpot_ms / 1e3) for name, t in cfg.qos_tiers.items()}
+
+
+def new_cost_model(cfg: RouterConfig) -> CostModel:
+    a = cfg.admission
+    return CostModel(CostPrior(prefill_tokens_per_s=a.prefill_tokens_per_s_prior, decode_step_s=a.decode_step_s_prior))
+
+
+class SloAwarePolicy:
+    def __init__(self, cfg: RouterConfig, index: PrefixIndex, models: Mapping[str, CostModel], block_size: int,
+                 rng: random.Random | None = None) -> None:
+        self.cfg = cfg
+        self.index = index
+        self.models = models
+        self.block_size = block_size
+        self.tiers = tier_policies(cfg)
+        self._rng = rng or random.Random()
+
+    def model(self, pool: str) -> CostModel:
+        m = self.models.get(pool)
+        if m is None:
+            m = self.models[pool] = new_cost_model(self.cfg)  # type: ignore[index]
+        return m
+
+    def _score(self, e: EndpointState, hit_tokens: int, prompt: int) -> float:
+        p = self.cfg.placement
+        return (p.prefix_weight * hit_tokens / max(prompt, 1) - p.load_weight * e.load / p.max_batch_hint
+                - p.kv_weight * e.kv_usage)
+
+    def _best(self, cands: Sequence[EndpointState], hits: Mapping[str, int], prompt: int) -> EndpointState:
+        scored = [(round(self._score(c, hits[c.endpoint_id] * self.block_size, prompt), 9), c) for c in cands]
+        top = max(s for s, _ in scored)
+        tied = [c for s, c in scored if s == top]
+        return tied[0] if len(tied) == 1 else self._rng.choice(tied)
+
+    def route(self, req: RequestDescriptor, snapshot: PoolSnapshot) -> RoutingDecision | Rejection:
+        decodes = [e for e in snapshot.by_role(Role.DECODE) if e.healthy]
+        if not decodes:
+            return Rejection(reason="no_decode_replica", status_code=503, retry_after_s=5.0,
+                             message="no healthy decode replica is available; retry later")
+        prefills = [e for e in snapshot.by_role(Role.PREFILL) if e.healthy]
+        prompt, bs = req.num_prompt_tokens, self.block_size
+        # a prompt's last token is always computed, so at most (prompt - 1) tokens can be cache hits
+        cap = max(0, (prompt - 1) // bs)
+        hits = {k: min(v, cap) for k, v in
+                self.index.match(req.block_hashes, [e.endpoint_id for e in decodes + prefills]).items()}
+        decode = self._best(decodes, hits, prompt)
+        p = self.cfg.placement
+        d_hit = hits[decode.endpoint_id] * bs
+        d_uncached = prompt - d_hit
+        prefill, hit = None, d_hit
+        reason = "local_prefill:short" if d_uncached <= p.local_prefill_max_tokens else "local_prefill:cached"
+        if d_uncached > p.local_prefill_max_tokens and d_hit < p.local_prefill_min_hit_ratio * prompt:
+            room = [e for e in prefills if e.queued_prefill_tokens < p.prefill_queue_limit_tokens]
+            if room:
+                prefill = max(room, key=lambda e: (hits[e.endpoint_id], -e.queued_prefill_tokens, -e.load,
+                                                   self._rng.random()))
+                hit = hits[prefill.endpoint_id] * bs
+                reason = "remote_prefill"
+            else:
+                reason = "local_prefill:no_prefill_room" if prefills else "local_prefill:no_prefill_replica"
+        uncached = prompt - hit
+        decision = RoutingDecision(decode=decode, prefill=prefill, reason=reason, prefix_hit_tokens=hit,
+                                   uncached_tokens=uncached)
+        if not self.cfg.admission.enabled:
+            return decision
+        tier = req.tier if req.tier in self.tiers else self.cfg.default_tier
+        target = prefill or decode
+        verdict = decide(tier, self.tiers, self.model(target.pool),
+                         queued_prefill_tokens=target.queued_prefill_tokens, uncached_tokens=uncached,
+                         decode_batch=decode.load, decode_model=self.model(decode.pool),
+                         min_retry_after_s=self.cfg.admission.min_retry_after_s)
+        if isinstance(verdict, Rejection):
+            return verdict
+        assert isinstance(verdict, Admission)
+        return RoutingDecision(decode=decode, prefill=prefill, reason=reason, prefix_hit_tokens=hit,
+                               uncached_tokens=uncached, predicted_ttft_s=verdict.predicted_ttft_s,
+                               predicted_tpot_s=verdict.predicted_tpot_s)
+
+
+def build_policy(cfg: RouterConfig, block_size: int, rng: random.Random | None = None):
+    """The policy named in the config (``slo-aware``: placement + admission; ``least-loaded``)."""
+    if cfg.policy == "least-loaded":
+        from router.policy import LeastLoadedPolicy
+
+        return LeastLoadedPolicy(rng)
+    return SloAwarePolicy(cfg, PrefixIndex(cfg.placement.prefix_index_capacity_blocks), {}, block_size, rng)

@@ -1,0 +1,112 @@
+"""router/placement.py: prefix-aware scoring, conditional disaggregation, admission wiring (pure)."""
+
+import random
+
+import pytest
+
+from router.config import RouterConfig
+from router.hashing import block_hashes
+from router.placement import SloAwarePolicy, build_policy, tier_policies
+from router.policy import LeastLoadedPolicy
+from router.prefix_index import PrefixIndex
+from router.types import EndpointState, PoolSnapshot, RequestDescriptor, Rejection, Role
+
+BS = 128
+
+
+def ep(eid, role, load=0, kv=0.0, queued=0, healthy=True):
+    return EndpointState(eid, role.value, role, healthy, num_running=load, kv_usage=kv, queued_prefill_tokens=queued)
+
+
+def req(tokens, tier="free", salt=None, prompt=None):
+    ids = prompt if prompt is not None else list(range(tokens))
+    return RequestDescriptor("r", "m", len(ids), 16, tier, 0.0, tuple(block_hashes(ids, BS, salt)))
+
+
+def policy(**router):
+    cfg = RouterConfig(**router)
+    return SloAwarePolicy(cfg, PrefixIndex(), {}, BS, random.Random(0))
+
+
+class TestPlacement:
+    def test_equal_load_longest_prefix_wins(self):
+        pol = policy(admission={"enabled": False})
+        r = req(1024)
+        pol.index.add("D2", r.block_hashes[:6])
+        pol.index.add("D1", r.block_hashes[:2])
+        snap = PoolSnapshot([ep("D1", Role.DECODE), ep("D2", Role.DECODE), ep("P1", Role.PREFILL)])
+        d = pol.route(r, snap)
+        assert d.decode.endpoint_id == "D2" and d.prefill.endpoint_id == "P1" and d.reason == "remote_prefill"
+
+    def test_overloaded_holder_loses(self):
+        pol = policy(admission={"enabled": False})
+        r = req(1024)
+        pol.index.add("D2", r.block_hashes[:2])        # a small hit (2/8 of the prompt) ...
+        snap = PoolSnapshot([ep("D1", Role.DECODE), ep("D2", Role.DECODE, load=16, kv=0.9)])
+        assert pol.route(r, snap).decode.endpoint_id == "D1"   # ... does not beat a full queue
+
+    def test_prefill_replica_with_longest_prefix_and_room(self):
+        pol = policy(admission={"enabled": False}, placement={"prefill_queue_limit_tokens": 1000})
+        r = req(1024)
+        pol.index.add("P2", r.block_hashes[:4])
+        pol.index.add("P3", r.block_hashes[:7])
+        snap = PoolSnapshot([ep("D1", Role.DECODE), ep("P1", Role.PREFILL), ep("P2", Role.PREFILL),
+                             ep("P3", Role.PREFILL, queued=5000)])
+        d = pol.route(r, snap)
+        assert d.prefill.endpoint_id == "P2" and d.prefix_hit_tokens == 512 and d.uncached_tokens == 512
+
+    @pytest.mark.parametrize("tokens,decode_hit_blocks,prefill_up,expected", [
+        (40, 0, True, "local_prefill:short"),
+        (1024, 0, True, "remote_prefill"),
+        (1100, 8, True, "local_prefill:cached"),          # 1024 of 1100 tokens cached on the decode replica
+        (1024, 0, False, "local_prefill:no_prefill_replica"),
+    ])
+    def test_conditional_disaggregation(self, tokens, decode_hit_blocks, prefill_up, expected):
+        pol = policy(admission={"enabled": False})
+        r = req(tokens)
+        pol.index.add("D1", r.block_hashes[:decode_hit_blocks])
+        eps = [ep("D1", Role.DECODE)] + ([ep("P1", Role.PREFILL)] if prefill_up else [])
+        d = pol.route(r, PoolSnapshot(eps))
+        assert d.reason == expected and (d.prefill is None) == expected.startswith("local")
+
+    def test_hit_never_counts_the_last_prompt_token(self):
+        pol = policy(admission={"enabled": False})
+        r = req(256)
+        pol.index.add("D1", r.block_hashes)
+        d = pol.route(r, PoolSnapshot([ep("D1", Role.DECODE)]))
+        assert d.prefix_hit_tokens == 128 and d.uncached_tokens == 128
+
+    def test_tenant_salt_prevents_cross_tenant_hits(self):
+        pol = policy(admission={"enabled": False})
+        prompt = list(range(1024))
+        pol.index.add("D1", req(0, salt="tenant-a", prompt=prompt).block_hashes)
+        snap = PoolSnapshot([ep("D1", Role.DECODE)])      # local prefill: the hit is the decode replica's
+        assert pol.route(req(0, salt="tenant-b", prompt=prompt), snap).prefix_hit_tokens == 0
+        assert pol.route(req(0, salt="tenant-a", prompt=prompt), snap).prefix_hit_tokens == 896
+
+    def test_no_decode_is_503(self):
+        d = policy().route(req(100), PoolSnapshot([ep("P1", Role.PREFILL), ep("D1", Role.DECODE, healthy=False)]))
+        assert isinstance(d, Rejection) and d.status_code == 503
+
+
+class TestAdmissionWiring:
+    def test_free_shed_premium_admitted(self):
+        pol = policy()                                        # prior: 300 tok/s, SLO 2 s TTFT by default
+        snap = PoolSnapshot([ep("D1", Role.DECODE), ep("P1", Role.PREFILL, queued=420)])  # ~1.45 s queued
+        free = pol.route(req(100, tier="free"), snap)         # free may fill 0.6 x 2 s of queue
+        premium = pol.route(req(100, tier="premium"), snap)
+        assert isinstance(free, Rejection) and free.status_code == 429 and free.retry_after_s >= 1
+        assert not isinstance(premium, Rejection) and premium.predicted_ttft_s == pytest.approx(1.83, rel=0.05)
+
+    def test_overload_is_503_for_everyone(self):
+        pol = policy()
+        snap = PoolSnapshot([ep("D1", Role.DECODE), ep("P1", Role.PREFILL, queued=3000)])
+        d = pol.route(req(300, tier="premium"), snap)
+        assert isinstance(d, Rejection) and d.status_code == 503 and d.reason == "overload_ttft"
+
+    def test_tier_slo_overrides_and_builders(self):
+        cfg = RouterConfig(qos_tiers={"gold": {"reserved_fraction": 1.0, "priority": 1, "slo": {"ttft_ms": 500}}},
+                           default_tier="gold")
+        assert tier_policies(cfg)["gold"].ttft_s == 0.5
+        assert isinstance(build_policy(RouterConfig(policy="least-loaded"), BS), LeastLoadedPolicy)
+        assert isinstance(build_policy(RouterConfig(), BS), SloAwarePolicy)
