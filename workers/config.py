@@ -92,6 +92,9 @@ class EngineConfig(_Strict):
     enable_prefix_caching: bool = True
     dtype: str = "bfloat16"
     enforce_eager: bool = True
+    mq_busy_loop_s: float = Field(0.0, ge=0, description="seconds vLLM's engine-core/worker shared-memory "
+                                  "queue readers spin before sleeping (vLLM: 1.0; spinning steals a core "
+                                  "from the other engine on small CPU boxes)")
     extra: dict[str, Any] = Field(default_factory=dict, description="passed to vLLM AsyncEngineArgs")
 
     @field_validator("extra")

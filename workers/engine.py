@@ -30,13 +30,14 @@ class EngineSpec:
 
 
 def device_env(pool: PoolConfig, local_rank: int = 0) -> dict[str, str]:
-    """Process environment for the engine's device (CPU pinning / KV space)."""
+    """Process environment of the engine (CPU pinning / KV space, queue spinning)."""
+    env = {"PDSERVE_MQ_BUSY_LOOP_S": str(pool.engine.mq_busy_loop_s)}
     if isinstance(pool.device, CpuDevice):
-        return {
+        env.update({
             "VLLM_CPU_OMP_THREADS_BIND": pool.device.cores_for_rank(local_rank),
             "VLLM_CPU_KVCACHE_SPACE": str(pool.device.kv_cache_space_gib),
-        }
-    return {}
+        })
+    return env
 
 
 def engine_kwargs(spec: EngineSpec, kv_transfer_config: dict[str, Any] | None) -> dict[str, Any]:
