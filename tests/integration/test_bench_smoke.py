@@ -21,16 +21,19 @@ def test_bench_smoke_produces_report_and_plots(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     (row,) = summary["rows"]
     assert row["system"] == "ours" and row["requests"] == 8
-    assert row["ok"] == 8 and not row["errors"]
+    # admission may shed some requests early (429/503): every request is served or cleanly rejected
+    rejected = sum(row["rejected"].values())
+    assert row["ok"] >= 4 and row["ok"] + rejected == 8 and not row["errors"]
     # sane, not fast: the smoke run checks the harness; speed claims come from full runs
     assert 0 < row["ttft_s"]["p50"] < 120 and 0 < row["itl_s"]["p50"] < 5
     assert row["output_tps"] > 0 and 0 <= row["goodput_rps"] <= row["throughput_rps"] > 0
     assert row["server_rss_bytes"] > 1 << 30  # Ray + two engines
     raw = json.loads((out / "raw" / "ours-random-1.0.json").read_text())
     assert "pdserve_kv_handoff_bytes_total" in raw["metrics"]
-    assert all(r["completion_tokens"] == 16 for r in raw["records"])
+    assert all(r["completion_tokens"] == 16 for r in raw["records"] if r["outcome"] == "ok")
+    assert raw["timeline"] and {"queue", "running", "replicas"} <= set(raw["timeline"][0])
     report = (out / "report.md").read_text()
-    assert "| ours | random | 1.0 | 8/8 |" in report
+    assert f"| ours | random | 1.0 | {row['ok']}/8 |" in report
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == ["cdf-random-1.0.png", "goodput-random.png"]
     assert all((out / p).stat().st_size > 5000 for p in pngs)

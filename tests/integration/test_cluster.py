@@ -18,6 +18,9 @@ import sys
 import httpx
 import pytest
 
+import concurrent.futures
+import time
+
 from tests.conftest import REPO
 from tests.integration.cluster_utils import cluster_config, free_port, metric_sum, scrape, settled_scrape, wait_for
 
@@ -62,7 +65,11 @@ def reference(model_dir, chat_ids, tmp_path_factory):
 def cluster(reference):
     from serve.runner import start_cluster
 
-    c = start_cluster(cluster_config(free_port(), decode_replicas=2, dtype=DTYPE), timeout_s=600, progress=lambda m: None)
+    # always remote prefill (short prompts would otherwise prefill on the decode replica): these
+    # tests check the disaggregated path byte for byte
+    placement = {"local_prefill_max_tokens": 0, "local_prefill_min_hit_ratio": 1.0}
+    c = start_cluster(cluster_config(free_port(), decode_replicas=2, dtype=DTYPE, placement=placement),
+                      timeout_s=600, progress=lambda m: None)
     try:
         wait_for(lambda: _healthy_decode(c.base_url) == 2, timeout_s=120)
         yield c
@@ -269,3 +276,71 @@ class TestClients:
                              capture_output=True, text=True, timeout=60, cwd=REPO)
         assert out.returncode == 0, out.stderr
         assert "pool decode" in out.stdout and "replicas=2" in out.stdout
+
+
+SYSTEM = "You are a meticulous assistant for a warehouse. " + " ".join(
+    f"Rule {i}: shelf {i % 9} holds only boxes of colour {['red', 'blue', 'green'][i % 3]}." for i in range(42))
+
+
+def _decode_tokens(samples) -> dict[str, float]:
+    return {dict(ls)["endpoint"]: v for (n, ls), v in samples.items()
+            if n == "pdserve_engine_generation_tokens_total" and dict(ls)["pool"] == "decode"}
+
+
+def _post(base_url: str, content: str, tier: str, max_tokens: int = 4) -> tuple[int, float, dict]:
+    t0 = time.monotonic()
+    r = httpx.post(f"{base_url}/v1/chat/completions", timeout=180, headers={"x-customer-tier": tier}, json={
+        "model": MODEL, "max_tokens": max_tokens, "temperature": 0,
+        "messages": [{"role": "user", "content": content}]})
+    return r.status_code, time.monotonic() - t0, dict(r.headers)
+
+
+class TestRouter:
+    """Prefix-aware placement and SLO/QoS admission on the real cluster (default SLO: TTFT 4 s)."""
+
+    def test_shared_system_prompt_hits_and_sticks_to_the_holder(self, cluster):
+        url = cluster.base_url
+        before = settled_scrape(url)
+        for q in ("Where are red boxes?", "Where are blue boxes?", "Which shelf has green?", "Count shelves."):
+            body = {"model": MODEL, "max_tokens": 4, "temperature": 0,
+                    "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]}
+            assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).status_code == 200
+        after = settled_scrape(url)
+        hits = metric_sum(after, "pdserve_prefix_hit_tokens_total") - metric_sum(before, "pdserve_prefix_hit_tokens_total")
+        cached = (metric_sum(after, "pdserve_engine_prompt_tokens_total", pool="prefill", source="local_cache_hit")
+                  - metric_sum(before, "pdserve_engine_prompt_tokens_total", pool="prefill", source="local_cache_hit"))
+        assert hits >= 3 * 128 * 4 and cached >= hits       # 3 repeat requests x >= 4 shared blocks
+        b, a = _decode_tokens(before), _decode_tokens(after)
+        gained = {e: a[e] - b.get(e, 0) for e in a if a[e] > b.get(e, 0)}
+        assert len(gained) == 1, gained                     # every request went to the holder
+
+    def test_burst_gets_fast_503_429_with_retry_after_and_admitted_meet_slo(self, cluster):
+        url = cluster.base_url
+        prompt = "Summarise: " + " ".join(f"Line {i} says the crate {i} is {i % 5} metres tall." for i in range(25))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=10) as pool:
+            results = list(pool.map(lambda i: _post(url, f"{i} {prompt}", "free"), range(10)))
+        ok = [r for r in results if r[0] == 200]
+        rejected = [r for r in results if r[0] in (429, 503)]
+        assert len(ok) + len(rejected) == 10 and ok and len(rejected) >= 4, [r[0] for r in results]
+        assert all(float(h["retry-after"]) >= 1 for _, _, h in rejected)
+        assert max(t for _, t, _ in rejected) < 2.0           # early rejection, not a timeout
+        assert max(t for _, t, _ in ok) < 4.0 * 1.5           # admitted requests keep TTFT near the SLO
+        samples = scrape(url)
+        assert metric_sum(samples, "pdserve_admission_rejections_total", tier="free") >= len(rejected)
+        assert metric_sum(samples, "pdserve_ttft_actual_over_predicted_count") > 0
+
+    def test_premium_admitted_while_free_is_shed(self, cluster):
+        url = cluster.base_url
+        wait_for(lambda: metric_sum(scrape(url), "pdserve_pool_running_requests") == 0, timeout_s=60)
+        long = "Summarise: " + " ".join(f"Row {i} lists {i * 3} apples and {i % 4} pears." for i in range(16))
+        tiers = ["free"] * 6 + ["premium"] * 2
+        with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+            futs = []
+            for i, tier in enumerate(tiers):
+                content = f"{i} {long}" if tier == "free" else f"{i} Name a fruit."
+                futs.append(pool.submit(_post, url, content, tier))
+                time.sleep(0.1)                               # free ones queue first
+            results = [f.result() for f in futs]
+        free, premium = [r[0] for r in results[:6]], [r[0] for r in results[6:]]
+        assert premium == [200, 200], (free, premium)
+        assert sum(s in (429, 503) for s in free) >= 2, (free, premium)
