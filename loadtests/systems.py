@@ -101,7 +101,7 @@ def start_colocated(model_dir: str, model: str, port: int, log_dir: Path, cores:
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
            "--served-model-name", model, "--host", "127.0.0.1", "--port", str(port),
            "--max-model-len", str(max_model_len), "--block-size", "128", "--dtype", dtype,
-           "--enforce-eager", "--disable-log-stats"]
+           "--enforce-eager"]
     env = {"VLLM_CPU_OMP_THREADS_BIND": cores, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
     return _spawn("colocated", cmd, env, port, log_dir)
 
