@@ -18,6 +18,11 @@ are shed first. Outcomes:
 - 503 ``overload_ttft`` / ``overload_tpot``: even the top tier would miss the SLO.
 
 Both carry ``Retry-After`` = the time for the queue to drain back under the tier's limit.
+
+Liveness: a request that finds its prefill replica's queue empty is never refused on TTFT, and one
+that finds its decode replica idle never on TPOT. Waiting cannot make it faster, and refusing it
+would also starve the cost model of the samples that correct a bad prediction (a cold first step
+can inflate the fit; the model then recovers from the requests it admits).
 """
 
 from __future__ import annotations
@@ -62,16 +67,17 @@ def decide(tier: str, tiers: Mapping[str, TierPolicy], model: CostModel, *, queu
     tpot = (decode_model or model).decode_step_s(decode_batch + 1)
     top_ttft = max(t.ttft_s for t in tiers.values())
     top_tpot = max(t.tpot_s for t in tiers.values())
-    if tpot > top_tpot:
+    if tpot > top_tpot and decode_batch > 0:
         return Rejection(reason="overload_tpot", status_code=503, retry_after_s=max(min_retry_after_s, 2 * tpot),
                          message=f"decode is saturated (predicted {tpot * 1e3:.0f} ms per token); retry later")
-    if ttft > top_ttft:
+    idle = queued_prefill_tokens <= 0
+    if ttft > top_ttft and not idle:
         return Rejection(reason="overload_ttft", status_code=503,
                          retry_after_s=_retry(ttft - top_ttft, min_retry_after_s),
                          message=f"prefill queue is full (predicted time to first token {ttft:.1f} s); retry later")
     # the tier's share of the queueing budget, and its own SLO
     budget = usable_fraction(tier, tiers) * pol.ttft_s
-    if wait > budget or ttft > pol.ttft_s or tpot > pol.tpot_s:
+    if not idle and (wait > budget or ttft > pol.ttft_s) or (tpot > pol.tpot_s and decode_batch > 0):
         over = max(wait - budget, ttft - pol.ttft_s, 0.0)
         return Rejection(reason="tier_quota", status_code=429, retry_after_s=_retry(over, min_retry_after_s),
                          message=f"capacity for tier '{tier}' is exhausted; retry later or use a higher tier")

@@ -26,7 +26,7 @@ class OnlineLine:
         self.x_scale = x_scale          # conditions the problem (tokens ~1e3, bytes ~1e7)
         self.w = [a, b * x_scale]
         p = 1.0 / max(prior_weight, 1e-6)
-        self.P = [[p * 1e2, 0.0], [0.0, p * 1e2]]
+        self.P = [[p, 0.0], [0.0, p]]
         self.n = 0
 
     def predict(self, x: float) -> float:

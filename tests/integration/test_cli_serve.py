@@ -55,10 +55,12 @@ def test_serve_default_config_then_ctrl_c_leaves_no_processes(tmp_path):
         assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"]
         stats = run_locust(f"http://127.0.0.1:{port}", tmp_path / "locust")
         main = stats[("POST", "chat:random")]
-        assert int(main["Request Count"]) >= 4 and int(main["Failure Count"]) == 0
-        assert int(stats[("TTFT", "random")]["Request Count"]) == int(main["Request Count"])
-        assert int(stats[("ITL", "random")]["Request Count"]) >= int(main["Request Count"])
-        assert int(stats[("TPOT", "random")]["Request Count"]) >= int(main["Request Count"]) - 1
+        rejected = sum(int(r["Request Count"]) for (t, _), r in stats.items() if t == "REJECTED")
+        served = int(main["Request Count"]) - rejected          # admission may shed some (503/429)
+        assert served >= 4 and int(main["Failure Count"]) == 0
+        assert int(stats[("TTFT", "random")]["Request Count"]) == served
+        assert int(stats[("ITL", "random")]["Request Count"]) >= served
+        assert int(stats[("TPOT", "random")]["Request Count"]) >= served - 1
         tree = psutil.Process(proc.pid).children(recursive=True)
         engines = [p for p in tree if p.name().startswith("VLLM::")]
         assert len(engines) >= 2, [p.name() for p in tree]

@@ -78,6 +78,13 @@ class TestAdmission:
         d = decide("premium", TIERS, _model(step=0.3), queued_prefill_tokens=0, uncached_tokens=10, decode_batch=4)
         assert isinstance(d, Rejection) and d.reason == "overload_tpot" and d.status_code == 503
 
+    def test_idle_replicas_always_admit(self):
+        slow = _model(rate=10.0, step=0.5)                                # a badly wrong (cold) model
+        d = decide("free", TIERS, slow, queued_prefill_tokens=0, uncached_tokens=500, decode_batch=0)
+        assert isinstance(d, Admission) and d.predicted_ttft_s > 40
+        d = decide("free", TIERS, slow, queued_prefill_tokens=1, uncached_tokens=500, decode_batch=0)
+        assert isinstance(d, Rejection)
+
     def test_retry_after_grows_with_overload(self):
         a = decide("premium", TIERS, _model(), queued_prefill_tokens=1200, uncached_tokens=10, decode_batch=0)
         b = decide("premium", TIERS, _model(), queued_prefill_tokens=3000, uncached_tokens=10, decode_batch=0)
