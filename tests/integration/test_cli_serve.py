@@ -58,7 +58,8 @@ def test_serve_default_config_then_ctrl_c_leaves_no_processes(tmp_path):
         rejected = sum(int(r["Request Count"]) for (t, _), r in stats.items() if t == "REJECTED")
         served = int(main["Request Count"]) - rejected          # admission may shed some (503/429)
         assert served >= 4 and int(main["Failure Count"]) == 0
-        assert int(stats[("TTFT", "random")]["Request Count"]) == served
+        # a request cut off when the run stops may have fired its TTFT without finishing
+        assert served <= int(stats[("TTFT", "random")]["Request Count"]) <= served + 2
         assert int(stats[("ITL", "random")]["Request Count"]) >= served
         assert int(stats[("TPOT", "random")]["Request Count"]) >= served - 1
         tree = psutil.Process(proc.pid).children(recursive=True)
