@@ -23,7 +23,9 @@ def test_bench_smoke_produces_report_and_plots(tmp_path):
     assert row["system"] == "ours" and row["requests"] == 8
     # admission may shed some requests early (429/503): every request is served or cleanly rejected
     rejected = sum(row["rejected"].values())
-    assert row["ok"] >= 4 and row["ok"] + rejected == 8 and not row["errors"]
+    # (the first request finds an idle cluster and is always admitted)
+    assert row["ok"] >= 1 and row["ok"] + rejected == 8 and not row["errors"]
+    assert set(row["rejected"]) <= {"tier_quota", "overload_ttft", "overload_tpot"}
     # sane, not fast: the smoke run checks the harness; speed claims come from full runs
     assert 0 < row["ttft_s"]["p50"] < 120 and 0 < row["itl_s"]["p50"] < 5
     assert row["output_tps"] > 0 and 0 <= row["goodput_rps"] <= row["throughput_rps"] > 0
