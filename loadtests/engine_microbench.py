@@ -101,9 +101,9 @@ def main(argv=None) -> int:
     if args.child:
         _child(args)
         return 0
-    model_dir = args.model_dir or subprocess.run(
-        [sys.executable, "-m", "serve.cli", "prepare-model"], cwd=REPO, check=True, capture_output=True,
-        text=True).stdout.strip().splitlines()[-1]
+    from loadtests.bench import bundled_model_dir
+
+    model_dir = args.model_dir or bundled_model_dir()
     rows = []
     for setting in args.settings.split(","):
         out = subprocess.run([sys.executable, "-m", "loadtests.engine_microbench", "--child", setting,
