@@ -165,6 +165,14 @@ def run_system(entry: str, args, out: Path) -> list[dict]:
     return rows
 
 
+def _portable(value):
+    """Paths in recorded metadata: repo-relative, or just the name (no machine-local paths)."""
+    if isinstance(value, str) and value.startswith("/"):
+        p = Path(value)
+        return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else p.name
+    return value
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     for key, value in config_defaults(args.config).items():
@@ -176,7 +184,8 @@ def main(argv=None) -> int:
     rows = []
     for name in args.systems.split(","):
         rows += run_system(name.strip(), args, out)
-    meta = {"run_id": run_id, "args": dict(vars(args)), "baselines": args.baseline, "slo": {
+    meta = {"run_id": run_id, "args": {k: _portable(v) for k, v in vars(args).items()},
+            "baselines": args.baseline, "slo": {
         "ttft_s": args.ttft_slo, "tpot_s": args.tpot_slo}}
     (out / "summary.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     report.write_report(out, rows, meta)

@@ -129,3 +129,9 @@ class TestBenchArgs:
         assert parse_system("old=ours@x.yaml", "c.yaml") == ("old", "ours", "x.yaml")
         with pytest.raises(SystemExit):
             parse_system("colocated@x.yaml", "c.yaml")
+
+
+def test_recorded_paths_are_portable():
+    from loadtests.bench import REPO, _portable
+    assert _portable(str(REPO / "configs" / "local.yaml")) == "configs/local.yaml"
+    assert _portable("/somewhere/else/run") == "run" and _portable(0.5) == 0.5
