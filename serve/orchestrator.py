@@ -144,25 +144,19 @@ class Orchestrator:
     async def generate(self, job: GenerationJob) -> AsyncIterator[TokenChunk]:
         t0 = self._clock()
         decision = self.route(job.desc)
-        worker = decision.prefill or decision.decode
-        queued = self._queue(worker.endpoint_id, decision.uncached_tokens)
+        # the prefilling replica's queued work, released once its prefill is done (idempotent)
+        release = self._reserve((decision.prefill or decision.decode).endpoint_id, decision.uncached_tokens)
+        produced = False
         try:
             handoff = await self.prefill(job, decision.prefill)
-        except BaseException:
-            self._dequeue(worker.endpoint_id, queued)
-            raise
-        if decision.prefill is not None:
-            self._dequeue(worker.endpoint_id, queued)
-            queued = 0
-        produced = False
-        first_s, ntok = None, 0
-        try:
+            if decision.prefill is not None:
+                release()
+            first_s, ntok = None, 0
             async for chunk in self.decode(job, decision.decode, handoff):
                 ntok += len(chunk.token_ids)
                 if not produced:
                     produced, first_s = True, self._clock()
-                    self._dequeue(worker.endpoint_id, queued)
-                    queued = 0
+                    release()
                     if decision.predicted_ttft_s:
                         self._metrics.ttft_pred_ratio.observe((first_s - t0) / decision.predicted_ttft_s)
                 if chunk.finish_reason is not None and decision.predicted_tpot_s and ntok > 1:
@@ -171,33 +165,36 @@ class Orchestrator:
                 yield chunk
             return
         except (ApiError, asyncio.CancelledError, GeneratorExit):
-            self._dequeue(worker.endpoint_id, queued)
-            queued = 0
             raise
         except Exception as e:
-            self._dequeue(worker.endpoint_id, queued)
-            queued = 0
             if produced:
                 self._metrics.aborts.labels("decode_failed").inc()
                 raise ApiError(502, "the decode engine failed mid-stream", type_="server_error",
                                code="decode_failed") from e
             logger.warning("decode of %s failed on %s before any token (%r); retrying locally",
                            job.desc.request_id, decision.decode.endpoint_id, e)
+        finally:
+            release()
         retry = self.route(job.desc, exclude=frozenset({decision.decode.endpoint_id}))
         self._metrics.prefill_fallbacks.labels("decode_retry").inc()
         async for chunk in self.decode(job, retry.decode, None):
             yield chunk
 
-    def _queue(self, endpoint_id: str, tokens: int) -> int:
-        if tokens > 0:
-            self._queued_tokens[endpoint_id] += tokens
-        return max(tokens, 0)
+    def _reserve(self, endpoint_id: str, tokens: int) -> Callable[[], None]:
+        """Count ``tokens`` of prefill work queued on ``endpoint_id``; returns an idempotent release."""
+        if tokens <= 0:
+            return lambda: None
+        self._queued_tokens[endpoint_id] += tokens
+        done = False
 
-    def _dequeue(self, endpoint_id: str, tokens: int) -> None:
-        if tokens:
-            self._queued_tokens[endpoint_id] -= tokens
-            if self._queued_tokens[endpoint_id] <= 0:
-                del self._queued_tokens[endpoint_id]
+        def release() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self._queued_tokens[endpoint_id] -= tokens
+                if self._queued_tokens[endpoint_id] <= 0:
+                    del self._queued_tokens[endpoint_id]
+        return release
 
     def queued_prefill_tokens(self) -> dict[str, int]:
         return dict(self._queued_tokens)
