@@ -58,16 +58,20 @@ def usable_fraction(tier: str, tiers: Mapping[str, TierPolicy]) -> float:
 
 def decide(tier: str, tiers: Mapping[str, TierPolicy], model: CostModel, *, queued_prefill_tokens: int,
            uncached_tokens: int, decode_batch: int, kv_bytes: int = 0, decode_model: CostModel | None = None,
-           min_retry_after_s: float = 1.0) -> Admission | Rejection:
+           decode_idle: bool | None = None, min_retry_after_s: float = 1.0) -> Admission | Rejection:
     """Admit or reject one request (see module docstring). ``model`` is the prefilling pool's,
-    ``decode_model`` the decode pool's (default: the same); ``decode_batch`` excludes the request."""
+    ``decode_model`` the decode pool's (default: the same); ``decode_batch`` excludes the request.
+    ``decode_idle`` (default ``decode_batch == 0``) is the liveness test for TPOT; callers pass their
+    own exact in-flight count, since polled engine counts lag."""
+    if decode_idle is None:
+        decode_idle = decode_batch <= 0
     pol = tiers[tier]
     wait = model.prefill_s(queued_prefill_tokens)
     ttft = wait + model.prefill_s(uncached_tokens) + model.handoff_s(kv_bytes)
     tpot = (decode_model or model).decode_step_s(decode_batch + 1)
     top_ttft = max(t.ttft_s for t in tiers.values())
     top_tpot = max(t.tpot_s for t in tiers.values())
-    if tpot > top_tpot and decode_batch > 0:
+    if tpot > top_tpot and not decode_idle:
         return Rejection(reason="overload_tpot", status_code=503, retry_after_s=max(min_retry_after_s, 2 * tpot),
                          message=f"decode is saturated (predicted {tpot * 1e3:.0f} ms per token); retry later")
     idle = queued_prefill_tokens <= 0
@@ -77,7 +81,7 @@ def decide(tier: str, tiers: Mapping[str, TierPolicy], model: CostModel, *, queu
                          message=f"prefill queue is full (predicted time to first token {ttft:.1f} s); retry later")
     # the tier's share of the queueing budget, and its own SLO
     budget = usable_fraction(tier, tiers) * pol.ttft_s
-    if not idle and (wait > budget or ttft > pol.ttft_s) or (tpot > pol.tpot_s and decode_batch > 0):
+    if not idle and (wait > budget or ttft > pol.ttft_s) or (tpot > pol.tpot_s and not decode_idle):
         over = max(wait - budget, ttft - pol.ttft_s, 0.0)
         return Rejection(reason="tier_quota", status_code=429, retry_after_s=_retry(over, min_retry_after_s),
                          message=f"capacity for tier '{tier}' is exhausted; retry later or use a higher tier")

@@ -98,6 +98,7 @@ class SloAwarePolicy:
         verdict = decide(tier, self.tiers, self.model(target.pool),
                          queued_prefill_tokens=target.queued_prefill_tokens, uncached_tokens=uncached,
                          decode_batch=decode.load, decode_model=self.model(decode.pool),
+                         decode_idle=decode.in_flight == 0,
                          min_retry_after_s=self.cfg.admission.min_retry_after_s)
         if isinstance(verdict, Rejection):
             return verdict

@@ -15,6 +15,7 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 from workers.messages import WorkerStats
 
 MAX_SAMPLES = 256  # per drain period; older samples are dropped
+MIN_DECODE_SAMPLE_TOKENS = 8  # shorter outputs' mean TPOT is dominated by their first steps
 
 
 class EngineStatsCollector(StatLoggerBase):
@@ -55,7 +56,7 @@ class EngineStatsCollector(StatLoggerBase):
         uncached = int(f.num_prompt_tokens) - int(f.num_cached_tokens or 0)
         if uncached > 0 and f.prefill_time > 0:
             self._prefill_samples = (self._prefill_samples + [(uncached, float(f.prefill_time))])[-MAX_SAMPLES:]
-        if f.num_generation_tokens > 1 and f.mean_time_per_output_token > 0:
+        if f.num_generation_tokens >= MIN_DECODE_SAMPLE_TOKENS and f.mean_time_per_output_token > 0:
             batch = max(1, num_running + 1)  # the batch it ran in, approximately: itself + the others
             self._decode_samples = (self._decode_samples + [(batch, float(f.mean_time_per_output_token))])[-MAX_SAMPLES:]
 

@@ -89,3 +89,11 @@ class TestAdmission:
         a = decide("premium", TIERS, _model(), queued_prefill_tokens=1200, uncached_tokens=10, decode_batch=0)
         b = decide("premium", TIERS, _model(), queued_prefill_tokens=3000, uncached_tokens=10, decode_batch=0)
         assert a.retry_after_s < b.retry_after_s
+
+
+def test_decode_liveness_uses_the_callers_exact_count():
+    slow = _model(step=0.5)
+    stale = decide("free", TIERS, slow, queued_prefill_tokens=0, uncached_tokens=10, decode_batch=3, decode_idle=True)
+    assert isinstance(stale, Admission)
+    busy = decide("free", TIERS, slow, queued_prefill_tokens=0, uncached_tokens=10, decode_batch=3, decode_idle=False)
+    assert isinstance(busy, Rejection) and busy.reason == "overload_tpot"
