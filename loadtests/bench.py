@@ -24,6 +24,7 @@ import httpx
 from loadtests import report, workloads
 from loadtests.openloop import run_open_loop
 from loadtests.stats import summarize
+from loadtests.timeline import prefix_cache_hit_rate
 from loadtests.systems import REPO, STARTERS, wait_ready
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -147,15 +148,17 @@ def run_system(entry: str, args, out: Path) -> list[dict]:
             for ri, rate in enumerate(float(r) for r in rates.split(",")):
                 specs = workloads.build(wl, seed=run_seed(args.seed, wi, ri), n=n, rate=rate, **kwargs)
                 print(f"[bench] {name} {wl} @ {rate} req/s: {len(specs)} requests", flush=True)
+                before = scrape_metrics(sp.base_url)
                 res = asyncio.run(run_open_loop(sp.base_url, args.model, specs, args.duration, args.drain))
+                after = scrape_metrics(sp.base_url)
                 summary = summarize(res.records, res.duration_s, args.ttft_slo, args.tpot_slo, res.skipped)
                 summary.update(system=name, workload=wl, rate=rate, server_rss_bytes=sp.rss_bytes(),
-                               ready_s=sp.ready_s)
+                               ready_s=sp.ready_s, prefix_cache_hit_rate=prefix_cache_hit_rate(before, after))
                 rows.append(summary)
                 raw = out / "raw" / f"{name}-{wl}-{rate}.json"
                 raw.parent.mkdir(parents=True, exist_ok=True)
                 raw.write_text(json.dumps({"summary": summary, "records": [r.to_dict() for r in res.records],
-                                           "metrics": scrape_metrics(sp.base_url),
+                                           "metrics": after,
                                            "timeline": res.timeline}))
                 print(f"[bench]   ok={summary['ok']}/{summary['requests']} goodput={summary['goodput_rps']:.2f} "
                       f"ttft_p50={summary['ttft_s']['p50']} itl_p99={summary['itl_s']['p99']}", flush=True)

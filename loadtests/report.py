@@ -27,15 +27,16 @@ def write_report(out: Path, rows: list[dict], meta: dict) -> None:
              f"SLOs: TTFT <= {meta['slo']['ttft_s']} s, TPOT <= {meta['slo']['tpot_s']} s. "
              "Goodput = requests meeting both, per second.", "",
              "| system | workload | rate | ok/sent | rejected | errors | goodput rps | out tok/s | TTFT p50/p99 ms "
-             "| ITL p50/p99 ms | TPOT p50 ms | RSS GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| ITL p50/p99 ms | TPOT p50 ms | prefix hit % | RSS GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['system']} | {r['workload']} | {r['rate']} | {r['ok']}/{r['requests']} | "
             f"{sum(r['rejected'].values())} | {sum(r['errors'].values())} | {r['goodput_rps']:.2f} | "
             f"{r['output_tps']:.1f} | {_fmt(r['ttft_s']['p50'], 1e3, 0)}/{_fmt(r['ttft_s']['p99'], 1e3, 0)} | "
             f"{_fmt(r['itl_s']['p50'], 1e3, 0)}/{_fmt(r['itl_s']['p99'], 1e3, 0)} | "
-            f"{_fmt(r['tpot_s']['p50'], 1e3, 0)} | {r['server_rss_bytes'] / 2**30:.1f} |")
+            f"{_fmt(r['tpot_s']['p50'], 1e3, 0)} | {_fmt(r.get('prefix_cache_hit_rate'), 100, 0)} | "
+            f"{r['server_rss_bytes'] / 2**30:.1f} |")
     by_key = {(r["system"], r["workload"], r["rate"]): r for r in rows}
     peers = ("colocated", "raypd")
     for base in (*peers, *meta.get("baselines", [])):
@@ -50,11 +51,14 @@ def write_report(out: Path, rows: list[dict], meta: dict) -> None:
 
 def _ratio_table(system: str, base: str, pairs: list[tuple[dict, dict]]) -> list[str]:
     lines = ["", f"## {system} vs {base}", "",
-             "| workload | rate | goodput ratio | ITL p99 ratio | TTFT p50 ratio |", "|---|---|---|---|---|"]
+             "| workload | rate | goodput ratio | ITL p99 ratio | TTFT p50 ratio | TTFT p99 ratio "
+             "| prefix hit-rate ratio |", "|---|---|---|---|---|---|---|"]
     for a, b in pairs:
         lines.append(f"| {a['workload']} | {a['rate']} | {_ratio(a['goodput_rps'], b['goodput_rps'])} | "
                      f"{_ratio(a['itl_s']['p99'], b['itl_s']['p99'])} | "
-                     f"{_ratio(a['ttft_s']['p50'], b['ttft_s']['p50'])} |")
+                     f"{_ratio(a['ttft_s']['p50'], b['ttft_s']['p50'])} | "
+                     f"{_ratio(a['ttft_s']['p99'], b['ttft_s']['p99'])} | "
+                     f"{_ratio(a.get('prefix_cache_hit_rate'), b.get('prefix_cache_hit_rate'))} |")
     return lines
 
 

@@ -33,6 +33,33 @@ def parse_sample(text: str) -> dict[str, float]:
     return out
 
 
+def prefix_cache_counters(text: str) -> tuple[float, float]:
+    """(prompt tokens served from the engines' prefix caches, prompt tokens looked up) — cumulative
+    counters summed over engines: pdserve's ``pdserve_engine_prompt_tokens{source}`` (computed +
+    local_cache_hit; KV received by handoff is neither) or vLLM's ``vllm:prefix_cache_hits/queries``."""
+    hit = queried = 0.0
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == "pdserve_engine_prompt_tokens_total":
+                src = s.labels.get("source")
+                if src == "local_cache_hit":
+                    hit += s.value
+                    queried += s.value
+                elif src == "local_compute":
+                    queried += s.value
+            elif s.name == "vllm:prefix_cache_hits_total":
+                hit += s.value
+            elif s.name == "vllm:prefix_cache_queries_total":
+                queried += s.value
+    return hit, queried
+
+
+def prefix_cache_hit_rate(before: str, after: str) -> float | None:
+    """Share of prompt tokens the engines served from their prefix caches between two scrapes."""
+    (h0, q0), (h1, q1) = prefix_cache_counters(before), prefix_cache_counters(after)
+    return (h1 - h0) / (q1 - q0) if q1 > q0 else None
+
+
 async def sample_metrics(base_url: str, t0: float, period_s: float, samples: list[dict],
                          stop: asyncio.Event) -> None:
     """Append ``{"t": seconds since t0, **parse_sample(...)}`` every ``period_s`` until ``stop``."""

@@ -62,7 +62,7 @@ class AdmissionConfig(BaseModel):
 class RouterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    policy: Literal["least-loaded", "slo-aware"] = "slo-aware"
+    policy: Literal["slo-aware", "least-loaded", "round-robin"] = "slo-aware"
     stats_period_s: float = Field(0.5, gt=0, description="how often replicas publish load stats")
     stats_stale_s: float = Field(10.0, gt=0, description="a replica silent for longer is unhealthy")
     slo: SloConfig = Field(default_factory=SloConfig)

@@ -38,8 +38,13 @@ def block_hashes(token_ids: Sequence[int], block_size: int, cache_salt: str | No
     return out
 
 
+_MASK64 = (1 << 64) - 1
+
+
 def short_key(block_hash: bytes | int) -> int:
-    """A compact 64-bit key for the prefix index (KV events may carry ints or bytes)."""
+    """A compact 64-bit key for the prefix index, equal to the int vLLM publishes in KV cache events
+    for the same block (``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES``, default on: the hash's low 64 bits,
+    big-endian), so router-computed and engine-published hashes key the same entry."""
     if isinstance(block_hash, int):
-        return block_hash & 0xFFFF_FFFF_FFFF_FFFF
-    return int.from_bytes(block_hash[:8], "little")
+        return block_hash & _MASK64
+    return int.from_bytes(block_hash, "big") & _MASK64

@@ -109,9 +109,12 @@ class SloAwarePolicy:
 
 
 def build_policy(cfg: RouterConfig, block_size: int, rng: random.Random | None = None):
-    """The policy named in the config (``slo-aware``: placement + admission; ``least-loaded``)."""
-    if cfg.policy == "least-loaded":
-        from router.policy import LeastLoadedPolicy
+    """The policy named in the config (``slo-aware``: placement + admission; ``least-loaded`` and
+    ``round-robin``: baselines without admission)."""
+    from router.policy import LeastLoadedPolicy, RoundRobinPolicy
 
+    if cfg.policy == "least-loaded":
         return LeastLoadedPolicy(rng)
+    if cfg.policy == "round-robin":
+        return RoundRobinPolicy()
     return SloAwarePolicy(cfg, PrefixIndex(cfg.placement.prefix_index_capacity_blocks), {}, block_size, rng)

@@ -47,3 +47,31 @@ class LeastLoadedPolicy:
         if prefill is None:
             return RoutingDecision(decode=decode, prefill=None, reason="no_prefill_replica:local_prefill")
         return RoutingDecision(decode=decode, prefill=prefill, reason="least_loaded")
+
+
+class RoundRobinPolicy:
+    """Healthy replicas of each role in turn, blind to load and cache (the benchmark baseline for
+    prefix-aware placement; Ray Serve's and most proxies' default). No admission control."""
+
+    def __init__(self) -> None:
+        self._turn = {Role.DECODE: 0, Role.PREFILL: 0}
+
+    def _next(self, cands: Sequence[EndpointState], role: Role) -> EndpointState | None:
+        healthy = sorted((c for c in cands if c.healthy), key=lambda c: c.endpoint_id)
+        if not healthy:
+            return None
+        i = self._turn[role]
+        self._turn[role] = i + 1
+        return healthy[i % len(healthy)]
+
+    def route(self, req: RequestDescriptor, snapshot: PoolSnapshot) -> RoutingDecision | Rejection:
+        decode = self._next(snapshot.by_role(Role.DECODE), Role.DECODE)
+        if decode is None:
+            return Rejection(reason="no_decode_replica", status_code=503, retry_after_s=5.0,
+                             message="no healthy decode replica is available; retry later")
+        prefill = self._next(snapshot.by_role(Role.PREFILL), Role.PREFILL)
+        if prefill is None:
+            return RoutingDecision(decode=decode, prefill=None, reason="no_prefill_replica:local_prefill",
+                                   uncached_tokens=req.num_prompt_tokens)
+        return RoutingDecision(decode=decode, prefill=prefill, reason="round_robin",
+                               uncached_tokens=req.num_prompt_tokens)

@@ -43,7 +43,7 @@ class ServerConfig(_Strict):
 
 class ClusterConfig(_Strict):
     model: ModelConfig
-    pools: list[PoolConfig] = Field(..., min_length=2)
+    pools: list[PoolConfig] = Field(..., min_length=1)
     router: RouterConfig = Field(default_factory=RouterConfig)
     kv_handoff: KvHandoffConfig = Field(default_factory=KvHandoffConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -59,11 +59,11 @@ class ClusterConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _both_roles_present(self) -> "ClusterConfig":
-        roles = {p.role for p in self.pools}
-        missing = [r.value for r in PoolRole if r not in roles]
-        if missing:
-            raise ValueError(f"pools: need at least one pool with role {missing}")
+    def _decode_role_present(self) -> "ClusterConfig":
+        # prefill pools are optional: without one every request prefills on its decode replica
+        # (colocated serving with prefix-aware placement and admission)
+        if not any(p.role is PoolRole.DECODE for p in self.pools):
+            raise ValueError("pools: need at least one pool with role ['decode']")
         return self
 
     @model_validator(mode="after")

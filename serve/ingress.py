@@ -21,6 +21,7 @@ from router.placement import build_policy
 from router.types import Role
 from serve.adapters import ParsedRequest, RequestAdapter, parse_body
 from serve.config import ClusterConfig
+from serve.kv_events import KvEventFeed
 from serve.metrics import ClusterMetrics
 from serve.orchestrator import Orchestrator
 from serve.pool_monitor import PoolMonitor
@@ -90,10 +91,13 @@ class Ingress:
                                        share_prefix_across_tenants=r.placement.share_prefix_across_tenants)
         self._monitor: PoolMonitor | None = None
         self.metrics = ClusterMetrics(lambda: self._monitor.stats() if self._monitor else [])
-        self._orch = Orchestrator(pools, build_policy(r, block_size), self._directory, self.metrics,
+        policy = build_policy(r, block_size)
+        self._orch = Orchestrator(pools, policy, self._directory, self.metrics,
                                   idle_timeout_s=self._cfg.server.request_timeout_s)
+        index = getattr(policy, "index", None)  # prefix-aware policies: engines' KV events feed it
+        self._kv_events = KvEventFeed(index) if index is not None else None
         self._monitor = PoolMonitor(pools, self._directory, self.metrics, period_s=r.stats_period_s,
-                                    on_stats=self._orch.observe)
+                                    on_stats=self._orch.observe, on_poll=self._on_poll)
 
     # -- OpenAI routes ----------------------------------------------------------------------
     @app.post("/v1/chat/completions")
@@ -122,6 +126,12 @@ class Ingress:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # -- helpers ----------------------------------------------------------------------------
+    def _on_poll(self, stats: list) -> None:
+        if self._kv_events is not None:
+            self._kv_events.sync({s.endpoint_id: s.kv_events_endpoint for s in stats
+                                  if s.healthy and s.kv_events_endpoint})
+        self.metrics.kv_events_applied.set(self._kv_events.events_applied if self._kv_events else 0)
+
     def health_report(self) -> dict[str, Any]:
         snap = self._directory.snapshot(self._orch.in_flight())
         pools: dict[str, dict[str, Any]] = {}
@@ -134,7 +144,9 @@ class Ingress:
                            "endpoints": [e.endpoint_id for e in eps],
                            "last_poll_age_s": {e.endpoint_id: ages.get(e.endpoint_id) for e in eps},
                            "routers": self._directory.registrations.get(name, 0)}
-        ok = all(any(p["healthy"] for p in pools.values() if p["role"] == role.value) for role in Role)
+        # every configured role needs a healthy replica (a config without prefill pools prefills locally)
+        ok = all(any(p["healthy"] for p in pools.values() if p["role"] == role)
+                 for role in {p["role"] for p in pools.values()})
         return {"status": "ok" if ok else "unavailable", "model": self._cfg.model.name, "pools": pools}
 
     async def _handle(self, request: Request, kind: str, model_cls: type) -> Response:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from workers.messages import WorkerStats
@@ -69,6 +69,8 @@ class ClusterMetrics:
         self.admitted = Counter("pdserve_admitted_requests", "Requests admitted", ["tier", "prefill"], registry=r)
         self.prefix_hit_tokens = Counter("pdserve_prefix_hit_tokens", "Prompt tokens the chosen replica had "
                                          "cached (router's prefix index)", registry=r)
+        self.kv_events_applied = Gauge("pdserve_prefix_index_kv_events", "Engine KV cache events applied to "
+                                       "the router's prefix index (since start)", registry=r)
         self.routed_prompt_tokens = Counter("pdserve_routed_prompt_tokens", "Prompt tokens of routed requests",
                                             registry=r)
         ratio_buckets = (0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0, 8.0)

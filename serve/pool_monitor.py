@@ -22,8 +22,10 @@ logger = logging.getLogger(__name__)
 class PoolMonitor:
     def __init__(self, handles: Mapping[str, Any], directory: PoolDirectory, metrics: ClusterMetrics | None,
                  period_s: float, timeout_s: float = 2.0, clock: Callable[[], float] = time.time,
-                 on_stats: Callable[[WorkerStats], None] | None = None) -> None:
+                 on_stats: Callable[[WorkerStats], None] | None = None,
+                 on_poll: Callable[[list[WorkerStats]], None] | None = None) -> None:
         self._on_stats = on_stats
+        self._on_poll = on_poll
         self._handles = handles
         self._directory = directory
         self._metrics = metrics
@@ -80,6 +82,11 @@ class PoolMonitor:
         for gone in set(self._cache) - live:
             if live:
                 del self._cache[gone]
+        if self._on_poll is not None:
+            try:
+                self._on_poll(self.stats())
+            except Exception:
+                logger.exception("poll hook failed")
 
     async def _poll(self, handle: Any, endpoint_id: str | None) -> WorkerStats | None:
         resp = handle.stats.remote(drain=True, endpoint_hint=endpoint_id)

@@ -95,12 +95,15 @@ class EngineConfig(_Strict):
     mq_busy_loop_s: float = Field(0.0, ge=0, description="seconds vLLM's engine-core/worker shared-memory "
                                   "queue readers spin before sleeping (vLLM: 1.0; spinning steals a core "
                                   "from the other engine on small CPU boxes)")
+    kv_events: bool = Field(True, description="publish KV cache events (blocks stored/removed, vLLM "
+                            "kv_events_config over ZMQ on a free port) so routers index this engine's prefix "
+                            "cache exactly; off: routers rely on their own record of what they routed")
     extra: dict[str, Any] = Field(default_factory=dict, description="passed to vLLM AsyncEngineArgs")
 
     @field_validator("extra")
     @classmethod
     def _no_managed_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
-        managed = {"model", "kv_transfer_config", "block_size", "max_model_len", "tensor_parallel_size",
+        managed = {"model", "kv_transfer_config", "kv_events_config", "block_size", "max_model_len", "tensor_parallel_size",
                    "pipeline_parallel_size", "max_num_seqs"}
         clash = sorted(managed & set(v))
         if clash:

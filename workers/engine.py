@@ -27,6 +27,15 @@ class EngineSpec:
     served_model_name: str
     max_model_len: int
     local_rank: int = 0
+    kv_events_endpoint: str = ""     # tcp://HOST:PORT the engine publishes KV cache events on ("" = off)
+
+
+KV_EVENTS_TOPIC = "kv"
+
+
+def kv_events_config(endpoint: str) -> dict[str, Any]:
+    """vLLM ``kv_events_config``: publish block stored/removed events over ZMQ PUB at ``endpoint``."""
+    return {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": endpoint, "topic": KV_EVENTS_TOPIC}
 
 
 def device_env(pool: PoolConfig, local_rank: int = 0) -> dict[str, str]:
@@ -63,6 +72,8 @@ def engine_kwargs(spec: EngineSpec, kv_transfer_config: dict[str, Any] | None) -
         kwargs["gpu_memory_utilization"] = spec.pool.device.gpu_memory_utilization
     if kv_transfer_config:
         kwargs["kv_transfer_config"] = kv_transfer_config
+    if spec.kv_events_endpoint and e.enable_prefix_caching:
+        kwargs["kv_events_config"] = kv_events_config(spec.kv_events_endpoint)
     kwargs.update(e.extra)
     return kwargs
 
@@ -160,8 +171,11 @@ class EngineWrapper:
                 await self.engine.abort(request_id)
 
     def stats(self, drain: bool = False) -> WorkerStats:
-        return self.collector.snapshot(self.endpoint_id, self.spec.pool.name, self.spec.pool.role.value,
-                                       healthy=self.healthy, drain=drain)
+        s = self.collector.snapshot(self.endpoint_id, self.spec.pool.name, self.spec.pool.role.value,
+                                    healthy=self.healthy, drain=drain)
+        if self.spec.pool.engine.enable_prefix_caching:
+            s.kv_events_endpoint = self.spec.kv_events_endpoint
+        return s
 
     def shutdown(self) -> None:
         if self.engine is not None:

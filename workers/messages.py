@@ -96,6 +96,7 @@ class WorkerStats:
     # cost-model calibration samples since last drain (finished requests, engine-measured):
     prefill_samples: list[tuple[int, float]] = field(default_factory=list)   # (uncached tokens, prefill s)
     decode_samples: list[tuple[int, float]] = field(default_factory=list)    # (batch, s per output token)
+    kv_events_endpoint: str = ""     # ZMQ address of the engine's KV cache event publisher ("" = none)
     updated_s: float = 0.0
 
     def to_dict(self) -> dict:

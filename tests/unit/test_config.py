@@ -34,6 +34,14 @@ class TestDefaultConfig:
         assert cores[0] != cores[1], "the default pins prefill and decode to separate cores"
         assert cfg.model.path == "bundled:smollm2"
 
+    def test_decode_only_cluster_and_bench_configs_load(self):
+        # no prefill pool: every request prefills on its decode replica (colocated replicas)
+        cfg = ClusterConfig.from_dict({**BASE, "pools": [BASE["pools"][1]]})
+        assert [p.role.value for p in cfg.pools] == ["decode"]
+        import pathlib
+        for f in sorted(pathlib.Path("configs/bench").glob("*.yaml")):
+            ClusterConfig.from_yaml(f)
+
     def test_int_replicas_is_fixed_range(self):
         cfg = ClusterConfig.from_dict(with_pool(1, replicas=2))
         r = cfg.pools[1].replicas
@@ -50,7 +58,7 @@ class TestInvalidConfig:
         (with_pool(0, device={"kind": "gpu", "count": 2}), "device.count"),
         (with_pool(0, engine={"extra": {"model": "x"}}), "managed keys"),
         ({**BASE, "pools": [BASE["pools"][1], BASE["pools"][1]]}, "duplicate pool names"),
-        ({**BASE, "pools": [BASE["pools"][1], {**BASE["pools"][1], "name": "d2"}]}, "role ['prefill']"),
+        ({**BASE, "pools": [BASE["pools"][0], {**BASE["pools"][0], "name": "p2"}]}, "role ['decode']"),
         ({**BASE, "surprise": 1}, "surprise"),
         ({**BASE, "router": {"default_tier": "gold"}}, "default_tier"),
     ])

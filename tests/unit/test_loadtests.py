@@ -80,6 +80,21 @@ vllm:num_requests_running{engine="0",model_name="m"} 7.0
         assert parse_sample(self.VLLM) == {"queue": 4.0, "running": 7.0}
         assert parse_sample("") == {}
 
+    def test_prefix_cache_hit_rate_between_scrapes(self):
+        from loadtests.timeline import prefix_cache_counters, prefix_cache_hit_rate
+
+        def ours(hit, computed):
+            return ("# TYPE pdserve_engine_prompt_tokens counter\n"
+                    f'pdserve_engine_prompt_tokens_total{{pool="d",endpoint="a",source="local_cache_hit"}} {hit}\n'
+                    f'pdserve_engine_prompt_tokens_total{{pool="d",endpoint="a",source="local_compute"}} {computed}\n'
+                    'pdserve_engine_prompt_tokens_total{pool="d",endpoint="a",source="external_kv_transfer"} 999\n')
+        assert prefix_cache_counters(ours(10, 30)) == (10.0, 40.0)
+        assert prefix_cache_hit_rate(ours(10, 30), ours(70, 50)) == pytest.approx(60 / 80)
+        vllm = ("# TYPE vllm:prefix_cache_hits counter\nvllm:prefix_cache_hits_total{engine=\"0\"} 5\n"
+                "# TYPE vllm:prefix_cache_queries counter\nvllm:prefix_cache_queries_total{engine=\"0\"} 20\n")
+        assert prefix_cache_counters(vllm) == (5.0, 20.0)
+        assert prefix_cache_hit_rate("", "") is None
+
 
 class TestBenchConfig:
     def test_dtype_and_slo_come_from_the_config(self, tmp_path):

@@ -37,7 +37,14 @@ class TestHashingMatchesVllm:
         assert not set(a) & set(b)                       # every block differs, not only the first
         assert block_hashes(t, 128) == block_hashes(t + [1, 2, 3], 128)
         assert block_hashes(t, 128)[1] != block_hashes([9] + t[1:], 128)[1]
-        assert short_key(a[0]) == int.from_bytes(a[0][:8], "little") and short_key(2 ** 70 + 5) == 5
+        assert short_key(2 ** 70 + 5) == 5
+
+    def test_short_key_equals_vllm_kv_event_int_hash(self):
+        from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
+
+        h = block_hashes(list(range(128)), 128)[0]
+        published = maybe_convert_block_hash(h)      # what BlockStored carries (int hashes, vLLM default)
+        assert isinstance(published, int) and short_key(h) == short_key(published)
 
 
 class TestPrefixIndex:
