@@ -1,113 +1,160 @@
-"""Gather paged KV blocks into a contiguous slab and scatter a slab back (torch; no vLLM, no NIXL).
+"""Gather paged KV blocks into a slab and scatter a slab back (torch; no vLLM, no NIXL).
 
-Paged side: one tensor per layer, viewed as ``[num_blocks, num_kv_heads, block_size, content]``
-(vLLM's LBHNC cache layout per layer; ``content`` = K and V packed, 2 x head_dim).
-Slab side (the wire format before compression): ``[num_layers, num_kv_heads, num_tokens, content]``,
-token-major inside each head, so a receiver with a different block size (a heterogeneous decode pool)
-scatters it into its own block table. Compression (``int8``/``int4``) encodes that tensor as a whole
-with :class:`kvtransfer.quant.GroupQuant`.
+Layout verified against vLLM 0.32's CPU attention backend (``cpu_attn_reshape_and_cache`` writes
+K transposed; see tests/unit/test_kvtransfer.py::TestSlabCodec and the worker's start-up check).
+One cache tensor per layer, ``[num_blocks, H, block_size, 2*D]`` as allocated, whose interior for
+one (block, head) is NOT token-major K|V::
 
-Work is vectorised per layer (``index_select`` / ``index_copy_`` over block ids); the only Python
-loop is over layers.
+    paged layer tensor (LBHNC), one block b, one head h:
+    +---------------------------------------+---------------------------------------+
+    | K^T: D rows x block_size slots        | V: block_size slots x D               |
+    |  (channel-major, "k_transposed")      |  (token-major)                        |
+    +---------------------------------------+---------------------------------------+
+
+A slab is ``ceil(slab_tokens / block_size)`` of a request's blocks across ALL layers, moved as ONE
+transfer descriptor. Uncompressed wire format = the blocks' raw bytes, layer-major::
+
+    slab (none):  [ layer 0: blk0 [H x (K^T | V)] blk1 ... blk{k-1} ][ layer 1: ... ] ... [ layer L-1 ]
+    slab (int8/int4):  GroupQuant(token-major view [L, k, H, 2, block_size, D]) = codes|scales|zeros
+
+Packing is one ``index_select(out=...)`` per layer straight into registered pool memory (no
+intermediate). Quantization groups run along head_dim (K is transposed to token-major first). A
+receiver with the same block size copies whole blocks back (``index_copy_``); one with another
+block size goes through the token-major view and a slot mapping (``scatter_tokens``). The last
+block of a request travels whole: its slots past the prompt hold stale data that the receiver
+overwrites when it recomputes the last prompt token and decodes.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
 from kvtransfer.quant import GroupQuant
-from kvtransfer.slab import Slab, SlabSpec
+from kvtransfer.slab import SlabSpec
 
 Compression = Literal["none", "int8", "int4"]
+COMPRESSIONS: tuple[str, ...] = ("none", "int8", "int4")
 
 
-def _quant(compression: Compression, group: int) -> GroupQuant | None:
+def _quant(compression: str, group: int) -> GroupQuant | None:
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"unknown compression {compression!r}")
     if compression == "none":
         return None
     return GroupQuant(bits=4 if compression == "int4" else 8, group=group)
 
 
 class SlabCodec:
-    def __init__(self, spec: SlabSpec, dtype: torch.dtype, compression: Compression = "none", group: int = 32):
-        if compression not in ("none", "int8", "int4"):
-            raise ValueError(f"unknown compression {compression!r}")
+    """Paged blocks <-> wire bytes for one model geometry (``spec``) and one compression."""
+
+    def __init__(self, spec: SlabSpec, dtype: torch.dtype, compression: str = "none", group: int = 32,
+                 k_transposed: bool = True):
         self.spec, self.dtype, self.compression = spec, dtype, compression
         self.quant = _quant(compression, group)
+        self.k_transposed = k_transposed
 
-    def slab_shape(self, num_tokens: int) -> tuple[int, int, int, int]:
+    # sizes ---------------------------------------------------------------------------------------
+    @property
+    def block_elems(self) -> int:
+        """Elements of one block of one layer (all heads, K and V)."""
         s = self.spec
-        return (s.num_layers, s.num_kv_heads, num_tokens, s.content_dim)
+        return s.num_kv_heads * s.block_size * s.content_dim
 
-    def raw_nbytes(self, num_tokens: int) -> int:
-        return num_tokens * self.spec.kv_bytes_per_token
+    def raw_nbytes(self, num_blocks: int) -> int:
+        return num_blocks * self.spec.num_layers * self.block_elems * self.spec.dtype_bytes
 
-    def encoded_nbytes(self, num_tokens: int) -> int:
-        """Bytes on the wire for a slab of ``num_tokens`` tokens."""
+    def wire_nbytes(self, num_blocks: int) -> int:
+        """Bytes on the wire for a slab of ``num_blocks`` blocks (all layers)."""
         if self.quant is None:
-            return self.raw_nbytes(num_tokens)
-        n = num_tokens * self.spec.num_layers * self.spec.num_kv_heads * self.spec.content_dim
-        return self.quant.encoded_nbytes(n)
+            return self.raw_nbytes(num_blocks)
+        return self.quant.encoded_nbytes(num_blocks * self.spec.num_layers * self.block_elems)
 
-    # paged <-> slab tensor ---------------------------------------------------------------------
-    def gather(self, layers: Sequence[torch.Tensor], slab: Slab, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Copy the slab's tokens out of the paged caches into ``[L, H, T, C]``."""
+    # paged <-> raw slab tensor ---------------------------------------------------------------------
+    def _layer_view(self, cache: torch.Tensor) -> torch.Tensor:
+        return cache.view(cache.shape[0], self.block_elems)
+
+    def gather(self, layers: Sequence[torch.Tensor], block_ids: Sequence[int],
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw slab tensor ``[L, k, block_elems]`` (paged interior kept) of ``block_ids``."""
+        ids = torch.tensor(list(block_ids), dtype=torch.long)
+        out = out if out is not None else torch.empty(
+            (len(layers), len(ids), self.block_elems), dtype=self.dtype)
+        for li, cache in enumerate(layers):
+            torch.index_select(self._layer_view(cache), 0, ids, out=out[li])
+        return out
+
+    def scatter(self, raw: torch.Tensor, layers: Sequence[torch.Tensor], block_ids: Sequence[int]) -> None:
+        """Inverse of :meth:`gather` for a receiver with the same block size and layout."""
+        ids = torch.tensor(list(block_ids), dtype=torch.long)
+        if raw.shape[1] != len(ids):
+            raise ValueError(f"slab has {raw.shape[1]} blocks, got {len(ids)} destination blocks")
+        for li, cache in enumerate(layers):
+            self._layer_view(cache).index_copy_(0, ids, raw[li].to(cache.dtype))
+
+    # token-major view: [L, k, H, 2, block_size, D] -------------------------------------------------
+    def to_token_major(self, raw: torch.Tensor) -> torch.Tensor:
         s = self.spec
-        out = out if out is not None else torch.empty(self.slab_shape(slab.num_tokens), dtype=self.dtype)
-        ids = torch.tensor(slab.block_ids, dtype=torch.long)
+        x = raw.reshape(raw.shape[0], raw.shape[1], s.num_kv_heads, 2, s.block_size * s.head_dim)
+        k = x[:, :, :, 0].reshape(*x.shape[:3], *((s.head_dim, s.block_size) if self.k_transposed
+                                                  else (s.block_size, s.head_dim)))
+        v = x[:, :, :, 1].reshape(*x.shape[:3], s.block_size, s.head_dim)
+        if self.k_transposed:
+            k = k.transpose(-1, -2)
+        return torch.stack((k, v), dim=3)
+
+    def from_token_major(self, tm: torch.Tensor) -> torch.Tensor:
+        k, v = tm[:, :, :, 0], tm[:, :, :, 1]
+        if self.k_transposed:
+            k = k.transpose(-1, -2)
+        out = torch.stack((k.reshape(*k.shape[:3], -1), v.reshape(*v.shape[:3], -1)), dim=3)
+        return out.reshape(tm.shape[0], tm.shape[1], self.block_elems)
+
+    def scatter_tokens(self, tm: torch.Tensor, num_tokens: int, layers: Sequence[torch.Tensor],
+                       block_table: Sequence[int], first_token: int, block_size: int) -> None:
+        """Write the first ``num_tokens`` tokens of a token-major slab ``tm`` (absolute positions
+        ``first_token..``) into a receiver whose block size is ``block_size`` (any multiple of 1)."""
+        s = self.spec
+        tok = tm.permute(0, 1, 4, 2, 3, 5).reshape(tm.shape[0], -1, s.num_kv_heads, 2, s.head_dim)[:, :num_tokens]
+        pos = torch.arange(first_token, first_token + num_tokens)
+        table = torch.tensor(list(block_table), dtype=torch.long)
+        blk, off = table[pos // block_size], pos % block_size
         for li, cache in enumerate(layers):
-            blocks = cache.index_select(0, ids)                     # [k, H, bs, C]
-            tokens = blocks.permute(1, 0, 2, 3).reshape(s.num_kv_heads, -1, s.content_dim)
-            out[li].copy_(tokens[:, :slab.num_tokens])
-        return out
+            view = cache.view(cache.shape[0], s.num_kv_heads, 2, block_size * s.head_dim)
+            k_cache = view[:, :, 0].view(cache.shape[0], s.num_kv_heads, *(
+                (s.head_dim, block_size) if self.k_transposed else (block_size, s.head_dim)))
+            v_cache = view[:, :, 1].view(cache.shape[0], s.num_kv_heads, block_size, s.head_dim)
+            src = tok[li].to(cache.dtype)                                  # [T, H, 2, D]
+            if self.k_transposed:
+                k_cache[blk, :, :, off] = src[:, :, 0]
+            else:
+                k_cache[blk, :, off] = src[:, :, 0]
+            v_cache[blk, :, off] = src[:, :, 1]
 
-    def scatter(self, kv: torch.Tensor, layers: Sequence[torch.Tensor], block_ids: Sequence[int],
-                block_size: int | None = None) -> None:
-        """Write ``[L, H, T, C]`` into the paged caches at ``block_ids`` (token order) of the receiver,
-        whose block size may differ from the sender's. A partial last block keeps its other slots."""
-        num_tokens = kv.shape[2]
-        bs = block_size or self.spec.block_size
-        full, rem = divmod(num_tokens, bs)
-        if len(block_ids) < full + (1 if rem else 0):
-            raise ValueError(f"{num_tokens} tokens need {full + bool(rem)} blocks of {bs}, got {len(block_ids)}")
-        full_ids = torch.tensor(list(block_ids[:full]), dtype=torch.long)
-        h, c = kv.shape[1], kv.shape[3]
-        for li, cache in enumerate(layers):
-            src = kv[li].to(cache.dtype)
-            if full:
-                blocks = src[:, :full * bs].reshape(h, full, bs, c).permute(1, 0, 2, 3)
-                cache.index_copy_(0, full_ids, blocks)
-            if rem:
-                cache[block_ids[full], :, :rem].copy_(src[:, full * bs:])
+    # wire ----------------------------------------------------------------------------------------
+    def pack(self, layers: Sequence[torch.Tensor], block_ids: Sequence[int], out: torch.Tensor) -> torch.Tensor:
+        """Paged blocks -> wire bytes written into ``out`` (uint8, at least ``wire_nbytes``);
+        returns the used prefix of ``out``."""
+        n = self.wire_nbytes(len(block_ids))
+        buf = out[:n]
+        if self.quant is None:
+            raw = buf.view(self.dtype).view(len(layers), len(block_ids), self.block_elems)
+            self.gather(layers, block_ids, out=raw)
+        else:
+            self.quant.encode(self.to_token_major(self.gather(layers, block_ids)), out=buf)
+        return buf
 
-    # wire encoding -------------------------------------------------------------------------------
-    def encode(self, kv: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Slab tensor -> flat uint8 wire bytes (a zero-copy view when uncompressed and ``out`` is None)."""
-        if self.quant is not None:
-            return self.quant.encode(kv, out=out)
-        flat = kv.contiguous().reshape(-1).view(torch.uint8)
-        if out is None:
-            return flat
-        out.copy_(flat)
-        return out
+    def decode(self, buf: torch.Tensor, num_blocks: int) -> torch.Tensor:
+        """Wire bytes -> raw slab tensor ``[L, k, block_elems]`` (a view when uncompressed)."""
+        shape = (self.spec.num_layers, num_blocks, self.block_elems)
+        if self.quant is None:
+            return buf[:self.raw_nbytes(num_blocks)].view(self.dtype).view(shape)
+        s = self.spec
+        tm_shape = (s.num_layers, num_blocks, s.num_kv_heads, 2, s.block_size, s.head_dim)
+        return self.from_token_major(self.quant.decode(buf[:self.wire_nbytes(num_blocks)], tm_shape, self.dtype))
 
-    def decode(self, buf: torch.Tensor, num_tokens: int) -> torch.Tensor:
-        """Wire bytes -> slab tensor ``[L, H, T, C]`` in the codec's dtype."""
-        shape = self.slab_shape(num_tokens)
-        if self.quant is not None:
-            return self.quant.decode(buf, shape, self.dtype)
-        return buf[:self.raw_nbytes(num_tokens)].view(self.dtype).reshape(shape)
-
-    def pack(self, layers: Sequence[torch.Tensor], slab: Slab, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Paged caches -> wire bytes for one slab (gather, then compress if configured)."""
-        if self.quant is None and out is not None:
-            view = out[:self.raw_nbytes(slab.num_tokens)].view(self.dtype).reshape(self.slab_shape(slab.num_tokens))
-            self.gather(layers, slab, out=view)
-            return out[:self.raw_nbytes(slab.num_tokens)]
-        return self.encode(self.gather(layers, slab), out=out)
-
-    def unpack(self, buf: torch.Tensor, num_tokens: int, layers: Sequence[torch.Tensor],
-               block_ids: Sequence[int], block_size: int | None = None) -> None:
-        """Wire bytes -> paged caches of the receiver (decompress, then scatter)."""
-        self.scatter(self.decode(buf, num_tokens), layers, block_ids, block_size)
+    def unpack(self, buf: torch.Tensor, layers: Sequence[torch.Tensor], block_ids: Sequence[int]) -> None:
+        """Wire bytes of ``len(block_ids)`` sender blocks -> the receiver's blocks (same block size)."""
+        self.scatter(self.decode(buf, len(block_ids)), layers, block_ids)

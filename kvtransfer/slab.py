@@ -9,8 +9,8 @@ descriptor per block per layer region, so descriptor counts grow with blocks x l
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 MiB = 1 << 20
 
@@ -94,3 +94,47 @@ def pool_nbytes(spec: SlabSpec, max_tokens_in_flight: int, wire_bytes_per_token:
     per_token = wire_bytes_per_token if wire_bytes_per_token is not None else spec.kv_bytes_per_token
     need = max(1, max_tokens_in_flight) * per_token
     return math.ceil(need / round_to) * round_to
+
+
+class RangeAllocator:
+    """First-fit byte-range allocator over a pre-registered pool (pure bookkeeping, no memory).
+
+    ``allocate`` returns an offset aligned to ``align`` or None when no free range fits (the caller
+    degrades: the handoff carries no slabs and the decode side recomputes). ``free`` takes the
+    offset back; freeing an unknown offset raises (a double free is a bug, not a condition).
+    """
+
+    def __init__(self, capacity_bytes: int, align: int = 4096):
+        self.capacity_bytes, self.align = capacity_bytes, align
+        self._free: list[tuple[int, int]] = [(0, capacity_bytes)]   # sorted (offset, size)
+        self._used: dict[int, int] = {}
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(self._used.values())
+
+    @property
+    def num_allocations(self) -> int:
+        return len(self._used)
+
+    def allocate(self, nbytes: int) -> int | None:
+        size = max(self.align, math.ceil(nbytes / self.align) * self.align)
+        for i, (off, free) in enumerate(self._free):
+            if free >= size:
+                rest = (off + size, free - size)
+                self._free[i:i + 1] = [rest] if rest[1] else []
+                self._used[off] = size
+                return off
+        return None
+
+    def free(self, offset: int) -> None:
+        size = self._used.pop(offset)
+        self._free.append((offset, size))
+        self._free.sort()
+        merged: list[tuple[int, int]] = []
+        for off, sz in self._free:
+            if merged and merged[-1][0] + merged[-1][1] == off:
+                merged[-1] = (merged[-1][0], merged[-1][1] + sz)
+            else:
+                merged.append((off, sz))
+        self._free = merged

@@ -8,7 +8,7 @@ from kvtransfer.quant import GroupQuant
 from kvtransfer.slab import MiB, SlabSpec, plan_slabs, pool_nbytes
 
 # SmolLM2-135M: 30 layers, 3 KV heads, head_dim 64
-SMOL = dict(num_layers=30, num_kv_heads=3, head_dim=64)
+SMOL = {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64}
 
 
 class TestPlanning:
@@ -82,6 +82,55 @@ def _paged(num_blocks, block_size, dtype, seed=0):
             for _ in range(SMOL["num_layers"])]
 
 
+def _write_tokens(layers, kv, block_table, block_size):
+    """Reference writer of vLLM CPU_ATTN's paged layout: token t's K/V ``kv[l, t] = [H, 2, D]`` go to
+    block ``block_table[t // bs]``, slot ``t % bs``; K stored transposed ([D, bs]), V as [bs, D]."""
+    h, d = SMOL["num_kv_heads"], SMOL["head_dim"]
+    for li, cache in enumerate(layers):
+        v5 = cache.view(cache.shape[0], h, 2, block_size * d)
+        k_cache = v5[:, :, 0].view(cache.shape[0], h, d, block_size)
+        v_cache = v5[:, :, 1].view(cache.shape[0], h, block_size, d)
+        for t in range(kv.shape[1]):
+            b, o = block_table[t // block_size], t % block_size
+            k_cache[b, :, :, o] = kv[li, t, :, 0].to(cache.dtype)
+            v_cache[b, :, o] = kv[li, t, :, 1].to(cache.dtype)
+
+
+def _read_tokens(layers, num_tokens, block_table, block_size):
+    h, d = SMOL["num_kv_heads"], SMOL["head_dim"]
+    out = torch.empty(len(layers), num_tokens, h, 2, d)
+    for li, cache in enumerate(layers):
+        v5 = cache.view(cache.shape[0], h, 2, block_size * d)
+        k_cache = v5[:, :, 0].view(cache.shape[0], h, d, block_size)
+        v_cache = v5[:, :, 1].view(cache.shape[0], h, block_size, d)
+        for t in range(num_tokens):
+            b, o = block_table[t // block_size], t % block_size
+            out[li, t, :, 0] = k_cache[b, :, :, o].float()
+            out[li, t, :, 1] = v_cache[b, :, o].float()
+    return out
+
+
+class TestCpuAttnLayout:
+    """The codec's idea of the paged layout is vLLM's: checked against the CPU backend's own writer."""
+
+    @pytest.mark.parametrize("block_size", [32, 128])
+    def test_reference_writer_matches_vllm_cpu_attn(self, block_size):
+        from vllm import _custom_ops as ops
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        h, d, nb, tokens = 3, 64, 4, block_size + 17
+        isa = _get_attn_isa(torch.float32, block_size, d)
+        ours = torch.zeros(nb, h, block_size, 2 * d)
+        theirs = torch.zeros_like(ours)
+        kv = torch.randn(1, tokens, h, 2, d)
+        _write_tokens([ours], kv, [2, 0], block_size)
+        k_cache, v_cache = theirs.view(nb, h, 2 * block_size, d).chunk(2, dim=2)
+        slots = torch.tensor([2 * block_size + t if t < block_size else t - block_size for t in range(tokens)])
+        ops.cpu_attn_reshape_and_cache(kv[0, :, :, 0].contiguous(), kv[0, :, :, 1].contiguous(), k_cache, v_cache,
+                                       slots, isa)
+        assert torch.equal(ours, theirs)
+
+
 class TestSlabCodec:
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
     @pytest.mark.parametrize("block_size", [32, 128])
@@ -94,41 +143,50 @@ class TestSlabCodec:
         dst_ids = [12, 4, 0, 19, 8, 22, 6, 15, 10, 13]
         tokens = 9 * block_size + block_size // 2                        # a partial last block
         plan = plan_slabs(src_ids, tokens, spec)
-        pool = torch.empty(codec.encoded_nbytes(spec.blocks_per_slab * block_size), dtype=torch.uint8)
+        pool = torch.empty(codec.wire_nbytes(spec.blocks_per_slab), dtype=torch.uint8)
         for slab in plan.slabs:
-            wire = codec.pack(src, slab, out=pool)
-            assert wire.numel() == codec.encoded_nbytes(slab.num_tokens)
+            wire = codec.pack(src, slab.block_ids, out=pool)
+            assert wire.numel() == codec.wire_nbytes(len(slab.block_ids)) == codec.raw_nbytes(len(slab.block_ids))
             first = slab.token_start // block_size
-            codec.unpack(wire, slab.num_tokens, dst, dst_ids[first:first + len(slab.block_ids)])
+            codec.unpack(wire, dst, dst_ids[first:first + len(slab.block_ids)])
         for s, d in zip(src, dst):
-            for i, (a, b) in enumerate(zip(src_ids, dst_ids)):
-                n = block_size if i < 9 else block_size // 2
-                assert torch.equal(s[a, :, :n], d[b, :, :n])
-                if n < block_size:
-                    assert torch.all(d[b, :, n:] == 0)                   # other slots untouched
+            for a, b in zip(src_ids, dst_ids):
+                assert torch.equal(s[a], d[b])                          # whole blocks, bit for bit
+        untouched = sorted(set(range(24)) - set(dst_ids))
+        assert all(torch.all(d[untouched] == 0) for d in dst)
+
+    def test_token_major_view_is_the_tokens(self):
+        spec = SlabSpec(**SMOL, block_size=32, dtype_bytes=4)
+        codec = SlabCodec(spec, torch.float32)
+        layers = [torch.zeros(6, 3, 32, 128) for _ in range(30)]
+        kv = torch.randn(30, 64, 3, 2, 64)
+        _write_tokens(layers, kv, [4, 1], 32)
+        tm = codec.to_token_major(codec.gather(layers, [4, 1]))         # [L, k, H, 2, bs, D]
+        assert torch.equal(tm.permute(0, 1, 4, 2, 3, 5).reshape(30, 64, 3, 2, 64), kv)
+        assert torch.equal(codec.from_token_major(tm), codec.gather(layers, [4, 1]))
 
     def test_receiver_with_a_different_block_size(self):
         spec = SlabSpec(**SMOL, block_size=128, dtype_bytes=4)
         codec = SlabCodec(spec, torch.float32)
         src = _paged(4, 128, torch.float32)
+        kv = torch.randn(30, 100, 3, 2, 64)
+        _write_tokens(src, kv, [2], 128)
         dst = [torch.zeros(16, 3, 32, 128) for _ in range(30)]
-        (slab,) = plan_slabs([2], 100, spec).slabs
-        codec.unpack(codec.pack(src, slab), 100, dst, [5, 9, 1, 7], block_size=32)
-        for s, d in zip(src, dst):
-            got = torch.cat([d[5], d[9], d[1], d[7]], dim=1)[:, :100]
-            assert torch.equal(got, s[2, :, :100])
+        tm = codec.to_token_major(codec.decode(codec.pack(src, [2], torch.empty(codec.wire_nbytes(1),
+                                                                                dtype=torch.uint8)), 1))
+        codec.scatter_tokens(tm, 100, dst, [5, 9, 1, 7], first_token=0, block_size=32)
+        assert torch.equal(_read_tokens(dst, 100, [5, 9, 1, 7], 32), kv)
 
     def test_int4_wire_bytes_and_error(self):
         spec = SlabSpec(**SMOL, block_size=128, dtype_bytes=2)
         codec = SlabCodec(spec, torch.bfloat16, compression="int4")
         src = _paged(4, 128, torch.bfloat16, seed=1)
         dst = [torch.zeros_like(t) for t in src]
-        (slab,) = plan_slabs([3], 128, spec).slabs
-        wire = codec.pack(src, slab)
-        assert wire.numel() == codec.encoded_nbytes(128) <= 0.3 * codec.raw_nbytes(128)
-        codec.unpack(wire, 128, dst, [0])
-        kv = codec.gather(src, slab).float()
-        back = codec.gather(dst, plan_slabs([0], 128, spec).slabs[0]).float()
+        wire = codec.pack(src, [3], torch.empty(codec.wire_nbytes(1), dtype=torch.uint8))
+        assert wire.numel() == codec.wire_nbytes(1) <= 0.3 * codec.raw_nbytes(1)
+        codec.unpack(wire, dst, [0])
+        kv = codec.to_token_major(codec.gather(src, [3])).float()
+        back = codec.to_token_major(codec.gather(dst, [0])).float()
         bound = codec.quant.error_bound(kv) + kv.abs() * 2 ** -7           # + bf16 rounding on the receiver
         assert torch.all((kv - back).abs() <= bound)
 

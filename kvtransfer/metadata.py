@@ -1,0 +1,145 @@
+"""Messages of the slab connector: the handoff carried in ``kv_transfer_params`` (wire, versioned),
+the per-step scheduler -> worker metadata, and the worker -> scheduler handshake.
+
+PROTOCOL_VERSION history:
+  1: first version. Slabs are raw paged blocks (layer-major) or GroupQuant of their token-major
+     view; one descriptor per slab; pull (decode READs), NIXL notification = remote request id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorHandshakeMetadata,
+    KVConnectorMetadata,
+)
+
+PROTOCOL_VERSION = 1
+
+# kv_transfer_params keys (vLLM's NixlConnector names where they mean the same thing)
+KEY_DO_REMOTE_DECODE = "do_remote_decode"
+KEY_DO_REMOTE_PREFILL = "do_remote_prefill"
+KEY_COMPRESSION = "compression"           # optional per-request override on the prefill request
+KEY_SLAB = "slab_handoff"                 # our nested, versioned payload
+KEY_REMOTE_ENGINE_ID = "remote_engine_id"
+KEY_REMOTE_REQUEST_ID = "remote_request_id"
+KEY_REMOTE_HOST = "remote_host"
+KEY_REMOTE_PORT = "remote_port"
+KEY_REMOTE_NUM_TOKENS = "remote_num_tokens"
+
+
+class SlabDesc(msgspec.Struct, frozen=True, array_like=True):
+    """One transfer descriptor: ``nbytes`` at ``addr`` in the prefill's registered pool, carrying
+    sender blocks ``first_block .. first_block + num_blocks`` of the request."""
+
+    addr: int
+    nbytes: int
+    first_block: int
+    num_blocks: int
+
+
+class SlabHandoff(msgspec.Struct, frozen=True):
+    """Where a finished prefill's slabs are and how to decode them (travels in kv_transfer_params)."""
+
+    version: int
+    engine_id: str                  # = the prefill's NIXL agent name
+    request_id: str                 # prefill request id (the read-done notification names it)
+    host: str
+    port: int                       # NIXL listener of the prefill's agent
+    num_tokens: int                 # prompt tokens whose KV the slabs hold
+    block_size: int                 # sender block size
+    dtype: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    k_transposed: bool
+    compression: str
+    group: int
+    deadline_unix_s: float          # the prefill frees the slabs at about this time
+    slabs: list[SlabDesc] = []
+
+    @property
+    def wire_nbytes(self) -> int:
+        return sum(s.nbytes for s in self.slabs)
+
+    def to_kv_transfer_params(self) -> dict[str, Any]:
+        return {
+            KEY_DO_REMOTE_PREFILL: True,
+            KEY_DO_REMOTE_DECODE: False,
+            KEY_REMOTE_ENGINE_ID: self.engine_id,
+            KEY_REMOTE_REQUEST_ID: self.request_id,
+            KEY_REMOTE_HOST: self.host,
+            KEY_REMOTE_PORT: self.port,
+            KEY_REMOTE_NUM_TOKENS: self.num_tokens,
+            KEY_SLAB: msgspec.to_builtins(self),
+        }
+
+    @classmethod
+    def from_kv_transfer_params(cls, params: Mapping[str, Any] | None) -> SlabHandoff | None:
+        """The handoff of a decode request's params; None if there is none or it is malformed or of
+        another protocol version (the request then prefills locally)."""
+        if not params or not params.get(KEY_DO_REMOTE_PREFILL) or not isinstance(params.get(KEY_SLAB), dict):
+            return None
+        try:
+            handoff = msgspec.convert(params[KEY_SLAB], cls)
+        except msgspec.ValidationError:
+            return None
+        return handoff if handoff.version == PROTOCOL_VERSION else None
+
+    def __repr__(self) -> str:  # anon: ids and sizes only
+        return (f"SlabHandoff(engine={self.engine_id}, req={self.request_id}, tokens={self.num_tokens}, "
+                f"slabs={len(self.slabs)}, bytes={self.wire_nbytes}, {self.compression})")
+
+
+@dataclass(frozen=True, slots=True)
+class PackJob:
+    """Prefill side: pack ``block_ids`` into the pool at ``offset`` (slabs back to back) in this step's
+    ``wait_for_save`` (after the forward that completes the prompt wrote the KV)."""
+
+    request_id: str
+    block_ids: tuple[int, ...]
+    offset: int
+    slab_blocks: tuple[int, ...]      # blocks per slab, in order
+    slab_nbytes: tuple[int, ...]
+    compression: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecvJob:
+    """Decode side: read ``handoff``'s slabs from ``first_block`` on into the pool at ``offset``, then
+    scatter into ``block_ids`` (the request's local block table). No slabs: only tell the prefill to
+    release (e.g. a full local prefix hit)."""
+
+    request_id: str
+    handoff: SlabHandoff
+    block_ids: tuple[int, ...]
+    first_block: int                  # first sender block to load (local prefix hit before it)
+    offset: int | None                # pool offset for the received bytes (None: release only)
+    fail: str | None = None           # already failed in the scheduler (a failure reason): report it
+
+
+@dataclass
+class SlabConnectorMetadata(KVConnectorMetadata):
+    """Scheduler -> worker, one per engine step (built by ``build_connector_meta``)."""
+
+    packs: list[PackJob] = field(default_factory=list)
+    recvs: list[RecvJob] = field(default_factory=list)
+    published: dict[str, float] = field(default_factory=dict)   # req id -> handoff timeout (s)
+    discarded: set[str] = field(default_factory=set)            # packed but never published (aborted)
+    idle: bool = False                                          # nothing scheduled this step
+
+
+@dataclass
+class SlabHandshake(KVConnectorHandshakeMetadata):
+    """Worker -> scheduler once at start: how peers reach this engine's agent and pool."""
+
+    agent_name: str
+    host: str
+    port: int
+    pool_addr: int
+    pool_nbytes: int
+    k_transposed: bool = True

@@ -1,0 +1,239 @@
+"""SlabConnectorScheduler: the slab connector's bookkeeping in vLLM's scheduler process.
+
+It owns the slab pool's byte ranges (``RangeAllocator``; the pool itself lives in the worker, whose
+address arrives once through the handshake), decides what the worker packs and reads each step,
+and produces/consumes the ``kv_transfer_params`` of a handoff. Only request attributes are read
+(``request_id``, ``kv_transfer_params``, ``num_prompt_tokens``, ``num_computed_tokens``,
+``status``), so unit tests drive it with plain objects.
+
+Prefill (producer) request, ``{"do_remote_decode": true}``, ``max_tokens=1``::
+
+    update_state_after_alloc  -> tracked as producing
+    build_connector_meta      -> in the step whose chunk completes the prompt: allocate a pool range,
+                                 PackJob (the worker packs in that step's wait_for_save)
+    request_finished          -> finished normally: (True, params) = hold the blocks, publish;
+                                 aborted/other: free the range now, (False, None)
+    update_connector_output   -> finished_sending (decode's notification or the worker's
+                                 handoff_timeout_s) frees the range; vLLM frees the blocks
+
+Decode (consumer) request, params from the prefill's output::
+
+    get_num_new_matched_tokens -> (prompt tokens beyond the local hit, load_async=True); pure
+    update_state_after_alloc   -> allocate a receive range, RecvJob; marks params processed (once)
+    update_connector_output    -> finished_recving (success or failure) frees the range
+
+Who frees what: vLLM frees paged blocks (after finished_sending on prefill; on decode always);
+this class frees pool ranges; the worker releases NIXL handles. Every allocated range is freed by
+exactly one of: request_finished (not published), finished_sending, finished_recving.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kvtransfer.codec import COMPRESSIONS, SlabCodec
+from kvtransfer.config import SlabSettings
+from kvtransfer.metadata import (
+    KEY_COMPRESSION,
+    KEY_DO_REMOTE_DECODE,
+    KEY_DO_REMOTE_PREFILL,
+    PROTOCOL_VERSION,
+    PackJob,
+    RecvJob,
+    SlabConnectorMetadata,
+    SlabDesc,
+    SlabHandoff,
+    SlabHandshake,
+)
+from kvtransfer.slab import RangeAllocator, SlabSpec, plan_slabs
+from kvtransfer.stats import KVTransferStats
+
+logger = logging.getLogger(__name__)
+
+FINISHED_OK = ("FINISHED_STOPPED", "FINISHED_LENGTH_CAPPED")
+
+
+@dataclass(frozen=True, slots=True)
+class _Packed:
+    offset: int
+    slabs: tuple[SlabDesc, ...]
+    num_tokens: int
+    compression: str
+
+
+class SlabConnectorScheduler:
+    def __init__(self, settings: SlabSettings, engine_id: str, spec: SlabSpec, dtype: Any,
+                 block_ids_of: Callable[[str], Sequence[int]], clock: Callable[[], float] = time.time):
+        self.settings, self.engine_id, self.spec, self.dtype = settings, engine_id, spec, dtype
+        self._block_ids_of = block_ids_of
+        self._clock = clock
+        self._handshake: SlabHandshake | None = None
+        self._alloc: RangeAllocator | None = None
+        self._codecs = {c: SlabCodec(spec, dtype, c, settings.group) for c in COMPRESSIONS}
+        self._producing: dict[str, Any] = {}        # req id -> Request, prompt not complete yet
+        self._packed: dict[str, _Packed] = {}       # packed this or an earlier step, not finished
+        self._published: dict[str, int] = {}        # req id -> pool offset, awaiting finished_sending
+        self._receiving: dict[str, int] = {}        # req id -> pool offset, awaiting finished_recving
+        self._meta = SlabConnectorMetadata()
+        self.stats = KVTransferStats()
+
+    # ----------------------------------------------------------------------------- set-up
+    def set_handshake(self, handshake: SlabHandshake) -> None:
+        """Called once after the worker registered its pool (vLLM's handshake collection)."""
+        self._handshake = handshake
+        self._alloc = RangeAllocator(handshake.pool_nbytes)
+        logger.info("slab pool %d MiB at %s:%d", handshake.pool_nbytes >> 20, handshake.host, handshake.port)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    # ----------------------------------------------------------------------------- decode side
+    def _handoff(self, request: Any) -> SlabHandoff | None:
+        h = SlabHandoff.from_kv_transfer_params(request.kv_transfer_params)
+        if h is None or not h.slabs:
+            return None
+        s = self.spec
+        if (h.num_layers, h.num_kv_heads, h.head_dim, h.block_size, h.dtype, h.k_transposed) != (
+                s.num_layers, s.num_kv_heads, s.head_dim, s.block_size, self.dtype_name,
+                self._handshake.k_transposed if self._handshake else True):
+            logger.warning("handoff %r does not match this engine's KV geometry; recomputing", h)
+            return None
+        return h
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+        """Side-effect free. Remote tokens beyond the (block-aligned) local hit, loaded async."""
+        params = request.kv_transfer_params
+        if not params or not params.get(KEY_DO_REMOTE_PREFILL):
+            return 0, False
+        h = self._handoff(request)
+        if h is None:
+            return 0, False
+        count = min(h.num_tokens, request.num_prompt_tokens) - num_computed_tokens
+        return (count, True) if count > 0 else (0, False)
+
+    def update_state_after_alloc(self, request: Any, block_ids: Sequence[int], num_external_tokens: int) -> None:
+        """May be called twice for an async load (second time after the load); acts once."""
+        params = request.kv_transfer_params
+        if not params:
+            return
+        if params.get(KEY_DO_REMOTE_DECODE):
+            self._producing[request.request_id] = request
+            return
+        if not params.get(KEY_DO_REMOTE_PREFILL):
+            return
+        h = self._handoff(request)
+        params[KEY_DO_REMOTE_PREFILL] = False          # one transfer per request, even if rescheduled
+        if h is None:
+            return
+        if num_external_tokens <= 0:                   # e.g. a full local hit: just let the prefill free
+            self._meta.recvs.append(RecvJob(request.request_id, h, (), 0, None))
+            return
+        end = min(h.num_tokens, request.num_prompt_tokens)
+        first_block = (end - num_external_tokens) // h.block_size
+        nbytes = sum(s.nbytes for s in h.slabs if s.first_block + s.num_blocks > first_block)
+        offset = self._alloc.allocate(nbytes) if self._alloc else None
+        if offset is None:
+            self.stats.fail("pool_full")
+            job = RecvJob(request.request_id, h, tuple(block_ids), first_block, None, fail="pool_full")
+        else:
+            self._receiving[request.request_id] = offset
+            job = RecvJob(request.request_id, h, tuple(block_ids), first_block, offset)
+        self._meta.recvs.append(job)
+
+    # ----------------------------------------------------------------------------- prefill side
+    def _compression(self, params: Mapping[str, Any]) -> str:
+        c = params.get(KEY_COMPRESSION) or self.settings.compression
+        return c if c in COMPRESSIONS else self.settings.compression
+
+    def _plan_pack(self, request: Any) -> None:
+        req_id = request.request_id
+        num_tokens = request.num_prompt_tokens
+        block_ids = list(self._block_ids_of(req_id))[:math.ceil(num_tokens / self.spec.block_size)]
+        compression = self._compression(request.kv_transfer_params)
+        codec = self._codecs[compression]
+        plan = plan_slabs(block_ids, num_tokens, self.spec)
+        sizes = [codec.wire_nbytes(len(s.block_ids)) for s in plan.slabs]
+        offset = self._alloc.allocate(sum(sizes)) if self._alloc else None
+        if offset is None:
+            self.stats.fail("pool_full")
+            logger.warning("slab pool full (%d bytes in use); request will be recomputed by decode",
+                           self._alloc.used_bytes if self._alloc else 0)
+            return
+        base = self._handshake.pool_addr + offset
+        descs, pos, first = [], 0, 0
+        for slab, size in zip(plan.slabs, sizes):
+            descs.append(SlabDesc(base + pos, size, first, len(slab.block_ids)))
+            pos, first = pos + size, first + len(slab.block_ids)
+        self._packed[req_id] = _Packed(offset, tuple(descs), num_tokens, compression)
+        self._meta.packs.append(PackJob(req_id, tuple(block_ids), offset,
+                                        tuple(len(s.block_ids) for s in plan.slabs), tuple(sizes), compression))
+
+    def build_connector_meta(self, num_scheduled_tokens: Mapping[str, int], idle: bool) -> SlabConnectorMetadata:
+        """Once per step; returns this step's jobs and resets the outbox."""
+        for req_id, request in list(self._producing.items()):
+            n = num_scheduled_tokens.get(req_id, 0)
+            if n and request.num_computed_tokens + n >= request.num_prompt_tokens:
+                del self._producing[req_id]
+                self._plan_pack(request)
+        meta, self._meta = self._meta, SlabConnectorMetadata()
+        meta.idle = idle
+        return meta
+
+    def request_finished(self, request: Any, block_ids: Sequence[int]) -> tuple[bool, dict[str, Any] | None]:
+        """Exactly once per request, before vLLM frees its blocks."""
+        req_id = request.request_id
+        self._producing.pop(req_id, None)
+        packed = self._packed.pop(req_id, None)
+        if packed is None:
+            return False, None
+        if getattr(request.status, "name", str(request.status)) not in FINISHED_OK or not block_ids:
+            self._alloc.free(packed.offset)
+            self._meta.discarded.add(req_id)
+            return False, None
+        timeout = self.settings.handoff_timeout_s
+        self._published[req_id] = packed.offset
+        self._meta.published[req_id] = timeout
+        hs, s = self._handshake, self.spec
+        handoff = SlabHandoff(
+            version=PROTOCOL_VERSION, engine_id=hs.agent_name, request_id=req_id, host=hs.host, port=hs.port,
+            num_tokens=packed.num_tokens, block_size=s.block_size, dtype=self.dtype_name,
+            num_layers=s.num_layers, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
+            k_transposed=hs.k_transposed, compression=packed.compression, group=self.settings.group,
+            deadline_unix_s=self._clock() + timeout, slabs=list(packed.slabs))
+        return True, handoff.to_kv_transfer_params()
+
+    # ----------------------------------------------------------------------------- both
+    def update_connector_output(self, finished_sending: Sequence[str], finished_recving: Sequence[str]) -> None:
+        for req_id in finished_sending or ():
+            offset = self._published.pop(req_id, None)
+            if offset is not None:
+                self._alloc.free(offset)
+        for req_id in finished_recving or ():
+            offset = self._receiving.pop(req_id, None)
+            if offset is not None:
+                self._alloc.free(offset)
+
+    def has_pending(self) -> bool:
+        return bool(self._published or self._receiving)
+
+    def pool_bytes_in_use(self) -> int:
+        return self._alloc.used_bytes if self._alloc else 0
+
+    def take_stats(self) -> KVTransferStats | None:
+        if self.stats.is_empty():
+            return None
+        out, self.stats = self.stats, KVTransferStats()
+        return out
+
+    def assert_empty(self) -> None:
+        """Leak check: no tracked request and no pool range in use."""
+        leftovers = {"producing": self._producing, "packed": self._packed, "published": self._published,
+                     "receiving": self._receiving}
+        assert not any(leftovers.values()), {k: list(v) for k, v in leftovers.items() if v}
+        assert self.pool_bytes_in_use() == 0, self.pool_bytes_in_use()

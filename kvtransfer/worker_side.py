@@ -1,0 +1,319 @@
+"""SlabConnectorWorker: the slab connector in vLLM's worker process (owns the pool, the transport,
+the paged caches). It executes the scheduler side's jobs; it decides nothing about pool ranges.
+
+Per engine step (vLLM's order): ``start_load_kv`` (apply published/discarded, queue and advance
+reads) -> ``wait_for_save`` (pack this step's completed prompts; on an idle step with handoffs
+pending, sleep ``idle_wait_ms`` instead of letting the engine spin) -> ``get_transfer_results``
+(notifications, timeouts, finished reads).
+
+Pool (registered with NIXL once, at ``register_kv_caches``)::
+
+    pool: [ range A (prefill req 1): slab0 | slab1 | ... ][ free ][ range B (decode req 7): slab0 .. ]
+    slab (none) = [layer 0 blocks][layer 1 blocks]...  (see kvtransfer/codec.py for a block's interior)
+
+Lifecycles (who frees what):
+  prefill  packed -> published(timeout) -> notified | timed out -> finished_sending (scheduler frees
+           the range, vLLM the blocks). A notification may arrive before "published" (kept until it).
+  decode   queued -> connecting (connect_timeout_s) -> reading (read_timeout_s) -> scattered
+           -> finished_recving; any failure -> finished_recving + failed_recving (vLLM recomputes)
+           and, if the peer is reachable, a release notification so the prefill frees early.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from kvtransfer.codec import COMPRESSIONS, SlabCodec
+from kvtransfer.config import SlabSettings
+from kvtransfer.metadata import RecvJob, SlabConnectorMetadata, SlabHandshake
+from kvtransfer.slab import SlabSpec, pool_nbytes
+from kvtransfer.stats import KVTransferStats
+from kvtransfer.transport import TransferState, Transport
+
+logger = logging.getLogger(__name__)
+
+MiB = 1 << 20
+
+
+class PrefillLedger:
+    """Published handoffs awaiting a read-done notification or their timeout (pure, clock injected)."""
+
+    def __init__(self, clock: Callable[[], float]):
+        self._clock = clock
+        self.packed: set[str] = set()
+        self.deadlines: dict[str, float] = {}
+        self._early: set[str] = set()
+
+    def on_packed(self, req_id: str) -> None:
+        self.packed.add(req_id)
+
+    def on_discarded(self, req_id: str) -> None:
+        self.packed.discard(req_id)
+        self._early.discard(req_id)
+
+    def on_published(self, req_id: str, timeout_s: float) -> None:
+        self.packed.discard(req_id)
+        self.deadlines[req_id] = self._clock() + timeout_s
+
+    def on_notified(self, req_id: str) -> bool:
+        """True if this completes a published handoff now."""
+        if req_id in self.deadlines:
+            return True
+        if req_id in self.packed:
+            self._early.add(req_id)
+        return False
+
+    def take_done(self, notified: set[str]) -> tuple[set[str], set[str]]:
+        """(released by notification, released by timeout); both leave the ledger."""
+        by_notif = {r for r in self.deadlines if r in notified or r in self._early}
+        now = self._clock()
+        by_timeout = {r for r, d in self.deadlines.items() if d <= now} - by_notif
+        for r in by_notif | by_timeout:
+            del self.deadlines[r]
+            self._early.discard(r)
+        return by_notif, by_timeout
+
+    def pending(self) -> bool:
+        return bool(self.deadlines)
+
+
+@dataclass
+class _Recv:
+    job: RecvJob
+    deadline: float
+    started_s: float
+    handle: object | None = None
+    read_started_s: float = 0.0
+    slabs: list = field(default_factory=list)    # the SlabDescs being read
+
+
+def _layer_key(name: str) -> tuple:
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
+
+
+class SlabConnectorWorker:
+    def __init__(self, settings: SlabSettings, engine_id: str, make_transport: Callable[[], Transport],
+                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time):
+        self.settings, self.engine_id = settings, engine_id
+        self._make_transport = make_transport
+        self._clock, self._wall = clock, wall_clock
+        self.transport: Transport | None = None
+        self.layers: list[torch.Tensor] = []
+        self.pool: torch.Tensor | None = None
+        self.spec: SlabSpec | None = None
+        self._codecs: dict[str, SlabCodec] = {}
+        self.ledger = PrefillLedger(clock)
+        self._recvs: dict[str, _Recv] = {}
+        self._finished_recving: set[str] = set()
+        self._failed_recving: set[str] = set()
+        self._release_only: list[tuple[RecvJob, float]] = []
+        self.stats = KVTransferStats()
+        self.handshake: SlabHandshake | None = None
+
+    # ----------------------------------------------------------------------------- start-up
+    def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor]) -> None:
+        """Once, after vLLM allocated the paged caches: build the codecs, the pool and the agent."""
+        self.layers = [kv_caches[k] for k in sorted(kv_caches, key=_layer_key)]
+        first = self.layers[0]
+        if first.dim() != 4 or any(t.shape != first.shape or t.dtype != first.dtype for t in self.layers):
+            raise ValueError(f"expected per-layer [blocks, heads, block_size, 2*head_dim] caches, got {first.shape}")
+        if not all(t.is_contiguous() for t in self.layers):
+            raise ValueError("slab connector needs contiguous per-layer caches (LBHNC)")
+        _, heads, block_size, content = first.shape
+        self.spec = SlabSpec(num_layers=len(self.layers), num_kv_heads=heads, head_dim=content // 2,
+                             block_size=block_size, dtype_bytes=first.element_size(),
+                             min_slab_tokens=self.settings.slab_tokens)
+        self._codecs = {c: SlabCodec(self.spec, first.dtype, c, self.settings.group) for c in COMPRESSIONS}
+        nbytes = self.settings.pool_mib * MiB if self.settings.pool_mib else pool_nbytes(
+            self.spec, self.settings.pool_tokens)
+        self.pool = torch.empty(nbytes, dtype=torch.uint8)
+        self.transport = self._make_transport()
+        self.transport.register_pool(self.pool)
+        host, port = self.transport.listen_address()
+        self.handshake = SlabHandshake(self.transport.name, host, port, self.pool.data_ptr(), nbytes)
+        logger.info("slab connector: %d layers x %s, block %d, slab %d blocks, pool %d MiB",
+                    len(self.layers), tuple(first.shape[1:]), block_size, self.spec.blocks_per_slab, nbytes >> 20)
+
+    # ----------------------------------------------------------------------------- per step
+    def start_load_kv(self, meta: SlabConnectorMetadata) -> None:
+        for req_id in meta.discarded:
+            self.ledger.on_discarded(req_id)
+        for req_id, timeout_s in meta.published.items():
+            self.ledger.on_published(req_id, timeout_s)
+        now = self._clock()
+        for job in meta.recvs:
+            self._start_recv(job, now)
+        self._advance_recvs()
+
+    def wait_for_save(self, meta: SlabConnectorMetadata) -> None:
+        for job in meta.packs:
+            t0 = time.perf_counter()
+            codec = self._codecs[job.compression]
+            pos, first = job.offset, 0
+            for num_blocks, nbytes in zip(job.slab_blocks, job.slab_nbytes):
+                codec.pack(self.layers, job.block_ids[first:first + num_blocks], self.pool[pos:pos + nbytes])
+                pos, first = pos + nbytes, first + num_blocks
+            self.ledger.on_packed(job.request_id)
+            self.stats.num_handoffs_sent += 1
+            self.stats.num_slabs += len(job.slab_blocks)
+            self.stats.pack_s.append(time.perf_counter() - t0)
+        if meta.idle and (self.ledger.pending() or self._recvs or self._release_only) \
+                and self.settings.idle_wait_ms > 0:
+            time.sleep(self.settings.idle_wait_ms / 1000)
+
+    def get_transfer_results(self) -> tuple[set[str], set[str], set[str]]:
+        """(finished_sending, finished_recving, failed_recving) since the last call."""
+        notified = {m.decode() for _, m in self.transport.drain_notifications()} if self.transport else set()
+        for req_id in notified:
+            self.ledger.on_notified(req_id)
+        by_notif, by_timeout = self.ledger.take_done(notified)
+        self.stats.num_released_by_notification += len(by_notif)
+        self.stats.num_released_by_timeout += len(by_timeout)
+        for _ in by_timeout:
+            self.stats.fail("handoff_timeout")
+        if by_timeout:
+            logger.warning("freeing %d handoffs no decode confirmed within %.1f s", len(by_timeout),
+                           self.settings.handoff_timeout_s)
+        self._advance_recvs()
+        self._advance_release_only()
+        recving, failed = self._finished_recving, self._failed_recving
+        self._finished_recving, self._failed_recving = set(), set()
+        return by_notif | by_timeout, recving, failed
+
+    # ----------------------------------------------------------------------------- decode
+    def _start_recv(self, job: RecvJob, now: float) -> None:
+        h = job.handoff
+        if job.offset is None and job.fail is None:
+            self.transport.connect(h.engine_id, h.host, h.port)
+            self._release_only.append((job, now + self.settings.connect_timeout_s))
+            return
+        if job.fail is not None:
+            self._fail(job.request_id, job.fail, h)
+            return
+        if self._wall() > h.deadline_unix_s - self.settings.expiry_margin_s:
+            self._fail(job.request_id, "expired", h)
+            return
+        self.transport.connect(h.engine_id, h.host, h.port)
+        self._recvs[job.request_id] = _Recv(job, now + self.settings.connect_timeout_s, now)
+
+    def _advance_recvs(self) -> None:
+        now = self._clock()
+        for req_id, r in list(self._recvs.items()):
+            h = r.job.handoff
+            if r.handle is None:
+                if self.transport.is_connected(h.engine_id):
+                    self._start_read(r, now)
+                elif now >= r.deadline:
+                    self._drop(req_id, "connect_timeout")
+                    if hasattr(self.transport, "forget"):
+                        self.transport.forget(h.engine_id)
+                continue
+            state = self.transport.poll(r.handle)
+            if state is TransferState.DONE:
+                self.transport.release(r.handle)
+                self._complete(req_id, r)
+            elif state is TransferState.FAILED:
+                self.transport.release(r.handle)
+                self._drop(req_id, "read_error")
+            elif now >= r.deadline:
+                self.transport.release(r.handle)
+                self._drop(req_id, "read_timeout")
+
+    def _start_read(self, r: _Recv, now: float) -> None:
+        job = r.job
+        r.slabs = [s for s in job.handoff.slabs if s.first_block + s.num_blocks > job.first_block]
+        local, pos = [], self.pool.data_ptr() + job.offset
+        for s in r.slabs:
+            local.append((pos, s.nbytes))
+            pos += s.nbytes
+        try:
+            r.handle = self.transport.read(job.handoff.engine_id, local, [(s.addr, s.nbytes) for s in r.slabs],
+                                           job.handoff.request_id.encode())
+        except Exception:
+            logger.warning("starting the slab read for %s failed", job.request_id, exc_info=True)
+            self._drop(job.request_id, "read_error")
+            return
+        r.read_started_s = now
+        r.deadline = now + self.settings.read_timeout_s
+
+    def _complete(self, req_id: str, r: _Recv) -> None:
+        job, h = r.job, r.job.handoff
+        t_read = self._clock() - r.read_started_s
+        try:
+            codec = self._codecs[h.compression] if h.group == self.settings.group else \
+                SlabCodec(self.spec, self.layers[0].dtype, h.compression, h.group)
+            pos = job.offset
+            for s in r.slabs:
+                raw = codec.decode(self.pool[pos:pos + s.nbytes], s.num_blocks)
+                pos += s.nbytes
+                skip = max(0, job.first_block - s.first_block)
+                local = job.block_ids[s.first_block + skip:s.first_block + s.num_blocks]
+                if local:
+                    codec.scatter(raw[:, skip:skip + len(local)], self.layers, local)
+        except Exception:
+            logger.warning("decoding the slabs of %s failed", req_id, exc_info=True)
+            del self._recvs[req_id]
+            self._failed(req_id, "decode_error")
+            return
+        del self._recvs[req_id]
+        self._finished_recving.add(req_id)
+        st = self.stats
+        st.num_handoffs_received += 1
+        st.num_slabs += len(r.slabs)
+        st.num_descriptors += len(r.slabs)
+        st.wire_bytes += sum(s.nbytes for s in r.slabs)
+        st.raw_bytes += self._codecs["none"].raw_nbytes(sum(s.num_blocks for s in r.slabs))
+        st.transfer_s.append(t_read)
+        st.handoff_s.append(self._clock() - r.started_s)
+
+    def _drop(self, req_id: str, reason: str) -> None:
+        r = self._recvs.pop(req_id)
+        self._fail(req_id, reason, r.job.handoff)
+
+    def _fail(self, req_id: str, reason: str, handoff) -> None:
+        logger.warning("slab handoff for %s failed (%s); recomputing locally", req_id, reason)
+        self._failed(req_id, reason)
+        if self.transport.is_connected(handoff.engine_id):
+            self._notify(handoff)
+
+    def _failed(self, req_id: str, reason: str) -> None:
+        self.stats.fail(reason)
+        self._finished_recving.add(req_id)
+        self._failed_recving.add(req_id)
+
+    def _notify(self, handoff) -> None:
+        try:
+            self.transport.notify(handoff.engine_id, handoff.request_id.encode())
+        except Exception:
+            logger.warning("release notification to %s failed", handoff.engine_id, exc_info=True)
+
+    def _advance_release_only(self) -> None:
+        now, keep = self._clock(), []
+        for job, deadline in self._release_only:
+            if self.transport.is_connected(job.handoff.engine_id):
+                self._notify(job.handoff)
+            elif now < deadline:
+                keep.append((job, deadline))
+        self._release_only = keep
+
+    # ----------------------------------------------------------------------------- misc
+    def take_stats(self) -> KVTransferStats | None:
+        if self.stats.is_empty():
+            return None
+        out, self.stats = self.stats, KVTransferStats()
+        return out
+
+    def shutdown(self) -> None:
+        if self.transport is not None:
+            for r in self._recvs.values():
+                if r.handle is not None:
+                    self.transport.release(r.handle)
+            self._recvs.clear()
+            self.transport.close()
+            self.transport = None

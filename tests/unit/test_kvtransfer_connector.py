@@ -1,0 +1,387 @@
+"""Pure parts of the slab connector: handoff params, pool ranges, scheduler-side bookkeeping, the
+prefill ledger's timeouts (injected clock), a prefill->decode worker round trip over an in-process
+FakeTransport (no NIXL), and stats aggregate/reduce. Real engines + NIXL: tests/integration/."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kvtransfer.config import SlabSettings
+from kvtransfer.metadata import PROTOCOL_VERSION, SlabDesc, SlabHandoff, SlabHandshake
+from kvtransfer.scheduler_side import SlabConnectorScheduler
+from kvtransfer.slab import RangeAllocator, SlabSpec
+from kvtransfer.stats import KVTransferStats
+from kvtransfer.transport import TransferState
+from kvtransfer.worker_side import PrefillLedger, SlabConnectorWorker
+
+GEOM = {"num_layers": 4, "num_kv_heads": 3, "head_dim": 64}
+BS = 32
+
+
+class FakeClock:
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class FakeTransport:
+    """In-process stand-in for NixlTransport: peers share one registry; reads copy pool bytes."""
+
+    def __init__(self, name: str, registry: dict, reachable: bool = True, fail_reads: bool = False):
+        self.name, self.registry, self.reachable, self.fail_reads = name, registry, reachable, fail_reads
+        self.pool = None
+        self.inbox: list[tuple[str, bytes]] = []
+        self.reads: list[int] = []           # descriptors per read
+        self.connected: set[str] = set()
+
+    def register_pool(self, pool):
+        assert self.pool is None
+        self.pool = pool
+        self.registry[self.name] = self
+
+    def listen_address(self):
+        return "127.0.0.1", 1
+
+    def connect(self, peer, host, port):
+        if self.reachable and peer in self.registry:
+            self.connected.add(peer)
+
+    def is_connected(self, peer):
+        return peer in self.connected
+
+    def _view(self, addr, n):
+        off = addr - self.pool.data_ptr()
+        assert 0 <= off and off + n <= self.pool.numel()
+        return self.pool[off:off + n]
+
+    def read(self, peer, local, remote, notify):
+        self.reads.append(len(remote))
+        if self.fail_reads:
+            return "failed"
+        src = self.registry[peer]
+        for (la, n), (ra, m) in zip(local, remote):
+            assert n == m
+            self._view(la, n).copy_(src._view(ra, m))
+        src.inbox.append((self.name, notify))
+        return "done"
+
+    def poll(self, handle):
+        return TransferState.DONE if handle == "done" else TransferState.FAILED
+
+    def release(self, handle):
+        pass
+
+    def notify(self, peer, message):
+        self.registry[peer].inbox.append((self.name, message))
+
+    def drain_notifications(self):
+        out, self.inbox = self.inbox, []
+        return out
+
+    def close(self):
+        pass
+
+
+def _request(req_id, params, prompt_tokens, computed=0, status="RUNNING"):
+    return SimpleNamespace(request_id=req_id, kv_transfer_params=params, num_prompt_tokens=prompt_tokens,
+                           num_computed_tokens=computed, status=SimpleNamespace(name=status))
+
+
+def _spec(**kw):
+    return SlabSpec(**GEOM, block_size=BS, dtype_bytes=4, min_slab_tokens=kw.get("slab_tokens", 128))
+
+
+def _handshake(name, pool_nbytes=64 << 20, addr=1 << 40):
+    return SlabHandshake(name, "127.0.0.1", 5555, addr, pool_nbytes)
+
+
+def _scheduler(name="P", blocks=None, clock=None, **settings):
+    s = SlabConnectorScheduler(SlabSettings(**settings), name, _spec(), torch.float32,
+                               block_ids_of=lambda rid: blocks[rid], clock=clock or FakeClock())
+    return s
+
+
+def _handoff(**kw):
+    base = dict(version=PROTOCOL_VERSION, engine_id="P", request_id="p1", host="127.0.0.1", port=5555,
+                num_tokens=300, block_size=BS, dtype="float32", **GEOM, k_transposed=True, compression="none",
+                group=32, deadline_unix_s=2000.0,
+                slabs=[SlabDesc(1 << 40, 100, 0, 4), SlabDesc((1 << 40) + 100, 100, 4, 4),
+                       SlabDesc((1 << 40) + 200, 50, 8, 2)])
+    base.update(kw)
+    return SlabHandoff(**base)
+
+
+class TestHandoffParams:
+    def test_round_trip(self):
+        h = _handoff()
+        params = h.to_kv_transfer_params()
+        assert params["do_remote_prefill"] and params["remote_engine_id"] == "P" and params["remote_port"] == 5555
+        assert SlabHandoff.from_kv_transfer_params(params) == h
+        assert "p1" in repr(h) and "slabs=3" in repr(h)
+
+    @pytest.mark.parametrize("params", [None, {}, {"do_remote_prefill": True},
+                                        {"do_remote_prefill": True, "slab_handoff": {"version": 1}},
+                                        {"do_remote_prefill": False, "slab_handoff": {}}])
+    def test_absent_or_malformed_is_none(self, params):
+        assert SlabHandoff.from_kv_transfer_params(params) is None
+
+    def test_other_protocol_version_is_none(self):
+        params = _handoff(version=PROTOCOL_VERSION + 1).to_kv_transfer_params()
+        assert SlabHandoff.from_kv_transfer_params(params) is None
+
+
+class TestRangeAllocator:
+    def test_allocate_free_merge(self):
+        a = RangeAllocator(16 * 4096)
+        x, y, z = a.allocate(5000), a.allocate(4096), a.allocate(1)
+        assert (x, y, z) == (0, 2 * 4096, 3 * 4096) and a.used_bytes == 4 * 4096
+        a.free(y)
+        assert a.allocate(8192) == 4 * 4096           # the hole of one page does not fit two
+        a.free(x)
+        assert a.allocate(3 * 4096) == 0              # x and y's ranges merged
+        assert a.allocate(100 * 4096) is None
+        with pytest.raises(KeyError):
+            a.free(12345)
+
+
+class TestSchedulerProducer:
+    def _finish(self, s, req, status="FINISHED_LENGTH_CAPPED"):
+        req.status = SimpleNamespace(name=status)
+        return s.request_finished(req, [1, 2])
+
+    def test_pack_publish_release(self):
+        blocks = {"p1": list(range(100, 111))}
+        s = _scheduler(blocks=blocks, handoff_timeout_s=7)
+        s.set_handshake(_handshake("P"))
+        req = _request("p1", {"do_remote_decode": True}, prompt_tokens=300)
+        s.update_state_after_alloc(req, [], 0)
+        meta = s.build_connector_meta({"p1": 256}, idle=False)          # chunk 1 of 2: nothing yet
+        assert not meta.packs
+        req.num_computed_tokens = 256
+        meta = s.build_connector_meta({"p1": 44}, idle=False)
+        (job,) = meta.packs
+        assert job.block_ids == tuple(range(100, 110)) and job.slab_blocks == (4, 4, 2)   # 10 blocks
+        delay, params = self._finish(s, req)
+        assert delay is True
+        h = SlabHandoff.from_kv_transfer_params(params)
+        assert h.num_tokens == 300 and len(h.slabs) == 3 and h.deadline_unix_s == 1007.0
+        assert h.slabs[0].addr == (1 << 40) + job.offset and sum(sl.nbytes for sl in h.slabs) == sum(job.slab_nbytes)
+        assert s.build_connector_meta({}, idle=True).published == {"p1": 7}
+        assert s.pool_bytes_in_use() > 0
+        s.update_connector_output(finished_sending=["p1"], finished_recving=[])
+        s.assert_empty()
+
+    def test_per_request_compression(self):
+        s = _scheduler(blocks={"p1": list(range(10))})
+        s.set_handshake(_handshake("P"))
+        req = _request("p1", {"do_remote_decode": True, "compression": "int4"}, prompt_tokens=128)
+        s.update_state_after_alloc(req, [], 0)
+        (job,) = s.build_connector_meta({"p1": 128}, idle=False).packs
+        raw = 4 * BS * GEOM["num_layers"] * GEOM["num_kv_heads"] * 2 * GEOM["head_dim"] * 4
+        assert job.compression == "int4" and sum(job.slab_nbytes) < 0.3 * raw / 2   # < 0.3x of bf16
+
+    def test_aborted_request_frees_now(self):
+        s = _scheduler(blocks={"p1": list(range(10))})
+        s.set_handshake(_handshake("P"))
+        req = _request("p1", {"do_remote_decode": True}, prompt_tokens=128)
+        s.update_state_after_alloc(req, [], 0)
+        s.build_connector_meta({"p1": 128}, idle=False)
+        assert self._finish(s, req, "FINISHED_ABORTED") == (False, None)
+        assert s.build_connector_meta({}, idle=True).discarded == {"p1"}
+        s.assert_empty()
+
+    def test_pool_full_degrades_to_no_handoff(self):
+        s = _scheduler(blocks={"p1": list(range(10))})
+        s.set_handshake(_handshake("P", pool_nbytes=4096))
+        req = _request("p1", {"do_remote_decode": True}, prompt_tokens=128)
+        s.update_state_after_alloc(req, [], 0)
+        assert not s.build_connector_meta({"p1": 128}, idle=False).packs
+        assert self._finish(s, req) == (False, None)
+        assert s.take_stats().failures == {"pool_full": 1}
+        s.assert_empty()
+
+
+class TestSchedulerConsumer:
+    def _decode(self):
+        s = _scheduler(name="D", blocks={})
+        s.set_handshake(_handshake("D"))
+        return s
+
+    def test_matched_tokens_and_recv_job(self):
+        s = self._decode()
+        params = _handoff().to_kv_transfer_params()
+        req = _request("d1", params, prompt_tokens=300)
+        assert s.get_num_new_matched_tokens(req, 0) == (300, True)
+        assert s.get_num_new_matched_tokens(req, 64) == (236, True)        # side-effect free
+        s.update_state_after_alloc(req, list(range(10)), 236)              # local hit: 2 blocks
+        assert params["do_remote_prefill"] is False                        # once only
+        assert s.get_num_new_matched_tokens(req, 0) == (0, False)
+        (job,) = s.build_connector_meta({}, idle=True).recvs
+        assert job.first_block == 2 and job.offset is not None and job.block_ids == tuple(range(10))
+        assert s.pool_bytes_in_use() == 4096                               # all 3 slabs (250 B) needed
+        s.update_connector_output(finished_sending=[], finished_recving=["d1"])
+        s.assert_empty()
+
+    def test_full_local_hit_only_releases(self):
+        s = self._decode()
+        req = _request("d1", _handoff().to_kv_transfer_params(), prompt_tokens=300)
+        s.update_state_after_alloc(req, list(range(10)), 0)
+        (job,) = s.build_connector_meta({}, idle=False).recvs
+        assert job.offset is None and job.fail is None
+        s.assert_empty()
+
+    @pytest.mark.parametrize("change", [{"block_size": 128}, {"num_layers": 30}, {"dtype": "bfloat16"},
+                                        {"slabs": []}])
+    def test_incompatible_or_empty_handoff_recomputes(self, change):
+        s = self._decode()
+        req = _request("d1", _handoff(**change).to_kv_transfer_params(), prompt_tokens=300)
+        assert s.get_num_new_matched_tokens(req, 0) == (0, False)
+
+
+class TestPrefillLedger:
+    def test_timeout_and_notification(self):
+        clock = FakeClock(0.0)
+        ledger = PrefillLedger(clock)
+        for r in ("a", "b", "c"):
+            ledger.on_packed(r)
+        ledger.on_published("a", 5)
+        ledger.on_published("b", 5)
+        assert ledger.on_notified("c") is False                    # early: before its publish
+        ledger.on_published("c", 5)
+        assert ledger.take_done({"a"}) == ({"a", "c"}, set())
+        clock.t = 4.9
+        assert ledger.take_done(set()) == (set(), set())
+        clock.t = 5.0
+        assert ledger.take_done(set()) == (set(), {"b"})
+        assert not ledger.pending()
+
+    def test_discarded_notification_is_forgotten(self):
+        ledger = PrefillLedger(FakeClock(0.0))
+        ledger.on_packed("a")
+        ledger.on_notified("a")
+        ledger.on_discarded("a")
+        assert ledger.take_done(set()) == (set(), set()) and not ledger.packed
+
+
+def _caches(num_blocks=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {f"model.layers.{i}.self_attn.attn": torch.randn(num_blocks, 3, BS, 128, generator=g)
+            for i in range(GEOM["num_layers"])}
+
+
+class TestWorkerRoundTrip:
+    """Prefill worker packs, decode worker READs over FakeTransport and scatters; ranges and
+    handles all come back."""
+
+    def _pair(self, reachable=True, fail_reads=False, **settings):
+        registry, clock = {}, FakeClock(0.0)
+        cfg = SlabSettings(pool_mib=8, **settings)
+        p = SlabConnectorWorker(cfg, "P", lambda: FakeTransport("P", registry), clock=clock, wall_clock=lambda: 0.0)
+        d = SlabConnectorWorker(cfg, "D", lambda: FakeTransport("D", registry, reachable, fail_reads), clock=clock,
+                                wall_clock=lambda: 0.0)
+        p.register_kv_caches(_caches(seed=1))
+        d.register_kv_caches({k: torch.zeros_like(v) for k, v in _caches().items()})
+        ps = SlabConnectorScheduler(cfg, "P", p.spec, torch.float32, block_ids_of=lambda rid: [9, 3, 5, 12, 0, 7],
+                                    clock=lambda: 0.0)
+        ds = SlabConnectorScheduler(cfg, "D", d.spec, torch.float32, block_ids_of=lambda rid: [], clock=lambda: 0.0)
+        ps.set_handshake(p.handshake)
+        ds.set_handshake(d.handshake)
+        return p, d, ps, ds, clock
+
+    def _prefill(self, p, ps, compression="none"):
+        req = _request("p1", {"do_remote_decode": True, "compression": compression}, prompt_tokens=170)
+        ps.update_state_after_alloc(req, [], 0)
+        p.wait_for_save(ps.build_connector_meta({"p1": 170}, idle=False))
+        req.status = SimpleNamespace(name="FINISHED_LENGTH_CAPPED")
+        delay, params = ps.request_finished(req, [9])
+        assert delay
+        p.start_load_kv(ps.build_connector_meta({}, idle=True))
+        return params
+
+    def _decode_step(self, d, ds, req=None, blocks=(1, 2, 4, 6, 8, 10), external=170):
+        if req is not None:
+            ds.update_state_after_alloc(req, list(blocks), external)
+        d.start_load_kv(ds.build_connector_meta({}, idle=True))
+        sending, recving, failed = d.get_transfer_results()
+        ds.update_connector_output(sending, recving)
+        return recving, failed
+
+    @pytest.mark.parametrize("compression", ["none", "int8", "int4"])
+    def test_handoff(self, compression):
+        p, d, ps, ds, _ = self._pair()
+        params = self._prefill(p, ps, compression)
+        req = _request("d1", params, prompt_tokens=170)
+        assert ds.get_num_new_matched_tokens(req, 0) == (170, True)
+        recving, failed = self._decode_step(d, ds, req)
+        assert recving == {"d1"} and not failed
+        assert d.transport.reads == [2]                               # ONE descriptor per slab (6 blocks)
+        for src, dst in zip(p.layers, d.layers):
+            got, want = dst[[1, 2, 4, 6, 8, 10]], src[[9, 3, 5, 12, 0, 7]]
+            if compression == "none":
+                assert torch.equal(got, want)
+            else:
+                tol = 0.03 if compression == "int8" else 0.5
+                assert (got - want).abs().max() < tol * want.abs().max()
+        sending, _, _ = p.get_transfer_results()                      # the read's notification
+        assert sending == {"p1"}
+        ps.update_connector_output(sending, [])
+        ps.assert_empty()
+        ds.assert_empty()
+        st = d.take_stats()
+        assert st.num_handoffs_received == 1 and st.num_descriptors == 2
+        assert (st.wire_bytes == st.raw_bytes) == (compression == "none")
+
+    def test_unreachable_prefill_fails_the_read_after_connect_timeout(self):
+        p, d, ps, ds, clock = self._pair(reachable=False, connect_timeout_s=2)
+        req = _request("d1", self._prefill(p, ps), prompt_tokens=170)
+        assert self._decode_step(d, ds, req) == (set(), set())
+        clock.t = 2.5
+        assert self._decode_step(d, ds) == ({"d1"}, {"d1"})
+        assert d.take_stats().failures == {"connect_timeout": 1}
+        ds.assert_empty()
+
+    def test_failed_read_notifies_prefill_which_frees(self):
+        p, d, ps, ds, _ = self._pair(fail_reads=True)
+        req = _request("d1", self._prefill(p, ps), prompt_tokens=170)
+        assert self._decode_step(d, ds, req) == ({"d1"}, {"d1"})
+        sending, _, _ = p.get_transfer_results()
+        assert sending == {"p1"}
+
+    def test_decode_never_reads_prefill_frees_after_timeout(self):
+        p, _, ps, _, clock = self._pair(handoff_timeout_s=3)
+        self._prefill(p, ps)
+        assert p.get_transfer_results()[0] == set()
+        clock.t = 3.0
+        sending, _, _ = p.get_transfer_results()
+        assert sending == {"p1"}
+        ps.update_connector_output(sending, [])
+        ps.assert_empty()
+        assert p.take_stats().num_released_by_timeout == 1
+
+    def test_expired_handoff_is_not_read(self):
+        p, d, ps, ds, _ = self._pair(handoff_timeout_s=3)
+        req = _request("d1", self._prefill(p, ps), prompt_tokens=170)
+        d._wall = lambda: 2.5                                         # within expiry_margin_s of the deadline
+        assert self._decode_step(d, ds, req) == ({"d1"}, {"d1"})
+        assert d.transport.reads == []
+
+
+class TestStats:
+    def test_aggregate_reduce(self):
+        a = KVTransferStats(num_handoffs_received=2, num_descriptors=6, wire_bytes=100, raw_bytes=400,
+                            handoff_s=[0.01, 0.03])
+        a.fail("read_timeout")
+        b = KVTransferStats(num_handoffs_received=1, num_descriptors=3, wire_bytes=50, raw_bytes=200,
+                            handoff_s=[0.02])
+        b.fail("read_timeout")
+        b.fail("expired")
+        r = a.aggregate(b).reduce()
+        assert r["descriptors_per_handoff"] == 3 and r["wire_to_raw"] == 0.25
+        assert r["handoff_p50_s"] == 0.02 and r["failures_read_timeout"] == 2 and r["failures_expired"] == 1
+        assert KVTransferStats.from_dict(a.to_dict()) == a
+        assert a.latency_histogram()[-1] == 3 and KVTransferStats().is_empty()
