@@ -2,8 +2,11 @@
 
 At arrival, for the prefill and decode replicas the placement step picked:
 
-    TTFT ~ queue wait on the prefill replica + prefill of the uncached tokens + KV handoff
-    TPOT ~ decode step time at the batch the request would join
+    TTFT ~ (queue wait on the prefill replica + prefill of the uncached tokens + KV handoff
+            [+ the decode replica's first step, after a remote prefill]) x ttft_bias
+    TPOT ~ decode step time at the batch the request would join x tpot_bias
+
+(the biases are the models' running observed/predicted ratios, see router/cost_model.py).
 
 ``queue wait`` is the prefill work already dispatched to that replica and not finished (the
 router's own accounting, in uncached tokens) at the fitted prefill rate.
@@ -18,6 +21,12 @@ are shed first. Outcomes:
 - 503 ``overload_ttft`` / ``overload_tpot``: even the top tier would miss the SLO.
 
 Both carry ``Retry-After`` = the time for the queue to drain back under the tier's limit.
+
+Phase-specific throttling. Prefill lagging: the queue-wait budget above stops new prompts of the
+lowest tiers first (free at 60 % of the TTFT budget by default, standard at 90 %, premium never
+below the full SLO). Decode saturated (predicted TPOT >= ``saturation`` x the tier's TPOT SLO)
+for tiers below ``below_priority``: ``cap`` admits with ``max_tokens`` capped (the request holds
+its decode slot for less time), ``reject`` answers 429 ``decode_throttled``.
 
 Liveness: a request that finds its prefill replica's queue empty is never refused on TTFT, and one
 that finds its decode replica idle never on TPOT. Waiting cannot make it faster, and refusing it
@@ -44,10 +53,19 @@ class TierPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class DecodeThrottle:
+    saturation: float = 0.8       # decode counts as saturated at this share of the tier's TPOT SLO
+    action: str = "cap"           # "cap" | "reject"
+    cap_max_tokens: int = 128
+    below_priority: int = 50      # tiers with a lower priority are throttled
+
+
+@dataclass(frozen=True, slots=True)
 class Admission:
     predicted_ttft_s: float
     predicted_tpot_s: float
     queue_wait_s: float
+    max_new_tokens: int | None = None   # set when decode throttling capped the request
 
 
 def usable_fraction(tier: str, tiers: Mapping[str, TierPolicy]) -> float:
@@ -58,7 +76,8 @@ def usable_fraction(tier: str, tiers: Mapping[str, TierPolicy]) -> float:
 
 def decide(tier: str, tiers: Mapping[str, TierPolicy], model: CostModel, *, queued_prefill_tokens: int,
            uncached_tokens: int, decode_batch: int, kv_bytes: int = 0, decode_model: CostModel | None = None,
-           decode_idle: bool | None = None, min_retry_after_s: float = 1.0) -> Admission | Rejection:
+           decode_idle: bool | None = None, min_retry_after_s: float = 1.0, remote_prefill: bool = False,
+           max_new_tokens: int = 0, throttle: DecodeThrottle | None = None) -> Admission | Rejection:
     """Admit or reject one request (see module docstring). ``model`` is the prefilling pool's,
     ``decode_model`` the decode pool's (default: the same); ``decode_batch`` excludes the request.
     ``decode_idle`` (default ``decode_batch == 0``) is the liveness test for TPOT; callers pass their
@@ -66,9 +85,12 @@ def decide(tier: str, tiers: Mapping[str, TierPolicy], model: CostModel, *, queu
     if decode_idle is None:
         decode_idle = decode_batch <= 0
     pol = tiers[tier]
-    wait = model.prefill_s(queued_prefill_tokens)
-    ttft = wait + model.prefill_s(uncached_tokens) + model.handoff_s(kv_bytes)
-    tpot = (decode_model or model).decode_step_s(decode_batch + 1)
+    dm = decode_model or model
+    wait = model.prefill_s(queued_prefill_tokens) * model.ttft_bias
+    step = dm.decode_step_s(decode_batch + 1)
+    ttft = wait + (model.prefill_s(uncached_tokens) + model.handoff_s(kv_bytes)
+                   + (step if remote_prefill else 0.0)) * model.ttft_bias
+    tpot = step * dm.tpot_bias
     top_ttft = max(t.ttft_s for t in tiers.values())
     top_tpot = max(t.tpot_s for t in tiers.values())
     if tpot > top_tpot and not decode_idle:
@@ -85,7 +107,17 @@ def decide(tier: str, tiers: Mapping[str, TierPolicy], model: CostModel, *, queu
         over = max(wait - budget, ttft - pol.ttft_s, 0.0)
         return Rejection(reason="tier_quota", status_code=429, retry_after_s=_retry(over, min_retry_after_s),
                          message=f"capacity for tier '{tier}' is exhausted; retry later or use a higher tier")
-    return Admission(predicted_ttft_s=ttft, predicted_tpot_s=tpot, queue_wait_s=wait)
+    cap = None
+    if (throttle is not None and pol.priority < throttle.below_priority and not decode_idle
+            and tpot >= throttle.saturation * pol.tpot_s):
+        if throttle.action == "reject":
+            return Rejection(reason="decode_throttled", status_code=429,
+                             retry_after_s=max(min_retry_after_s, 2 * tpot),
+                             message=f"decode capacity for tier '{tier}' is throttled; retry later or use a "
+                                     "higher tier")
+        if max_new_tokens > throttle.cap_max_tokens:
+            cap = throttle.cap_max_tokens
+    return Admission(predicted_ttft_s=ttft, predicted_tpot_s=tpot, queue_wait_s=wait, max_new_tokens=cap)
 
 
 def _retry(seconds: float, floor: float) -> float:

@@ -57,6 +57,14 @@ class AdmissionConfig(BaseModel):
     prefill_tokens_per_s_prior: float = Field(300.0, gt=0)
     decode_step_s_prior: float = Field(0.10, gt=0)
     min_retry_after_s: float = Field(1.0, ge=0)
+    bias_alpha: float = Field(0.1, gt=0, le=1, description="weight of each observed/predicted TTFT and TPOT "
+                              "ratio in the model's running correction")
+    decode_throttle: Literal["off", "cap", "reject"] = Field("cap", description="lower tiers when decode is "
+                                                              "saturated: cap max_tokens, or reject (429)")
+    decode_saturation: float = Field(0.8, gt=0, description="decode is saturated at this share of a tier's "
+                                     "TPOT SLO")
+    throttle_cap_max_tokens: int = Field(128, ge=1)
+    throttle_below_priority: int = Field(50, description="tiers with a lower priority are throttled")
 
 
 class RouterConfig(BaseModel):

@@ -9,11 +9,17 @@ few dozen samples), starting from a prior (config, or a short warm-up) that coun
 - decode seconds per output token vs decode batch size (running requests on the engine);
 - handoff seconds vs KV bytes.
 
+On top, an end-to-end correction per quantity (``ttft_bias``, ``tpot_bias``): the geometric moving
+average of observed / predicted TTFT and TPOT of admitted requests. It absorbs what the lines do not
+model (the decode side's first step, queueing in the serving path, batch interference), so the
+prediction the admission test uses is calibrated on the very quantity the SLO constrains.
+
 Pure: stdlib only. Not thread-safe; the router owns one per pool and updates it from one loop.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -66,9 +72,16 @@ class CostPrior:
     handoff_bytes_per_s: float = 1e9
 
 
+BIAS_RANGE = (0.5, 4.0)   # a correction outside this means the model is broken, not biased
+
+
 class CostModel:
-    def __init__(self, prior: CostPrior | None = None, prior_weight: float = 5.0, lam: float = 0.98) -> None:
+    def __init__(self, prior: CostPrior | None = None, prior_weight: float = 5.0, lam: float = 0.98,
+                 bias_alpha: float = 0.1) -> None:
         p = prior or CostPrior()
+        self.bias_alpha = bias_alpha
+        self.ttft_bias = 1.0
+        self.tpot_bias = 1.0
         self.prefill = OnlineLine(p.prefill_overhead_s, 1.0 / p.prefill_tokens_per_s, prior_weight, lam, 1e3)
         self.decode = OnlineLine(p.decode_step_s - p.decode_step_per_seq_s, p.decode_step_per_seq_s,
                                  prior_weight, lam, 10.0)
@@ -87,6 +100,13 @@ class CostModel:
         if nbytes > 0 and seconds > 0:
             self.handoff.update(nbytes, seconds)
 
+    def observe_ttft_ratio(self, actual_over_predicted: float) -> None:
+        """Observed / predicted TTFT of one admitted request (prediction made with the current bias)."""
+        self.ttft_bias = _ewma_log(self.ttft_bias, actual_over_predicted, self.bias_alpha)
+
+    def observe_tpot_ratio(self, actual_over_predicted: float) -> None:
+        self.tpot_bias = _ewma_log(self.tpot_bias, actual_over_predicted, self.bias_alpha)
+
     # predictions (never below a small floor: a fit may drift negative at the edges) --------------
     def prefill_s(self, uncached_tokens: int) -> float:
         if uncached_tokens <= 0:
@@ -101,3 +121,11 @@ class CostModel:
 
     def prefill_tokens_per_s(self) -> float:
         return 1.0 / max(self.prefill.slope, 1e-9)
+
+
+def _ewma_log(bias: float, ratio: float, alpha: float) -> float:
+    """Move ``bias`` by ``ratio`` in log space (ratio 2 and 0.5 weigh the same), clamped."""
+    if not ratio > 0 or math.isinf(ratio):
+        return bias
+    b = bias * ratio ** alpha
+    return min(max(b, BIAS_RANGE[0]), BIAS_RANGE[1])

@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 from typing import Mapping, Sequence
 
-from router.admission import Admission, TierPolicy, decide
+from router.admission import Admission, DecodeThrottle, TierPolicy, decide
 from router.config import RouterConfig
 from router.cost_model import CostModel, CostPrior
 from router.prefix_index import PrefixIndex
@@ -32,7 +32,16 @@ def tier_policies(cfg: RouterConfig) -> dict[str, TierPolicy]:
 
 def new_cost_model(cfg: RouterConfig) -> CostModel:
     a = cfg.admission
-    return CostModel(CostPrior(prefill_tokens_per_s=a.prefill_tokens_per_s_prior, decode_step_s=a.decode_step_s_prior))
+    return CostModel(CostPrior(prefill_tokens_per_s=a.prefill_tokens_per_s_prior, decode_step_s=a.decode_step_s_prior),
+                     bias_alpha=a.bias_alpha)
+
+
+def decode_throttle(cfg: RouterConfig) -> DecodeThrottle | None:
+    a = cfg.admission
+    if a.decode_throttle == "off":
+        return None
+    return DecodeThrottle(saturation=a.decode_saturation, action=a.decode_throttle,
+                          cap_max_tokens=a.throttle_cap_max_tokens, below_priority=a.throttle_below_priority)
 
 
 class SloAwarePolicy:
@@ -43,6 +52,7 @@ class SloAwarePolicy:
         self.models = models
         self.block_size = block_size
         self.tiers = tier_policies(cfg)
+        self.throttle = decode_throttle(cfg)
         self._rng = rng or random.Random()
 
     def model(self, pool: str) -> CostModel:
@@ -98,14 +108,15 @@ class SloAwarePolicy:
         verdict = decide(tier, self.tiers, self.model(target.pool),
                          queued_prefill_tokens=target.queued_prefill_tokens, uncached_tokens=uncached,
                          decode_batch=decode.load, decode_model=self.model(decode.pool),
-                         decode_idle=decode.in_flight == 0,
-                         min_retry_after_s=self.cfg.admission.min_retry_after_s)
+                         decode_idle=decode.in_flight == 0, remote_prefill=prefill is not None,
+                         min_retry_after_s=self.cfg.admission.min_retry_after_s,
+                         max_new_tokens=req.max_new_tokens, throttle=self.throttle)
         if isinstance(verdict, Rejection):
             return verdict
         assert isinstance(verdict, Admission)
         return RoutingDecision(decode=decode, prefill=prefill, reason=reason, prefix_hit_tokens=hit,
                                uncached_tokens=uncached, predicted_ttft_s=verdict.predicted_ttft_s,
-                               predicted_tpot_s=verdict.predicted_tpot_s)
+                               predicted_tpot_s=verdict.predicted_tpot_s, max_new_tokens=verdict.max_new_tokens)
 
 
 def build_policy(cfg: RouterConfig, block_size: int, rng: random.Random | None = None):

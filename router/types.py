@@ -62,6 +62,7 @@ class RoutingDecision:
     uncached_tokens: int = 0         # prompt tokens that replica must compute
     predicted_ttft_s: float | None = None
     predicted_tpot_s: float | None = None
+    max_new_tokens: int | None = None    # admission capped the request's max_tokens (decode throttling)
 
 
 @dataclass(frozen=True, slots=True)

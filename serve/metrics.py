@@ -69,6 +69,11 @@ class ClusterMetrics:
         self.admitted = Counter("pdserve_admitted_requests", "Requests admitted", ["tier", "prefill"], registry=r)
         self.prefix_hit_tokens = Counter("pdserve_prefix_hit_tokens", "Prompt tokens the chosen replica had "
                                          "cached (router's prefix index)", registry=r)
+        self.decision_s = Histogram("pdserve_router_decision_duration_seconds", "Routing policy decision time "
+                                    "(placement + admission, per request)",
+                                    buckets=(2.5e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2.5e-3, 1e-2), registry=r)
+        self.throttled = Counter("pdserve_admission_throttled", "Requests admitted with throttling",
+                                 ["tier", "action"], registry=r)
         self.kv_events_applied = Gauge("pdserve_prefix_index_kv_events", "Engine KV cache events applied to "
                                        "the router's prefix index (since start)", registry=r)
         self.routed_prompt_tokens = Counter("pdserve_routed_prompt_tokens", "Prompt tokens of routed requests",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -64,7 +65,10 @@ class Orchestrator:
         return snap
 
     def route(self, desc: RequestDescriptor, exclude: frozenset[str] = frozenset()) -> RoutingDecision:
-        decision = self._policy.route(desc, self.snapshot(exclude))
+        snap = self.snapshot(exclude)
+        t0 = time.perf_counter()
+        decision = self._policy.route(desc, snap)
+        self._metrics.decision_s.observe(time.perf_counter() - t0)
         if isinstance(decision, Rejection):
             self._metrics.rejections.labels(decision.reason, desc.tier).inc()
             raise rejection_to_error(decision)
@@ -72,6 +76,8 @@ class Orchestrator:
         self._metrics.routing.labels(where, decision.decode.pool).inc()
         self._metrics.admitted.labels(desc.tier, where).inc()
         self._metrics.prefix_hit_tokens.inc(decision.prefix_hit_tokens)
+        if decision.max_new_tokens is not None:
+            self._metrics.throttled.labels(desc.tier, "cap_max_tokens").inc()
         self._metrics.routed_prompt_tokens.inc(desc.num_prompt_tokens)
         if self._index is not None and desc.block_hashes:
             # the router's own record: both replicas will hold the prompt's KV blocks
@@ -144,6 +150,11 @@ class Orchestrator:
     async def generate(self, job: GenerationJob) -> AsyncIterator[TokenChunk]:
         t0 = self._clock()
         decision = self.route(job.desc)
+        if decision.max_new_tokens is not None and decision.max_new_tokens < job.sampling.max_tokens:
+            # decode throttling: this request may hold a decode slot for fewer tokens (finish "length")
+            job = dataclasses.replace(job, sampling=dataclasses.replace(job.sampling,
+                                                                       max_tokens=decision.max_new_tokens))
+        model_of = getattr(self._policy, "model", None)
         # the prefilling replica's queued work, released once its prefill is done (idempotent)
         release = self._reserve((decision.prefill or decision.decode).endpoint_id, decision.uncached_tokens)
         produced = False
@@ -158,10 +169,16 @@ class Orchestrator:
                     produced, first_s = True, self._clock()
                     release()
                     if decision.predicted_ttft_s:
-                        self._metrics.ttft_pred_ratio.observe((first_s - t0) / decision.predicted_ttft_s)
+                        ratio = (first_s - t0) / decision.predicted_ttft_s
+                        self._metrics.ttft_pred_ratio.observe(ratio)
+                        if model_of is not None:
+                            model_of((decision.prefill or decision.decode).pool).observe_ttft_ratio(ratio)
                 if chunk.finish_reason is not None and decision.predicted_tpot_s and ntok > 1:
                     tpot = (self._clock() - first_s) / (ntok - 1)
-                    self._metrics.tpot_pred_ratio.observe(tpot / decision.predicted_tpot_s)
+                    ratio = tpot / decision.predicted_tpot_s
+                    self._metrics.tpot_pred_ratio.observe(ratio)
+                    if model_of is not None:
+                        model_of(decision.decode.pool).observe_tpot_ratio(ratio)
                 yield chunk
             return
         except (ApiError, asyncio.CancelledError, GeneratorExit):

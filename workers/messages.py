@@ -95,7 +95,7 @@ class WorkerStats:
     kv_transfer_durations_s: list[float] = field(default_factory=list)  # since last drain
     # cost-model calibration samples since last drain (finished requests, engine-measured):
     prefill_samples: list[tuple[int, float]] = field(default_factory=list)   # (uncached tokens, prefill s)
-    decode_samples: list[tuple[int, float]] = field(default_factory=list)    # (batch, s per output token)
+    decode_samples: list[tuple[int, float]] = field(default_factory=list)    # (batch, mean step s)
     kv_events_endpoint: str = ""     # ZMQ address of the engine's KV cache event publisher ("" = none)
     updated_s: float = 0.0
 

@@ -15,7 +15,6 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 from workers.messages import WorkerStats
 
 MAX_SAMPLES = 256  # per drain period; older samples are dropped
-MIN_DECODE_SAMPLE_TOKENS = 8  # shorter outputs' mean TPOT is dominated by their first steps
 
 
 class EngineStatsCollector(StatLoggerBase):
@@ -26,7 +25,7 @@ class EngineStatsCollector(StatLoggerBase):
         self._stats = WorkerStats(endpoint_id="", pool="", role="")
         self._pending_durations: list[float] = []
         self._prefill_samples: list[tuple[int, float]] = []
-        self._decode_samples: list[tuple[int, float]] = []
+        self._decode_steps: dict[int, list[float]] = {}  # batch -> [sum of step seconds, steps]
 
     def factory(self, vllm_config: Any, engine_index: int = 0) -> "EngineStatsCollector":
         """Stat-logger factory handed to ``AsyncLLM``: returns this very collector."""
@@ -49,16 +48,27 @@ class EngineStatsCollector(StatLoggerBase):
                 s.prompt_tokens_external_kv += p.external_kv_transfer
                 s.generation_tokens_total += iteration_stats.num_generation_tokens
                 for f in iteration_stats.finished_requests or ():
-                    self._record_finished(f, s.num_running)
+                    self._record_finished(f)
+                self._record_step(iteration_stats)
             s.updated_s = time.time()
 
-    def _record_finished(self, f, num_running: int) -> None:
+    def _record_finished(self, f) -> None:
         uncached = int(f.num_prompt_tokens) - int(f.num_cached_tokens or 0)
         if uncached > 0 and f.prefill_time > 0:
             self._prefill_samples = (self._prefill_samples + [(uncached, float(f.prefill_time))])[-MAX_SAMPLES:]
-        if f.num_generation_tokens >= MIN_DECODE_SAMPLE_TOKENS and f.mean_time_per_output_token > 0:
-            batch = max(1, num_running + 1)  # the batch it ran in, approximately: itself + the others
-            self._decode_samples = (self._decode_samples + [(batch, float(f.mean_time_per_output_token))])[-MAX_SAMPLES:]
+
+    def _record_step(self, it) -> None:
+        """Decode calibration from engine steps: a step that produced a next token for ``k`` running
+        requests (plus first tokens for new ones) took the inter-token latency those requests saw,
+        so (batch = all requests that got a token, seconds = their mean inter-token latency) is one
+        exact sample of TPOT at that batch, including any prefill work the step carried."""
+        itl = it.inter_token_latencies_iter
+        if not itl:
+            return
+        batch = len(itl) + len(it.time_to_first_tokens_iter)
+        acc = self._decode_steps.setdefault(batch, [0.0, 0])
+        acc[0] += sum(itl) / len(itl)
+        acc[1] += 1
 
     def _record_connector(self, data: dict[str, Any]) -> None:
         s = self._stats
@@ -80,8 +90,9 @@ class EngineStatsCollector(StatLoggerBase):
             d = self._stats.to_dict()
             if drain:
                 d["kv_transfer_durations_s"] = self._pending_durations
-                d["prefill_samples"], d["decode_samples"] = self._prefill_samples, self._decode_samples
-                self._pending_durations, self._prefill_samples, self._decode_samples = [], [], []
+                d["prefill_samples"] = self._prefill_samples
+                d["decode_samples"] = [(b, acc[0] / acc[1]) for b, acc in sorted(self._decode_steps.items())]
+                self._pending_durations, self._prefill_samples, self._decode_steps = [], [], {}
             else:
                 d["kv_transfer_durations_s"], d["prefill_samples"], d["decode_samples"] = [], [], []
         # updated_s = when the replica answered (it is alive), not when the engine last logged:

@@ -97,3 +97,59 @@ def test_decode_liveness_uses_the_callers_exact_count():
     assert isinstance(stale, Admission)
     busy = decide("free", TIERS, slow, queued_prefill_tokens=0, uncached_tokens=10, decode_batch=3, decode_idle=False)
     assert isinstance(busy, Rejection) and busy.reason == "overload_tpot"
+
+
+class TestCalibrationBias:
+    def test_bias_tracks_observed_over_predicted_and_is_clamped(self):
+        m = _model()
+        for _ in range(60):
+            m.observe_ttft_ratio(1.5 / m.ttft_bias)      # truth: 1.5x what the lines predict
+            m.observe_tpot_ratio(0.8 / m.tpot_bias)
+        assert m.ttft_bias == pytest.approx(1.5, rel=0.02) and m.tpot_bias == pytest.approx(0.8, rel=0.02)
+        for _ in range(200):
+            m.observe_ttft_ratio(100.0)
+        m.observe_ttft_ratio(float("nan"))
+        assert m.ttft_bias == 4.0
+
+    def test_bias_and_remote_first_step_enter_the_prediction(self):
+        m = _model(rate=250.0, step=0.1)
+        base = decide("free", TIERS, m, queued_prefill_tokens=0, uncached_tokens=500, decode_batch=0)
+        remote = decide("free", TIERS, m, queued_prefill_tokens=0, uncached_tokens=500, decode_batch=0,
+                        remote_prefill=True)
+        assert remote.predicted_ttft_s == pytest.approx(base.predicted_ttft_s + 0.1)
+        m.ttft_bias = 1.5
+        biased = decide("free", TIERS, m, queued_prefill_tokens=0, uncached_tokens=500, decode_batch=0)
+        assert biased.predicted_ttft_s == pytest.approx(1.5 * base.predicted_ttft_s)
+        # 1 s queue + 2 s prefill = 3 s fits the 4 s SLO; x1.5 = 4.5 s does not: the same queue is refused
+        d = decide("free", TIERS, m, queued_prefill_tokens=250, uncached_tokens=500, decode_batch=0)
+        assert isinstance(d, Rejection) and d.reason == "overload_ttft"
+        m.ttft_bias = 1.0
+        assert isinstance(decide("free", TIERS, m, queued_prefill_tokens=250, uncached_tokens=500, decode_batch=0),
+                          Admission)
+
+
+class TestDecodeThrottle:
+    @pytest.mark.parametrize("tier,step,action,max_new,want", [
+        ("free", 0.21, "cap", 512, 128),         # 0.21 >= 0.8 x 0.25: saturated -> capped
+        ("free", 0.21, "cap", 64, None),         # already short
+        ("free", 0.15, "cap", 512, None),        # not saturated
+        ("standard", 0.21, "cap", 512, None),    # priority 50 is not below 50
+        ("free", 0.21, "reject", 512, "decode_throttled"),
+    ])
+    def test_table(self, tier, step, action, max_new, want):
+        from router.admission import DecodeThrottle
+
+        t = DecodeThrottle(saturation=0.8, action=action, cap_max_tokens=128, below_priority=50)
+        d = decide(tier, TIERS, _model(step=step), queued_prefill_tokens=0, uncached_tokens=10, decode_batch=3,
+                   decode_idle=False, max_new_tokens=max_new, throttle=t)
+        got = d.reason if isinstance(d, Rejection) else d.max_new_tokens
+        assert got == want
+        if isinstance(d, Rejection):
+            assert d.status_code == 429 and d.retry_after_s >= 1
+
+    def test_idle_decode_is_never_throttled(self):
+        from router.admission import DecodeThrottle
+
+        d = decide("free", TIERS, _model(step=0.24), queued_prefill_tokens=0, uncached_tokens=10, decode_batch=0,
+                   max_new_tokens=512, throttle=DecodeThrottle())
+        assert isinstance(d, Admission) and d.max_new_tokens is None

@@ -48,3 +48,16 @@ class TestLeastLoadedPolicy:
     def test_no_decode_is_a_503_rejection_with_retry_after(self):
         r = LeastLoadedPolicy().route(REQ, PoolSnapshot([ep("p", Role.PREFILL)]))
         assert isinstance(r, Rejection) and r.status_code == 503 and r.retry_after_s > 0
+
+
+class TestRoundRobinPolicy:
+    def test_takes_turns_blind_to_load_and_skips_unhealthy(self):
+        from router.policy import RoundRobinPolicy
+
+        snap = PoolSnapshot([ep("a", running=9), ep("b"), ep("c", healthy=False), ep("p", Role.PREFILL)])
+        rr = RoundRobinPolicy()
+        picks = [rr.route(REQ, snap) for _ in range(4)]
+        assert [d.decode.endpoint_id for d in picks] == ["a", "b", "a", "b"]
+        assert all(d.prefill.endpoint_id == "p" and d.uncached_tokens == 10 for d in picks)
+        assert RoundRobinPolicy().route(REQ, PoolSnapshot([ep("d")])).prefill is None
+        assert isinstance(RoundRobinPolicy().route(REQ, PoolSnapshot([])), Rejection)

@@ -74,3 +74,19 @@ class TestEngineArgs:
 def test_worker_stats_round_trip():
     s = WorkerStats(endpoint_id="e", pool="p", role="decode", kv_usage=0.25, kv_transfer_durations_s=[0.1])
     assert WorkerStats.from_dict({**s.to_dict(), "unknown": 1}) == s
+
+
+class TestStatsCollector:
+    def test_decode_samples_are_mean_step_times_per_batch(self):
+        from vllm.v1.metrics.stats import IterationStats
+
+        from workers.stats import EngineStatsCollector
+
+        c = EngineStatsCollector()
+        for itls, ttfts in (([0.10, 0.10], [0.5]), ([0.14, 0.12], [0.4]), ([0.2], []), ([], [0.3])):
+            it = IterationStats()
+            it.inter_token_latencies_iter, it.time_to_first_tokens_iter = itls, ttfts
+            c.record(None, it)
+        s = c.snapshot("e", "decode", "decode", healthy=True, drain=True)
+        assert s.decode_samples == [(1, pytest.approx(0.2)), (3, pytest.approx((0.10 + 0.13) / 2))]
+        assert c.snapshot("e", "decode", "decode", healthy=True, drain=True).decode_samples == []
