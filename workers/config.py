@@ -140,7 +140,8 @@ class PoolConfig(_Strict):
 class KvHandoffConfig(_Strict):
     """How KV moves from prefill to decode engines (see workers/handoff.py)."""
 
-    backend: Literal["nixl"] = Field("nixl", description="'nixl': vLLM's NixlConnector (UCX)")
+    backend: Literal["nixl", "slab"] = Field("nixl", description="'nixl': vLLM's NixlConnector (UCX); 'slab': "
+                                             "our SlabKVConnector (kvtransfer/, slabs over NIXL, int8/int4)")
     ucx_tls: str = Field("tcp,self,sm", description="UCX transports; e.g. 'rc,cuda_ipc,cuda_copy,tcp' on GPU")
     side_channel_host: str = Field("auto", description="address peers use to reach an engine; "
                                    "'auto' = this Ray node's IP")
@@ -150,3 +151,6 @@ class KvHandoffConfig(_Strict):
                                        "progress only when an engine steps (slow handoffs)")
     nixl_progress_delay_us: int = Field(1000, ge=0, description="progress thread poll timeout; 0 = NIXL's stock "
                                         "busy spin (a core per engine)")
+    slab_compression: Literal["none", "int8", "int4"] = Field("none", description="slab backend: wire "
+                                                              "compression (group-wise along head_dim)")
+    slab_tokens: int = Field(128, ge=1, description="slab backend: minimum tokens per slab (one descriptor)")

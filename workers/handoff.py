@@ -2,7 +2,7 @@
 a prefill's KV cache to a decode engine.
 
 ``HandoffBackend`` is small on purpose; the stock NIXL connector is one implementation and the
-slab connector in ``kvtransfer/`` plugs in beside it. Engines never talk to each other through us:
+slab connector in ``kvtransfer/`` (``SlabHandoff``, ``kv_handoff.backend: slab``) plugs in beside it. Engines never talk to each other through us:
 the connector moves the bytes; we only carry its ``kv_transfer_params`` from one response to the
 next request.
 """
@@ -86,7 +86,54 @@ class NixlHandoff:
         return KvHandoff.from_kv_transfer_params(params, connector=self.name)
 
 
+class SlabHandoff:
+    """Our ``SlabKVConnector`` (kvtransfer/): the prefill packs the prompt's blocks into slabs (one NIXL
+    descriptor each, optionally int8/int4) in a pre-registered pool; the decode engine READs them.
+
+    The connector's NIXL agent picks its own free listener port (no fixed ports) and publishes it in
+    the prefill output's ``kv_transfer_params``; a failed read is recomputed on decode
+    (``kv_load_failure_policy="recompute"``). ``kv_lease_s`` is the prefill's handoff timeout.
+    """
+
+    name = "slab"
+
+    def __init__(self, cfg: KvHandoffConfig, side_channel_host: str):
+        self._cfg = cfg
+        self._host = side_channel_host if side_channel_host != "0.0.0.0" else "127.0.0.1"
+
+    def engine_env(self) -> dict[str, str]:
+        return {"UCX_TLS": self._cfg.ucx_tls}
+
+    def kv_transfer_config(self) -> dict[str, Any]:
+        return {
+            "kv_connector": "SlabKVConnector",
+            "kv_connector_module_path": "kvtransfer.connector",
+            "kv_role": "kv_both",
+            "kv_buffer_device": "cpu",
+            "kv_load_failure_policy": "recompute",
+            "kv_connector_extra_config": {
+                "compression": self._cfg.slab_compression,
+                "slab_tokens": self._cfg.slab_tokens,
+                "handoff_timeout_s": float(self._cfg.kv_lease_s),
+                "side_channel_host": self._host,
+                "side_channel_port": 0,
+                "progress_delay_us": self._cfg.nixl_progress_delay_us,
+                "ucx_tls": self._cfg.ucx_tls,
+            },
+        }
+
+    def prefill_params(self) -> dict[str, Any]:
+        return prefill_request_params()
+
+    def handoff_from_output(self, params: Mapping[str, Any] | None) -> KvHandoff | None:
+        if not params or not params.get("do_remote_prefill"):
+            return None
+        return KvHandoff.from_kv_transfer_params(params, connector=self.name)
+
+
 def make_handoff(cfg: KvHandoffConfig, side_channel_host: str) -> HandoffBackend:
     if cfg.backend == "nixl":
         return NixlHandoff(cfg, side_channel_host)
+    if cfg.backend == "slab":
+        return SlabHandoff(cfg, side_channel_host)
     raise ValueError(f"unknown kv_handoff.backend {cfg.backend!r}")

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 KEY_DO_REMOTE_DECODE = "do_remote_decode"
 KEY_DO_REMOTE_PREFILL = "do_remote_prefill"
+KEY_SLAB_HANDOFF = "slab_handoff"          # kvtransfer.metadata.SlabHandoff (slabs: [addr, nbytes, first, n])
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +43,9 @@ class KvHandoff:
         block_ids = params.get("remote_block_ids") or []
         num_blocks = sum(len(g) for g in block_ids) if block_ids and isinstance(block_ids[0], (list, tuple)) \
             else len(block_ids)
+        slab = params.get(KEY_SLAB_HANDOFF)
+        if not num_blocks and isinstance(slab, dict):     # SlabKVConnector: blocks travel grouped in slabs
+            num_blocks = sum(int(s[3]) for s in slab.get("slabs") or [])
         return cls(
             remote_engine_id=str(params["remote_engine_id"]),
             remote_request_id=str(params["remote_request_id"]),

@@ -385,3 +385,21 @@ class TestStats:
         assert r["handoff_p50_s"] == 0.02 and r["failures_read_timeout"] == 2 and r["failures_expired"] == 1
         assert KVTransferStats.from_dict(a.to_dict()) == a
         assert a.latency_histogram()[-1] == 3 and KVTransferStats().is_empty()
+
+
+class TestWorkersWiring:
+    def test_slab_backend_config_and_handoff(self):
+        from workers.config import KvHandoffConfig
+        from workers.handoff import make_handoff
+
+        backend = make_handoff(KvHandoffConfig(backend="slab", slab_compression="int4"), "127.0.0.1")
+        ktc = backend.kv_transfer_config()
+        assert ktc["kv_connector"] == "SlabKVConnector" and ktc["kv_connector_module_path"] == "kvtransfer.connector"
+        assert ktc["kv_load_failure_policy"] == "recompute"
+        settings = SlabSettings.from_extra_config(ktc["kv_connector_extra_config"])
+        assert settings.compression == "int4" and settings.side_channel_port == 0
+        assert backend.prefill_params()["do_remote_decode"] is True
+        handoff = backend.handoff_from_output(_handoff().to_kv_transfer_params())
+        assert (handoff.num_blocks, handoff.num_tokens, handoff.remote_engine_id) == (10, 300, "P")
+        assert handoff.to_kv_transfer_params() == _handoff().to_kv_transfer_params()
+        assert backend.handoff_from_output({"do_remote_prefill": False}) is None
