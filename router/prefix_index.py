@@ -77,18 +77,37 @@ class PrefixIndex:
         self._free_bits.append(bit)
 
     def match(self, hashes: Sequence[bytes | int], endpoints: Iterable[str]) -> dict[str, int]:
-        """Leading blocks of ``hashes`` each endpoint holds (longest exact prefix, in blocks)."""
+        """Leading blocks of ``hashes`` each endpoint holds (longest exact prefix, in blocks).
+
+        One pass over the prompt's blocks with bitmask arithmetic: cost O(blocks), independent of
+        the number of endpoints; stops at the first block no candidate holds."""
         result = {e: 0 for e in endpoints}
-        live = {e: 1 << self._bit[e] for e in result if e in self._bit}
-        for i, h in enumerate(hashes):
+        bits = {e: 1 << self._bit[e] for e in result if e in self._bit}
+        live = 0
+        for m in bits.values():
+            live |= m
+        depth: dict[int, int] = {}          # endpoint bit -> blocks matched before it dropped out
+        entries = self._entries
+        i = 0
+        for i, h in enumerate(hashes):  # noqa: B007 (i is read after the loop)
             if not live:
                 break
-            v = self._entries.get(short_key(h), 0)
-            if v:
-                self._entries.move_to_end(short_key(h))
-            for e, m in list(live.items()):
-                if v & m:
-                    result[e] = i + 1
-                else:
-                    del live[e]
+            k = short_key(h)
+            v = entries.get(k, 0)
+            if v & live:
+                entries.move_to_end(k)
+            gone = live & ~v
+            while gone:
+                low = gone & -gone
+                depth[low] = i
+                gone ^= low
+            live &= v
+        else:
+            i = len(hashes)
+        while live:                          # held every block
+            low = live & -live
+            depth[low] = i
+            live ^= low
+        for e, m in bits.items():
+            result[e] = depth.get(m, 0)
         return result
