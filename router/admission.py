@@ -2,8 +2,8 @@
 
 At arrival, for the prefill and decode replicas the placement step picked:
 
-    TTFT ~ (queue wait on the prefill replica + prefill of the uncached tokens + KV handoff
-            [+ the decode replica's first step, after a remote prefill]) x ttft_bias
+    TTFT ~ queue wait on the prefill replica + (prefill of the uncached tokens + KV handoff
+            + one decode step: the first token comes from a step of the decode replica's batch) x ttft_bias
     TPOT ~ decode step time at the batch the request would join x tpot_bias
 
 (the biases are the models' running observed/predicted ratios, see router/cost_model.py).
@@ -76,8 +76,7 @@ def usable_fraction(tier: str, tiers: Mapping[str, TierPolicy]) -> float:
 
 def decide(tier: str, tiers: Mapping[str, TierPolicy], model: CostModel, *, queued_prefill_tokens: int,
            uncached_tokens: int, decode_batch: int, kv_bytes: int = 0, decode_model: CostModel | None = None,
-           decode_idle: bool | None = None, min_retry_after_s: float = 1.0, remote_prefill: bool = False,
-           max_new_tokens: int = 0, throttle: DecodeThrottle | None = None) -> Admission | Rejection:
+           decode_idle: bool | None = None, min_retry_after_s: float = 1.0, max_new_tokens: int = 0, throttle: DecodeThrottle | None = None) -> Admission | Rejection:
     """Admit or reject one request (see module docstring). ``model`` is the prefilling pool's,
     ``decode_model`` the decode pool's (default: the same); ``decode_batch`` excludes the request.
     ``decode_idle`` (default ``decode_batch == 0``) is the liveness test for TPOT; callers pass their
@@ -88,8 +87,7 @@ def decide(tier: str, tiers: Mapping[str, TierPolicy], model: CostModel, *, queu
     dm = decode_model or model
     wait = model.prefill_s(queued_prefill_tokens) * model.ttft_bias
     step = dm.decode_step_s(decode_batch + 1)
-    ttft = wait + (model.prefill_s(uncached_tokens) + model.handoff_s(kv_bytes)
-                   + (step if remote_prefill else 0.0)) * model.ttft_bias
+    ttft = wait + (model.prefill_s(uncached_tokens) + model.handoff_s(kv_bytes) + step) * model.ttft_bias
     tpot = step * dm.tpot_bias
     top_ttft = max(t.ttft_s for t in tiers.values())
     top_tpot = max(t.tpot_s for t in tiers.values())

@@ -73,6 +73,7 @@ class CostPrior:
 
 
 BIAS_RANGE = (0.5, 4.0)   # a correction outside this means the model is broken, not biased
+RATIO_CLIP = (0.25, 4.0)  # one observation moves the bias by at most RATIO_CLIP ** alpha
 
 
 class CostModel:
@@ -127,5 +128,5 @@ def _ewma_log(bias: float, ratio: float, alpha: float) -> float:
     """Move ``bias`` by ``ratio`` in log space (ratio 2 and 0.5 weigh the same), clamped."""
     if not ratio > 0 or math.isinf(ratio):
         return bias
-    b = bias * ratio ** alpha
+    b = bias * min(max(ratio, RATIO_CLIP[0]), RATIO_CLIP[1]) ** alpha
     return min(max(b, BIAS_RANGE[0]), BIAS_RANGE[1])

@@ -108,7 +108,7 @@ class SloAwarePolicy:
         verdict = decide(tier, self.tiers, self.model(target.pool),
                          queued_prefill_tokens=target.queued_prefill_tokens, uncached_tokens=uncached,
                          decode_batch=decode.load, decode_model=self.model(decode.pool),
-                         decode_idle=decode.in_flight == 0, remote_prefill=prefill is not None,
+                         decode_idle=decode.in_flight == 0,
                          min_retry_after_s=self.cfg.admission.min_retry_after_s,
                          max_new_tokens=req.max_new_tokens, throttle=self.throttle)
         if isinstance(verdict, Rejection):

@@ -313,6 +313,9 @@ class TestRouter:
         b, a = _decode_tokens(before), _decode_tokens(after)
         gained = {e: a[e] - b.get(e, 0) for e in a if a[e] > b.get(e, 0)}
         assert len(gained) == 1, gained                     # every request went to the holder
+        # the index also learns from the engines' own KV cache events (ZMQ), and decisions are timed
+        wait_for(lambda: metric_sum(scrape(url), "pdserve_prefix_index_kv_events") > 0, timeout_s=15)
+        assert metric_sum(after, "pdserve_router_decision_duration_seconds_count") >= 4
 
     def test_burst_gets_fast_503_429_with_retry_after_and_admitted_meet_slo(self, cluster):
         url = cluster.base_url
