@@ -13,7 +13,8 @@ from ray import serve
 
 from workers.config import KvHandoffConfig, PoolConfig
 from workers.engine import EngineSpec, EngineWrapper
-from workers.handoff import free_port, make_handoff
+from workers.engine import kv_events_endpoints
+from workers.handoff import make_handoff
 from workers.messages import DecodeRequest, PrefillRequest, PrefillResult, TokenChunk
 
 logger = logging.getLogger(__name__)
@@ -37,11 +38,12 @@ class EngineServer:
         handoff_cfg = KvHandoffConfig.model_validate(handoff)
         local_rank = getattr(getattr(ctx, "rank", None), "local_rank", 0) or 0
         host = _side_channel_host(handoff_cfg)
-        events = ""
+        bind, address = ("", "")
         if pool_cfg.engine.kv_events and pool_cfg.engine.enable_prefix_caching:
-            events = f"tcp://{host}:{free_port(host)}"  # a free port per engine: no fixed global ports
+            bind, address = kv_events_endpoints(host)
         spec = EngineSpec(pool=pool_cfg, model_path=model_path, served_model_name=served_model_name,
-                          max_model_len=max_model_len, local_rank=local_rank, kv_events_endpoint=events)
+                          max_model_len=max_model_len, local_rank=local_rank, kv_events_endpoint=bind,
+                          kv_events_address=address)
         self._pool = pool_cfg
         self._wrapper = EngineWrapper(spec, make_handoff(handoff_cfg, host), endpoint_id=ctx.replica_id.unique_id)
         self._wrapper.start()

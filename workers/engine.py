@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from workers.config import CpuDevice, GpuDevice, PoolConfig
-from workers.handoff import HandoffBackend
+from workers.handoff import HandoffBackend, free_port
 from workers.messages import DecodeRequest, PrefillRequest, PrefillResult, SamplingSpec, TokenChunk, WorkerStats
 from workers.stats import EngineStatsCollector
 
@@ -27,10 +29,22 @@ class EngineSpec:
     served_model_name: str
     max_model_len: int
     local_rank: int = 0
-    kv_events_endpoint: str = ""     # tcp://HOST:PORT the engine publishes KV cache events on ("" = off)
+    kv_events_endpoint: str = ""     # where the engine's KV-event PUB socket binds ("" = off)
+    kv_events_address: str = ""      # where subscribers connect to it
 
 
 KV_EVENTS_TOPIC = "kv"
+
+
+def kv_events_endpoints(host: str) -> tuple[str, str]:
+    """(bind, connect) addresses of an engine's KV-event publisher. vLLM binds only wildcard and
+    ipc endpoints (others it connects to), so: on a loopback host a private ipc socket (nothing on
+    the network), else ``tcp://*:PORT`` on a free port, reached at ``tcp://HOST:PORT``."""
+    if host in ("127.0.0.1", "localhost", "::1"):
+        path = os.path.join(tempfile.gettempdir(), f"pdserve-kv-events-{uuid.uuid4().hex[:12]}.sock")
+        return f"ipc://{path}", f"ipc://{path}"
+    port = free_port("")
+    return f"tcp://*:{port}", f"tcp://{host}:{port}"
 
 
 def kv_events_config(endpoint: str) -> dict[str, Any]:
@@ -174,7 +188,7 @@ class EngineWrapper:
         s = self.collector.snapshot(self.endpoint_id, self.spec.pool.name, self.spec.pool.role.value,
                                     healthy=self.healthy, drain=drain)
         if self.spec.pool.engine.enable_prefix_caching:
-            s.kv_events_endpoint = self.spec.kv_events_endpoint
+            s.kv_events_endpoint = self.spec.kv_events_address
         return s
 
     def shutdown(self) -> None:

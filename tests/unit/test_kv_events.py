@@ -4,6 +4,7 @@ index; and a real ZMQ PUB -> KvEventFeed subscription on loopback (no engine).""
 import asyncio
 
 import msgspec
+import pytest
 import zmq
 
 from router.hashing import block_hashes
@@ -77,3 +78,46 @@ class TestKvEventFeed:
                 ctx.term()
 
         asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+
+
+class TestWithVllmPublisher:
+    """vLLM's own ZmqEventPublisher (what every engine runs) -> our feed, through the endpoints the
+    workers configure. vLLM only BINDs wildcard/ipc endpoints and CONNECTs to anything else, so a
+    plain tcp://127.0.0.1:PORT would silently publish to nobody."""
+
+    @pytest.mark.parametrize("host", ["127.0.0.1", "10.1.2.3"])
+    def test_endpoints_are_bound_by_vllm(self, host):
+        from vllm.distributed.kv_events import ZmqEventPublisher
+
+        from workers.engine import kv_events_endpoints
+
+        bind, address = kv_events_endpoints(host)
+        assert ZmqEventPublisher._is_bind_endpoint(bind)
+        assert address.startswith("ipc://") if host == "127.0.0.1" else address.startswith(f"tcp://{host}:")
+
+    def test_events_flow_from_a_vllm_publisher(self):
+        from vllm.distributed.kv_events import KVEventBatch, ZmqEventPublisher
+
+        from workers.engine import KV_EVENTS_TOPIC, kv_events_endpoints
+
+        bind, address = kv_events_endpoints("127.0.0.1")
+        pub = ZmqEventPublisher(data_parallel_rank=0, endpoint=bind, topic=KV_EVENTS_TOPIC)
+
+        async def scenario():
+            idx = PrefixIndex()
+            feed = KvEventFeed(idx, topic=KV_EVENTS_TOPIC)
+            feed.sync({"e1": address})
+            try:
+                for _ in range(100):  # bounded: resend until the subscription is live
+                    pub.publish(KVEventBatch(ts=1.0, events=[stored(PROMPT)]))
+                    await asyncio.sleep(0.05)
+                    if idx.match(PROMPT, ["e1"])["e1"] == 4:
+                        break
+                assert idx.match(PROMPT, ["e1"]) == {"e1": 4}
+            finally:
+                feed.close()
+
+        try:
+            asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+        finally:
+            pub.shutdown()
