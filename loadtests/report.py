@@ -156,3 +156,26 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def main(argv=None) -> int:
+    """Rewrite a recorded run's report.md and plots, e.g. with more baselines:
+    ``python -m loadtests.report loadtests/results/RUN --baseline noadmit``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("run_dir")
+    ap.add_argument("--baseline", action="append", default=[])
+    a = ap.parse_args(argv)
+    out = Path(a.run_dir)
+    data = json.loads((out / "summary.json").read_text())
+    meta = data["meta"]
+    meta["baselines"] = list(dict.fromkeys([*meta.get("baselines", []), *a.baseline]))
+    write_report(out, data["rows"], meta)
+    (out / "summary.json").write_text(json.dumps({"meta": meta, "rows": data["rows"]}, indent=2))
+    print(f"rewrote {out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

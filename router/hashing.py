@@ -48,3 +48,10 @@ def short_key(block_hash: bytes | int) -> int:
     if isinstance(block_hash, int):
         return block_hash & _MASK64
     return int.from_bytes(block_hash, "big") & _MASK64
+
+
+def block_keys(token_ids: Sequence[int], block_size: int, cache_salt: str | None = None,
+               seed: str | None = None) -> tuple[int, ...]:
+    """``short_key`` of each full block's hash: what the router carries per request and the prefix
+    index stores (the same ints engines publish in KV cache events), computed once at ingress."""
+    return tuple(short_key(h) for h in block_hashes(token_ids, block_size, cache_salt, seed))

@@ -61,13 +61,12 @@ class SloAwarePolicy:
             m = self.models[pool] = new_cost_model(self.cfg)  # type: ignore[index]
         return m
 
-    def _score(self, e: EndpointState, hit_tokens: int, prompt: int) -> float:
-        p = self.cfg.placement
-        return (p.prefix_weight * hit_tokens / max(prompt, 1) - p.load_weight * e.load / p.max_batch_hint
-                - p.kv_weight * e.kv_usage)
-
     def _best(self, cands: Sequence[EndpointState], hits: Mapping[str, int], prompt: int) -> EndpointState:
-        scored = [(round(self._score(c, hits[c.endpoint_id] * self.block_size, prompt), 9), c) for c in cands]
+        # score = prefix_weight x cached share - load_weight x load / max_batch_hint - kv_weight x kv usage
+        # (one expression per candidate: this runs on every request, see loadtests/router_microbench.py)
+        p = self.cfg.placement
+        wp, wl, wk = p.prefix_weight * self.block_size / max(prompt, 1), p.load_weight / p.max_batch_hint, p.kv_weight
+        scored = [(round(wp * hits[c.endpoint_id] - wl * c.load - wk * c.kv_usage, 9), c) for c in cands]
         top = max(s for s, _ in scored)
         tied = [c for s, c in scored if s == top]
         return tied[0] if len(tied) == 1 else self._rng.choice(tied)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Iterable, Sequence
 
-from router.hashing import short_key
+from router.hashing import _MASK64, short_key
 
 
 class PrefixIndex:
@@ -92,7 +92,7 @@ class PrefixIndex:
         for i, h in enumerate(hashes):  # noqa: B007 (i is read after the loop)
             if not live:
                 break
-            k = short_key(h)
+            k = h & _MASK64 if type(h) is int else short_key(h)   # ints: already keys (fast path)
             v = entries.get(k, 0)
             if v & live:
                 entries.move_to_end(k)

@@ -25,7 +25,7 @@ class RequestDescriptor:
     max_new_tokens: int
     tier: str
     arrival_s: float
-    block_hashes: tuple[int, ...] = ()
+    block_hashes: tuple[int, ...] = ()   # router.hashing.block_keys of the prompt's full blocks
 
     def __repr__(self) -> str:  # never print prompt content
         return (f"RequestDescriptor(id={self.request_id}, prompt_tokens={self.num_prompt_tokens}, "

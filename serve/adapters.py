@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from router.hashing import block_hashes
+from router.hashing import block_keys
 from router.types import RequestDescriptor
 from serve.orchestrator import GenerationJob
 from serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, validation_error_to_api
@@ -130,7 +130,7 @@ class RequestAdapter:
         salt = self.cache_salt(tenant_header or body.user)
         desc = RequestDescriptor(request_id=rid, model=body.model, num_prompt_tokens=len(ids),
                                  max_new_tokens=max_new, tier=self.tier(tier_header), arrival_s=time.time(),
-                                 block_hashes=tuple(block_hashes(ids, self.block_size, salt)))
+                                 block_hashes=block_keys(ids, self.block_size, salt))
         job = GenerationJob(desc=desc, prompt_token_ids=tuple(ids), sampling=sampling, cache_salt=salt)
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
         return ParsedRequest(kind=kind, body=body, job=job, response_id=prefix + rid, created_s=int(time.time()))
