@@ -57,6 +57,10 @@ class AdmissionConfig(BaseModel):
     prefill_tokens_per_s_prior: float = Field(300.0, gt=0)
     decode_step_s_prior: float = Field(0.10, gt=0)
     min_retry_after_s: float = Field(1.0, ge=0)
+    warmup_prompt_tokens: list[int] = Field(default_factory=lambda: [128, 512], description="at start, once "
+                                            "every pool is healthy, the router sends one request per size "
+                                            "through the normal path so the cost models start from measured "
+                                            "timings, not only the prior ([] = off)")
     bias_alpha: float = Field(0.1, gt=0, le=1, description="weight of each observed/predicted TTFT and TPOT "
                               "ratio in the model's running correction")
     decode_throttle: Literal["off", "cap", "reject"] = Field("cap", description="lower tiers when decode is "

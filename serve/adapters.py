@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import time
 import uuid
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from router.types import RequestDescriptor
 from serve.orchestrator import GenerationJob
 from serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, validation_error_to_api
 from workers.messages import SamplingSpec
+
+WARMUP_TIER = "warmup"   # label (metrics) and cache salt of the router's start-up calibration requests
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +84,17 @@ class RequestAdapter:
         if any(t < 0 or t >= vocab for t in p):
             raise ApiError(400, f"Token ids in 'prompt' must be in [0, {vocab}).", param="prompt", code="invalid_value")
         return list(p)
+
+    def warmup_job(self, num_tokens: int, seed: int = 0, max_tokens: int = 8) -> GenerationJob:
+        """A synthetic request (random token ids, its own cache salt) for the start-up calibration."""
+        rng = random.Random(seed)
+        n = max(1, min(num_tokens, self.max_model_len - max_tokens))
+        ids = tuple(rng.randrange(100, len(self._tok)) for _ in range(n))
+        desc = RequestDescriptor(request_id=f"warmup-{uuid.uuid4().hex}", model=self.served_model,
+                                 num_prompt_tokens=n, max_new_tokens=max_tokens, tier=WARMUP_TIER,
+                                 arrival_s=time.time(), block_hashes=block_keys(ids, self.block_size, WARMUP_TIER))
+        return GenerationJob(desc=desc, prompt_token_ids=ids, cache_salt=WARMUP_TIER,
+                             sampling=SamplingSpec(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
 
     def max_new_tokens(self, requested: int | None, num_prompt_tokens: int, param: str) -> int:
         room = self.max_model_len - num_prompt_tokens

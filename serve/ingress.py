@@ -7,6 +7,7 @@ GET /metrics. Every error leaves in OpenAI shape ``{"error": {message, type, par
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from typing import Any, AsyncIterator
@@ -29,6 +30,8 @@ from serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest
 from serve.responses import ChunkWriter, full_response
 
 logger = logging.getLogger(__name__)
+
+WARMUP_TIMEOUT_S = 120.0
 
 app = FastAPI(title="pdserve", description="Disaggregated prefill/decode OpenAI-compatible endpoint")
 
@@ -98,6 +101,7 @@ class Ingress:
         self._kv_events = KvEventFeed(index) if index is not None else None
         self._monitor = PoolMonitor(pools, self._directory, self.metrics, period_s=r.stats_period_s,
                                     on_stats=self._orch.observe, on_poll=self._on_poll)
+        self._warmup: asyncio.Task | None = None
 
     # -- OpenAI routes ----------------------------------------------------------------------
     @app.post("/v1/chat/completions")
@@ -131,7 +135,25 @@ class Ingress:
             self._kv_events.sync({s.endpoint_id: s.kv_events_endpoint for s in stats
                                   if s.healthy and s.kv_events_endpoint})
         self.metrics.kv_events_applied.set(self._kv_events.events_applied if self._kv_events else 0)
+        if self._warmup is None and self._cfg.router.admission.warmup_prompt_tokens \
+                and self.health_report()["status"] != "unavailable":
+            self._warmup = asyncio.get_running_loop().create_task(self._warm_up(), context=contextvars.Context())
 
+    async def _warm_up(self) -> None:
+        """Start-up calibration: one request per configured prompt size through the normal path (placement,
+        admission, prefill, handoff, decode), so the cost models learn this cluster's timings from engine
+        samples before real traffic arrives. Labelled tier ``warmup`` in metrics; failures are logged only."""
+        async def one(job) -> None:
+            async for _ in self._orch.generate(job):
+                pass
+
+        for i, n in enumerate(self._cfg.router.admission.warmup_prompt_tokens):
+            t0 = time.monotonic()
+            try:
+                await asyncio.wait_for(one(self._adapter.warmup_job(n, seed=i)), timeout=WARMUP_TIMEOUT_S)
+                logger.info("warm-up request of %d prompt tokens took %.2fs", n, time.monotonic() - t0)
+            except Exception as e:  # never fatal: the prior stays in place
+                logger.warning("warm-up request of %d prompt tokens failed: %r", n, e)
     def health_report(self) -> dict[str, Any]:
         snap = self._directory.snapshot(self._orch.in_flight())
         pools: dict[str, dict[str, Any]] = {}
@@ -147,7 +169,9 @@ class Ingress:
         # every configured role needs a healthy replica (a config without prefill pools prefills locally)
         ok = all(any(p["healthy"] for p in pools.values() if p["role"] == role)
                  for role in {p["role"] for p in pools.values()})
-        return {"status": "ok" if ok else "unavailable", "model": self._cfg.model.name, "pools": pools}
+        warming = bool(self._cfg.router.admission.warmup_prompt_tokens) and not (self._warmup and self._warmup.done())
+        status = "unavailable" if not ok else "warming_up" if warming else "ok"
+        return {"status": status, "model": self._cfg.model.name, "pools": pools}
 
     async def _handle(self, request: Request, kind: str, model_cls: type) -> Response:
         self._monitor.ensure_started()

@@ -144,6 +144,8 @@ class TestServing:
         assert health.status_code == 200
         pools = health.json()["pools"]
         assert pools["prefill"]["healthy"] == 1 and pools["decode"]["healthy"] == 2
+        # ready only after the start-up calibration: one request per warm-up size went through
+        assert metric_sum(scrape(cluster.base_url), "pdserve_admitted_requests_total", tier="warmup") == 2
 
 
 class TestDisaggregation:

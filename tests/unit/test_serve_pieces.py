@@ -63,6 +63,13 @@ def adapter(tokenizer):
 
 
 class TestRequestAdapter:
+    def test_warmup_job_is_bounded_salted_and_labelled(self, adapter, tokenizer):
+        j = adapter.warmup_job(512, seed=1)
+        assert j.desc.num_prompt_tokens == 64 - 8 == len(j.prompt_token_ids)     # clamped to the context
+        assert j.desc.tier == "warmup" and j.cache_salt == "warmup" and j.sampling.max_tokens == 8
+        assert all(100 <= t < len(tokenizer) for t in j.prompt_token_ids)
+        assert adapter.warmup_job(512, seed=1).prompt_token_ids == j.prompt_token_ids   # seeded
+
     def test_chat_template_and_defaults(self, adapter, tokenizer):
         body = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "Hi"}]})
         p = adapter.build("chat", body, None)
