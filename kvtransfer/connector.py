@@ -96,6 +96,11 @@ class SlabKVConnector(KVConnectorBase_V1):
             self.worker = SlabConnectorWorker(self.settings, self.engine_id,
                                               lambda: _make_nixl_transport(self.settings, self.engine_id))
 
+    def get_loaded_kv_cache_group_ids(self, request: Request) -> tuple[int, ...]:
+        """The load writes the request's own blocks of every transfer group (not a hash-addressed
+        store), so vLLM need not zero them first."""
+        return self._kv_cache_config.transfer_group_ids
+
     def _block_ids_of(self, req_id: str) -> list[int]:
         return list(self._kv_cache_manager.get_block_ids(req_id)[0])
 

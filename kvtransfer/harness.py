@@ -35,7 +35,7 @@ class EngineProcess:
     """Client of one harness subprocess. Every wait is bounded; ``stop`` always kills the group."""
 
     def __init__(self, options: dict[str, Any], env: dict[str, str], log_path: str, cwd: str,
-                 start_timeout_s: float = 300.0):
+                 start_timeout_s: float = 300.0, wait: bool = True):
         self.options = options
         self._log = open(log_path, "w")  # noqa: SIM115 (lives as long as the process)
         self._replies: queue.Queue[dict] = queue.Queue()
@@ -44,15 +44,22 @@ class EngineProcess:
                                      text=True, env={**os.environ, **env}, cwd=cwd, start_new_session=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        self.ready = self._wait(start_timeout_s)
+        self.ready: dict = {}
+        if wait:
+            self.wait_ready(start_timeout_s)
+
+    def wait_ready(self, timeout_s: float = 300.0) -> EngineProcess:
+        if not self.ready:
+            self.ready = self._wait(timeout_s)
         if not self.ready.get("ready"):
-            raise RuntimeError(f"engine {options.get('name')} failed to start: {self.ready}")
+            raise RuntimeError(f"engine {self.options.get('name')} failed to start: {self.ready}")
+        return self
 
     def _read(self) -> None:
         for line in self.proc.stdout:
             if line.startswith(PREFIX):
                 self._replies.put(json.loads(line[len(PREFIX):]))
-            else:
+            elif not self._log.closed:
                 self._log.write(line)
                 self._log.flush()
         self._replies.put({"error": "engine process exited", "returncode": self.proc.poll()})
@@ -87,10 +94,11 @@ class EngineProcess:
             except ProcessLookupError:
                 pass
         self.proc.wait(timeout=30)
+        self._reader.join(timeout=5)
         self._log.close()
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        if self.proc.poll() is None:
+        if self.proc.poll() is None and self.ready.get("ready"):     # a starting engine reads no stdin
             try:
                 self.proc.stdin.write(json.dumps({"op": "exit"}) + "\n")
                 self.proc.stdin.flush()

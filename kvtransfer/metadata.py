@@ -4,6 +4,7 @@ the per-step scheduler -> worker metadata, and the worker -> scheduler handshake
 PROTOCOL_VERSION history:
   1: first version. Slabs are raw paged blocks (layer-major) or GroupQuant of their token-major
      view; one descriptor per slab; pull (decode READs), NIXL notification = remote request id.
+  2: int8/int4 quantize the token-major view after a Hadamard rotation along head_dim.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
 )
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 # kv_transfer_params keys (vLLM's NixlConnector names where they mean the same thing)
 KEY_DO_REMOTE_DECODE = "do_remote_decode"

@@ -94,17 +94,18 @@ class SlabConnectorScheduler:
         return str(self.dtype).removeprefix("torch.")
 
     # ----------------------------------------------------------------------------- decode side
+    def _compatible(self, h: SlabHandoff) -> bool:
+        s = self.spec
+        return (h.num_layers, h.num_kv_heads, h.head_dim, h.block_size, h.dtype, h.k_transposed) == (
+            s.num_layers, s.num_kv_heads, s.head_dim, s.block_size, self.dtype_name,
+            self._handshake.k_transposed if self._handshake else True)
+
     def _handoff(self, request: Any) -> SlabHandoff | None:
+        """The request's handoff if this engine can load it (same KV geometry and block size)."""
         h = SlabHandoff.from_kv_transfer_params(request.kv_transfer_params)
         if h is None or not h.slabs:
             return None
-        s = self.spec
-        if (h.num_layers, h.num_kv_heads, h.head_dim, h.block_size, h.dtype, h.k_transposed) != (
-                s.num_layers, s.num_kv_heads, s.head_dim, s.block_size, self.dtype_name,
-                self._handshake.k_transposed if self._handshake else True):
-            logger.warning("handoff %r does not match this engine's KV geometry; recomputing", h)
-            return None
-        return h
+        return h if self._compatible(h) else None
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
         """Side-effect free. Remote tokens beyond the (block-aligned) local hit, loaded async."""
@@ -127,11 +128,15 @@ class SlabConnectorScheduler:
             return
         if not params.get(KEY_DO_REMOTE_PREFILL):
             return
-        h = self._handoff(request)
+        h = SlabHandoff.from_kv_transfer_params(params)
         params[KEY_DO_REMOTE_PREFILL] = False          # one transfer per request, even if rescheduled
-        if h is None:
+        if h is None or not h.slabs:
             return
-        if num_external_tokens <= 0:                   # e.g. a full local hit: just let the prefill free
+        if num_external_tokens <= 0 or not self._compatible(h):
+            # a full local hit, or KV this engine cannot load (logged): let the prefill free now
+            if not self._compatible(h):
+                logger.warning("handoff %r does not match this engine's KV layout; recomputing", h)
+                self.stats.fail("incompatible")
             self._meta.recvs.append(RecvJob(request.request_id, h, (), 0, None))
             return
         end = min(h.num_tokens, request.num_prompt_tokens)

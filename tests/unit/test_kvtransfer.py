@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kvtransfer.codec import SlabCodec
+from kvtransfer.codec import SlabCodec, hadamard
 from kvtransfer.quant import GroupQuant
 from kvtransfer.slab import MiB, SlabSpec, plan_slabs, pool_nbytes
 
@@ -187,8 +187,17 @@ class TestSlabCodec:
         codec.unpack(wire, dst, [0])
         kv = codec.to_token_major(codec.gather(src, [3])).float()
         back = codec.to_token_major(codec.gather(dst, [0])).float()
-        bound = codec.quant.error_bound(kv) + kv.abs() * 2 ** -7           # + bf16 rounding on the receiver
-        assert torch.all((kv - back).abs() <= bound)
+        # quantization happens after an orthonormal rotation along head_dim: bound each head vector's
+        # L2 error by the rotated domain's per-element bounds (+ bf16 rounding on the receiver)
+        rot_bound = codec.quant.error_bound(kv @ hadamard(64)).norm(dim=-1)
+        err = (kv - back).norm(dim=-1)
+        assert torch.all(err <= rot_bound + kv.norm(dim=-1) * 2 ** -7 + 1e-4)
+
+    def test_hadamard_is_orthonormal(self):
+        h = hadamard(64)
+        assert torch.allclose(h @ h.T, torch.eye(64), atol=1e-6)
+        with pytest.raises(ValueError):
+            hadamard(48)
 
     def test_unknown_compression(self):
         with pytest.raises(ValueError):

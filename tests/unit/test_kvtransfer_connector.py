@@ -241,6 +241,10 @@ class TestSchedulerConsumer:
         s = self._decode()
         req = _request("d1", _handoff(**change).to_kv_transfer_params(), prompt_tokens=300)
         assert s.get_num_new_matched_tokens(req, 0) == (0, False)
+        s.update_state_after_alloc(req, list(range(10)), 0)
+        recvs = s.build_connector_meta({}, idle=False).recvs
+        assert [(j.offset, j.fail) for j in recvs] == ([] if not change.get("slabs", True) else [(None, None)])
+        s.assert_empty()
 
 
 class TestPrefillLedger:

@@ -1,0 +1,254 @@
+"""Benchmark: SlabKVConnector vs vLLM's NixlConnector on the same engines and prompts.
+
+    python -m kvtransfer.bench [--sizes 512,1024,4096] [--reps 5] [--out DIR]
+
+For each connector a prefill engine (core 0) and a decode engine (core 1) run via
+kvtransfer/harness.py, block_size 32 (the CPU minimum; vLLM's connector describes each block of
+each layer separately), float32 SmolLM2-135M. Per handoff: prefill (max_tokens=1) -> decode
+(max_tokens=1) with the prefill's kv_transfer_params. Measured:
+
+* descriptors per handoff (ours: slabs; NIXL: its telemetry's descCount);
+* handoff latency: the connector's own view (ours: pack on prefill + read/decode/scatter on decode;
+  NIXL: its READ transfer + post time) and, black box, the decode request's latency (one token:
+  the handoff plus one forward of the last prompt token), p50/p99;
+* bytes on the wire per compression (none/int8/int4, ours per request on the same engines);
+* slab pack+transfer throughput = KV bytes / (pack_s + transfer_s), as a fraction of a single
+  thread torch memcpy measured in this run.
+
+Writes ``summary.json`` and ``kvtransfer.png`` into ``--out`` (default
+loadtests/results/<UTC timestamp>-kvtransfer/). vLLM's NIXL engines load
+``workers.nixl_connector.QuietNixlConnector`` (the stock connector with a sleeping progress
+thread and its CPU-affinity fix) by module path, as the cluster does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvtransfer.harness import EngineProcess
+
+REPO = Path(__file__).resolve().parent.parent
+BLOCK_SIZE = 32
+VOCAB = 49152
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def memcpy_gbps(nbytes: int = 256 << 20, reps: int = 5) -> float:
+    """Best single-thread torch copy bandwidth (GB/s) of a large buffer."""
+    torch.set_num_threads(1)
+    src, dst = torch.ones(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
+    dst.copy_(src)
+    best = 0.0
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = max(best, nbytes / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+def _kv_config(kind: str) -> dict[str, Any]:
+    if kind == "slab":
+        return {"kv_connector": "SlabKVConnector", "kv_connector_module_path": "kvtransfer.connector",
+                "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+                "kv_connector_extra_config": {"ucx_tls": "tcp,self,sm", "pool_mib": 1024}}
+    return {"kv_connector": "QuietNixlConnector", "kv_connector_module_path": "workers.nixl_connector",
+            "kv_role": "kv_both", "kv_buffer_device": "cpu", "kv_load_failure_policy": "recompute"}
+
+
+def _start_pair(kind: str, model: str, max_model_len: int, logdir: Path) -> tuple[EngineProcess, EngineProcess]:
+    pair = []
+    for role, core in (("prefill", "0"), ("decode", "1")):
+        env = {"VLLM_CPU_OMP_THREADS_BIND": core, "VLLM_CPU_KVCACHE_SPACE": "2", "UCX_TLS": "tcp,self,sm",
+               "PYTHONPATH": str(REPO), "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
+               "VLLM_NIXL_SIDE_CHANNEL_PORT": str(_free_port()), "PDSERVE_NIXL_PROGRESS_DELAY_US": "1000"}
+        opts = {"name": f"{kind}-{role}", "model": model, "block_size": BLOCK_SIZE, "max_model_len": max_model_len,
+                "dtype": "float32", "max_num_batched_tokens": max_model_len, "kv_transfer_config": _kv_config(kind)}
+        pair.append(EngineProcess(opts, env, str(logdir / f"{kind}-{role}.log"), str(REPO), wait=False))
+    return pair[0].wait_ready(), pair[1].wait_ready()
+
+
+def _new_stats(engine: EngineProcess, kind: str, seen: int, timeout_s: float = 10.0) -> tuple[Any, int]:
+    """Wait until the engine reported connector stats for one more handoff; returns (stats, count)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        s = engine.stats()
+        if kind == "slab":
+            n = s["connector"].get("num_handoffs_received", 0) + s["connector"].get("num_handoffs_sent", 0)
+            if n > seen:
+                return s["connector"], n
+        else:
+            recs = [r for r in s["connector_raw"] if r.get("transfer_duration")]
+            if len(recs) > seen:
+                return recs[seen:], len(recs)
+        time.sleep(0.05)
+    raise RuntimeError(f"{engine.options['name']}: no connector stats for a new handoff")
+
+
+def run_connector(kind: str, model: str, sizes: list[int], reps: int, logdir: Path, seed: int) -> list[dict]:
+    max_model_len = max(sizes) + 256
+    prefill, decode = _start_pair(kind, model, max_model_len, logdir)
+    rng = random.Random(seed)
+    rows: list[dict] = []
+    seen_p = seen_d = 0
+    compressions = ("none", "int8", "int4") if kind == "slab" else ("none",)
+    try:
+        for size in [min(sizes)] + sizes:                       # the first round warms up connections
+            warm = len(rows) == 0 and size == min(sizes)
+            for compression in compressions:
+                for rep in range(1 if warm else reps):
+                    ids = [rng.randrange(100, VOCAB) for _ in range(size)]
+                    pre = {"do_remote_decode": True, **({"compression": compression} if kind == "slab" else {})}
+                    (p_out,) = prefill.generate([{"prompt_token_ids": ids, "max_tokens": 1, "kv_transfer_params": pre}])
+                    (d_out,) = decode.generate([{"prompt_token_ids": ids, "max_tokens": 1,
+                                                "kv_transfer_params": p_out["kv_transfer_params"]}])
+                    row = {"connector": kind, "compression": compression, "prompt_tokens": size, "rep": rep,
+                           "warmup": warm, "prefill_s": p_out["latency_s"], "decode_request_s": d_out["latency_s"]}
+                    if kind == "slab":
+                        d_stats, seen_d = _new_stats(decode, kind, seen_d)
+                        p_stats, seen_p = _new_stats(prefill, kind, seen_p)
+                        row.update(descriptors=len(p_out["kv_transfer_params"]["slab_handoff"]["slabs"]),
+                                   pack_s=p_stats["pack_s"][-1], transfer_s=d_stats["transfer_s"][-1],
+                                   read_scatter_s=d_stats["handoff_s"][-1],
+                                   connector_handoff_s=p_stats["pack_s"][-1] + d_stats["handoff_s"][-1],
+                                   wire_bytes=d_stats["wire_bytes"] - sum(r.get("wire_bytes", 0) for r in rows
+                                                                           if r["connector"] == "slab"),
+                                   failures=d_stats["failures"])
+                        row["raw_bytes"] = -(-size // BLOCK_SIZE) * BLOCK_SIZE * 30 * 3 * 128 * 4
+                    else:
+                        recs, seen_d = _new_stats(decode, kind, seen_d)
+                        row.update(descriptors=sum(sum(r["num_descriptors"]) for r in recs),
+                                   transfer_s=sum(sum(r["transfer_duration"]) for r in recs),
+                                   connector_handoff_s=sum(sum(r["transfer_duration"]) + sum(r["post_duration"])
+                                                           for r in recs),
+                                   wire_bytes=sum(sum(r["bytes_transferred"]) for r in recs), failures={})
+                        row["raw_bytes"] = row["wire_bytes"]
+                    rows.append(row)
+                    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
+                          flush=True)
+    finally:
+        prefill.stop()
+        decode.stop()
+    return rows
+
+
+def summarize(rows: list[dict], memcpy: float, sizes: list[int]) -> dict:
+    out: dict[str, Any] = {"memcpy_gbps_single_thread": memcpy, "block_size": BLOCK_SIZE, "by_size": {}}
+    for size in sizes:
+        entry: dict[str, Any] = {}
+        for kind, comp in (("nixl", "none"), ("slab", "none"), ("slab", "int8"), ("slab", "int4")):
+            rs = [r for r in rows if r["connector"] == kind and r["compression"] == comp
+                  and r["prompt_tokens"] == size and not r["warmup"]]
+            if not rs:
+                continue
+            e = {"n": len(rs), "descriptors_per_handoff": statistics.median(r["descriptors"] for r in rs),
+                 "wire_bytes": statistics.median(r["wire_bytes"] for r in rs),
+                 "raw_bytes": statistics.median(r["raw_bytes"] for r in rs),
+                 "connector_handoff_p50_s": _pct([r["connector_handoff_s"] for r in rs], 0.5),
+                 "connector_handoff_p99_s": _pct([r["connector_handoff_s"] for r in rs], 0.99),
+                 "decode_request_p50_s": _pct([r["decode_request_s"] for r in rs], 0.5),
+                 "decode_request_p99_s": _pct([r["decode_request_s"] for r in rs], 0.99)}
+            if kind == "slab":
+                gbps = [r["raw_bytes"] / (r["pack_s"] + r["transfer_s"]) / 1e9 for r in rs]
+                e["pack_transfer_gbps_p50"] = statistics.median(gbps)
+                e["pack_transfer_fraction_of_memcpy"] = statistics.median(gbps) / memcpy
+                e["pack_p50_s"] = _pct([r["pack_s"] for r in rs], 0.5)
+                e["transfer_p50_s"] = _pct([r["transfer_s"] for r in rs], 0.5)
+            entry[f"{kind}-{comp}"] = e
+        if "nixl-none" in entry and "slab-none" in entry:
+            n, s = entry["nixl-none"], entry["slab-none"]
+            entry["ratios"] = {
+                "descriptors_nixl_over_slab": n["descriptors_per_handoff"] / s["descriptors_per_handoff"],
+                "connector_handoff_p50_slab_over_nixl": s["connector_handoff_p50_s"] / n["connector_handoff_p50_s"],
+                "connector_handoff_p99_slab_over_nixl": s["connector_handoff_p99_s"] / n["connector_handoff_p99_s"],
+                "decode_request_p50_slab_over_nixl": s["decode_request_p50_s"] / n["decode_request_p50_s"],
+                "decode_request_p99_slab_over_nixl": s["decode_request_p99_s"] / n["decode_request_p99_s"],
+            }
+            if "slab-int4" in entry:
+                entry["ratios"]["int4_wire_over_bf16"] = entry["slab-int4"]["wire_bytes"] / (s["raw_bytes"] / 2)
+        out["by_size"][str(size)] = entry
+    return out
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = list(summary["by_size"])
+    kinds = ["nixl-none", "slab-none", "slab-int8", "slab-int4"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, key, title, log in (
+            (axes[0], "descriptors_per_handoff", "descriptors per handoff", True),
+            (axes[1], "connector_handoff_p50_s", "handoff latency p50 (s, connector view)", False),
+            (axes[2], "wire_bytes", "bytes on the wire per handoff", True)):
+        width = 0.2
+        for i, kind in enumerate(kinds):
+            vals = [summary["by_size"][s].get(kind, {}).get(key, 0) for s in sizes]
+            ax.bar([j + i * width for j in range(len(sizes))], vals, width, label=kind)
+        ax.set_xticks([j + 1.5 * width for j in range(len(sizes))], [f"{s} tok" for s in sizes])
+        ax.set_title(title)
+        if log:
+            ax.set_yscale("log")
+    axes[0].legend()
+    fig.suptitle(f"SlabKVConnector vs vLLM NixlConnector, CPU, block_size {BLOCK_SIZE}, float32 SmolLM2-135M")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="512,1024,4096")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--model", default=None, help="HF model dir (default: the bundled SmolLM2)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if args.model is None:          # the bundled model, via the CLI (no serve import from kvtransfer)
+        args.model = subprocess.run([sys.executable, "-m", "serve.cli", "prepare-model"], cwd=REPO, check=True,
+                                    capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    out = Path(args.out) if args.out else REPO / "loadtests" / "results" / (
+        time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-kvtransfer")
+    out.mkdir(parents=True, exist_ok=True)
+    logdir = out / "logs"
+    logdir.mkdir(exist_ok=True)
+    memcpy = memcpy_gbps()
+    print(f"memcpy (1 thread): {memcpy:.2f} GB/s", flush=True)
+    rows = []
+    for i, kind in enumerate(("slab", "nixl")):
+        rows += run_connector(kind, args.model, sizes, args.reps, logdir, args.seed + i)
+    memcpy_after = memcpy_gbps()
+    summary = summarize(rows, max(memcpy, memcpy_after), sizes)
+    summary["memcpy_gbps_before_after"] = [memcpy, memcpy_after]
+    summary["sizes"], summary["reps"] = sizes, args.reps
+    (out / "summary.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+    plot(summary, out / "kvtransfer.png")
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
