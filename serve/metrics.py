@@ -34,7 +34,10 @@ class _WorkerStatsCollector:
                                        labels=["pool", "endpoint", "source"])
         c_gen = CounterMetricFamily("pdserve_engine_generation_tokens", "Generated tokens", labels=["pool", "endpoint"])
         c_xfer = CounterMetricFamily("pdserve_kv_handoff_transfers", "KV handoff transfers completed", labels=["pool"])
-        c_bytes = CounterMetricFamily("pdserve_kv_handoff_bytes", "KV bytes moved by handoffs", labels=["pool"])
+        c_bytes = CounterMetricFamily("pdserve_kv_handoff_bytes", "KV bytes moved by handoffs (on the wire)",
+                                      labels=["pool"])
+        c_raw = CounterMetricFamily("pdserve_kv_handoff_raw_bytes", "KV bytes moved by handoffs, before "
+                                    "compression", labels=["pool"])
         c_desc = CounterMetricFamily("pdserve_kv_handoff_descriptors", "Transfer descriptors posted", labels=["pool"])
         c_fail = CounterMetricFamily("pdserve_kv_handoff_failures", "Failed/expired KV handoffs", labels=["pool"])
         pools: dict[tuple[str, str], list[WorkerStats]] = {}
@@ -52,9 +55,10 @@ class _WorkerStatsCollector:
             g_replicas.add_metric([pool, role], sum(1 for s in items if s.healthy))
             c_xfer.add_metric([pool], sum(s.kv_transfers_total for s in items))
             c_bytes.add_metric([pool], sum(s.kv_transfer_bytes_total for s in items))
+            c_raw.add_metric([pool], sum(s.kv_transfer_raw_bytes_total for s in items))
             c_desc.add_metric([pool], sum(s.kv_transfer_descriptors_total for s in items))
             c_fail.add_metric([pool], sum(s.kv_transfer_failures_total for s in items))
-        yield from (g_queue, g_running, g_replicas, g_kv, c_prompt, c_gen, c_xfer, c_bytes, c_desc, c_fail)
+        yield from (g_queue, g_running, g_replicas, g_kv, c_prompt, c_gen, c_xfer, c_bytes, c_raw, c_desc, c_fail)
 
 
 class ClusterMetrics:

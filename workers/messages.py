@@ -88,7 +88,8 @@ class WorkerStats:
     prompt_tokens_external_kv: int = 0
     generation_tokens_total: int = 0
     kv_transfers_total: int = 0
-    kv_transfer_bytes_total: int = 0
+    kv_transfer_bytes_total: int = 0          # on the wire (after compression)
+    kv_transfer_raw_bytes_total: int = 0      # the same KV before compression
     kv_transfer_seconds_total: float = 0.0
     kv_transfer_descriptors_total: int = 0
     kv_transfer_failures_total: int = 0

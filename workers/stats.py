@@ -71,14 +71,25 @@ class EngineStatsCollector(StatLoggerBase):
         acc[1] += 1
 
     def _record_connector(self, data: dict[str, Any]) -> None:
+        """Fold one interval of connector stats in: vLLM NixlConnector's dict or our slab connector's
+        ``KVTransferStats.to_dict()`` (kvtransfer/stats.py; recognised by its ``handoff_s`` key)."""
         s = self._stats
-        durations = data.get("transfer_duration") or []
+        if "handoff_s" in data:  # slab connector
+            durations = data.get("handoff_s") or []
+            s.kv_transfer_bytes_total += int(data.get("wire_bytes") or 0)
+            s.kv_transfer_raw_bytes_total += int(data.get("raw_bytes") or 0)
+            s.kv_transfer_descriptors_total += int(data.get("num_descriptors") or 0)
+            s.kv_transfer_failures_total += int(sum((data.get("failures") or {}).values()))
+        else:
+            durations = data.get("transfer_duration") or []
+            nbytes = int(sum(data.get("bytes_transferred") or []))
+            s.kv_transfer_bytes_total += nbytes
+            s.kv_transfer_raw_bytes_total += nbytes
+            s.kv_transfer_descriptors_total += int(sum(data.get("num_descriptors") or []))
+            s.kv_transfer_failures_total += sum(len(data.get(k) or []) for k in (
+                "num_failed_transfers", "num_failed_notifications", "num_failed_handshakes", "num_kv_expired_reqs"))
         s.kv_transfers_total += len(durations)
         s.kv_transfer_seconds_total += float(sum(durations))
-        s.kv_transfer_bytes_total += int(sum(data.get("bytes_transferred") or []))
-        s.kv_transfer_descriptors_total += int(sum(data.get("num_descriptors") or []))
-        s.kv_transfer_failures_total += sum(len(data.get(k) or []) for k in (
-            "num_failed_transfers", "num_failed_notifications", "num_failed_handshakes", "num_kv_expired_reqs"))
         self._pending_durations.extend(float(d) for d in durations)
 
     def log_engine_initialized(self) -> None:

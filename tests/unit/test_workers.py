@@ -90,3 +90,19 @@ class TestStatsCollector:
         s = c.snapshot("e", "decode", "decode", healthy=True, drain=True)
         assert s.decode_samples == [(1, pytest.approx(0.2)), (3, pytest.approx((0.10 + 0.13) / 2))]
         assert c.snapshot("e", "decode", "decode", healthy=True, drain=True).decode_samples == []
+
+    def test_connector_stats_of_both_backends(self):
+        from kvtransfer.stats import KVTransferStats
+
+        from workers.stats import EngineStatsCollector
+
+        c = EngineStatsCollector()
+        c._record_connector({"transfer_duration": [0.01, 0.02], "bytes_transferred": [100, 200],
+                             "num_descriptors": [30, 30], "num_failed_transfers": [1]})
+        slab = KVTransferStats(num_handoffs_received=1, num_descriptors=4, raw_bytes=1000, wire_bytes=289,
+                               handoff_s=[0.05], failures={"read_timeout": 2})
+        c._record_connector(slab.to_dict())
+        s = c.snapshot("e", "decode", "decode", healthy=True, drain=True)
+        assert (s.kv_transfers_total, s.kv_transfer_bytes_total, s.kv_transfer_raw_bytes_total) == (3, 589, 1300)
+        assert (s.kv_transfer_descriptors_total, s.kv_transfer_failures_total) == (64, 3)
+        assert s.kv_transfer_durations_s == pytest.approx([0.01, 0.02, 0.05])
