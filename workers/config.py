@@ -95,6 +95,9 @@ class EngineConfig(_Strict):
     mq_busy_loop_s: float = Field(0.0, ge=0, description="seconds vLLM's engine-core/worker shared-memory "
                                   "queue readers spin before sleeping (vLLM: 1.0; spinning steals a core "
                                   "from the other engine on small CPU boxes)")
+    cpu_niceness: int | None = Field(None, ge=-20, le=19, description="renice the engine's processes to this "
+                                     "(Ray workers run at 15): 19 lets the HTTP proxy / router preempt engine "
+                                     "compute on a saturated box; null = leave as started")
     kv_events: bool = Field(True, description="publish KV cache events (blocks stored/removed, vLLM "
                             "kv_events_config over ZMQ on a free port) so routers index this engine's prefix "
                             "cache exactly; off: routers rely on their own record of what they routed")

@@ -92,6 +92,21 @@ def engine_kwargs(spec: EngineSpec, kv_transfer_config: dict[str, Any] | None) -
     return kwargs
 
 
+def renice_children(niceness: int) -> int:
+    """Set the niceness of every process this one spawned (vLLM's engine core and workers); returns how
+    many. Raising niceness needs no privilege; a failure is logged, never fatal."""
+    import psutil
+
+    n = 0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.nice(niceness)
+            n += 1
+        except (psutil.Error, OSError) as e:
+            logger.warning("cannot renice engine process %s: %r", child.pid, e)
+    return n
+
+
 def to_sampling_params(s: SamplingSpec, extra_args: dict[str, Any] | None = None):
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
@@ -128,6 +143,8 @@ class EngineWrapper:
         t0 = time.monotonic()
         self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[self.collector.factory])
         self.load_s = time.monotonic() - t0
+        if self.spec.pool.engine.cpu_niceness is not None:
+            renice_children(self.spec.pool.engine.cpu_niceness)
         logger.info("engine for pool %s up in %.1fs (%s)", self.spec.pool.name, self.load_s, self.endpoint_id)
 
     @property

@@ -106,3 +106,20 @@ class TestStatsCollector:
         assert (s.kv_transfers_total, s.kv_transfer_bytes_total, s.kv_transfer_raw_bytes_total) == (3, 589, 1300)
         assert (s.kv_transfer_descriptors_total, s.kv_transfer_failures_total) == (64, 3)
         assert s.kv_transfer_durations_s == pytest.approx([0.01, 0.02, 0.05])
+
+
+def test_renice_children_raises_niceness_of_spawned_processes():
+    import os
+    import subprocess
+    import sys
+
+    from workers.engine import renice_children
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        target = min(19, os.nice(0) + 2)
+        assert renice_children(target) >= 1
+        assert os.getpriority(os.PRIO_PROCESS, child.pid) == target
+    finally:
+        child.kill()
+        child.wait()
