@@ -61,10 +61,8 @@ class AdmissionConfig(BaseModel):
                                             "every pool is healthy, the router sends one request per size "
                                             "through the normal path so the cost models start from measured "
                                             "timings, not only the prior ([] = off)")
-    bias_step: float = Field(0.1, gt=0, le=1, description="log-step of the observed/predicted correction")
-    ttft_quantile: float = Field(0.9, gt=0, lt=1, description="admit on this quantile of predicted TTFT (the "
-                                 "correction tracks it online)")
-    tpot_quantile: float = Field(0.5, gt=0, lt=1)
+    bias_alpha: float = Field(0.1, gt=0, le=1, description="weight of each observed/predicted TTFT and TPOT "
+                              "ratio in the model's running correction")
     decode_throttle: Literal["off", "cap", "reject"] = Field("cap", description="lower tiers when decode is "
                                                               "saturated: cap max_tokens, or reject (429)")
     decode_saturation: float = Field(0.8, gt=0, description="decode is saturated at this share of a tier's "

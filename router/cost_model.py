@@ -9,12 +9,10 @@ few dozen samples), starting from a prior (config, or a short warm-up) that coun
 - decode seconds per output token vs decode batch size (running requests on the engine);
 - handoff seconds vs KV bytes.
 
-On top, an end-to-end correction per quantity (``ttft_bias``, ``tpot_bias``) learnt from observed /
-predicted TTFT and TPOT of admitted requests: an online quantile tracker of that ratio (up by
-``step x q`` when a request took longer than predicted, down by ``step x (1 - q)`` otherwise, so in
-equilibrium a share ``1 - q`` of requests exceed their prediction). With ``q = 0.9`` for TTFT the
-admission test compares the SLO with a ~90th-percentile TTFT, not a mean. It absorbs what the lines
-do not model (queueing in the serving path, batch interference, the first decode step's variance).
+On top, an end-to-end correction per quantity (``ttft_bias``, ``tpot_bias``): the geometric moving
+average of observed / predicted TTFT and TPOT of admitted requests. It absorbs what the lines do not
+model (the decode side's first step, queueing in the serving path, batch interference), so the
+prediction the admission test uses is calibrated on the very quantity the SLO constrains.
 
 Pure: stdlib only. Not thread-safe; the router owns one per pool and updates it from one loop.
 """
@@ -75,13 +73,14 @@ class CostPrior:
 
 
 BIAS_RANGE = (0.5, 4.0)   # a correction outside this means the model is broken, not biased
+RATIO_CLIP = (0.25, 4.0)  # one observation moves the bias by at most RATIO_CLIP ** alpha
 
 
 class CostModel:
     def __init__(self, prior: CostPrior | None = None, prior_weight: float = 5.0, lam: float = 0.98,
-                 bias_step: float = 0.1, ttft_quantile: float = 0.9, tpot_quantile: float = 0.5) -> None:
+                 bias_alpha: float = 0.1) -> None:
         p = prior or CostPrior()
-        self.bias_step, self.ttft_quantile, self.tpot_quantile = bias_step, ttft_quantile, tpot_quantile
+        self.bias_alpha = bias_alpha
         self.ttft_bias = 1.0
         self.tpot_bias = 1.0
         self.prefill = OnlineLine(p.prefill_overhead_s, 1.0 / p.prefill_tokens_per_s, prior_weight, lam, 1e3)
@@ -104,10 +103,10 @@ class CostModel:
 
     def observe_ttft_ratio(self, actual_over_predicted: float) -> None:
         """Observed / predicted TTFT of one admitted request (prediction made with the current bias)."""
-        self.ttft_bias = _track_quantile(self.ttft_bias, actual_over_predicted, self.ttft_quantile, self.bias_step)
+        self.ttft_bias = _ewma_log(self.ttft_bias, actual_over_predicted, self.bias_alpha)
 
     def observe_tpot_ratio(self, actual_over_predicted: float) -> None:
-        self.tpot_bias = _track_quantile(self.tpot_bias, actual_over_predicted, self.tpot_quantile, self.bias_step)
+        self.tpot_bias = _ewma_log(self.tpot_bias, actual_over_predicted, self.bias_alpha)
 
     # predictions (never below a small floor: a fit may drift negative at the edges) --------------
     def prefill_s(self, uncached_tokens: int) -> float:
@@ -125,10 +124,9 @@ class CostModel:
         return 1.0 / max(self.prefill.slope, 1e-9)
 
 
-def _track_quantile(bias: float, ratio: float, q: float, step: float) -> float:
-    """One step of the online ``q``-quantile tracker in log space; only the sign of ``ratio - 1``
-    counts, so one outlier moves the bias by at most ``exp(step x q)``. Clamped to ``BIAS_RANGE``."""
+def _ewma_log(bias: float, ratio: float, alpha: float) -> float:
+    """Move ``bias`` by ``ratio`` in log space (ratio 2 and 0.5 weigh the same), clamped."""
     if not ratio > 0 or math.isinf(ratio):
         return bias
-    b = bias * math.exp(step * q if ratio > 1.0 else -step * (1.0 - q))
+    b = bias * min(max(ratio, RATIO_CLIP[0]), RATIO_CLIP[1]) ** alpha
     return min(max(b, BIAS_RANGE[0]), BIAS_RANGE[1])

@@ -33,7 +33,7 @@ def tier_policies(cfg: RouterConfig) -> dict[str, TierPolicy]:
 def new_cost_model(cfg: RouterConfig) -> CostModel:
     a = cfg.admission
     return CostModel(CostPrior(prefill_tokens_per_s=a.prefill_tokens_per_s_prior, decode_step_s=a.decode_step_s_prior),
-                     bias_step=a.bias_step, ttft_quantile=a.ttft_quantile, tpot_quantile=a.tpot_quantile)
+                     bias_alpha=a.bias_alpha)
 
 
 def decode_throttle(cfg: RouterConfig) -> DecodeThrottle | None:

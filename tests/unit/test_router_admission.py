@@ -1,6 +1,5 @@
 """router/cost_model.py and router/admission.py: fits and decision tables (pure)."""
 
-import math
 import random
 
 import pytest
@@ -101,32 +100,21 @@ def test_decode_liveness_uses_the_callers_exact_count():
 
 
 class TestCalibrationBias:
-    def test_bias_converges_to_a_constant_error(self):
+    def test_bias_tracks_observed_over_predicted_and_is_clamped(self):
         m = _model()
-        for _ in range(300):
+        for _ in range(60):
             m.observe_ttft_ratio(1.5 / m.ttft_bias)      # truth: 1.5x what the lines predict
             m.observe_tpot_ratio(0.8 / m.tpot_bias)
-        assert 1.5 * math.exp(-0.011) <= m.ttft_bias <= 1.5 * math.exp(0.091)      # one step either side
-        assert 0.8 * math.exp(-0.051) <= m.tpot_bias <= 0.8 * math.exp(0.051)
-        for _ in range(500):
+        assert m.ttft_bias == pytest.approx(1.5, rel=0.02) and m.tpot_bias == pytest.approx(0.8, rel=0.02)
+        for _ in range(200):
             m.observe_ttft_ratio(100.0)
         m.observe_ttft_ratio(float("nan"))
-        assert m.ttft_bias == 4.0                        # clamped
-
-    def test_ttft_bias_tracks_the_90th_percentile(self):
-        rng = random.Random(3)
-        m = _model()
-        truth = [rng.lognormvariate(0.2, 0.3) for _ in range(4000)]   # noisy errors around 1.2x
-        for t in truth:
-            m.observe_ttft_ratio(t / m.ttft_bias)
-        tail = truth[-1000:]
-        exceed = sum(t > m.ttft_bias for t in tail) / len(tail)
-        assert 0.03 < exceed < 0.2                      # ~10 % of requests above the corrected prediction
+        assert m.ttft_bias == 4.0
 
     def test_one_outlier_moves_the_bias_a_little(self):
         m = _model()
-        m.observe_ttft_ratio(300.0)
-        assert m.ttft_bias == pytest.approx(math.exp(0.1 * 0.9))
+        m.observe_ttft_ratio(300.0)             # e.g. a near-zero prediction: clipped to 4x, then ^alpha
+        assert m.ttft_bias == pytest.approx(4.0 ** 0.1)
 
     def test_bias_and_first_step_enter_the_prediction(self):
         m = _model(rate=250.0, step=0.1)
