@@ -38,7 +38,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-class NixlHandoff:
+class _RemotePrefillParams:
+    """Request shaping shared by the pull-mode connectors: a prefill-only request keeps its KV for a
+    remote decode, and the prefill's output params (``do_remote_prefill``) become the decode's handoff."""
+
+    name: str
+
+    def prefill_params(self) -> dict[str, Any]:
+        return prefill_request_params()
+
+    def handoff_from_output(self, params: Mapping[str, Any] | None) -> KvHandoff | None:
+        if not params or not params.get("do_remote_prefill"):
+            return None
+        return KvHandoff.from_kv_transfer_params(params, connector=self.name)
+
+
+class NixlHandoff(_RemotePrefillParams):
     """vLLM's ``NixlConnector``: the decode engine READs the prefill engine's KV blocks over UCX.
 
     Every engine is ``kv_both`` so a replica can serve either side; each picks a free side-channel
@@ -77,16 +92,9 @@ class NixlHandoff:
             **quiet,
         }
 
-    def prefill_params(self) -> dict[str, Any]:
-        return prefill_request_params()
-
-    def handoff_from_output(self, params: Mapping[str, Any] | None) -> KvHandoff | None:
-        if not params or not params.get("do_remote_prefill"):
-            return None
-        return KvHandoff.from_kv_transfer_params(params, connector=self.name)
 
 
-class SlabHandoff:
+class SlabHandoff(_RemotePrefillParams):
     """Our ``SlabKVConnector`` (kvtransfer/): the prefill packs the prompt's blocks into slabs (one NIXL
     descriptor each, optionally int8/int4) in a pre-registered pool; the decode engine READs them.
 
@@ -122,13 +130,6 @@ class SlabHandoff:
             },
         }
 
-    def prefill_params(self) -> dict[str, Any]:
-        return prefill_request_params()
-
-    def handoff_from_output(self, params: Mapping[str, Any] | None) -> KvHandoff | None:
-        if not params or not params.get("do_remote_prefill"):
-            return None
-        return KvHandoff.from_kv_transfer_params(params, connector=self.name)
 
 
 def make_handoff(cfg: KvHandoffConfig, side_channel_host: str) -> HandoffBackend:
