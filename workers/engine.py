@@ -54,7 +54,8 @@ def kv_events_config(endpoint: str) -> dict[str, Any]:
 
 def device_env(pool: PoolConfig, local_rank: int = 0) -> dict[str, str]:
     """Process environment of the engine (CPU pinning / KV space, queue spinning)."""
-    env = {"PDSERVE_MQ_BUSY_LOOP_S": str(pool.engine.mq_busy_loop_s)}
+    env = {"PDSERVE_MQ_BUSY_LOOP_S": str(pool.engine.mq_busy_loop_s),
+           "PDSERVE_MQ_RECHECK_MS": str(pool.engine.mq_recheck_ms)}
     if isinstance(pool.device, CpuDevice):
         env.update({
             "VLLM_CPU_OMP_THREADS_BIND": pool.device.cores_for_rank(local_rank),

@@ -12,8 +12,7 @@ from ``PDSERVE_NIXL_PROGRESS_DELAY_US`` and can switch the thread off with
 ``PDSERVE_NIXL_PROGRESS_THREAD=0``. Loaded by vLLM inside the engine worker process via
 ``kv_connector_module_path``; the engine environment comes from workers/handoff.py.
 
-Being imported into both engine processes (engine core: scheduler side; worker: model side), it
-is also where two CPU-box fixes to vLLM's process plumbing live (see the functions below).
+It also restores the engine thread's CPU affinity that vLLM's CPU NIXL worker overrides (below).
 """
 
 from __future__ import annotations
@@ -25,6 +24,8 @@ import sys
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlConnector
 from vllm.logger import init_logger
+
+from workers.vllm_plugin import register as register_plumbing_fixes
 
 logger = init_logger(__name__)
 
@@ -68,33 +69,9 @@ def _install() -> None:
 _install()
 
 
-def _calm_message_queue_readers() -> None:
-    """vLLM's engine core and its worker process talk over a shared-memory queue whose readers
-    spin (``sched_yield``) for ``busy_loop_s`` = 1 s after every read before sleeping on a socket.
-    The engine core reads the worker's reply every step, so it spins through every forward pass
-    (measured: 63% of a core) on whatever core the OS gives it, typically the OTHER engine's
-    pinned core on a small box. Readers here sleep on the socket after ``PDSERVE_MQ_BUSY_LOOP_S``
-    (default 0); the writer notifies on every write, so a step costs one socket wake-up."""
-    try:
-        from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
-    except ImportError:  # a vLLM without it: nothing to calm
-        return
-    if getattr(SpinCondition.wait, "_pdserve", False):
-        return
-    limit = float(os.environ.get("PDSERVE_MQ_BUSY_LOOP_S", "0"))
-    original = SpinCondition.wait
-
-    @functools.wraps(original)
-    def wait(self, timeout_ms=None):
-        if self.busy_loop_s > limit:
-            self.busy_loop_s = limit
-        return original(self, timeout_ms=timeout_ms)
-
-    wait._pdserve = True
-    SpinCondition.wait = wait
-
-
-_calm_message_queue_readers()
+# The engine-process plumbing fixes (shared-memory queue spinning and lost wake-ups) live in
+# workers/vllm_plugin.py, a vLLM general plugin; registering here too covers an uninstalled checkout.
+register_plumbing_fixes()
 
 
 class QuietNixlConnector(NixlConnector):

@@ -62,13 +62,13 @@ class TestEngineArgs:
         assert kw["block_size"] == 32 and kw["max_model_len"] == 1024 and kw["seed"] == 3
         assert kw["kv_transfer_config"] == {"kv_connector": "X"} and "gpu_memory_utilization" not in kw
         assert device_env(pool, local_rank=1) == {"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_KVCACHE_SPACE": "2",
-                                                  "PDSERVE_MQ_BUSY_LOOP_S": "0.0"}
+                                                  "PDSERVE_MQ_BUSY_LOOP_S": "0.0", "PDSERVE_MQ_RECHECK_MS": "10"}
 
     def test_gpu_pool(self):
         pool = PoolConfig(name="p", role="prefill", device={"kind": "gpu", "count": 1, "gpu_memory_utilization": 0.5})
         kw = engine_kwargs(EngineSpec(pool=pool, model_path="/m", served_model_name="m", max_model_len=64), None)
         assert kw["gpu_memory_utilization"] == 0.5 and "kv_transfer_config" not in kw
-        assert device_env(pool) == {"PDSERVE_MQ_BUSY_LOOP_S": "0.0"}
+        assert device_env(pool) == {"PDSERVE_MQ_BUSY_LOOP_S": "0.0", "PDSERVE_MQ_RECHECK_MS": "10"}
 
 
 def test_worker_stats_round_trip():
