@@ -52,8 +52,7 @@ def register() -> None:
 
     @functools.wraps(original)
     def wait(self, timeout_ms=None):
-        if self.busy_loop_s > busy_limit:
-            self.busy_loop_s = busy_limit
+        self.busy_loop_s = min(self.busy_loop_s, busy_limit)
         return original(self, timeout_ms=bounded_wait_timeout(timeout_ms, recheck_ms))
 
     wait._pdserve = True

@@ -35,7 +35,7 @@ def _pair(tmp_path):
 
 
 def test_dropped_notification_costs_one_recheck_not_five_seconds(patched, tmp_path):
-    ctx, writer, reader = _pair(tmp_path)
+    ctx, _writer, reader = _pair(tmp_path)
     try:
         reader.last_read = 0.0
         # No notification ever arrives (the dropped-wake-up case). vLLM passes its 5 s recheck.
