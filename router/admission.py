@@ -4,7 +4,12 @@ At arrival, for the prefill and decode replicas the placement step picked:
 
     TTFT ~ queue wait on the prefill replica + (prefill of the uncached tokens + KV handoff
             + one decode step: the first token comes from a step of the decode replica's batch) x ttft_bias
-    TPOT ~ decode step time at the batch the request would join x tpot_bias
+    TPOT ~ decode step time at the batch the request would join, over the context that batch attends
+           during the request's life, x tpot_bias
+
+The context is the decode replica's current KV context + this prompt + half of ``max_new_tokens`` (the
+request's own mean length while it decodes; the rest of the batch is taken as it is now: its growth and
+its departures roughly cancel over a request's life), so a long ``max_tokens`` predicts a slower TPOT.
 
 (the biases are the models' running observed/predicted ratios, see router/cost_model.py).
 
@@ -76,19 +81,23 @@ def usable_fraction(tier: str, tiers: Mapping[str, TierPolicy]) -> float:
 
 def decide(tier: str, tiers: Mapping[str, TierPolicy], model: CostModel, *, queued_prefill_tokens: int,
            uncached_tokens: int, decode_batch: int, kv_bytes: int = 0, decode_model: CostModel | None = None,
-           decode_idle: bool | None = None, min_retry_after_s: float = 1.0, max_new_tokens: int = 0, throttle: DecodeThrottle | None = None) -> Admission | Rejection:
+           decode_idle: bool | None = None, min_retry_after_s: float = 1.0, max_new_tokens: int = 0,
+           throttle: DecodeThrottle | None = None, prompt_tokens: int = 0,
+           decode_context_tokens: int = 0) -> Admission | Rejection:
     """Admit or reject one request (see module docstring). ``model`` is the prefilling pool's,
     ``decode_model`` the decode pool's (default: the same); ``decode_batch`` excludes the request.
     ``decode_idle`` (default ``decode_batch == 0``) is the liveness test for TPOT; callers pass their
-    own exact in-flight count, since polled engine counts lag."""
+    own exact in-flight count, since polled engine counts lag. ``decode_context_tokens``: KV tokens the
+    decode replica's running requests hold now."""
     if decode_idle is None:
         decode_idle = decode_batch <= 0
     pol = tiers[tier]
     dm = decode_model or model
     wait = model.prefill_s(queued_prefill_tokens) * model.ttft_bias
-    step = dm.decode_step_s(decode_batch + 1)
-    ttft = wait + (model.prefill_s(uncached_tokens) + model.handoff_s(kv_bytes) + step) * model.ttft_bias
-    tpot = step * dm.tpot_bias
+    first_step = dm.decode_step_s(decode_batch + 1, decode_context_tokens + prompt_tokens)
+    ttft = wait + (model.prefill_s(uncached_tokens) + model.handoff_s(kv_bytes) + first_step) * model.ttft_bias
+    life_context = decode_context_tokens + prompt_tokens + max(max_new_tokens, 0) // 2
+    tpot = dm.decode_step_s(decode_batch + 1, life_context) * dm.tpot_bias
     top_ttft = max(t.ttft_s for t in tiers.values())
     top_tpot = max(t.tpot_s for t in tiers.values())
     if tpot > top_tpot and not decode_idle:

@@ -1,12 +1,13 @@
 """Online cost model of a pool: predicts prefill time, decode step time and handoff time.
 
-Each quantity is a line ``y = a + b * x`` fitted by recursive least squares with exponential
+Each quantity is linear in its drivers, ``y = a + b * x (+ c * z)``, fitted by recursive least squares with exponential
 forgetting (recent behaviour dominates; a change of hardware or load shape is tracked within a
 few dozen samples), starting from a prior (config, or a short warm-up) that counts as
 ``prior_weight`` samples:
 
 - prefill seconds vs uncached prompt tokens (engine-reported prefill time of finished requests);
-- decode seconds per output token vs decode batch size (running requests on the engine);
+- decode seconds per output token vs decode batch size (requests in the step) and the KV context the
+  step attends over (tokens held by running requests: attention cost grows with it);
 - handoff seconds vs KV bytes.
 
 On top, an end-to-end correction per quantity (``ttft_bias``, ``tpot_bias``): the geometric moving
@@ -21,43 +22,65 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 
-class OnlineLine:
-    """``y = a + b x`` by recursive least squares with forgetting factor ``lam``."""
+class OnlineLinear:
+    """``y = w . (1, x_1 .. x_k)`` by recursive least squares with forgetting factor ``lam``.
+
+    ``scales`` condition the problem (tokens ~1e3, bytes ~1e7): feature ``i`` enters as ``x_i / scales[i]``.
+    The prior ``weights`` count as ``prior_weight`` samples."""
+
+    def __init__(self, weights: Sequence[float], scales: Sequence[float], prior_weight: float = 5.0,
+                 lam: float = 0.98) -> None:
+        if len(weights) != len(scales) + 1:
+            raise ValueError("one weight per feature plus the intercept")
+        self.lam = lam
+        self.scales = tuple(scales)
+        self.w = [weights[0]] + [w * sc for w, sc in zip(weights[1:], self.scales)]
+        n, p = len(self.w), 1.0 / max(prior_weight, 1e-6)
+        self.P = [[p if i == j else 0.0 for j in range(n)] for i in range(n)]
+        self.n = 0
+
+    def _phi(self, xs: Sequence[float]) -> list[float]:
+        return [1.0] + [x / sc for x, sc in zip(xs, self.scales)]
+
+    def predict(self, *xs: float) -> float:
+        return sum(w * f for w, f in zip(self.w, self._phi(xs)))
+
+    def coef(self, i: int) -> float:
+        """Weight of feature ``i`` (0 = intercept) in unscaled units."""
+        return self.w[i] if i == 0 else self.w[i] / self.scales[i - 1]
+
+    def update(self, *xs: float, y: float) -> None:
+        phi, P, lam, n = self._phi(xs), self.P, self.lam, len(self.w)
+        Pphi = [sum(P[i][j] * phi[j] for j in range(n)) for i in range(n)]
+        denom = lam + sum(phi[i] * Pphi[i] for i in range(n))
+        k = [v / denom for v in Pphi]
+        err = y - sum(w * f for w, f in zip(self.w, phi))
+        self.w = [w + ki * err for w, ki in zip(self.w, k)]
+        # P = (P - k phi^T P) / lam   (P symmetric: phi^T P = Pphi^T)
+        self.P = [[(P[i][j] - k[i] * Pphi[j]) / lam for j in range(n)] for i in range(n)]
+        self.n += 1
+
+
+class OnlineLine(OnlineLinear):
+    """``y = a + b x``: the one-feature case."""
 
     def __init__(self, a: float, b: float, prior_weight: float = 5.0, lam: float = 0.98,
                  x_scale: float = 1.0) -> None:
-        self.lam = lam
-        self.x_scale = x_scale          # conditions the problem (tokens ~1e3, bytes ~1e7)
-        self.w = [a, b * x_scale]
-        p = 1.0 / max(prior_weight, 1e-6)
-        self.P = [[p, 0.0], [0.0, p]]
-        self.n = 0
-
-    def predict(self, x: float) -> float:
-        return self.w[0] + self.w[1] * (x / self.x_scale)
+        super().__init__((a, b), (x_scale,), prior_weight, lam)
 
     @property
     def intercept(self) -> float:
-        return self.w[0]
+        return self.coef(0)
 
     @property
     def slope(self) -> float:
-        return self.w[1] / self.x_scale
+        return self.coef(1)
 
-    def update(self, x: float, y: float) -> None:
-        phi = (1.0, x / self.x_scale)
-        P, lam = self.P, self.lam
-        Pphi = (P[0][0] * phi[0] + P[0][1] * phi[1], P[1][0] * phi[0] + P[1][1] * phi[1])
-        denom = lam + phi[0] * Pphi[0] + phi[1] * Pphi[1]
-        k = (Pphi[0] / denom, Pphi[1] / denom)
-        err = y - (self.w[0] * phi[0] + self.w[1] * phi[1])
-        self.w = [self.w[0] + k[0] * err, self.w[1] + k[1] * err]
-        # P = (P - k phi^T P) / lam
-        phiP = (phi[0] * P[0][0] + phi[1] * P[1][0], phi[0] * P[0][1] + phi[1] * P[1][1])
-        self.P = [[(P[i][j] - k[i] * phiP[j]) / lam for j in range(2)] for i in range(2)]
-        self.n += 1
+    def update(self, x: float, y: float) -> None:  # type: ignore[override]
+        super().update(x, y=y)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +91,7 @@ class CostPrior:
     prefill_overhead_s: float = 0.05
     decode_step_s: float = 0.10           # per output token at batch 1
     decode_step_per_seq_s: float = 0.004  # added per extra running sequence
+    decode_step_per_kilotoken_s: float = 0.001  # added per 1k tokens of context in the batch
     handoff_overhead_s: float = 0.01
     handoff_bytes_per_s: float = 1e9
 
@@ -84,8 +108,8 @@ class CostModel:
         self.ttft_bias = 1.0
         self.tpot_bias = 1.0
         self.prefill = OnlineLine(p.prefill_overhead_s, 1.0 / p.prefill_tokens_per_s, prior_weight, lam, 1e3)
-        self.decode = OnlineLine(p.decode_step_s - p.decode_step_per_seq_s, p.decode_step_per_seq_s,
-                                 prior_weight, lam, 10.0)
+        self.decode = OnlineLinear((p.decode_step_s - p.decode_step_per_seq_s, p.decode_step_per_seq_s,
+                                    p.decode_step_per_kilotoken_s / 1e3), (10.0, 1e4), prior_weight, lam)
         self.handoff = OnlineLine(p.handoff_overhead_s, 1.0 / p.handoff_bytes_per_s, prior_weight, lam, 1e7)
 
     # observations ------------------------------------------------------------------------------
@@ -93,9 +117,11 @@ class CostModel:
         if uncached_tokens > 0 and seconds > 0:
             self.prefill.update(uncached_tokens, seconds)
 
-    def observe_decode(self, batch: int, seconds_per_token: float) -> None:
+    def observe_decode(self, batch: int, seconds_per_token: float, context_tokens: int = 0) -> None:
+        """One engine step: ``batch`` requests got a token in ``seconds_per_token`` while the running
+        requests held ``context_tokens`` of KV."""
         if batch > 0 and seconds_per_token > 0:
-            self.decode.update(batch, seconds_per_token)
+            self.decode.update(batch, max(context_tokens, 0), y=seconds_per_token)
 
     def observe_handoff(self, nbytes: int, seconds: float) -> None:
         if nbytes > 0 and seconds > 0:
@@ -114,14 +140,14 @@ class CostModel:
             return 0.0
         return max(self.prefill.predict(uncached_tokens), uncached_tokens * 1e-6)
 
-    def decode_step_s(self, batch: int) -> float:
-        return max(self.decode.predict(max(batch, 1)), 1e-4)
+    def decode_step_s(self, batch: int, context_tokens: int = 0) -> float:
+        return max(self.decode.predict(max(batch, 1), max(context_tokens, 0)), 1e-4)
 
     def handoff_s(self, nbytes: int) -> float:
         return max(self.handoff.predict(nbytes), 0.0) if nbytes > 0 else 0.0
 
     def prefill_tokens_per_s(self) -> float:
-        return 1.0 / max(self.prefill.slope, 1e-9)
+        return 1.0 / max(self.prefill.coef(1), 1e-9)
 
 
 def _ewma_log(bias: float, ratio: float, alpha: float) -> float:

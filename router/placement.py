@@ -109,7 +109,8 @@ class SloAwarePolicy:
                          decode_batch=decode.load, decode_model=self.model(decode.pool),
                          decode_idle=decode.in_flight == 0,
                          min_retry_after_s=self.cfg.admission.min_retry_after_s,
-                         max_new_tokens=req.max_new_tokens, throttle=self.throttle)
+                         max_new_tokens=req.max_new_tokens, throttle=self.throttle,
+                         prompt_tokens=prompt, decode_context_tokens=decode.context_tokens)
         if isinstance(verdict, Rejection):
             return verdict
         assert isinstance(verdict, Admission)

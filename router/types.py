@@ -43,9 +43,15 @@ class EndpointState:
     num_running: int = 0
     num_waiting: int = 0
     kv_usage: float = 0.0            # 0..1 of the engine's KV blocks in use
+    kv_capacity_tokens: int = 0      # the engine's KV cache size in tokens (0 = not reported yet)
     in_flight: int = 0               # requests this router dispatched and has not seen finish
     queued_prefill_tokens: int = 0   # uncached prompt tokens dispatched here for prefill, not yet done
     updated_s: float = 0.0
+
+    @property
+    def context_tokens(self) -> int:
+        """KV tokens its running requests hold (what a decode step attends over)."""
+        return int(self.kv_usage * self.kv_capacity_tokens)
 
     @property
     def load(self) -> int:

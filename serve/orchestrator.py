@@ -224,8 +224,8 @@ class Orchestrator:
         m = model_of(stats.pool)
         for tokens, seconds in stats.prefill_samples:
             m.observe_prefill(tokens, seconds)
-        for batch, seconds in stats.decode_samples:
-            m.observe_decode(batch, seconds)
+        for batch, context_tokens, seconds in stats.decode_samples:
+            m.observe_decode(batch, seconds, context_tokens)
         if stats.kv_transfer_durations_s and stats.kv_transfers_total:
             avg_bytes = stats.kv_transfer_bytes_total // stats.kv_transfers_total
             for d in stats.kv_transfer_durations_s:

@@ -81,7 +81,8 @@ class PoolDirectory:
             e, healthy=bool(polled.get("healthy", True)) and fresh, in_flight=in_flight,
             queued_prefill_tokens=queued_tokens,
             num_running=int(polled.get("num_running", 0)), num_waiting=int(polled.get("num_waiting", 0)),
-            kv_usage=float(polled.get("kv_usage", 0.0)), updated_s=float(polled.get("updated_s", 0.0)))
+            kv_usage=float(polled.get("kv_usage", 0.0)), kv_capacity_tokens=int(polled.get("kv_capacity_tokens", 0)),
+            updated_s=float(polled.get("updated_s", 0.0)))
 
 
 def endpoint_from_stats(endpoint_id: str, pool: str, role: Role, stats: Mapping | None) -> EndpointState:
@@ -90,7 +91,8 @@ def endpoint_from_stats(endpoint_id: str, pool: str, role: Role, stats: Mapping 
     return EndpointState(
         endpoint_id=endpoint_id, pool=pool, role=role, healthy=True,
         num_running=int(stats.get("num_running", 0)), num_waiting=int(stats.get("num_waiting", 0)),
-        kv_usage=float(stats.get("kv_usage", 0.0)), updated_s=float(stats.get("updated_s") or 0.0),
+        kv_usage=float(stats.get("kv_usage", 0.0)), kv_capacity_tokens=int(stats.get("kv_capacity_tokens", 0)),
+        updated_s=float(stats.get("updated_s") or 0.0),
     )
 
 

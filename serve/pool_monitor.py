@@ -71,7 +71,8 @@ class PoolMonitor:
                 self._cache[r.endpoint_id] = r
                 self._directory.update_stats(r.endpoint_id, {
                     "healthy": r.healthy, "num_running": r.num_running, "num_waiting": r.num_waiting,
-                    "kv_usage": r.kv_usage, "updated_s": self._clock()})
+                    "kv_usage": r.kv_usage, "kv_capacity_tokens": r.kv_capacity_tokens,
+                    "updated_s": self._clock()})
                 if self._metrics is not None:
                     self._metrics.observe_handoff_durations(r.kv_transfer_durations_s)
                 if self._on_stats is not None:

@@ -82,6 +82,7 @@ class WorkerStats:
     num_running: int = 0
     num_waiting: int = 0
     kv_usage: float = 0.0
+    kv_capacity_tokens: int = 0               # the engine's KV cache size in tokens (blocks x block size)
     prompt_tokens_total: int = 0
     prompt_tokens_computed: int = 0
     prompt_tokens_local_cache_hit: int = 0
@@ -96,7 +97,7 @@ class WorkerStats:
     kv_transfer_durations_s: list[float] = field(default_factory=list)  # since last drain
     # cost-model calibration samples since last drain (finished requests, engine-measured):
     prefill_samples: list[tuple[int, float]] = field(default_factory=list)   # (uncached tokens, prefill s)
-    decode_samples: list[tuple[int, float]] = field(default_factory=list)    # (batch, mean step s)
+    decode_samples: list[tuple[int, int, float]] = field(default_factory=list)  # (batch, context tok, step s)
     kv_events_endpoint: str = ""     # ZMQ address of the engine's KV cache event publisher ("" = none)
     updated_s: float = 0.0
 

@@ -15,6 +15,7 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 from workers.messages import WorkerStats
 
 MAX_SAMPLES = 256  # per drain period; older samples are dropped
+CONTEXT_BUCKET_TOKENS = 256  # decode samples are averaged per (batch, context bucket)
 
 
 class EngineStatsCollector(StatLoggerBase):
@@ -25,11 +26,20 @@ class EngineStatsCollector(StatLoggerBase):
         self._stats = WorkerStats(endpoint_id="", pool="", role="")
         self._pending_durations: list[float] = []
         self._prefill_samples: list[tuple[int, float]] = []
-        self._decode_steps: dict[int, list[float]] = {}  # batch -> [sum of step seconds, steps]
+        # (batch, context bucket) -> [sum of step seconds, sum of context tokens, steps]
+        self._decode_steps: dict[tuple[int, int], list[float]] = {}
+        self._vllm_config = vllm_config
 
     def factory(self, vllm_config: Any, engine_index: int = 0) -> "EngineStatsCollector":
         """Stat-logger factory handed to ``AsyncLLM``: returns this very collector."""
+        self._vllm_config = vllm_config
         return self
+
+    def _capacity_tokens(self) -> int:
+        """KV cache size in tokens; known once the engine core has profiled memory."""
+        cache = getattr(self._vllm_config, "cache_config", None)
+        blocks, size = getattr(cache, "num_gpu_blocks", None), getattr(cache, "block_size", None)
+        return int(blocks) * int(size) if blocks and size else 0
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
         with self._lock:
@@ -38,6 +48,7 @@ class EngineStatsCollector(StatLoggerBase):
                 s.num_running = scheduler_stats.num_running_reqs
                 s.num_waiting = scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
                 s.kv_usage = float(scheduler_stats.kv_cache_usage)
+                s.kv_capacity_tokens = s.kv_capacity_tokens or self._capacity_tokens()
                 if scheduler_stats.kv_connector_stats:
                     self._record_connector(scheduler_stats.kv_connector_stats)
             if iteration_stats is not None:
@@ -61,14 +72,17 @@ class EngineStatsCollector(StatLoggerBase):
         """Decode calibration from engine steps: a step that produced a next token for ``k`` running
         requests (plus first tokens for new ones) took the inter-token latency those requests saw,
         so (batch = all requests that got a token, seconds = their mean inter-token latency) is one
-        exact sample of TPOT at that batch, including any prefill work the step carried."""
+        exact sample of TPOT at that batch, including any prefill work the step carried. The step's
+        context is the KV the running requests hold (usage x capacity, block-granular)."""
         itl = it.inter_token_latencies_iter
         if not itl:
             return
         batch = len(itl) + len(it.time_to_first_tokens_iter)
-        acc = self._decode_steps.setdefault(batch, [0.0, 0])
+        context = int(self._stats.kv_usage * self._stats.kv_capacity_tokens)
+        acc = self._decode_steps.setdefault((batch, context // CONTEXT_BUCKET_TOKENS), [0.0, 0.0, 0])
         acc[0] += sum(itl) / len(itl)
-        acc[1] += 1
+        acc[1] += context
+        acc[2] += 1
 
     def _record_connector(self, data: dict[str, Any]) -> None:
         """Fold one interval of connector stats in: vLLM NixlConnector's dict or our slab connector's
@@ -102,7 +116,8 @@ class EngineStatsCollector(StatLoggerBase):
             if drain:
                 d["kv_transfer_durations_s"] = self._pending_durations
                 d["prefill_samples"] = self._prefill_samples
-                d["decode_samples"] = [(b, acc[0] / acc[1]) for b, acc in sorted(self._decode_steps.items())]
+                d["decode_samples"] = [(b, int(acc[1] / acc[2]), acc[0] / acc[2])
+                                       for (b, _), acc in sorted(self._decode_steps.items())]
                 self._pending_durations, self._prefill_samples, self._decode_steps = [], [], {}
             else:
                 d["kv_transfer_durations_s"], d["prefill_samples"], d["decode_samples"] = [], [], []

@@ -39,6 +39,16 @@ class TestCostModel:
         m.observe_decode(0, 1.0)                                           # ignored
         assert m.decode_step_s(0) == pytest.approx(m.decode_step_s(1))
 
+    def test_decode_plane_over_batch_and_context(self):
+        rng = random.Random(1)
+        m = CostModel()                                                    # prior: 1 ms per 1k tokens
+        for _ in range(400):
+            b, ctx = rng.randint(1, 32), rng.randint(0, 40_000)
+            m.observe_decode(b, 0.08 + 0.004 * b + 0.003 * ctx / 1e3 + rng.gauss(0, 0.003), ctx)
+        assert m.decode.coef(2) * 1e3 == pytest.approx(0.003, rel=0.1)     # seconds per 1k context tokens
+        assert m.decode_step_s(8, 20_000) == pytest.approx(0.08 + 0.032 + 0.06, rel=0.05)
+        assert m.decode_step_s(8, 20_000) > m.decode_step_s(8, 0)
+
 
 def _model(rate=250.0, step=0.1):
     m = CostModel(CostPrior(prefill_tokens_per_s=rate, prefill_overhead_s=0.0, decode_step_s=step,
@@ -47,6 +57,20 @@ def _model(rate=250.0, step=0.1):
 
 
 class TestAdmission:
+    def test_tpot_grows_with_context_and_max_tokens(self):
+        m = CostModel(CostPrior(decode_step_s=0.1, decode_step_per_seq_s=0.0, decode_step_per_kilotoken_s=0.01))
+        kw = dict(queued_prefill_tokens=0, uncached_tokens=100, decode_batch=3, prompt_tokens=1000)
+        short = decide("premium", TIERS, m, max_new_tokens=64, **kw)
+        long = decide("premium", TIERS, m, max_new_tokens=4000, **kw)
+        busy = decide("premium", TIERS, m, max_new_tokens=64, decode_context_tokens=8000, **kw)
+        # life context = current + prompt + max_tokens / 2
+        assert short.predicted_tpot_s == pytest.approx(0.1 + 0.01 * 1.032)
+        assert long.predicted_tpot_s == pytest.approx(0.1 + 0.01 * 3.0)
+        assert busy.predicted_tpot_s == pytest.approx(0.1 + 0.01 * 9.032)
+        # past the SLO on context alone: rejected while the decode replica is busy
+        full = decide("premium", TIERS, m, max_new_tokens=64, decode_context_tokens=20_000, **kw)
+        assert isinstance(full, Rejection) and full.reason == "overload_tpot"
+
     def test_tier_fractions(self):
         assert usable_fraction("free", TIERS) == pytest.approx(0.6)
         assert usable_fraction("standard", TIERS) == pytest.approx(0.9)

@@ -77,18 +77,26 @@ def test_worker_stats_round_trip():
 
 
 class TestStatsCollector:
-    def test_decode_samples_are_mean_step_times_per_batch(self):
-        from vllm.v1.metrics.stats import IterationStats
+    def test_decode_samples_are_mean_step_times_per_batch_and_context(self):
+        from types import SimpleNamespace
+
+        from vllm.v1.metrics.stats import IterationStats, SchedulerStats
 
         from workers.stats import EngineStatsCollector
 
         c = EngineStatsCollector()
-        for itls, ttfts in (([0.10, 0.10], [0.5]), ([0.14, 0.12], [0.4]), ([0.2], []), ([], [0.3])):
+        # what AsyncLLM hands the factory: the config, whose block count the engine core filled in
+        c.factory(SimpleNamespace(cache_config=SimpleNamespace(num_gpu_blocks=100, block_size=128)))
+        for usage, itls, ttfts in ((0.1, [0.10, 0.10], [0.5]), (0.1, [0.14, 0.12], [0.4]), (0.5, [0.2, 0.2], [0.3]),
+                                   (0.1, [0.2], []), (0.1, [], [0.3])):
             it = IterationStats()
             it.inter_token_latencies_iter, it.time_to_first_tokens_iter = itls, ttfts
-            c.record(None, it)
+            c.record(SchedulerStats(kv_cache_usage=usage), it)
         s = c.snapshot("e", "decode", "decode", healthy=True, drain=True)
-        assert s.decode_samples == [(1, pytest.approx(0.2)), (3, pytest.approx((0.10 + 0.13) / 2))]
+        assert s.kv_capacity_tokens == 12800
+        # (batch, context tokens = usage x 12800, mean step seconds); batch 3 at two contexts stays apart
+        assert s.decode_samples == [(1, 1280, pytest.approx(0.2)), (3, 1280, pytest.approx((0.10 + 0.13) / 2)),
+                                    (3, 6400, pytest.approx(0.2))]
         assert c.snapshot("e", "decode", "decode", healthy=True, drain=True).decode_samples == []
 
     def test_connector_stats_of_both_backends(self):
