@@ -25,7 +25,7 @@ from loadtests import report, workloads
 from loadtests.openloop import run_open_loop
 from loadtests.stats import summarize
 from loadtests.timeline import prefix_cache_hit_rate
-from loadtests.systems import REPO, STARTERS, wait_ready
+from loadtests.systems import REPO, SERVER_AUTOGROUP_NICE, STARTERS, wait_ready
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
@@ -189,7 +189,9 @@ def main(argv=None) -> int:
         rows += run_system(name.strip(), args, out)
     meta = {"run_id": run_id, "args": {k: _portable(v) for k, v in vars(args).items()},
             "baselines": args.baseline, "slo": {
-        "ttft_s": args.ttft_slo, "tpot_s": args.tpot_slo}}
+        "ttft_s": args.ttft_slo, "tpot_s": args.tpot_slo},
+            # every system under test ran with its session's autogroup at this nice (systems.py)
+            "server_autogroup_nice": SERVER_AUTOGROUP_NICE}
     (out / "summary.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     report.write_report(out, rows, meta)
     print(f"[bench] results in {out}", flush=True)

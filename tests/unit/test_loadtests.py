@@ -1,3 +1,6 @@
+import os
+from pathlib import Path
+
 import pytest
 
 from loadtests import workloads
@@ -144,6 +147,24 @@ class TestBenchArgs:
         assert parse_system("old=ours@x.yaml", "c.yaml") == ("old", "ours", "x.yaml")
         with pytest.raises(SystemExit):
             parse_system("colocated@x.yaml", "c.yaml")
+
+
+def test_server_session_is_deprioritised_against_the_client():
+    import subprocess
+    import sys
+
+    from loadtests.systems import SERVER_AUTOGROUP_NICE, lower_session_priority
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
+    try:
+        path = Path(f"/proc/{child.pid}/autogroup")
+        assert lower_session_priority(child.pid) == path.exists()
+        if path.exists():  # Linux with autogroups (this box, CI)
+            assert path.read_text().strip().endswith(f"nice {SERVER_AUTOGROUP_NICE}")
+            assert Path(f"/proc/{os.getpid()}/autogroup").read_text() != path.read_text()  # ours untouched
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_recorded_paths_are_portable():
