@@ -83,7 +83,8 @@ def _start_pair(kind: str, model: str, max_model_len: int, logdir: Path) -> tupl
     for role, core in (("prefill", "0"), ("decode", "1")):
         env = {"VLLM_CPU_OMP_THREADS_BIND": core, "VLLM_CPU_KVCACHE_SPACE": "2", "UCX_TLS": "tcp,self,sm",
                "PYTHONPATH": str(REPO), "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
-               "VLLM_NIXL_SIDE_CHANNEL_PORT": str(_free_port()), "PDSERVE_NIXL_PROGRESS_DELAY_US": "1000"}
+               "VLLM_NIXL_SIDE_CHANNEL_PORT": str(_free_port()), "PDSERVE_NIXL_PROGRESS_DELAY_US": "1000",
+               "PDSERVE_MQ_BUSY_LOOP_S": "0"}  # as the cluster's engines (workers/vllm_plugin.py)
         opts = {"name": f"{kind}-{role}", "model": model, "block_size": BLOCK_SIZE, "max_model_len": max_model_len,
                 "dtype": "float32", "max_num_batched_tokens": max_model_len, "kv_transfer_config": _kv_config(kind)}
         pair.append(EngineProcess(opts, env, str(logdir / f"{kind}-{role}.log"), str(REPO), wait=False))

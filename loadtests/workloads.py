@@ -11,6 +11,8 @@ word for SmolLM2's tokenizer. Distributions and where their parameters come from
   ~100-250, heavy right tail).
 - ``shared-prefix``: ``num_system_prompts`` long system prompts (~400 tokens), many users, each
   user's history grows turn by turn (multi-turn chat, the prefix-cache workload).
+- ``shared-prefix-wide``: the same with 12 system prompts and 48 users (a working set larger than a
+  small replica's KV cache).
 - ``long-prompt``: summarisation, prompts near ``max_model_len`` minus the output, short outputs.
 - ``qos``: the ``chat`` shape with ``x-customer-tier`` headers drawn premium/standard/free
   = 10/30/60 %.
@@ -151,8 +153,18 @@ def qos_mix(seed: int, n: int, rate: float, **kw) -> list[RequestSpec]:
     return out
 
 
+def shared_prefix_wide(seed: int, n: int, rate: float, **kw) -> list[RequestSpec]:
+    """``shared-prefix`` with many tenants: 12 system prompts, 48 users. Its working set (~36 system
+    blocks of 128 tokens + histories) outgrows a small per-replica KV cache, the regime where placement
+    decides what stays cached: round-robin makes every replica cache every prefix, prefix-aware placement
+    partitions them."""
+    kw = {"num_system_prompts": 12, "num_users": 48, **kw}
+    return shared_prefix(seed, n, rate, **kw)
+
+
 WORKLOADS = {"random": random_fixed, "chat": chat_mix, "shared-prefix": shared_prefix,
-             "long-prompt": long_prompt, "bursty": bursty, "qos": qos_mix}
+             "shared-prefix-wide": shared_prefix_wide, "long-prompt": long_prompt, "bursty": bursty,
+             "qos": qos_mix}
 
 
 def build(name: str, seed: int, n: int, rate: float, **kw) -> list[RequestSpec]:

@@ -64,7 +64,8 @@ def _slab_config(**extra) -> dict:
 
 def _env(core: str) -> dict[str, str]:
     return {"VLLM_CPU_OMP_THREADS_BIND": core, "VLLM_CPU_KVCACHE_SPACE": "1", "UCX_TLS": "tcp,self,sm",
-            "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+            "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",
+            "PDSERVE_MQ_BUSY_LOOP_S": "0"}  # the cluster's engine setting (workers/vllm_plugin.py)
 
 
 class Engines:
