@@ -103,6 +103,11 @@ def wait_ready(sp: SystemProcess, model: str, timeout_s: float = 900.0) -> None:
         if sp.proc.poll() is not None:
             raise RuntimeError(f"{sp.name} exited with {sp.proc.returncode}; see {sp.log_path}")
         try:
+            # a server that says it is not ready (pdserve: pools starting, router warming up) is not
+            # pinged: its 503s would only add rejections to the metrics every system is judged by
+            if httpx.get(f"{sp.base_url}/health", timeout=10).status_code == 503:
+                time.sleep(2.0)
+                continue
             r = httpx.post(f"{sp.base_url}/v1/chat/completions", timeout=30, json={
                 "model": model, "max_tokens": 2, "messages": [{"role": "user", "content": "ping"}]})
             if r.status_code == 200:
