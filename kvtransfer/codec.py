@@ -130,11 +130,13 @@ class SlabCodec:
         return out.reshape(tm.shape[0], tm.shape[1], self.block_elems)
 
     def scatter_tokens(self, tm: torch.Tensor, num_tokens: int, layers: Sequence[torch.Tensor],
-                       block_table: Sequence[int], first_token: int, block_size: int) -> None:
-        """Write the first ``num_tokens`` tokens of a token-major slab ``tm`` (absolute positions
-        ``first_token..``) into a receiver whose block size is ``block_size`` (any multiple of 1)."""
+                       block_table: Sequence[int], first_token: int, block_size: int, skip: int = 0) -> None:
+        """Write tokens ``skip .. skip + num_tokens`` of a token-major slab ``tm`` to absolute positions
+        ``first_token..`` of a receiver whose block size is ``block_size`` (any size); ``block_table``
+        is the receiver's table of the request from position 0."""
         s = self.spec
-        tok = tm.permute(0, 1, 4, 2, 3, 5).reshape(tm.shape[0], -1, s.num_kv_heads, 2, s.head_dim)[:, :num_tokens]
+        tok = tm.permute(0, 1, 4, 2, 3, 5).reshape(tm.shape[0], -1, s.num_kv_heads, 2, s.head_dim)
+        tok = tok[:, skip:skip + num_tokens]
         pos = torch.arange(first_token, first_token + num_tokens)
         table = torch.tensor(list(block_table), dtype=torch.long)
         blk, off = table[pos // block_size], pos % block_size

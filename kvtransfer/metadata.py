@@ -121,6 +121,8 @@ class RecvJob:
     first_block: int                  # first sender block to load (local prefix hit before it)
     offset: int | None                # pool offset for the received bytes (None: release only)
     fail: str | None = None           # already failed in the scheduler (a failure reason): report it
+    first_token: int = 0              # absolute positions [first_token, end_token) are loaded; used when
+    end_token: int = 0                # the sender's block size differs (token-granular scatter)
 
 
 @dataclass

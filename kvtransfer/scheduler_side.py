@@ -96,12 +96,13 @@ class SlabConnectorScheduler:
     # ----------------------------------------------------------------------------- decode side
     def _compatible(self, h: SlabHandoff) -> bool:
         s = self.spec
-        return (h.num_layers, h.num_kv_heads, h.head_dim, h.block_size, h.dtype, h.k_transposed) == (
-            s.num_layers, s.num_kv_heads, s.head_dim, s.block_size, self.dtype_name,
+        # any block size: equal sizes scatter whole blocks, others token by token (worker side)
+        return (h.num_layers, h.num_kv_heads, h.head_dim, h.dtype, h.k_transposed) == (
+            s.num_layers, s.num_kv_heads, s.head_dim, self.dtype_name,
             self._handshake.k_transposed if self._handshake else True)
 
     def _handoff(self, request: Any) -> SlabHandoff | None:
-        """The request's handoff if this engine can load it (same KV geometry and block size)."""
+        """The request's handoff if this engine can load it (same KV geometry, dtype and layout)."""
         h = SlabHandoff.from_kv_transfer_params(request.kv_transfer_params)
         if h is None or not h.slabs:
             return None
@@ -140,15 +141,17 @@ class SlabConnectorScheduler:
             self._meta.recvs.append(RecvJob(request.request_id, h, (), 0, None))
             return
         end = min(h.num_tokens, request.num_prompt_tokens)
-        first_block = (end - num_external_tokens) // h.block_size
+        first_token = end - num_external_tokens
+        first_block = first_token // h.block_size
         nbytes = sum(s.nbytes for s in h.slabs if s.first_block + s.num_blocks > first_block)
         offset = self._alloc.allocate(nbytes) if self._alloc else None
+        span = {"first_token": first_token, "end_token": end}
         if offset is None:
             self.stats.fail("pool_full")
-            job = RecvJob(request.request_id, h, tuple(block_ids), first_block, None, fail="pool_full")
+            job = RecvJob(request.request_id, h, tuple(block_ids), first_block, None, fail="pool_full", **span)
         else:
             self._receiving[request.request_id] = offset
-            job = RecvJob(request.request_id, h, tuple(block_ids), first_block, offset)
+            job = RecvJob(request.request_id, h, tuple(block_ids), first_block, offset, **span)
         self._meta.recvs.append(job)
 
     # ----------------------------------------------------------------------------- prefill side

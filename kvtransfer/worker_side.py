@@ -25,6 +25,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Mapping
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -108,6 +109,7 @@ class SlabConnectorWorker:
         self.pool: torch.Tensor | None = None
         self.spec: SlabSpec | None = None
         self._codecs: dict[str, SlabCodec] = {}
+        self._foreign_codecs: dict[tuple[int, str, int], SlabCodec] = {}
         self.ledger = PrefillLedger(clock)
         self._recvs: dict[str, _Recv] = {}
         self._finished_recving: set[str] = set()
@@ -246,16 +248,10 @@ class SlabConnectorWorker:
         job, h = r.job, r.job.handoff
         t_read = self._clock() - r.read_started_s
         try:
-            codec = self._codecs[h.compression] if h.group == self.settings.group else \
-                SlabCodec(self.spec, self.layers[0].dtype, h.compression, h.group)
-            pos = job.offset
-            for s in r.slabs:
-                raw = codec.decode(self.pool[pos:pos + s.nbytes], s.num_blocks)
-                pos += s.nbytes
-                skip = max(0, job.first_block - s.first_block)
-                local = job.block_ids[s.first_block + skip:s.first_block + s.num_blocks]
-                if local:
-                    codec.scatter(raw[:, skip:skip + len(local)], self.layers, local)
+            if h.block_size == self.spec.block_size:
+                self._scatter_blocks(job, r.slabs)
+            else:
+                self._scatter_tokens(job, r.slabs)
         except Exception:
             logger.warning("decoding the slabs of %s failed", req_id, exc_info=True)
             del self._recvs[req_id]
@@ -268,9 +264,45 @@ class SlabConnectorWorker:
         st.num_slabs += len(r.slabs)
         st.num_descriptors += len(r.slabs)
         st.wire_bytes += sum(s.nbytes for s in r.slabs)
-        st.raw_bytes += self._codecs["none"].raw_nbytes(sum(s.num_blocks for s in r.slabs))
+        st.raw_bytes += self._codec_for(h).raw_nbytes(sum(s.num_blocks for s in r.slabs))  # sender blocks
         st.transfer_s.append(t_read)
         st.handoff_s.append(self._clock() - r.started_s)
+
+    def _codec_for(self, h) -> SlabCodec:
+        """The codec of the sender's block size, compression and group (cached)."""
+        if h.block_size == self.spec.block_size and h.group == self.settings.group:
+            return self._codecs[h.compression]
+        key = (h.block_size, h.compression, h.group)
+        codec = self._foreign_codecs.get(key)
+        if codec is None:
+            spec = dataclasses.replace(self.spec, block_size=h.block_size)
+            codec = self._foreign_codecs[key] = SlabCodec(spec, self.layers[0].dtype, h.compression, h.group)
+        return codec
+
+    def _scatter_blocks(self, job: RecvJob, slabs) -> None:
+        """Same block size: each received block lands whole in the request's local block."""
+        codec, pos = self._codec_for(job.handoff), job.offset
+        for s in slabs:
+            raw = codec.decode(self.pool[pos:pos + s.nbytes], s.num_blocks)
+            pos += s.nbytes
+            skip = max(0, job.first_block - s.first_block)
+            local = job.block_ids[s.first_block + skip:s.first_block + s.num_blocks]
+            if local:
+                codec.scatter(raw[:, skip:skip + len(local)], self.layers, local)
+
+    def _scatter_tokens(self, job: RecvJob, slabs) -> None:
+        """Different block sizes (e.g. a block-16 GPU prefill, a block-128 CPU decode): write the
+        tokens ``[first_token, end_token)`` one by one into the local block table."""
+        h = job.handoff
+        codec, pos, bs = self._codec_for(h), job.offset, h.block_size
+        for s in slabs:
+            tm = codec.to_token_major(codec.decode(self.pool[pos:pos + s.nbytes], s.num_blocks))
+            pos += s.nbytes
+            start = max(job.first_token, s.first_block * bs)
+            end = min(job.end_token, (s.first_block + s.num_blocks) * bs)
+            if end > start:
+                codec.scatter_tokens(tm, end - start, self.layers, job.block_ids, first_token=start,
+                                     block_size=self.spec.block_size, skip=start - s.first_block * bs)
 
     def _drop(self, req_id: str, reason: str) -> None:
         r = self._recvs.pop(req_id)

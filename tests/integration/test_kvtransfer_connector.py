@@ -8,7 +8,8 @@ SmolLM2-135M in float32.
   uncompressed run is printed and recorded (target >= 90% is NOT met yet: see the test);
 * a decode peer that never reads: the prefill frees the blocks after handoff_timeout_s (engine KV
   usage back to 0, connector counts a timeout);
-* an unreachable prefill peer: the decode engine recomputes and the request still succeeds.
+* an unreachable prefill peer: the decode engine recomputes and the request still succeeds;
+* a block-32 prefill to a block-128 decode: loaded token by token, output equal.
 
 Engines are shared per block size (module fixture); at most 3 engine trees run at once (the
 reference run overlaps the first pair's start-up).
@@ -209,12 +210,16 @@ class TestSlabHandoffBlock128:
         assert _wait_for(lambda: _connector(decode).get("failures", {}).get("connect_timeout", 0) > before, 10)
         assert _decode(decode, prompts[0], params) == reference[0]     # the real one still works
 
-    def test_block_size_mismatch_recomputes_and_releases(self, engines, uncompressed_128, reference, prompts):
-        """A block-32 prefill's slabs at a block-128 decode: not loadable here (v1 needs equal block
-        sizes), so the decode recomputes, and tells the prefill to free at once."""
+    def test_other_block_size_loads_token_by_token(self, engines, uncompressed_128, reference, prompts):
+        """A block-32 prefill's slabs at a block-128 decode (heterogeneous pools: e.g. block 16 on GPUs,
+        128 on CPUs): the decode scatters them token by token into its own blocks, no recompute."""
         p32, decode = engines["p32"], engines["d128"]
+        before = _connector(decode)
         params = _prefill(p32, prompts[1])
         assert _decode(decode, prompts[1], params) == reference[1]
+        after = _received(decode, before.get("num_handoffs_received", 0) + 1)
+        assert after.get("failures", {}) == before.get("failures", {})             # loaded, not recomputed
+        assert after["num_descriptors"] - before.get("num_descriptors", 0) == len(params["slab_handoff"]["slabs"])
         assert _wait_for(lambda: _connector(p32).get("num_released_by_notification", 0) >= 1, 10)
 
     def test_decode_never_reads_prefill_frees_after_timeout(self, engines, uncompressed_128, prompts):
