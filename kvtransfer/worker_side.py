@@ -21,11 +21,11 @@ Lifecycles (who frees what):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
 from collections.abc import Callable, Mapping
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
