@@ -40,6 +40,7 @@ class OnlineLinear:
         self.w = [weights[0]] + [w * sc for w, sc in zip(weights[1:], self.scales)]
         n, p = len(self.w), 1.0 / max(prior_weight, 1e-6)
         self.P = [[p if i == j else 0.0 for j in range(n)] for i in range(n)]
+        self.p_max = p
         self.n = 0
 
     def _phi(self, xs: Sequence[float]) -> list[float]:
@@ -60,7 +61,15 @@ class OnlineLinear:
         err = y - sum(w * f for w, f in zip(self.w, phi))
         self.w = [w + ki * err for w, ki in zip(self.w, k)]
         # P = (P - k phi^T P) / lam   (P symmetric: phi^T P = Pphi^T)
-        self.P = [[(P[i][j] - k[i] * Pphi[j]) / lam for j in range(n)] for i in range(n)]
+        P = [[(P[i][j] - k[i] * Pphi[j]) / lam for j in range(n)] for i in range(n)]
+        # Bounded covariance: forgetting divides P by lam every sample, so a direction the data does
+        # not excite (a constant prompt size, a steady batch) winds up without bound (1e25 after 3,000
+        # identical samples) and the next odd sample (a step that carried a prefill) swings the fit
+        # several-fold. Eigenvalues above the prior's variance are clipped back to it: unexcited
+        # directions are no less certain than at start, excited ones keep forgetting (tracking) as is.
+        if max(P[i][i] for i in range(n)) > self.p_max:
+            P = _clip_eigenvalues(P, self.p_max)
+        self.P = P
         self.n += 1
 
 
@@ -81,6 +90,36 @@ class OnlineLine(OnlineLinear):
 
     def update(self, x: float, y: float) -> None:  # type: ignore[override]
         super().update(x, y=y)
+
+
+def _clip_eigenvalues(P: list[list[float]], cap: float, sweeps: int = 12) -> list[list[float]]:
+    """``V diag(min(l, cap)) V^T`` of a small symmetric matrix (cyclic Jacobi; stdlib only)."""
+    n = len(P)
+    A = [row[:] for row in P]
+    V = [[1.0 if i == j else 0.0 for j in range(n)] for i in range(n)]
+    for _ in range(sweeps):
+        off = sum(A[i][j] ** 2 for i in range(n) for j in range(n) if i != j)
+        if off <= 1e-30 * max(1.0, sum(A[i][i] ** 2 for i in range(n))):
+            break
+        for p in range(n - 1):
+            for q in range(p + 1, n):
+                if A[p][q] == 0.0:
+                    continue
+                theta = (A[q][q] - A[p][p]) / (2 * A[p][q])
+                t = math.copysign(1.0, theta) / (abs(theta) + math.sqrt(theta * theta + 1))
+                c = 1 / math.sqrt(t * t + 1)
+                sn = t * c
+                for k in range(n):      # A = J^T A J, V = V J
+                    akp, akq = A[k][p], A[k][q]
+                    A[k][p], A[k][q] = c * akp - sn * akq, sn * akp + c * akq
+                for k in range(n):
+                    apk, aqk = A[p][k], A[q][k]
+                    A[p][k], A[q][k] = c * apk - sn * aqk, sn * apk + c * aqk
+                for k in range(n):
+                    vkp, vkq = V[k][p], V[k][q]
+                    V[k][p], V[k][q] = c * vkp - sn * vkq, sn * vkp + c * vkq
+    lam = [min(A[i][i], cap) for i in range(n)]
+    return [[sum(V[i][k] * lam[k] * V[j][k] for k in range(n)) for j in range(n)] for i in range(n)]
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,6 +39,17 @@ class TestCostModel:
         m.observe_decode(0, 1.0)                                           # ignored
         assert m.decode_step_s(0) == pytest.approx(m.decode_step_s(1))
 
+    def test_one_odd_sample_after_a_steady_stretch_does_not_swing_the_fit(self):
+        m = CostModel()
+        for _ in range(3000):                      # a steady batch: only one direction is excited
+            m.observe_decode(4, 0.12, 2000)
+        m.observe_decode(5, 0.30, 2600)            # one step that carried a prefill
+        assert m.decode_step_s(4, 2000) == pytest.approx(0.12, rel=0.05)
+        assert m.decode_step_s(8, 4000) < 0.16     # (unbounded covariance: 0.45 s)
+        for _ in range(150):                       # a real change is still tracked
+            m.observe_decode(4, 0.2, 2000)
+        assert m.decode_step_s(4, 2000) == pytest.approx(0.2, rel=0.05)
+
     def test_decode_plane_over_batch_and_context(self):
         rng = random.Random(1)
         m = CostModel()                                                    # prior: 1 ms per 1k tokens
