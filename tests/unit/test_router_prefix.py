@@ -9,14 +9,15 @@ from router.hashing import block_hashes, none_hash, short_key
 from router.prefix_index import PrefixIndex
 
 
-class TestHashingMatchesVllm:
-    @pytest.fixture(scope="class")
-    def vllm_hash(self):
-        from vllm.utils.hashing import sha256
-        from vllm.v1.core import kv_cache_utils as kcu
-        kcu.init_none_hash(sha256)
-        return kcu, sha256
+@pytest.fixture(scope="module")
+def vllm_hash():
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core import kv_cache_utils as kcu
+    kcu.init_none_hash(sha256)
+    return kcu, sha256
 
+
+class TestHashingMatchesVllm:
     @pytest.mark.parametrize("salt", [None, "tenant-a"])
     @pytest.mark.parametrize("block_size", [16, 128])
     def test_same_hashes(self, vllm_hash, salt, block_size):
