@@ -171,3 +171,23 @@ def test_recorded_paths_are_portable():
     from loadtests.bench import REPO, _portable
     assert _portable(str(REPO / "configs" / "local.yaml")) == "configs/local.yaml"
     assert _portable("/somewhere/else/run") == "run" and _portable(0.5) == 0.5
+
+
+def test_recorded_results_name_no_machine_paths():
+    import json
+
+    results = Path(__file__).resolve().parents[2] / "loadtests" / "results"
+
+    def strings(v):
+        if isinstance(v, dict):
+            for x in v.values():
+                yield from strings(x)
+        elif isinstance(v, list):
+            for x in v:
+                yield from strings(x)
+        elif isinstance(v, str):
+            yield v
+
+    for summary in results.glob("*/summary.json"):
+        bad = [s for s in strings(json.loads(summary.read_text())) if s.startswith("/")]
+        assert not bad, (summary.parent.name, bad[:3])
