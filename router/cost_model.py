@@ -67,6 +67,8 @@ class OnlineLinear:
         # identical samples) and the next odd sample (a step that carried a prefill) swings the fit
         # several-fold. Eigenvalues above the prior's variance are clipped back to it: unexcited
         # directions are no less certain than at start, excited ones keep forgetting (tracking) as is.
+        # The trigger is the cheap test "a diagonal entry above the cap" (implies an eigenvalue above
+        # it; the converse may lag by up to a factor n, which only delays the clip a few samples).
         if max(P[i][i] for i in range(n)) > self.p_max:
             P = _clip_eigenvalues(P, self.p_max)
         self.P = P

@@ -15,6 +15,18 @@ from typing import Callable, Mapping, Protocol
 
 from router.types import EndpointState, PoolSnapshot, Role
 
+# the load an engine reports (WorkerStats fields) that EndpointState mirrors
+LOAD_FIELDS = ("num_running", "num_waiting", "kv_usage", "kv_capacity_tokens")
+
+
+def load_fields(stats: Mapping) -> dict:
+    """EndpointState's load fields (and ``updated_s``) from a stats mapping: ``WorkerStats.to_dict()``
+    or a poll record; missing values count as zero."""
+    return {"num_running": int(stats.get("num_running") or 0), "num_waiting": int(stats.get("num_waiting") or 0),
+            "kv_usage": float(stats.get("kv_usage") or 0.0),
+            "kv_capacity_tokens": int(stats.get("kv_capacity_tokens") or 0),
+            "updated_s": float(stats.get("updated_s") or 0.0)}
+
 
 class EndpointSource(Protocol):
     def endpoints(self) -> list[EndpointState]: ...
@@ -76,24 +88,15 @@ class PoolDirectory:
                queued_tokens: int = 0) -> EndpointState:
         if polled is None:  # not polled yet: Serve lists it as running, so it is routable
             return dataclasses.replace(e, healthy=True, in_flight=in_flight, queued_prefill_tokens=queued_tokens)
-        fresh = now - float(polled.get("updated_s", 0.0)) <= self.stale_s
-        return dataclasses.replace(
-            e, healthy=bool(polled.get("healthy", True)) and fresh, in_flight=in_flight,
-            queued_prefill_tokens=queued_tokens,
-            num_running=int(polled.get("num_running", 0)), num_waiting=int(polled.get("num_waiting", 0)),
-            kv_usage=float(polled.get("kv_usage", 0.0)), kv_capacity_tokens=int(polled.get("kv_capacity_tokens", 0)),
-            updated_s=float(polled.get("updated_s", 0.0)))
+        load = load_fields(polled)
+        fresh = now - load["updated_s"] <= self.stale_s
+        return dataclasses.replace(e, healthy=bool(polled.get("healthy", True)) and fresh, in_flight=in_flight,
+                                   queued_prefill_tokens=queued_tokens, **load)
 
 
 def endpoint_from_stats(endpoint_id: str, pool: str, role: Role, stats: Mapping | None) -> EndpointState:
     """A replica as Serve lists it, with the load its last routing stats reported (if any)."""
-    stats = stats or {}
-    return EndpointState(
-        endpoint_id=endpoint_id, pool=pool, role=role, healthy=True,
-        num_running=int(stats.get("num_running", 0)), num_waiting=int(stats.get("num_waiting", 0)),
-        kv_usage=float(stats.get("kv_usage", 0.0)), kv_capacity_tokens=int(stats.get("kv_capacity_tokens", 0)),
-        updated_s=float(stats.get("updated_s") or 0.0),
-    )
+    return EndpointState(endpoint_id=endpoint_id, pool=pool, role=role, healthy=True, **load_fields(stats or {}))
 
 
 DIRECTORY = PoolDirectory()

@@ -13,7 +13,7 @@ import time
 from typing import Any, Callable, Mapping
 
 from serve.metrics import ClusterMetrics
-from serve.pool_directory import PoolDirectory
+from serve.pool_directory import LOAD_FIELDS, PoolDirectory
 from workers.messages import WorkerStats
 
 logger = logging.getLogger(__name__)
@@ -70,9 +70,7 @@ class PoolMonitor:
             if isinstance(r, WorkerStats):
                 self._cache[r.endpoint_id] = r
                 self._directory.update_stats(r.endpoint_id, {
-                    "healthy": r.healthy, "num_running": r.num_running, "num_waiting": r.num_waiting,
-                    "kv_usage": r.kv_usage, "kv_capacity_tokens": r.kv_capacity_tokens,
-                    "updated_s": self._clock()})
+                    "healthy": r.healthy, **{k: getattr(r, k) for k in LOAD_FIELDS}, "updated_s": self._clock()})
                 if self._metrics is not None:
                     self._metrics.observe_handoff_durations(r.kv_transfer_durations_s)
                 if self._on_stats is not None:
