@@ -2,7 +2,8 @@
 
     python -m loadtests.bench --systems ours,colocated --workload random --rates 0.5,1,2,4 \
         --workload shared-prefix --rates 1 --requests 60 --duration 90
-    python -m loadtests.bench --smoke          # CI: one system, one small workload, a few minutes
+    python -m loadtests.bench --systems ours --workload multi-turn --rates 0.5 --requests 120 --duration 300
+    python -m loadtests.bench --smoke          # CI: one system, two small workloads, a few minutes
 
 Writes ``loadtests/results/<run-id>/``: ``raw/*.json`` (every request), ``summary.json``,
 ``report.md`` (ratios vs ``colocated`` and ``raypd``) and PNG plots.
@@ -22,12 +23,14 @@ from pathlib import Path
 import httpx
 
 from loadtests import report, workloads
+from loadtests.closedloop import run_closed_loop
 from loadtests.openloop import run_open_loop
 from loadtests.stats import summarize
-from loadtests.timeline import prefix_cache_hit_rate
 from loadtests.systems import REPO, SERVER_AUTOGROUP_NICE, STARTERS, wait_ready
+from loadtests.timeline import prefix_cache_hit_rate
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+SMOKE_MULTI_TURN = "multi-turn:n=4,turns=2,system_tokens=64,turn_tokens=16,output_tokens=8,think_s=0"
 
 
 def free_port() -> int:
@@ -60,7 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
     if args.smoke:
-        args.systems, args.workloads, args.rates = "ours", ["random"], ["1"]
+        # an open-loop workload and a small closed-loop one (two 2-turn conversations)
+        args.systems, args.workloads, args.rates = "ours", ["random", SMOKE_MULTI_TURN], ["1", "1"]
         args.requests, args.duration, args.drain = 8, 30.0, 120.0
     args.workloads = args.workloads or ["random"]
     args.rates = args.rates or ["1"] * len(args.workloads)
@@ -147,9 +151,11 @@ def run_system(entry: str, args, out: Path) -> list[dict]:
             n = kwargs.pop("n", args.requests)
             for ri, rate in enumerate(float(r) for r in rates.split(",")):
                 specs = workloads.build(wl, seed=run_seed(args.seed, wi, ri), n=n, rate=rate, **kwargs)
-                print(f"[bench] {name} {wl} @ {rate} req/s: {len(specs)} requests", flush=True)
+                print(f"[bench] {name} {wl} @ {rate} req/s: {len(specs)} "
+                      f"{'conversations' if workloads.is_closed_loop(wl) else 'requests'}", flush=True)
                 before = scrape_metrics(sp.base_url)
-                res = asyncio.run(run_open_loop(sp.base_url, args.model, specs, args.duration, args.drain))
+                runner = run_closed_loop if workloads.is_closed_loop(wl) else run_open_loop
+                res = asyncio.run(runner(sp.base_url, args.model, specs, args.duration, args.drain))
                 after = scrape_metrics(sp.base_url)
                 summary = summarize(res.records, res.duration_s, args.ttft_slo, args.tpot_slo, res.skipped)
                 summary.update(system=name, workload=wl, rate=rate, server_rss_bytes=sp.rss_bytes(),

@@ -21,6 +21,7 @@ class RequestRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     tag: str = ""
+    text: str = ""                      # the generated text (kept for closed-loop histories, not recorded)
 
     @property
     def tpot_s(self) -> float | None:
@@ -31,6 +32,7 @@ class RequestRecord:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        del d["text"]
         d["tpot_s"] = self.tpot_s
         return d
 
@@ -43,6 +45,7 @@ async def stream_chat(client: httpx.AsyncClient, base_url: str, model: str, mess
             "temperature": 0.0, "ignore_eos": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     last = None
+    parts: list[str] = []
     try:
         async with client.stream("POST", f"{base_url}/v1/chat/completions", json=body, headers=headers or {},
                                  timeout=timeout_s) as r:
@@ -63,7 +66,8 @@ async def stream_chat(client: httpx.AsyncClient, base_url: str, model: str, mess
                     rec.prompt_tokens = chunk["usage"]["prompt_tokens"]
                     rec.completion_tokens = chunk["usage"]["completion_tokens"]
                 for c in chunk.get("choices") or []:
-                    if (c.get("delta") or {}).get("content"):
+                    if content := (c.get("delta") or {}).get("content"):
+                        parts.append(content)
                         now = time.perf_counter()
                         if last is None:
                             rec.ttft_s = now - t0
@@ -74,6 +78,7 @@ async def stream_chat(client: httpx.AsyncClient, base_url: str, model: str, mess
         rec.outcome, rec.reason = "error", type(e).__name__
         return rec
     rec.e2e_s = time.perf_counter() - t0
+    rec.text = "".join(parts)
     if rec.outcome == "ok" and rec.ttft_s is None:
         rec.outcome, rec.reason = "error", "no_tokens"
     return rec

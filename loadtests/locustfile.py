@@ -30,6 +30,9 @@ API = os.environ.get("PDSERVE_API", "chat")
 RATE = float(os.environ.get("PDSERVE_RATE", "0"))
 SEED = int(os.environ.get("PDSERVE_SEED", "0"))
 WORKLOAD_ARGS = json.loads(os.environ.get("PDSERVE_WORKLOAD_ARGS", "{}"))
+if workloads.is_closed_loop(WORKLOAD):
+    raise SystemExit(f"PDSERVE_WORKLOAD={WORKLOAD} is a closed-loop conversation workload: run it with "
+                     "python -m loadtests.bench (loadtests/closedloop.py)")
 _SPECS = itertools.cycle(workloads.build(WORKLOAD, seed=SEED, n=500, rate=1.0, **WORKLOAD_ARGS))
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import AsyncIterator, Sequence
 
 import httpx
 
@@ -26,16 +27,43 @@ class RunResult:
     timeline: list[dict] = field(default_factory=list)   # server /metrics samples (queue, running, replicas)
 
 
-async def run_open_loop(base_url: str, model: str, specs: Sequence[RequestSpec], max_duration_s: float = 300.0,
-                        drain_s: float = 120.0, max_connections: int = 512,
-                        timeline_period_s: float | None = 1.0) -> RunResult:
+@asynccontextmanager
+async def load_session(base_url: str, result: RunResult, max_connections: int = 512,
+                       timeline_period_s: float | None = 1.0) -> AsyncIterator[tuple[httpx.AsyncClient, float]]:
+    """An HTTP client and the run's start time, with the /metrics sampler running for the duration;
+    sets ``result.duration_s`` on exit. Shared by the open- and closed-loop runners."""
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-    result = RunResult()
     async with httpx.AsyncClient(limits=limits, timeout=None) as client:
         t0 = time.perf_counter()
         stop = asyncio.Event()
         sampler = (asyncio.create_task(sample_metrics(base_url, t0, timeline_period_s, result.timeline, stop))
                    if timeline_period_s else None)
+        try:
+            yield client, t0
+        finally:
+            stop.set()
+            if sampler:
+                await sampler
+            result.duration_s = time.perf_counter() - t0
+
+
+async def wait_bounded(tasks: list[asyncio.Task], t0: float, max_duration_s: float, drain_s: float) -> set:
+    """Wait for ``tasks`` until ``drain_s`` after the arrival window closes; cancel and return the rest."""
+    if not tasks:
+        return set()
+    _, pending = await asyncio.wait(tasks, timeout=drain_s + max(0.0, max_duration_s - (time.perf_counter() - t0)))
+    for p in pending:
+        p.cancel()
+    if pending:
+        await asyncio.wait(pending)
+    return pending
+
+
+async def run_open_loop(base_url: str, model: str, specs: Sequence[RequestSpec], max_duration_s: float = 300.0,
+                        drain_s: float = 120.0, max_connections: int = 512,
+                        timeline_period_s: float | None = 1.0) -> RunResult:
+    result = RunResult()
+    async with load_session(base_url, result, max_connections, timeline_period_s) as (client, t0):
         tasks, start_of = [], {}
         for spec in sorted(specs, key=lambda s: s.arrival_s):
             if spec.arrival_s > max_duration_s:
@@ -49,17 +77,8 @@ async def run_open_loop(base_url: str, model: str, specs: Sequence[RequestSpec],
                                                    timeout_s=max_duration_s + drain_s))
             tasks.append(task)
             start_of[task] = (spec.arrival_s, spec.tag)
-        done, pending = set(), set()
-        if tasks:
-            done, pending = await asyncio.wait(
-                tasks, timeout=drain_s + max(0.0, max_duration_s - (time.perf_counter() - t0)))
-        stop.set()
-        if sampler:
-            await sampler
-        for p in pending:
-            p.cancel()
-        result.records = [t.result() for t in done]
+        pending = await wait_bounded(tasks, t0, max_duration_s, drain_s)
+        result.records = [t.result() for t in tasks if t not in pending]
         result.records += [RequestRecord(start_s=start_of[p][0], outcome="error", reason="client_timeout",
                                          tag=start_of[p][1]) for p in pending]
-        result.duration_s = time.perf_counter() - t0
     return result

@@ -18,6 +18,15 @@ word for SmolLM2's tokenizer. Distributions and where their parameters come from
   = 10/30/60 %.
 Arrivals are open-loop: Poisson at ``rate`` req/s, or a piecewise-constant rate schedule
 (``bursty``: base rate, tripled within a minute, then back).
+
+Closed-loop conversations (``CONVERSATIONS``; run by ``loadtests.closedloop``):
+
+- ``multi-turn``: what a chat client does. Conversations start open-loop (Poisson, ``rate / turns``
+  conversations per second, so ``rate`` is still the offered request rate); inside one, each turn is
+  sent after the previous answer arrived plus a think time (exponential, mean ``think_s``), and its
+  history holds the model's *actual* earlier answers, so every turn extends the last one's tokens
+  (the shape prefix caching is built for; the open-loop ``shared-prefix`` history uses synthetic
+  answers instead). Each conversation has one of ``num_system_prompts`` system prompts.
 """
 
 from __future__ import annotations
@@ -167,8 +176,48 @@ WORKLOADS = {"random": random_fixed, "chat": chat_mix, "shared-prefix": shared_p
              "qos": qos_mix}
 
 
-def build(name: str, seed: int, n: int, rate: float, **kw) -> list[RequestSpec]:
-    if name not in WORKLOADS:
-        raise ValueError(f"unknown workload {name!r}; choose from {sorted(WORKLOADS)}")
-    return WORKLOADS[name](seed=seed, n=n, rate=rate, **kw)
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    """A closed-loop chat: ``user_turns[i]`` is sent after answer ``i - 1`` arrived and ``think_s[i - 1]``
+    passed; the history carries the model's actual answers."""
+    arrival_s: float                      # when its first turn is sent, offset from the start of the run
+    system: str
+    user_turns: tuple[str, ...]
+    think_s: tuple[float, ...]            # pause after each answer before the next turn
+    max_tokens: int
+    headers: dict = field(default_factory=dict)
+    tag: str = ""
+
+
+def multi_turn(seed: int, n: int, rate: float, num_system_prompts: int = 12, turns: int = 6,
+               system_tokens: int = 400, turn_tokens: int = 40, output_tokens: int = 32, think_s: float = 2.0,
+               **_) -> list[Conversation]:
+    """``n`` requests as ``ceil(n / turns)`` conversations of ``turns`` turns (the last one shorter)."""
+    rng = random.Random(seed)
+    systems = [f"You are assistant #{i}. " + words(rng, int(system_tokens / TOKENS_PER_WORD))
+               for i in range(num_system_prompts)]
+    sizes = [min(turns, n - i) for i in range(0, n, turns)]
+    out = []
+    for t, size in zip(poisson_arrivals(rng, rate / turns, len(sizes)), sizes):
+        sys_id = rng.randrange(num_system_prompts)
+        out.append(Conversation(
+            t, systems[sys_id], tuple(words(rng, int(turn_tokens / TOKENS_PER_WORD)) for _ in range(size)),
+            tuple(rng.expovariate(1.0 / think_s) if think_s > 0 else 0.0 for _ in range(size - 1)),
+            output_tokens, tag=f"system-{sys_id}"))
+    return out
+
+
+CONVERSATIONS = {"multi-turn": multi_turn}
+
+
+def is_closed_loop(name: str) -> bool:
+    return name in CONVERSATIONS
+
+
+def build(name: str, seed: int, n: int, rate: float, **kw) -> list[RequestSpec] | list[Conversation]:
+    """Open-loop ``RequestSpec`` lists, or ``Conversation`` lists for the closed-loop names."""
+    known = {**WORKLOADS, **CONVERSATIONS}
+    if name not in known:
+        raise ValueError(f"unknown workload {name!r}; choose from {sorted(known)}")
+    return known[name](seed=seed, n=n, rate=rate, **kw)
 

@@ -19,7 +19,7 @@ def test_bench_smoke_produces_report_and_plots(tmp_path):
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    (row,) = summary["rows"]
+    row, convo = summary["rows"]
     assert row["system"] == "ours" and row["requests"] == 8
     # admission may shed some requests early (429/503): every request is served or cleanly rejected
     rejected = sum(row["rejected"].values())
@@ -37,5 +37,19 @@ def test_bench_smoke_produces_report_and_plots(tmp_path):
     report = (out / "report.md").read_text()
     assert f"| ours | random | 1.0 | {row['ok']}/8 |" in report
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["cdf-random-1.0.png", "goodput-random.png"]
+    assert pngs == ["cdf-multi-turn-1.0.png", "cdf-random-1.0.png", "goodput-multi-turn.png", "goodput-random.png"]
     assert all((out / p).stat().st_size > 5000 for p in pngs)
+
+
+    # closed loop: two 2-turn conversations; a turn is sent only after the previous answer, with it as history
+    assert convo["workload"] == "multi-turn" and convo["requests"] + convo["skipped"] == 4
+    records = json.loads((out / "raw" / "ours-multi-turn-1.0.json").read_text())["records"]
+    turns = {"/".join(r["tag"].split("/")[:2]): r for r in records}   # tag c<conversation>/t<turn>/system-<k>
+    assert turns and all(r["outcome"] in ("ok", "rejected") for r in records)
+    for conv in ("c0", "c1"):
+        first, second = turns.get(f"{conv}/t0"), turns.get(f"{conv}/t1")
+        if first and second:
+            assert first["outcome"] == "ok" and second["start_s"] >= first["start_s"] + first["e2e_s"]
+            if second["outcome"] == "ok":
+                # the second prompt holds the first prompt, its 8-token answer and a ~16-token new turn
+                assert second["prompt_tokens"] >= first["prompt_tokens"] + 8 + 10, (first, second)

@@ -191,3 +191,28 @@ def test_recorded_results_name_no_machine_paths():
     for summary in results.glob("*/summary.json"):
         bad = [s for s in strings(json.loads(summary.read_text())) if s.startswith("/")]
         assert not bad, (summary.parent.name, bad[:3])
+
+
+class TestConversations:
+    def test_multi_turn_is_seeded_and_sized(self):
+        a = workloads.build("multi-turn", seed=3, n=40, rate=2.0, turns=6)
+        assert a == workloads.build("multi-turn", seed=3, n=40, rate=2.0, turns=6)
+        assert [len(c.user_turns) for c in a] == [6] * 6 + [4]          # 40 requests
+        assert all(len(c.think_s) == len(c.user_turns) - 1 for c in a)
+        assert [c.arrival_s for c in a] == sorted(c.arrival_s for c in a)
+        assert workloads.is_closed_loop("multi-turn") and not workloads.is_closed_loop("shared-prefix")
+        # rate stays the offered request rate: conversations start at rate / turns
+        many = workloads.build("multi-turn", seed=1, n=6000, rate=3.0, turns=6)
+        assert 0.45 < len(many) / many[-1].arrival_s < 0.55
+
+    def test_turn_messages_carry_the_actual_answers(self):
+        from loadtests.closedloop import turn_messages, turn_tag
+        conv = workloads.Conversation(0.0, "sys", ("u0", "u1", "u2"), (0.0, 0.0), 8, tag="system-1")
+        assert turn_messages(conv, []) == [{"role": "system", "content": "sys"}, {"role": "user", "content": "u0"}]
+        msgs = turn_messages(conv, ["a0", "a1"])
+        assert [m["content"] for m in msgs] == ["sys", "u0", "a0", "u1", "a1", "u2"]
+        assert [m["role"] for m in msgs[1:]] == ["user", "assistant"] * 2 + ["user"]
+        assert turn_tag(3, 2, conv) == "c3/t2/system-1"
+
+    def test_text_is_not_recorded(self):
+        assert "text" not in RequestRecord(0.0, 200, text="hello").to_dict()
