@@ -5,6 +5,7 @@ PROTOCOL_VERSION history:
   1: first version. Slabs are raw paged blocks (layer-major) or GroupQuant of their token-major
      view; one descriptor per slab; pull (decode READs), NIXL notification = remote request id.
   2: int8/int4 quantize the token-major view after a Hadamard rotation along head_dim.
+  3: push mode (decode reserves, prefill WRITEs): ``slab_push`` params and typed notifications.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
 )
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 # kv_transfer_params keys (vLLM's NixlConnector names where they mean the same thing)
 KEY_DO_REMOTE_DECODE = "do_remote_decode"
@@ -31,6 +32,14 @@ KEY_REMOTE_REQUEST_ID = "remote_request_id"
 KEY_REMOTE_HOST = "remote_host"
 KEY_REMOTE_PORT = "remote_port"
 KEY_REMOTE_NUM_TOKENS = "remote_num_tokens"
+KEY_PUSH = "slab_push"                    # push mode: {"rendezvous": id} on the prefill request, a SlabPush
+                                          # (also naming the prefill's agent) on the decode request
+
+# NIXL notifications between agents. A read-done notification is the prefill's bare request id
+# (pull); push mode adds typed messages, "<kind> <payload>".
+NOTE_RESERVE = b"slab-reserve "           # decode -> prefill: msgspec JSON SlabHandoff of the reserved range
+NOTE_PUSHED = b"slab-pushed "             # prefill -> decode, after the WRITE landed: rendezvous id
+NOTE_PUSH_FAILED = b"slab-pushfail "      # prefill -> decode: rendezvous id (the decode recomputes)
 
 
 class SlabDesc(msgspec.Struct, frozen=True, array_like=True):
@@ -96,6 +105,42 @@ class SlabHandoff(msgspec.Struct, frozen=True):
                 f"slabs={len(self.slabs)}, bytes={self.wire_nbytes}, {self.compression})")
 
 
+class SlabPush(msgspec.Struct, frozen=True):
+    """Push mode on a decode request: the decode engine reserves a pool range for the whole prompt and
+    tells the prefill agent (``engine_id`` at ``host:port``) which pushes the slabs of the prefill
+    request carrying the same ``rendezvous`` id. Both requests are sent at once: the transfer starts as
+    soon as the prefill packed, without the caller's round trip between them."""
+
+    rendezvous: str
+    engine_id: str = ""             # the prefill's agent (decode request only)
+    host: str = ""
+    port: int = 0
+    compression: str = "none"
+
+    @classmethod
+    def from_kv_transfer_params(cls, params: Mapping[str, Any] | None) -> SlabPush | None:
+        raw = (params or {}).get(KEY_PUSH)
+        if not isinstance(raw, dict):
+            return None
+        try:
+            return msgspec.convert(raw, cls)
+        except msgspec.ValidationError:
+            return None
+
+
+def decode_push_params(push: SlabPush) -> dict[str, Any]:
+    """``kv_transfer_params`` of a push-mode decode request."""
+    return {KEY_DO_REMOTE_PREFILL: True, KEY_DO_REMOTE_DECODE: False, KEY_PUSH: msgspec.to_builtins(push)}
+
+
+def prefill_push_params(rendezvous: str, compression: str | None = None) -> dict[str, Any]:
+    """``kv_transfer_params`` of a push-mode prefill request (``max_tokens=1``)."""
+    params: dict[str, Any] = {KEY_DO_REMOTE_DECODE: True, KEY_PUSH: {"rendezvous": rendezvous}}
+    if compression:
+        params[KEY_COMPRESSION] = compression
+    return params
+
+
 @dataclass(frozen=True, slots=True)
 class PackJob:
     """Prefill side: pack ``block_ids`` into the pool at ``offset`` (slabs back to back) in this step's
@@ -107,6 +152,7 @@ class PackJob:
     slab_blocks: tuple[int, ...]      # blocks per slab, in order
     slab_nbytes: tuple[int, ...]
     compression: str
+    push: str | None = None           # push mode: the rendezvous id the decode's reservation names
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +169,8 @@ class RecvJob:
     fail: str | None = None           # already failed in the scheduler (a failure reason): report it
     first_token: int = 0              # absolute positions [first_token, end_token) are loaded; used when
     end_token: int = 0                # the sender's block size differs (token-granular scatter)
+    push: SlabPush | None = None      # push mode: ``handoff`` describes OUR reserved range (slab addresses
+                                      # in this engine's pool); the prefill named in ``push`` writes it
 
 
 @dataclass

@@ -106,12 +106,18 @@ class NixlTransport:
         self._connecting.discard(peer)
 
     def read(self, peer: str, local: Sequence[Desc], remote: Sequence[Desc], notify: bytes) -> Any:
+        return self._xfer("READ", peer, local, remote, notify)
+
+    def write(self, peer: str, local: Sequence[Desc], remote: Sequence[Desc], notify: bytes) -> Any:
+        return self._xfer("WRITE", peer, local, remote, notify)
+
+    def _xfer(self, op: str, peer: str, local: Sequence[Desc], remote: Sequence[Desc], notify: bytes) -> Any:
         local_d = self._agent.get_xfer_descs([(a, n, 0) for a, n in local], "DRAM")
         remote_d = self._agent.get_xfer_descs([(a, n, 0) for a, n in remote], "DRAM")
-        handle = self._agent.initialize_xfer("READ", local_d, remote_d, peer, notify)
+        handle = self._agent.initialize_xfer(op, local_d, remote_d, peer, notify)
         if self._agent.transfer(handle) == "ERR":
             self._agent.release_xfer_handle(handle)
-            raise RuntimeError(f"NIXL READ from {peer} failed to start")
+            raise RuntimeError(f"NIXL {op} with {peer} failed to start")
         return handle
 
     def poll(self, handle: Any) -> TransferState:

@@ -22,6 +22,11 @@ Decode (consumer) request, params from the prefill's output::
     update_state_after_alloc   -> allocate a receive range, RecvJob; marks params processed (once)
     update_connector_output    -> finished_recving (success or failure) frees the range
 
+Push mode (both requests sent at once, ``slab_push`` in their params): the decode request's
+``update_state_after_alloc`` reserves a range for the whole prompt and a RecvJob whose handoff
+describes that range; the worker sends it to the prefill's agent, which WRITEs the slabs it packed
+and notifies. The prefill side is the same as pull, its PackJob naming the rendezvous id.
+
 Who frees what: vLLM frees paged blocks (after finished_sending on prefill; on decode always);
 this class frees pool ranges; the worker releases NIXL handles. Every allocated range is freed by
 exactly one of: request_finished (not published), finished_sending, finished_recving.
@@ -42,6 +47,7 @@ from kvtransfer.metadata import (
     KEY_COMPRESSION,
     KEY_DO_REMOTE_DECODE,
     KEY_DO_REMOTE_PREFILL,
+    KEY_SLAB,
     PROTOCOL_VERSION,
     PackJob,
     RecvJob,
@@ -49,6 +55,7 @@ from kvtransfer.metadata import (
     SlabDesc,
     SlabHandoff,
     SlabHandshake,
+    SlabPush,
 )
 from kvtransfer.slab import RangeAllocator, SlabSpec, plan_slabs
 from kvtransfer.stats import KVTransferStats
@@ -113,6 +120,9 @@ class SlabConnectorScheduler:
         params = request.kv_transfer_params
         if not params or not params.get(KEY_DO_REMOTE_PREFILL):
             return 0, False
+        if KEY_SLAB not in params and SlabPush.from_kv_transfer_params(params) is not None:
+            count = request.num_prompt_tokens - num_computed_tokens     # push: the prefill sends it all
+            return (count, True) if count > 0 else (0, False)
         h = self._handoff(request)
         if h is None:
             return 0, False
@@ -128,6 +138,11 @@ class SlabConnectorScheduler:
             self._producing[request.request_id] = request
             return
         if not params.get(KEY_DO_REMOTE_PREFILL):
+            return
+        push = SlabPush.from_kv_transfer_params(params) if KEY_SLAB not in params else None
+        if push is not None:
+            params[KEY_DO_REMOTE_PREFILL] = False
+            self._reserve_push(request, block_ids, num_external_tokens, push)
             return
         h = SlabHandoff.from_kv_transfer_params(params)
         params[KEY_DO_REMOTE_PREFILL] = False          # one transfer per request, even if rescheduled
@@ -154,6 +169,43 @@ class SlabConnectorScheduler:
             job = RecvJob(request.request_id, h, tuple(block_ids), first_block, offset, **span)
         self._meta.recvs.append(job)
 
+    def _reserve_push(self, request: Any, block_ids: Sequence[int], num_external_tokens: int,
+                      push: SlabPush) -> None:
+        """Reserve a range for the whole prompt's slabs (our block size; the prefill must match it) and
+        describe it as a handoff whose slab addresses are OURS. No range (full local hit, bad
+        compression or pool full): a job whose empty reservation tells the prefill to let go."""
+        num_tokens = request.num_prompt_tokens
+        first_token = num_tokens - max(0, num_external_tokens)
+        span = {"first_token": first_token, "end_token": num_tokens, "push": push}
+        fail = None
+        if num_external_tokens > 0 and push.compression not in COMPRESSIONS:
+            fail = "bad_compression"
+        codec = self._codecs.get(push.compression)
+        slabs, offset = [], None
+        if num_external_tokens > 0 and fail is None:
+            plan = plan_slabs(range(math.ceil(num_tokens / self.spec.block_size)), num_tokens, self.spec)
+            sizes = [codec.wire_nbytes(len(sl.block_ids)) for sl in plan.slabs]
+            offset = self._alloc.allocate(sum(sizes)) if self._alloc else None
+            if offset is None:
+                fail = "pool_full"
+            else:
+                base, pos, first = self._handshake.pool_addr + offset, 0, 0
+                for sl, size in zip(plan.slabs, sizes):
+                    slabs.append(SlabDesc(base + pos, size, first, len(sl.block_ids)))
+                    pos, first = pos + size, first + len(sl.block_ids)
+                self._receiving[request.request_id] = offset
+        if fail:
+            self.stats.fail(fail)
+        hs, s = self._handshake, self.spec
+        reservation = SlabHandoff(
+            version=PROTOCOL_VERSION, engine_id=hs.agent_name, request_id=push.rendezvous, host=hs.host,
+            port=hs.port, num_tokens=num_tokens, block_size=s.block_size, dtype=self.dtype_name,
+            num_layers=s.num_layers, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
+            k_transposed=hs.k_transposed, compression=push.compression, group=self.settings.group,
+            deadline_unix_s=self._clock() + self.settings.read_timeout_s, slabs=slabs)
+        self._meta.recvs.append(RecvJob(request.request_id, reservation, tuple(block_ids),
+                                        first_token // s.block_size, offset, fail=fail, **span))
+
     # ----------------------------------------------------------------------------- prefill side
     def _compression(self, params: Mapping[str, Any]) -> str:
         c = params.get(KEY_COMPRESSION) or self.settings.compression
@@ -179,8 +231,10 @@ class SlabConnectorScheduler:
             descs.append(SlabDesc(base + pos, size, first, len(slab.block_ids)))
             pos, first = pos + size, first + len(slab.block_ids)
         self._packed[req_id] = _Packed(offset, tuple(descs), num_tokens, compression)
+        push = SlabPush.from_kv_transfer_params(request.kv_transfer_params)
         self._meta.packs.append(PackJob(req_id, tuple(block_ids), offset,
-                                        tuple(len(s.block_ids) for s in plan.slabs), tuple(sizes), compression))
+                                        tuple(len(s.block_ids) for s in plan.slabs), tuple(sizes), compression,
+                                        push=push.rendezvous if push else None))
 
     def build_connector_meta(self, num_scheduled_tokens: Mapping[str, int], idle: bool) -> SlabConnectorMetadata:
         """Once per step; returns this step's jobs and resets the outbox."""

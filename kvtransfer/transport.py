@@ -39,6 +39,10 @@ class Transport(Protocol):
         """Start ONE transfer of ``len(remote)`` descriptors from the peer into local memory; the peer
         receives ``notify`` when it completes. Returns a handle for :meth:`poll`/:meth:`release`."""
 
+    def write(self, peer: str, local: Sequence[Desc], remote: Sequence[Desc], notify: bytes) -> Any:
+        """Start ONE transfer of local memory into the peer's (push mode); the peer receives ``notify``
+        after the data landed. Returns a handle like :meth:`read`."""
+
     def poll(self, handle: Any) -> TransferState: ...
 
     def release(self, handle: Any) -> None:

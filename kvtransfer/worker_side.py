@@ -11,6 +11,13 @@ Pool (registered with NIXL once, at ``register_kv_caches``)::
     pool: [ range A (prefill req 1): slab0 | slab1 | ... ][ free ][ range B (decode req 7): slab0 .. ]
     slab (none) = [layer 0 blocks][layer 1 blocks]...  (see kvtransfer/codec.py for a block's interior)
 
+Push mode (PackJob.push / RecvJob.push): the decode sends its reservation (a SlabHandoff of its own
+range) to the prefill's agent; the prefill WRITEs its packed slabs there with a "pushed" notification
+and counts the write's completion as the read-done. Safety of the decode's range: the prefill never
+starts a write after ``reservation.deadline - expiry_margin_s``; the decode gives up (and its range
+is freed) only at ``deadline + expiry_margin_s`` or on the prefill's "pushfail", so no late write can
+land in a reused range.
+
 Lifecycles (who frees what):
   prefill  packed -> published(timeout) -> notified | timed out -> finished_sending (scheduler frees
            the range, vLLM the blocks). A notification may arrive before "published" (kept until it).
@@ -28,11 +35,21 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+import msgspec
 import torch
 
 from kvtransfer.codec import COMPRESSIONS, SlabCodec
 from kvtransfer.config import SlabSettings
-from kvtransfer.metadata import RecvJob, SlabConnectorMetadata, SlabHandshake
+from kvtransfer.metadata import (
+    NOTE_PUSH_FAILED,
+    NOTE_PUSHED,
+    NOTE_RESERVE,
+    PackJob,
+    RecvJob,
+    SlabConnectorMetadata,
+    SlabHandoff,
+    SlabHandshake,
+)
 from kvtransfer.slab import SlabSpec, pool_nbytes
 from kvtransfer.stats import KVTransferStats
 from kvtransfer.transport import TransferState, Transport
@@ -92,6 +109,16 @@ class _Recv:
     handle: object | None = None
     read_started_s: float = 0.0
     slabs: list = field(default_factory=list)    # the SlabDescs being read
+    reserved: bool = False                       # push mode: our reservation went out
+
+
+@dataclass
+class _Outgoing:
+    """Prefill side, push mode: packed slabs waiting for (or being written to) a decode's reservation."""
+    job: PackJob
+    local: list                                  # (addr, nbytes) of each packed slab in our pool
+    reservation: SlabHandoff | None = None
+    handle: object | None = None
 
 
 def _layer_key(name: str) -> tuple:
@@ -115,6 +142,11 @@ class SlabConnectorWorker:
         self._finished_recving: set[str] = set()
         self._failed_recving: set[str] = set()
         self._release_only: list[tuple[RecvJob, float]] = []
+        self._outgoing: dict[str, _Outgoing] = {}            # push: rendezvous -> packed slabs
+        self._reservations: dict[str, SlabHandoff] = {}      # push: reservations before their pack
+        self._pushed_done: set[str] = set()                  # push: prefill request ids written (or let go)
+        self._push_notes: dict[str, bytes] = {}              # push, decode side: rendezvous -> pushed|pushfail
+        self._pending_notes: list[tuple[str, bytes, float]] = []   # (peer, message, give-up time)
         self.stats = KVTransferStats()
         self.handshake: SlabHandshake | None = None
 
@@ -158,23 +190,33 @@ class SlabConnectorWorker:
             t0 = time.perf_counter()
             codec = self._codecs[job.compression]
             pos, first = job.offset, 0
+            local = []
             for num_blocks, nbytes in zip(job.slab_blocks, job.slab_nbytes):
                 codec.pack(self.layers, job.block_ids[first:first + num_blocks], self.pool[pos:pos + nbytes])
+                local.append((self.pool.data_ptr() + pos, nbytes))
                 pos, first = pos + nbytes, first + num_blocks
             self.ledger.on_packed(job.request_id)
+            if job.push is not None:
+                self._outgoing[job.push] = _Outgoing(job, local, self._reservations.pop(job.push, None))
             self.stats.num_handoffs_sent += 1
             self.stats.num_slabs += len(job.slab_blocks)
             self.stats.pack_s.append(time.perf_counter() - t0)
-        if meta.idle and (self.ledger.pending() or self._recvs or self._release_only) \
+        self._advance_pushes()
+        if meta.idle and (self.ledger.pending() or self._recvs or self._release_only or self._outgoing
+                          or self._pending_notes) \
                 and self.settings.idle_wait_ms > 0:
             time.sleep(self.settings.idle_wait_ms / 1000)
 
     def get_transfer_results(self) -> tuple[set[str], set[str], set[str]]:
         """(finished_sending, finished_recving, failed_recving) since the last call."""
-        notified = {m.decode() for _, m in self.transport.drain_notifications()} if self.transport else set()
+        notified = self._drain_notifications()
+        self._advance_pushes()
+        notified |= self._pushed_done
+        self._pushed_done = set()
         for req_id in notified:
             self.ledger.on_notified(req_id)
         by_notif, by_timeout = self.ledger.take_done(notified)
+        self._forget_pushes(by_timeout)
         self.stats.num_released_by_notification += len(by_notif)
         self.stats.num_released_by_timeout += len(by_timeout)
         for _ in by_timeout:
@@ -188,9 +230,129 @@ class SlabConnectorWorker:
         self._finished_recving, self._failed_recving = set(), set()
         return by_notif | by_timeout, recving, failed
 
+    def _drain_notifications(self) -> set[str]:
+        """Route this agent's notifications; returns the read-done request ids (pull)."""
+        read_done = set()
+        for _, m in self.transport.drain_notifications() if self.transport else ():
+            if m.startswith(NOTE_RESERVE):
+                try:
+                    res = msgspec.json.decode(m[len(NOTE_RESERVE):], type=SlabHandoff)
+                except msgspec.ValidationError:
+                    logger.warning("malformed push reservation ignored")
+                    continue
+                out = self._outgoing.get(res.request_id)
+                if out is not None:
+                    out.reservation = res
+                else:
+                    self._reservations[res.request_id] = res
+            elif m.startswith(NOTE_PUSHED) or m.startswith(NOTE_PUSH_FAILED):
+                kind, _, rendezvous = m.partition(b" ")
+                if any(r.job.push is not None and r.job.push.rendezvous == rendezvous.decode()
+                       for r in self._recvs.values()):          # else: a recv we already gave up
+                    self._push_notes[rendezvous.decode()] = kind + b" "
+            else:
+                read_done.add(m.decode())
+        return read_done
+
+    # ----------------------------------------------------------------------------- prefill, push mode
+    def _push_matches(self, out: _Outgoing) -> str | None:
+        """Why the reservation cannot take our slabs (None: it can)."""
+        res, s, job = out.reservation, self.spec, out.job
+        if (res.block_size, res.num_layers, res.num_kv_heads, res.head_dim, res.dtype, res.k_transposed,
+                res.group) != (s.block_size, s.num_layers, s.num_kv_heads, s.head_dim,
+                               str(self.layers[0].dtype).removeprefix("torch."), True, self.settings.group):
+            return "push_layout"
+        if res.compression != job.compression or [(d.nbytes, d.num_blocks) for d in res.slabs] != list(
+                zip(job.slab_nbytes, job.slab_blocks)):
+            return "push_mismatch"
+        if self._wall() > res.deadline_unix_s - self.settings.expiry_margin_s:
+            return "push_expired"
+        return None
+
+    def _advance_pushes(self) -> None:
+        """Start the WRITE of every packed push whose reservation arrived; finish completed ones."""
+        for rendezvous, out in list(self._outgoing.items()):
+            res = out.reservation
+            if res is None:
+                continue
+            if out.handle is None:
+                if not res.slabs:                                # the decode needs nothing: let go
+                    self._end_push(rendezvous, None)
+                    continue
+                problem = self._push_matches(out)
+                if problem is not None:
+                    logger.warning("cannot push %s to %s (%s)", out.job.request_id, res.engine_id, problem)
+                    self._end_push(rendezvous, problem)
+                    continue
+                self.transport.connect(res.engine_id, res.host, res.port)
+                if not self.transport.is_connected(res.engine_id):
+                    continue                                     # the ledger's timeout bounds the wait
+                try:
+                    out.handle = self.transport.write(res.engine_id, out.local, [(d.addr, d.nbytes) for d in res.slabs],
+                                                      NOTE_PUSHED + rendezvous.encode())
+                except Exception:
+                    logger.warning("starting the push of %s failed", out.job.request_id, exc_info=True)
+                    self._end_push(rendezvous, "push_error")
+                    continue
+            state = self.transport.poll(out.handle)
+            if state is TransferState.DONE:
+                self.transport.release(out.handle)
+                out.handle = None
+                self.stats.num_descriptors += len(out.local)
+                self.stats.wire_bytes += sum(n for _, n in out.local)
+                self._end_push(rendezvous, None, notify=False)
+            elif state is TransferState.FAILED:
+                self.transport.release(out.handle)
+                out.handle = None
+                self._end_push(rendezvous, "push_error")
+        self._send_pending_notes()
+        now = self._wall()
+        for rendezvous, res in list(self._reservations.items()):
+            if now > res.deadline_unix_s + self.settings.expiry_margin_s:
+                del self._reservations[rendezvous]               # its prefill never came (or was aborted)
+
+    def _end_push(self, rendezvous: str, failure: str | None, notify: bool = True) -> None:
+        """Release the prefill side of a push; a failure also tells the decode to recompute now."""
+        out = self._outgoing.pop(rendezvous)
+        self._pushed_done.add(out.job.request_id)
+        if failure is not None:
+            self.stats.fail(failure)
+            if notify:
+                res = out.reservation
+                self.transport.connect(res.engine_id, res.host, res.port)
+                self._pending_notes.append((res.engine_id, NOTE_PUSH_FAILED + rendezvous.encode(),
+                                            self._clock() + self.settings.connect_timeout_s))
+                self._send_pending_notes()
+
+    def _send_pending_notes(self) -> None:
+        """Notifications to peers whose metadata may still be on its way (bounded by connect_timeout_s)."""
+        now, keep = self._clock(), []
+        for peer, message, deadline in self._pending_notes:
+            if self.transport.is_connected(peer):
+                try:
+                    self.transport.notify(peer, message)
+                except Exception:
+                    logger.warning("notification to %s failed", peer, exc_info=True)
+            elif now < deadline:
+                keep.append((peer, message, deadline))
+        self._pending_notes = keep
+
+    def _forget_pushes(self, req_ids: set[str]) -> None:
+        """Pushes whose prefill handoff timed out: abort an in-flight write, forget the slabs."""
+        for rendezvous, out in list(self._outgoing.items()):
+            if out.job.request_id in req_ids:
+                if out.handle is not None:
+                    self.transport.release(out.handle)
+                del self._outgoing[rendezvous]
+        for req_id in req_ids:
+            self._pushed_done.discard(req_id)
+
     # ----------------------------------------------------------------------------- decode
     def _start_recv(self, job: RecvJob, now: float) -> None:
         h = job.handoff
+        if job.push is not None:
+            self._start_push_recv(job, now)
+            return
         if job.offset is None and job.fail is None:
             self.transport.connect(h.engine_id, h.host, h.port)
             self._release_only.append((job, now + self.settings.connect_timeout_s))
@@ -204,10 +366,50 @@ class SlabConnectorWorker:
         self.transport.connect(h.engine_id, h.host, h.port)
         self._recvs[job.request_id] = _Recv(job, now + self.settings.connect_timeout_s, now)
 
+    def _start_push_recv(self, job: RecvJob, now: float) -> None:
+        """Push mode: connect to the prefill's agent; the reservation goes out once connected."""
+        push = job.push
+        self.transport.connect(push.engine_id, push.host, push.port)
+        if job.fail is not None or job.offset is None:
+            if job.fail is not None:
+                self._failed(job.request_id, job.fail)
+            # an empty reservation: the prefill lets its slabs go without writing
+            empty = dataclasses.replace(job, handoff=msgspec.structs.replace(job.handoff, slabs=[]))
+            self._release_only.append((empty, now + self.settings.connect_timeout_s))
+            return
+        self._recvs[job.request_id] = _Recv(job, now + self.settings.connect_timeout_s, now, slabs=list(job.handoff.slabs))
+
+    def _advance_push_recv(self, req_id: str, r: _Recv, now: float) -> None:
+        job, push = r.job, r.job.push
+        if not r.reserved:
+            if self.transport.is_connected(push.engine_id):
+                try:
+                    self.transport.notify(push.engine_id, NOTE_RESERVE + msgspec.json.encode(job.handoff))
+                except Exception:
+                    logger.warning("push reservation to %s failed", push.engine_id, exc_info=True)
+                    self._drop(req_id, "push_reserve_error")
+                    return
+                r.reserved, r.read_started_s = True, now
+            elif now >= r.deadline:
+                self._drop(req_id, "connect_timeout")            # nothing was reserved remotely: safe
+                if hasattr(self.transport, "forget"):
+                    self.transport.forget(push.engine_id)
+            return
+        note = self._push_notes.pop(push.rendezvous, None)
+        if note == NOTE_PUSHED:
+            self._complete(req_id, r)
+        elif note == NOTE_PUSH_FAILED:
+            self._drop(req_id, "push_failed")
+        elif self._wall() > job.handoff.deadline_unix_s + self.settings.expiry_margin_s:
+            self._drop(req_id, "push_timeout")                   # past the prefill's last write start + margin
+
     def _advance_recvs(self) -> None:
         now = self._clock()
         for req_id, r in list(self._recvs.items()):
             h = r.job.handoff
+            if r.job.push is not None:
+                self._advance_push_recv(req_id, r, now)
+                continue
             if r.handle is None:
                 if self.transport.is_connected(h.engine_id):
                     self._start_read(r, now)
@@ -306,6 +508,10 @@ class SlabConnectorWorker:
 
     def _drop(self, req_id: str, reason: str) -> None:
         r = self._recvs.pop(req_id)
+        if r.job.push is not None:                               # the prefill frees on its own timeout
+            logger.warning("slab push for %s failed (%s); recomputing locally", req_id, reason)
+            self._failed(req_id, reason)
+            return
         self._fail(req_id, reason, r.job.handoff)
 
     def _fail(self, req_id: str, reason: str, handoff) -> None:
@@ -328,6 +534,15 @@ class SlabConnectorWorker:
     def _advance_release_only(self) -> None:
         now, keep = self._clock(), []
         for job, deadline in self._release_only:
+            if job.push is not None:
+                if self.transport.is_connected(job.push.engine_id):
+                    try:
+                        self.transport.notify(job.push.engine_id, NOTE_RESERVE + msgspec.json.encode(job.handoff))
+                    except Exception:
+                        logger.warning("push release to %s failed", job.push.engine_id, exc_info=True)
+                elif now < deadline:
+                    keep.append((job, deadline))
+                continue
             if self.transport.is_connected(job.handoff.engine_id):
                 self._notify(job.handoff)
             elif now < deadline:
@@ -347,5 +562,9 @@ class SlabConnectorWorker:
                 if r.handle is not None:
                     self.transport.release(r.handle)
             self._recvs.clear()
+            for out in self._outgoing.values():
+                if out.handle is not None:
+                    self.transport.release(out.handle)
+            self._outgoing.clear()
             self.transport.close()
             self.transport = None

@@ -37,6 +37,7 @@ class FakeTransport:
         self.pool = None
         self.inbox: list[tuple[str, bytes]] = []
         self.reads: list[int] = []           # descriptors per read
+        self.writes: list[int] = []          # descriptors per write (push)
         self.connected: set[str] = set()
 
     def register_pool(self, pool):
@@ -68,6 +69,15 @@ class FakeTransport:
             assert n == m
             self._view(la, n).copy_(src._view(ra, m))
         src.inbox.append((self.name, notify))
+        return "done"
+
+    def write(self, peer, local, remote, notify):
+        self.writes.append(len(remote))
+        dst = self.registry[peer]
+        for (la, n), (ra, m) in zip(local, remote):
+            assert n == m
+            dst._view(ra, m).copy_(self._view(la, n))
+        dst.inbox.append((self.name, notify))
         return "done"
 
     def poll(self, handle):
@@ -460,3 +470,112 @@ class TestWorkersWiring:
         assert (handoff.num_blocks, handoff.num_tokens, handoff.remote_engine_id) == (10, 300, "P")
         assert handoff.to_kv_transfer_params() == _handoff().to_kv_transfer_params()
         assert backend.handoff_from_output({"do_remote_prefill": False}) is None
+
+
+class TestPushMode:
+    """Push: the decode reserves a range for the whole prompt and sends it to the prefill's agent, which
+    WRITEs its packed slabs there and notifies; fakes for the transport only."""
+
+    def _pair(self, **settings):
+        pair = TestWorkerRoundTrip()._pair(**settings)
+        p, d, ps, ds, clock = pair
+        return p, d, ps, ds, clock
+
+    def _prefill_req(self, compression="none", prompt_tokens=170):
+        from kvtransfer.metadata import prefill_push_params
+        return _request("p1", prefill_push_params("rv1", compression), prompt_tokens=prompt_tokens)
+
+    def _decode_req(self, compression="none", prompt_tokens=170):
+        from kvtransfer.metadata import SlabPush, decode_push_params
+        return _request("d1", decode_push_params(SlabPush("rv1", "P", "127.0.0.1", 1, compression)),
+                        prompt_tokens=prompt_tokens)
+
+    def _pack(self, p, ps, req):
+        ps.update_state_after_alloc(req, [], 0)
+        p.wait_for_save(ps.build_connector_meta({"p1": req.num_prompt_tokens}, idle=False))
+        req.status = SimpleNamespace(name="FINISHED_LENGTH_CAPPED")
+        assert ps.request_finished(req, [9])[0]
+        p.start_load_kv(ps.build_connector_meta({}, idle=True))
+
+    def _step(self, w, sched):
+        w.start_load_kv(sched.build_connector_meta({}, idle=True))
+        sending, recving, failed = w.get_transfer_results()
+        sched.update_connector_output(sending, recving)
+        return sending, recving, failed
+
+    @pytest.mark.parametrize("compression", ["none", "int4"])
+    @pytest.mark.parametrize("decode_first", [True, False])
+    def test_push_round_trip(self, compression, decode_first):
+        p, d, ps, ds, _ = self._pair()
+        dreq = self._decode_req(compression)
+        assert ds.get_num_new_matched_tokens(dreq, 0) == (170, True)
+        if not decode_first:
+            self._pack(p, ps, self._prefill_req(compression))
+        ds.update_state_after_alloc(dreq, [1, 2, 4, 6, 8, 10], 170)
+        assert self._step(d, ds) == (set(), set(), set())              # reservation sent, nothing landed yet
+        if decode_first:
+            self._pack(p, ps, self._prefill_req(compression))
+        sending, _, _ = self._step(p, ps)                              # reservation in -> WRITE -> done
+        assert sending == {"p1"} and p.transport.writes == [2] and d.transport.reads == []
+        assert self._step(d, ds) == (set(), {"d1"}, set())
+        for src, dst in zip(p.layers, d.layers):
+            got, want = dst[[1, 2, 4, 6, 8, 10]], src[[9, 3, 5, 12, 0, 7]]
+            if compression == "none":
+                assert torch.equal(got, want)
+            else:
+                assert (got - want).abs().max() < 0.5 * want.abs().max()
+        ps.assert_empty()
+        ds.assert_empty()
+        assert d.take_stats().num_handoffs_received == 1 and p.take_stats().num_descriptors == 2
+
+    def test_mismatched_prompt_fails_fast_and_frees_both(self):
+        p, d, ps, ds, _ = self._pair()
+        dreq = self._decode_req(prompt_tokens=200)                     # the decode saw another prompt
+        ds.update_state_after_alloc(dreq, [1, 2, 4, 6, 8, 10, 11], 200)
+        self._step(d, ds)
+        self._pack(p, ps, self._prefill_req())
+        sending, _, _ = self._step(p, ps)
+        assert sending == {"p1"} and p.transport.writes == []          # never written
+        assert self._step(d, ds) == (set(), {"d1"}, {"d1"})            # pushfail: recompute now
+        ps.assert_empty()
+        ds.assert_empty()
+        assert p.take_stats().failures == {"push_mismatch": 1}
+
+    def test_full_local_hit_lets_the_prefill_go(self):
+        p, d, ps, ds, _ = self._pair()
+        ds.update_state_after_alloc(self._decode_req(), [1, 2, 4, 6, 8, 10], 0)
+        assert self._step(d, ds) == (set(), set(), set())
+        self._pack(p, ps, self._prefill_req())
+        sending, _, _ = self._step(p, ps)
+        assert sending == {"p1"} and p.transport.writes == []
+        ps.assert_empty()
+        ds.assert_empty()
+
+    def test_prefill_never_comes_decode_gives_up_only_after_the_write_window(self):
+        p, d, ps, ds, _ = self._pair(read_timeout_s=5, expiry_margin_s=1)
+        ds.update_state_after_alloc(self._decode_req(), [1, 2, 4, 6, 8, 10], 170)
+        self._step(d, ds)
+        d._wall = lambda: 5.5                    # past the deadline, within the margin a write may still land
+        assert self._step(d, ds) == (set(), set(), set())
+        d._wall = lambda: 6.5
+        assert self._step(d, ds) == (set(), {"d1"}, {"d1"})
+        ds.assert_empty()
+        # the prefill holds an unanswered reservation only until deadline + margin
+        p.transport.inbox = list(p.transport.inbox)
+        assert self._step(p, ps)[0] == set() and set(p._reservations) == {"rv1"}
+        p._wall = lambda: 6.5
+        self._step(p, ps)
+        assert p._reservations == {}
+
+    def test_prefill_too_close_to_the_deadline_does_not_write(self):
+        p, d, ps, ds, _ = self._pair(read_timeout_s=5, expiry_margin_s=1)
+        ds.update_state_after_alloc(self._decode_req(), [1, 2, 4, 6, 8, 10], 170)
+        self._step(d, ds)
+        p._wall = lambda: 4.5                    # the reservation's deadline is 5: too late to start a write
+        self._pack(p, ps, self._prefill_req())
+        sending, _, _ = self._step(p, ps)
+        assert sending == {"p1"} and p.transport.writes == []
+        assert p.take_stats().failures == {"push_expired": 1}
+        assert self._step(d, ds) == (set(), {"d1"}, {"d1"})            # told at once: recompute
+        ps.assert_empty()
+        ds.assert_empty()
