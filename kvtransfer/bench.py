@@ -13,7 +13,10 @@ each layer separately), float32 SmolLM2-135M. Per handoff: prefill (max_tokens=1
   the handoff plus one forward of the last prompt token), p50/p99;
 * bytes on the wire per compression (none/int8/int4, ours per request on the same engines);
 * slab pack+transfer throughput = KV bytes / (pack_s + transfer_s), as a fraction of a single
-  thread torch memcpy measured in this run.
+  thread torch memcpy measured in this run;
+* end to end as a caller sees it (prefill submitted -> the decode's token back) for pull (decode
+  request after the prefill's response) and for push mode (both at once; the prefill WRITEs into the
+  decode's reservation).
 
 Writes ``summary.json`` and ``kvtransfer.png`` into ``--out`` (default
 loadtests/results/<UTC timestamp>-kvtransfer/). vLLM's NIXL engines load
@@ -69,11 +72,13 @@ def _pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
-def _kv_config(kind: str) -> dict[str, Any]:
+def _kv_config(kind: str, name: str = "", port: int = 0) -> dict[str, Any]:
     if kind == "slab":
+        # a known agent name and port: push-mode decode requests name their prefill's agent up front
         return {"kv_connector": "SlabKVConnector", "kv_connector_module_path": "kvtransfer.connector",
-                "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
-                "kv_connector_extra_config": {"ucx_tls": "tcp,self,sm", "pool_mib": 1024}}
+                "kv_role": "kv_both", "kv_load_failure_policy": "recompute", "engine_id": name,
+                "kv_connector_extra_config": {"ucx_tls": "tcp,self,sm", "pool_mib": 1024,
+                                              "side_channel_port": port}}
     return {"kv_connector": "QuietNixlConnector", "kv_connector_module_path": "workers.nixl_connector",
             "kv_role": "kv_both", "kv_buffer_device": "cpu", "kv_load_failure_policy": "recompute"}
 
@@ -86,7 +91,8 @@ def _start_pair(kind: str, model: str, max_model_len: int, logdir: Path) -> tupl
                "VLLM_NIXL_SIDE_CHANNEL_PORT": str(_free_port()), "PDSERVE_NIXL_PROGRESS_DELAY_US": "1000",
                "PDSERVE_MQ_BUSY_LOOP_S": "0"}  # as the cluster's engines (workers/vllm_plugin.py)
         opts = {"name": f"{kind}-{role}", "model": model, "block_size": BLOCK_SIZE, "max_model_len": max_model_len,
-                "dtype": "float32", "max_num_batched_tokens": max_model_len, "kv_transfer_config": _kv_config(kind)}
+                "dtype": "float32", "max_num_batched_tokens": max_model_len,
+                "kv_transfer_config": _kv_config(kind, f"kvbench-{kind}-{role}", _free_port())}
         pair.append(EngineProcess(opts, env, str(logdir / f"{kind}-{role}.log"), str(REPO), wait=False))
     return pair[0].wait_ready(), pair[1].wait_ready()
 
@@ -108,26 +114,58 @@ def _new_stats(engine: EngineProcess, kind: str, seen: int, timeout_s: float = 1
     raise RuntimeError(f"{engine.options['name']}: no connector stats for a new handoff")
 
 
+def _push_round(prefill: EngineProcess, decode: EngineProcess, ids: list[int], rendezvous: str):
+    """One push-mode handoff: the decode request first (it reserves and tells the prefill's agent),
+    then the prefill request; returns both outputs."""
+    from kvtransfer.metadata import SlabPush, decode_push_params, prefill_push_params
+
+    agent = prefill.options["kv_transfer_config"]
+    push = SlabPush(rendezvous, agent["engine_id"], "127.0.0.1", agent["kv_connector_extra_config"]["side_channel_port"])
+    decode.submit(op="generate", requests=[{"prompt_token_ids": ids, "max_tokens": 1,
+                                            "kv_transfer_params": decode_push_params(push)}])
+    (p_out,) = prefill.generate([{"prompt_token_ids": ids, "max_tokens": 1,
+                                  "kv_transfer_params": prefill_push_params(rendezvous)}])
+    (d_out,) = decode.result(timeout_s=300)["outputs"]
+    return p_out, d_out
+
+
 def run_connector(kind: str, model: str, sizes: list[int], reps: int, logdir: Path, seed: int) -> list[dict]:
     max_model_len = max(sizes) + 256
     prefill, decode = _start_pair(kind, model, max_model_len, logdir)
     rng = random.Random(seed)
     rows: list[dict] = []
     seen_p = seen_d = 0
-    compressions = ("none", "int8", "int4") if kind == "slab" else ("none",)
+    # (compression, mode): pull = the caller sends the decode request after the prefill's response;
+    # push = both at once, the prefill WRITEs into the decode's reservation (slab connector only)
+    variants = ([("none", "pull"), ("int8", "pull"), ("int4", "pull"), ("none", "push")] if kind == "slab"
+                else [("none", "pull")])
     try:
         for size in [min(sizes)] + sizes:                       # the first round warms up connections
             warm = len(rows) == 0 and size == min(sizes)
-            for compression in compressions:
+            for compression, mode in variants:
                 for rep in range(1 if warm else reps):
                     ids = [rng.randrange(100, VOCAB) for _ in range(size)]
-                    pre = {"do_remote_decode": True, **({"compression": compression} if kind == "slab" else {})}
-                    (p_out,) = prefill.generate([{"prompt_token_ids": ids, "max_tokens": 1, "kv_transfer_params": pre}])
-                    (d_out,) = decode.generate([{"prompt_token_ids": ids, "max_tokens": 1,
-                                                "kv_transfer_params": p_out["kv_transfer_params"]}])
-                    row = {"connector": kind, "compression": compression, "prompt_tokens": size, "rep": rep,
-                           "warmup": warm, "prefill_s": p_out["latency_s"], "decode_request_s": d_out["latency_s"]}
-                    if kind == "slab":
+                    t0 = time.perf_counter()
+                    if mode == "push":
+                        p_out, d_out = _push_round(prefill, decode, ids, f"{size}-{rep}-{warm}")
+                    else:
+                        pre = {"do_remote_decode": True, **({"compression": compression} if kind == "slab" else {})}
+                        (p_out,) = prefill.generate([{"prompt_token_ids": ids, "max_tokens": 1,
+                                                      "kv_transfer_params": pre}])
+                        (d_out,) = decode.generate([{"prompt_token_ids": ids, "max_tokens": 1,
+                                                    "kv_transfer_params": p_out["kv_transfer_params"]}])
+                    row = {"connector": kind, "compression": compression, "mode": mode, "prompt_tokens": size,
+                           "rep": rep, "warmup": warm, "prefill_s": p_out["latency_s"],
+                           "decode_request_s": d_out["latency_s"],
+                           # prefill submitted -> decode's token back, as the caller sees it
+                           "end_to_end_s": time.perf_counter() - t0}
+                    if kind == "slab" and mode == "push":
+                        d_stats, seen_d = _new_stats(decode, kind, seen_d)
+                        p_stats, seen_p = _new_stats(prefill, kind, seen_p)
+                        row.update(descriptors=-(-size // 128), pack_s=p_stats["pack_s"][-1],
+                                   failures=d_stats["failures"],
+                                   raw_bytes=-(-size // BLOCK_SIZE) * BLOCK_SIZE * 30 * 3 * 128 * 4)
+                    elif kind == "slab":
                         d_stats, seen_d = _new_stats(decode, kind, seen_d)
                         p_stats, seen_p = _new_stats(prefill, kind, seen_p)
                         row.update(descriptors=len(p_out["kv_transfer_params"]["slab_handoff"]["slabs"]),
@@ -159,18 +197,24 @@ def summarize(rows: list[dict], memcpy: float, sizes: list[int]) -> dict:
     out: dict[str, Any] = {"memcpy_gbps_single_thread": memcpy, "block_size": BLOCK_SIZE, "by_size": {}}
     for size in sizes:
         entry: dict[str, Any] = {}
-        for kind, comp in (("nixl", "none"), ("slab", "none"), ("slab", "int8"), ("slab", "int4")):
+        for kind, comp, mode in (("nixl", "none", "pull"), ("slab", "none", "pull"), ("slab", "int8", "pull"),
+                                 ("slab", "int4", "pull"), ("slab", "none", "push")):
             rs = [r for r in rows if r["connector"] == kind and r["compression"] == comp
-                  and r["prompt_tokens"] == size and not r["warmup"]]
+                  and r.get("mode", "pull") == mode and r["prompt_tokens"] == size and not r["warmup"]]
             if not rs:
                 continue
-            e = {"n": len(rs), "descriptors_per_handoff": statistics.median(r["descriptors"] for r in rs),
+            e = {"n": len(rs), "end_to_end_p50_s": _pct([r["end_to_end_s"] for r in rs], 0.5),
+                 "end_to_end_p99_s": _pct([r["end_to_end_s"] for r in rs], 0.99)}
+            if mode == "push":
+                entry["slab-push-none"] = e
+                continue
+            e.update({"descriptors_per_handoff": statistics.median(r["descriptors"] for r in rs),
                  "wire_bytes": statistics.median(r["wire_bytes"] for r in rs),
                  "raw_bytes": statistics.median(r["raw_bytes"] for r in rs),
                  "connector_handoff_p50_s": _pct([r["connector_handoff_s"] for r in rs], 0.5),
                  "connector_handoff_p99_s": _pct([r["connector_handoff_s"] for r in rs], 0.99),
                  "decode_request_p50_s": _pct([r["decode_request_s"] for r in rs], 0.5),
-                 "decode_request_p99_s": _pct([r["decode_request_s"] for r in rs], 0.99)}
+                 "decode_request_p99_s": _pct([r["decode_request_s"] for r in rs], 0.99)})
             if kind == "slab":
                 gbps = [r["raw_bytes"] / (r["pack_s"] + r["transfer_s"]) / 1e9 for r in rs]
                 e["pack_transfer_gbps_p50"] = statistics.median(gbps)
@@ -187,6 +231,11 @@ def summarize(rows: list[dict], memcpy: float, sizes: list[int]) -> dict:
                 "decode_request_p50_slab_over_nixl": s["decode_request_p50_s"] / n["decode_request_p50_s"],
                 "decode_request_p99_slab_over_nixl": s["decode_request_p99_s"] / n["decode_request_p99_s"],
             }
+            if "slab-push-none" in entry:
+                entry["ratios"]["end_to_end_p50_push_over_pull"] = (entry["slab-push-none"]["end_to_end_p50_s"]
+                                                                    / s["end_to_end_p50_s"])
+                entry["ratios"]["end_to_end_p50_push_over_nixl"] = (entry["slab-push-none"]["end_to_end_p50_s"]
+                                                                    / n["end_to_end_p50_s"])
             if "slab-int4" in entry:
                 entry["ratios"]["int4_wire_over_bf16"] = entry["slab-int4"]["wire_bytes"] / (s["raw_bytes"] / 2)
         out["by_size"][str(size)] = entry

@@ -71,10 +71,18 @@ class EngineProcess:
             return {"error": f"no reply within {timeout_s} s"}
 
     def call(self, timeout_s: float = 300.0, **request: Any) -> dict:
+        self.submit(**request)
+        return self.result(timeout_s)
+
+    def submit(self, **request: Any) -> None:
+        """Send a request without waiting (e.g. a push-mode decode before its prefill); replies come
+        back in order through :meth:`result`."""
         if self.proc.poll() is not None:
             raise RuntimeError(f"engine {self.options.get('name')} is not running")
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
+
+    def result(self, timeout_s: float = 300.0) -> dict:
         reply = self._wait(timeout_s)
         if "error" in reply:
             raise RuntimeError(f"engine {self.options.get('name')}: {reply}")

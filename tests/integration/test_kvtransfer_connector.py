@@ -64,6 +64,14 @@ def _slab_config(**extra) -> dict:
                                           "ucx_tls": "tcp,self,sm", **extra}}
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _env(core: str) -> dict[str, str]:
     return {"VLLM_CPU_OMP_THREADS_BIND": core, "VLLM_CPU_KVCACHE_SPACE": "1", "UCX_TLS": "tcp,self,sm",
             "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",
@@ -77,11 +85,16 @@ class Engines:
     def __init__(self, model_dir, logdir):
         self.model_dir, self.logdir = str(model_dir), logdir
         self.procs: dict[str, EngineProcess] = {}
+        self.agents: dict[str, dict] = {}
 
     def start(self, name: str, block_size: int, core: str) -> None:
         assert len(self.procs) < 3, sorted(self.procs)
+        port = _free_port()
+        # a known agent name and port: push-mode decode requests name their prefill's agent up front
+        self.agents[name] = {"engine_id": f"kvt-{name}", "host": "127.0.0.1", "port": port}
         opts = {"name": name, "model": self.model_dir, "block_size": block_size, "max_model_len": 2048,
-                "dtype": DTYPE, "kv_transfer_config": _slab_config()}
+                "dtype": DTYPE, "kv_transfer_config": {**_slab_config(side_channel_port=port),
+                                                       "engine_id": f"kvt-{name}"}}
         self.procs[name] = EngineProcess(opts, _env(core), str(self.logdir / f"{name}.log"), str(REPO), wait=False)
 
     def __getitem__(self, name: str) -> EngineProcess:
@@ -236,3 +249,31 @@ class TestSlabHandoffBlock32:
         assert outs == reference
         assert not delta["failures"] and delta["num_descriptors"] == sum(slabs)
         assert slabs == [-(-len(p) // 128) for p in prompts]           # 4 blocks of 32 per slab
+
+
+class TestPushMode:
+    def test_push_greedy_equals_colocated(self, engines, uncompressed_128, reference, prompts):
+        """Push: each decode request goes out BEFORE its prefill, naming the prefill's agent; the
+        decode reserves a range, the prefill WRITEs its slabs there. Output equals the colocated run."""
+        from kvtransfer.metadata import SlabPush, decode_push_params, prefill_push_params
+
+        pre_eng, dec_eng = engines["p128"], engines["d128"]
+        before_d, before_p = _connector(dec_eng), _connector(pre_eng)
+        outs = []
+        for i, ids in enumerate(prompts[:3]):
+            push = SlabPush(f"push-{i}", **engines.agents["p128"])
+            dec_eng.submit(op="generate", requests=[{"prompt_token_ids": ids, "max_tokens": GREEDY_TOKENS,
+                                                     "kv_transfer_params": decode_push_params(push)}])
+            pre_eng.generate([{"prompt_token_ids": ids, "max_tokens": 1,
+                               "kv_transfer_params": prefill_push_params(push.rendezvous)}])
+            (out,) = dec_eng.result(timeout_s=120)["outputs"]
+            outs.append(out["token_ids"])
+        assert outs == reference[:3]
+        after_d = _received(dec_eng, before_d.get("num_handoffs_received", 0) + 3)
+        assert after_d["num_handoffs_received"] - before_d.get("num_handoffs_received", 0) == 3
+        assert after_d.get("failures", {}) == before_d.get("failures", {})       # no recompute fallback
+        # the prefill released every push on the write's completion, none by timeout
+        after_p = wait_for(lambda: (s := _connector(pre_eng)).get("num_handoffs_sent", 0)
+                           >= before_p.get("num_handoffs_sent", 0) + 3 and s, timeout_s=10)
+        assert after_p.get("num_released_by_timeout", 0) == before_p.get("num_released_by_timeout", 0)
+        assert after_p.get("wire_bytes", 0) > before_p.get("wire_bytes", 0)     # bytes went out by WRITE
