@@ -95,8 +95,10 @@ class Ingress:
         self._monitor: PoolMonitor | None = None
         self.metrics = ClusterMetrics(lambda: self._monitor.stats() if self._monitor else [])
         policy = build_policy(r, block_size)
+        kvh = self._cfg.kv_handoff
+        push = kvh.slab_compression if kvh.backend == "slab" and kvh.slab_mode == "push" else None
         self._orch = Orchestrator(pools, policy, self._directory, self.metrics,
-                                  idle_timeout_s=self._cfg.server.request_timeout_s)
+                                  idle_timeout_s=self._cfg.server.request_timeout_s, push_compression=push)
         index = getattr(policy, "index", None)  # prefix-aware policies: engines' KV events feed it
         self._kv_events = KvEventFeed(index) if index is not None else None
         self._monitor = PoolMonitor(pools, self._directory, self.metrics, period_s=r.stats_period_s,
@@ -131,6 +133,7 @@ class Ingress:
 
     # -- helpers ----------------------------------------------------------------------------
     def _on_poll(self, stats: list) -> None:
+        self._orch.set_kv_agents({s.endpoint_id: s.kv_agent for s in stats if s.healthy and s.kv_agent})
         if self._kv_events is not None:
             self._kv_events.sync({s.endpoint_id: s.kv_events_endpoint for s in stats
                                   if s.healthy and s.kv_events_endpoint})

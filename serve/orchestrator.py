@@ -3,6 +3,8 @@
 Failure policy (each path counts in metrics with a reason):
 - no healthy decode replica: reject 503 + Retry-After before any engine work;
 - remote prefill fails or times out: the decode engine prefills locally (``prefill_fallbacks``);
+  in slab push mode the decode request is already out: its reservation expires (connector's
+  ``read_timeout_s``) and it recomputes;
 - decode fails before its first token: retried once on another decode replica, local prefill;
 - no output for ``idle_timeout_s``: the request ends with an error, engines abort it.
 Every engine call is cancelled (-> vLLM abort, KV freed) when the client goes away.
@@ -15,6 +17,7 @@ import collections
 import dataclasses
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Mapping
 
@@ -23,7 +26,7 @@ from router.types import EndpointState, PoolSnapshot, RequestDescriptor, Rejecti
 from serve.metrics import ClusterMetrics
 from serve.pool_directory import PoolDirectory
 from serve.protocol import ApiError
-from workers.kv_params import KvHandoff
+from workers.kv_params import KvHandoff, push_decode_handoff
 from workers.messages import DecodeRequest, PrefillRequest, SamplingSpec, TokenChunk
 
 logger = logging.getLogger(__name__)
@@ -45,7 +48,7 @@ def rejection_to_error(r: Rejection) -> ApiError:
 class Orchestrator:
     def __init__(self, handles: Mapping[str, Any], policy: RoutingPolicy, directory: PoolDirectory,
                  metrics: ClusterMetrics, prefill_timeout_s: float = 60.0, idle_timeout_s: float = 120.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, push_compression: str | None = None) -> None:
         self._handles = handles
         self._policy = policy
         self._directory = directory
@@ -56,6 +59,13 @@ class Orchestrator:
         self._in_flight: collections.Counter[str] = collections.Counter()
         self._queued_tokens: collections.Counter[str] = collections.Counter()  # prefill work dispatched
         self._index = getattr(policy, "index", None)          # prefix-aware policies expose theirs
+        # slab push mode (None = pull): decode requests go out with their prefill, naming its agent
+        self._push_compression = push_compression
+        self._kv_agents: dict[str, tuple[str, str, int]] = {}    # prefill endpoint -> its slab agent
+
+    def set_kv_agents(self, agents: Mapping[str, Any]) -> None:
+        """Replicas' transfer agents ([name, host, port]) from their latest stats polls."""
+        self._kv_agents = {e: (str(a[0]), str(a[1]), int(a[2])) for e, a in agents.items() if len(a) == 3}
 
     # -- step 1: route ---------------------------------------------------------------------
     def snapshot(self, exclude: frozenset[str] = frozenset()) -> PoolSnapshot:
@@ -88,12 +98,14 @@ class Orchestrator:
         return decision
 
     # -- step 2: remote prefill ----------------------------------------------------------------
-    async def prefill(self, job: GenerationJob, target: EndpointState | None) -> KvHandoff | None:
-        """Run the prefill on ``target``; None means 'decode engine prefills locally'."""
+    async def prefill(self, job: GenerationJob, target: EndpointState | None,
+                      push_rendezvous: str | None = None) -> KvHandoff | None:
+        """Run the prefill on ``target``; None means 'decode engine prefills locally'. In push mode
+        (``push_rendezvous``) the result is not needed: the prefill engine writes to the decode's buffer."""
         if target is None:
             return None
         req = PrefillRequest(request_id=job.desc.request_id, prompt_token_ids=job.prompt_token_ids,
-                             cache_salt=job.cache_salt)
+                             cache_salt=job.cache_salt, push_rendezvous=push_rendezvous)
         t0 = self._clock()
         self._in_flight[target.endpoint_id] += 1
         resp = self._handles[target.pool].prefill.remote(req, endpoint_hint=target.endpoint_id)
@@ -158,10 +170,19 @@ class Orchestrator:
         # the prefilling replica's queued work, released once its prefill is done (idempotent)
         release = self._reserve((decision.prefill or decision.decode).endpoint_id, decision.uncached_tokens)
         produced = False
+        push = self._push_handoff(job, decision)
+        prefill_task = None
         try:
-            handoff = await self.prefill(job, decision.prefill)
-            if decision.prefill is not None:
-                release()
+            if push is not None:
+                # push: the decode request reserves a buffer while the prefill runs; its KV arrives
+                # by WRITE, so the prefill's answer need not come back through here first
+                handoff, rendezvous = push
+                prefill_task = asyncio.ensure_future(self.prefill(job, decision.prefill, rendezvous))
+                prefill_task.add_done_callback(lambda _: release())
+            else:
+                handoff = await self.prefill(job, decision.prefill)
+                if decision.prefill is not None:
+                    release()
             first_s, ntok = None, 0
             async for chunk in self.decode(job, decision.decode, handoff):
                 ntok += len(chunk.token_ids)
@@ -192,10 +213,22 @@ class Orchestrator:
                            job.desc.request_id, decision.decode.endpoint_id, e)
         finally:
             release()
+            if prefill_task is not None and not prefill_task.done():
+                prefill_task.cancel()
         retry = self.route(job.desc, exclude=frozenset({decision.decode.endpoint_id}))
         self._metrics.prefill_fallbacks.labels("decode_retry").inc()
         async for chunk in self.decode(job, retry.decode, None):
             yield chunk
+
+    def _push_handoff(self, job: GenerationJob, decision: RoutingDecision) -> tuple[KvHandoff, str] | None:
+        """Push mode for a remote prefill whose replica advertised its agent: (decode handoff, rendezvous)."""
+        if self._push_compression is None or decision.prefill is None:
+            return None
+        agent = self._kv_agents.get(decision.prefill.endpoint_id)
+        if agent is None:
+            return None
+        rendezvous = f"{job.desc.request_id}-{uuid.uuid4().hex[:8]}"
+        return push_decode_handoff(agent, rendezvous, len(job.prompt_token_ids), self._push_compression), rendezvous
 
     def _reserve(self, endpoint_id: str, tokens: int) -> Callable[[], None]:
         """Count ``tokens`` of prefill work queued on ``endpoint_id``; returns an idempotent release."""

@@ -159,3 +159,7 @@ class KvHandoffConfig(_Strict):
     slab_compression: Literal["none", "int8", "int4"] = Field("none", description="slab backend: wire "
                                                               "compression (group-wise along head_dim)")
     slab_tokens: int = Field(128, ge=1, description="slab backend: minimum tokens per slab (one descriptor)")
+    slab_mode: Literal["pull", "push"] = Field("pull", description="slab backend: 'pull' = the decode engine "
+                                               "READs after the prefill answered; 'push' = the decode request "
+                                               "goes out with the prefill, reserves a buffer, and the prefill "
+                                               "WRITEs into it (no round trip through the router between them)")

@@ -159,7 +159,7 @@ class EngineWrapper:
 
     async def prefill(self, req: PrefillRequest) -> PrefillResult:
         """Prefill only: compute the prompt's KV, keep it for the decode side, return the handoff."""
-        params = self.handoff.prefill_params() if self.handoff else None
+        params = self.handoff.prefill_params(req.push_rendezvous) if self.handoff else None
         sampling = to_sampling_params(SamplingSpec(max_tokens=1, temperature=0.0),
                                       extra_args={"kv_transfer_params": params} if params else None)
         t0 = time.monotonic()
@@ -207,6 +207,8 @@ class EngineWrapper:
                                     healthy=self.healthy, drain=drain)
         if self.spec.pool.engine.enable_prefix_caching:
             s.kv_events_endpoint = self.spec.kv_events_address
+        if self.handoff is not None:
+            s.kv_agent = self.handoff.kv_agent()
         return s
 
     def shutdown(self) -> None:

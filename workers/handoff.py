@@ -10,10 +10,11 @@ next request.
 from __future__ import annotations
 
 import socket
+import uuid
 from typing import Any, Mapping, Protocol
 
 from workers.config import KvHandoffConfig
-from workers.kv_params import KvHandoff, prefill_request_params
+from workers.kv_params import KvHandoff, prefill_request_params, push_prefill_params
 
 
 class HandoffBackend(Protocol):
@@ -25,8 +26,11 @@ class HandoffBackend(Protocol):
     def kv_transfer_config(self) -> dict[str, Any]:
         """vLLM ``kv_transfer_config`` for every engine of the cluster."""
 
-    def prefill_params(self) -> dict[str, Any]:
-        """``kv_transfer_params`` of a prefill-only request."""
+    def prefill_params(self, push_rendezvous: str | None = None) -> dict[str, Any]:
+        """``kv_transfer_params`` of a prefill-only request (push mode: pushing to ``push_rendezvous``)."""
+
+    def kv_agent(self) -> list:
+        """[name, host, port] of this engine's transfer agent, for push-mode peers ([] = none)."""
 
     def handoff_from_output(self, params: Mapping[str, Any] | None) -> KvHandoff | None:
         """The typed handoff from a finished prefill's output params (None: nothing to hand off)."""
@@ -44,8 +48,11 @@ class _RemotePrefillParams:
 
     name: str
 
-    def prefill_params(self) -> dict[str, Any]:
+    def prefill_params(self, push_rendezvous: str | None = None) -> dict[str, Any]:
         return prefill_request_params()
+
+    def kv_agent(self) -> list:
+        return []
 
     def handoff_from_output(self, params: Mapping[str, Any] | None) -> KvHandoff | None:
         if not params or not params.get("do_remote_prefill"):
@@ -98,8 +105,10 @@ class SlabHandoff(_RemotePrefillParams):
     """Our ``SlabKVConnector`` (kvtransfer/): the prefill packs the prompt's blocks into slabs (one NIXL
     descriptor each, optionally int8/int4) in a pre-registered pool; the decode engine READs them.
 
-    The connector's NIXL agent picks its own free listener port (no fixed ports) and publishes it in
-    the prefill output's ``kv_transfer_params``; a failed read is recomputed on decode
+    Pull (default): the prefill output's ``kv_transfer_params`` carry the slabs' addresses. Push
+    (``slab_mode: push``): the decode request names this engine's agent (``kv_agent``, reported in
+    WorkerStats) and a rendezvous id, and this engine WRITEs into its reservation. A failed transfer is
+    recomputed on decode
     (``kv_load_failure_policy="recompute"``). ``kv_lease_s`` is the prefill's handoff timeout.
     """
 
@@ -108,9 +117,21 @@ class SlabHandoff(_RemotePrefillParams):
     def __init__(self, cfg: KvHandoffConfig, side_channel_host: str):
         self._cfg = cfg
         self._host = side_channel_host if side_channel_host != "0.0.0.0" else "127.0.0.1"
+        # the agent's name and listener are chosen here (a free port, no fixed ports) so this replica can
+        # advertise them: push-mode decode requests name their prefill's agent before it answered
+        self._agent_name = f"slab-{uuid.uuid4().hex[:12]}"
+        self._port = free_port(self._host)
 
     def engine_env(self) -> dict[str, str]:
         return {"UCX_TLS": self._cfg.ucx_tls}
+
+    def kv_agent(self) -> list:
+        return [self._agent_name, self._host, self._port]
+
+    def prefill_params(self, push_rendezvous: str | None = None) -> dict[str, Any]:
+        if push_rendezvous:
+            return push_prefill_params(push_rendezvous, self._cfg.slab_compression)
+        return prefill_request_params()
 
     def kv_transfer_config(self) -> dict[str, Any]:
         return {
@@ -119,12 +140,13 @@ class SlabHandoff(_RemotePrefillParams):
             "kv_role": "kv_both",
             "kv_buffer_device": "cpu",
             "kv_load_failure_policy": "recompute",
+            "engine_id": self._agent_name,
             "kv_connector_extra_config": {
                 "compression": self._cfg.slab_compression,
                 "slab_tokens": self._cfg.slab_tokens,
                 "handoff_timeout_s": float(self._cfg.kv_lease_s),
                 "side_channel_host": self._host,
-                "side_channel_port": 0,
+                "side_channel_port": self._port,
                 "progress_delay_us": self._cfg.nixl_progress_delay_us,
                 "ucx_tls": self._cfg.ucx_tls,
             },

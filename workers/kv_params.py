@@ -13,6 +13,8 @@ from typing import Any, Mapping
 KEY_DO_REMOTE_DECODE = "do_remote_decode"
 KEY_DO_REMOTE_PREFILL = "do_remote_prefill"
 KEY_SLAB_HANDOFF = "slab_handoff"          # kvtransfer.metadata.SlabHandoff (slabs: [addr, nbytes, first, n])
+KEY_SLAB_PUSH = "slab_push"                # kvtransfer.metadata.SlabPush (push mode)
+KEY_COMPRESSION = "compression"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,3 +64,21 @@ def prefill_request_params() -> dict[str, Any]:
     """Params that turn a request into a prefill-only request whose KV is kept for a remote decode."""
     return {KEY_DO_REMOTE_DECODE: True, KEY_DO_REMOTE_PREFILL: False,
             "remote_engine_id": None, "remote_block_ids": None, "remote_host": None, "remote_port": None}
+
+
+def push_prefill_params(rendezvous: str, compression: str) -> dict[str, Any]:
+    """Slab push mode, prefill side: keep the KV for a remote decode and push it to the decode engine
+    whose reservation names ``rendezvous`` (as ``kvtransfer.metadata.prefill_push_params``)."""
+    return {KEY_DO_REMOTE_DECODE: True, KEY_SLAB_PUSH: {"rendezvous": rendezvous}, KEY_COMPRESSION: compression}
+
+
+def push_decode_handoff(agent: tuple[str, str, int], rendezvous: str, num_tokens: int,
+                        compression: str) -> KvHandoff:
+    """Slab push mode, decode side: the handoff of a decode request sent together with its prefill;
+    ``agent`` = the prefill engine's slab agent (name, host, port) from its WorkerStats."""
+    engine_id, host, port = agent
+    raw = {KEY_DO_REMOTE_PREFILL: True, KEY_DO_REMOTE_DECODE: False,
+           KEY_SLAB_PUSH: {"rendezvous": rendezvous, "engine_id": engine_id, "host": host, "port": int(port),
+                           "compression": compression}}
+    return KvHandoff(remote_engine_id=engine_id, remote_request_id=rendezvous, remote_host=host,
+                     remote_port=int(port), num_blocks=0, num_tokens=num_tokens, connector="slab-push", raw=raw)

@@ -31,6 +31,7 @@ class PrefillRequest:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     cache_salt: str | None = None
+    push_rendezvous: str | None = None   # slab push mode: the decode request reserving for this prefill
 
     def __repr__(self) -> str:
         return f"PrefillRequest(id={self.request_id}, prompt_tokens={len(self.prompt_token_ids)})"
@@ -99,6 +100,7 @@ class WorkerStats:
     prefill_samples: list[tuple[int, float]] = field(default_factory=list)   # (uncached tokens, prefill s)
     decode_samples: list[tuple[int, int, float]] = field(default_factory=list)  # (batch, context tok, step s)
     kv_events_endpoint: str = ""     # ZMQ address of the engine's KV cache event publisher ("" = none)
+    kv_agent: list = field(default_factory=list)  # slab backend: [agent name, host, port] (push mode target)
     updated_s: float = 0.0
 
     def to_dict(self) -> dict:

@@ -464,12 +464,28 @@ class TestWorkersWiring:
         assert ktc["kv_connector"] == "SlabKVConnector" and ktc["kv_connector_module_path"] == "kvtransfer.connector"
         assert ktc["kv_load_failure_policy"] == "recompute"
         settings = SlabSettings.from_extra_config(ktc["kv_connector_extra_config"])
-        assert settings.compression == "int4" and settings.side_channel_port == 0
+        # the agent's name and port are fixed here, so the replica can advertise them (push mode)
+        name, host, port = backend.kv_agent()
+        assert settings.compression == "int4" and settings.side_channel_port == port > 0
+        assert ktc["engine_id"] == name and host == "127.0.0.1"
         assert backend.prefill_params()["do_remote_decode"] is True
         handoff = backend.handoff_from_output(_handoff().to_kv_transfer_params())
         assert (handoff.num_blocks, handoff.num_tokens, handoff.remote_engine_id) == (10, 300, "P")
         assert handoff.to_kv_transfer_params() == _handoff().to_kv_transfer_params()
         assert backend.handoff_from_output({"do_remote_prefill": False}) is None
+
+
+    def test_push_params_match_the_connector(self):
+        """workers/kv_params builds push params without importing kvtransfer: they must be what the
+        connector's own builders produce (and parse)."""
+        from kvtransfer.metadata import SlabPush, decode_push_params, prefill_push_params
+        from workers.kv_params import push_decode_handoff, push_prefill_params
+
+        handoff = push_decode_handoff(("P", "10.0.0.1", 7000), "rv", 300, "int4")
+        want = decode_push_params(SlabPush("rv", "P", "10.0.0.1", 7000, "int4"))
+        assert handoff.to_kv_transfer_params() == want
+        assert SlabPush.from_kv_transfer_params(want) == SlabPush("rv", "P", "10.0.0.1", 7000, "int4")
+        assert push_prefill_params("rv", "int4") == prefill_push_params("rv", "int4")
 
 
 class TestPushMode:
