@@ -297,9 +297,7 @@ class SlabConnectorWorker:
             state = self.transport.poll(out.handle)
             if state is TransferState.DONE:
                 self.transport.release(out.handle)
-                out.handle = None
-                self.stats.num_descriptors += len(out.local)
-                self.stats.wire_bytes += sum(n for _, n in out.local)
+                out.handle = None                                # (bytes/descriptors: counted by the decode)
                 self._end_push(rendezvous, None, notify=False)
             elif state is TransferState.FAILED:
                 self.transport.release(out.handle)

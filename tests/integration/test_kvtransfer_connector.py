@@ -273,7 +273,9 @@ class TestPushMode:
         assert after_d["num_handoffs_received"] - before_d.get("num_handoffs_received", 0) == 3
         assert after_d.get("failures", {}) == before_d.get("failures", {})       # no recompute fallback
         # the prefill released every push on the write's completion, none by timeout
-        after_p = wait_for(lambda: (s := _connector(pre_eng)).get("num_handoffs_sent", 0)
-                           >= before_p.get("num_handoffs_sent", 0) + 3 and s, timeout_s=10)
+        released = before_p.get("num_released_by_notification", 0)
+        after_p = wait_for(lambda: (s := _connector(pre_eng)).get("num_released_by_notification", 0)
+                           >= released + 3 and s, timeout_s=10)
         assert after_p.get("num_released_by_timeout", 0) == before_p.get("num_released_by_timeout", 0)
-        assert after_p.get("wire_bytes", 0) > before_p.get("wire_bytes", 0)     # bytes went out by WRITE
+        assert after_p.get("num_released_by_notification", 0) - before_p.get("num_released_by_notification", 0) == 3
+        assert after_d["wire_bytes"] - before_d.get("wire_bytes", 0) > 0                # bytes arrived by WRITE
