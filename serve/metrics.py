@@ -70,6 +70,8 @@ class ClusterMetrics:
         self.prefill_fallbacks = Counter("pdserve_prefill_fallbacks", "Remote prefills that fell back to "
                                          "local prefill on the decode engine", ["reason"], registry=r)
         self.routing = Counter("pdserve_routing_decisions", "Routing decisions", ["prefill", "decode_pool"], registry=r)
+        self.handoff_mode = Counter("pdserve_kv_handoff_requests", "Remote prefills by KV handoff mode (pull: "
+                                    "decode after the prefill's answer; push: both at once)", ["mode"], registry=r)
         self.admitted = Counter("pdserve_admitted_requests", "Requests admitted", ["tier", "prefill"], registry=r)
         self.prefix_hit_tokens = Counter("pdserve_prefix_hit_tokens", "Prompt tokens the chosen replica had "
                                          "cached (router's prefix index)", registry=r)

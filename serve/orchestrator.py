@@ -177,11 +177,13 @@ class Orchestrator:
                 # push: the decode request reserves a buffer while the prefill runs; its KV arrives
                 # by WRITE, so the prefill's answer need not come back through here first
                 handoff, rendezvous = push
+                self._metrics.handoff_mode.labels("push").inc()
                 prefill_task = asyncio.ensure_future(self.prefill(job, decision.prefill, rendezvous))
                 prefill_task.add_done_callback(lambda _: release())
             else:
                 handoff = await self.prefill(job, decision.prefill)
                 if decision.prefill is not None:
+                    self._metrics.handoff_mode.labels("pull").inc()
                     release()
             first_s, ntok = None, 0
             async for chunk in self.decode(job, decision.decode, handoff):

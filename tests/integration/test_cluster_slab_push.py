@@ -1,0 +1,91 @@
+"""The slab connector through the whole product, in push mode: Ray Serve + a prefill and a decode
+vLLM CPU pool with ``kv_handoff: {backend: slab, slab_mode: push}``.
+
+Every request prefills remotely; the orchestrator sends the decode request together with the
+prefill, naming the prefill replica's slab agent (advertised in its stats), and the prefill engine
+WRITEs the prompt's slabs into the decode engine's reservation. Greedy output must equal one
+colocated engine's token for token (float32), which only holds if the KV really arrived: a failed
+push would make the decode engine recompute, which is counted and asserted absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from tests.conftest import REPO
+from tests.integration.cluster_utils import cluster_config, free_port, metric_sum, settled_scrape, wait_for
+
+pytestmark = pytest.mark.integration
+
+MODEL = "SmolLM2-135M-Instruct"
+GREEDY_TOKENS = 32
+DTYPE = "float32"
+PROMPTS = [
+    "Write a haiku about the sea.",
+    # > 1 slab (128 tokens): the push moves several descriptors
+    "Summarise this text: " + " ".join(f"Item {i} is a small red box placed on shelf {i % 7}." for i in range(20)),
+]
+
+
+@pytest.fixture(scope="module")
+def chat_ids(tokenizer):
+    def ids(text: str) -> list[int]:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                 add_generation_prompt=True)
+        return tokenizer.encode(rendered, add_special_tokens=False)
+    return [ids(p) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, chat_ids, tmp_path_factory):
+    out_path = tmp_path_factory.mktemp("reference") / "greedy.json"
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+    out = subprocess.run([sys.executable, "-m", "tests.integration.reference_greedy", str(model_dir),
+                          str(GREEDY_TOKENS), DTYPE, str(out_path)], input=json.dumps(chat_ids), capture_output=True,
+                         text=True, cwd=REPO, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out_path.read_text())
+
+
+@pytest.fixture(scope="module")
+def cluster(reference):
+    from serve.config import ClusterConfig
+    from serve.runner import start_cluster
+
+    base = cluster_config(free_port(), decode_replicas=1, dtype=DTYPE,
+                          placement={"local_prefill_max_tokens": 0, "local_prefill_min_hit_ratio": 1.0})
+    data = base.model_dump(mode="json")
+    data["kv_handoff"].update(backend="slab", slab_mode="push")
+    c = start_cluster(ClusterConfig.from_dict(data), timeout_s=600, progress=lambda m: None)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def test_push_handoff_greedy_equals_colocated(cluster, chat_ids, reference):
+    # the prefill replica's agent reaches the orchestrator with the stats polls /health is built from
+    wait_for(lambda: httpx.get(f"{cluster.base_url}/health", timeout=10).json()["status"] == "ok", timeout_s=120)
+    before = settled_scrape(cluster.base_url)            # after the start-up warm-up requests
+    for ids, ref in zip(chat_ids, reference):
+        r = httpx.post(f"{cluster.base_url}/v1/completions", timeout=120, json={
+            "model": MODEL, "prompt": ids, "max_tokens": GREEDY_TOKENS, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == ref["text"]
+    after = settled_scrape(cluster.base_url)
+
+    def delta(name: str, **labels: str) -> float:
+        return metric_sum(after, name, **labels) - metric_sum(before, name, **labels)
+
+    assert delta("pdserve_kv_handoff_requests_total", mode="push") == len(PROMPTS)
+    assert delta("pdserve_kv_handoff_requests_total", mode="pull") == 0
+    assert delta("pdserve_kv_handoff_transfers_total") == len(PROMPTS)
+    assert delta("pdserve_kv_handoff_bytes_total") > 0
+    assert delta("pdserve_kv_handoff_failures_total") == 0           # no push fell back to recompute
+    assert delta("pdserve_prefill_fallbacks_total") == 0
