@@ -16,7 +16,8 @@ range) to the prefill's agent; the prefill WRITEs its packed slabs there with a 
 and counts the write's completion as the read-done. Safety of the decode's range: the prefill never
 starts a write after ``reservation.deadline - expiry_margin_s``; the decode gives up (and its range
 is freed) only at ``deadline + expiry_margin_s`` or on the prefill's "pushfail", so no late write can
-land in a reused range.
+land in a reused range. A push's ``transfer_s``/``handoff_s`` span reservation -> data landed, so they
+include the prefill's own compute (the decode waited that long for its KV).
 
 Lifecycles (who frees what):
   prefill  packed -> published(timeout) -> notified | timed out -> finished_sending (scheduler frees
