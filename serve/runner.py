@@ -58,6 +58,36 @@ def wait_healthy(base_url: str, timeout_s: float, progress=None) -> dict:
     raise TimeoutError(f"cluster not healthy after {timeout_s:.0f}s: {last}")
 
 
+def app_status_text(app_name: str) -> str:
+    """One line per deployment (status, replica states, message): what a failed start-up shows."""
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    if app is None:
+        return f"application {app_name!r} not deployed"
+    parts = [f"app {app.status}: {app.message}".rstrip(": ")]
+    for name, d in app.deployments.items():
+        parts.append(f"{name} {d.status} replicas={dict(d.replica_states)} {d.message}".rstrip())
+    return "; ".join(parts)
+
+
+def wait_app_running(app_name: str, deadline: float, poll_s: float = 1.0) -> None:
+    """Until the Serve application is RUNNING; raises with every deployment's state when it fails
+    to deploy or the monotonic ``deadline`` passes (a stuck replica never hangs the caller)."""
+    from ray import serve
+
+    while True:
+        app = serve.status().applications.get(app_name)
+        status = app.status if app is not None else "NOT_STARTED"
+        if status == "RUNNING":
+            return
+        if status == "DEPLOY_FAILED":
+            raise RuntimeError(f"deploying {app_name} failed: {app_status_text(app_name)}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{app_name} not running in time: {app_status_text(app_name)}")
+        time.sleep(poll_s)
+
+
 def start_cluster(cfg: ClusterConfig, timeout_s: float = 600.0, progress=print) -> RunningCluster:
     import ray
     from ray import serve
@@ -82,9 +112,12 @@ def start_cluster(cfg: ClusterConfig, timeout_s: float = 600.0, progress=print) 
     cluster = RunningCluster(cfg=cfg, base_url=base_url, model_path=model_path, started_ray=started_ray,
                              cold_start_s=0.0)
     try:
-        serve.run(build_app(cfg, model_path), name=cfg.app_name, route_prefix="/", blocking=False)
+        # serve.run would wait for RUNNING without a bound; deploy, then wait with our deadline
+        serve.run_many([serve.RunTarget(build_app(cfg, model_path), name=cfg.app_name, route_prefix="/")],
+                       wait_for_applications_running=False)
+        wait_app_running(cfg.app_name, t0 + timeout_s)
         progress("[pdserve] engines loaded; waiting for health")
-        wait_healthy(base_url, timeout_s, progress=None)
+        wait_healthy(base_url, max(5.0, t0 + timeout_s - time.monotonic()), progress=None)
     except BaseException:
         cluster.stop()
         raise

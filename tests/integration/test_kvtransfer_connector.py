@@ -241,16 +241,6 @@ class TestSlabHandoffBlock128:
         assert time.monotonic() - t0 >= HANDOFF_TIMEOUT_S - 1.5       # not freed early
 
 
-class TestSlabHandoffBlock32:
-    def test_greedy_equals_colocated(self, engines, reference, prompts):
-        engines.stop("p128", "d128")
-        engines.start("d32", 32, "1")
-        outs, slabs, delta = _run_pd(engines["p32"], engines["d32"], prompts)
-        assert outs == reference
-        assert not delta["failures"] and delta["num_descriptors"] == sum(slabs)
-        assert slabs == [-(-len(p) // 128) for p in prompts]           # 4 blocks of 32 per slab
-
-
 class TestPushMode:
     def test_push_greedy_equals_colocated(self, engines, uncompressed_128, reference, prompts):
         """Push: each decode request goes out BEFORE its prefill, naming the prefill's agent; the
@@ -279,3 +269,13 @@ class TestPushMode:
         assert after_p.get("num_released_by_timeout", 0) == before_p.get("num_released_by_timeout", 0)
         assert after_p.get("num_released_by_notification", 0) - before_p.get("num_released_by_notification", 0) == 3
         assert after_d["wire_bytes"] - before_d.get("wire_bytes", 0) > 0                # bytes arrived by WRITE
+
+
+class TestSlabHandoffBlock32:
+    def test_greedy_equals_colocated(self, engines, reference, prompts):
+        engines.stop("p128", "d128")
+        engines.start("d32", 32, "1")
+        outs, slabs, delta = _run_pd(engines["p32"], engines["d32"], prompts)
+        assert outs == reference
+        assert not delta["failures"] and delta["num_descriptors"] == sum(slabs)
+        assert slabs == [-(-len(p) // 128) for p in prompts]           # 4 blocks of 32 per slab
