@@ -159,23 +159,20 @@ def run_connector(kind: str, model: str, sizes: list[int], reps: int, logdir: Pa
                            "decode_request_s": d_out["latency_s"],
                            # prefill submitted -> decode's token back, as the caller sees it
                            "end_to_end_s": time.perf_counter() - t0}
-                    if kind == "slab" and mode == "push":
+                    if kind == "slab":
                         d_stats, seen_d = _new_stats(decode, kind, seen_d)
                         p_stats, seen_p = _new_stats(prefill, kind, seen_p)
-                        row.update(descriptors=-(-size // 128), pack_s=p_stats["pack_s"][-1],
-                                   failures=d_stats["failures"],
-                                   raw_bytes=-(-size // BLOCK_SIZE) * BLOCK_SIZE * 30 * 3 * 128 * 4)
-                    elif kind == "slab":
-                        d_stats, seen_d = _new_stats(decode, kind, seen_d)
-                        p_stats, seen_p = _new_stats(prefill, kind, seen_p)
-                        row.update(descriptors=len(p_out["kv_transfer_params"]["slab_handoff"]["slabs"]),
-                                   pack_s=p_stats["pack_s"][-1], transfer_s=d_stats["transfer_s"][-1],
-                                   read_scatter_s=d_stats["handoff_s"][-1],
-                                   connector_handoff_s=p_stats["pack_s"][-1] + d_stats["handoff_s"][-1],
+                        # the decode's counter is cumulative over pull AND push handoffs
+                        row.update(pack_s=p_stats["pack_s"][-1], failures=d_stats["failures"],
                                    wire_bytes=d_stats["wire_bytes"] - sum(r.get("wire_bytes", 0) for r in rows
                                                                            if r["connector"] == "slab"),
-                                   failures=d_stats["failures"])
-                        row["raw_bytes"] = -(-size // BLOCK_SIZE) * BLOCK_SIZE * 30 * 3 * 128 * 4
+                                   raw_bytes=-(-size // BLOCK_SIZE) * BLOCK_SIZE * 30 * 3 * 128 * 4)
+                        if mode == "push":
+                            row["descriptors"] = -(-size // 128)
+                        else:
+                            row.update(descriptors=len(p_out["kv_transfer_params"]["slab_handoff"]["slabs"]),
+                                       transfer_s=d_stats["transfer_s"][-1], read_scatter_s=d_stats["handoff_s"][-1],
+                                       connector_handoff_s=p_stats["pack_s"][-1] + d_stats["handoff_s"][-1])
                     else:
                         recs, seen_d = _new_stats(decode, kind, seen_d)
                         row.update(descriptors=sum(sum(r["num_descriptors"]) for r in recs),
@@ -206,7 +203,7 @@ def summarize(rows: list[dict], memcpy: float, sizes: list[int]) -> dict:
             e = {"n": len(rs), "end_to_end_p50_s": _pct([r["end_to_end_s"] for r in rs], 0.5),
                  "end_to_end_p99_s": _pct([r["end_to_end_s"] for r in rs], 0.99)}
             if mode == "push":
-                entry["slab-push-none"] = e
+                entry["slab-push-none"] = {**e, "wire_bytes": statistics.median(r["wire_bytes"] for r in rs)}
                 continue
             e.update({"descriptors_per_handoff": statistics.median(r["descriptors"] for r in rs),
                  "wire_bytes": statistics.median(r["wire_bytes"] for r in rs),
