@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,9 +46,9 @@ VOCAB = 49152
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from kvtransfer.ports import free_port
+
+    return free_port("127.0.0.1")
 
 
 def memcpy_gbps(nbytes: int = 256 << 20, reps: int = 5) -> float:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 import threading
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 from nixl._api import nixl_agent, nixl_agent_config
 
+from kvtransfer.ports import free_port
 from kvtransfer.transport import Desc, TransferState
 
 logger = logging.getLogger(__name__)
@@ -42,12 +42,6 @@ class _DelayedBindings:
     def nixlAgent(self, name, config):
         config.pthrDelay = self._delay_us
         return self._real.nixlAgent(name, config)
-
-
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def build_agent(name: str, port: int, delay_us: int) -> nixl_agent:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -34,9 +33,9 @@ SMOKE_MULTI_TURN = "multi-turn:n=4,turns=2,system_tokens=64,turn_tokens=16,outpu
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from kvtransfer.ports import free_port as pick
+
+    return pick("127.0.0.1")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

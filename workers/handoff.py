@@ -9,10 +9,10 @@ next request.
 
 from __future__ import annotations
 
-import socket
 import uuid
 from typing import Any, Mapping, Protocol
 
+from kvtransfer.ports import free_port
 from workers.config import KvHandoffConfig
 from workers.kv_params import KvHandoff, prefill_request_params, push_prefill_params
 
@@ -34,12 +34,6 @@ class HandoffBackend(Protocol):
 
     def handoff_from_output(self, params: Mapping[str, Any] | None) -> KvHandoff | None:
         """The typed handoff from a finished prefill's output params (None: nothing to hand off)."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class _RemotePrefillParams:

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import re
-import socket
 import time
 
 import httpx
 
+from kvtransfer.ports import free_port  # noqa: F401  (re-exported: outside the ephemeral range)
 from serve.config import DEFAULT_CONFIG, ClusterConfig
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cluster_config(port: int, decode_replicas: int = 1, dtype: str | None = None, **router) -> ClusterConfig:

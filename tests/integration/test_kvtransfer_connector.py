@@ -65,11 +65,9 @@ def _slab_config(**extra) -> dict:
 
 
 def _free_port() -> int:
-    import socket
+    from kvtransfer.ports import free_port
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_port("127.0.0.1")
 
 
 def _env(core: str) -> dict[str, str]:
