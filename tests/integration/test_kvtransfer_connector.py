@@ -26,6 +26,7 @@ import time
 import pytest
 
 from kvtransfer.harness import EngineProcess
+from kvtransfer.int4_study import TEST_PROMPTS
 from tests.conftest import REPO
 from tests.integration.cluster_utils import wait_for
 
@@ -34,16 +35,8 @@ pytestmark = pytest.mark.integration
 GREEDY_TOKENS = 32
 DTYPE = "float32"
 HANDOFF_TIMEOUT_S = 6.0
-# ~100-600 prompt tokens after the chat template
-PROMPTS = [
-    "Explain in two sentences why the sky is blue. " + "Be precise and concise. " * 12,
-    "Summarise this list: " + " ".join(f"Item {i} is a small red box placed on shelf {i % 7}." for i in range(18)),
-    "Continue the story: " + " ".join(f"On day {i} the traveller crossed river {i % 5} and met a {['fox', 'crow', 'bear'][i % 3]}."
-                                      for i in range(26)),
-    "Answer the last question. " + " ".join(f"Question {i}: what is {i} plus {2 * i}? Answer: {3 * i}." for i in range(28)),
-    "Describe the table: " + " ".join(f"Row {i}: city {['Paris', 'Rome', 'Oslo', 'Lima'][i % 4]}, "
-                                      f"population {1000 + 37 * i}, rainfall {i % 9} mm." for i in range(30)),
-]
+# ~100-600 prompt tokens after the chat template; shared with the offline study (kvtransfer/int4_study.py)
+PROMPTS = TEST_PROMPTS
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +192,8 @@ class TestSlabHandoffBlock128:
         assert ratio <= 0.3
         # NOT MET: the target is >= 90%. Plain group-wise int4 measured 2/5 prompts here; the
         # Hadamard rotation (kvtransfer/codec.py) lifts it (see the printed rate). This guard only
-        # catches regressions below the rotated codec's measured level.
+        # catches regressions below the rotated codec's measured level. The offline study
+        # (kvtransfer/int4_study.py) compares codec variants on these and 15 chat prompts.
         assert agree >= 0.6
 
     def test_unreachable_prefill_recomputes(self, engines, uncompressed_128, reference, prompts):
