@@ -117,7 +117,8 @@ def start_cluster(cfg: ClusterConfig, timeout_s: float = 600.0, progress=print) 
                        wait_for_applications_running=False)
         wait_app_running(cfg.app_name, t0 + timeout_s)
         progress("[pdserve] engines loaded; waiting for health")
-        wait_healthy(base_url, max(5.0, t0 + timeout_s - time.monotonic()), progress=None)
+        # the rest of the budget, at least a minute for the warm-up requests once replicas run
+        wait_healthy(base_url, max(60.0, t0 + timeout_s - time.monotonic()), progress=None)
     except BaseException:
         cluster.stop()
         raise

@@ -113,3 +113,47 @@ def test_metrics_render_worker_stats():
     assert 'pdserve_kv_handoff_bytes_total{pool="decode"} 1024.0' in text
     assert 'pdserve_engine_prompt_tokens_total{endpoint="d1",pool="decode",source="external_kv_transfer"} 40.0' in text
     assert "pdserve_kv_handoff_duration_seconds_count 2.0" in text
+
+
+class TestStartupWait:
+    """serve/runner.wait_app_running over a FAKE ``serve.status()`` (scripted application states)."""
+
+    @staticmethod
+    def _fake_status(monkeypatch, states):
+        from types import SimpleNamespace
+
+        from ray import serve
+
+        seq = iter(states)
+
+        def status():
+            st = next(seq, states[-1])
+            dep = SimpleNamespace(status="UPDATING", replica_states={"STARTING": 1, "RUNNING": 1},
+                                  message="1 replica taking long to initialize")
+            return SimpleNamespace(applications={"app": SimpleNamespace(status=st, message="",
+                                                                        deployments={"pool-decode": dep})})
+        monkeypatch.setattr(serve, "status", status)
+
+    def test_returns_once_running(self, monkeypatch):
+        from serve.runner import wait_app_running
+
+        self._fake_status(monkeypatch, ["DEPLOYING", "DEPLOYING", "RUNNING"])
+        wait_app_running("app", deadline=float("inf"), poll_s=0)
+
+    def test_deploy_failed_raises_with_deployment_states(self, monkeypatch):
+        from serve.runner import wait_app_running
+
+        self._fake_status(monkeypatch, ["DEPLOYING", "DEPLOY_FAILED"])
+        with pytest.raises(RuntimeError, match="pool-decode UPDATING replicas=.*STARTING"):
+            wait_app_running("app", deadline=float("inf"), poll_s=0)
+
+    def test_stuck_replica_times_out_instead_of_hanging(self, monkeypatch):
+        import time
+
+        from serve.runner import wait_app_running
+
+        self._fake_status(monkeypatch, ["DEPLOYING"])
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match="not running in time: .*taking long to initialize"):
+            wait_app_running("app", deadline=time.monotonic() + 0.2, poll_s=0.01)
+        assert time.monotonic() - t0 < 5
