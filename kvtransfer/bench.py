@@ -39,16 +39,11 @@ from typing import Any
 import torch
 
 from kvtransfer.harness import EngineProcess
+from kvtransfer.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 BLOCK_SIZE = 32
 VOCAB = 49152
-
-
-def _free_port() -> int:
-    from kvtransfer.ports import free_port
-
-    return free_port("127.0.0.1")
 
 
 def memcpy_gbps(nbytes: int = 256 << 20, reps: int = 5) -> float:
@@ -87,11 +82,11 @@ def _start_pair(kind: str, model: str, max_model_len: int, logdir: Path) -> tupl
     for role, core in (("prefill", "0"), ("decode", "1")):
         env = {"VLLM_CPU_OMP_THREADS_BIND": core, "VLLM_CPU_KVCACHE_SPACE": "2", "UCX_TLS": "tcp,self,sm",
                "PYTHONPATH": str(REPO), "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
-               "VLLM_NIXL_SIDE_CHANNEL_PORT": str(_free_port()), "PDSERVE_NIXL_PROGRESS_DELAY_US": "1000",
+               "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()), "PDSERVE_NIXL_PROGRESS_DELAY_US": "1000",
                "PDSERVE_MQ_BUSY_LOOP_S": "0"}  # as the cluster's engines (workers/vllm_plugin.py)
         opts = {"name": f"{kind}-{role}", "model": model, "block_size": BLOCK_SIZE, "max_model_len": max_model_len,
                 "dtype": "float32", "max_num_batched_tokens": max_model_len,
-                "kv_transfer_config": _kv_config(kind, f"kvbench-{kind}-{role}", _free_port())}
+                "kv_transfer_config": _kv_config(kind, f"kvbench-{kind}-{role}", free_port())}
         pair.append(EngineProcess(opts, env, str(logdir / f"{kind}-{role}.log"), str(REPO), wait=False))
     return pair[0].wait_ready(), pair[1].wait_ready()
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 
+from kvtransfer.ports import free_port
 from loadtests import report, workloads
 from loadtests.closedloop import run_closed_loop
 from loadtests.openloop import run_open_loop
@@ -30,12 +31,6 @@ from loadtests.timeline import prefix_cache_hit_rate
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 SMOKE_MULTI_TURN = "multi-turn:n=4,turns=2,system_tokens=64,turn_tokens=16,output_tokens=8,think_s=0"
-
-
-def free_port() -> int:
-    from kvtransfer.ports import free_port as pick
-
-    return pick("127.0.0.1")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

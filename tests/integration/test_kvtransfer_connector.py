@@ -27,6 +27,7 @@ import pytest
 
 from kvtransfer.harness import EngineProcess
 from kvtransfer.int4_study import TEST_PROMPTS
+from kvtransfer.ports import free_port
 from tests.conftest import REPO
 from tests.integration.cluster_utils import wait_for
 
@@ -57,12 +58,6 @@ def _slab_config(**extra) -> dict:
                                           "ucx_tls": "tcp,self,sm", **extra}}
 
 
-def _free_port() -> int:
-    from kvtransfer.ports import free_port
-
-    return free_port("127.0.0.1")
-
-
 def _env(core: str) -> dict[str, str]:
     return {"VLLM_CPU_OMP_THREADS_BIND": core, "VLLM_CPU_KVCACHE_SPACE": "1", "UCX_TLS": "tcp,self,sm",
             "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",
@@ -80,7 +75,7 @@ class Engines:
 
     def start(self, name: str, block_size: int, core: str) -> None:
         assert len(self.procs) < 3, sorted(self.procs)
-        port = _free_port()
+        port = free_port()
         # a known agent name and port: push-mode decode requests name their prefill's agent up front
         self.agents[name] = {"engine_id": f"kvt-{name}", "host": "127.0.0.1", "port": port}
         opts = {"name": name, "model": self.model_dir, "block_size": block_size, "max_model_len": 2048,
@@ -237,7 +232,11 @@ class TestPushMode:
     def test_push_greedy_equals_colocated(self, engines, uncompressed_128, reference, prompts):
         """Push: each decode request goes out BEFORE its prefill, naming the prefill's agent; the
         decode reserves a range, the prefill WRITEs its slabs there. Output equals the colocated run."""
-        from kvtransfer.metadata import SlabPush, decode_push_params, prefill_push_params
+        from kvtransfer.metadata import (
+            SlabPush,
+            decode_push_params,
+            prefill_push_params,
+        )
 
         pre_eng, dec_eng = engines["p128"], engines["d128"]
         before_d, before_p = _connector(dec_eng), _connector(pre_eng)
