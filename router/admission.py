@@ -17,7 +17,8 @@ its departures roughly cancel over a request's life), so a long ``max_tokens`` p
 router's own accounting, in uncached tokens) at the fitted prefill rate.
 
 Tiers: each tier has a reserved fraction of the pool's queueing budget (the TTFT SLO). A tier may
-fill the queue only up to the sum of the fractions of itself and every LOWER-priority tier, so
+fill the queue (counting the request's own prefill) only up to the sum of the fractions of itself and
+every LOWER-priority tier, so
 lower tiers never take a higher tier's reserved share and, as the queue grows, the lowest tiers
 are shed first. Outcomes:
 
@@ -108,10 +109,12 @@ def decide(tier: str, tiers: Mapping[str, TierPolicy], model: CostModel, *, queu
         return Rejection(reason="overload_ttft", status_code=503,
                          retry_after_s=_retry(ttft - top_ttft, min_retry_after_s),
                          message=f"prefill queue is full (predicted time to first token {ttft:.1f} s); retry later")
-    # the tier's share of the queueing budget, and its own SLO
+    # the tier's share of the queueing budget (the queue as it would be with this request in it, so a
+    # lower tier's last admission cannot spill into a higher tier's share), and its own SLO
     budget = usable_fraction(tier, tiers) * pol.ttft_s
-    if not idle and (wait > budget or ttft > pol.ttft_s) or (tpot > pol.tpot_s and not decode_idle):
-        over = max(wait - budget, ttft - pol.ttft_s, 0.0)
+    queue_after = wait + model.prefill_s(uncached_tokens) * model.ttft_bias
+    if not idle and (queue_after > budget or ttft > pol.ttft_s) or (tpot > pol.tpot_s and not decode_idle):
+        over = max(queue_after - budget, ttft - pol.ttft_s, 0.0)
         return Rejection(reason="tier_quota", status_code=429, retry_after_s=_retry(over, min_retry_after_s),
                          message=f"capacity for tier '{tier}' is exhausted; retry later or use a higher tier")
     cap = None

@@ -93,11 +93,13 @@ class TestAdmission:
         assert a.predicted_tpot_s == pytest.approx(0.1, rel=0.01) and a.queue_wait_s == 0
 
     @pytest.mark.parametrize("queued,tier,expected", [   # 250 tok/s; the request adds 25 tokens + 1 step = 0.2 s
-        (500, "free", "admit"),             # wait 2.0 s <= 0.6 x 4 s
-        (650, "free", "tier_quota"),        # wait 2.6 s > 2.4 s: free is shed first
-        (650, "standard", "admit"),         # 2.6 s <= 0.9 x 4 s
-        (880, "standard", "admit"),         # 3.52 s <= 3.6 s, TTFT 3.72 s
-        (920, "standard", "tier_quota"),    # 3.68 s > 3.6 s, though TTFT 3.88 s would meet the SLO
+        (500, "free", "admit"),             # queue with it 2.0 + 0.1 s <= 0.6 x 4 s
+        (570, "free", "admit"),             # 2.28 + 0.1 s <= 2.4 s
+        (590, "free", "tier_quota"),        # 2.36 + 0.1 s > 2.4 s: its own prefill would spill into
+                                            # the higher tiers' share; free is shed first
+        (650, "standard", "admit"),         # 2.6 + 0.1 s <= 0.9 x 4 s
+        (870, "standard", "admit"),         # 3.48 + 0.1 s <= 3.6 s, TTFT 3.68 s
+        (880, "standard", "tier_quota"),    # 3.52 + 0.1 s > 3.6 s, though TTFT 3.72 s would meet the SLO
         (920, "premium", "admit"),          # premium may use the whole budget
         (940, "premium", "admit"),          # TTFT 3.96 s
         (960, "premium", "overload_ttft"),  # TTFT 4.04 s > 4 s for every tier
@@ -159,11 +161,14 @@ class TestCalibrationBias:
         biased = decide("free", TIERS, m, queued_prefill_tokens=0, uncached_tokens=500, decode_batch=0)
         assert biased.predicted_ttft_s == pytest.approx(1.5 * base.predicted_ttft_s)
         # 1 s queue + 2.1 s = 3.1 s fits the 4 s SLO; x1.5 = 4.65 s does not: the same queue is refused
-        d = decide("free", TIERS, m, queued_prefill_tokens=250, uncached_tokens=500, decode_batch=0)
+        d = decide("standard", TIERS, m, queued_prefill_tokens=250, uncached_tokens=500, decode_batch=0)
         assert isinstance(d, Rejection) and d.reason == "overload_ttft"
         m.ttft_bias = 1.0
-        assert isinstance(decide("free", TIERS, m, queued_prefill_tokens=250, uncached_tokens=500, decode_batch=0),
-                          Admission)
+        assert isinstance(decide("standard", TIERS, m, queued_prefill_tokens=250, uncached_tokens=500,
+                                 decode_batch=0), Admission)
+        # free may fill 2.4 s: 1 s queued + its own 2 s prefill would take 0.6 s of the higher tiers' share
+        d = decide("free", TIERS, m, queued_prefill_tokens=250, uncached_tokens=500, decode_batch=0)
+        assert isinstance(d, Rejection) and d.reason == "tier_quota" and d.status_code == 429
 
 
 class TestDecodeThrottle:
