@@ -74,6 +74,11 @@ class Admission:
     max_new_tokens: int | None = None   # set when decode throttling capped the request
 
 
+def engine_priority(tier: TierPolicy) -> int:
+    """The vLLM request priority of a tier's requests (vLLM serves lower values first)."""
+    return -tier.priority
+
+
 def usable_fraction(tier: str, tiers: Mapping[str, TierPolicy]) -> float:
     """Share of the queueing budget a tier may fill: its own reservation plus all lower tiers'."""
     me = tiers[tier]

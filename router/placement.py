@@ -10,7 +10,8 @@ a ``PrefixIndex`` and per-pool ``CostModel``s owned by the caller, who records w
 3. Prefill placement: local (on the decode replica) when its uncached part is short or its cached
    share is high; otherwise the prefill replica with the longest cached prefix among those whose
    queue has room (then least queued). No prefill replica with room -> local.
-4. Admission (``router.admission.decide``) on the chosen replicas, per QoS tier.
+4. Admission (``router.admission.decide``) on the chosen replicas, per QoS tier; the queue a request
+   waits behind is what its engine serves before it (``EndpointState.prefill_tokens_ahead``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import random
 from typing import Mapping, Sequence
 
-from router.admission import Admission, DecodeThrottle, TierPolicy, decide
+from router.admission import Admission, DecodeThrottle, TierPolicy, decide, engine_priority
 from router.config import RouterConfig
 from router.cost_model import CostModel, CostPrior
 from router.prefix_index import PrefixIndex
@@ -105,7 +106,8 @@ class SloAwarePolicy:
         tier = req.tier if req.tier in self.tiers else self.cfg.default_tier
         target = prefill or decode
         verdict = decide(tier, self.tiers, self.model(target.pool),
-                         queued_prefill_tokens=target.queued_prefill_tokens, uncached_tokens=uncached,
+                         queued_prefill_tokens=target.prefill_tokens_ahead(engine_priority(self.tiers[tier])),
+                         uncached_tokens=uncached,
                          decode_batch=decode.load, decode_model=self.model(decode.pool),
                          decode_idle=decode.in_flight == 0,
                          min_retry_after_s=self.cfg.admission.min_retry_after_s,

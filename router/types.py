@@ -46,12 +46,25 @@ class EndpointState:
     kv_capacity_tokens: int = 0      # the engine's KV cache size in tokens (0 = not reported yet)
     in_flight: int = 0               # requests this router dispatched and has not seen finish
     queued_prefill_tokens: int = 0   # uncached prompt tokens dispatched here for prefill, not yet done
+    # the same split by engine priority (vLLM semantics, lower first): ((priority, tokens), ...)
+    queued_prefill_by_priority: tuple[tuple[int, int], ...] = ()
+    priority_step_tokens: int = 0    # 0: the engine schedules in arrival order (see prefill_tokens_ahead)
     updated_s: float = 0.0
 
     @property
     def context_tokens(self) -> int:
         """KV tokens its running requests hold (what a decode step attends over)."""
         return int(self.kv_usage * self.kv_capacity_tokens)
+
+    def prefill_tokens_ahead(self, priority: int) -> int:
+        """Queued prefill tokens a new request of engine ``priority`` waits for. Arrival order: all of
+        them. Priority scheduling: those of equal or higher priority (ties go in arrival order), plus
+        lower-priority work the engine has already taken into its running batch, which it does not
+        preempt for a new arrival: at most one step's token budget."""
+        if not self.priority_step_tokens or not self.queued_prefill_by_priority:
+            return self.queued_prefill_tokens
+        ahead = sum(t for p, t in self.queued_prefill_by_priority if p <= priority)
+        return ahead + min(self.queued_prefill_tokens - ahead, self.priority_step_tokens)
 
     @property
     def load(self) -> int:

@@ -8,7 +8,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 from pydantic import BaseModel, ValidationError
 
@@ -47,15 +47,16 @@ class RequestAdapter:
     """Turns validated bodies into jobs. Holds the tokenizer; knows the served model and limits."""
 
     def __init__(self, tokenizer: Any, served_model: str, max_model_len: int, default_tier: str,
-                 known_tiers: frozenset[str], block_size: int = 128, share_prefix_across_tenants: bool = False
-                 ) -> None:
+                 known_tiers: Mapping[str, int] | frozenset[str], block_size: int = 128,
+                 share_prefix_across_tenants: bool = False) -> None:
+        """``known_tiers``: tier -> its QoS priority (higher is served first; a plain set = all 0)."""
         self._tok = tokenizer
         self.block_size = block_size
         self.share_prefix = share_prefix_across_tenants
         self.served_model = served_model
         self.max_model_len = max_model_len
         self._default_tier = default_tier
-        self._tiers = known_tiers
+        self._tiers = dict(known_tiers) if isinstance(known_tiers, Mapping) else dict.fromkeys(known_tiers, 0)
 
     def check_model(self, model: str) -> None:
         if model != self.served_model:
@@ -142,9 +143,12 @@ class RequestAdapter:
             frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
             ignore_eos=body.ignore_eos)
         salt = self.cache_salt(tenant_header or body.user)
+        tier = self.tier(tier_header)
         desc = RequestDescriptor(request_id=rid, model=body.model, num_prompt_tokens=len(ids),
-                                 max_new_tokens=max_new, tier=self.tier(tier_header), arrival_s=time.time(),
+                                 max_new_tokens=max_new, tier=tier, arrival_s=time.time(),
                                  block_hashes=block_keys(ids, self.block_size, salt))
-        job = GenerationJob(desc=desc, prompt_token_ids=tuple(ids), sampling=sampling, cache_salt=salt)
+        # vLLM serves lower priority values first
+        job = GenerationJob(desc=desc, prompt_token_ids=tuple(ids), sampling=sampling, cache_salt=salt,
+                            priority=-self._tiers[tier])
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
         return ParsedRequest(kind=kind, body=body, job=job, response_id=prefix + rid, created_s=int(time.time()))

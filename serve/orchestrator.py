@@ -38,6 +38,7 @@ class GenerationJob:
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingSpec
     cache_salt: str | None = None
+    priority: int = 0          # engine scheduling priority, vLLM semantics (lower first): -tier priority
 
 
 def rejection_to_error(r: Rejection) -> ApiError:
@@ -58,6 +59,7 @@ class Orchestrator:
         self._clock = clock
         self._in_flight: collections.Counter[str] = collections.Counter()
         self._queued_tokens: collections.Counter[str] = collections.Counter()  # prefill work dispatched
+        self._queued_by_priority: collections.Counter[tuple[str, int]] = collections.Counter()
         self._index = getattr(policy, "index", None)          # prefix-aware policies expose theirs
         # slab push mode (None = pull): decode requests go out with their prefill, naming its agent
         self._push_compression = push_compression
@@ -69,7 +71,7 @@ class Orchestrator:
 
     # -- step 1: route ---------------------------------------------------------------------
     def snapshot(self, exclude: frozenset[str] = frozenset()) -> PoolSnapshot:
-        snap = self._directory.snapshot(self._in_flight, self._queued_tokens)
+        snap = self._directory.snapshot(self._in_flight, self._queued_tokens, self.queued_by_priority())
         if exclude:
             snap.endpoints = [e for e in snap.endpoints if e.endpoint_id not in exclude]
         return snap
@@ -105,7 +107,7 @@ class Orchestrator:
         if target is None:
             return None
         req = PrefillRequest(request_id=job.desc.request_id, prompt_token_ids=job.prompt_token_ids,
-                             cache_salt=job.cache_salt, push_rendezvous=push_rendezvous)
+                             cache_salt=job.cache_salt, push_rendezvous=push_rendezvous, priority=job.priority)
         t0 = self._clock()
         self._in_flight[target.endpoint_id] += 1
         resp = self._handles[target.pool].prefill.remote(req, endpoint_hint=target.endpoint_id)
@@ -135,7 +137,8 @@ class Orchestrator:
     async def decode(self, job: GenerationJob, target: EndpointState, handoff: KvHandoff | None
                      ) -> AsyncIterator[TokenChunk]:
         req = DecodeRequest(request_id=job.desc.request_id, prompt_token_ids=job.prompt_token_ids,
-                            sampling=job.sampling, handoff=handoff, cache_salt=job.cache_salt)
+                            sampling=job.sampling, handoff=handoff, cache_salt=job.cache_salt,
+                            priority=job.priority)
         self._in_flight[target.endpoint_id] += 1
         gen = self._handles[target.pool].options(stream=True).generate.remote(req, endpoint_hint=target.endpoint_id)
         finished = False
@@ -168,7 +171,8 @@ class Orchestrator:
                                                                        max_tokens=decision.max_new_tokens))
         model_of = getattr(self._policy, "model", None)
         # the prefilling replica's queued work, released once its prefill is done (idempotent)
-        release = self._reserve((decision.prefill or decision.decode).endpoint_id, decision.uncached_tokens)
+        release = self._reserve((decision.prefill or decision.decode).endpoint_id, decision.uncached_tokens,
+                                job.priority)
         produced = False
         push = self._push_handoff(job, decision)
         prefill_task = None
@@ -232,24 +236,35 @@ class Orchestrator:
         rendezvous = f"{job.desc.request_id}-{uuid.uuid4().hex[:8]}"
         return push_decode_handoff(agent, rendezvous, len(job.prompt_token_ids), self._push_compression), rendezvous
 
-    def _reserve(self, endpoint_id: str, tokens: int) -> Callable[[], None]:
-        """Count ``tokens`` of prefill work queued on ``endpoint_id``; returns an idempotent release."""
+    def _reserve(self, endpoint_id: str, tokens: int, priority: int = 0) -> Callable[[], None]:
+        """Count ``tokens`` of prefill work (at engine ``priority``) queued on ``endpoint_id``; returns
+        an idempotent release."""
         if tokens <= 0:
             return lambda: None
+        key = (endpoint_id, priority)
         self._queued_tokens[endpoint_id] += tokens
+        self._queued_by_priority[key] += tokens
         done = False
 
         def release() -> None:
             nonlocal done
             if not done:
                 done = True
-                self._queued_tokens[endpoint_id] -= tokens
-                if self._queued_tokens[endpoint_id] <= 0:
-                    del self._queued_tokens[endpoint_id]
+                for counter, k in ((self._queued_tokens, endpoint_id), (self._queued_by_priority, key)):
+                    counter[k] -= tokens
+                    if counter[k] <= 0:
+                        del counter[k]
         return release
 
     def queued_prefill_tokens(self) -> dict[str, int]:
         return dict(self._queued_tokens)
+
+    def queued_by_priority(self) -> dict[str, tuple[tuple[int, int], ...]]:
+        """endpoint -> ((engine priority, queued prefill tokens), ...), lowest priority value first."""
+        out: dict[str, list[tuple[int, int]]] = {}
+        for (endpoint_id, prio), tokens in sorted(self._queued_by_priority.items()):
+            out.setdefault(endpoint_id, []).append((prio, tokens))
+        return {e: tuple(v) for e, v in out.items()}
 
     def observe(self, stats) -> None:
         """Calibrate the policy's cost models from a replica's drained engine samples."""

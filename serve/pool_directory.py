@@ -16,7 +16,7 @@ from typing import Callable, Mapping, Protocol
 from router.types import EndpointState, PoolSnapshot, Role
 
 # the load an engine reports (WorkerStats fields) that EndpointState mirrors
-LOAD_FIELDS = ("num_running", "num_waiting", "kv_usage", "kv_capacity_tokens")
+LOAD_FIELDS = ("num_running", "num_waiting", "kv_usage", "kv_capacity_tokens", "priority_step_tokens")
 
 
 def load_fields(stats: Mapping) -> dict:
@@ -25,6 +25,7 @@ def load_fields(stats: Mapping) -> dict:
     return {"num_running": int(stats.get("num_running") or 0), "num_waiting": int(stats.get("num_waiting") or 0),
             "kv_usage": float(stats.get("kv_usage") or 0.0),
             "kv_capacity_tokens": int(stats.get("kv_capacity_tokens") or 0),
+            "priority_step_tokens": int(stats.get("priority_step_tokens") or 0),
             "updated_s": float(stats.get("updated_s") or 0.0)}
 
 
@@ -68,15 +69,17 @@ class PoolDirectory:
             self._polled[endpoint_id] = fields
 
     def snapshot(self, in_flight: Mapping[str, int] | None = None,
-                 queued_tokens: Mapping[str, int] | None = None) -> PoolSnapshot:
+                 queued_tokens: Mapping[str, int] | None = None,
+                 queued_by_priority: Mapping[str, tuple[tuple[int, int], ...]] | None = None) -> PoolSnapshot:
         in_flight = in_flight or {}
         queued_tokens = queued_tokens or {}
+        queued_by_priority = queued_by_priority or {}
         now = self._clock()
         with self._lock:
             sources = list(self._sources.values())
             polled = dict(self._polled)
         endpoints = [self._merge(e, polled.get(e.endpoint_id), in_flight.get(e.endpoint_id, 0), now,
-                                 queued_tokens.get(e.endpoint_id, 0))
+                                 queued_tokens.get(e.endpoint_id, 0), queued_by_priority.get(e.endpoint_id, ()))
                      for src in sources for e in src.endpoints()]
         live = {e.endpoint_id for e in endpoints}
         with self._lock:  # forget replicas Serve no longer lists
@@ -85,13 +88,15 @@ class PoolDirectory:
         return PoolSnapshot(endpoints=endpoints, taken_s=now)
 
     def _merge(self, e: EndpointState, polled: Mapping | None, in_flight: int, now: float,
-               queued_tokens: int = 0) -> EndpointState:
+               queued_tokens: int = 0, by_priority: tuple[tuple[int, int], ...] = ()) -> EndpointState:
         if polled is None:  # not polled yet: Serve lists it as running, so it is routable
-            return dataclasses.replace(e, healthy=True, in_flight=in_flight, queued_prefill_tokens=queued_tokens)
+            return dataclasses.replace(e, healthy=True, in_flight=in_flight, queued_prefill_tokens=queued_tokens,
+                                       queued_prefill_by_priority=by_priority)
         load = load_fields(polled)
         fresh = now - load["updated_s"] <= self.stale_s
         return dataclasses.replace(e, healthy=bool(polled.get("healthy", True)) and fresh, in_flight=in_flight,
-                                   queued_prefill_tokens=queued_tokens, **load)
+                                   queued_prefill_tokens=queued_tokens, queued_prefill_by_priority=by_priority,
+                                   **load)
 
 
 def endpoint_from_stats(endpoint_id: str, pool: str, role: Role, stats: Mapping | None) -> EndpointState:

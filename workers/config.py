@@ -90,6 +90,10 @@ class EngineConfig(_Strict):
     tensor_parallel_size: int = Field(1, ge=1)
     pipeline_parallel_size: int = Field(1, ge=1)
     enable_prefix_caching: bool = True
+    scheduling_policy: Literal["fcfs", "priority"] = Field("priority", description="priority: the engine serves "
+                                                           "requests of higher QoS tiers first (vLLM priority "
+                                                           "scheduling, fed the tier's priority); fcfs: arrival "
+                                                           "order")
     dtype: str = "bfloat16"
     enforce_eager: bool = True
     mq_busy_loop_s: float = Field(0.0, ge=0, description="seconds vLLM's engine-core/worker shared-memory "
@@ -109,7 +113,7 @@ class EngineConfig(_Strict):
     @classmethod
     def _no_managed_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
         managed = {"model", "kv_transfer_config", "kv_events_config", "block_size", "max_model_len", "tensor_parallel_size",
-                   "pipeline_parallel_size", "max_num_seqs"}
+                   "pipeline_parallel_size", "max_num_seqs", "scheduling_policy"}
         clash = sorted(managed & set(v))
         if clash:
             raise ValueError(f"engine.extra must not set managed keys {clash}; use the engine fields")

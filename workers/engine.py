@@ -77,6 +77,7 @@ def engine_kwargs(spec: EngineSpec, kv_transfer_config: dict[str, Any] | None) -
         tensor_parallel_size=e.tensor_parallel_size,
         pipeline_parallel_size=e.pipeline_parallel_size,
         enable_prefix_caching=e.enable_prefix_caching,
+        scheduling_policy=e.scheduling_policy,
         dtype=e.dtype,
         enforce_eager=e.enforce_eager,
         disable_log_stats=False,
@@ -165,7 +166,8 @@ class EngineWrapper:
         t0 = time.monotonic()
         final = None
         cached = 0
-        async for out in self._generate(req.request_id, req.prompt_token_ids, sampling, req.cache_salt):
+        async for out in self._generate(req.request_id, req.prompt_token_ids, sampling, req.cache_salt,
+                                        req.priority):
             cached = out.num_cached_tokens or cached
             final = out
         if final is None:
@@ -180,14 +182,15 @@ class EngineWrapper:
         extra = {"kv_transfer_params": req.handoff.to_kv_transfer_params()} if req.handoff else None
         sampling = to_sampling_params(req.sampling, extra_args=extra)
         first = True
-        async for out in self._generate(req.request_id, req.prompt_token_ids, sampling, req.cache_salt):
+        async for out in self._generate(req.request_id, req.prompt_token_ids, sampling, req.cache_salt,
+                                        req.priority):
             c = out.outputs[0]
             yield TokenChunk(text=c.text, token_ids=tuple(c.token_ids), finish_reason=c.finish_reason,
                              num_cached_tokens=out.num_cached_tokens if first else None,
                              endpoint_id=self.endpoint_id)
             first = False
 
-    async def _generate(self, request_id: str, prompt_token_ids, sampling, cache_salt):
+    async def _generate(self, request_id: str, prompt_token_ids, sampling, cache_salt, priority: int = 0):
         from vllm.inputs import TokensPrompt
 
         prompt = TokensPrompt(prompt_token_ids=list(prompt_token_ids))
@@ -195,7 +198,9 @@ class EngineWrapper:
             prompt["cache_salt"] = cache_salt
         finished = False
         try:
-            async for out in self.engine.generate(prompt, sampling, request_id):
+            # vLLM refuses a priority on an arrival-order engine
+            prio = priority if self.spec.pool.engine.scheduling_policy == "priority" else 0
+            async for out in self.engine.generate(prompt, sampling, request_id, priority=prio):
                 finished = out.finished
                 yield out
         finally:

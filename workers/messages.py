@@ -32,6 +32,7 @@ class PrefillRequest:
     prompt_token_ids: tuple[int, ...]
     cache_salt: str | None = None
     push_rendezvous: str | None = None   # slab push mode: the decode request reserving for this prefill
+    priority: int = 0                    # vLLM semantics: lower is served first (= -QoS tier priority)
 
     def __repr__(self) -> str:
         return f"PrefillRequest(id={self.request_id}, prompt_tokens={len(self.prompt_token_ids)})"
@@ -54,6 +55,7 @@ class DecodeRequest:
     sampling: SamplingSpec
     handoff: KvHandoff | None = None  # None => prefill locally on the decode engine
     cache_salt: str | None = None
+    priority: int = 0                 # vLLM semantics: lower is served first (= -QoS tier priority)
 
     def __repr__(self) -> str:
         return (f"DecodeRequest(id={self.request_id}, prompt_tokens={len(self.prompt_token_ids)}, "
@@ -84,6 +86,9 @@ class WorkerStats:
     num_waiting: int = 0
     kv_usage: float = 0.0
     kv_capacity_tokens: int = 0               # the engine's KV cache size in tokens (blocks x block size)
+    # 0: the engine schedules in arrival order; else it serves lower vLLM priority values first, after
+    # at most this many tokens of lower-priority work already in its running batch (its step budget)
+    priority_step_tokens: int = 0
     prompt_tokens_total: int = 0
     prompt_tokens_computed: int = 0
     prompt_tokens_local_cache_hit: int = 0

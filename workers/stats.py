@@ -41,6 +41,14 @@ class EngineStatsCollector(StatLoggerBase):
         blocks, size = getattr(cache, "num_gpu_blocks", None), getattr(cache, "block_size", None)
         return int(blocks) * int(size) if blocks and size else 0
 
+    def priority_step_tokens(self) -> int:
+        """0 for an arrival-order engine; else the token budget of one of its steps (a higher-priority
+        arrival waits at most for the lower-priority work already in the running batch)."""
+        sched = getattr(self._vllm_config, "scheduler_config", None)
+        if str(getattr(sched, "policy", "fcfs")).lower().rsplit(".", 1)[-1] != "priority":
+            return 0
+        return int(getattr(sched, "max_num_batched_tokens", 0) or 0)
+
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
         with self._lock:
             s = self._stats
@@ -123,5 +131,6 @@ class EngineStatsCollector(StatLoggerBase):
                 d["kv_transfer_durations_s"], d["prefill_samples"], d["decode_samples"] = [], [], []
         # updated_s = when the replica answered (it is alive), not when the engine last logged:
         # an idle engine logs nothing and must not look stale.
-        d.update(endpoint_id=endpoint_id, pool=pool, role=role, healthy=healthy, updated_s=time.time())
+        d.update(endpoint_id=endpoint_id, pool=pool, role=role, healthy=healthy, updated_s=time.time(),
+                 priority_step_tokens=self.priority_step_tokens())
         return WorkerStats.from_dict(d)

@@ -26,6 +26,24 @@ class TestPoolDirectory:
         (e,) = d.snapshot({"a": 7}).endpoints
         assert (e.num_running, e.num_waiting, e.kv_usage, e.in_flight, e.load) == (3, 2, 0.5, 7, 7)
 
+    def test_queued_work_by_priority_and_the_engines_step_budget(self):
+        from serve.orchestrator import Orchestrator
+
+        d = PoolDirectory(clock=lambda: 100.0)
+        d.register("decode", FakeSource("a"))
+        d.update_stats("a", {"healthy": True, "priority_step_tokens": 2048, "updated_s": 99.0})
+        orch = Orchestrator({}, policy=None, directory=d, metrics=None)
+        free = [orch._reserve("a", 300, priority=-10), orch._reserve("a", 200, priority=-10)]
+        premium = orch._reserve("a", 50, priority=-100)
+        (e,) = orch.snapshot().endpoints
+        assert (e.queued_prefill_tokens, e.queued_prefill_by_priority) == (550, ((-100, 50), (-10, 500)))
+        assert e.priority_step_tokens == 2048 and e.prefill_tokens_ahead(-100) == 550
+        premium(), premium(), free[0]()                   # releases are idempotent
+        (e,) = orch.snapshot().endpoints
+        assert (e.queued_prefill_tokens, e.queued_prefill_by_priority) == (200, ((-10, 200),))
+        free[1]()
+        assert orch.queued_prefill_tokens() == {} and orch.queued_by_priority() == {}
+
     def test_stale_polls_make_unhealthy(self):
         now = [100.0]
         d = PoolDirectory(clock=lambda: now[0], stale_s=10.0)

@@ -1,5 +1,6 @@
 """router/placement.py: prefix-aware scoring, conditional disaggregation, admission wiring (pure)."""
 
+import dataclasses
 import random
 
 import pytest
@@ -97,6 +98,22 @@ class TestAdmissionWiring:
         premium = pol.route(req(100, tier="premium"), snap)   # TTFT: queue + prefill + decode's first step
         assert isinstance(free, Rejection) and free.status_code == 429 and free.retry_after_s >= 1
         assert not isinstance(premium, Rejection) and premium.predicted_ttft_s == pytest.approx(1.83 + 0.10, rel=0.05)
+
+    def test_priority_engine_premium_waits_only_for_its_share_of_the_queue(self):
+        # 1,500 free tokens queued (5 s at the prior's 300 tok/s): an arrival-order engine would make
+        # premium wait behind all of it (503); a priority engine serves premium after the step in
+        # progress (budget 256 tokens, ~0.85 s), so premium is admitted and free still shed
+        by_prio = ((-100, 0), (-10, 1500))
+        fcfs = PoolSnapshot([ep("D1", Role.DECODE), dataclasses.replace(
+            ep("P1", Role.PREFILL, queued=1500), queued_prefill_by_priority=by_prio)])
+        prio = PoolSnapshot([ep("D1", Role.DECODE), dataclasses.replace(
+            ep("P1", Role.PREFILL, queued=1500), queued_prefill_by_priority=by_prio, priority_step_tokens=256)])
+        pol = policy()
+        assert isinstance(pol.route(req(100, tier="premium"), fcfs), Rejection)
+        d = pol.route(req(100, tier="premium"), prio)
+        assert not isinstance(d, Rejection) and d.predicted_ttft_s == pytest.approx((256 + 100) / 300 + 0.05 * 2
+                                                                                      + 0.10, rel=0.1)
+        assert isinstance(pol.route(req(100, tier="free"), prio), Rejection)
 
     def test_overload_is_503_for_everyone(self):
         pol = policy()

@@ -61,3 +61,25 @@ class TestRoundRobinPolicy:
         assert all(d.prefill.endpoint_id == "p" and d.uncached_tokens == 10 for d in picks)
         assert RoundRobinPolicy().route(REQ, PoolSnapshot([ep("d")])).prefill is None
         assert isinstance(RoundRobinPolicy().route(REQ, PoolSnapshot([])), Rejection)
+
+
+class TestPrefillTokensAhead:
+    """What a new request waits behind on a prefilling replica (vLLM priorities: lower first)."""
+
+    QUEUE = ((-100, 200), (-50, 300), (-10, 1000))     # premium, standard, free tokens queued
+
+    @pytest.mark.parametrize("step, priority, want", [
+        (0, -100, 1500),        # arrival-order engine: everything queued
+        (512, -100, 200 + 512),  # premium: its own tier, then at most one step of lower-priority work
+        (512, -50, 500 + 512),
+        (512, -10, 1500),       # free: nothing is behind it
+        (4096, -100, 1500),     # a step budget larger than the queue: all of it may already be running
+    ])
+    def test_table(self, step, priority, want):
+        e = EndpointState("p", "prefill", Role.PREFILL, True, queued_prefill_tokens=1500,
+                          queued_prefill_by_priority=self.QUEUE, priority_step_tokens=step)
+        assert e.prefill_tokens_ahead(priority) == want
+
+    def test_no_split_known_counts_everything(self):
+        e = EndpointState("p", "prefill", Role.PREFILL, True, queued_prefill_tokens=700, priority_step_tokens=512)
+        assert e.prefill_tokens_ahead(-100) == 700

@@ -59,7 +59,7 @@ class TestModelManifest:
 @pytest.fixture(scope="module")
 def adapter(tokenizer):
     return RequestAdapter(tokenizer, "m", max_model_len=64, default_tier="free",
-                          known_tiers=frozenset({"free", "premium"}))
+                          known_tiers={"free": 10, "premium": 100})
 
 
 class TestRequestAdapter:
@@ -77,11 +77,13 @@ class TestRequestAdapter:
         assert "Hi" in text and text.rstrip().endswith("assistant")
         assert p.job.sampling.max_tokens == 64 - len(p.job.prompt_token_ids)
         assert p.job.desc.tier == "free" and p.response_id.startswith("chatcmpl-")
+        assert p.job.priority == -10                 # vLLM serves lower values first
 
     def test_token_prompt_and_tier(self, adapter):
         body = CompletionRequest.model_validate({"model": "m", "prompt": [1, 2, 3], "max_tokens": 4, "stop": "x"})
         p = adapter.build("completion", body, "Premium")
         assert p.job.prompt_token_ids == (1, 2, 3) and p.job.desc.tier == "premium"
+        assert p.job.priority == -100                # ahead of free (-10) in a priority-scheduling engine
         assert p.job.sampling.stop == ("x",)
 
     @pytest.mark.parametrize("kind, body, status, code", [

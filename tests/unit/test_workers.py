@@ -61,6 +61,7 @@ class TestEngineArgs:
         kw = engine_kwargs(spec, {"kv_connector": "X"})
         assert kw["block_size"] == 32 and kw["max_model_len"] == 1024 and kw["seed"] == 3
         assert kw["kv_transfer_config"] == {"kv_connector": "X"} and "gpu_memory_utilization" not in kw
+        assert kw["scheduling_policy"] == "priority"      # QoS tiers reach the engine's scheduler
         assert device_env(pool, local_rank=1) == {"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_KVCACHE_SPACE": "2",
                                                   "PDSERVE_MQ_BUSY_LOOP_S": "0.0", "PDSERVE_MQ_RECHECK_MS": "10"}
 
@@ -98,6 +99,17 @@ class TestStatsCollector:
         assert s.decode_samples == [(1, 1280, pytest.approx(0.2)), (3, 1280, pytest.approx((0.10 + 0.13) / 2)),
                                     (3, 6400, pytest.approx(0.2))]
         assert c.snapshot("e", "decode", "decode", healthy=True, drain=True).decode_samples == []
+
+    @pytest.mark.parametrize("policy, budget, want", [("priority", 2048, 2048), ("fcfs", 2048, 0)])
+    def test_priority_step_tokens_come_from_the_engines_scheduler(self, policy, budget, want):
+        from types import SimpleNamespace
+
+        from workers.stats import EngineStatsCollector
+
+        c = EngineStatsCollector()
+        c.factory(SimpleNamespace(scheduler_config=SimpleNamespace(policy=policy, max_num_batched_tokens=budget)))
+        assert c.snapshot("e", "prefill", "prefill", healthy=True).priority_step_tokens == want
+        assert EngineStatsCollector().snapshot("e", "p", "prefill", healthy=True).priority_step_tokens == 0
 
     def test_connector_stats_of_both_backends(self):
         from kvtransfer.stats import KVTransferStats
