@@ -25,7 +25,7 @@ from kvtransfer.ports import free_port
 from loadtests import report, workloads
 from loadtests.closedloop import run_closed_loop
 from loadtests.openloop import run_open_loop
-from loadtests.stats import summarize
+from loadtests.stats import summarize, summarize_by_tag
 from loadtests.systems import REPO, SERVER_AUTOGROUP_NICE, STARTERS, wait_ready
 from loadtests.timeline import prefix_cache_hit_rate
 
@@ -127,6 +127,9 @@ def parse_system(entry: str, default_config: str) -> tuple[str, str, str]:
     return label, kind, config or default_config
 
 
+TIERED_WORKLOADS = ("qos",)   # records tagged with their QoS tier: summaries also per tier
+
+
 def run_system(entry: str, args, out: Path) -> list[dict]:
     name, kind, config = parse_system(entry, args.config)
     model_dir = args.model_dir or (bundled_model_dir() if kind != "ours" else "")
@@ -152,6 +155,8 @@ def run_system(entry: str, args, out: Path) -> list[dict]:
                 res = asyncio.run(runner(sp.base_url, args.model, specs, args.duration, args.drain))
                 after = scrape_metrics(sp.base_url)
                 summary = summarize(res.records, res.duration_s, args.ttft_slo, args.tpot_slo, res.skipped)
+                if wl in TIERED_WORKLOADS:
+                    summary["by_tier"] = summarize_by_tag(res.records, res.duration_s, args.ttft_slo, args.tpot_slo)
                 summary.update(system=name, workload=wl, rate=rate, server_rss_bytes=sp.rss_bytes(),
                                ready_s=sp.ready_s, prefix_cache_hit_rate=prefix_cache_hit_rate(before, after))
                 rows.append(summary)

@@ -45,8 +45,41 @@ def write_report(out: Path, rows: list[dict], meta: dict) -> None:
             pairs = [(a, b) for a, b in pairs if b]
             if pairs:
                 lines += _ratio_table(system, base, pairs)
+    lines += _tier_tables(rows, by_key, meta.get("baselines", []))
     lines += ["", "Plots: " + ", ".join(f"`{p.name}`" for p in plot_all(out, rows))]
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def _tier_tables(rows: list[dict], by_key: dict, baselines: list[str]) -> list[str]:
+    """Per-QoS-tier outcomes of workloads whose requests carry a tier (``by_tier``), and per-tier
+    ratios against each baseline."""
+    tiered = [r for r in rows if r.get("by_tier")]
+    if not tiered:
+        return []
+    lines = ["", "## By QoS tier", "", "| system | workload | rate | tier | ok/sent | rejected | goodput rps "
+             "| TTFT p50/p99 ms | TPOT p50 ms |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in tiered:
+        for tier, t in r["by_tier"].items():
+            lines.append(f"| {r['system']} | {r['workload']} | {r['rate']} | {tier} | {t['ok']}/{t['requests']} | "
+                         f"{sum(t['rejected'].values())} | {t['goodput_rps']:.3f} | "
+                         f"{_fmt(t['ttft_s']['p50'], 1e3, 0)}/{_fmt(t['ttft_s']['p99'], 1e3, 0)} | "
+                         f"{_fmt(t['tpot_s']['p50'], 1e3, 0)} |")
+    for base in baselines:
+        pairs = [(a, by_key.get((base, a["workload"], a["rate"]))) for a in tiered if a["system"] != base]
+        pairs = [(a, b) for a, b in pairs if b and b.get("by_tier")]
+        if not pairs:
+            continue
+        lines += ["", f"### by tier vs {base}", "", "| system | workload | rate | tier | admitted ratio "
+                  "| goodput ratio | TTFT p50 ratio | TTFT p99 ratio |", "|---|---|---|---|---|---|---|---|"]
+        for a, b in pairs:
+            for tier, t in a["by_tier"].items():
+                u = b["by_tier"].get(tier)
+                if u:
+                    lines.append(f"| {a['system']} | {a['workload']} | {a['rate']} | {tier} | "
+                                 f"{_ratio(t['ok'], u['ok'])} | {_ratio(t['goodput_rps'], u['goodput_rps'])} | "
+                                 f"{_ratio(t['ttft_s']['p50'], u['ttft_s']['p50'])} | "
+                                 f"{_ratio(t['ttft_s']['p99'], u['ttft_s']['p99'])} |")
+    return lines
 
 
 def _ratio_table(system: str, base: str, pairs: list[tuple[dict, dict]]) -> list[str]:

@@ -48,3 +48,10 @@ def summarize(records: Sequence[RequestRecord], duration_s: float, ttft_slo_s: f
         "itl_s": dist([g for r in ok for g in r.itl_s]),
         "e2e_s": dist([r.e2e_s for r in ok if r.e2e_s is not None]),
     }
+
+
+def summarize_by_tag(records: Sequence[RequestRecord], duration_s: float, ttft_slo_s: float,
+                     tpot_slo_s: float) -> dict[str, dict]:
+    """``summarize`` per record tag (the QoS tier in the ``qos`` workload); rates over the whole run."""
+    tags = sorted({r.tag for r in records})
+    return {t: summarize([r for r in records if r.tag == t], duration_s, ttft_slo_s, tpot_slo_s) for t in tags}

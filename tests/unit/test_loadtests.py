@@ -58,6 +58,30 @@ class TestStats:
         assert s["ok"] == 3 and s["goodput_rps"] == 0.5 and s["rejected"] == {"overloaded": 1}
         assert s["slo_attainment"] == 0.25
 
+    def test_per_tier_summaries_and_report_table(self, tmp_path):
+        from loadtests import report
+        from loadtests.stats import summarize_by_tag
+
+        def recs(premium_ttft):
+            return [RequestRecord(0, 200, ttft_s=premium_ttft, e2e_s=premium_ttft + 1, completion_tokens=10,
+                                  tag="premium"),
+                    RequestRecord(0, 200, ttft_s=1.0, e2e_s=2.0, completion_tokens=10, tag="free"),
+                    RequestRecord(0, 429, outcome="rejected", reason="tier_quota", tag="free")]
+        by = summarize_by_tag(recs(0.5), duration_s=10.0, ttft_slo_s=4.0, tpot_slo_s=0.25)
+        assert sorted(by) == ["free", "premium"] and (by["free"]["ok"], by["free"]["requests"]) == (1, 2)
+        assert by["premium"]["ttft_s"]["p50"] == 0.5 and by["free"]["rejected"] == {"tier_quota": 1}
+        rows = []
+        for system, ttft in (("prio", 0.5), ("fcfs", 2.0)):
+            whole = summarize(recs(ttft), 10.0, 4.0, 0.25)
+            rows.append({**whole, "system": system, "workload": "qos", "rate": 1.0, "server_rss_bytes": 1 << 30,
+                         "by_tier": summarize_by_tag(recs(ttft), 10.0, 4.0, 0.25)})
+        (tmp_path / "raw").mkdir()
+        report.write_report(tmp_path, rows, {"run_id": "t", "slo": {"ttft_s": 4.0, "tpot_s": 0.25},
+                                             "baselines": ["fcfs"]})
+        md = (tmp_path / "report.md").read_text()
+        assert "| prio | qos | 1.0 | premium | 1/1 | 0 |" in md
+        assert "| prio | qos | 1.0 | premium | 1.00x | 1.00x | 0.25x | 0.25x |" in md   # premium TTFT 0.5 vs 2 s
+
 
 class TestTimeline:
     OURS = """# TYPE pdserve_pool_queue_depth gauge
