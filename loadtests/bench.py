@@ -87,10 +87,12 @@ def parse_workload(entry: str, smoke: bool = False) -> tuple[str, dict]:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"bad workload option {item!r} in {entry!r}; use key=value")
-        try:
-            kwargs[key] = int(value)
-        except ValueError:
-            kwargs[key] = float(value)
+        for cast in (int, float, str):
+            try:
+                kwargs[key] = cast(value)
+                break
+            except ValueError:
+                continue
     return name, kwargs
 
 

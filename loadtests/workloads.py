@@ -14,8 +14,8 @@ word for SmolLM2's tokenizer. Distributions and where their parameters come from
 - ``shared-prefix-wide``: the same with 12 system prompts and 48 users (a working set larger than a
   small replica's KV cache).
 - ``long-prompt``: summarisation, prompts near ``max_model_len`` minus the output, short outputs.
-- ``qos``: the ``chat`` shape with ``x-customer-tier`` headers drawn premium/standard/free
-  = 10/30/60 %.
+- ``qos``: the ``chat`` shape (or ``base=random``: 512/64) with ``x-customer-tier`` headers drawn
+  premium/standard/free = 10/30/60 %.
 Arrivals are open-loop: Poisson at ``rate`` req/s, or a piecewise-constant rate schedule
 (``bursty``: base rate, tripled within a minute, then back).
 
@@ -153,10 +153,14 @@ def bursty(seed: int, n: int, rate: float, minute_s: float = 60.0, **kw) -> list
 TIERS = (("premium", 0.10), ("standard", 0.30), ("free", 0.60))
 
 
-def qos_mix(seed: int, n: int, rate: float, **kw) -> list[RequestSpec]:
+def qos_mix(seed: int, n: int, rate: float, base: str = "chat", **kw) -> list[RequestSpec]:
+    """``base`` (default ``chat``) with a QoS tier per request; ``base=random`` gives the prefill-heavy
+    fixed 512/64 shape."""
+    if base not in ("chat", "random"):
+        raise ValueError(f"qos base workload must be chat or random, not {base!r}")
     rng = random.Random(seed + 7)
     out = []
-    for s in chat_mix(seed, n, rate, **kw):
+    for s in WORKLOADS[base](seed, n, rate, **kw):
         tier = rng.choices([t for t, _ in TIERS], weights=[w for _, w in TIERS])[0]
         out.append(RequestSpec(s.arrival_s, s.messages, s.max_tokens, {"x-customer-tier": tier}, tag=tier))
     return out

@@ -39,6 +39,10 @@ class TestWorkloads:
         specs = workloads.build("qos", seed=0, n=300, rate=5.0)
         share = sum(s.headers["x-customer-tier"] == "free" for s in specs) / len(specs)
         assert 0.5 < share < 0.7
+        fixed = workloads.build("qos", seed=0, n=20, rate=5.0, base="random")
+        assert {s.max_tokens for s in fixed} == {64} and all(s.tag == s.headers["x-customer-tier"] for s in fixed)
+        with pytest.raises(ValueError):
+            workloads.build("qos", seed=0, n=1, rate=1.0, base="bursty")
 
     def test_unknown(self):
         with pytest.raises(ValueError):
@@ -165,6 +169,7 @@ class TestBenchArgs:
     def test_workload_options_and_seeds(self):
         from loadtests.bench import parse_system, parse_workload, run_seed
         assert parse_workload("bursty:n=80,minute_s=30.5") == ("bursty", {"n": 80, "minute_s": 30.5})
+        assert parse_workload("qos:base=random") == ("qos", {"base": "random"})
         assert parse_workload("random", smoke=True) == ("random", {"input_tokens": 256, "output_tokens": 16})
         assert len({run_seed(0, w, r) for w in range(3) for r in range(4)}) == 12
         assert parse_system("ours", "c.yaml") == ("ours", "ours", "c.yaml")
