@@ -90,10 +90,11 @@ class EngineConfig(_Strict):
     tensor_parallel_size: int = Field(1, ge=1)
     pipeline_parallel_size: int = Field(1, ge=1)
     enable_prefix_caching: bool = True
-    scheduling_policy: Literal["fcfs", "priority"] = Field("priority", description="priority: the engine serves "
-                                                           "requests of higher QoS tiers first (vLLM priority "
-                                                           "scheduling, fed the tier's priority); fcfs: arrival "
-                                                           "order")
+    scheduling_policy: Literal["fcfs", "priority"] = Field("fcfs", description="fcfs: arrival order (vLLM's "
+                                                           "default); priority: the engine serves requests of "
+                                                           "higher QoS tiers first (vLLM priority scheduling, fed "
+                                                           "the tier's priority; no gain measured on the CPU box, "
+                                                           "loadtests/results/README.md)")
     dtype: str = "bfloat16"
     enforce_eager: bool = True
     mq_busy_loop_s: float = Field(0.0, ge=0, description="seconds vLLM's engine-core/worker shared-memory "

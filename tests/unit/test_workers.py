@@ -61,7 +61,10 @@ class TestEngineArgs:
         kw = engine_kwargs(spec, {"kv_connector": "X"})
         assert kw["block_size"] == 32 and kw["max_model_len"] == 1024 and kw["seed"] == 3
         assert kw["kv_transfer_config"] == {"kv_connector": "X"} and "gpu_memory_utilization" not in kw
-        assert kw["scheduling_policy"] == "priority"      # QoS tiers reach the engine's scheduler
+        assert kw["scheduling_policy"] == "fcfs"          # vLLM's default unless the pool opts in
+        prio = pool.model_copy(update={"engine": pool.engine.model_copy(update={"scheduling_policy": "priority"})})
+        assert engine_kwargs(EngineSpec(pool=prio, model_path="/m", served_model_name="m", max_model_len=64),
+                             None)["scheduling_policy"] == "priority"
         assert device_env(pool, local_rank=1) == {"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_KVCACHE_SPACE": "2",
                                                   "PDSERVE_MQ_BUSY_LOOP_S": "0.0", "PDSERVE_MQ_RECHECK_MS": "10"}
 
