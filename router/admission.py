@@ -16,11 +16,15 @@ its departures roughly cancel over a request's life), so a long ``max_tokens`` p
 ``queue wait`` is the prefill work already dispatched to that replica and not finished (the
 router's own accounting, in uncached tokens) at the fitted prefill rate.
 
-Tiers: each tier has a reserved fraction of the pool's queueing budget (the TTFT SLO). A tier may
-fill the queue (counting the request's own prefill) only up to the sum of the fractions of itself and
-every LOWER-priority tier, so
-lower tiers never take a higher tier's reserved share and, as the queue grows, the lowest tiers
-are shed first. Outcomes:
+Tiers: each tier has a reserved fraction of the pool's queueing budget. A tier may fill the queue
+(counting the request's own prefill) only up to the sum of the fractions of itself and every
+LOWER-priority tier, so lower tiers never take a higher tier's reserved share and, as the queue
+grows, the lowest tiers are shed first. The budget is the waiting room the TTFT SLO leaves after one
+request's own service (SLO - predicted prefill, handoff and first step; the request's own service
+stands for the next arrival's): a higher-tier request arriving at a queue a lower tier filled still
+fits its SLO even when one request's service is a large part of it (a 2 s prefill under a 4 s SLO).
+``tier_budget="slo"`` divides the whole SLO instead (the earlier rule: there, a premium request found
+a full free share plus its own 2 s prefill over the SLO and was refused as overload). Outcomes:
 
 - admit, with the predictions recorded (so the model's error is visible in metrics);
 - 429 ``tier_quota``: the request's tier is over its share, but higher tiers would be admitted;
@@ -29,7 +33,7 @@ are shed first. Outcomes:
 Both carry ``Retry-After`` = the time for the queue to drain back under the tier's limit.
 
 Phase-specific throttling. Prefill lagging: the queue-wait budget above stops new prompts of the
-lowest tiers first (free at 60 % of the TTFT budget by default, standard at 90 %, premium never
+lowest tiers first (free at 60 % of the budget by default, standard at 90 %, premium never
 below the full SLO). Decode saturated (predicted TPOT >= ``saturation`` x the tier's TPOT SLO)
 for tiers below ``below_priority``: ``cap`` admits with ``max_tokens`` capped (the request holds
 its decode slot for less time), ``reject`` answers 429 ``decode_throttled``.
@@ -89,7 +93,7 @@ def decide(tier: str, tiers: Mapping[str, TierPolicy], model: CostModel, *, queu
            uncached_tokens: int, decode_batch: int, kv_bytes: int = 0, decode_model: CostModel | None = None,
            decode_idle: bool | None = None, min_retry_after_s: float = 1.0, max_new_tokens: int = 0,
            throttle: DecodeThrottle | None = None, prompt_tokens: int = 0,
-           decode_context_tokens: int = 0) -> Admission | Rejection:
+           decode_context_tokens: int = 0, tier_budget: str = "waiting-room") -> Admission | Rejection:
     """Admit or reject one request (see module docstring). ``model`` is the prefilling pool's,
     ``decode_model`` the decode pool's (default: the same); ``decode_batch`` excludes the request.
     ``decode_idle`` (default ``decode_batch == 0``) is the liveness test for TPOT; callers pass their
@@ -116,7 +120,12 @@ def decide(tier: str, tiers: Mapping[str, TierPolicy], model: CostModel, *, queu
                          message=f"prefill queue is full (predicted time to first token {ttft:.1f} s); retry later")
     # the tier's share of the queueing budget (the queue as it would be with this request in it, so a
     # lower tier's last admission cannot spill into a higher tier's share), and its own SLO
-    budget = usable_fraction(tier, tiers) * pol.ttft_s
+    share = usable_fraction(tier, tiers)
+    own_service = ttft - wait
+    if tier_budget == "slo":
+        budget = share * pol.ttft_s
+    else:  # a top tier only needs its SLO; lower ones leave room for one more request's service
+        budget = math.inf if share >= 1.0 else share * max(pol.ttft_s - own_service, 0.0)
     queue_after = wait + model.prefill_s(uncached_tokens) * model.ttft_bias
     if not idle and (queue_after > budget or ttft > pol.ttft_s) or (tpot > pol.tpot_s and not decode_idle):
         over = max(queue_after - budget, ttft - pol.ttft_s, 0.0)

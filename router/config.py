@@ -69,6 +69,10 @@ class AdmissionConfig(BaseModel):
                                      "TPOT SLO")
     throttle_cap_max_tokens: int = Field(128, ge=1)
     throttle_below_priority: int = Field(50, description="tiers with a lower priority are throttled")
+    tier_budget: Literal["waiting-room", "slo"] = Field("waiting-room", description="what the tiers' reserved "
+                                                        "fractions divide: the waiting room the TTFT SLO leaves "
+                                                        "after one request's own service (SLO - predicted "
+                                                        "service), or the whole SLO (earlier behaviour)")
 
 
 class RouterConfig(BaseModel):

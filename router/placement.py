@@ -112,7 +112,8 @@ class SloAwarePolicy:
                          decode_idle=decode.in_flight == 0,
                          min_retry_after_s=self.cfg.admission.min_retry_after_s,
                          max_new_tokens=req.max_new_tokens, throttle=self.throttle,
-                         prompt_tokens=prompt, decode_context_tokens=decode.context_tokens)
+                         prompt_tokens=prompt, decode_context_tokens=decode.context_tokens,
+                         tier_budget=self.cfg.admission.tier_budget)
         if isinstance(verdict, Rejection):
             return verdict
         assert isinstance(verdict, Admission)

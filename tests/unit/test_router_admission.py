@@ -92,14 +92,16 @@ class TestAdmission:
         assert isinstance(a, Admission) and a.predicted_ttft_s == pytest.approx(2.0 + 0.1, rel=0.01)
         assert a.predicted_tpot_s == pytest.approx(0.1, rel=0.01) and a.queue_wait_s == 0
 
-    @pytest.mark.parametrize("queued,tier,expected", [   # 250 tok/s; the request adds 25 tokens + 1 step = 0.2 s
-        (500, "free", "admit"),             # queue with it 2.0 + 0.1 s <= 0.6 x 4 s
-        (570, "free", "admit"),             # 2.28 + 0.1 s <= 2.4 s
-        (590, "free", "tier_quota"),        # 2.36 + 0.1 s > 2.4 s: its own prefill would spill into
+    # 250 tok/s; the request's own service is 25 tokens + 1 step = 0.2 s, so the waiting room the 4 s
+    # SLO leaves is 3.8 s: free may fill 0.6 x 3.8 = 2.28 s of it, standard 3.42 s, premium all
+    @pytest.mark.parametrize("queued,tier,expected", [
+        (500, "free", "admit"),             # queue with it 2.0 + 0.1 s <= 2.28 s
+        (540, "free", "admit"),             # 2.16 + 0.1 s <= 2.28 s
+        (550, "free", "tier_quota"),        # 2.2 + 0.1 s > 2.28 s: its own prefill would spill into
                                             # the higher tiers' share; free is shed first
-        (650, "standard", "admit"),         # 2.6 + 0.1 s <= 0.9 x 4 s
-        (870, "standard", "admit"),         # 3.48 + 0.1 s <= 3.6 s, TTFT 3.68 s
-        (880, "standard", "tier_quota"),    # 3.52 + 0.1 s > 3.6 s, though TTFT 3.72 s would meet the SLO
+        (650, "standard", "admit"),         # 2.6 + 0.1 s <= 3.42 s
+        (820, "standard", "admit"),         # 3.28 + 0.1 s <= 3.42 s, TTFT 3.48 s
+        (840, "standard", "tier_quota"),    # 3.36 + 0.1 s > 3.42 s, though TTFT 3.56 s would meet the SLO
         (920, "premium", "admit"),          # premium may use the whole budget
         (940, "premium", "admit"),          # TTFT 3.96 s
         (960, "premium", "overload_ttft"),  # TTFT 4.04 s > 4 s for every tier
@@ -110,6 +112,18 @@ class TestAdmission:
         assert got == expected
         if isinstance(d, Rejection):
             assert d.status_code == (429 if expected == "tier_quota" else 503) and d.retry_after_s >= 1
+
+    def test_a_long_own_service_leaves_the_reserve_to_higher_tiers(self):
+        # own service 2.1 s (500 tokens + a step) under a 4 s SLO: the waiting room is 1.9 s. Free
+        # fills 0.6 of it only on an empty queue; behind one free request (1 s queued) premium still
+        # fits (1 + 2.1 s). Dividing the whole SLO ("slo") admitted free up to 2.4 s of queue with
+        # it, after which premium (queue 2.4 s + 2.1 s) was an overload
+        m, kw = _model(), dict(uncached_tokens=500, decode_batch=0)
+        assert isinstance(decide("free", TIERS, m, queued_prefill_tokens=100, **kw), Rejection)
+        assert isinstance(decide("free", TIERS, m, queued_prefill_tokens=100, tier_budget="slo", **kw), Admission)
+        assert isinstance(decide("premium", TIERS, m, queued_prefill_tokens=250, **kw), Admission)
+        late = decide("premium", TIERS, m, queued_prefill_tokens=600, **kw)
+        assert isinstance(late, Rejection) and late.reason == "overload_ttft"
 
     def test_decode_saturation_rejects_503(self):
         d = decide("premium", TIERS, _model(step=0.3), queued_prefill_tokens=0, uncached_tokens=10, decode_batch=4)
@@ -161,12 +175,12 @@ class TestCalibrationBias:
         biased = decide("free", TIERS, m, queued_prefill_tokens=0, uncached_tokens=500, decode_batch=0)
         assert biased.predicted_ttft_s == pytest.approx(1.5 * base.predicted_ttft_s)
         # 1 s queue + 2.1 s = 3.1 s fits the 4 s SLO; x1.5 = 4.65 s does not: the same queue is refused
-        d = decide("standard", TIERS, m, queued_prefill_tokens=250, uncached_tokens=500, decode_batch=0)
+        d = decide("premium", TIERS, m, queued_prefill_tokens=250, uncached_tokens=500, decode_batch=0)
         assert isinstance(d, Rejection) and d.reason == "overload_ttft"
         m.ttft_bias = 1.0
-        assert isinstance(decide("standard", TIERS, m, queued_prefill_tokens=250, uncached_tokens=500,
+        assert isinstance(decide("premium", TIERS, m, queued_prefill_tokens=250, uncached_tokens=500,
                                  decode_batch=0), Admission)
-        # free may fill 2.4 s: 1 s queued + its own 2 s prefill would take 0.6 s of the higher tiers' share
+        # free may fill 0.6 x (4 - 2.1 s): 1 s queued + its own 2 s prefill would take the higher tiers' share
         d = decide("free", TIERS, m, queued_prefill_tokens=250, uncached_tokens=500, decode_batch=0)
         assert isinstance(d, Rejection) and d.reason == "tier_quota" and d.status_code == 429
 
