@@ -58,7 +58,7 @@ class Orchestrator:
         self._idle_timeout_s = idle_timeout_s
         self._clock = clock
         self._in_flight: collections.Counter[str] = collections.Counter()
-        self._queued_tokens: collections.Counter[str] = collections.Counter()  # prefill work dispatched
+        # prefill work dispatched and not done, in uncached tokens, by (endpoint, engine priority)
         self._queued_by_priority: collections.Counter[tuple[str, int]] = collections.Counter()
         self._index = getattr(policy, "index", None)          # prefix-aware policies expose theirs
         # slab push mode (None = pull): decode requests go out with their prefill, naming its agent
@@ -71,7 +71,7 @@ class Orchestrator:
 
     # -- step 1: route ---------------------------------------------------------------------
     def snapshot(self, exclude: frozenset[str] = frozenset()) -> PoolSnapshot:
-        snap = self._directory.snapshot(self._in_flight, self._queued_tokens, self.queued_by_priority())
+        snap = self._directory.snapshot(self._in_flight, self.queued_by_priority())
         if exclude:
             snap.endpoints = [e for e in snap.endpoints if e.endpoint_id not in exclude]
         return snap
@@ -242,7 +242,6 @@ class Orchestrator:
         if tokens <= 0:
             return lambda: None
         key = (endpoint_id, priority)
-        self._queued_tokens[endpoint_id] += tokens
         self._queued_by_priority[key] += tokens
         done = False
 
@@ -250,14 +249,10 @@ class Orchestrator:
             nonlocal done
             if not done:
                 done = True
-                for counter, k in ((self._queued_tokens, endpoint_id), (self._queued_by_priority, key)):
-                    counter[k] -= tokens
-                    if counter[k] <= 0:
-                        del counter[k]
+                self._queued_by_priority[key] -= tokens
+                if self._queued_by_priority[key] <= 0:
+                    del self._queued_by_priority[key]
         return release
-
-    def queued_prefill_tokens(self) -> dict[str, int]:
-        return dict(self._queued_tokens)
 
     def queued_by_priority(self) -> dict[str, tuple[tuple[int, int], ...]]:
         """endpoint -> ((engine priority, queued prefill tokens), ...), lowest priority value first."""

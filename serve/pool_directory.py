@@ -69,17 +69,16 @@ class PoolDirectory:
             self._polled[endpoint_id] = fields
 
     def snapshot(self, in_flight: Mapping[str, int] | None = None,
-                 queued_tokens: Mapping[str, int] | None = None,
                  queued_by_priority: Mapping[str, tuple[tuple[int, int], ...]] | None = None) -> PoolSnapshot:
+        """``queued_by_priority``: endpoint -> ((engine priority, queued prefill tokens), ...)."""
         in_flight = in_flight or {}
-        queued_tokens = queued_tokens or {}
         queued_by_priority = queued_by_priority or {}
         now = self._clock()
         with self._lock:
             sources = list(self._sources.values())
             polled = dict(self._polled)
         endpoints = [self._merge(e, polled.get(e.endpoint_id), in_flight.get(e.endpoint_id, 0), now,
-                                 queued_tokens.get(e.endpoint_id, 0), queued_by_priority.get(e.endpoint_id, ()))
+                                 queued_by_priority.get(e.endpoint_id, ()))
                      for src in sources for e in src.endpoints()]
         live = {e.endpoint_id for e in endpoints}
         with self._lock:  # forget replicas Serve no longer lists
@@ -88,7 +87,8 @@ class PoolDirectory:
         return PoolSnapshot(endpoints=endpoints, taken_s=now)
 
     def _merge(self, e: EndpointState, polled: Mapping | None, in_flight: int, now: float,
-               queued_tokens: int = 0, by_priority: tuple[tuple[int, int], ...] = ()) -> EndpointState:
+               by_priority: tuple[tuple[int, int], ...] = ()) -> EndpointState:
+        queued_tokens = sum(t for _, t in by_priority)
         if polled is None:  # not polled yet: Serve lists it as running, so it is routable
             return dataclasses.replace(e, healthy=True, in_flight=in_flight, queued_prefill_tokens=queued_tokens,
                                        queued_prefill_by_priority=by_priority)

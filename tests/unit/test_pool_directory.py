@@ -42,7 +42,7 @@ class TestPoolDirectory:
         (e,) = orch.snapshot().endpoints
         assert (e.queued_prefill_tokens, e.queued_prefill_by_priority) == (200, ((-10, 200),))
         free[1]()
-        assert orch.queued_prefill_tokens() == {} and orch.queued_by_priority() == {}
+        assert orch.queued_by_priority() == {} and orch.snapshot().endpoints[0].queued_prefill_tokens == 0
 
     def test_stale_polls_make_unhealthy(self):
         now = [100.0]
