@@ -78,9 +78,10 @@ class Admission:
     max_new_tokens: int | None = None   # set when decode throttling capped the request
 
 
-def engine_priority(tier: TierPolicy) -> int:
-    """The vLLM request priority of a tier's requests (vLLM serves lower values first)."""
-    return -tier.priority
+def engine_priority(tier_priority: int) -> int:
+    """The vLLM request priority of a tier of QoS ``tier_priority`` (higher is more important; vLLM
+    serves lower values first)."""
+    return -tier_priority
 
 
 def usable_fraction(tier: str, tiers: Mapping[str, TierPolicy]) -> float:

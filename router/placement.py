@@ -106,7 +106,7 @@ class SloAwarePolicy:
         tier = req.tier if req.tier in self.tiers else self.cfg.default_tier
         target = prefill or decode
         verdict = decide(tier, self.tiers, self.model(target.pool),
-                         queued_prefill_tokens=target.prefill_tokens_ahead(engine_priority(self.tiers[tier])),
+                         queued_prefill_tokens=target.prefill_tokens_ahead(engine_priority(self.tiers[tier].priority)),
                          uncached_tokens=uncached,
                          decode_batch=decode.load, decode_model=self.model(decode.pool),
                          decode_idle=decode.in_flight == 0,

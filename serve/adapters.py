@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 from pydantic import BaseModel, ValidationError
 
+from router.admission import engine_priority
 from router.hashing import block_keys
 from router.types import RequestDescriptor
 from serve.orchestrator import GenerationJob
@@ -147,8 +148,7 @@ class RequestAdapter:
         desc = RequestDescriptor(request_id=rid, model=body.model, num_prompt_tokens=len(ids),
                                  max_new_tokens=max_new, tier=tier, arrival_s=time.time(),
                                  block_hashes=block_keys(ids, self.block_size, salt))
-        # vLLM serves lower priority values first
         job = GenerationJob(desc=desc, prompt_token_ids=tuple(ids), sampling=sampling, cache_salt=salt,
-                            priority=-self._tiers[tier])
+                            priority=engine_priority(self._tiers[tier]))
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
         return ParsedRequest(kind=kind, body=body, job=job, response_id=prefix + rid, created_s=int(time.time()))
