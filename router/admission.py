@@ -32,9 +32,16 @@ a full free share plus its own 2 s prefill over the SLO and was refused as overl
 
 Both carry ``Retry-After`` = the time for the queue to drain back under the tier's limit.
 
+Decode side, the same division (``tpot_budget="headroom"``, default): a tier may join a decode batch
+only while the predicted TPOT stays within its share of the headroom between the request's own step
+time alone (a batch of one at its context) and its TPOT SLO, so lower tiers stop joining before the
+batch reaches the SLO and the top tier still fits; under decode overload the lowest tiers are refused
+(429) first instead of everyone at once (503). ``tpot_budget="slo"`` lets every tier fill up to its SLO
+(the earlier rule).
+
 Phase-specific throttling. Prefill lagging: the queue-wait budget above stops new prompts of the
 lowest tiers first (free at 60 % of the budget by default, standard at 90 %, premium never
-below the full SLO). Decode saturated (predicted TPOT >= ``saturation`` x the tier's TPOT SLO)
+below the full SLO). Decode saturated (predicted TPOT >= ``saturation`` x the tier's TPOT budget)
 for tiers below ``below_priority``: ``cap`` admits with ``max_tokens`` capped (the request holds
 its decode slot for less time), ``reject`` answers 429 ``decode_throttled``.
 
@@ -94,7 +101,8 @@ def decide(tier: str, tiers: Mapping[str, TierPolicy], model: CostModel, *, queu
            uncached_tokens: int, decode_batch: int, kv_bytes: int = 0, decode_model: CostModel | None = None,
            decode_idle: bool | None = None, min_retry_after_s: float = 1.0, max_new_tokens: int = 0,
            throttle: DecodeThrottle | None = None, prompt_tokens: int = 0,
-           decode_context_tokens: int = 0, tier_budget: str = "waiting-room") -> Admission | Rejection:
+           decode_context_tokens: int = 0, tier_budget: str = "waiting-room",
+           tpot_budget: str = "headroom") -> Admission | Rejection:
     """Admit or reject one request (see module docstring). ``model`` is the prefilling pool's,
     ``decode_model`` the decode pool's (default: the same); ``decode_batch`` excludes the request.
     ``decode_idle`` (default ``decode_batch == 0``) is the liveness test for TPOT; callers pass their
@@ -128,13 +136,17 @@ def decide(tier: str, tiers: Mapping[str, TierPolicy], model: CostModel, *, queu
     else:  # a top tier only needs its SLO; lower ones leave room for one more request's service
         budget = math.inf if share >= 1.0 else share * max(pol.ttft_s - own_service, 0.0)
     queue_after = wait + model.prefill_s(uncached_tokens) * model.ttft_bias
-    if not idle and (queue_after > budget or ttft > pol.ttft_s) or (tpot > pol.tpot_s and not decode_idle):
+    tpot_limit = pol.tpot_s
+    if tpot_budget != "slo" and share < 1.0:  # headroom above the request's step time alone
+        alone = dm.decode_step_s(1, prompt_tokens + max(max_new_tokens, 0) // 2) * dm.tpot_bias
+        tpot_limit = alone + share * max(pol.tpot_s - alone, 0.0)
+    if not idle and (queue_after > budget or ttft > pol.ttft_s) or (tpot > tpot_limit and not decode_idle):
         over = max(queue_after - budget, ttft - pol.ttft_s, 0.0)
         return Rejection(reason="tier_quota", status_code=429, retry_after_s=_retry(over, min_retry_after_s),
                          message=f"capacity for tier '{tier}' is exhausted; retry later or use a higher tier")
     cap = None
     if (throttle is not None and pol.priority < throttle.below_priority and not decode_idle
-            and tpot >= throttle.saturation * pol.tpot_s):
+            and tpot >= throttle.saturation * tpot_limit):
         if throttle.action == "reject":
             return Rejection(reason="decode_throttled", status_code=429,
                              retry_after_s=max(min_retry_after_s, 2 * tpot),

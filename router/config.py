@@ -73,6 +73,12 @@ class AdmissionConfig(BaseModel):
                                                         "fractions divide: the waiting room the TTFT SLO leaves "
                                                         "after one request's own service (SLO - predicted "
                                                         "service), or the whole SLO (earlier behaviour)")
+    tpot_budget: Literal["headroom", "slo"] = Field("headroom", description="decode side: a tier joins a "
+                                                    "decode batch only while the predicted TPOT stays within "
+                                                    "its reserved fractions' share of the headroom between the "
+                                                    "request's step time alone and the TPOT SLO (lower tiers "
+                                                    "stop first), or every tier up to its SLO (earlier "
+                                                    "behaviour)")
 
 
 class RouterConfig(BaseModel):

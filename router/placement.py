@@ -113,7 +113,8 @@ class SloAwarePolicy:
                          min_retry_after_s=self.cfg.admission.min_retry_after_s,
                          max_new_tokens=req.max_new_tokens, throttle=self.throttle,
                          prompt_tokens=prompt, decode_context_tokens=decode.context_tokens,
-                         tier_budget=self.cfg.admission.tier_budget)
+                         tier_budget=self.cfg.admission.tier_budget,
+                         tpot_budget=self.cfg.admission.tpot_budget)
         if isinstance(verdict, Rejection):
             return verdict
         assert isinstance(verdict, Admission)

@@ -125,6 +125,28 @@ class TestAdmission:
         late = decide("premium", TIERS, m, queued_prefill_tokens=600, **kw)
         assert isinstance(late, Rejection) and late.reason == "overload_ttft"
 
+    # decode step 0.1 s at batch 1 + 10 ms per further sequence: the request alone steps in 0.1 s,
+    # leaving 0.15 s of headroom under the 0.25 s TPOT SLO; free may use 0.6 of it (<= 0.19 s),
+    # standard 0.9 (<= 0.235 s), premium all of it
+    @pytest.mark.parametrize("batch,tier,expected", [
+        (8, "free", "admit"),             # a batch of 9 with it: 0.18 s
+        (10, "free", "tier_quota"),       # 0.20 s: within the SLO, but the higher tiers' share
+        (13, "standard", "admit"),        # 0.23 s
+        (14, "standard", "tier_quota"),   # 0.24 s
+        (14, "premium", "admit"),         # 0.24 s
+        (16, "premium", "overload_tpot"),  # 0.26 s > the SLO for every tier
+    ])
+    def test_tpot_headroom_table(self, batch, tier, expected):
+        m = CostModel(CostPrior(decode_step_s=0.1, decode_step_per_seq_s=0.01, decode_step_per_kilotoken_s=0.0))
+        d = decide(tier, TIERS, m, queued_prefill_tokens=0, uncached_tokens=10, decode_batch=batch)
+        got = "admit" if isinstance(d, Admission) else d.reason
+        assert got == expected
+        if isinstance(d, Rejection):
+            assert d.status_code == (429 if expected == "tier_quota" else 503) and d.retry_after_s >= 1
+        if tier == "free":  # the earlier rule let free fill the batch up to the SLO
+            assert isinstance(decide(tier, TIERS, m, queued_prefill_tokens=0, uncached_tokens=10, decode_batch=batch,
+                                     tpot_budget="slo"), Admission)
+
     def test_decode_saturation_rejects_503(self):
         d = decide("premium", TIERS, _model(step=0.3), queued_prefill_tokens=0, uncached_tokens=10, decode_batch=4)
         assert isinstance(d, Rejection) and d.reason == "overload_tpot" and d.status_code == 503
