@@ -27,6 +27,8 @@ class SlabSettings(BaseModel):
                                    "prefill's handoff deadline")
     pool_mib: int | None = Field(None, ge=1, description="slab pool size (MiB); default: pool_tokens of KV "
                                  "rounded up to 256 MiB")
+    prefault_pool: bool = Field(True, description="touch every page of the pool at start (resident memory "
+                                "= pool size) so no handoff pays page faults")
     pool_tokens: int = Field(16384, ge=1, description="tokens of KV in flight the default pool holds")
     side_channel_host: str = Field("127.0.0.1", description="address peers use to fetch this engine's NIXL "
                                    "agent metadata")

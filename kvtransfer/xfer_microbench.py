@@ -1,0 +1,176 @@
+"""Microbenchmark: cross-process NIXL READ of one handoff's bytes through kvtransfer's NixlTransport.
+
+    python -m kvtransfer.xfer_microbench [--mib 48] [--reps 6] [--ucx-tls tcp,self,sm] [--out DIR]
+
+Two processes pinned like the cluster's engines (the source on core 0, the reader on core 1), each
+with the connector's transport (UCX backend, the connector's progress-thread delay). The reader
+READs ``--mib`` MiB (47.2 MB = 1,024 tokens of float32 SmolLM2 KV) split into 1 / 8 / 510
+descriptors (one slab / our 8 slabs of 128 tokens / vLLM's NixlConnector at block 32) into
+
+* a pre-faulted destination (pages touched once at start; ``prefault_pool: true``), and
+* fresh pages (``torch.empty``: the first write to each 4 KiB page faults),
+
+side by side in one run, next to single-thread memcpy into pre-faulted and into fresh pages.
+Median of ``--reps`` after one warm-up. Writes ``summary.json`` and ``xfer.png`` to ``--out``
+(default loadtests/results/<UTC timestamp>-xfer/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+DESCRIPTORS = (1, 8, 510)
+MiB = 1 << 20
+
+
+def _pin(core: int) -> None:
+    if hasattr(os, "sched_setaffinity") and core < (os.cpu_count() or 1):
+        os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+
+
+def _source(ucx_tls: str, nbytes: int, ready, stop) -> None:
+    from kvtransfer.nixl_transport import NixlTransport
+
+    _pin(0)
+    t = NixlTransport("xfer-source", "127.0.0.1", ucx_tls=ucx_tls)
+    src = torch.arange(nbytes, dtype=torch.int64).to(torch.uint8)          # written: resident, like a packed slab
+    t.register_pool(src)
+    ready.put((t.listen_address(), src.data_ptr()))
+    stop.get()
+    t.close()
+
+
+def _read_s(t, peer: str, dst_addr: int, src_addr: int, nbytes: int, ndesc: int) -> float:
+    from kvtransfer.transport import TransferState
+
+    n = nbytes // ndesc
+    local = [(dst_addr + i * n, n) for i in range(ndesc)]
+    remote = [(src_addr + i * n, n) for i in range(ndesc)]
+    t0 = time.perf_counter()
+    h = t.read(peer, local, remote, b"")
+    while (state := t.poll(h)) is TransferState.PENDING:
+        pass
+    dt = time.perf_counter() - t0
+    t.release(h)
+    if state is not TransferState.DONE:
+        raise RuntimeError("READ failed")
+    return dt
+
+
+def _memcpy_s(nbytes: int, fresh: bool, reps: int) -> list[float]:
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.zeros(nbytes, dtype=torch.uint8)
+    out = []
+    for _ in range(reps + 1):
+        if fresh:
+            dst = torch.empty(nbytes, dtype=torch.uint8)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        out.append(time.perf_counter() - t0)
+    return out[1:]
+
+
+def run(nbytes: int, reps: int, ucx_tls: str) -> dict:
+    from kvtransfer.nixl_transport import NixlTransport
+
+    ctx = mp.get_context("spawn")
+    ready, stop = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=_source, args=(ucx_tls, nbytes, ready, stop), daemon=True)
+    proc.start()
+    try:
+        (host, port), src_addr = ready.get(timeout=120)
+        _pin(1)
+        t = NixlTransport("xfer-reader", "127.0.0.1", ucx_tls=ucx_tls)
+        # one registration: a pre-faulted region, then (reps + 1) x nbytes of never-touched pages per
+        # descriptor count, so every fresh-page READ lands on pages no one wrote yet
+        fresh_per_variant = (reps + 1) * nbytes
+        pool = torch.empty(nbytes + len(DESCRIPTORS) * fresh_per_variant, dtype=torch.uint8)
+        pool[:nbytes].zero_()
+        t.register_pool(pool)
+        t.connect("xfer-source", host, port)
+        deadline = time.monotonic() + 30
+        while not t.is_connected("xfer-source"):
+            if time.monotonic() > deadline:
+                raise RuntimeError("could not fetch the source agent's metadata")
+            time.sleep(0.01)
+        base = pool.data_ptr()
+        rows: dict = {}
+        for vi, ndesc in enumerate(DESCRIPTORS):
+            pre = [_read_s(t, "xfer-source", base, src_addr, nbytes, ndesc) for _ in range(reps + 1)][1:]
+            first_fresh = base + nbytes + vi * fresh_per_variant
+            fresh = [_read_s(t, "xfer-source", first_fresh + r * nbytes, src_addr, nbytes, ndesc)
+                     for r in range(reps + 1)][1:]
+            rows[str(ndesc)] = {"prefaulted_s": pre, "fresh_s": fresh}
+        ok = bool(torch.equal(pool[:nbytes], torch.arange(nbytes, dtype=torch.int64).to(torch.uint8)))
+        t.close()
+    finally:
+        stop.put(1)
+        proc.join(timeout=30)
+    memcpy = {"prefaulted_s": _memcpy_s(nbytes, False, reps), "fresh_s": _memcpy_s(nbytes, True, reps)}
+    return {"nbytes": nbytes, "reps": reps, "ucx_tls": ucx_tls, "bytes_equal": ok, "read": rows, "memcpy": memcpy}
+
+
+def summarize(raw: dict) -> dict:
+    gbps = lambda xs: raw["nbytes"] / statistics.median(xs) / 1e9  # noqa: E731
+    s: dict = {"memcpy_gbps": {k: gbps(v) for k, v in raw["memcpy"].items()}, "read_gbps": {}, "read_p50_ms": {}}
+    for ndesc, r in raw["read"].items():
+        s["read_gbps"][ndesc] = {k: gbps(v) for k, v in r.items()}
+        s["read_p50_ms"][ndesc] = {k: statistics.median(v) * 1e3 for k, v in r.items()}
+        s["read_p50_ms"][ndesc]["fresh_over_prefaulted"] = (statistics.median(r["fresh_s"])
+                                                            / statistics.median(r["prefaulted_s"]))
+    s["read_8_prefaulted_of_memcpy"] = s["read_gbps"]["8"]["prefaulted_s"] / s["memcpy_gbps"]["prefaulted_s"]
+    return s
+
+
+def plot(raw: dict, summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ["memcpy"] + [f"READ {d} desc" for d in DESCRIPTORS]
+    pre = [summary["memcpy_gbps"]["prefaulted_s"]] + [summary["read_gbps"][str(d)]["prefaulted_s"] for d in DESCRIPTORS]
+    fresh = [summary["memcpy_gbps"]["fresh_s"]] + [summary["read_gbps"][str(d)]["fresh_s"] for d in DESCRIPTORS]
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    xs = range(len(labels))
+    ax.bar([x - 0.2 for x in xs], pre, 0.4, label="pre-faulted destination")
+    ax.bar([x + 0.2 for x in xs], fresh, 0.4, label="fresh pages")
+    ax.set_xticks(list(xs), labels)
+    ax.set_ylabel("GB/s (median)")
+    ax.set_title(f"NIXL READ {raw['nbytes'] / 1e6:.1f} MB across processes, UCX_TLS={raw['ucx_tls']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--mib", type=float, default=45.0, help="bytes per READ (45 MiB = 47.2 MB: 1k tokens)")
+    ap.add_argument("--reps", type=int, default=6)
+    ap.add_argument("--ucx-tls", default="tcp,self,sm")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    nbytes = int(args.mib * MiB) // 4096 * 4096
+    nbytes -= nbytes % (510 * 8)                        # every descriptor count divides it evenly
+    out = Path(args.out) if args.out else REPO / "loadtests" / "results" / (
+        time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-xfer")
+    out.mkdir(parents=True, exist_ok=True)
+    raw = run(nbytes, args.reps, args.ucx_tls)
+    summary = summarize(raw)
+    (out / "summary.json").write_text(json.dumps({"summary": summary, "raw": raw}, indent=1))
+    plot(raw, summary, out / "xfer.png")
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
