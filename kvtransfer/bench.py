@@ -114,7 +114,9 @@ def _push_round(prefill: EngineProcess, decode: EngineProcess, ids: list[int], r
     from kvtransfer.metadata import SlabPush, decode_push_params, prefill_push_params
 
     agent = prefill.options["kv_transfer_config"]
-    push = SlabPush(rendezvous, agent["engine_id"], "127.0.0.1", agent["kv_connector_extra_config"]["side_channel_port"])
+    # the reservation waits as long as a long prompt's prefill takes here (4k tokens: ~16 s on one core)
+    push = SlabPush(rendezvous, agent["engine_id"], "127.0.0.1", agent["kv_connector_extra_config"]["side_channel_port"],
+                    timeout_s=120.0)
     decode.submit(op="generate", requests=[{"prompt_token_ids": ids, "max_tokens": 1,
                                             "kv_transfer_params": decode_push_params(push)}])
     (p_out,) = prefill.generate([{"prompt_token_ids": ids, "max_tokens": 1,

@@ -116,6 +116,10 @@ class SlabPush(msgspec.Struct, frozen=True):
     host: str = ""
     port: int = 0
     compression: str = "none"
+    # how long the decode's reservation waits for the prefill's write (its queueing + prefill compute);
+    # the decode takes max(this, its read_timeout_s). Callers that know the predicted prefill time set it:
+    # a 4k-token prompt prefills for ~16 s on one CPU core, past the 10 s read_timeout_s
+    timeout_s: float = 0.0
 
     @classmethod
     def from_kv_transfer_params(cls, params: Mapping[str, Any] | None) -> SlabPush | None:

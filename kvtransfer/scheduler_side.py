@@ -202,7 +202,7 @@ class SlabConnectorScheduler:
             port=hs.port, num_tokens=num_tokens, block_size=s.block_size, dtype=self.dtype_name,
             num_layers=s.num_layers, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
             k_transposed=hs.k_transposed, compression=push.compression, group=self.settings.group,
-            deadline_unix_s=self._clock() + self.settings.read_timeout_s, slabs=slabs)
+            deadline_unix_s=self._clock() + max(self.settings.read_timeout_s, push.timeout_s), slabs=slabs)
         self._meta.recvs.append(RecvJob(request.request_id, reservation, tuple(block_ids),
                                         first_token // s.block_size, offset, fail=fail, **span))
 

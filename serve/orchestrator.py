@@ -3,8 +3,8 @@
 Failure policy (each path counts in metrics with a reason):
 - no healthy decode replica: reject 503 + Retry-After before any engine work;
 - remote prefill fails or times out: the decode engine prefills locally (``prefill_fallbacks``);
-  in slab push mode the decode request is already out: its reservation expires (connector's
-  ``read_timeout_s``) and it recomputes;
+  in slab push mode the decode request is already out: its reservation expires (``push_wait_s``:
+  a few times the predicted TTFT, at least the connector's ``read_timeout_s``) and it recomputes;
 - decode fails before its first token: retried once on another decode replica, local prefill;
 - no output for ``idle_timeout_s``: the request ends with an error, engines abort it.
 Every engine call is cancelled (-> vLLM abort, KV freed) when the client goes away.
@@ -39,6 +39,18 @@ class GenerationJob:
     sampling: SamplingSpec
     cache_salt: str | None = None
     priority: int = 0          # engine scheduling priority, vLLM semantics (lower first): -tier priority
+
+
+PUSH_WAIT_TTFT_FACTOR = 3.0   # a push reservation waits this many predicted TTFTs for the prefill's write
+
+
+def push_wait_s(predicted_ttft_s: float | None, prefill_timeout_s: float) -> float:
+    """How long a push-mode decode reservation waits for its prefill: a few predicted TTFTs (so a long
+    prompt's prefill fits and a dead prefill replica is given up on soon after it should have answered),
+    at most as long as the router waits for a prefill; without a prediction, that whole wait (pure)."""
+    if not predicted_ttft_s or predicted_ttft_s <= 0:
+        return prefill_timeout_s
+    return min(prefill_timeout_s, PUSH_WAIT_TTFT_FACTOR * predicted_ttft_s)
 
 
 def rejection_to_error(r: Rejection) -> ApiError:
@@ -234,7 +246,8 @@ class Orchestrator:
         if agent is None:
             return None
         rendezvous = f"{job.desc.request_id}-{uuid.uuid4().hex[:8]}"
-        return push_decode_handoff(agent, rendezvous, len(job.prompt_token_ids), self._push_compression), rendezvous
+        return push_decode_handoff(agent, rendezvous, len(job.prompt_token_ids), self._push_compression,
+                                   push_wait_s(decision.predicted_ttft_s, self._prefill_timeout_s)), rendezvous
 
     def _reserve(self, endpoint_id: str, tokens: int, priority: int = 0) -> Callable[[], None]:
         """Count ``tokens`` of prefill work (at engine ``priority``) queued on ``endpoint_id``; returns

@@ -73,12 +73,13 @@ def push_prefill_params(rendezvous: str, compression: str) -> dict[str, Any]:
 
 
 def push_decode_handoff(agent: tuple[str, str, int], rendezvous: str, num_tokens: int,
-                        compression: str) -> KvHandoff:
+                        compression: str, timeout_s: float = 0.0) -> KvHandoff:
     """Slab push mode, decode side: the handoff of a decode request sent together with its prefill;
-    ``agent`` = the prefill engine's slab agent (name, host, port) from its WorkerStats."""
+    ``agent`` = the prefill engine's slab agent (name, host, port) from its WorkerStats; ``timeout_s`` =
+    how long the decode's reservation waits for the prefill (0: the connector's ``read_timeout_s``)."""
     engine_id, host, port = agent
     raw = {KEY_DO_REMOTE_PREFILL: True, KEY_DO_REMOTE_DECODE: False,
            KEY_SLAB_PUSH: {"rendezvous": rendezvous, "engine_id": engine_id, "host": host, "port": int(port),
-                           "compression": compression}}
+                           "compression": compression, "timeout_s": float(timeout_s)}}
     return KvHandoff(remote_engine_id=engine_id, remote_request_id=rendezvous, remote_host=host,
                      remote_port=int(port), num_blocks=0, num_tokens=num_tokens, connector="slab-push", raw=raw)

@@ -496,10 +496,10 @@ class TestWorkersWiring:
         from kvtransfer.metadata import SlabPush, decode_push_params, prefill_push_params
         from workers.kv_params import push_decode_handoff, push_prefill_params
 
-        handoff = push_decode_handoff(("P", "10.0.0.1", 7000), "rv", 300, "int4")
-        want = decode_push_params(SlabPush("rv", "P", "10.0.0.1", 7000, "int4"))
+        handoff = push_decode_handoff(("P", "10.0.0.1", 7000), "rv", 300, "int4", timeout_s=48.0)
+        want = decode_push_params(SlabPush("rv", "P", "10.0.0.1", 7000, "int4", 48.0))
         assert handoff.to_kv_transfer_params() == want
-        assert SlabPush.from_kv_transfer_params(want) == SlabPush("rv", "P", "10.0.0.1", 7000, "int4")
+        assert SlabPush.from_kv_transfer_params(want) == SlabPush("rv", "P", "10.0.0.1", 7000, "int4", 48.0)
         assert push_prefill_params("rv", "int4") == prefill_push_params("rv", "int4")
 
 
@@ -598,6 +598,25 @@ class TestPushMode:
         p._wall = lambda: 6.5
         self._step(p, ps)
         assert p._reservations == {}
+
+    def test_a_long_prefill_is_waited_for_as_long_as_the_push_asks(self):
+        """A reservation naming ``timeout_s`` (the router: a few predicted TTFTs) outlives read_timeout_s:
+        a 4k-token prompt prefills for ~16 s on one CPU core; the write still lands at 12 s."""
+        from kvtransfer.metadata import SlabPush, decode_push_params
+
+        p, d, ps, ds, _ = self._pair(read_timeout_s=5, expiry_margin_s=1)
+        dreq = _request("d1", decode_push_params(SlabPush("rv1", "P", "127.0.0.1", 1, "none", 30.0)),
+                        prompt_tokens=170)
+        ds.update_state_after_alloc(dreq, [1, 2, 4, 6, 8, 10], 170)
+        self._step(d, ds)
+        d._wall = p._wall = lambda: 12.0          # past read_timeout_s, within the push's 30 s
+        assert self._step(d, ds) == (set(), set(), set())
+        self._pack(p, ps, self._prefill_req())
+        sending, _, _ = self._step(p, ps)
+        assert sending == {"p1"} and p.transport.writes == [2]
+        assert self._step(d, ds) == (set(), {"d1"}, set())
+        ps.assert_empty()
+        ds.assert_empty()
 
     def test_prefill_too_close_to_the_deadline_does_not_write(self):
         p, d, ps, ds, _ = self._pair(read_timeout_s=5, expiry_margin_s=1)

@@ -159,3 +159,13 @@ class TestStartupWait:
         with pytest.raises(TimeoutError, match="not running in time: .*taking long to initialize"):
             wait_app_running("app", deadline=time.monotonic() + 0.2, poll_s=0.01)
         assert time.monotonic() - t0 < 5
+
+
+def test_push_reservation_waits_a_few_predicted_ttfts_within_the_prefill_timeout():
+    from serve.orchestrator import push_wait_s
+
+    assert push_wait_s(16.0, 60.0) == pytest.approx(48.0)   # a 4k-token prompt: 16 s of prefill on one core
+    assert push_wait_s(0.5, 60.0) == pytest.approx(1.5)     # short: given up on soon (the connector keeps
+                                                            # at least its read_timeout_s)
+    assert push_wait_s(40.0, 60.0) == 60.0                  # never past the router's own prefill wait
+    assert push_wait_s(None, 60.0) == 60.0                  # admission off: no prediction
