@@ -167,9 +167,9 @@ class SlabConnectorWorker:
         self._codecs = {c: SlabCodec(self.spec, first.dtype, c, self.settings.group) for c in COMPRESSIONS}
         nbytes = self.settings.pool_mib * MiB if self.settings.pool_mib else pool_nbytes(
             self.spec, self.settings.pool_tokens)
-        # pre-faulted (zeros touches every page): reads and packs into fresh pages cost a page fault per
-        # 4 KiB, ~3x the copy itself on this VM (loadtests/results/README.md); RDMA registration pins
-        # the pages anyway
+        # pre-faulted (zeros touches every page): a READ or pack into fresh pages pays a page fault per
+        # 4 KiB, ~4x slower on this VM (kvtransfer/xfer_microbench.py); RDMA registration pins the pages
+        # anyway
         self.pool = (torch.zeros if self.settings.prefault_pool else torch.empty)(nbytes, dtype=torch.uint8)
         self.transport = self._make_transport()
         self.transport.register_pool(self.pool)
