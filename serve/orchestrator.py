@@ -3,8 +3,10 @@
 Failure policy (each path counts in metrics with a reason):
 - no healthy decode replica: reject 503 + Retry-After before any engine work;
 - remote prefill fails or times out: the decode engine prefills locally (``prefill_fallbacks``);
-  in slab push mode the decode request is already out: its reservation expires (``push_wait_s``:
-  a few times the predicted TTFT, at least the connector's ``read_timeout_s``) and it recomputes;
+  in slab push mode the decode request is already out: it is cancelled and sent again to the same
+  decode replica with local prefill (a prefill that fails without our noticing, e.g. its engine
+  stalls, is covered by the reservation's deadline: ``push_wait_s``, a few predicted TTFTs, at least
+  the connector's ``read_timeout_s``; then the decode engine recomputes);
 - decode fails before its first token: retried once on another decode replica, local prefill;
 - no output for ``idle_timeout_s``: the request ends with an error, engines abort it.
 Every engine call is cancelled (-> vLLM abort, KV freed) when the client goes away.
@@ -51,6 +53,10 @@ def push_wait_s(predicted_ttft_s: float | None, prefill_timeout_s: float) -> flo
     if not predicted_ttft_s or predicted_ttft_s <= 0:
         return prefill_timeout_s
     return min(prefill_timeout_s, PUSH_WAIT_TTFT_FACTOR * predicted_ttft_s)
+
+
+class PushPrefillFailed(Exception):
+    """A push-mode prefill failed before its decode produced a token (the decode is cancelled)."""
 
 
 def rejection_to_error(r: Rejection) -> ApiError:
@@ -116,8 +122,13 @@ class Orchestrator:
                       push_rendezvous: str | None = None) -> KvHandoff | None:
         """Run the prefill on ``target``; None means 'decode engine prefills locally'. In push mode
         (``push_rendezvous``) the result is not needed: the prefill engine writes to the decode's buffer."""
+        return (await self._prefill(job, target, push_rendezvous))[1]
+
+    async def _prefill(self, job: GenerationJob, target: EndpointState | None,
+                       push_rendezvous: str | None = None) -> tuple[bool, KvHandoff | None]:
+        """(the prefill call succeeded, its handoff)."""
         if target is None:
-            return None
+            return True, None
         req = PrefillRequest(request_id=job.desc.request_id, prompt_token_ids=job.prompt_token_ids,
                              cache_salt=job.cache_salt, push_rendezvous=push_rendezvous, priority=job.priority)
         t0 = self._clock()
@@ -132,18 +143,18 @@ class Orchestrator:
             resp.cancel()
             self._metrics.prefill_fallbacks.labels("timeout").inc()
             logger.warning("prefill of %s timed out on %s; prefilling on decode", req.request_id, target.endpoint_id)
-            return None
+            return False, None
         except Exception as e:  # replica died, engine error...
             self._metrics.prefill_fallbacks.labels("error").inc()
             logger.warning("prefill of %s failed on %s (%r); prefilling on decode", req.request_id,
                            target.endpoint_id, e)
-            return None
+            return False, None
         finally:
             self._release(target.endpoint_id)
         self._metrics.prefill_s.observe(self._clock() - t0)
-        if result.handoff is None:
+        if result.handoff is None and push_rendezvous is None:
             self._metrics.prefill_fallbacks.labels("no_handoff").inc()
-        return result.handoff
+        return True, result.handoff
 
     # -- step 3: decode stream -----------------------------------------------------------------
     async def decode(self, job: GenerationJob, target: EndpointState, handoff: KvHandoff | None
@@ -173,6 +184,29 @@ class Orchestrator:
                 gen.cancel()
             self._release(target.endpoint_id)
 
+    @staticmethod
+    async def _unless_push_fails(stream: AsyncIterator[TokenChunk], prefill_task: asyncio.Future
+                                 ) -> AsyncIterator[TokenChunk]:
+        """``stream``, unless the push-mode prefill fails before its first chunk: then the decode call
+        is cancelled (its engine aborts the request and frees the reservation) and this raises
+        :class:`PushPrefillFailed`."""
+        first = asyncio.ensure_future(stream.__anext__())
+        try:
+            await asyncio.wait({first, prefill_task}, return_when=asyncio.FIRST_COMPLETED)
+            if not first.done() and not prefill_task.result()[0]:
+                first.cancel()
+                await asyncio.wait({first})
+                raise PushPrefillFailed()
+            chunk = await first
+        except StopAsyncIteration:
+            return
+        finally:
+            if not first.done():
+                first.cancel()
+        yield chunk
+        async for chunk in stream:
+            yield chunk
+
     # -- the whole flow ------------------------------------------------------------------------
     async def generate(self, job: GenerationJob) -> AsyncIterator[TokenChunk]:
         t0 = self._clock()
@@ -185,7 +219,7 @@ class Orchestrator:
         # the prefilling replica's queued work, released once its prefill is done (idempotent)
         release = self._reserve((decision.prefill or decision.decode).endpoint_id, decision.uncached_tokens,
                                 job.priority)
-        produced = False
+        produced = push_failed = False
         push = self._push_handoff(job, decision)
         prefill_task = None
         try:
@@ -194,7 +228,7 @@ class Orchestrator:
                 # by WRITE, so the prefill's answer need not come back through here first
                 handoff, rendezvous = push
                 self._metrics.handoff_mode.labels("push").inc()
-                prefill_task = asyncio.ensure_future(self.prefill(job, decision.prefill, rendezvous))
+                prefill_task = asyncio.ensure_future(self._prefill(job, decision.prefill, rendezvous))
                 prefill_task.add_done_callback(lambda _: release())
             else:
                 handoff = await self.prefill(job, decision.prefill)
@@ -202,7 +236,10 @@ class Orchestrator:
                     self._metrics.handoff_mode.labels("pull").inc()
                     release()
             first_s, ntok = None, 0
-            async for chunk in self.decode(job, decision.decode, handoff):
+            stream = self.decode(job, decision.decode, handoff)
+            if prefill_task is not None:
+                stream = self._unless_push_fails(stream, prefill_task)
+            async for chunk in stream:
                 ntok += len(chunk.token_ids)
                 if not produced:
                     produced, first_s = True, self._clock()
@@ -222,6 +259,10 @@ class Orchestrator:
             return
         except (ApiError, asyncio.CancelledError, GeneratorExit):
             raise
+        except PushPrefillFailed:
+            push_failed = True
+            logger.warning("push prefill of %s failed; prefilling on decode replica %s", job.desc.request_id,
+                           decision.decode.endpoint_id)
         except Exception as e:
             if produced:
                 self._metrics.aborts.labels("decode_failed").inc()
@@ -233,6 +274,10 @@ class Orchestrator:
             release()
             if prefill_task is not None and not prefill_task.done():
                 prefill_task.cancel()
+        if push_failed:     # the decode replica is fine: it prefills the prompt itself
+            async for chunk in self.decode(job, decision.decode, None):
+                yield chunk
+            return
         retry = self.route(job.desc, exclude=frozenset({decision.decode.endpoint_id}))
         self._metrics.prefill_fallbacks.labels("decode_retry").inc()
         async for chunk in self.decode(job, retry.decode, None):
