@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from kvtransfer.config import MALLOC_REUSE_ENV
 from kvtransfer.harness import EngineProcess
 from kvtransfer.ports import free_port
 
@@ -83,7 +84,7 @@ def _start_pair(kind: str, model: str, max_model_len: int, logdir: Path) -> tupl
         env = {"VLLM_CPU_OMP_THREADS_BIND": core, "VLLM_CPU_KVCACHE_SPACE": "2", "UCX_TLS": "tcp,self,sm",
                "PYTHONPATH": str(REPO), "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
                "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()), "PDSERVE_NIXL_PROGRESS_DELAY_US": "1000",
-               "PDSERVE_MQ_BUSY_LOOP_S": "0"}  # as the cluster's engines (workers/vllm_plugin.py)
+               "PDSERVE_MQ_BUSY_LOOP_S": "0", **MALLOC_REUSE_ENV}  # as the cluster's CPU engines
         opts = {"name": f"{kind}-{role}", "model": model, "block_size": BLOCK_SIZE, "max_model_len": max_model_len,
                 "dtype": "float32", "max_num_batched_tokens": max_model_len,
                 "kv_transfer_config": _kv_config(kind, f"kvbench-{kind}-{role}", free_port())}

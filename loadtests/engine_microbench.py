@@ -3,8 +3,11 @@
     python -m loadtests.engine_microbench [--settings bfloat16,float32] [--cores 0]
 
 A setting is ``DTYPE`` or ``DTYPE:EXECUTOR`` (vLLM's ``distributed_executor_backend``; note that the
-CPU platform turns ``uni`` into ``mp`` unless ``VLLM_ENABLE_V1_MULTIPROCESSING=0``). Each setting gets a fresh vLLM ``AsyncLLM`` (one after the other,
-same pinned core(s), no Ray, no NIXL), so the numbers isolate the engine from the serving stack. Per setting: prefill of
+CPU platform turns ``uni`` into ``mp`` unless ``VLLM_ENABLE_V1_MULTIPROCESSING=0``), optionally with
+``+heap``: the engine's processes run with glibc malloc keeping freed memory for reuse
+(``kvtransfer.config.MALLOC_REUSE_ENV``) instead of returning every large block to the kernel. Each
+setting gets a fresh vLLM ``AsyncLLM`` (one after the other, same pinned core(s), no Ray, no NIXL), so
+the numbers isolate the engine from the serving stack. Per setting: prefill of
 ``--prompt-tokens`` random tokens (``max_tokens=1``, prefix caching off, ``--repeats`` times, median)
 and greedy decode of 64 tokens at batch 1 and at batch 8. Writes
 ``loadtests/results/<run-id>-engine/engine.json`` and ``engine.png`` with ratios to the first setting.
@@ -30,7 +33,7 @@ async def _measure(model_dir: str, setting: str, prompt_tokens: int, repeats: in
     from vllm.inputs import TokensPrompt
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    dtype, _, executor = setting.partition(":")
+    dtype, _, executor = setting.split("+")[0].partition(":")
     executor = executor or "mp"
     t0 = time.monotonic()
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
@@ -106,10 +109,13 @@ def main(argv=None) -> int:
     model_dir = args.model_dir or bundled_model_dir()
     rows = []
     for setting in args.settings.split(","):
+        from kvtransfer.config import MALLOC_REUSE_ENV
+
+        env = {**os.environ, **(MALLOC_REUSE_ENV if setting.endswith("+heap") else {})}
         out = subprocess.run([sys.executable, "-m", "loadtests.engine_microbench", "--child", setting,
                               "--cores", args.cores, "--prompt-tokens", str(args.prompt_tokens),
                               "--repeats", str(args.repeats), "--model-dir", model_dir],
-                             cwd=REPO, capture_output=True, text=True, timeout=900)
+                             cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
             sys.stderr.write(out.stdout[-3000:] + out.stderr[-3000:])

@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
+from kvtransfer.config import MALLOC_REUSE_ENV
 from workers.config import CpuDevice, GpuDevice, PoolConfig
 from workers.handoff import HandoffBackend, free_port
 from workers.messages import DecodeRequest, PrefillRequest, PrefillResult, SamplingSpec, TokenChunk, WorkerStats
@@ -61,6 +62,8 @@ def device_env(pool: PoolConfig, local_rank: int = 0) -> dict[str, str]:
             "VLLM_CPU_OMP_THREADS_BIND": pool.device.cores_for_rank(local_rank),
             "VLLM_CPU_KVCACHE_SPACE": str(pool.device.kv_cache_space_gib),
         })
+        if pool.device.malloc_reuse:
+            env.update(MALLOC_REUSE_ENV)
     return env
 
 

@@ -66,7 +66,10 @@ class TestEngineArgs:
         assert engine_kwargs(EngineSpec(pool=prio, model_path="/m", served_model_name="m", max_model_len=64),
                              None)["scheduling_policy"] == "priority"
         assert device_env(pool, local_rank=1) == {"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_KVCACHE_SPACE": "2",
-                                                  "PDSERVE_MQ_BUSY_LOOP_S": "0.0", "PDSERVE_MQ_RECHECK_MS": "10"}
+                                                  "PDSERVE_MQ_BUSY_LOOP_S": "0.0", "PDSERVE_MQ_RECHECK_MS": "10",
+                                                  "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
+        off = pool.model_copy(update={"device": pool.device.model_copy(update={"malloc_reuse": False})})
+        assert "MALLOC_MMAP_MAX_" not in device_env(off)
 
     def test_gpu_pool(self):
         pool = PoolConfig(name="p", role="prefill", device={"kind": "gpu", "count": 1, "gpu_memory_utilization": 0.5})
