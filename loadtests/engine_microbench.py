@@ -104,13 +104,12 @@ def main(argv=None) -> int:
     if args.child:
         _child(args)
         return 0
+    from kvtransfer.config import MALLOC_REUSE_ENV
     from loadtests.bench import bundled_model_dir
 
     model_dir = args.model_dir or bundled_model_dir()
     rows = []
     for setting in args.settings.split(","):
-        from kvtransfer.config import MALLOC_REUSE_ENV
-
         env = {**os.environ, **(MALLOC_REUSE_ENV if setting.endswith("+heap") else {})}
         out = subprocess.run([sys.executable, "-m", "loadtests.engine_microbench", "--child", setting,
                               "--cores", args.cores, "--prompt-tokens", str(args.prompt_tokens),
