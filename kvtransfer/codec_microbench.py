@@ -29,10 +29,9 @@ def measure(tokens: int, reps: int) -> dict:
 
     from kvtransfer.codec import SlabCodec
     from kvtransfer.slab import SlabSpec
+    from kvtransfer.xfer_microbench import pin
 
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {0})
-    torch.set_num_threads(1)
+    pin(0)
     spec = SlabSpec(num_layers=30, num_kv_heads=3, head_dim=64, block_size=32, dtype_bytes=4)
     nb = tokens // spec.block_size
     g = torch.Generator().manual_seed(0)

@@ -32,7 +32,8 @@ DESCRIPTORS = (1, 8, 510)
 MiB = 1 << 20
 
 
-def _pin(core: int) -> None:
+def pin(core: int) -> None:
+    """Pin this process to ``core`` (as the cluster pins an engine) and torch to one thread."""
     if hasattr(os, "sched_setaffinity") and core < (os.cpu_count() or 1):
         os.sched_setaffinity(0, {core})
     torch.set_num_threads(1)
@@ -41,7 +42,7 @@ def _pin(core: int) -> None:
 def _source(ucx_tls: str, nbytes: int, ready, stop) -> None:
     from kvtransfer.nixl_transport import NixlTransport
 
-    _pin(0)
+    pin(0)
     t = NixlTransport("xfer-source", "127.0.0.1", ucx_tls=ucx_tls)
     src = torch.arange(nbytes, dtype=torch.int64).to(torch.uint8)          # written: resident, like a packed slab
     t.register_pool(src)
@@ -89,7 +90,7 @@ def run(nbytes: int, reps: int, ucx_tls: str) -> dict:
     proc.start()
     try:
         (host, port), src_addr = ready.get(timeout=120)
-        _pin(1)
+        pin(1)
         t = NixlTransport("xfer-reader", "127.0.0.1", ucx_tls=ucx_tls)
         # one registration: a pre-faulted region, then (reps + 1) x nbytes of never-touched pages per
         # descriptor count, so every fresh-page READ lands on pages no one wrote yet
