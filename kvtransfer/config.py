@@ -36,6 +36,12 @@ class SlabSettings(BaseModel):
                                  "rounded up to 256 MiB")
     prefault_pool: bool = Field(True, description="touch every page of the pool at start (resident memory "
                                 "= pool size) so no handoff pays page faults")
+    huge_pages: bool = Field(True, description="back the pool with transparent huge pages (madvise): a "
+                             "same-host READ (UCX cma) copies at memcpy speed from them, ~half that from 4 KiB "
+                             "pages (kvtransfer/hostmem.py)")
+    idle_nixl_threads: bool = Field(True, description="run the NIXL agent's own threads under SCHED_IDLE so "
+                                    "they never take the engine's core from a READ (kvtransfer/threads.py); "
+                                    "turn off when peers reach this engine over UCX tcp")
     pool_tokens: int = Field(16384, ge=1, description="tokens of KV in flight the default pool holds")
     side_channel_host: str = Field("127.0.0.1", description="address peers use to fetch this engine's NIXL "
                                    "agent metadata")

@@ -8,6 +8,9 @@ imports nixl.
   spinning core per engine). The agent is built with the compiled bindings wrapped for the duration
   of the constructor so the config carries ``progress_delay_us`` (workers/nixl_connector.py does the
   same for vLLM's connector).
+* The agent's own threads (progress, listener, UCX async) run under ``SCHED_IDLE`` unless
+  ``idle_threads`` is off: on a pinned engine core they otherwise spin against the engine thread's
+  READ (kvtransfer/threads.py).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from nixl._api import nixl_agent, nixl_agent_config
 
 from kvtransfer.ports import free_port
+from kvtransfer.threads import with_idle_threads
 from kvtransfer.transport import Desc, TransferState
 
 logger = logging.getLogger(__name__)
@@ -59,12 +63,12 @@ def build_agent(name: str, port: int, delay_us: int) -> nixl_agent:
 
 class NixlTransport:
     def __init__(self, name: str, host: str, port: int = 0, progress_delay_us: int = 1000,
-                 ucx_tls: str | None = None):
+                 ucx_tls: str | None = None, idle_threads: bool = True):
         if ucx_tls:
             os.environ["UCX_TLS"] = ucx_tls      # read by UCX when the backend is created, just below
         self.name, self._host = name, host
         self._port = port or free_port(host)
-        self._agent = build_agent(name, self._port, progress_delay_us)
+        self._agent = with_idle_threads(lambda: build_agent(name, self._port, progress_delay_us), idle_threads)
         self._connecting: set[str] = set()
         self._connected: set[str] = set()
         self._reg = None

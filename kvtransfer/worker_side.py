@@ -41,6 +41,7 @@ import torch
 
 from kvtransfer.codec import COMPRESSIONS, SlabCodec
 from kvtransfer.config import SlabSettings
+from kvtransfer.hostmem import alloc_host, huge_page_bytes
 from kvtransfer.metadata import (
     NOTE_PUSH_FAILED,
     NOTE_PUSHED,
@@ -167,16 +168,17 @@ class SlabConnectorWorker:
         self._codecs = {c: SlabCodec(self.spec, first.dtype, c, self.settings.group) for c in COMPRESSIONS}
         nbytes = self.settings.pool_mib * MiB if self.settings.pool_mib else pool_nbytes(
             self.spec, self.settings.pool_tokens)
-        # pre-faulted (zeros touches every page): a READ or pack into fresh pages pays a page fault per
-        # 4 KiB, ~4x slower on this VM (kvtransfer/xfer_microbench.py); RDMA registration pins the pages
-        # anyway
-        self.pool = (torch.zeros if self.settings.prefault_pool else torch.empty)(nbytes, dtype=torch.uint8)
+        # pre-faulted: a READ or pack into fresh pages pays a page fault per page, ~4x slower on this
+        # VM; on huge pages a same-host READ copies ~2x faster (kvtransfer/xfer_microbench.py). RDMA
+        # registration pins the pages anyway
+        self.pool = alloc_host(nbytes, huge_pages=self.settings.huge_pages, prefault=self.settings.prefault_pool)
         self.transport = self._make_transport()
         self.transport.register_pool(self.pool)
         host, port = self.transport.listen_address()
         self.handshake = SlabHandshake(self.transport.name, host, port, self.pool.data_ptr(), nbytes)
-        logger.info("slab connector: %d layers x %s, block %d, slab %d blocks, pool %d MiB",
-                    len(self.layers), tuple(first.shape[1:]), block_size, self.spec.blocks_per_slab, nbytes >> 20)
+        logger.info("slab connector: %d layers x %s, block %d, slab %d blocks, pool %d MiB (%d MiB on huge pages)",
+                    len(self.layers), tuple(first.shape[1:]), block_size, self.spec.blocks_per_slab, nbytes >> 20,
+                    huge_page_bytes(self.pool) >> 20)
 
     # ----------------------------------------------------------------------------- per step
     def start_load_kv(self, meta: SlabConnectorMetadata) -> None:

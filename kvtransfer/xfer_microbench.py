@@ -8,10 +8,12 @@ READs ``--mib`` MiB (47.2 MB = 1,024 tokens of float32 SmolLM2 KV) split into 1 
 descriptors (one slab / our 8 slabs of 128 tokens / vLLM's NixlConnector at block 32) into
 
 * a pre-faulted destination (pages touched once at start; ``prefault_pool: true``), and
-* fresh pages (``torch.empty``: the first write to each 4 KiB page faults),
+* fresh pages (the first write to each page faults),
 
-side by side in one run, next to single-thread memcpy into pre-faulted and into fresh pages.
-Median of ``--reps`` after one warm-up. Writes ``summary.json`` and ``xfer.png`` to ``--out``
+under several set-ups (``--configs``, side by side in one run): both processes' memory on 4 KiB
+pages or on transparent huge pages (``kvtransfer/hostmem.py``; ``huge_pages: true``), and NIXL's own
+threads at normal or idle priority (``kvtransfer/threads.py``; ``idle_nixl_threads: true``), next to
+single-thread memcpy into the same kinds of memory. Median of ``--reps`` after one warm-up. Writes ``summary.json`` and ``xfer.png`` to ``--out``
 (default loadtests/results/<UTC timestamp>-xfer/).
 """
 
@@ -39,12 +41,14 @@ def pin(core: int) -> None:
     torch.set_num_threads(1)
 
 
-def _source(ucx_tls: str, nbytes: int, ready, stop) -> None:
+def _source(ucx_tls: str, nbytes: int, huge: bool, idle: bool, ready, stop) -> None:
+    from kvtransfer.hostmem import alloc_host
     from kvtransfer.nixl_transport import NixlTransport
 
     pin(0)
-    t = NixlTransport("xfer-source", "127.0.0.1", ucx_tls=ucx_tls)
-    src = torch.arange(nbytes, dtype=torch.int64).to(torch.uint8)          # written: resident, like a packed slab
+    t = NixlTransport("xfer-source", "127.0.0.1", ucx_tls=ucx_tls, idle_threads=idle)
+    src = alloc_host(nbytes, huge_pages=huge)                              # resident, like a packed slab
+    src.copy_(torch.arange(nbytes, dtype=torch.int64).to(torch.uint8))
     t.register_pool(src)
     ready.put((t.listen_address(), src.data_ptr()))
     stop.get()
@@ -68,34 +72,40 @@ def _read_s(t, peer: str, dst_addr: int, src_addr: int, nbytes: int, ndesc: int)
     return dt
 
 
-def _memcpy_s(nbytes: int, fresh: bool, reps: int) -> list[float]:
-    src = torch.ones(nbytes, dtype=torch.uint8)
-    dst = torch.zeros(nbytes, dtype=torch.uint8)
+def _memcpy_s(nbytes: int, fresh: bool, huge: bool, reps: int) -> list[float]:
+    from kvtransfer.hostmem import alloc_host
+
+    src = alloc_host(nbytes, huge_pages=huge)
+    src.fill_(1)
+    dst = alloc_host(nbytes, huge_pages=huge)
     out = []
     for _ in range(reps + 1):
         if fresh:
-            dst = torch.empty(nbytes, dtype=torch.uint8)
+            dst = alloc_host(nbytes, huge_pages=huge, prefault=False)
         t0 = time.perf_counter()
         dst.copy_(src)
         out.append(time.perf_counter() - t0)
     return out[1:]
 
 
-def run(nbytes: int, reps: int, ucx_tls: str) -> dict:
+def run(nbytes: int, reps: int, ucx_tls: str, huge: bool, idle: bool) -> dict:
+    """One source process and this process as the reader, all memory on huge pages or on 4 KiB ones,
+    NIXL's threads idle or not."""
+    from kvtransfer.hostmem import alloc_host
     from kvtransfer.nixl_transport import NixlTransport
 
     ctx = mp.get_context("spawn")
     ready, stop = ctx.Queue(), ctx.Queue()
-    proc = ctx.Process(target=_source, args=(ucx_tls, nbytes, ready, stop), daemon=True)
+    proc = ctx.Process(target=_source, args=(ucx_tls, nbytes, huge, idle, ready, stop), daemon=True)
     proc.start()
     try:
         (host, port), src_addr = ready.get(timeout=120)
         pin(1)
-        t = NixlTransport("xfer-reader", "127.0.0.1", ucx_tls=ucx_tls)
+        t = NixlTransport("xfer-reader", "127.0.0.1", ucx_tls=ucx_tls, idle_threads=idle)
         # one registration: a pre-faulted region, then (reps + 1) x nbytes of never-touched pages per
         # descriptor count, so every fresh-page READ lands on pages no one wrote yet
         fresh_per_variant = (reps + 1) * nbytes
-        pool = torch.empty(nbytes + len(DESCRIPTORS) * fresh_per_variant, dtype=torch.uint8)
+        pool = alloc_host(nbytes + len(DESCRIPTORS) * fresh_per_variant, huge_pages=huge, prefault=False)
         pool[:nbytes].zero_()
         t.register_pool(pool)
         t.connect("xfer-source", host, port)
@@ -117,19 +127,28 @@ def run(nbytes: int, reps: int, ucx_tls: str) -> dict:
     finally:
         stop.put(1)
         proc.join(timeout=30)
-    memcpy = {"prefaulted_s": _memcpy_s(nbytes, False, reps), "fresh_s": _memcpy_s(nbytes, True, reps)}
-    return {"nbytes": nbytes, "reps": reps, "ucx_tls": ucx_tls, "bytes_equal": ok, "read": rows, "memcpy": memcpy}
+    memcpy = {"prefaulted_s": _memcpy_s(nbytes, False, huge, reps), "fresh_s": _memcpy_s(nbytes, True, huge, reps)}
+    return {"bytes_equal": ok, "read": rows, "memcpy": memcpy}
 
 
 def summarize(raw: dict) -> dict:
     gbps = lambda xs: raw["nbytes"] / statistics.median(xs) / 1e9  # noqa: E731
-    s: dict = {"memcpy_gbps": {k: gbps(v) for k, v in raw["memcpy"].items()}, "read_gbps": {}, "read_p50_ms": {}}
-    for ndesc, r in raw["read"].items():
-        s["read_gbps"][ndesc] = {k: gbps(v) for k, v in r.items()}
-        s["read_p50_ms"][ndesc] = {k: statistics.median(v) * 1e3 for k, v in r.items()}
-        s["read_p50_ms"][ndesc]["fresh_over_prefaulted"] = (statistics.median(r["fresh_s"])
-                                                            / statistics.median(r["prefaulted_s"]))
-    s["read_8_prefaulted_of_memcpy"] = s["read_gbps"]["8"]["prefaulted_s"] / s["memcpy_gbps"]["prefaulted_s"]
+    s: dict = {"thp_mode": raw.get("thp_mode")}
+    for pages, r in raw["configs"].items():
+        p: dict = {"memcpy_gbps": {k: gbps(v) for k, v in r["memcpy"].items()}, "read_gbps": {}, "read_p50_ms": {}}
+        for ndesc, rr in r["read"].items():
+            p["read_gbps"][ndesc] = {k: gbps(v) for k, v in rr.items()}
+            p["read_p50_ms"][ndesc] = {k: statistics.median(v) * 1e3 for k, v in rr.items()}
+            p["read_p50_ms"][ndesc]["fresh_over_prefaulted"] = (statistics.median(rr["fresh_s"])
+                                                                / statistics.median(rr["prefaulted_s"]))
+        p["read_8_prefaulted_of_memcpy"] = p["read_gbps"]["8"]["prefaulted_s"] / p["memcpy_gbps"]["prefaulted_s"]
+        s[pages] = p
+    base = next(iter(raw["configs"]))
+    # what each set-up buys over the first one: pre-faulted READ speed (8 descriptors) ratio
+    s["read_8_speedup_over_" + base] = {c: s[c]["read_gbps"]["8"]["prefaulted_s"] / s[base]["read_gbps"]["8"]["prefaulted_s"]
+                                        for c in raw["configs"]}
+    s["read_8_of_4k_memcpy"] = {c: s[c]["read_gbps"]["8"]["prefaulted_s"] / s[base]["memcpy_gbps"]["prefaulted_s"]
+                                for c in raw["configs"]}
     return s
 
 
@@ -140,16 +159,20 @@ def plot(raw: dict, summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = ["memcpy"] + [f"READ {d} desc" for d in DESCRIPTORS]
-    pre = [summary["memcpy_gbps"]["prefaulted_s"]] + [summary["read_gbps"][str(d)]["prefaulted_s"] for d in DESCRIPTORS]
-    fresh = [summary["memcpy_gbps"]["fresh_s"]] + [summary["read_gbps"][str(d)]["fresh_s"] for d in DESCRIPTORS]
-    fig, ax = plt.subplots(figsize=(8, 4.2))
-    xs = range(len(labels))
-    ax.bar([x - 0.2 for x in xs], pre, 0.4, label="pre-faulted destination")
-    ax.bar([x + 0.2 for x in xs], fresh, 0.4, label="fresh pages")
-    ax.set_xticks(list(xs), labels)
-    ax.set_ylabel("GB/s (median)")
-    ax.set_title(f"NIXL READ {raw['nbytes'] / 1e6:.1f} MB across processes, UCX_TLS={raw['ucx_tls']}")
-    ax.legend()
+    pages = list(raw["configs"])
+    fig, axes = plt.subplots(1, len(pages), figsize=(6 * len(pages), 4.2), sharey=True, squeeze=False)
+    for ax, page in zip(axes[0], pages):
+        s = summary[page]
+        pre = [s["memcpy_gbps"]["prefaulted_s"]] + [s["read_gbps"][str(d)]["prefaulted_s"] for d in DESCRIPTORS]
+        fresh = [s["memcpy_gbps"]["fresh_s"]] + [s["read_gbps"][str(d)]["fresh_s"] for d in DESCRIPTORS]
+        xs = range(len(labels))
+        ax.bar([x - 0.2 for x in xs], pre, 0.4, label="pre-faulted destination")
+        ax.bar([x + 0.2 for x in xs], fresh, 0.4, label="fresh pages")
+        ax.set_xticks(list(xs), labels, fontsize=8)
+        ax.set_title(page.replace("+", " pages, threads "))
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("GB/s (median)")
+    fig.suptitle(f"NIXL READ {raw['nbytes'] / 1e6:.1f} MB across processes, UCX_TLS={raw['ucx_tls']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -159,6 +182,9 @@ def main() -> None:
     ap.add_argument("--mib", type=float, default=45.0, help="bytes per READ (45 MiB = 47.2 MB: 1k tokens)")
     ap.add_argument("--reps", type=int, default=6)
     ap.add_argument("--ucx-tls", default="tcp,self,sm")
+    ap.add_argument("--configs", default="4k+normal,4k+idle,huge+normal,huge+idle",
+                    help="set-ups to run, each <4k|huge>+<normal|idle> (pages + NIXL thread priority); the "
+                    "first is the baseline of the ratios")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     nbytes = int(args.mib * MiB) // 4096 * 4096
@@ -166,7 +192,11 @@ def main() -> None:
     out = Path(args.out) if args.out else REPO / "loadtests" / "results" / (
         time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-xfer")
     out.mkdir(parents=True, exist_ok=True)
-    raw = run(nbytes, args.reps, args.ucx_tls)
+    from kvtransfer.hostmem import thp_mode
+
+    raw = {"nbytes": nbytes, "reps": args.reps, "ucx_tls": args.ucx_tls, "thp_mode": thp_mode(),
+           "configs": {c: run(nbytes, args.reps, args.ucx_tls, c.startswith("huge"), c.endswith("+idle"))
+                       for c in args.configs.split(",")}}
     summary = summarize(raw)
     (out / "summary.json").write_text(json.dumps({"summary": summary, "raw": raw}, indent=1))
     plot(raw, summary, out / "xfer.png")

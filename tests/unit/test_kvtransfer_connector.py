@@ -322,6 +322,58 @@ def test_slab_pool_is_resident_when_prefaulted():
     assert _resident_share(w.pool) == 1.0
 
 
+def test_slab_pool_sits_on_huge_pages():
+    """``huge_pages`` (default on) asks for transparent huge pages: same-host READs (UCX cma) copy
+    ~2x faster from them (kvtransfer/xfer_microbench.py). With THP off in the kernel the pool is
+    ordinary memory and still works."""
+    from kvtransfer.hostmem import HUGE_PAGE, huge_page_bytes, thp_mode
+
+    assert SlabSettings().huge_pages
+    w = SlabConnectorWorker(SlabSettings(pool_mib=64), "P", lambda: FakeTransport("P", {}), clock=FakeClock(0.0),
+                            wall_clock=lambda: 0.0)
+    w.register_kv_caches(_caches())
+    assert w.pool.numel() == 64 << 20 and w.pool.data_ptr() % HUGE_PAGE == 0
+    huge = huge_page_bytes(w.pool)
+    if thp_mode() in ("always", "madvise"):
+        assert huge >= (64 << 20) * 3 // 4, f"only {huge >> 20} MiB of the pool on huge pages"
+    plain = SlabConnectorWorker(SlabSettings(pool_mib=64, huge_pages=False), "Q", lambda: FakeTransport("Q", {}),
+                                clock=FakeClock(0.0), wall_clock=lambda: 0.0)
+    plain.register_kv_caches(_caches())
+    if thp_mode() == "madvise":
+        assert huge_page_bytes(plain.pool) == 0
+    assert _resident_share(plain.pool) == 1.0
+
+
+def test_threads_started_by_a_builder_run_idle():
+    """kvtransfer/threads.py: threads the NIXL agent constructor starts go to SCHED_IDLE; the caller's
+    own thread keeps its policy."""
+    import os
+    import threading
+
+    from kvtransfer.threads import with_idle_threads
+
+    def started(enabled):
+        stop, tids = threading.Event(), []
+
+        def build():
+            t = threading.Thread(target=lambda: (tids.append(threading.get_native_id()), stop.wait()), daemon=True)
+            t.start()
+            while not tids:
+                pass
+            return t
+
+        t = with_idle_threads(build, enabled)
+        try:
+            return os.sched_getscheduler(tids[0])
+        finally:
+            stop.set()
+            t.join()
+
+    assert started(True) == os.SCHED_IDLE
+    assert os.sched_getscheduler(0) != os.SCHED_IDLE
+    assert started(False) != os.SCHED_IDLE
+
+
 class TestWorkerRoundTrip:
     """Prefill worker packs, decode worker READs over FakeTransport and scatters; ranges and
     handles all come back."""
