@@ -421,7 +421,10 @@ class SlabConnectorWorker:
                     self._drop(req_id, "connect_timeout")
                     if hasattr(self.transport, "forget"):
                         self.transport.forget(h.engine_id)
-                continue
+                if r.handle is None:
+                    continue
+                # polled at once: a same-host READ (UCX cma) is done when its post returns; left for
+                # later, an idle step would first sleep idle_wait_ms in wait_for_save
             state = self.transport.poll(r.handle)
             if state is TransferState.DONE:
                 self.transport.release(r.handle)

@@ -436,6 +436,16 @@ class TestWorkerRoundTrip:
         assert st.num_handoffs_received == 1 and st.num_descriptors == 2
         assert (st.wire_bytes == st.raw_bytes) == (compression == "none")
 
+    def test_a_read_done_at_post_completes_in_the_same_call(self):
+        """A same-host READ (UCX cma) is done when its post returns: the receive completes inside the
+        start_load_kv that started it, so an idle step does not sleep idle_wait_ms before reporting it."""
+        p, d, ps, ds, _ = self._pair()
+        req = _request("d1", self._prefill(p, ps), prompt_tokens=170)
+        ds.get_num_new_matched_tokens(req, 0)
+        ds.update_state_after_alloc(req, [1, 2, 4, 6, 8, 10], 170)
+        d.start_load_kv(ds.build_connector_meta({}, idle=True))
+        assert d.transport.reads == [2] and not d._recvs and d._finished_recving == {"d1"}
+
     @pytest.mark.parametrize("compression", ["none", "int4"])
     def test_handoff_to_a_larger_block_size(self, compression):
         """A block-32 prefill (6 blocks, 170 tokens) to a block-64 decode with its first 64 tokens
