@@ -70,12 +70,12 @@ def huge_page_bytes(tensor: torch.Tensor) -> int:
         lines = Path("/proc/self/smaps").read_text().splitlines()
     except OSError:
         return 0
-    inside = False
+    inside, total = False, 0
     for line in lines:
         head = line.split(" ", 1)[0]
         if "-" in head and all(c in "0123456789abcdef-" for c in head):
             a, b = (int(x, 16) for x in head.split("-"))
-            inside = a <= lo < b or (lo <= a < hi)
+            inside = a < hi and lo < b                  # this mapping overlaps the tensor
         elif inside and line.startswith("AnonHugePages:"):
-            return int(line.split()[1]) * 1024
-    return 0
+            total += int(line.split()[1]) * 1024
+    return total

@@ -10,10 +10,17 @@ real vLLM engines and NIXL on its 5 prompts.
 Variants (all group-wise along head_dim, groups of 32, asymmetric, kvtransfer/quant.py):
   int8, int4     the connector's codecs (Hadamard rotation of head_dim first, kvtransfer/codec.py)
   int4_norot     int4 without the rotation
+  int4_rsh       int4 with a randomised Hadamard rotation (random signs first, fixed seed)
   int4_sink      int4, the first 4 tokens (attention sinks) exact
+  int4_sink1     int4, the first token exact
+  int4_konly     int4 on K only, V exact (diagnostic: which of K and V the errors come from)
+  int4_vonly     int4 on V only, K exact (diagnostic)
+  int8_norot     int8 without the rotation
   int4_recent    int4, the last 16 prompt tokens exact
   int4_sink_recent  both
   int4_g16       int4 with groups of 16 (more scale bytes: 0.375x of bf16 instead of 0.29x)
+  bf16, fp16     the KV cast to 16-bit floats and back: the noise floor of the criterion (a bf16
+                 deployment's own cache dtype already moves the greedy tokens this much)
 
     python -m kvtransfer.int4_study [--variants int8,int4,...] [--out DIR]
 """
@@ -76,8 +83,11 @@ def make_variants(head_dim: int) -> dict:
     h = hadamard(head_dim)
     q4, q8, q4g16 = GroupQuant(4, 32), GroupQuant(8, 32), GroupQuant(4, 16)
 
-    def rotated(q):
-        return lambda k, v: (round_trip(k @ h, q) @ h.T, round_trip(v @ h, q) @ h.T)
+    signs = torch.randint(0, 2, (head_dim,), generator=torch.Generator().manual_seed(0)) * 2.0 - 1.0
+    rsh = signs[:, None] * h                    # diag(signs) @ H: still orthonormal
+
+    def rotated(q, r=h):
+        return lambda k, v: (round_trip(k @ r, q) @ r.T, round_trip(v @ r, q) @ r.T)
 
     def keep_exact(base, first: int = 0, last: int = 0):
         def f(k, v):
@@ -89,11 +99,18 @@ def make_variants(head_dim: int) -> dict:
             return kk, vv
         return f
 
+    def cast(dtype):
+        return lambda k, v: (k.to(dtype).to(k.dtype), v.to(dtype).to(v.dtype))
+
     int4 = rotated(q4)
     return {"int8": rotated(q8), "int4": int4,
-            "int4_norot": lambda k, v: (round_trip(k, q4), round_trip(v, q4)),
+            "int4_norot": lambda k, v: (round_trip(k, q4), round_trip(v, q4)), "int4_rsh": rotated(q4, rsh),
             "int4_sink": keep_exact(int4, first=4), "int4_recent": keep_exact(int4, last=16),
-            "int4_sink_recent": keep_exact(int4, first=4, last=16), "int4_g16": rotated(q4g16)}
+            "int4_sink1": keep_exact(int4, first=1),
+            "int4_konly": lambda k, v: (int4(k, v)[0], v), "int4_vonly": lambda k, v: (k, int4(k, v)[1]),
+            "int8_norot": lambda k, v: (round_trip(k, q8), round_trip(v, q8)),
+            "int4_sink_recent": keep_exact(int4, first=4, last=16), "int4_g16": rotated(q4g16),
+            "bf16": cast(torch.bfloat16), "fp16": cast(torch.float16)}
 
 
 @torch.no_grad()
