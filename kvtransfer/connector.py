@@ -70,7 +70,7 @@ def _make_nixl_transport(settings: SlabSettings, engine_id: str):
     from kvtransfer.nixl_transport import NixlTransport
 
     return NixlTransport(engine_id, settings.side_channel_host, settings.side_channel_port,
-                         settings.progress_delay_us, settings.ucx_tls, settings.idle_nixl_threads)
+                         settings.progress_delay_us, settings.ucx_tls, settings.ucx_mt_mutex)
 
 
 class SlabKVConnector(KVConnectorBase_V1):

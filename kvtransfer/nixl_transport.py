@@ -8,9 +8,8 @@ imports nixl.
   spinning core per engine). The agent is built with the compiled bindings wrapped for the duration
   of the constructor so the config carries ``progress_delay_us`` (workers/nixl_connector.py does the
   same for vLLM's connector).
-* The agent's own threads (progress, listener, UCX async) run under ``SCHED_IDLE`` unless
-  ``idle_threads`` is off: on a pinned engine core they otherwise spin against the engine thread's
-  READ (kvtransfer/threads.py).
+* UCX locks its worker with a mutex unless ``mt_mutex`` is False (kvtransfer.config.UCX_MT_MUTEX_ENV:
+  the default spinlock makes the progress thread spin against the engine thread's READ).
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import torch
 from nixl._api import nixl_agent, nixl_agent_config
 
 from kvtransfer.ports import free_port
-from kvtransfer.threads import with_idle_threads
+from kvtransfer.config import UCX_MT_MUTEX_ENV
 from kvtransfer.transport import Desc, TransferState
 
 logger = logging.getLogger(__name__)
@@ -63,12 +62,15 @@ def build_agent(name: str, port: int, delay_us: int) -> nixl_agent:
 
 class NixlTransport:
     def __init__(self, name: str, host: str, port: int = 0, progress_delay_us: int = 1000,
-                 ucx_tls: str | None = None, idle_threads: bool = True):
+                 ucx_tls: str | None = None, mt_mutex: bool | None = True):
+        # read by UCX when the backend is created, just below
         if ucx_tls:
-            os.environ["UCX_TLS"] = ucx_tls      # read by UCX when the backend is created, just below
+            os.environ["UCX_TLS"] = ucx_tls
+        if mt_mutex is not None:
+            os.environ[UCX_MT_MUTEX_ENV] = "y" if mt_mutex else "n"
         self.name, self._host = name, host
         self._port = port or free_port(host)
-        self._agent = with_idle_threads(lambda: build_agent(name, self._port, progress_delay_us), idle_threads)
+        self._agent = build_agent(name, self._port, progress_delay_us)
         self._connecting: set[str] = set()
         self._connected: set[str] = set()
         self._reg = None

@@ -11,9 +11,9 @@ descriptors (one slab / our 8 slabs of 128 tokens / vLLM's NixlConnector at bloc
 * fresh pages (the first write to each page faults),
 
 under several set-ups (``--configs``, side by side in one run): both processes' memory on 4 KiB
-pages or on transparent huge pages (``kvtransfer/hostmem.py``; ``huge_pages: true``), and NIXL's own
-threads at normal or idle priority (``kvtransfer/threads.py``; ``idle_nixl_threads: true``), next to
-single-thread memcpy into the same kinds of memory. Median of ``--reps`` after one warm-up. Writes ``summary.json`` and ``xfer.png`` to ``--out``
+pages or on transparent huge pages (``kvtransfer/hostmem.py``; ``huge_pages: true``), and UCX's
+worker lock a spinlock (UCX's default) or a mutex (``ucx_mt_mutex: true``), next to single-thread
+memcpy into the same kinds of memory. Median of ``--reps`` after one warm-up. Writes ``summary.json`` and ``xfer.png`` to ``--out``
 (default loadtests/results/<UTC timestamp>-xfer/).
 """
 
@@ -41,12 +41,12 @@ def pin(core: int) -> None:
     torch.set_num_threads(1)
 
 
-def _source(ucx_tls: str, nbytes: int, huge: bool, idle: bool, ready, stop) -> None:
+def _source(ucx_tls: str, nbytes: int, huge: bool, mutex: bool, ready, stop) -> None:
     from kvtransfer.hostmem import alloc_host
     from kvtransfer.nixl_transport import NixlTransport
 
     pin(0)
-    t = NixlTransport("xfer-source", "127.0.0.1", ucx_tls=ucx_tls, idle_threads=idle)
+    t = NixlTransport("xfer-source", "127.0.0.1", ucx_tls=ucx_tls, mt_mutex=mutex)
     src = alloc_host(nbytes, huge_pages=huge)                              # resident, like a packed slab
     src.copy_(torch.arange(nbytes, dtype=torch.int64).to(torch.uint8))
     t.register_pool(src)
@@ -88,20 +88,20 @@ def _memcpy_s(nbytes: int, fresh: bool, huge: bool, reps: int) -> list[float]:
     return out[1:]
 
 
-def run(nbytes: int, reps: int, ucx_tls: str, huge: bool, idle: bool) -> dict:
+def run(nbytes: int, reps: int, ucx_tls: str, huge: bool, mutex: bool) -> dict:
     """One source process and this process as the reader, all memory on huge pages or on 4 KiB ones,
-    NIXL's threads idle or not."""
+    UCX's worker lock a mutex or a spinlock."""
     from kvtransfer.hostmem import alloc_host
     from kvtransfer.nixl_transport import NixlTransport
 
     ctx = mp.get_context("spawn")
     ready, stop = ctx.Queue(), ctx.Queue()
-    proc = ctx.Process(target=_source, args=(ucx_tls, nbytes, huge, idle, ready, stop), daemon=True)
+    proc = ctx.Process(target=_source, args=(ucx_tls, nbytes, huge, mutex, ready, stop), daemon=True)
     proc.start()
     try:
         (host, port), src_addr = ready.get(timeout=120)
         pin(1)
-        t = NixlTransport("xfer-reader", "127.0.0.1", ucx_tls=ucx_tls, idle_threads=idle)
+        t = NixlTransport("xfer-reader", "127.0.0.1", ucx_tls=ucx_tls, mt_mutex=mutex)
         # one registration: a pre-faulted region, then (reps + 1) x nbytes of never-touched pages per
         # descriptor count, so every fresh-page READ lands on pages no one wrote yet
         fresh_per_variant = (reps + 1) * nbytes
@@ -169,7 +169,7 @@ def plot(raw: dict, summary: dict, path: Path) -> None:
         ax.bar([x - 0.2 for x in xs], pre, 0.4, label="pre-faulted destination")
         ax.bar([x + 0.2 for x in xs], fresh, 0.4, label="fresh pages")
         ax.set_xticks(list(xs), labels, fontsize=8)
-        ax.set_title(page.replace("+", " pages, threads "))
+        ax.set_title(page.replace("+", " pages, UCX lock: "))
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("GB/s (median)")
     fig.suptitle(f"NIXL READ {raw['nbytes'] / 1e6:.1f} MB across processes, UCX_TLS={raw['ucx_tls']}")
@@ -182,9 +182,9 @@ def main() -> None:
     ap.add_argument("--mib", type=float, default=45.0, help="bytes per READ (45 MiB = 47.2 MB: 1k tokens)")
     ap.add_argument("--reps", type=int, default=6)
     ap.add_argument("--ucx-tls", default="tcp,self,sm")
-    ap.add_argument("--configs", default="4k+normal,4k+idle,huge+normal,huge+idle",
-                    help="set-ups to run, each <4k|huge>+<normal|idle> (pages + NIXL thread priority); the "
-                    "first is the baseline of the ratios")
+    ap.add_argument("--configs", default="4k+spin,4k+mutex,huge+spin,huge+mutex",
+                    help="set-ups to run, each <4k|huge>+<spin|mutex> (pages + UCX worker lock); the first is "
+                    "the baseline of the ratios")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     nbytes = int(args.mib * MiB) // 4096 * 4096
@@ -195,7 +195,7 @@ def main() -> None:
     from kvtransfer.hostmem import thp_mode
 
     raw = {"nbytes": nbytes, "reps": args.reps, "ucx_tls": args.ucx_tls, "thp_mode": thp_mode(),
-           "configs": {c: run(nbytes, args.reps, args.ucx_tls, c.startswith("huge"), c.endswith("+idle"))
+           "configs": {c: run(nbytes, args.reps, args.ucx_tls, c.startswith("huge"), c.endswith("+mutex"))
                        for c in args.configs.split(",")}}
     summary = summarize(raw)
     (out / "summary.json").write_text(json.dumps({"summary": summary, "raw": raw}, indent=1))

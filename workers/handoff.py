@@ -79,12 +79,11 @@ class NixlHandoff(_RemotePrefillParams):
             "VLLM_NIXL_SIDE_CHANNEL_PORT": str(self._port),
             "PDSERVE_NIXL_PROGRESS_THREAD": "1" if self._cfg.nixl_progress_thread else "0",
             "PDSERVE_NIXL_PROGRESS_DELAY_US": str(self._cfg.nixl_progress_delay_us),
-            "PDSERVE_NIXL_IDLE_THREADS": "1" if self._cfg.nixl_idle_threads else "0",
+            "UCX_USE_MT_MUTEX": "y" if self._cfg.ucx_mt_mutex else "n",
         }
 
     def kv_transfer_config(self) -> dict[str, Any]:
-        stock = (self._cfg.nixl_progress_thread and self._cfg.nixl_progress_delay_us == 0
-                 and not self._cfg.nixl_idle_threads)
+        stock = self._cfg.nixl_progress_thread and self._cfg.nixl_progress_delay_us == 0
         quiet = {} if stock else {
             "kv_connector": "QuietNixlConnector", "kv_connector_module_path": "workers.nixl_connector"}
         return {
@@ -144,7 +143,7 @@ class SlabHandoff(_RemotePrefillParams):
                 "side_channel_host": self._host,
                 "side_channel_port": self._port,
                 "progress_delay_us": self._cfg.nixl_progress_delay_us,
-                "idle_nixl_threads": self._cfg.nixl_idle_threads,
+                "ucx_mt_mutex": self._cfg.ucx_mt_mutex,
                 "ucx_tls": self._cfg.ucx_tls,
             },
         }

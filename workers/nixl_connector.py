@@ -9,9 +9,7 @@ steps, so an idle or busy prefill engine delays reads (measured: ~1.9 s per 2-bl
 The thread itself is event driven (it polls the UCX workers' event fds) and ``pthrDelay`` is only its
 poll timeout, so a delay of ~1 ms gives prompt progress at near-zero idle cost. This module sets it
 from ``PDSERVE_NIXL_PROGRESS_DELAY_US`` and can switch the thread off with
-``PDSERVE_NIXL_PROGRESS_THREAD=0``. The agent's threads run under ``SCHED_IDLE``
-(kvtransfer/threads.py: on a pinned engine core they otherwise spin on UCX's worker lock against the
-engine thread's READ, halving its copy speed); ``PDSERVE_NIXL_IDLE_THREADS=0`` keeps them normal. Loaded by vLLM inside the engine worker process via
+``PDSERVE_NIXL_PROGRESS_THREAD=0``. Loaded by vLLM inside the engine worker process via
 ``kv_connector_module_path``; the engine environment comes from workers/handoff.py.
 
 It also restores the engine thread's CPU affinity that vLLM's CPU NIXL worker overrides (below).
@@ -27,28 +25,26 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlConnector
 from vllm.logger import init_logger
 
-from kvtransfer.threads import with_idle_threads
 from workers.vllm_plugin import register as register_plumbing_fixes
 
 logger = init_logger(__name__)
 
 PROGRESS_THREAD_ENV = "PDSERVE_NIXL_PROGRESS_THREAD"
 PROGRESS_DELAY_ENV = "PDSERVE_NIXL_PROGRESS_DELAY_US"
-IDLE_THREADS_ENV = "PDSERVE_NIXL_IDLE_THREADS"
 
 
 class _AgentBindings:
     """Proxy of NIXL's compiled bindings that sets the progress thread's poll timeout on new agents."""
 
-    def __init__(self, real, delay_us: int, idle_threads: bool = True) -> None:
-        self._real, self._delay_us, self._idle = real, delay_us, idle_threads
+    def __init__(self, real, delay_us: int) -> None:
+        self._real, self._delay_us = real, delay_us
 
     def __getattr__(self, name):
         return getattr(self._real, name)
 
     def nixlAgent(self, name, config):  # noqa: N802 (NIXL's name)
         config.pthrDelay = self._delay_us
-        return with_idle_threads(lambda: self._real.nixlAgent(name, config), self._idle)
+        return self._real.nixlAgent(name, config)
 
 
 def _install() -> None:
@@ -67,7 +63,7 @@ def _install() -> None:
     base_worker.nixl_agent_config = agent_config
     api = sys.modules.get(original.__module__)
     if api is not None and hasattr(api, "nixlBind") and not isinstance(api.nixlBind, _AgentBindings):
-        api.nixlBind = _AgentBindings(api.nixlBind, delay_us, os.environ.get(IDLE_THREADS_ENV, "1") != "0")
+        api.nixlBind = _AgentBindings(api.nixlBind, delay_us)
 
 
 _install()

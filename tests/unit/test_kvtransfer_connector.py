@@ -4,6 +4,7 @@ FakeTransport (no NIXL), and stats aggregate/reduce. Real engines + NIXL: tests/
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -344,34 +345,21 @@ def test_slab_pool_sits_on_huge_pages():
     assert _resident_share(plain.pool) == 1.0
 
 
-def test_threads_started_by_a_builder_run_idle():
-    """kvtransfer/threads.py: threads the NIXL agent constructor starts go to SCHED_IDLE; the caller's
-    own thread keeps its policy."""
-    import os
-    import threading
+def test_transport_asks_ucx_for_a_mutex(monkeypatch):
+    """``ucx_mt_mutex`` (default on): the real NIXL agent is built with UCX_USE_MT_MUTEX=y, so its
+    progress thread sleeps instead of spinning against the engine's READ; off means UCX's spinlock."""
+    from kvtransfer.config import UCX_MT_MUTEX_ENV
+    from kvtransfer.nixl_transport import NixlTransport
 
-    from kvtransfer.threads import with_idle_threads
-
-    def started(enabled):
-        stop, tids = threading.Event(), []
-
-        def build():
-            t = threading.Thread(target=lambda: (tids.append(threading.get_native_id()), stop.wait()), daemon=True)
-            t.start()
-            while not tids:
-                pass
-            return t
-
-        t = with_idle_threads(build, enabled)
+    assert SlabSettings().ucx_mt_mutex
+    monkeypatch.delenv(UCX_MT_MUTEX_ENV, raising=False)
+    for flag, want in ((True, "y"), (False, "n")):
+        t = NixlTransport(f"mutex-{want}", "127.0.0.1", mt_mutex=flag)
         try:
-            return os.sched_getscheduler(tids[0])
+            assert os.environ[UCX_MT_MUTEX_ENV] == want
+            assert t.listen_address()[1] > 0
         finally:
-            stop.set()
-            t.join()
-
-    assert started(True) == os.SCHED_IDLE
-    assert os.sched_getscheduler(0) != os.SCHED_IDLE
-    assert started(False) != os.SCHED_IDLE
+            t.close()
 
 
 class TestWorkerRoundTrip:

@@ -35,15 +35,14 @@ class TestNixlHandoff:
         assert cfg["kv_role"] == "kv_both" and cfg["kv_connector_extra_config"] == {"kv_lease_duration": 12}
         assert cfg["kv_connector"] == "QuietNixlConnector"
         assert env["PDSERVE_NIXL_PROGRESS_THREAD"] == "1" and env["PDSERVE_NIXL_PROGRESS_DELAY_US"] == "1000"
-        assert env["PDSERVE_NIXL_IDLE_THREADS"] == "1"
+        assert env["UCX_USE_MT_MUTEX"] == "y"
+        assert NixlHandoff(KvHandoffConfig(ucx_mt_mutex=False), "127.0.0.1", 5601).engine_env()["UCX_USE_MT_MUTEX"] == "n"
         assert h.prefill_params()["do_remote_decode"] is True
 
     def test_progress_thread_option_uses_stock_connector(self):
-        h = NixlHandoff(KvHandoffConfig(nixl_progress_delay_us=0, nixl_idle_threads=False), "127.0.0.1", 5602)
+        h = NixlHandoff(KvHandoffConfig(nixl_progress_delay_us=0), "127.0.0.1", 5602)
         cfg = h.kv_transfer_config()
         assert cfg["kv_connector"] == "NixlConnector" and "kv_connector_module_path" not in cfg
-        h = NixlHandoff(KvHandoffConfig(nixl_progress_delay_us=0), "127.0.0.1", 5602)
-        assert h.kv_transfer_config()["kv_connector"] == "QuietNixlConnector"     # idle threads need the wrapper
 
     def test_free_ports_differ(self):
         a, b = NixlHandoff(KvHandoffConfig(), "127.0.0.1"), NixlHandoff(KvHandoffConfig(), "127.0.0.1")
