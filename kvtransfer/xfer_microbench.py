@@ -134,7 +134,7 @@ def run(nbytes: int, reps: int, ucx_tls: str, huge: bool, mutex: bool) -> dict:
 def summarize(raw: dict) -> dict:
     gbps = lambda xs: raw["nbytes"] / statistics.median(xs) / 1e9  # noqa: E731
     s: dict = {"thp_mode": raw.get("thp_mode")}
-    for pages, r in raw["configs"].items():
+    for config, r in raw["configs"].items():
         p: dict = {"memcpy_gbps": {k: gbps(v) for k, v in r["memcpy"].items()}, "read_gbps": {}, "read_p50_ms": {}}
         for ndesc, rr in r["read"].items():
             p["read_gbps"][ndesc] = {k: gbps(v) for k, v in rr.items()}
@@ -142,7 +142,7 @@ def summarize(raw: dict) -> dict:
             p["read_p50_ms"][ndesc]["fresh_over_prefaulted"] = (statistics.median(rr["fresh_s"])
                                                                 / statistics.median(rr["prefaulted_s"]))
         p["read_8_prefaulted_of_memcpy"] = p["read_gbps"]["8"]["prefaulted_s"] / p["memcpy_gbps"]["prefaulted_s"]
-        s[pages] = p
+        s[config] = p
     base = next(iter(raw["configs"]))
     # what each set-up buys over the first one: pre-faulted READ speed (8 descriptors) ratio
     s["read_8_speedup_over_" + base] = {c: s[c]["read_gbps"]["8"]["prefaulted_s"] / s[base]["read_gbps"]["8"]["prefaulted_s"]
@@ -159,17 +159,17 @@ def plot(raw: dict, summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = ["memcpy"] + [f"READ {d} desc" for d in DESCRIPTORS]
-    pages = list(raw["configs"])
-    fig, axes = plt.subplots(1, len(pages), figsize=(6 * len(pages), 4.2), sharey=True, squeeze=False)
-    for ax, page in zip(axes[0], pages):
-        s = summary[page]
+    configs = list(raw["configs"])
+    fig, axes = plt.subplots(1, len(configs), figsize=(6 * len(configs), 4.2), sharey=True, squeeze=False)
+    for ax, config in zip(axes[0], configs):
+        s = summary[config]
         pre = [s["memcpy_gbps"]["prefaulted_s"]] + [s["read_gbps"][str(d)]["prefaulted_s"] for d in DESCRIPTORS]
         fresh = [s["memcpy_gbps"]["fresh_s"]] + [s["read_gbps"][str(d)]["fresh_s"] for d in DESCRIPTORS]
         xs = range(len(labels))
         ax.bar([x - 0.2 for x in xs], pre, 0.4, label="pre-faulted destination")
         ax.bar([x + 0.2 for x in xs], fresh, 0.4, label="fresh pages")
         ax.set_xticks(list(xs), labels, fontsize=8)
-        ax.set_title(page.replace("+", " pages, UCX lock: "))
+        ax.set_title(config.replace("+", " pages, UCX lock: "))
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("GB/s (median)")
     fig.suptitle(f"NIXL READ {raw['nbytes'] / 1e6:.1f} MB across processes, UCX_TLS={raw['ucx_tls']}")
