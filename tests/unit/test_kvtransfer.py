@@ -202,3 +202,21 @@ class TestSlabCodec:
     def test_unknown_compression(self):
         with pytest.raises(ValueError):
             SlabCodec(SlabSpec(**SMOL, block_size=32, dtype_bytes=2), torch.bfloat16, compression="zstd")
+
+
+def test_bench_takes_nixl_handoff_as_xfer_duration_alone():
+    """NIXL's xferDuration runs from the post to completion, post included: the bench's NixlConnector
+    handoff is xferDuration alone (adding postDuration counted the post twice)."""
+    from kvtransfer.bench import summarize
+
+    def row(connector, **kw):
+        base = {"connector": connector, "compression": "none", "mode": "pull", "prompt_tokens": 512, "warmup": False,
+                "end_to_end_s": 1.0, "decode_request_s": 0.1, "descriptors": 4, "wire_bytes": 100, "raw_bytes": 100}
+        return {**base, **kw}
+
+    rows = [row("nixl", transfer_s=0.010, post_s=0.010, connector_handoff_s=0.020),
+            row("slab", pack_s=0.002, transfer_s=0.003, connector_handoff_s=0.008)]
+    s = summarize(rows, memcpy=10.0, sizes=[512])["by_size"]["512"]
+    assert s["nixl-none"]["connector_handoff_p50_s"] == 0.010
+    assert s["slab-none"]["connector_handoff_p50_s"] == 0.008
+    assert abs(s["ratios"]["connector_handoff_p50_slab_over_nixl"] - 0.8) < 1e-9
