@@ -22,6 +22,7 @@ import torch
 HUGE_PAGE = 2 << 20
 MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
 MADV_POPULATE_WRITE = 23          # Linux >= 5.14: fault every page in, writable, in one call
+MADV_COLLAPSE = 25                # Linux >= 6.1: move already-populated memory onto huge pages now
 THP_MODE_FILE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
@@ -60,6 +61,25 @@ def alloc_host(nbytes: int, huge_pages: bool = True, prefault: bool = True) -> t
         except (OSError, ValueError):
             tensor.zero_()                              # older kernels: touch every page
     return tensor
+
+
+def collapse_to_huge_pages(tensor: torch.Tensor) -> bool:
+    """Move an existing CPU tensor's memory (e.g. vLLM's KV cache, allocated before any connector sees
+    it) onto transparent huge pages: ``MADV_HUGEPAGE`` then ``MADV_COLLAPSE`` over the 2 MiB-aligned
+    interior. Contents are kept. False (and nothing changed) where the kernel or platform says no."""
+    if tensor.device.type != "cpu" or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    lo = tensor.data_ptr()
+    hi = lo + tensor.numel() * tensor.element_size()
+    start, end = -(-lo // HUGE_PAGE) * HUGE_PAGE, hi // HUGE_PAGE * HUGE_PAGE
+    if end <= start:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return (libc.madvise(start, end - start, MADV_HUGEPAGE) == 0
+            and libc.madvise(start, end - start, MADV_COLLAPSE) == 0)
 
 
 def huge_page_bytes(tensor: torch.Tensor) -> int:

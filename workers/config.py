@@ -165,6 +165,9 @@ class KvHandoffConfig(_Strict):
                                        "progress only when an engine steps (slow handoffs)")
     nixl_progress_delay_us: int = Field(1000, ge=0, description="progress thread poll timeout; 0 = NIXL's stock "
                                         "busy spin (a core per engine)")
+    kv_cache_huge_pages: bool = Field(True, description="nixl backend, CPU engines: move the paged KV caches "
+                                      "onto transparent huge pages before NIXL registers them (same-host READs "
+                                      "copy ~2.7x faster from them)")
     ucx_mt_mutex: bool = Field(True, description="UCX_USE_MT_MUTEX: UCX locks its workers with a mutex, not a "
                                "spinlock, so NIXL's progress thread sleeps instead of spinning on the engine's "
                                "core while the engine READs (2x faster same-host READs here); false = UCX default")

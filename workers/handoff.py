@@ -80,6 +80,7 @@ class NixlHandoff(_RemotePrefillParams):
             "PDSERVE_NIXL_PROGRESS_THREAD": "1" if self._cfg.nixl_progress_thread else "0",
             "PDSERVE_NIXL_PROGRESS_DELAY_US": str(self._cfg.nixl_progress_delay_us),
             "UCX_USE_MT_MUTEX": "y" if self._cfg.ucx_mt_mutex else "n",
+            "PDSERVE_KV_CACHE_HUGE_PAGES": "1" if self._cfg.kv_cache_huge_pages else "0",
         }
 
     def kv_transfer_config(self) -> dict[str, Any]:

@@ -25,12 +25,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlConnector
 from vllm.logger import init_logger
 
+from kvtransfer.hostmem import collapse_to_huge_pages
 from workers.vllm_plugin import register as register_plumbing_fixes
 
 logger = init_logger(__name__)
 
 PROGRESS_THREAD_ENV = "PDSERVE_NIXL_PROGRESS_THREAD"
 PROGRESS_DELAY_ENV = "PDSERVE_NIXL_PROGRESS_DELAY_US"
+KV_HUGE_PAGES_ENV = "PDSERVE_KV_CACHE_HUGE_PAGES"
 
 
 class _AgentBindings:
@@ -83,6 +85,11 @@ class QuietNixlConnector(NixlConnector):
     computes on the same last core, whatever ``VLLM_CPU_OMP_THREADS_BIND`` says (measured here: the
     prefill engine bound to core 0 ran on core 1, next to the decode engine). The thread's mask from
     before construction is restored.
+
+    On CPU engines it moves the paged KV caches onto transparent huge pages before NIXL registers
+    them (``PDSERVE_KV_CACHE_HUGE_PAGES``, on by default): a same-host READ is the kernel's
+    ``process_vm_readv``, which copies from 2 MiB pages ~2.7x faster than from 4 KiB ones
+    (kvtransfer/xfer_microbench.py).
     """
 
     def __init__(self, *args, **kwargs):
@@ -92,3 +99,9 @@ class QuietNixlConnector(NixlConnector):
             logger.info("restoring the engine thread's CPU affinity %s (NIXL worker set %s)",
                         sorted(mask), sorted(os.sched_getaffinity(0)))
             os.sched_setaffinity(0, mask)
+
+    def register_kv_caches(self, kv_caches):
+        if os.environ.get(KV_HUGE_PAGES_ENV, "1") != "0":
+            moved = sum(collapse_to_huge_pages(t) for t in kv_caches.values())
+            logger.info("KV caches on huge pages: %d of %d tensors", moved, len(kv_caches))
+        super().register_kv_caches(kv_caches)

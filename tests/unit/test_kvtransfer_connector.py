@@ -345,6 +345,22 @@ def test_slab_pool_sits_on_huge_pages():
     assert _resident_share(plain.pool) == 1.0
 
 
+def test_an_existing_tensor_moves_onto_huge_pages():
+    """kvtransfer/hostmem.py: a tensor allocated and written before anyone asked (vLLM's KV cache)
+    moves onto huge pages with its contents kept (what QuietNixlConnector does before registering)."""
+    import platform
+
+    from kvtransfer.hostmem import collapse_to_huge_pages, huge_page_bytes, thp_mode
+
+    t = torch.arange(16 << 20, dtype=torch.int32)           # 64 MiB, written
+    before = t.clone()
+    moved = collapse_to_huge_pages(t)
+    assert torch.equal(t, before)
+    kernel = tuple(int(x) for x in platform.release().split(".")[:2] if x.isdigit())
+    if thp_mode() in ("always", "madvise") and kernel >= (6, 1):           # MADV_COLLAPSE exists
+        assert moved and huge_page_bytes(t) >= (64 << 20) * 3 // 4
+
+
 def test_transport_asks_ucx_for_a_mutex(monkeypatch):
     """``ucx_mt_mutex`` (default on): the real NIXL agent is built with UCX_USE_MT_MUTEX=y, so its
     progress thread sleeps instead of spinning against the engine's READ; off means UCX's spinlock."""

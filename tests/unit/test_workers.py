@@ -35,7 +35,7 @@ class TestNixlHandoff:
         assert cfg["kv_role"] == "kv_both" and cfg["kv_connector_extra_config"] == {"kv_lease_duration": 12}
         assert cfg["kv_connector"] == "QuietNixlConnector"
         assert env["PDSERVE_NIXL_PROGRESS_THREAD"] == "1" and env["PDSERVE_NIXL_PROGRESS_DELAY_US"] == "1000"
-        assert env["UCX_USE_MT_MUTEX"] == "y"
+        assert env["UCX_USE_MT_MUTEX"] == "y" and env["PDSERVE_KV_CACHE_HUGE_PAGES"] == "1"
         assert NixlHandoff(KvHandoffConfig(ucx_mt_mutex=False), "127.0.0.1", 5601).engine_env()["UCX_USE_MT_MUTEX"] == "n"
         assert h.prefill_params()["do_remote_decode"] is True
 
