@@ -24,7 +24,9 @@ each layer separately), float32 SmolLM2-135M. Per handoff: prefill (max_tokens=1
 Writes ``summary.json`` and ``kvtransfer.png`` into ``--out`` (default
 loadtests/results/<UTC timestamp>-kvtransfer/). vLLM's NIXL engines load
 ``workers.nixl_connector.QuietNixlConnector`` (the stock connector with a sleeping progress
-thread and its CPU-affinity fix) by module path, as the cluster does.
+thread and its CPU-affinity fix) by module path, as the cluster does, in two set-ups: ``nixl``, the
+cluster's (UCX worker lock a mutex, KV caches moved onto huge pages), and ``nixl-stock``, vLLM's own
+(UCX's spinlock, KV caches as allocated), so the run also measures what the cluster's set-up buys.
 """
 
 from __future__ import annotations
@@ -87,8 +89,10 @@ def _start_pair(kind: str, model: str, max_model_len: int, logdir: Path) -> tupl
         env = {"VLLM_CPU_OMP_THREADS_BIND": core, "VLLM_CPU_KVCACHE_SPACE": "2", "UCX_TLS": "tcp,self,sm",
                "PYTHONPATH": str(REPO), "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
                "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()), "PDSERVE_NIXL_PROGRESS_DELAY_US": "1000",
-               "UCX_USE_MT_MUTEX": "y",
+               "UCX_USE_MT_MUTEX": "y", "PDSERVE_KV_CACHE_HUGE_PAGES": "1",
                "PDSERVE_MQ_BUSY_LOOP_S": "0", **MALLOC_REUSE_ENV}  # as the cluster's CPU engines
+        if kind == "nixl-stock":        # vLLM's UCX spinlock and KV caches on 4 KiB pages
+            env.update({"UCX_USE_MT_MUTEX": "n", "PDSERVE_KV_CACHE_HUGE_PAGES": "0"})
         opts = {"name": f"{kind}-{role}", "model": model, "block_size": BLOCK_SIZE, "max_model_len": max_model_len,
                 "dtype": "float32", "max_num_batched_tokens": max_model_len,
                 "kv_transfer_config": _kv_config(kind, f"kvbench-{kind}-{role}", free_port())}
@@ -193,14 +197,15 @@ def run_connector(kind: str, model: str, sizes: list[int], reps: int, logdir: Pa
 
 def _handoff_s(r: dict) -> float:
     """The connector's handoff time; NIXL's is its transfers' xferDuration alone (see the docstring)."""
-    return r["transfer_s"] if r["connector"] == "nixl" else r["connector_handoff_s"]
+    return r["transfer_s"] if r["connector"].startswith("nixl") else r["connector_handoff_s"]
 
 
 def summarize(rows: list[dict], memcpy: float, sizes: list[int]) -> dict:
     out: dict[str, Any] = {"memcpy_gbps_single_thread": memcpy, "block_size": BLOCK_SIZE, "by_size": {}}
     for size in sizes:
         entry: dict[str, Any] = {}
-        for kind, comp, mode in (("nixl", "none", "pull"), ("slab", "none", "pull"), ("slab", "int8", "pull"),
+        for kind, comp, mode in (("nixl-stock", "none", "pull"), ("nixl", "none", "pull"), ("slab", "none", "pull"),
+                                 ("slab", "int8", "pull"),
                                  ("slab", "int4", "pull"), ("slab", "none", "push")):
             rs = [r for r in rows if r["connector"] == kind and r["compression"] == comp
                   and r.get("mode", "pull") == mode and r["prompt_tokens"] == size and not r["warmup"]]
@@ -241,6 +246,13 @@ def summarize(rows: list[dict], memcpy: float, sizes: list[int]) -> dict:
                                                                     / n["end_to_end_p50_s"])
             if "slab-int4" in entry:
                 entry["ratios"]["int4_wire_over_bf16"] = entry["slab-int4"]["wire_bytes"] / (s["raw_bytes"] / 2)
+        if "nixl-none" in entry and "nixl-stock-none" in entry:
+            # what the cluster's NixlConnector set-up buys over vLLM's (UCX mutex, KV caches on huge pages)
+            n, st = entry["nixl-none"], entry["nixl-stock-none"]
+            entry.setdefault("ratios", {}).update({
+                "connector_handoff_p50_nixl_over_stock": n["connector_handoff_p50_s"] / st["connector_handoff_p50_s"],
+                "connector_handoff_p99_nixl_over_stock": n["connector_handoff_p99_s"] / st["connector_handoff_p99_s"],
+                "decode_request_p50_nixl_over_stock": n["decode_request_p50_s"] / st["decode_request_p50_s"]})
         out["by_size"][str(size)] = entry
     return out
 
@@ -252,17 +264,17 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sizes = list(summary["by_size"])
-    kinds = ["nixl-none", "slab-none", "slab-int8", "slab-int4"]
+    kinds = ["nixl-stock-none", "nixl-none", "slab-none", "slab-int8", "slab-int4"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, key, title, log in (
             (axes[0], "descriptors_per_handoff", "descriptors per handoff", True),
             (axes[1], "connector_handoff_p50_s", "handoff latency p50 (s, connector view)", False),
             (axes[2], "wire_bytes", "bytes on the wire per handoff", True)):
-        width = 0.2
+        width = 0.16
         for i, kind in enumerate(kinds):
             vals = [summary["by_size"][s].get(kind, {}).get(key, 0) for s in sizes]
             ax.bar([j + i * width for j in range(len(sizes))], vals, width, label=kind)
-        ax.set_xticks([j + 1.5 * width for j in range(len(sizes))], [f"{s} tok" for s in sizes])
+        ax.set_xticks([j + 2 * width for j in range(len(sizes))], [f"{s} tok" for s in sizes])
         ax.set_title(title)
         if log:
             ax.set_yscale("log")
@@ -292,6 +304,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--model", default=None, help="HF model dir (default: the bundled SmolLM2)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--connectors", default="slab,nixl,nixl-stock",
+                    help="slab; nixl (the cluster's NixlConnector: UCX mutex, KV caches on huge pages); "
+                    "nixl-stock (the same with vLLM's UCX spinlock and 4 KiB KV pages)")
     ap.add_argument("--resummarize", default=None, metavar="DIR",
                     help="recompute DIR/summary.json and the plot from the rows it holds, then exit")
     args = ap.parse_args()
@@ -310,7 +325,7 @@ def main() -> None:
     memcpy = memcpy_gbps()
     print(f"memcpy (1 thread): {memcpy:.2f} GB/s", flush=True)
     rows = []
-    for i, kind in enumerate(("slab", "nixl")):
+    for i, kind in enumerate(args.connectors.split(",")):
         rows += run_connector(kind, args.model, sizes, args.reps, logdir, args.seed + i)
     memcpy_after = memcpy_gbps()
     summary = summarize(rows, max(memcpy, memcpy_after), sizes)
