@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from kvtransfer.config import MALLOC_REUSE_ENV
+from kvtransfer.config import MALLOC_REUSE_ENV, UCX_MT_MUTEX_ENV
 from kvtransfer.harness import EngineProcess
 from kvtransfer.ports import free_port
 
@@ -89,10 +89,10 @@ def _start_pair(kind: str, model: str, max_model_len: int, logdir: Path) -> tupl
         env = {"VLLM_CPU_OMP_THREADS_BIND": core, "VLLM_CPU_KVCACHE_SPACE": "2", "UCX_TLS": "tcp,self,sm",
                "PYTHONPATH": str(REPO), "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
                "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()), "PDSERVE_NIXL_PROGRESS_DELAY_US": "1000",
-               "UCX_USE_MT_MUTEX": "y", "PDSERVE_KV_CACHE_HUGE_PAGES": "1",
+               UCX_MT_MUTEX_ENV: "y", "PDSERVE_KV_CACHE_HUGE_PAGES": "1",
                "PDSERVE_MQ_BUSY_LOOP_S": "0", **MALLOC_REUSE_ENV}  # as the cluster's CPU engines
         if kind == "nixl-stock":        # vLLM's UCX spinlock and KV caches on 4 KiB pages
-            env.update({"UCX_USE_MT_MUTEX": "n", "PDSERVE_KV_CACHE_HUGE_PAGES": "0"})
+            env.update({UCX_MT_MUTEX_ENV: "n", "PDSERVE_KV_CACHE_HUGE_PAGES": "0"})
         opts = {"name": f"{kind}-{role}", "model": model, "block_size": BLOCK_SIZE, "max_model_len": max_model_len,
                 "dtype": "float32", "max_num_batched_tokens": max_model_len,
                 "kv_transfer_config": _kv_config(kind, f"kvbench-{kind}-{role}", free_port())}

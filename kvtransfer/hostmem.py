@@ -13,6 +13,7 @@ No torch or NIXL here beyond wrapping the mapping as a uint8 tensor.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import sys
 from pathlib import Path
@@ -63,21 +64,27 @@ def alloc_host(nbytes: int, huge_pages: bool = True, prefault: bool = True) -> t
     return tensor
 
 
+@functools.cache
+def _libc():
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
 def collapse_to_huge_pages(tensor: torch.Tensor) -> bool:
     """Move an existing CPU tensor's memory (e.g. vLLM's KV cache, allocated before any connector sees
     it) onto transparent huge pages: ``MADV_HUGEPAGE`` then ``MADV_COLLAPSE`` over the 2 MiB-aligned
     interior. Contents are kept. False (and nothing changed) where the kernel or platform says no."""
     if tensor.device.type != "cpu" or not sys.platform.startswith("linux"):
         return False
-    import ctypes
-
     lo = tensor.data_ptr()
     hi = lo + tensor.numel() * tensor.element_size()
     start, end = -(-lo // HUGE_PAGE) * HUGE_PAGE, hi // HUGE_PAGE * HUGE_PAGE
     if end <= start:
         return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc = _libc()
     return (libc.madvise(start, end - start, MADV_HUGEPAGE) == 0
             and libc.madvise(start, end - start, MADV_COLLAPSE) == 0)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import uuid
 from typing import Any, Mapping, Protocol
 
+from kvtransfer.config import UCX_MT_MUTEX_ENV
 from kvtransfer.ports import free_port
 from workers.config import KvHandoffConfig
 from workers.kv_params import KvHandoff, prefill_request_params, push_prefill_params
@@ -79,7 +80,7 @@ class NixlHandoff(_RemotePrefillParams):
             "VLLM_NIXL_SIDE_CHANNEL_PORT": str(self._port),
             "PDSERVE_NIXL_PROGRESS_THREAD": "1" if self._cfg.nixl_progress_thread else "0",
             "PDSERVE_NIXL_PROGRESS_DELAY_US": str(self._cfg.nixl_progress_delay_us),
-            "UCX_USE_MT_MUTEX": "y" if self._cfg.ucx_mt_mutex else "n",
+            UCX_MT_MUTEX_ENV: "y" if self._cfg.ucx_mt_mutex else "n",
             "PDSERVE_KV_CACHE_HUGE_PAGES": "1" if self._cfg.kv_cache_huge_pages else "0",
         }
 
