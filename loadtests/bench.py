@@ -4,6 +4,9 @@
         --workload shared-prefix --rates 1 --requests 60 --duration 90
     python -m loadtests.bench --systems ours --workload multi-turn --rates 0.5 --requests 120 --duration 300
     python -m loadtests.bench --smoke          # CI: one system, two small workloads, a few minutes
+    python -m loadtests.bench --systems rr=ours@configs/bench/round-robin-3x-small-kv.yaml,\
+        prefix=ours@configs/bench/prefix-3x-small-kv.yaml --baseline rr --workload shared-prefix-wide \
+        --set pools.0.engine.extra.num_gpu_blocks_override=24     # a sweep point: every ours config, edited
 
 Writes ``loadtests/results/<run-id>/``: ``raw/*.json`` (every request), ``summary.json``,
 ``report.md`` (ratios vs ``colocated`` and ``raypd``) and PNG plots.
@@ -53,6 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tpot-slo", type=float, default=None, help="seconds (default: the config's router.slo)")
     p.add_argument("--baseline", action="append", default=[],
                    help="extra system label to report ratios against (e.g. the A side of an A/B)")
+    p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                   help="edit every ours config: dotted key (list items by index), YAML value, e.g. "
+                        "pools.0.engine.extra.num_gpu_blocks_override=24; the edited configs are written "
+                        "to the run's configs/ (repeatable)")
     p.add_argument("--out", default=None)
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
@@ -129,11 +136,46 @@ def parse_system(entry: str, default_config: str) -> tuple[str, str, str]:
     return label, kind, config or default_config
 
 
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``KEY=VALUE`` edits of a parsed config, in place: ``KEY`` is dotted (``pools.0.replicas``; a
+    missing mapping key is created), ``VALUE`` is YAML (``24``, ``true``, ``[0, 1]``, ``text``)."""
+    import yaml
+
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set wants KEY=VALUE, got {item!r}")
+        *path, last = key.split(".")
+        node = data
+        for part in path:
+            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+        if isinstance(node, list):
+            node[int(last)] = yaml.safe_load(raw)
+        else:
+            node[last] = yaml.safe_load(raw)
+    return data
+
+
+def edited_config(config: str, overrides: list[str], label: str, out: Path) -> str:
+    """``config`` with ``overrides`` applied, written to ``out/configs/<label>.yaml`` (no overrides: as is)."""
+    import yaml
+
+    if not overrides:
+        return config
+    data = apply_overrides(yaml.safe_load(Path(config).read_text()) or {}, overrides)
+    path = out / "configs" / f"{label}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# {_portable(config)} with --set {' --set '.join(overrides)}\n" + yaml.safe_dump(data, sort_keys=False))
+    return str(path)
+
+
 TIERED_WORKLOADS = ("qos",)   # records tagged with their QoS tier: summaries also per tier
 
 
 def run_system(entry: str, args, out: Path) -> list[dict]:
     name, kind, config = parse_system(entry, args.config)
+    if kind == "ours":
+        config = edited_config(config, args.overrides, name, out)
     model_dir = args.model_dir or (bundled_model_dir() if kind != "ours" else "")
     port = free_port()
     print(f"[bench] starting {name} ({kind}) on :{port}", flush=True)

@@ -138,6 +138,25 @@ class TestBenchConfig:
         assert config_defaults(str(p)) == {"dtype": "bfloat16", "ttft_slo": 2.0, "tpot_slo": 0.2}
 
 
+    def test_set_overrides_edit_a_copy_of_the_config(self, tmp_path):
+        import yaml
+        from loadtests.bench import apply_overrides, edited_config
+        from serve.config import DEFAULT_CONFIG
+        data = {"pools": [{"engine": {"extra": {"num_gpu_blocks_override": 32}}}], "router": {}}
+        apply_overrides(data, ["pools.0.engine.extra.num_gpu_blocks_override=24", "router.admission.enabled=false",
+                               "pools.0.device=[0, 1]"])
+        assert data == {"pools": [{"engine": {"extra": {"num_gpu_blocks_override": 24}}, "device": [0, 1]}],
+                        "router": {"admission": {"enabled": False}}}
+        with pytest.raises(SystemExit):
+            apply_overrides({}, ["no-equals-sign"])
+        assert edited_config(str(DEFAULT_CONFIG), [], "x", tmp_path) == str(DEFAULT_CONFIG)
+        path = edited_config(str(DEFAULT_CONFIG), ["pools.0.replicas=3"], "x", tmp_path)
+        assert path == str(tmp_path / "configs" / "x.yaml")
+        edited = yaml.safe_load(Path(path).read_text())
+        assert edited["pools"][0]["replicas"] == 3
+        assert edited["model"] == yaml.safe_load(Path(DEFAULT_CONFIG).read_text())["model"]
+
+
 class TestReport:
     """Report + plots from synthetic rows (fake records: this tests the report code, not a server)."""
 
