@@ -157,6 +157,25 @@ class TestBenchConfig:
         assert edited["model"] == yaml.safe_load(Path(DEFAULT_CONFIG).read_text())["model"]
 
 
+class TestSweep:
+    def _summary(self, run_id, hits, ttfts):
+        rows = [{"system": s, "workload": "w", "prefix_cache_hit_rate": h, "ttft_s": {"p50": t}, "goodput_rps": 0.5}
+                for s, h, t in zip(("rr", "prefix"), hits, ttfts)]
+        return {"meta": {"run_id": run_id, "args": {"seed": 0, "overrides": ["a.b=1"]}}, "rows": rows}
+
+    def test_ratios_per_point_and_plot(self, tmp_path):
+        from loadtests.sweep import plot, sweep_points
+        pts = [("32", self._summary("a", (0.4, 0.6), (2.0, 1.0))), ("24", self._summary("b", (0.25, 0.5), (2.0, 1.2))),
+               ("24", self._summary("c", (0.3, 0.6), (2.0, 1.0)))]
+        entries = sweep_points(pts, "prefix", "rr", "w")
+        assert [e["prefix_cache_hit_rate"]["ratio"] for e in entries] == [1.5, 2.0, 2.0]
+        assert [e["ttft_p50"]["ratio"] for e in entries] == [0.5, 0.6, 0.5]
+        assert entries[0]["overrides"] == ["a.b=1"] and entries[0]["goodput_rps"]["ratio"] == 1.0
+        assert plot(entries, "blocks", "prefix", "rr", tmp_path / "s.png").stat().st_size > 5000
+        with pytest.raises(SystemExit):
+            sweep_points(pts, "prefix", "rr", "other-workload")
+
+
 class TestReport:
     """Report + plots from synthetic rows (fake records: this tests the report code, not a server)."""
 
