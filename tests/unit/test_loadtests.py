@@ -168,8 +168,8 @@ class TestSweep:
         pts = [("32", self._summary("a", (0.4, 0.6), (2.0, 1.0))), ("24", self._summary("b", (0.25, 0.5), (2.0, 1.2))),
                ("24", self._summary("c", (0.3, 0.6), (2.0, 1.0)))]
         entries = sweep_points(pts, "prefix", "rr", "w")
-        assert [e["prefix_cache_hit_rate"]["ratio"] for e in entries] == [1.5, 2.0, 2.0]
-        assert [e["ttft_p50"]["ratio"] for e in entries] == [0.5, 0.6, 0.5]
+        assert [e["prefix_cache_hit_rate"]["ratio"] for e in entries] == pytest.approx([1.5, 2.0, 2.0])
+        assert [e["ttft_p50"]["ratio"] for e in entries] == pytest.approx([0.5, 0.6, 0.5])
         assert entries[0]["overrides"] == ["a.b=1"] and entries[0]["goodput_rps"]["ratio"] == 1.0
         assert plot(entries, "blocks", "prefix", "rr", tmp_path / "s.png").stat().st_size > 5000
         with pytest.raises(SystemExit):
