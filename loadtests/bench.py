@@ -147,12 +147,15 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise SystemExit(f"--set wants KEY=VALUE, got {item!r}")
         *path, last = key.split(".")
         node = data
-        for part in path:
-            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-        if isinstance(node, list):
-            node[int(last)] = yaml.safe_load(raw)
-        else:
-            node[last] = yaml.safe_load(raw)
+        try:
+            for part in path:
+                node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+            if isinstance(node, list):
+                node[int(last)] = yaml.safe_load(raw)
+            else:
+                node[last] = yaml.safe_load(raw)
+        except (IndexError, ValueError, TypeError, AttributeError) as e:
+            raise SystemExit(f"--set {item!r}: {key} does not name a place in the config ({e})") from None
     return data
 
 

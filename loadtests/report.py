@@ -111,7 +111,7 @@ def plot_all(out: Path, rows: list[dict]) -> list[Path]:
         ax.set_ylabel("goodput (req/s meeting TTFT+TPOT SLOs)")
         ax.set_title(f"goodput vs rate: {wl}")
         ax.legend()
-        paths.append(_save(fig, out / f"goodput-{wl}.png"))
+        paths.append(save_figure(fig, out / f"goodput-{wl}.png"))
         paths += _cdfs(out, wl, items)
         if wl == "bursty":
             paths += [_timeline(out, wl, rate, items) for rate in sorted({r["rate"] for r in items})]
@@ -159,7 +159,7 @@ def _timeline(out: Path, wl: str, rate: float, items: list[dict], bin_s: float =
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, ncol=3)
-    return _save(fig, out / f"timeline-{wl}-{rate}.png")
+    return save_figure(fig, out / f"timeline-{wl}-{rate}.png")
 
 
 def _cdfs(out: Path, wl: str, items: list[dict]) -> list[Path]:
@@ -181,10 +181,10 @@ def _cdfs(out: Path, wl: str, items: list[dict]) -> list[Path]:
         ax.set_ylabel("CDF")
         ax.set_title(f"{name} CDF: {wl} @ {top_rate} req/s")
         ax.legend()
-    return [_save(fig, out / f"cdf-{wl}-{top_rate}.png")]
+    return [save_figure(fig, out / f"cdf-{wl}-{top_rate}.png")]
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

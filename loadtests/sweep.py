@@ -17,7 +17,7 @@ import json
 import statistics
 from pathlib import Path
 
-from loadtests.report import _save, plt
+from loadtests.report import plt, save_figure
 
 # (label, key in a bench row, lower is better)
 METRICS = (("prefix-cache hit rate", "prefix_cache_hit_rate", False), ("TTFT p50", "ttft_p50", True),
@@ -57,7 +57,7 @@ def plot(entries: list[dict], param: str, system: str, baseline: str, path: Path
         ax.set_xlabel(param)
         ax.set_ylabel("ratio")
         ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> int:

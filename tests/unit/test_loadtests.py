@@ -147,8 +147,9 @@ class TestBenchConfig:
                                "pools.0.device=[0, 1]"])
         assert data == {"pools": [{"engine": {"extra": {"num_gpu_blocks_override": 24}}, "device": [0, 1]}],
                         "router": {"admission": {"enabled": False}}}
-        with pytest.raises(SystemExit):
-            apply_overrides({}, ["no-equals-sign"])
+        for bad in ("no-equals-sign", "pools.5.replicas=1", "pools.x.replicas=1", "router.admission.enabled.x=1"):
+            with pytest.raises(SystemExit):
+                apply_overrides({"pools": [{}], "router": {"admission": {"enabled": True}}}, [bad])
         assert edited_config(str(DEFAULT_CONFIG), [], "x", tmp_path) == str(DEFAULT_CONFIG)
         path = edited_config(str(DEFAULT_CONFIG), ["pools.0.replicas=3"], "x", tmp_path)
         assert path == str(tmp_path / "configs" / "x.yaml")
