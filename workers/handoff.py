@@ -17,6 +17,11 @@ from kvtransfer.ports import free_port
 from workers.config import KvHandoffConfig
 from workers.kv_params import KvHandoff, prefill_request_params, push_prefill_params
 
+# vLLM's ``KVTransferConfig.kv_load_failure_policy`` for every backend: a KV load that fails (peer gone,
+# transfer error, lease expired) makes the decode engine recompute the prompt. vLLM's default, "fail",
+# finishes the request with finish_reason "error" instead.
+KV_LOAD_FAILURE_POLICY = "recompute"
+
 
 class HandoffBackend(Protocol):
     name: str
@@ -56,7 +61,8 @@ class _RemotePrefillParams:
 
 
 class NixlHandoff(_RemotePrefillParams):
-    """vLLM's ``NixlConnector``: the decode engine READs the prefill engine's KV blocks over UCX.
+    """vLLM's ``NixlConnector``: the decode engine READs the prefill engine's KV blocks over UCX; a
+    failed READ is recomputed on decode.
 
     Every engine is ``kv_both`` so a replica can serve either side; each picks a free side-channel
     port at start (no fixed global ports, no collisions between replicas on one node).
@@ -92,6 +98,7 @@ class NixlHandoff(_RemotePrefillParams):
             "kv_connector": "NixlConnector",
             "kv_role": "kv_both",
             "kv_buffer_device": self._cfg.kv_buffer_device,
+            "kv_load_failure_policy": KV_LOAD_FAILURE_POLICY,
             "kv_connector_extra_config": {"kv_lease_duration": self._cfg.kv_lease_s},
             **quiet,
         }
@@ -105,8 +112,7 @@ class SlabHandoff(_RemotePrefillParams):
     Pull (default): the prefill output's ``kv_transfer_params`` carry the slabs' addresses. Push
     (``slab_mode: push``): the decode request names this engine's agent (``kv_agent``, reported in
     WorkerStats) and a rendezvous id, and this engine WRITEs into its reservation. A failed transfer is
-    recomputed on decode
-    (``kv_load_failure_policy="recompute"``). ``kv_lease_s`` is the prefill's handoff timeout.
+    recomputed on decode. ``kv_lease_s`` is the prefill's handoff timeout.
     """
 
     name = "slab"
@@ -136,7 +142,7 @@ class SlabHandoff(_RemotePrefillParams):
             "kv_connector_module_path": "kvtransfer.connector",
             "kv_role": "kv_both",
             "kv_buffer_device": "cpu",
-            "kv_load_failure_policy": "recompute",
+            "kv_load_failure_policy": KV_LOAD_FAILURE_POLICY,
             "engine_id": self._agent_name,
             "kv_connector_extra_config": {
                 "compression": self._cfg.slab_compression,

@@ -48,6 +48,16 @@ class TestNixlHandoff:
         a, b = NixlHandoff(KvHandoffConfig(), "127.0.0.1"), NixlHandoff(KvHandoffConfig(), "127.0.0.1")
         assert a.side_channel[1] != b.side_channel[1]
 
+    @pytest.mark.parametrize("backend", ["nixl", "slab"])
+    def test_kv_load_failures_recompute_on_decode(self, backend):
+        """vLLM's default policy ("fail") would finish the request with finish_reason "error"."""
+        from vllm.config import KVTransferConfig
+
+        from workers.handoff import make_handoff
+
+        cfg = make_handoff(KvHandoffConfig(backend=backend), "127.0.0.1").kv_transfer_config()
+        assert KVTransferConfig(**cfg).kv_load_failure_policy == "recompute"     # the key vLLM reads
+
     def test_handoff_from_output(self):
         h = NixlHandoff(KvHandoffConfig(), "127.0.0.1", 5603)
         assert h.handoff_from_output(None) is None
