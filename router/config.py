@@ -95,3 +95,10 @@ class RouterConfig(BaseModel):
                                "body's 'user')")
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    prefill_timeout_s: float = Field(60.0, gt=0, description="a remote prefill not answered within this "
+                                     "long is given up on and the decode engine prefills the prompt itself "
+                                     "(slab push mode: the longest a decode reservation waits for its "
+                                     "prefill's write)")
+    idle_timeout_s: float = Field(600.0, gt=0, description="a decode stream with no output for this long "
+                                  "ends in 504 engine_timeout (an error event once streaming) and both "
+                                  "engines abort the request")

@@ -37,7 +37,6 @@ class RayConfig(_Strict):
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    request_timeout_s: float = Field(600.0, gt=0)
     max_ongoing_requests: int = Field(512, ge=1, description="ingress replica concurrency")
 
 

@@ -36,6 +36,12 @@ WARMUP_TIMEOUT_S = 120.0
 app = FastAPI(title="pdserve", description="Disaggregated prefill/decode OpenAI-compatible endpoint")
 
 
+def _internal_error(e: Exception) -> ApiError:
+    """An unexpected exception on the request path: still an error for the client, never a truncated 200."""
+    logger.error("request failed: %r", e, exc_info=e)
+    return ApiError(500, "internal server error", type_="server_error", code="internal_error")
+
+
 def _error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status_code, headers=e.headers())
 
@@ -98,7 +104,8 @@ class Ingress:
         kvh = self._cfg.kv_handoff
         push = kvh.slab_compression if kvh.backend == "slab" and kvh.slab_mode == "push" else None
         self._orch = Orchestrator(pools, policy, self._directory, self.metrics,
-                                  idle_timeout_s=self._cfg.server.request_timeout_s, push_compression=push)
+                                  prefill_timeout_s=r.prefill_timeout_s, idle_timeout_s=r.idle_timeout_s,
+                                  push_compression=push)
         index = getattr(policy, "index", None)  # prefix-aware policies: engines' KV events feed it
         self._kv_events = KvEventFeed(index) if index is not None else None
         self._monitor = PoolMonitor(pools, self._directory, self.metrics, period_s=r.stats_period_s,
@@ -209,13 +216,16 @@ class Ingress:
         except ApiError as e:
             self.metrics.requests.labels(p.kind, str(e.status_code)).inc()
             raise
+        except Exception as e:
+            self.metrics.requests.labels(p.kind, "500").inc()
+            raise _internal_error(e) from e
         self._finish_metrics(p, t0, n_tokens, "200")
         return JSONResponse(full_response(p, "".join(parts), reason, p.job.desc.num_prompt_tokens, n_tokens),
                             headers={"X-Request-Id": p.response_id})
 
     async def _stream(self, p: ParsedRequest, t0: float) -> AsyncIterator[bytes]:
         """SSE stream. Errors before the first byte propagate (-> HTTP status); later ones become an
-        ``error`` event followed by ``[DONE]``."""
+        ``error`` event followed by ``[DONE]``, with no finish chunk and no usage chunk."""
         w = ChunkWriter(p)
         gen = self._orch.generate(p.job)
         n_tokens, last_s, status, yielded = 0, None, "200", False
@@ -246,6 +256,12 @@ class Ingress:
             status = "499"
             self.metrics.aborts.labels("client_disconnect").inc()
             raise
+        except Exception as e:
+            err = _internal_error(e)
+            status = str(err.status_code)
+            if not yielded:
+                raise err from e
+            yield w.error(err.body())
         finally:
             await gen.aclose()
             self._finish_metrics(p, t0, n_tokens, status)

@@ -7,8 +7,13 @@ Failure policy (each path counts in metrics with a reason):
   decode replica with local prefill (a prefill that fails without our noticing, e.g. its engine
   stalls, is covered by the reservation's deadline: ``push_wait_s``, a few predicted TTFTs, at least
   the connector's ``read_timeout_s``; then the decode engine recomputes);
-- decode fails before its first token: retried once on another decode replica, local prefill;
-- no output for ``idle_timeout_s``: the request ends with an error, engines abort it.
+- decode fails before its first token (the call raises, or the engine finishes the request "error" or
+  "abort" with no token): retried once on another decode replica with local prefill
+  (``prefill_fallbacks{decode_retry}``; routing and admission metrics count the request once);
+- decode fails after its first token, or its retry fails: an :class:`ApiError` (``decode_error``), which
+  the ingress sends as the HTTP status before its first byte and as an SSE error event after it; an
+  engine finish other than "stop"/"length" never reaches the client as a finish_reason;
+- no output for ``idle_timeout_s``: 504 ``engine_timeout``, engines abort the request.
 Every engine call is cancelled (-> vLLM abort, KV freed) when the client goes away.
 """
 
@@ -25,11 +30,12 @@ from typing import Any, AsyncIterator, Callable, Mapping
 
 from router.policy import RoutingPolicy
 from router.types import EndpointState, PoolSnapshot, RequestDescriptor, Rejection, RoutingDecision
+from serve.failures import EngineFinishFailed, PushPrefillFailed, decode_error, rejection_to_error
 from serve.metrics import ClusterMetrics
 from serve.pool_directory import PoolDirectory
 from serve.protocol import ApiError
 from workers.kv_params import KvHandoff, push_decode_handoff
-from workers.messages import DecodeRequest, PrefillRequest, SamplingSpec, TokenChunk
+from workers.messages import COMPLETE_FINISH_REASONS, DecodeRequest, PrefillRequest, SamplingSpec, TokenChunk
 
 logger = logging.getLogger(__name__)
 
@@ -55,19 +61,11 @@ def push_wait_s(predicted_ttft_s: float | None, prefill_timeout_s: float) -> flo
     return min(prefill_timeout_s, PUSH_WAIT_TTFT_FACTOR * predicted_ttft_s)
 
 
-class PushPrefillFailed(Exception):
-    """A push-mode prefill failed before its decode produced a token (the decode is cancelled)."""
-
-
-def rejection_to_error(r: Rejection) -> ApiError:
-    type_ = "rate_limit_error" if r.status_code == 429 else "overloaded_error"
-    return ApiError(r.status_code, r.message, type_=type_, code=r.reason, retry_after_s=r.retry_after_s)
-
-
 class Orchestrator:
     def __init__(self, handles: Mapping[str, Any], policy: RoutingPolicy, directory: PoolDirectory,
-                 metrics: ClusterMetrics, prefill_timeout_s: float = 60.0, idle_timeout_s: float = 120.0,
+                 metrics: ClusterMetrics, *, prefill_timeout_s: float, idle_timeout_s: float,
                  clock: Callable[[], float] = time.monotonic, push_compression: str | None = None) -> None:
+        """``prefill_timeout_s`` and ``idle_timeout_s``: ``router.prefill_timeout_s`` / ``router.idle_timeout_s``."""
         self._handles = handles
         self._policy = policy
         self._directory = directory
@@ -94,10 +92,22 @@ class Orchestrator:
             snap.endpoints = [e for e in snap.endpoints if e.endpoint_id not in exclude]
         return snap
 
-    def route(self, desc: RequestDescriptor, exclude: frozenset[str] = frozenset()) -> RoutingDecision:
+    def route(self, desc: RequestDescriptor, exclude: frozenset[str] = frozenset(), retry: bool = False
+              ) -> RoutingDecision:
+        """Route (and admit) a request. ``retry``: its decode is retried away from ``exclude`` after
+        failing there; the request was counted when first routed, so this counts the retry
+        (``prefill_fallbacks{decode_retry}``) and records the new decode replica in the prefix index,
+        nothing else (a rejection of the retry is the request's error, not an admission rejection)."""
         snap = self.snapshot(exclude)
         t0 = time.perf_counter()
         decision = self._policy.route(desc, snap)
+        if retry:
+            self._metrics.prefill_fallbacks.labels("decode_retry").inc()
+            if isinstance(decision, Rejection):
+                raise rejection_to_error(decision)
+            if self._index is not None and desc.block_hashes:     # it prefills the prompt itself
+                self._index.add(decision.decode.endpoint_id, desc.block_hashes)
+            return decision
         self._metrics.decision_s.observe(time.perf_counter() - t0)
         if isinstance(decision, Rejection):
             self._metrics.rejections.labels(decision.reason, desc.tier).inc()
@@ -159,26 +169,33 @@ class Orchestrator:
     # -- step 3: decode stream -----------------------------------------------------------------
     async def decode(self, job: GenerationJob, target: EndpointState, handoff: KvHandoff | None
                      ) -> AsyncIterator[TokenChunk]:
+        """The engine's chunks up to and including the one that completes the request ("stop" or
+        "length"). Raises :class:`EngineFinishFailed` instead of yielding any other finish, and when the
+        stream ends with no finish; 504 ApiError after ``idle_timeout_s`` with no chunk."""
         req = DecodeRequest(request_id=job.desc.request_id, prompt_token_ids=job.prompt_token_ids,
                             sampling=job.sampling, handoff=handoff, cache_salt=job.cache_salt,
                             priority=job.priority)
         self._in_flight[target.endpoint_id] += 1
         gen = self._handles[target.pool].options(stream=True).generate.remote(req, endpoint_hint=target.endpoint_id)
-        finished = False
+        finished = complete = False
         try:
             while True:
                 try:
                     chunk = await asyncio.wait_for(gen.__anext__(), timeout=self._idle_timeout_s)
                 except StopAsyncIteration:
                     finished = True
-                    return
+                    if complete:
+                        return
+                    raise EngineFinishFailed(None) from None
                 except asyncio.TimeoutError:
                     self._metrics.aborts.labels("idle_timeout").inc()
                     raise ApiError(504, f"no output for {self._idle_timeout_s:.0f}s; request aborted",
                                    type_="timeout_error", code="engine_timeout") from None
+                if chunk.finish_reason is not None and chunk.finish_reason not in COMPLETE_FINISH_REASONS:
+                    raise EngineFinishFailed(chunk.finish_reason)     # (the call is cancelled below)
                 yield chunk
                 if chunk.finish_reason is not None:
-                    finished = True
+                    finished = complete = True
         finally:
             if not finished:
                 gen.cancel()
@@ -265,23 +282,36 @@ class Orchestrator:
                            decision.decode.endpoint_id)
         except Exception as e:
             if produced:
-                self._metrics.aborts.labels("decode_failed").inc()
-                raise ApiError(502, "the decode engine failed mid-stream", type_="server_error",
-                               code="decode_failed") from e
-            logger.warning("decode of %s failed on %s before any token (%r); retrying locally",
+                raise self._failed(job, decision.decode, e) from e
+            logger.warning("decode of %s failed on %s before any token (%r); retrying on another replica",
                            job.desc.request_id, decision.decode.endpoint_id, e)
         finally:
             release()
             if prefill_task is not None and not prefill_task.done():
                 prefill_task.cancel()
         if push_failed:     # the decode replica is fine: it prefills the prompt itself
-            async for chunk in self.decode(job, decision.decode, None):
-                yield chunk
-            return
-        retry = self.route(job.desc, exclude=frozenset({decision.decode.endpoint_id}))
-        self._metrics.prefill_fallbacks.labels("decode_retry").inc()
-        async for chunk in self.decode(job, retry.decode, None):
+            target = decision.decode
+        else:
+            target = self.route(job.desc, exclude=frozenset({decision.decode.endpoint_id}), retry=True).decode
+        async for chunk in self._last_decode(job, target):
             yield chunk
+
+    async def _last_decode(self, job: GenerationJob, target: EndpointState) -> AsyncIterator[TokenChunk]:
+        """A decode with local prefill and no retry left: any failure is the request's error."""
+        try:
+            async for chunk in self.decode(job, target, None):
+                yield chunk
+        except (ApiError, asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as e:
+            raise self._failed(job, target, e) from e
+
+    def _failed(self, job: GenerationJob, target: EndpointState, e: Exception) -> ApiError:
+        err = decode_error(e)
+        self._metrics.aborts.labels(err.code).inc()
+        logger.warning("decode of %s failed on %s (%r): %d %s", job.desc.request_id, target.endpoint_id, e,
+                       err.status_code, err.code)
+        return err
 
     def _push_handoff(self, job: GenerationJob, decision: RoutingDecision) -> tuple[KvHandoff, str] | None:
         """Push mode for a remote prefill whose replica advertised its agent: (decode handoff, rendezvous)."""

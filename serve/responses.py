@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from serve.adapters import ParsedRequest
+from workers.messages import COMPLETE_FINISH_REASONS
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -14,9 +15,11 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def finish_reason(reason: str | None) -> str | None:
-    if reason is None:
-        return None
-    return reason if reason in ("stop", "length") else "stop"
+    """The OpenAI finish_reason of a chunk. Only a complete request has one: the orchestrator turns every
+    other engine finish (abort, error, ...) into an error, so one arriving here is a bug, not a "stop"."""
+    if reason is None or reason in COMPLETE_FINISH_REASONS:
+        return reason
+    raise ValueError(f"finish_reason {reason!r} is an engine failure, not a completion")
 
 
 def full_response(p: ParsedRequest, text: str, reason: str | None, prompt_tokens: int, completion_tokens: int

@@ -17,7 +17,8 @@ from typing import Any, AsyncIterator
 from kvtransfer.config import MALLOC_REUSE_ENV
 from workers.config import CpuDevice, GpuDevice, PoolConfig
 from workers.handoff import HandoffBackend, free_port
-from workers.messages import DecodeRequest, PrefillRequest, PrefillResult, SamplingSpec, TokenChunk, WorkerStats
+from workers.messages import (COMPLETE_FINISH_REASONS, DecodeRequest, PrefillRequest, PrefillResult, SamplingSpec,
+                              TokenChunk, WorkerStats)
 from workers.stats import EngineStatsCollector
 
 logger = logging.getLogger(__name__)
@@ -175,6 +176,8 @@ class EngineWrapper:
             final = out
         if final is None:
             raise RuntimeError(f"prefill of {req.request_id} produced no output")
+        if final.outputs[0].finish_reason not in COMPLETE_FINISH_REASONS:   # its KV is not there to hand off
+            raise RuntimeError(f"prefill of {req.request_id} finished {final.outputs[0].finish_reason!r}")
         handoff = self.handoff.handoff_from_output(final.kv_transfer_params) if self.handoff else None
         return PrefillResult(request_id=req.request_id, endpoint_id=self.endpoint_id, handoff=handoff,
                              num_prompt_tokens=len(req.prompt_token_ids), num_cached_tokens=cached,

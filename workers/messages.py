@@ -62,10 +62,16 @@ class DecodeRequest:
                 f"remote_kv={self.handoff is not None})")
 
 
+# vLLM finish reasons of a request that completed. The others end it in failure ("error": a request-level
+# engine error; "abort": the engine dropped it) or come from options pdserve never sets ("repetition":
+# sampling's repetition_detection); none is shown to a client as a finish_reason.
+COMPLETE_FINISH_REASONS = frozenset({"stop", "length"})
+
+
 @dataclass(frozen=True, slots=True)
 class TokenChunk:
     """A delta of generated output. The first chunk carries ``num_cached_tokens``; the last one a
-    ``finish_reason``."""
+    ``finish_reason`` (vLLM's: "stop" and "length" complete the request, see ``COMPLETE_FINISH_REASONS``)."""
 
     text: str
     token_ids: tuple[int, ...]

@@ -92,3 +92,16 @@ class TestDevices:
         p = PoolConfig(name="p", role="prefill", device={"kind": "gpu", "gpu_type": "A100", "count": 2},
                        engine={"tensor_parallel_size": 2, "block_size": 16})
         assert isinstance(p.device, GpuDevice) and p.device.count == 2
+
+
+class TestRouterTimeouts:
+    def test_defaults_and_descriptions(self):
+        r = ClusterConfig.from_dict(BASE).router
+        assert (r.prefill_timeout_s, r.idle_timeout_s) == (60.0, 600.0)
+        fields = type(r).model_fields
+        assert fields["prefill_timeout_s"].description and fields["idle_timeout_s"].description
+
+    def test_set_and_validated(self):
+        r = ClusterConfig.from_dict({**BASE, "router": {"prefill_timeout_s": 5, "idle_timeout_s": 30}}).router
+        assert (r.prefill_timeout_s, r.idle_timeout_s) == (5.0, 30.0)
+        assert "router.prefill_timeout_s" in error_of({**BASE, "router": {"prefill_timeout_s": 0}})

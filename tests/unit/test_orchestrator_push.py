@@ -94,7 +94,7 @@ def _run(prefill_fails: bool):
         handles = FakeHandles(prefill_fails)
         metrics = ClusterMetrics(None)
         orch = Orchestrator({"prefill": handles, "decode": handles}, FakePolicy(), PoolDirectory(), metrics,
-                            push_compression="none")
+                            prefill_timeout_s=60.0, idle_timeout_s=600.0, push_compression="none")
         orch.set_kv_agents({"p0": ["agent-p0", "127.0.0.1", 5000]})
         job = GenerationJob(RequestDescriptor("r1", "m", 100, 8, "free", 0.0), tuple(range(100)), SamplingSpec(8))
         chunks = await asyncio.wait_for(_collect(orch.generate(job)), timeout=10)

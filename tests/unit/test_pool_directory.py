@@ -32,7 +32,7 @@ class TestPoolDirectory:
         d = PoolDirectory(clock=lambda: 100.0)
         d.register("decode", FakeSource("a"))
         d.update_stats("a", {"healthy": True, "priority_step_tokens": 2048, "updated_s": 99.0})
-        orch = Orchestrator({}, policy=None, directory=d, metrics=None)
+        orch = Orchestrator({}, policy=None, directory=d, metrics=None, prefill_timeout_s=60.0, idle_timeout_s=600.0)
         free = [orch._reserve("a", 300, priority=-10), orch._reserve("a", 200, priority=-10)]
         premium = orch._reserve("a", 50, priority=-100)
         (e,) = orch.snapshot().endpoints

@@ -90,6 +90,41 @@ class TestEngineArgs:
         assert device_env(pool) == {"PDSERVE_MQ_BUSY_LOOP_S": "0.0", "PDSERVE_MQ_RECHECK_MS": "10"}
 
 
+class FakeAsyncLLM:
+    """A fake vLLM AsyncLLM: answers every request with one final output finishing ``reason``."""
+
+    def __init__(self, reason):
+        self.reason, self.aborted = reason, []
+
+    async def generate(self, prompt, sampling, request_id, priority=0):
+        from types import SimpleNamespace
+
+        out = SimpleNamespace(finish_reason=self.reason, text="", token_ids=[] if self.reason == "error" else [5])
+        yield SimpleNamespace(finished=True, num_cached_tokens=0, kv_transfer_params=None, outputs=[out])
+
+    async def abort(self, request_id):
+        self.aborted.append(request_id)
+
+
+@pytest.mark.parametrize("reason, fails", [("length", False), ("error", True), ("abort", True)])
+def test_prefill_that_the_engine_did_not_complete_raises(reason, fails):
+    """The router then counts a prefill fallback ("error") and the decode engine prefills the prompt."""
+    import asyncio
+
+    from workers.engine import EngineWrapper
+    from workers.messages import PrefillRequest
+
+    pool = PoolConfig(name="prefill", role="prefill", device={"kind": "cpu", "cpu_cores": "0"})
+    w = EngineWrapper(EngineSpec(pool=pool, model_path="/m", served_model_name="m", max_model_len=64), None, "p0")
+    w.engine = FakeAsyncLLM(reason)
+    run = w.prefill(PrefillRequest("r1", (1, 2, 3)))
+    if fails:
+        with pytest.raises(RuntimeError, match=f"finished '{reason}'"):
+            asyncio.run(run)
+    else:
+        assert asyncio.run(run).num_prompt_tokens == 3
+
+
 def test_worker_stats_round_trip():
     s = WorkerStats(endpoint_id="e", pool="p", role="decode", kv_usage=0.25, kv_transfer_durations_s=[0.1])
     assert WorkerStats.from_dict({**s.to_dict(), "unknown": 1}) == s
