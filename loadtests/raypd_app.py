@@ -12,14 +12,18 @@ import sys
 import threading
 
 
-def llm_config(model_dir: str, name: str, cores: str, side_port: int, dtype: str) -> dict:
+def llm_config(model_dir: str, name: str, cores: str, side_port: int, dtype: str | None) -> dict:
+    """One side as Ray Serve LLM's P/D docs configure it (NixlConnector, engine defaults otherwise:
+    compiled model, the checkpoint's dtype), pinned to one core, at our context length."""
+    engine = {"max_model_len": 2048,
+              "kv_transfer_config": {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"}}
+    if dtype:
+        engine["dtype"] = dtype
     return {
         "model_loading_config": {"model_id": name, "model_source": model_dir},
         "deployment_config": {"num_replicas": 1},
         "placement_group_config": {"bundles": [{"CPU": 1}]},
-        "engine_kwargs": {"max_model_len": 2048, "block_size": 128, "dtype": dtype, "enforce_eager": True,
-                          "kv_transfer_config": {"kv_connector": "NixlConnector", "kv_role": "kv_both",
-                                                 "kv_buffer_device": "cpu"}},
+        "engine_kwargs": engine,
         "runtime_env": {"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": cores, "VLLM_CPU_KVCACHE_SPACE": "1",
                                      "UCX_TLS": "tcp,self,sm", "VLLM_NIXL_SIDE_CHANNEL_PORT": str(side_port),
                                      "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1"}},
@@ -28,7 +32,7 @@ def llm_config(model_dir: str, name: str, cores: str, side_port: int, dtype: str
 
 def main() -> int:
     model_dir, name, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    dtype = sys.argv[4] if len(sys.argv) > 4 else "float32"
+    dtype = sys.argv[4] if len(sys.argv) > 4 else None
     import ray
     from ray import serve
     from ray.serve.llm import build_pd_openai_app

@@ -124,18 +124,20 @@ def start_ours(config: str, port: int, log_dir: Path, name: str = "ours", **_) -
 
 
 def start_colocated(model_dir: str, model: str, port: int, log_dir: Path, cores: str = "0-1",
-                    kv_gib: int = 2, max_model_len: int = 2048, dtype: str = "float32", **_) -> SystemProcess:
-    """Same dtype as ``ours`` so the comparison isolates disaggregation and routing."""
+                    kv_gib: int = 2, max_model_len: int = 2048, dtype: str | None = None, **_) -> SystemProcess:
+    """Plain vLLM as its CPU docs start it: the OpenAI server with its own defaults (compiled model,
+    the checkpoint's dtype, its block size), on the same cores and KV space in total as ``ours``
+    (``VLLM_CPU_OMP_THREADS_BIND`` / ``VLLM_CPU_KVCACHE_SPACE``, the two settings those docs ask for)
+    and the same context length. ``dtype`` only when the bench is told one."""
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
            "--served-model-name", model, "--host", "127.0.0.1", "--port", str(port),
-           "--max-model-len", str(max_model_len), "--block-size", "128", "--dtype", dtype,
-           "--enforce-eager"]
+           "--max-model-len", str(max_model_len)] + (["--dtype", dtype] if dtype else [])
     env = {"VLLM_CPU_OMP_THREADS_BIND": cores, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
     return _spawn("colocated", cmd, env, port, log_dir)
 
 
-def start_raypd(model_dir: str, model: str, port: int, log_dir: Path, dtype: str = "float32", **_) -> SystemProcess:
-    cmd = [sys.executable, "-m", "loadtests.raypd_app", model_dir, model, str(port), dtype]
+def start_raypd(model_dir: str, model: str, port: int, log_dir: Path, dtype: str | None = None, **_) -> SystemProcess:
+    cmd = [sys.executable, "-m", "loadtests.raypd_app", model_dir, model, str(port)] + ([dtype] if dtype else [])
     return _spawn("raypd", cmd, {}, port, log_dir)
 
 

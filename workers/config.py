@@ -99,8 +99,12 @@ class EngineConfig(_Strict):
                                                            "higher QoS tiers first (vLLM priority scheduling, fed "
                                                            "the tier's priority; no gain measured on the CPU box, "
                                                            "loadtests/results/README.md)")
-    dtype: str = "bfloat16"
-    enforce_eager: bool = True
+    dtype: str = Field("auto", description="engine dtype; 'auto' = bfloat16 on GPUs and on CPUs with native "
+                       "bf16 matmuls (avx512_bf16 or AMX), float32 on other CPUs, which emulate bf16 "
+                       "(workers/engine.py:resolve_dtype); or any vLLM dtype")
+    enforce_eager: bool = Field(False, description="false: vLLM compiles the model (torch.compile; CPU prefill and "
+                                "decode ~1.2-1.4x faster than eager, first start compiles, later starts load the "
+                                "compile cache); true: eager (faster start, slower steps)")
     mq_busy_loop_s: float = Field(0.0, ge=0, description="seconds vLLM's engine-core/worker shared-memory "
                                   "queue readers spin before sleeping (vLLM: 1.0; spinning steals a core "
                                   "from the other engine on small CPU boxes)")

@@ -18,6 +18,8 @@ def cluster_config(port: int, decode_replicas: int = 1, dtype: str | None = None
     data["server"]["port"] = port
     data["app_name"] = "pdserve-test"
     for pool in data["pools"]:
+        # eager engines: a fast start, and greedy outputs comparable with the eager reference run
+        pool["engine"]["enforce_eager"] = True
         if dtype:
             pool["engine"]["dtype"] = dtype
         if pool["role"] == "decode":

@@ -128,14 +128,13 @@ vllm:num_requests_running{engine="0",model_name="m"} 7.0
 
 
 class TestBenchConfig:
-    def test_dtype_and_slo_come_from_the_config(self, tmp_path):
+    def test_slo_comes_from_the_config(self, tmp_path):
         from loadtests.bench import config_defaults
         from serve.config import DEFAULT_CONFIG
-        d = config_defaults(str(DEFAULT_CONFIG))
-        assert d["dtype"] == "float32" and d["ttft_slo"] == 4.0 and d["tpot_slo"] == 0.25
+        assert config_defaults(str(DEFAULT_CONFIG)) == {"ttft_slo": 4.0, "tpot_slo": 0.25}
         p = tmp_path / "c.yaml"
         p.write_text("pools: [{engine: {}}]\n")
-        assert config_defaults(str(p)) == {"dtype": "bfloat16", "ttft_slo": 2.0, "tpot_slo": 0.2}
+        assert config_defaults(str(p)) == {"ttft_slo": 2.0, "tpot_slo": 0.2}
 
 
     def test_set_overrides_edit_a_copy_of_the_config(self, tmp_path):

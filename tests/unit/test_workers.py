@@ -1,7 +1,7 @@
 import pytest
 
 from workers.config import KvHandoffConfig, PoolConfig
-from workers.engine import EngineSpec, device_env, engine_kwargs
+from workers.engine import EngineSpec, cpu_flags, device_env, engine_kwargs
 from workers.handoff import NixlHandoff
 from workers.kv_params import KvHandoff
 from workers.messages import WorkerStats
@@ -79,9 +79,33 @@ class TestEngineArgs:
                              None)["scheduling_policy"] == "priority"
         assert device_env(pool, local_rank=1) == {"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_KVCACHE_SPACE": "2",
                                                   "PDSERVE_MQ_BUSY_LOOP_S": "0.0", "PDSERVE_MQ_RECHECK_MS": "10",
-                                                  "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
+                                                  "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 34),
+                                                  "VLLM_USE_AOT_COMPILE": "0"}
         off = pool.model_copy(update={"device": pool.device.model_copy(update={"malloc_reuse": False})})
         assert "MALLOC_MMAP_MAX_" not in device_env(off)
+        eager = pool.model_copy(update={"engine": pool.engine.model_copy(update={"enforce_eager": True})})
+        assert "VLLM_USE_AOT_COMPILE" not in device_env(eager)     # nothing compiled, no cache to load
+        assert kw["enforce_eager"] is False                           # compiled unless a pool opts out
+
+    @pytest.mark.parametrize("dtype, kind, flags, want", [
+        ("auto", "cpu", {"avx2", "avx512f", "amx_bf16"}, "bfloat16"),
+        ("auto", "cpu", {"avx2", "avx512_bf16"}, "bfloat16"),
+        ("auto", "cpu", {"avx2", "fma"}, "float32"),              # bf16 would be emulated
+        ("auto", "cpu", set(), "float32"),                        # flags unknown: the safe choice
+        ("auto", "gpu", set(), "auto"),                           # vLLM's own auto: the checkpoint's dtype
+        ("float16", "cpu", {"amx_bf16"}, "float16"),              # an explicit dtype is kept
+    ])
+    def test_dtype_auto_follows_the_host(self, dtype, kind, flags, want):
+        device = {"kind": kind, "count": 1} if kind == "gpu" else {"kind": "cpu"}
+        pool = PoolConfig(name="p", role="prefill", device=device, engine={"dtype": dtype})
+        spec = EngineSpec(pool=pool, model_path="/m", served_model_name="m", max_model_len=64)
+        assert engine_kwargs(spec, None, frozenset(flags))["dtype"] == want
+
+    def test_cpu_flags_parses_cpuinfo(self, tmp_path):
+        info = tmp_path / "cpuinfo"
+        info.write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16\n\nprocessor\t: 1\n")
+        assert cpu_flags(str(info)) == frozenset({"fpu", "avx2", "amx_bf16"})
+        assert cpu_flags(str(tmp_path / "missing")) == frozenset()
 
     def test_gpu_pool(self):
         pool = PoolConfig(name="p", role="prefill", device={"kind": "gpu", "count": 1, "gpu_memory_utilization": 0.5})
