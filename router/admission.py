@@ -18,13 +18,18 @@ router's own accounting, in uncached tokens) at the fitted prefill rate.
 
 Tiers: each tier has a reserved fraction of the pool's queueing budget. A tier may fill the queue
 (counting the request's own prefill) only up to the sum of the fractions of itself and every
-LOWER-priority tier, so lower tiers never take a higher tier's reserved share and, as the queue
-grows, the lowest tiers are shed first. The budget is the waiting room the TTFT SLO leaves after one
-request's own service (SLO - predicted prefill, handoff and first step; the request's own service
-stands for the next arrival's): a higher-tier request arriving at a queue a lower tier filled still
-fits its SLO even when one request's service is a large part of it (a 2 s prefill under a 4 s SLO).
-``tier_budget="slo"`` divides the whole SLO instead (the earlier rule: there, a premium request found
-a full free share plus its own 2 s prefill over the SLO and was refused as overload). Outcomes:
+lower-priority tier, so lower tiers never take an active higher tier's reserved share and, as the
+queue grows, the lowest tiers are shed first. The reservations are work-conserving: a higher tier
+that is not active (``active``, from ``router.tier_activity.TierActivity``: no arrival within
+``router.admission.tier_idle_s`` and no prefill work queued) lends its fraction to the tiers below
+it, so traffic of one tier alone may use the whole budget. The tier takes its fraction back for
+every admission decided after its next arrival; work the lower tiers have already queued is not
+preempted by the router. The budget is the waiting room the TTFT SLO leaves after one request's own
+service (SLO - predicted prefill, handoff and first step; the request's own service stands for the
+next arrival's): a higher-tier request arriving at a queue a lower tier filled still fits its SLO
+even when one request's service is a large part of it (a 2 s prefill under a 4 s SLO).
+``tier_budget="slo"`` divides the whole SLO instead (then a premium request behind a full free share
+plus its own 2 s prefill is over the SLO and refused as overload). Outcomes:
 
 - admit, with the predictions recorded (so the model's error is visible in metrics);
 - 429 ``tier_quota``: the request's tier is over its share, but higher tiers would be admitted;
@@ -36,12 +41,12 @@ Decode side, the same division (``tpot_budget="headroom"``, default): a tier may
 only while the predicted TPOT stays within its share of the headroom between the request's own step
 time alone (a batch of one at its context) and its TPOT SLO, so lower tiers stop joining before the
 batch reaches the SLO and the top tier still fits; under decode overload the lowest tiers are refused
-(429) first instead of everyone at once (503). ``tpot_budget="slo"`` lets every tier fill up to its SLO
-(the earlier rule).
+(429) first instead of everyone at once (503); idle higher tiers lend their share here too.
+``tpot_budget="slo"`` lets every tier fill up to its SLO.
 
 Phase-specific throttling. Prefill lagging: the queue-wait budget above stops new prompts of the
-lowest tiers first (free at 60 % of the budget by default, standard at 90 %, premium never
-below the full SLO). Decode saturated (predicted TPOT >= ``saturation`` x the tier's TPOT budget)
+lowest tiers first (while every tier is active: free at 60 % of the budget by default, standard
+at 90 %, premium never below the full SLO). Decode saturated (predicted TPOT >= ``saturation`` x the tier's TPOT budget)
 for tiers below ``below_priority``: ``cap`` admits with ``max_tokens`` capped (the request holds
 its decode slot for less time), ``reject`` answers 429 ``decode_throttled``.
 
@@ -55,7 +60,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Collection, Mapping
 
 from router.cost_model import CostModel
 from router.types import Rejection
@@ -91,10 +96,13 @@ def engine_priority(tier_priority: int) -> int:
     return -tier_priority
 
 
-def usable_fraction(tier: str, tiers: Mapping[str, TierPolicy]) -> float:
-    """Share of the queueing budget a tier may fill: its own reservation plus all lower tiers'."""
+def usable_fraction(tier: str, tiers: Mapping[str, TierPolicy], active: Collection[str] | None = None) -> float:
+    """Share of the queueing budget a tier may fill: its own reservation plus all lower (and equal)
+    tiers', plus the reservations of the higher tiers not in ``active`` (lent while they are idle).
+    ``active=None``: every tier is active (strict reservations). ``tier`` itself always counts as active."""
     me = tiers[tier]
-    return min(1.0, sum(t.reserved_fraction for t in tiers.values() if t.priority <= me.priority))
+    return min(1.0, sum(t.reserved_fraction for name, t in tiers.items()
+                        if t.priority <= me.priority or (active is not None and name not in active)))
 
 
 def decide(tier: str, tiers: Mapping[str, TierPolicy], model: CostModel, *, queued_prefill_tokens: int,
@@ -102,12 +110,13 @@ def decide(tier: str, tiers: Mapping[str, TierPolicy], model: CostModel, *, queu
            decode_idle: bool | None = None, min_retry_after_s: float = 1.0, max_new_tokens: int = 0,
            throttle: DecodeThrottle | None = None, prompt_tokens: int = 0,
            decode_context_tokens: int = 0, tier_budget: str = "waiting-room",
-           tpot_budget: str = "headroom") -> Admission | Rejection:
+           tpot_budget: str = "headroom", active: Collection[str] | None = None) -> Admission | Rejection:
     """Admit or reject one request (see module docstring). ``model`` is the prefilling pool's,
     ``decode_model`` the decode pool's (default: the same); ``decode_batch`` excludes the request.
     ``decode_idle`` (default ``decode_batch == 0``) is the liveness test for TPOT; callers pass their
     own exact in-flight count, since polled engine counts lag. ``decode_context_tokens``: KV tokens the
-    decode replica's running requests hold now."""
+    decode replica's running requests hold now. ``active``: the tiers demanding capacity now (see
+    ``usable_fraction``; None = all of them)."""
     if decode_idle is None:
         decode_idle = decode_batch <= 0
     pol = tiers[tier]
@@ -129,7 +138,7 @@ def decide(tier: str, tiers: Mapping[str, TierPolicy], model: CostModel, *, queu
                          message=f"prefill queue is full (predicted time to first token {ttft:.1f} s); retry later")
     # the tier's share of the queueing budget (the queue as it would be with this request in it, so a
     # lower tier's last admission cannot spill into a higher tier's share), and its own SLO
-    share = usable_fraction(tier, tiers)
+    share = usable_fraction(tier, tiers, active)
     own_service = ttft - wait
     if tier_budget == "slo":
         budget = share * pol.ttft_s

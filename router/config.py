@@ -79,6 +79,12 @@ class AdmissionConfig(BaseModel):
                                                     "request's step time alone and the TPOT SLO (lower tiers "
                                                     "stop first), or every tier up to its SLO (earlier "
                                                     "behaviour)")
+    tier_idle_s: float | None = Field(30.0, ge=0, description="work-conserving reservations: a tier with "
+                                      "no arrival for this long and no prefill work queued is idle, and its "
+                                      "reserved fraction (queue budget and TPOT headroom) is lent to the "
+                                      "lower tiers until its next arrival takes it back (so untiered traffic "
+                                      "alone may use the whole budget); null: never lent, every tier keeps "
+                                      "its reservation")
 
 
 class RouterConfig(BaseModel):

@@ -11,7 +11,11 @@ a ``PrefixIndex`` and per-pool ``CostModel``s owned by the caller, who records w
    share is high; otherwise the prefill replica with the longest cached prefix among those whose
    queue has room (then least queued). No prefill replica with room -> local.
 4. Admission (``router.admission.decide``) on the chosen replicas, per QoS tier; the queue a request
-   waits behind is what its engine serves before it (``EndpointState.prefill_tokens_ahead``).
+   waits behind is what its engine serves before it (``EndpointState.prefill_tokens_ahead``). Every
+   request routed (admitted or not) records an arrival of its tier in a ``TierActivity``; a tier is
+   active while it had an arrival within ``router.admission.tier_idle_s`` or has prefill tokens
+   queued on any replica (``queued_prefill_by_priority``, by the tier's engine priority), and the
+   reservations of inactive higher tiers are lent to the lower ones.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from router.admission import Admission, DecodeThrottle, TierPolicy, decide, engi
 from router.config import RouterConfig
 from router.cost_model import CostModel, CostPrior
 from router.prefix_index import PrefixIndex
+from router.tier_activity import TierActivity
 from router.types import EndpointState, PoolSnapshot, RequestDescriptor, Rejection, Role, RoutingDecision
 
 
@@ -47,7 +52,7 @@ def decode_throttle(cfg: RouterConfig) -> DecodeThrottle | None:
 
 class SloAwarePolicy:
     def __init__(self, cfg: RouterConfig, index: PrefixIndex, models: Mapping[str, CostModel], block_size: int,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, activity: TierActivity | None = None) -> None:
         self.cfg = cfg
         self.index = index
         self.models = models
@@ -55,6 +60,12 @@ class SloAwarePolicy:
         self.tiers = tier_policies(cfg)
         self.throttle = decode_throttle(cfg)
         self._rng = rng or random.Random()
+        idle_s = cfg.admission.tier_idle_s
+        # None: reservations are never lent (every tier is always active)
+        self.activity = activity if activity is not None else (None if idle_s is None else TierActivity(idle_s))
+        self._tiers_by_engine_priority: dict[int, list[str]] = {}
+        for name, t in self.tiers.items():
+            self._tiers_by_engine_priority.setdefault(engine_priority(t.priority), []).append(name)
 
     def model(self, pool: str) -> CostModel:
         m = self.models.get(pool)
@@ -71,6 +82,16 @@ class SloAwarePolicy:
         top = max(s for s, _ in scored)
         tied = [c for s, c in scored if s == top]
         return tied[0] if len(tied) == 1 else self._rng.choice(tied)
+
+    def active_tiers(self, snapshot: PoolSnapshot) -> frozenset[str] | None:
+        """Tiers demanding capacity now: a recent arrival, or prefill work queued on some replica (the
+        router's own accounting, by engine priority: tiers sharing a priority are busy together).
+        None when lending is off."""
+        if self.activity is None:
+            return None
+        busy = {tier for e in snapshot.endpoints for prio, tokens in e.queued_prefill_by_priority if tokens > 0
+                for tier in self._tiers_by_engine_priority.get(prio, ())}
+        return self.activity.active(busy)
 
     def route(self, req: RequestDescriptor, snapshot: PoolSnapshot) -> RoutingDecision | Rejection:
         decodes = [e for e in snapshot.by_role(Role.DECODE) if e.healthy]
@@ -104,6 +125,8 @@ class SloAwarePolicy:
         if not self.cfg.admission.enabled:
             return decision
         tier = req.tier if req.tier in self.tiers else self.cfg.default_tier
+        if self.activity is not None:
+            self.activity.arrive(tier)       # before deciding: the request's own tier is active
         target = prefill or decode
         verdict = decide(tier, self.tiers, self.model(target.pool),
                          queued_prefill_tokens=target.prefill_tokens_ahead(engine_priority(self.tiers[tier].priority)),
@@ -114,7 +137,8 @@ class SloAwarePolicy:
                          max_new_tokens=req.max_new_tokens, throttle=self.throttle,
                          prompt_tokens=prompt, decode_context_tokens=decode.context_tokens,
                          tier_budget=self.cfg.admission.tier_budget,
-                         tpot_budget=self.cfg.admission.tpot_budget)
+                         tpot_budget=self.cfg.admission.tpot_budget,
+                         active=self.active_tiers(snapshot))
         if isinstance(verdict, Rejection):
             return verdict
         assert isinstance(verdict, Admission)

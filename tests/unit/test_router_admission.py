@@ -87,6 +87,23 @@ class TestAdmission:
         assert usable_fraction("standard", TIERS) == pytest.approx(0.9)
         assert usable_fraction("premium", TIERS) == pytest.approx(1.0)
 
+    # strict reservations (None) and what idle higher tiers lend: own + lower + inactive higher tiers'
+    @pytest.mark.parametrize("tier,active,want", [
+        ("free", None, 0.6),
+        ("free", {"free"}, 1.0),                         # only untiered/free traffic: the whole budget
+        ("free", set(), 1.0),                            # its own tier counts as active regardless
+        ("free", {"free", "premium"}, 0.9),              # standard idle lends its 0.3
+        ("free", {"free", "standard"}, 0.7),             # premium idle lends its 0.1
+        ("free", {"free", "standard", "premium"}, 0.6),
+        ("standard", {"standard"}, 1.0),
+        ("standard", {"standard", "premium"}, 0.9),
+        ("standard", {"premium"}, 0.9),
+        ("standard", {"free", "standard"}, 1.0),         # a lower tier's activity takes nothing from it
+        ("premium", {"premium"}, 1.0),
+    ])
+    def test_idle_higher_tiers_lend_their_reservation(self, tier, active, want):
+        assert usable_fraction(tier, TIERS, active) == pytest.approx(want)
+
     def test_empty_queue_admits_with_predictions(self):
         a = decide("free", TIERS, _model(), queued_prefill_tokens=0, uncached_tokens=500, decode_batch=3)
         assert isinstance(a, Admission) and a.predicted_ttft_s == pytest.approx(2.0 + 0.1, rel=0.01)
@@ -125,6 +142,37 @@ class TestAdmission:
         late = decide("premium", TIERS, m, queued_prefill_tokens=600, **kw)
         assert isinstance(late, Rejection) and late.reason == "overload_ttft"
 
+    # the same queues with only some tiers active: free alone fills the budget like the top tier
+    # (its limit is then the SLO: 503 overload, never 429); premium active, standard idle: free may
+    # fill 0.9 x 3.8 = 3.42 s; standard active, premium idle: 0.7 x 3.8 = 2.66 s
+    @pytest.mark.parametrize("queued,active,expected", [
+        (550, {"free"}, "admit"),                       # 2.3 s: a tier_quota under strict reservations
+        (650, {"free"}, "admit"),
+        (940, {"free"}, "admit"),                       # TTFT 3.96 s
+        (960, {"free"}, "overload_ttft"),               # TTFT 4.04 s: no tier would be admitted
+        (820, {"free", "premium"}, "admit"),            # 3.28 + 0.1 s <= 3.42 s
+        (840, {"free", "premium"}, "tier_quota"),       # 3.36 + 0.1 s > 3.42 s
+        (625, {"free", "standard"}, "admit"),           # 2.5 + 0.1 s <= 2.66 s
+        (650, {"free", "standard"}, "tier_quota"),      # 2.6 + 0.1 s > 2.66 s
+        (550, {"free", "standard", "premium"}, "tier_quota"),
+    ])
+    def test_ttft_table_with_lending(self, queued, active, expected):
+        d = decide("free", TIERS, _model(), queued_prefill_tokens=queued, uncached_tokens=25, decode_batch=0,
+                   active=active)
+        got = "admit" if isinstance(d, Admission) else d.reason
+        assert got == expected
+        if isinstance(d, Rejection):
+            assert d.status_code == (429 if expected == "tier_quota" else 503) and d.retry_after_s >= 1
+
+    def test_standard_borrows_only_from_idle_premium(self):
+        # standard's own limit is 3.42 s of queue; premium idle lends it the rest (up to the SLO)
+        kw = dict(queued_prefill_tokens=880, uncached_tokens=25, decode_batch=0)     # 3.52 + 0.1 s
+        assert decide("standard", TIERS, _model(), active={"standard", "premium"}, **kw).reason == "tier_quota"
+        assert decide("standard", TIERS, _model(), active={"free", "standard", "premium"}, **kw).reason == "tier_quota"
+        assert isinstance(decide("standard", TIERS, _model(), active={"free", "standard"}, **kw), Admission)
+        # and free, with standard active, gets none of standard's reservation
+        assert decide("free", TIERS, _model(), active={"free", "standard"}, **kw).reason == "tier_quota"
+
     # decode step 0.1 s at batch 1 + 10 ms per further sequence: the request alone steps in 0.1 s,
     # leaving 0.15 s of headroom under the 0.25 s TPOT SLO; free may use 0.6 of it (<= 0.19 s),
     # standard 0.9 (<= 0.235 s), premium all of it
@@ -146,6 +194,23 @@ class TestAdmission:
         if tier == "free":  # the earlier rule let free fill the batch up to the SLO
             assert isinstance(decide(tier, TIERS, m, queued_prefill_tokens=0, uncached_tokens=10, decode_batch=batch,
                                      tpot_budget="slo"), Admission)
+
+    # the decode headroom is shared the same way: free alone gets all of it (0.25 s), with premium
+    # active and standard idle 0.9 of it (0.235 s), with standard active and premium idle 0.7 (0.205 s)
+    @pytest.mark.parametrize("batch,active,expected", [
+        (10, {"free"}, "admit"),                        # 0.20 s: a tier_quota under strict reservations
+        (14, {"free"}, "admit"),                        # 0.24 s
+        (16, {"free"}, "overload_tpot"),                # 0.26 s
+        (13, {"free", "premium"}, "admit"),             # 0.23 s
+        (14, {"free", "premium"}, "tier_quota"),        # 0.24 s
+        (10, {"free", "standard"}, "admit"),            # 0.20 s
+        (11, {"free", "standard"}, "tier_quota"),       # 0.21 s
+    ])
+    def test_tpot_table_with_lending(self, batch, active, expected):
+        m = CostModel(CostPrior(decode_step_s=0.1, decode_step_per_seq_s=0.01, decode_step_per_kilotoken_s=0.0))
+        d = decide("free", TIERS, m, queued_prefill_tokens=0, uncached_tokens=10, decode_batch=batch, active=active)
+        got = "admit" if isinstance(d, Admission) else d.reason
+        assert got == expected
 
     def test_decode_saturation_rejects_503(self):
         d = decide("premium", TIERS, _model(step=0.3), queued_prefill_tokens=0, uncached_tokens=10, decode_batch=4)

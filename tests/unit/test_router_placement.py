@@ -10,6 +10,7 @@ from router.hashing import block_hashes
 from router.placement import SloAwarePolicy, build_policy, tier_policies
 from router.policy import LeastLoadedPolicy
 from router.prefix_index import PrefixIndex
+from router.tier_activity import TierActivity
 from router.types import EndpointState, PoolSnapshot, RequestDescriptor, Rejection, Role
 
 BS = 128
@@ -94,8 +95,8 @@ class TestAdmissionWiring:
     def test_free_shed_premium_admitted(self):
         pol = policy()                                        # prior: 300 tok/s, SLO 2 s TTFT by default
         snap = PoolSnapshot([ep("D1", Role.DECODE), ep("P1", Role.PREFILL, queued=420)])  # ~1.45 s queued
-        free = pol.route(req(100, tier="free"), snap)         # free may fill 0.6 x 2 s of queue
         premium = pol.route(req(100, tier="premium"), snap)   # TTFT: queue + prefill + decode's first step
+        free = pol.route(req(100, tier="free"), snap)         # premium active: free may fill 0.6 x 2 s of queue
         assert isinstance(free, Rejection) and free.status_code == 429 and free.retry_after_s >= 1
         assert not isinstance(premium, Rejection) and premium.predicted_ttft_s == pytest.approx(1.83 + 0.10, rel=0.05)
 
@@ -127,3 +128,93 @@ class TestAdmissionWiring:
         assert tier_policies(cfg)["gold"].ttft_s == 0.5
         assert isinstance(build_policy(RouterConfig(policy="least-loaded"), BS), LeastLoadedPolicy)
         assert isinstance(build_policy(RouterConfig(), BS), SloAwarePolicy)
+
+
+class FakeClock:
+    """A settable stand-in for time.monotonic."""
+
+    def __init__(self, t: float = 0.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class TestWorkConservingTiers:
+    """Reservations of idle higher tiers are lent to the lower ones (router.admission.tier_idle_s)."""
+
+    QUEUED = 420                    # ~1.4 s at the prior's 300 tok/s: over free's 60 %, within the 2 s SLO
+
+    def snap(self, queued=QUEUED, by_priority=()):
+        p = dataclasses.replace(ep("P1", Role.PREFILL, queued=queued), queued_prefill_by_priority=by_priority)
+        return PoolSnapshot([ep("D1", Role.DECODE), p])
+
+    def lending(self, clock, **router):
+        pol = policy(**router)
+        return SloAwarePolicy(pol.cfg, PrefixIndex(), {}, BS, random.Random(0), activity=TierActivity(30.0, clock))
+
+    def test_untiered_traffic_alone_uses_the_whole_budget(self):
+        strict = policy(admission={"tier_idle_s": None})      # reservations never lent
+        d = strict.route(req(100, tier="free"), self.snap())
+        assert isinstance(d, Rejection) and d.reason == "tier_quota"
+        pol = self.lending(FakeClock())
+        d = pol.route(req(100, tier="free"), self.snap())
+        assert not isinstance(d, Rejection) and d.predicted_ttft_s == pytest.approx(1.83 + 0.10, rel=0.05)
+        # unknown tiers are the default tier (free): the same
+        assert not isinstance(pol.route(req(100, tier="warmup"), self.snap()), Rejection)
+        # the default config lends too (its own monotonic clock)
+        assert not isinstance(policy().route(req(100, tier="free"), self.snap()), Rejection)
+
+    def test_alone_it_is_refused_only_when_no_tier_fits(self):
+        d = self.lending(FakeClock()).route(req(300, tier="free"), self.snap(queued=3000))
+        assert isinstance(d, Rejection) and d.status_code == 503 and d.reason == "overload_ttft"
+
+    def test_premium_takes_its_share_back_and_lends_it_again_after_the_window(self):
+        clock = FakeClock(1000.0)
+        pol = self.lending(clock)
+        assert not isinstance(pol.route(req(100, tier="free"), self.snap()), Rejection)
+        clock.t = 1001.0
+        assert not isinstance(pol.route(req(100, tier="premium"), self.snap()), Rejection)
+        clock.t = 1002.0
+        d = pol.route(req(100, tier="free"), self.snap())
+        assert isinstance(d, Rejection) and d.reason == "tier_quota" and d.status_code == 429
+        clock.t = 1031.0                                       # premium's arrival exactly 30 s ago
+        assert isinstance(pol.route(req(100, tier="free"), self.snap()), Rejection)
+        clock.t = 1031.5                                       # no premium traffic for over 30 s
+        assert not isinstance(pol.route(req(100, tier="free"), self.snap()), Rejection)
+
+    def test_a_refused_request_still_claims_its_tiers_share(self):
+        clock = FakeClock()
+        pol = self.lending(clock)
+        premium = pol.route(req(300, tier="premium"), self.snap(queued=3000))
+        assert isinstance(premium, Rejection) and premium.reason == "overload_ttft"
+        d = pol.route(req(100, tier="free"), self.snap())
+        assert isinstance(d, Rejection) and d.reason == "tier_quota"
+
+    def test_queued_prefill_work_keeps_a_tier_active(self):
+        clock = FakeClock()
+        pol = self.lending(clock)
+        pol.route(req(100, tier="premium"), self.snap())
+        clock.t = 100.0                                        # premium's arrival is long past ...
+        busy = self.snap(by_priority=((-100, 20), (-10, 400)))  # ... but its prefill is still queued
+        d = pol.route(req(100, tier="free"), busy)
+        assert isinstance(d, Rejection) and d.reason == "tier_quota"
+        assert pol.active_tiers(busy) == {"free", "premium"}
+        assert not isinstance(pol.route(req(100, tier="free"), self.snap(by_priority=((-10, 420),))), Rejection)
+
+    def test_standard_lends_to_free_only_while_idle(self):
+        # 250 tokens queued (0.88 s) + this prompt's prefill (0.38 s) = 1.27 s of queue with it; the
+        # waiting room the 2 s SLO leaves after its ~0.5 s service is ~1.5 s: over free's own 0.6
+        # (0.91 s) and 0.7 with premium's share (1.06 s), within 0.9 with standard's (1.36 s)
+        clock = FakeClock()
+        pol = self.lending(clock)
+        snap = self.snap(queued=250)
+        pol.route(req(100, tier="premium"), self.snap())
+        assert not isinstance(pol.route(req(100, tier="free"), snap), Rejection)   # standard idle: lent
+        clock.t = 25.0
+        pol.route(req(100, tier="standard"), self.snap())
+        assert pol.route(req(100, tier="free"), snap).reason == "tier_quota"       # every tier active
+        clock.t = 40.0                                                              # premium idle
+        assert pol.route(req(100, tier="free"), snap).reason == "tier_quota"       # 0.7 is not enough
+        clock.t = 56.0                                                              # both idle
+        assert not isinstance(pol.route(req(100, tier="free"), snap), Rejection)
