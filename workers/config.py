@@ -108,8 +108,10 @@ class EngineConfig(_Strict):
     mq_busy_loop_s: float = Field(0.0, ge=0, description="seconds vLLM's engine-core/worker shared-memory "
                                   "queue readers spin before sleeping (vLLM: 1.0; spinning steals a core "
                                   "from the other engine on small CPU boxes)")
-    mq_recheck_ms: int = Field(10, ge=1, description="longest sleep of those readers before re-checking the "
-                               "queue (vLLM: 5000): bounds the stall when a best-effort wake-up is dropped")
+    mq_recheck_ms: int = Field(1, ge=1, description="longest sleep of those readers before re-checking the "
+                               "queue (vLLM: 5000): bounds the stall when a best-effort wake-up is dropped, "
+                               "which happens on most steps (1-core decode step at batch 1: 33 ms at 1 ms, 43 ms "
+                               "at 10 ms)")
     cpu_niceness: int | None = Field(None, ge=-20, le=19, description="renice the engine's processes to this "
                                      "(Ray workers run at 15): 19 lets the HTTP proxy / router preempt engine "
                                      "compute on a saturated box; null = leave as started")

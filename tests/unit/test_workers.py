@@ -78,7 +78,7 @@ class TestEngineArgs:
         assert engine_kwargs(EngineSpec(pool=prio, model_path="/m", served_model_name="m", max_model_len=64),
                              None)["scheduling_policy"] == "priority"
         assert device_env(pool, local_rank=1) == {"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_KVCACHE_SPACE": "2",
-                                                  "PDSERVE_MQ_BUSY_LOOP_S": "0.0", "PDSERVE_MQ_RECHECK_MS": "10",
+                                                  "PDSERVE_MQ_BUSY_LOOP_S": "0.0", "PDSERVE_MQ_RECHECK_MS": "1",
                                                   "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 34),
                                                   "VLLM_USE_AOT_COMPILE": "0"}
         off = pool.model_copy(update={"device": pool.device.model_copy(update={"malloc_reuse": False})})
@@ -111,7 +111,7 @@ class TestEngineArgs:
         pool = PoolConfig(name="p", role="prefill", device={"kind": "gpu", "count": 1, "gpu_memory_utilization": 0.5})
         kw = engine_kwargs(EngineSpec(pool=pool, model_path="/m", served_model_name="m", max_model_len=64), None)
         assert kw["gpu_memory_utilization"] == 0.5 and "kv_transfer_config" not in kw
-        assert device_env(pool) == {"PDSERVE_MQ_BUSY_LOOP_S": "0.0", "PDSERVE_MQ_RECHECK_MS": "10"}
+        assert device_env(pool) == {"PDSERVE_MQ_BUSY_LOOP_S": "0.0", "PDSERVE_MQ_RECHECK_MS": "1"}
 
 
 class FakeAsyncLLM:
