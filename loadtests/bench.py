@@ -4,6 +4,7 @@
         --workload shared-prefix --rates 1 --requests 60 --duration 90
     python -m loadtests.bench --systems ours --workload multi-turn --rates 0.5 --requests 120 --duration 300
     python -m loadtests.bench --smoke          # CI: one system, two small workloads, a few minutes
+    python -m loadtests.bench --vs-vllm        # pdserve's default config vs plain vLLM vs Ray Serve LLM P/D
     python -m loadtests.bench --systems rr=ours@configs/bench/round-robin-3x-small-kv.yaml,\
         prefix=ours@configs/bench/prefix-3x-small-kv.yaml --baseline rr --workload shared-prefix-wide \
         --set pools.0.engine.extra.num_gpu_blocks_override=24     # a sweep point: every ours config, edited
@@ -35,6 +36,17 @@ from loadtests.timeline import prefix_cache_hit_rate
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 SMOKE_MULTI_TURN = "multi-turn:n=4,turns=2,system_tokens=64,turn_tokens=16,output_tokens=8,think_s=0"
 
+# --vs-vllm: what a user compares before choosing. The default config against plain vLLM and Ray Serve
+# LLM's P/D app, each as its own docs start it, one after the other with the same client. Rates from a
+# quarter of a slow 2-core host's capacity up to well past a fast one's.
+VS_VLLM_SYSTEMS = "ours,colocated,raypd"
+VS_VLLM_WORKLOADS = (
+    ("random:input_tokens=256,output_tokens=128", "0.25,0.5,1,2,4"),
+    ("random:input_tokens=512,output_tokens=64", "0.25,0.5,1,2,4"),
+    ("shared-prefix", "1"),
+    ("bursty:input_tokens=256,output_tokens=128", "0.5"),
+)
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,7 +74,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "to the run's configs/ (repeatable)")
     p.add_argument("--out", default=None)
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--vs-vllm", action="store_true", help="the default config vs plain vLLM vs Ray Serve LLM's "
+                   "P/D app on the standard workloads (VS_VLLM_WORKLOADS), 40 requests per rate, written to "
+                   "loadtests/results/<run>-vs-vllm/")
     args = p.parse_args(argv)
+    if args.vs_vllm:
+        if args.workloads or args.smoke:
+            p.error("--vs-vllm sets its own workloads")
+        args.systems = VS_VLLM_SYSTEMS
+        args.workloads = [w for w, _ in VS_VLLM_WORKLOADS]
+        args.rates = [r for _, r in VS_VLLM_WORKLOADS]
+        args.requests, args.duration = 40, 170.0
     if args.smoke:
         # an open-loop workload and a small closed-loop one (two 2-turn conversations)
         args.systems, args.workloads, args.rates = "ours", ["random", SMOKE_MULTI_TURN], ["1", "1"]
@@ -230,7 +252,7 @@ def main(argv=None) -> int:
     for key, value in config_defaults(args.config).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    run_id = time.strftime("%Y%m%d-%H%M%S") + ("-smoke" if args.smoke else "")
+    run_id = time.strftime("%Y%m%d-%H%M%S") + ("-smoke" if args.smoke else "-vs-vllm" if args.vs_vllm else "")
     out = Path(args.out) if args.out else REPO / "loadtests" / "results" / run_id
     out.mkdir(parents=True, exist_ok=True)
     rows = []

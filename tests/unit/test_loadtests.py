@@ -215,6 +215,17 @@ class TestBenchArgs:
         with pytest.raises(SystemExit):
             parse_system("colocated@x.yaml", "c.yaml")
 
+    def test_vs_vllm_preset_runs_every_peer_on_the_issue_workloads(self):
+        from loadtests.bench import parse_args, parse_workload
+        a = parse_args(["--vs-vllm"])
+        assert a.systems.split(",") == ["ours", "colocated", "raypd"] and a.requests == 40
+        shapes = {(w, kw.get("input_tokens"), kw.get("output_tokens")) for w, kw in map(parse_workload, a.workloads)}
+        assert {("random", 256, 128), ("random", 512, 64), ("shared-prefix", None, None)} <= shapes
+        assert any(w == "bursty" for w, _, _ in shapes)
+        assert len(a.rates) == len(a.workloads) and {"0.25", "0.5", "1"} <= set(a.rates[0].split(","))
+        with pytest.raises(SystemExit):
+            parse_args(["--vs-vllm", "--workload", "random"])
+
 
 def test_server_session_is_deprioritised_against_the_client():
     import subprocess
