@@ -1,0 +1,236 @@
+"""Fault injection on a real local cluster (1 prefill replica, 1 decode replica), driven through the
+public HTTP API; the faults are signals sent from here to the engines' processes (tests/integration/
+faults.py), nothing simulated inside the product.
+
+Tests run in file order and share one cluster: the last one kills the only decode replica's engine.
+Engines run in float32 (see test_cluster.py): a prompt prefilled on the decode engine then answers
+token for token like one prefilled remotely, so a fallback's answer is compared with the answer the
+same cluster gave before the fault. Every request, loop and wait here has a time bound.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import httpx
+import pytest
+
+from tests.integration.cluster_utils import (cluster_config, free_port, metric_sum, scrape, settled_scrape,
+                                             wait_for)
+from tests.integration.faults import engine_processes, kill, paused
+
+pytestmark = pytest.mark.integration
+
+MODEL = "SmolLM2-135M-Instruct"
+DTYPE = "float32"
+PREFILL_TIMEOUT_S = 6.0
+MAX_TOKENS = 16
+LONG_TOKENS = 1000           # streams still generating when the test acts on them
+CLIENT_TIMEOUT_S = 60.0      # every request's bound (per read, and overall for a stream)
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three uses of a paperclip."]
+DECODE_ERROR_CODES = {"decode_failed", "engine_error", "engine_aborted"}   # serve/failures.py decode_error
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from serve.runner import start_cluster
+
+    # always remote prefill (short prompts would otherwise prefill on the decode replica), so every
+    # request depends on the prefill engine; admission off: these tests check the failure paths, and
+    # the TTFTs a stalled prefill causes would otherwise raise the admission model's correction
+    cfg = cluster_config(free_port(), dtype=DTYPE, prefill_timeout_s=PREFILL_TIMEOUT_S,
+                         placement={"local_prefill_max_tokens": 0, "local_prefill_min_hit_ratio": 1.0},
+                         admission={"enabled": False})
+    c = start_cluster(cfg, timeout_s=600, progress=lambda m: None)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@dataclass
+class Reply:
+    status: int
+    text: str = ""
+    finish_reasons: list = field(default_factory=list)
+    errors: list = field(default_factory=list)       # OpenAI error bodies (SSE error events)
+    done: bool = False                               # non-streamed, or the stream ended with [DONE]
+    headers: dict = field(default_factory=dict)
+
+
+def _body(content: str, **kw) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "temperature": 0,
+            "max_tokens": MAX_TOKENS, **kw}
+
+
+def chat(base_url: str, content: str, **kw) -> Reply:
+    r = httpx.post(f"{base_url}/v1/chat/completions", json=_body(content, **kw), timeout=CLIENT_TIMEOUT_S)
+    body = r.json()
+    if r.status_code != 200:
+        return Reply(r.status_code, errors=[body.get("error")], done=True, headers=dict(r.headers))
+    choice = body["choices"][0]
+    return Reply(200, choice["message"]["content"], [choice["finish_reason"]], done=True, headers=dict(r.headers))
+
+
+def stream(base_url: str, content: str, on_first_content: Callable[[], None] | None = None, **kw) -> Reply:
+    """A streamed chat read to its end, or until CLIENT_TIMEOUT_S have passed."""
+    deadline = time.monotonic() + CLIENT_TIMEOUT_S
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=_body(content, stream=True, **kw),
+                      timeout=CLIENT_TIMEOUT_S) as r:
+        reply = Reply(r.status_code, headers=dict(r.headers))
+        if r.status_code != 200:
+            reply.errors.append(json.loads(r.read()).get("error"))
+            return reply
+        for line in r.iter_lines():
+            if time.monotonic() > deadline:
+                break
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                reply.done = True
+                break
+            event = json.loads(line[6:])
+            if "error" in event:
+                reply.errors.append(event["error"])
+                continue
+            for choice in event["choices"]:
+                text = choice["delta"].get("content") or ""
+                if text and not reply.text and on_first_content is not None:
+                    on_first_content()
+                reply.text += text
+                if choice["finish_reason"] is not None:
+                    reply.finish_reasons.append(choice["finish_reason"])
+    return reply
+
+
+@pytest.fixture(scope="module")
+def answers(cluster) -> dict[str, tuple[str, str]]:
+    """prompt -> (text, finish_reason) from this cluster before any fault."""
+    out = {}
+    for p in PROMPTS:
+        reply = chat(cluster.base_url, p)
+        assert reply.status == 200, reply.errors
+        out[p] = (reply.text, reply.finish_reasons[0])
+    return out
+
+
+def _fallbacks(samples: dict, **labels) -> float:
+    return metric_sum(samples, "pdserve_prefill_fallbacks_total", **labels)
+
+
+def _decode(samples: dict, name: str) -> float:
+    return metric_sum(samples, name, pool="decode")
+
+
+def test_prefill_stall_falls_back_to_local_prefill(cluster, answers):
+    """The prefill engine stopped (SIGSTOP) for longer than prefill_timeout_s: every request, streamed
+    or not, waits out the timeout, is prefilled on the decode engine and answers exactly as before."""
+    url = cluster.base_url
+    before = scrape(url)
+    jobs = [(p, s) for p in PROMPTS for s in (stream, chat)]
+    engines = engine_processes(cluster.cfg.app_name, "prefill")
+    # the timer resumes the engine after 5 timeouts at the latest; leaving the block resumes it at once
+    with paused(engines, 5 * PREFILL_TIMEOUT_S) as pause, \
+            concurrent.futures.ThreadPoolExecutor(len(jobs)) as ex:
+        futures = [ex.submit(send, url, p) for p, send in jobs]
+        replies = [f.result(timeout=CLIENT_TIMEOUT_S + 30) for f in futures]
+        answered_while_stopped = not pause.resumed.is_set()
+    for (p, send), reply in zip(jobs, replies):
+        assert (reply.status, reply.errors, reply.done) == (200, [], True), (send.__name__, p, reply)
+        assert (reply.text, reply.finish_reasons) == (answers[p][0], [answers[p][1]]), (send.__name__, p, reply)
+    assert answered_while_stopped, "answers waited for the prefill engine to resume"
+    after = scrape(url)
+    # every request was routed to the prefill replica and gave up on it after prefill_timeout_s
+    assert _fallbacks(after, reason="timeout") - _fallbacks(before, reason="timeout") == len(jobs)
+    assert _fallbacks(after) - _fallbacks(before) == len(jobs)
+
+    # resumed: the next request is prefilled remotely again, with the same answer
+    before = scrape(url)
+    reply = chat(url, PROMPTS[0])
+    assert (reply.status, reply.text, reply.finish_reasons) == (200, answers[PROMPTS[0]][0], [answers[PROMPTS[0]][1]])
+    after = scrape(url)
+    assert metric_sum(after, "pdserve_prefill_seconds_count") - metric_sum(before, "pdserve_prefill_seconds_count") == 1
+    assert _fallbacks(after) == _fallbacks(before)
+
+
+def test_client_disconnect_frees_the_decode_engine(cluster):
+    """A client that leaves mid-stream: its request is aborted in the decode engine (running requests
+    and KV usage back to 0 long before its max_tokens could have been generated)."""
+    url = cluster.base_url
+    wait_for(lambda: _decode(scrape(url), "pdserve_pool_running_requests") == 0, timeout_s=30)
+    before = scrape(url)
+    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=CLIENT_TIMEOUT_S, json=_body(
+            "Write a very long essay about rivers.", max_tokens=LONG_TOKENS, ignore_eos=True, stream=True)) as r:
+        assert r.status_code == 200
+        chunks = 0
+        for line in r.iter_lines():     # a few content chunks: the decode engine is generating
+            chunks += '"content":"' in line and '"content":""' not in line
+            if chunks >= 5:
+                break
+        assert chunks >= 5
+        # still connected: wait until the engine's stats show the request running
+        wait_for(lambda: _decode(scrape(url), "pdserve_pool_running_requests") >= 1, timeout_s=10, interval_s=0.1)
+    # the block closed the connection mid-stream
+
+    def freed():
+        s = scrape(url)
+        return (_decode(s, "pdserve_pool_running_requests") == 0 and _decode(s, "pdserve_engine_kv_usage_ratio") == 0
+                and metric_sum(s, "pdserve_request_aborts_total", reason="client_disconnect")
+                > metric_sum(before, "pdserve_request_aborts_total", reason="client_disconnect"))
+
+    wait_for(freed, timeout_s=20)
+    after = settled_scrape(url)
+    generated = (_decode(after, "pdserve_engine_generation_tokens_total")
+                 - _decode(before, "pdserve_engine_generation_tokens_total"))
+    assert 0 < generated < LONG_TOKENS, generated
+
+
+def test_decode_engine_killed_mid_stream(cluster, answers):
+    """Runs last: SIGKILL of the only decode replica's engine while 3 streams are generating. Every
+    stream ends with an SSE error event and [DONE] (no finish chunk), the next request gets a 502/503
+    at once, and once Serve has replaced the replica (bounded wait) requests are answered again."""
+    url = cluster.base_url
+    engines = engine_processes(cluster.cfg.app_name, "decode")
+    before = scrape(url)
+    started = [threading.Event() for _ in range(3)]
+    with concurrent.futures.ThreadPoolExecutor(len(started)) as ex:
+        futures = [ex.submit(stream, url, f"Story {i}: write a very long story about a lighthouse.",
+                             on_first_content=e.set, max_tokens=LONG_TOKENS, ignore_eos=True)
+                   for i, e in enumerate(started)]
+        deadline = time.monotonic() + CLIENT_TIMEOUT_S
+        assert all(e.wait(max(0.0, deadline - time.monotonic())) for e in started), "streams did not start"
+        killed_at = time.monotonic()
+        kill(engines)
+        replies = [f.result(timeout=CLIENT_TIMEOUT_S + 30) for f in futures]
+        ended_s = time.monotonic() - killed_at
+    assert ended_s < CLIENT_TIMEOUT_S, ended_s
+    for reply in replies:
+        assert reply.status == 200 and reply.text and reply.done, reply
+        assert reply.finish_reasons == [], reply          # never a "stop"/"length" on a truncated text
+        assert len(reply.errors) == 1 and reply.errors[0]["code"] in DECODE_ERROR_CODES, reply
+    after = scrape(url)
+    aborted = sum(metric_sum(after, "pdserve_request_aborts_total", reason=c)
+                  - metric_sum(before, "pdserve_request_aborts_total", reason=c) for c in DECODE_ERROR_CODES)
+    assert aborted == len(replies)
+
+    # no live decode engine: an error status, not a hang
+    t0 = time.monotonic()
+    reply = chat(url, PROMPTS[0])
+    assert time.monotonic() - t0 < 30
+    assert reply.status in (502, 503) and reply.errors[0]["code"], reply
+    if reply.status == 503:
+        assert float(reply.headers["retry-after"]) >= 1
+
+    # Serve's health check replaces the replica (its engine is dead): a bounded wait, then answers again
+    def healed():
+        body = httpx.get(f"{url}/health", timeout=10).json()
+        return body["status"] == "ok" and body["pools"]["decode"]["healthy"] == 1
+
+    wait_for(healed, timeout_s=150, interval_s=2.0)
+    reply = chat(url, PROMPTS[0])
+    assert (reply.status, reply.text, reply.finish_reasons) == (200, answers[PROMPTS[0]][0], [answers[PROMPTS[0]][1]])
