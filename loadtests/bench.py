@@ -122,6 +122,12 @@ def parse_workload(entry: str, smoke: bool = False) -> tuple[str, dict]:
     return name, kwargs
 
 
+def workload_label(name: str, kwargs: dict) -> str:
+    """How a run's rows, files and plots name a workload: its name, then its option values, so two
+    shapes of one workload (random 256/128 and 512/64) stay apart (``random-256-128``)."""
+    return "-".join([name, *(str(v) for k, v in kwargs.items() if k != "n")])
+
+
 def run_seed(base: int, wl_index: int, rate_index: int) -> int:
     """A distinct seed per (workload, rate) run: repeating prompts across runs would hit the prefix
     cache and make later runs artificially cheap. The same across systems, so runs stay comparable."""
@@ -211,6 +217,7 @@ def run_system(entry: str, args, out: Path) -> list[dict]:
         asyncio.run(run_open_loop(sp.base_url, args.model, warm, max_duration_s=30, drain_s=60))
         for wi, (entry, rates) in enumerate(zip(args.workloads, args.rates)):
             wl, kwargs = parse_workload(entry, args.smoke)
+            label = workload_label(wl, kwargs)
             n = kwargs.pop("n", args.requests)
             for ri, rate in enumerate(float(r) for r in rates.split(",")):
                 specs = workloads.build(wl, seed=run_seed(args.seed, wi, ri), n=n, rate=rate, **kwargs)
@@ -223,10 +230,10 @@ def run_system(entry: str, args, out: Path) -> list[dict]:
                 summary = summarize(res.records, res.duration_s, args.ttft_slo, args.tpot_slo, res.skipped)
                 if wl in TIERED_WORKLOADS:
                     summary["by_tier"] = summarize_by_tag(res.records, res.duration_s, args.ttft_slo, args.tpot_slo)
-                summary.update(system=name, workload=wl, rate=rate, server_rss_bytes=sp.rss_bytes(),
+                summary.update(system=name, workload=label, rate=rate, server_rss_bytes=sp.rss_bytes(),
                                ready_s=sp.ready_s, prefix_cache_hit_rate=prefix_cache_hit_rate(before, after))
                 rows.append(summary)
-                raw = out / "raw" / f"{name}-{wl}-{rate}.json"
+                raw = out / "raw" / f"{name}-{label}-{rate}.json"
                 raw.parent.mkdir(parents=True, exist_ok=True)
                 raw.write_text(json.dumps({"summary": summary, "records": [r.to_dict() for r in res.records],
                                            "metrics": after,

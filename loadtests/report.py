@@ -84,13 +84,14 @@ def _tier_tables(rows: list[dict], by_key: dict, baselines: list[str]) -> list[s
 
 def _ratio_table(system: str, base: str, pairs: list[tuple[dict, dict]]) -> list[str]:
     lines = ["", f"## {system} vs {base}", "",
-             "| workload | rate | goodput ratio | ITL p99 ratio | TTFT p50 ratio | TTFT p99 ratio "
-             "| prefix hit-rate ratio |", "|---|---|---|---|---|---|---|"]
+             "| workload | rate | goodput ratio | ITL p99 ratio | TTFT p50 ratio | TTFT p99 ratio | TPOT p50 ratio "
+             "| prefix hit-rate ratio |", "|---|---|---|---|---|---|---|---|"]
     for a, b in pairs:
         lines.append(f"| {a['workload']} | {a['rate']} | {_ratio(a['goodput_rps'], b['goodput_rps'])} | "
                      f"{_ratio(a['itl_s']['p99'], b['itl_s']['p99'])} | "
                      f"{_ratio(a['ttft_s']['p50'], b['ttft_s']['p50'])} | "
                      f"{_ratio(a['ttft_s']['p99'], b['ttft_s']['p99'])} | "
+                     f"{_ratio(a['tpot_s']['p50'], b['tpot_s']['p50'])} | "
                      f"{_ratio(a.get('prefix_cache_hit_rate'), b.get('prefix_cache_hit_rate'))} |")
     return lines
 
@@ -113,7 +114,7 @@ def plot_all(out: Path, rows: list[dict]) -> list[Path]:
         ax.legend()
         paths.append(save_figure(fig, out / f"goodput-{wl}.png"))
         paths += _cdfs(out, wl, items)
-        if wl == "bursty":
+        if wl.startswith("bursty"):
             paths += [_timeline(out, wl, rate, items) for rate in sorted({r["rate"] for r in items})]
     return paths
 

@@ -215,6 +215,13 @@ class TestBenchArgs:
         with pytest.raises(SystemExit):
             parse_system("colocated@x.yaml", "c.yaml")
 
+    def test_workload_labels_keep_two_shapes_apart(self):
+        from loadtests.bench import parse_workload, workload_label
+        assert workload_label(*parse_workload("random:input_tokens=256,output_tokens=128")) == "random-256-128"
+        assert workload_label(*parse_workload("random:input_tokens=512,output_tokens=64")) == "random-512-64"
+        assert workload_label(*parse_workload("shared-prefix")) == "shared-prefix"
+        assert workload_label(*parse_workload("bursty:n=80")) == "bursty"        # n is a count, not a shape
+
     def test_vs_vllm_preset_runs_every_peer_on_the_issue_workloads(self):
         from loadtests.bench import parse_args, parse_workload
         a = parse_args(["--vs-vllm"])
