@@ -66,15 +66,32 @@ class EngineStatsCollector(StatLoggerBase):
                 s.prompt_tokens_local_cache_hit += p.local_cache_hit
                 s.prompt_tokens_external_kv += p.external_kv_transfer
                 s.generation_tokens_total += iteration_stats.num_generation_tokens
-                for f in iteration_stats.finished_requests or ():
-                    self._record_finished(f)
+                self._record_prefills(iteration_stats.finished_requests or ())
                 self._record_step(iteration_stats)
             s.updated_s = time.time()
 
-    def _record_finished(self, f) -> None:
-        uncached = int(f.num_prompt_tokens) - int(f.num_cached_tokens or 0)
-        if uncached > 0 and f.prefill_time > 0:
-            self._prefill_samples = (self._prefill_samples + [(uncached, float(f.prefill_time))])[-MAX_SAMPLES:]
+    def _record_prefills(self, finished) -> None:
+        """Prefill calibration from finished requests: (uncached prompt tokens, prefill seconds).
+
+        Prefill-only requests (one generated token: the prefill pool's, and remote prefills in general)
+        finish in the step that completed their prefill, so the ones finishing in one step were
+        prefilled together and each reports that shared step's time: they make ONE sample, their
+        tokens summed. (Taken one by one, three 512-token prompts batched in a 0.6 s step would read as
+        512 tokens per 0.6 s, three times too slow, and the router would predict queue waits 3x too
+        long.) Requests that decoded further are samples of their own."""
+        batch_tokens, batch_s, samples = 0, 0.0, []
+        for f in finished:
+            uncached = int(f.num_prompt_tokens) - int(f.num_cached_tokens or 0)
+            if uncached <= 0 or f.prefill_time <= 0:
+                continue
+            if int(f.num_generation_tokens) <= 1:
+                batch_tokens, batch_s = batch_tokens + uncached, max(batch_s, float(f.prefill_time))
+            else:
+                samples.append((uncached, float(f.prefill_time)))
+        if batch_tokens:
+            samples.append((batch_tokens, batch_s))
+        if samples:
+            self._prefill_samples = (self._prefill_samples + samples)[-MAX_SAMPLES:]
 
     def _record_step(self, it) -> None:
         """Decode calibration from engine steps: a step that produced a next token for ``k`` running

@@ -177,6 +177,27 @@ class TestStatsCollector:
                                     (3, 6400, pytest.approx(0.2))]
         assert c.snapshot("e", "decode", "decode", healthy=True, drain=True).decode_samples == []
 
+    def test_prefills_that_shared_a_step_make_one_sample(self):
+        from vllm.v1.metrics.stats import FinishedRequestStats, IterationStats
+
+        from workers.stats import EngineStatsCollector
+
+        def done(prompt, cached, prefill_s, generated=1):
+            return FinishedRequestStats(finish_reason=None, num_prompt_tokens=prompt, num_cached_tokens=cached,
+                                        prefill_time=prefill_s, num_generation_tokens=generated)
+
+        c = EngineStatsCollector()
+        steps = [[done(512, 0, 0.6), done(512, 0, 0.6), done(640, 128, 0.59)],   # three prefilled together
+                 [done(300, 0, 0.2)],
+                 [done(256, 0, 0.15, generated=64), done(128, 0, 0.1, generated=9)],  # decoded further
+                 [done(256, 256, 0.01), done(100, 0, 0.0)]]                           # nothing computed
+        for finished in steps:
+            it = IterationStats()
+            it.finished_requests = finished
+            c.record(None, it)
+        s = c.snapshot("e", "prefill", "prefill", healthy=True, drain=True)
+        assert s.prefill_samples == [(1536, 0.6), (300, 0.2), (256, 0.15), (128, 0.1)]
+
     @pytest.mark.parametrize("policy, budget, want", [("priority", 2048, 2048), ("fcfs", 2048, 0)])
     def test_priority_step_tokens_come_from_the_engines_scheduler(self, policy, budget, want):
         from types import SimpleNamespace
