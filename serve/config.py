@@ -32,6 +32,12 @@ class ModelConfig(_Strict):
 class RayConfig(_Strict):
     address: str | None = Field(None, description="None starts a local Ray; 'auto' or ray://... joins one")
     num_cpus: int | None = Field(16, ge=1, description="logical CPUs of a local Ray (oversubscribed on purpose)")
+    serving_cores: str = Field("auto", pattern=r"^(auto|all|[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*)$",
+                               description="cores a local Ray's own processes run on (GCS, raylet, Serve "
+                               "controller and proxy, the ingress and the replicas' serving threads; engines' "
+                               "compute threads keep their device.cpu_cores pins): 'auto' = every core no "
+                               "decode engine is pinned to, so the serving stack never preempts a decode step "
+                               "(serve/affinity.py); 'all' = no restriction; or a list like '0' or '0-3'")
 
 
 class ServerConfig(_Strict):

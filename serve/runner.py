@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from serve.affinity import inherited_affinity, serving_cores
 from serve.config import BUNDLED_SMOLLM2, ClusterConfig
 from serve.model_prep import resolve_model_path
 
@@ -102,8 +103,10 @@ def start_cluster(cfg: ClusterConfig, timeout_s: float = 600.0, progress=print) 
         if cfg.ray.address:
             ray.init(address=cfg.ray.address, runtime_env=_runtime_env(), logging_level=logging.WARNING)
         else:
-            ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, runtime_env=_runtime_env(),
-                     logging_level=logging.WARNING)
+            cores = serving_cores(cfg.ray.serving_cores, cfg.pools, os.sched_getaffinity(0))
+            with inherited_affinity(cores):
+                ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, runtime_env=_runtime_env(),
+                         logging_level=logging.WARNING)
             started_ray = True
     progress(f"[pdserve] Ray up; starting {len(cfg.pools)} pools: " +
              ", ".join(f"{p.name}({p.role.value} x{p.replicas.max})" for p in cfg.pools))
