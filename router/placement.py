@@ -9,7 +9,10 @@ a ``PrefixIndex`` and per-pool ``CostModel``s owned by the caller, who records w
    max_batch_hint - kv_weight * kv_usage``; pick the best (ties at random).
 3. Prefill placement: local (on the decode replica) when its uncached part is short or its cached
    share is high; otherwise the prefill replica with the longest cached prefix among those whose
-   queue has room (then least queued). No prefill replica with room -> local.
+   queue has room (then least queued). No prefill replica with room -> local. Local too when that
+   replica is backed up and the decode engine would finish the prompt sooner without stretching its
+   batch's next step past the TPOT SLO (``local_prefill_when_sooner``): as load shifts to prefill, the
+   decode engines take part of it.
 4. Admission (``router.admission.decide``) on the chosen replicas, per QoS tier; the queue a request
    waits behind is what its engine serves before it (``EndpointState.prefill_tokens_ahead``). Every
    request routed (admitted or not) records an arrival of its tier in a ``TierActivity``; a tier is
@@ -93,6 +96,25 @@ class SloAwarePolicy:
                 for tier in self._tiers_by_engine_priority.get(prio, ())}
         return self.activity.active(busy)
 
+    def _sooner_locally(self, tier: str, prefill: EndpointState, decode: EndpointState, remote_uncached: int,
+                        local_uncached: int) -> bool:
+        """Whether the decode replica should prefill this prompt itself because the prefill replica is
+        backed up: its queue is not empty, the decode engine would finish the prompt sooner (its own
+        queued prefills + this prompt, against the prefill replica's queue + this prompt), and the
+        stall the prefill adds to the decode batch's next step keeps that step within the tier's
+        TPOT SLO. The decode pool's prefill rate is its own fit once it has one, else the prefill
+        pool's (the same engine type, as far as the router knows)."""
+        if prefill.queued_prefill_tokens <= 0:
+            return False
+        mp, md = self.model(prefill.pool), self.model(decode.pool)
+        local_model = md if md.prefill.n else mp
+        prio = engine_priority(self.tiers[tier].priority)
+        remote_s = mp.prefill_s(prefill.prefill_tokens_ahead(prio) + remote_uncached) * mp.ttft_bias
+        stall_s = local_model.prefill_s(local_uncached)
+        local_s = local_model.prefill_s(decode.prefill_tokens_ahead(prio) + local_uncached) * mp.ttft_bias
+        step_s = md.decode_step_s(decode.load + 1, decode.context_tokens) * md.tpot_bias
+        return local_s < remote_s and step_s + stall_s <= self.tiers[tier].tpot_s
+
     def route(self, req: RequestDescriptor, snapshot: PoolSnapshot) -> RoutingDecision | Rejection:
         decodes = [e for e in snapshot.by_role(Role.DECODE) if e.healthy]
         if not decodes:
@@ -119,12 +141,15 @@ class SloAwarePolicy:
                 reason = "remote_prefill"
             else:
                 reason = "local_prefill:no_prefill_room" if prefills else "local_prefill:no_prefill_replica"
+        tier = req.tier if req.tier in self.tiers else self.cfg.default_tier
+        if prefill is not None and p.local_prefill_when_sooner and self._sooner_locally(
+                tier, prefill, decode, prompt - hit, d_uncached):
+            prefill, hit, reason = None, d_hit, "local_prefill:sooner"
         uncached = prompt - hit
         decision = RoutingDecision(decode=decode, prefill=prefill, reason=reason, prefix_hit_tokens=hit,
                                    uncached_tokens=uncached)
         if not self.cfg.admission.enabled:
             return decision
-        tier = req.tier if req.tier in self.tiers else self.cfg.default_tier
         if self.activity is not None:
             self.activity.arrive(tier)       # before deciding: the request's own tier is active
         target = prefill or decode

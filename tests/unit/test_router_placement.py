@@ -218,3 +218,37 @@ class TestWorkConservingTiers:
         assert pol.route(req(100, tier="free"), snap).reason == "tier_quota"       # 0.7 is not enough
         clock.t = 56.0                                                              # both idle
         assert not isinstance(pol.route(req(100, tier="free"), snap), Rejection)
+
+
+class TestLocalPrefillWhenSooner:
+    """A backed-up prefill replica: the decode replica prefills the prompt itself when it would finish it
+    sooner and the stall keeps its next step within the TPOT SLO (priors: 5,000 prompt tokens/s, 50 ms
+    decode steps; a 512-token prompt is ~0.1 s of prefill)."""
+
+    def route(self, prefill_queued=0, decode_queued=0, tokens_per_s=5000.0, tpot_ms=250.0, **placement):
+        pol = policy(admission={"enabled": False, "prefill_tokens_per_s_prior": tokens_per_s,
+                                "decode_step_s_prior": 0.05},
+                     slo={"ttft_ms": 4000, "tpot_ms": tpot_ms}, placement=placement)
+        snap = PoolSnapshot([ep("D1", Role.DECODE, queued=decode_queued), ep("P1", Role.PREFILL, queued=prefill_queued)])
+        return pol.route(req(512), snap)
+
+    def test_backed_up_prefill_replica_sheds_to_the_decode_engine(self):
+        d = self.route(prefill_queued=4096)
+        assert (d.prefill, d.reason, d.uncached_tokens) == (None, "local_prefill:sooner", 512)
+
+    def test_idle_prefill_replica_keeps_the_prompt(self):
+        d = self.route(prefill_queued=0)
+        assert d.prefill.endpoint_id == "P1" and d.reason == "remote_prefill"
+
+    def test_not_when_the_decode_engine_has_as_much_queued(self):
+        d = self.route(prefill_queued=1024, decode_queued=1024)
+        assert d.prefill.endpoint_id == "P1"
+
+    def test_not_when_the_stall_would_break_the_tpot_slo(self):
+        # 300 tokens/s: a 512-token prefill stalls the batch ~1.7 s, far past a 250 ms TPOT
+        assert self.route(prefill_queued=8000, tokens_per_s=300.0).prefill.endpoint_id == "P1"
+        # fast prefill, but a TPOT SLO tighter than one step plus the stall
+        assert self.route(prefill_queued=4096, tpot_ms=120.0).prefill.endpoint_id == "P1"
+
+    def test_off_by_config(self):
+        assert self.route(prefill_queued=4096, local_prefill_when_sooner=False).prefill.endpoint_id == "P1"
