@@ -101,22 +101,31 @@ def plot_all(out: Path, rows: list[dict]) -> list[Path]:
     by_wl = defaultdict(list)
     for r in rows:
         by_wl[r["workload"]].append(r)
+    panels = (("goodput (req/s meeting TTFT+TPOT SLOs)", lambda r: r["goodput_rps"]),
+              ("TTFT p50 (ms)", lambda r: _ms(r["ttft_s"]["p50"])),
+              ("inter-token latency p99 (ms)", lambda r: _ms(r["itl_s"]["p99"])))
     for wl, items in by_wl.items():
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for system in sorted({r["system"] for r in items}):
-            pts = sorted((r["rate"], r["goodput_rps"]) for r in items if r["system"] == system)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=system)
+        fig, axes = plt.subplots(1, len(panels), figsize=(15, 4))
+        for ax, (label, value) in zip(axes, panels):
+            for system in sorted({r["system"] for r in items}):
+                pts = sorted((r["rate"], value(r)) for r in items if r["system"] == system and value(r) is not None)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=system)
+            ax.set_xlabel("offered load (req/s)")
+            ax.set_ylabel(label)
+            ax.set_title(f"{label.split(' (')[0]} vs rate: {wl}", fontsize=9)
         rates = sorted({r["rate"] for r in items})
-        ax.plot(rates, rates, ls=":", color="grey", label="offered")
-        ax.set_xlabel("offered load (req/s)")
-        ax.set_ylabel("goodput (req/s meeting TTFT+TPOT SLOs)")
-        ax.set_title(f"goodput vs rate: {wl}")
-        ax.legend()
+        axes[0].plot(rates, rates, ls=":", color="grey", label="offered")
+        for ax in axes:
+            ax.legend(fontsize=8)
         paths.append(save_figure(fig, out / f"goodput-{wl}.png"))
         paths += _cdfs(out, wl, items)
         if wl.startswith("bursty"):
             paths += [_timeline(out, wl, rate, items) for rate in sorted({r["rate"] for r in items})]
     return paths
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
 
 
 def _bins(times: list[float], width: float, end: float) -> tuple[list[float], list[float]]:
