@@ -122,10 +122,13 @@ def parse_workload(entry: str, smoke: bool = False) -> tuple[str, dict]:
     return name, kwargs
 
 
-def workload_label(name: str, kwargs: dict) -> str:
-    """How a run's rows, files and plots name a workload: its name, then its option values, so two
-    shapes of one workload (random 256/128 and 512/64) stay apart (``random-256-128``)."""
-    return "-".join([name, *(str(v) for k, v in kwargs.items() if k != "n")])
+def workload_labels(entries: list[str], smoke: bool = False) -> list[str]:
+    """How a run's rows, files and plots name its workloads: by name, and where two entries share a
+    name (random 256/128 and 512/64), by name and option values (``random-256-128``)."""
+    parsed = [parse_workload(e, smoke) for e in entries]
+    names = [name for name, _ in parsed]
+    return [name if names.count(name) == 1 else "-".join([name, *(str(v) for k, v in kw.items() if k != "n")])
+            for name, kw in parsed]
 
 
 def run_seed(base: int, wl_index: int, rate_index: int) -> int:
@@ -215,9 +218,9 @@ def run_system(entry: str, args, out: Path) -> list[dict]:
         print(f"[bench] {name} ready in {sp.ready_s:.0f}s; warming up", flush=True)
         warm = workloads.build("random", seed=999, n=4, rate=4.0, input_tokens=64, output_tokens=8)
         asyncio.run(run_open_loop(sp.base_url, args.model, warm, max_duration_s=30, drain_s=60))
-        for wi, (entry, rates) in enumerate(zip(args.workloads, args.rates)):
+        labels = workload_labels(args.workloads, args.smoke)
+        for wi, (entry, rates, label) in enumerate(zip(args.workloads, args.rates, labels)):
             wl, kwargs = parse_workload(entry, args.smoke)
-            label = workload_label(wl, kwargs)
             n = kwargs.pop("n", args.requests)
             for ri, rate in enumerate(float(r) for r in rates.split(",")):
                 specs = workloads.build(wl, seed=run_seed(args.seed, wi, ri), n=n, rate=rate, **kwargs)

@@ -216,11 +216,12 @@ class TestBenchArgs:
             parse_system("colocated@x.yaml", "c.yaml")
 
     def test_workload_labels_keep_two_shapes_apart(self):
-        from loadtests.bench import parse_workload, workload_label
-        assert workload_label(*parse_workload("random:input_tokens=256,output_tokens=128")) == "random-256-128"
-        assert workload_label(*parse_workload("random:input_tokens=512,output_tokens=64")) == "random-512-64"
-        assert workload_label(*parse_workload("shared-prefix")) == "shared-prefix"
-        assert workload_label(*parse_workload("bursty:n=80")) == "bursty"        # n is a count, not a shape
+        from loadtests.bench import workload_labels
+        assert workload_labels(["random:input_tokens=256,output_tokens=128", "random:input_tokens=512,output_tokens=64",
+                                "shared-prefix", "bursty:n=80,output_tokens=32"]) == [
+            "random-256-128", "random-512-64", "shared-prefix", "bursty"]     # a name used once keeps it
+        assert workload_labels(["random:n=10", "random:n=20,input_tokens=64"]) == ["random", "random-64"]
+        assert workload_labels(["random"], smoke=True) == ["random"]
 
     def test_vs_vllm_preset_runs_every_peer_on_the_issue_workloads(self):
         from loadtests.bench import parse_args, parse_workload
