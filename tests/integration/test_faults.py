@@ -40,11 +40,14 @@ DECODE_ERROR_CODES = {"decode_failed", "engine_error", "engine_aborted"}   # ser
 def cluster():
     from serve.runner import start_cluster
 
-    # always remote prefill (short prompts would otherwise prefill on the decode replica), so every
-    # request depends on the prefill engine; admission off: these tests check the failure paths, and
-    # the TTFTs a stalled prefill causes would otherwise raise the admission model's correction
+    # always remote prefill (short prompts would otherwise prefill on the decode replica, and prompts
+    # arriving behind a stalled prefill queue would be shed to it: local_prefill_when_sooner), so every
+    # request depends on the prefill engine and meets its timeout; admission off: these tests check the
+    # failure paths, and the TTFTs a stalled prefill causes would otherwise raise the admission model's
+    # correction
     cfg = cluster_config(free_port(), dtype=DTYPE, prefill_timeout_s=PREFILL_TIMEOUT_S,
-                         placement={"local_prefill_max_tokens": 0, "local_prefill_min_hit_ratio": 1.0},
+                         placement={"local_prefill_max_tokens": 0, "local_prefill_min_hit_ratio": 1.0,
+                                    "local_prefill_when_sooner": False},
                          admission={"enabled": False})
     c = start_cluster(cfg, timeout_s=600, progress=lambda m: None)
     try:
