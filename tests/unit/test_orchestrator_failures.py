@@ -11,6 +11,7 @@ from serve.metrics import ClusterMetrics
 from serve.orchestrator import GenerationJob, Orchestrator
 from serve.pool_directory import PoolDirectory, endpoint_from_stats
 from serve.protocol import ApiError
+from tests.unit.serve_fakes import FakeHandleBase, FakeResponse
 from workers.kv_params import KvHandoff
 from workers.messages import PrefillResult, SamplingSpec, TokenChunk
 
@@ -59,19 +60,6 @@ class FakePolicy:
                                prefix_hit_tokens=32, uncached_tokens=68)
 
 
-class FakeResponse:
-    """A fake Serve DeploymentResponse: awaitable, cancellable."""
-
-    def __init__(self, coro):
-        self._coro, self.cancelled = coro, False
-
-    def __await__(self):
-        return self._coro.__await__()
-
-    def cancel(self):
-        self.cancelled = True
-
-
 class FakeStream:
     """A fake Serve streaming response playing a script: chunks are yielded, exceptions raised, HANG waits
     until cancelled; the end of the script ends the stream."""
@@ -96,24 +84,13 @@ class FakeStream:
         self.cancelled = True
 
 
-class FakeHandles:
+class FakeHandles(FakeHandleBase):
     """Fake deployment handles of both pools. ``prefill``: "ok" (answers with HANDOFF), HANG, or an
     exception to raise; ``decodes``: endpoint -> scripts, one per call to that replica."""
 
     def __init__(self, prefill="ok", decodes=None):
         self.prefill_script, self.decode_scripts = prefill, decodes or {}
         self.prefills, self.decodes = [], []        # (endpoint, request, response/stream)
-
-    @property
-    def prefill(self):
-        return self
-
-    @property
-    def generate(self):
-        return self
-
-    def options(self, stream):
-        return self
 
     def remote(self, req, endpoint_hint):
         if hasattr(req, "sampling"):                                     # a DecodeRequest

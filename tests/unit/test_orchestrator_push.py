@@ -9,24 +9,12 @@ from router.types import RequestDescriptor, Role, RoutingDecision
 from serve.metrics import ClusterMetrics
 from serve.orchestrator import GenerationJob, Orchestrator
 from serve.pool_directory import PoolDirectory, endpoint_from_stats
+from tests.unit.serve_fakes import FakeHandleBase, FakeResponse
 from workers.messages import PrefillResult, SamplingSpec, TokenChunk
 
 PREFILL = endpoint_from_stats("p0", "prefill", Role.PREFILL, None)
 DECODE = endpoint_from_stats("d0", "decode", Role.DECODE, None)
 TOKEN = TokenChunk("hi", (7,), "stop")
-
-
-class FakeResponse:
-    """A fake Serve DeploymentResponse: awaitable, cancellable."""
-
-    def __init__(self, coro):
-        self._coro, self.cancelled = coro, False
-
-    def __await__(self):
-        return self._coro.__await__()
-
-    def cancel(self):
-        self.cancelled = True
 
 
 class FakeStream:
@@ -51,22 +39,11 @@ class FakeStream:
         self.cancelled = True
 
 
-class FakeHandles:
+class FakeHandles(FakeHandleBase):
     """Fake deployment handles of both pools: ``.prefill.remote`` and ``.options().generate.remote``."""
 
     def __init__(self, prefill_fails: bool):
         self.prefill_fails, self.kv_arrives, self.decodes = prefill_fails, asyncio.Event(), []
-
-    @property
-    def prefill(self):
-        return self
-
-    @property
-    def generate(self):
-        return self
-
-    def options(self, stream):
-        return self
 
     def remote(self, req, endpoint_hint):
         if hasattr(req, "sampling"):                                    # a DecodeRequest
