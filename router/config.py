@@ -46,10 +46,12 @@ class PlacementConfig(BaseModel):
                                                "already caches this share of the prompt")
     prefill_queue_limit_tokens: int = Field(8192, ge=1, description="a prefill replica with more queued "
                                             "uncached tokens has no room")
-    local_prefill_when_sooner: bool = Field(True, description="prefill on the decode replica when the prefill "
+    local_prefill_when_sooner: bool = Field(False, description="prefill on the decode replica when the prefill "
                                             "replica is backed up and the decode engine would finish the prompt "
                                             "sooner, as long as the stall keeps the decode batch's next step "
-                                            "within the TPOT SLO (decode engines absorb prefill bursts)")
+                                            "within the TPOT SLO (decode engines absorb prefill bursts). Off: on "
+                                            "the 2-core box it cut TTFT p50 at 2-4 req/s but raised ITL p99 "
+                                            "(loadtests/results/20261129-232708)")
     prefix_index_capacity_blocks: int = Field(1_000_000, ge=1)
     share_prefix_across_tenants: bool = Field(False, description="false: a tenant's hashes are salted")
 

@@ -9,10 +9,10 @@ a ``PrefixIndex`` and per-pool ``CostModel``s owned by the caller, who records w
    max_batch_hint - kv_weight * kv_usage``; pick the best (ties at random).
 3. Prefill placement: local (on the decode replica) when its uncached part is short or its cached
    share is high; otherwise the prefill replica with the longest cached prefix among those whose
-   queue has room (then least queued). No prefill replica with room -> local. Local too when that
-   replica is backed up and the decode engine would finish the prompt sooner without stretching its
-   batch's next step past the TPOT SLO (``local_prefill_when_sooner``): as load shifts to prefill, the
-   decode engines take part of it.
+   queue has room (then least queued). No prefill replica with room -> local. With
+   ``local_prefill_when_sooner``, local too when that replica is backed up and the decode engine would
+   finish the prompt sooner without stretching its batch's next step past the TPOT SLO: as load shifts
+   to prefill, the decode engines take part of it (at the cost of their inter-token latency).
 4. Admission (``router.admission.decide``) on the chosen replicas, per QoS tier; the queue a request
    waits behind is what its engine serves before it (``EndpointState.prefill_tokens_ahead``). Every
    request routed (admitted or not) records an arrival of its tier in a ``TierActivity``; a tier is

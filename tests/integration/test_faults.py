@@ -47,7 +47,7 @@ def cluster():
     # correction
     cfg = cluster_config(free_port(), dtype=DTYPE, prefill_timeout_s=PREFILL_TIMEOUT_S,
                          placement={"local_prefill_max_tokens": 0, "local_prefill_min_hit_ratio": 1.0,
-                                    "local_prefill_when_sooner": False},
+                                    "local_prefill_when_sooner": False},       # (the default, stated)
                          admission={"enabled": False})
     c = start_cluster(cfg, timeout_s=600, progress=lambda m: None)
     try:

@@ -226,6 +226,7 @@ class TestLocalPrefillWhenSooner:
     decode steps; a 512-token prompt is ~0.1 s of prefill)."""
 
     def route(self, prefill_queued=0, decode_queued=0, tokens_per_s=5000.0, tpot_ms=250.0, **placement):
+        placement = {"local_prefill_when_sooner": True, **placement}
         pol = policy(admission={"enabled": False, "prefill_tokens_per_s_prior": tokens_per_s,
                                 "decode_step_s_prior": 0.05},
                      slo={"ttft_ms": 4000, "tpot_ms": tpot_ms}, placement=placement)
@@ -252,3 +253,4 @@ class TestLocalPrefillWhenSooner:
 
     def test_off_by_config(self):
         assert self.route(prefill_queued=4096, local_prefill_when_sooner=False).prefill.endpoint_id == "P1"
+        assert RouterConfig().placement.local_prefill_when_sooner is False      # off unless a config opts in
