@@ -37,3 +37,10 @@ def test_nobody_imports_serve():
     for package in ("router", "workers", "kvtransfer", "loadtests"):
         for f in sorted((REPO / package).rglob("*.py")):
             assert "serve" not in imports(f), f"{f.relative_to(REPO)} imports serve (the composition root)"
+
+
+def test_product_packages_never_import_the_studies():
+    """Benchmarks and studies live in loadtests/; what pdserve runs never depends on them."""
+    for package in ("router", "workers", "kvtransfer", "serve"):
+        for f in sorted((REPO / package).rglob("*.py")):
+            assert "loadtests" not in imports(f), f"{f.relative_to(REPO)} imports loadtests"

@@ -1,6 +1,6 @@
 """Microbenchmark: cross-process NIXL READ of one handoff's bytes through kvtransfer's NixlTransport.
 
-    python -m kvtransfer.xfer_microbench [--mib 48] [--reps 6] [--ucx-tls tcp,self,sm] [--out DIR]
+    python -m loadtests.kv_xfer_microbench [--mib 48] [--reps 6] [--ucx-tls tcp,self,sm] [--out DIR]
 
 Two processes pinned like the cluster's engines (the source on core 0, the reader on core 1), each
 with the connector's transport (UCX backend, the connector's progress-thread delay). The reader

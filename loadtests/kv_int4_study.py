@@ -22,7 +22,7 @@ Variants (all group-wise along head_dim, groups of 32, asymmetric, kvtransfer/qu
   bf16, fp16     the KV cast to 16-bit floats and back: the noise floor of the criterion (a bf16
                  deployment's own cache dtype already moves the greedy tokens this much)
 
-    python -m kvtransfer.int4_study [--variants int8,int4,...] [--out DIR]
+    python -m loadtests.kv_int4_study [--variants int8,int4,...] [--out DIR]
 """
 from __future__ import annotations
 
