@@ -196,8 +196,14 @@ def edited_config(config: str, overrides: list[str], label: str, out: Path) -> s
     data = apply_overrides(yaml.safe_load(Path(config).read_text()) or {}, overrides)
     path = out / "configs" / f"{label}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"# {_portable(config)} with --set {' --set '.join(overrides)}\n" + yaml.safe_dump(data, sort_keys=False))
+    path.write_text(f"# {portable(config)} with --set {' --set '.join(overrides)}\n" + yaml.safe_dump(data, sort_keys=False))
     return str(path)
+
+
+def warm_up(base_url: str, model: str) -> None:
+    """A few small requests before the measured runs (not recorded)."""
+    warm = workloads.build("random", seed=999, n=4, rate=4.0, input_tokens=64, output_tokens=8)
+    asyncio.run(run_open_loop(base_url, model, warm, max_duration_s=30, drain_s=60))
 
 
 TIERED_WORKLOADS = ("qos",)   # records tagged with their QoS tier: summaries also per tier
@@ -216,8 +222,7 @@ def run_system(entry: str, args, out: Path) -> list[dict]:
     try:
         wait_ready(sp, args.model)
         print(f"[bench] {name} ready in {sp.ready_s:.0f}s; warming up", flush=True)
-        warm = workloads.build("random", seed=999, n=4, rate=4.0, input_tokens=64, output_tokens=8)
-        asyncio.run(run_open_loop(sp.base_url, args.model, warm, max_duration_s=30, drain_s=60))
+        warm_up(sp.base_url, args.model)
         labels = workload_labels(args.workloads, args.smoke)
         for wi, (entry, rates, label) in enumerate(zip(args.workloads, args.rates, labels)):
             wl, kwargs = parse_workload(entry, args.smoke)
@@ -249,7 +254,7 @@ def run_system(entry: str, args, out: Path) -> list[dict]:
     return rows
 
 
-def _portable(value):
+def portable(value):
     """Paths in recorded metadata: repo-relative, or just the name (no machine-local paths)."""
     if isinstance(value, str) and value.startswith("/"):
         p = Path(value)
@@ -268,7 +273,7 @@ def main(argv=None) -> int:
     rows = []
     for name in args.systems.split(","):
         rows += run_system(name.strip(), args, out)
-    meta = {"run_id": run_id, "args": {k: _portable(v) for k, v in vars(args).items()},
+    meta = {"run_id": run_id, "args": {k: portable(v) for k, v in vars(args).items()},
             "baselines": args.baseline, "slo": {
         "ttft_s": args.ttft_slo, "tpot_s": args.tpot_slo},
             # every system under test ran with its session's autogroup at this nice (systems.py)

@@ -24,17 +24,19 @@ class RunResult:
     records: list[RequestRecord] = field(default_factory=list)
     duration_s: float = 0.0
     skipped: int = 0
-    timeline: list[dict] = field(default_factory=list)   # server /metrics samples (queue, running, replicas)
+    timeline: list[dict] = field(default_factory=list)   # server /metrics samples (timeline.parse_sample)
 
 
 @asynccontextmanager
 async def load_session(base_url: str, result: RunResult, max_connections: int = 512,
-                       timeline_period_s: float | None = 1.0) -> AsyncIterator[tuple[httpx.AsyncClient, float]]:
-    """An HTTP client and the run's start time, with the /metrics sampler running for the duration;
-    sets ``result.duration_s`` on exit. Shared by the open- and closed-loop runners."""
+                       timeline_period_s: float | None = 1.0,
+                       t0: float | None = None) -> AsyncIterator[tuple[httpx.AsyncClient, float]]:
+    """An HTTP client and the run's start time (``time.perf_counter()``: ``t0``, or now), with the
+    /metrics sampler running for the duration; sets ``result.duration_s`` on exit. Shared by the open-
+    and closed-loop runners."""
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
     async with httpx.AsyncClient(limits=limits, timeout=None) as client:
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() if t0 is None else t0
         stop = asyncio.Event()
         sampler = (asyncio.create_task(sample_metrics(base_url, t0, timeline_period_s, result.timeline, stop))
                    if timeline_period_s else None)
@@ -61,9 +63,11 @@ async def wait_bounded(tasks: list[asyncio.Task], t0: float, max_duration_s: flo
 
 async def run_open_loop(base_url: str, model: str, specs: Sequence[RequestSpec], max_duration_s: float = 300.0,
                         drain_s: float = 120.0, max_connections: int = 512,
-                        timeline_period_s: float | None = 1.0) -> RunResult:
+                        timeline_period_s: float | None = 1.0, t0: float | None = None) -> RunResult:
+    """``t0``: the run's start (``time.perf_counter()``, default now), for a caller that acts on the
+    same clock alongside (arrivals, ``start_s`` and the timeline are offsets from it)."""
     result = RunResult()
-    async with load_session(base_url, result, max_connections, timeline_period_s) as (client, t0):
+    async with load_session(base_url, result, max_connections, timeline_period_s, t0) as (client, t0):
         tasks, start_of = [], {}
         for spec in sorted(specs, key=lambda s: s.arrival_s):
             if spec.arrival_s > max_duration_s:

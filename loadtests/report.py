@@ -128,7 +128,8 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1e3
 
 
-def _bins(times: list[float], width: float, end: float) -> tuple[list[float], list[float]]:
+def bins(times: list[float], width: float, end: float) -> tuple[list[float], list[float]]:
+    """Events per second in ``width``-second bins over [0, ``end``]: (bin centres, rates)."""
     n = max(1, int(end // width) + 1)
     counts = [0] * n
     for t in times:
@@ -147,11 +148,11 @@ def _timeline(out: Path, wl: str, rate: float, items: list[dict], bin_s: float =
         data = json.loads(raw.read_text())
         recs, tl = data["records"], data.get("timeline") or []
         end = max([x["start_s"] + (x["e2e_s"] or 0) for x in recs] + [s["t"] for s in tl] + [1.0])
-        xs, offered = _bins([x["start_s"] for x in recs], bin_s, end)
+        xs, offered = bins([x["start_s"] for x in recs], bin_s, end)
         line = axes[0].plot(xs, offered, ls="--", label=f"{system} offered")[0]
-        _, done = _bins([x["start_s"] + x["e2e_s"] for x in recs if x["outcome"] == "ok" and x["e2e_s"]], bin_s, end)
+        _, done = bins([x["start_s"] + x["e2e_s"] for x in recs if x["outcome"] == "ok" and x["e2e_s"]], bin_s, end)
         axes[0].plot(xs, done, color=line.get_color(), label=f"{system} completed")
-        _, rej = _bins([x["start_s"] for x in recs if x["outcome"] == "rejected"], bin_s, end)
+        _, rej = bins([x["start_s"] for x in recs if x["outcome"] == "rejected"], bin_s, end)
         axes[0].bar(xs, rej, width=bin_s * 0.8, alpha=0.3, color=line.get_color(), label=f"{system} rejected")
         if tl:
             axes[1].plot([s["t"] for s in tl], [s.get("queue", 0) for s in tl], color=line.get_color(),

@@ -1,7 +1,8 @@
 """Server-side timeline during a run: poll ``/metrics`` and keep queue depth, running and replicas.
 
 Understands pdserve's gauges (``pdserve_pool_*``) and vLLM's OpenAI server (``vllm:num_requests_*``);
-a server without ``/metrics`` (e.g. Ray Serve LLM's HTTP proxy) simply yields no samples.
+a server without ``/metrics`` (e.g. Ray Serve LLM's HTTP proxy) simply yields no samples. For pdserve
+also replicas per role and the cumulative fallback counters (``pdserve_prefill_fallbacks_total``).
 """
 
 from __future__ import annotations
@@ -12,24 +13,28 @@ import time
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-# metric family -> timeline field; values of all label sets are summed
+# metric family (the parser names a counter's family without "_total") -> [(timeline field, labels a
+# sample must have)]; the values of the matching samples are summed
 _FIELDS = {
-    "pdserve_pool_queue_depth": "queue",
-    "pdserve_pool_running_requests": "running",
-    "pdserve_pool_replicas": "replicas",
-    "vllm:num_requests_waiting": "queue",
-    "vllm:num_requests_running": "running",
+    "pdserve_pool_queue_depth": [("queue", {})],
+    "pdserve_pool_running_requests": [("running", {})],
+    "pdserve_pool_replicas": [("replicas", {}), ("decode_replicas", {"role": "decode"}),
+                              ("prefill_replicas", {"role": "prefill"})],
+    "pdserve_prefill_fallbacks": [("prefill_fallbacks", {}), ("decode_retries", {"reason": "decode_retry"})],
+    "vllm:num_requests_waiting": [("queue", {})],
+    "vllm:num_requests_running": [("running", {})],
 }
 
 
 def parse_sample(text: str) -> dict[str, float]:
-    """Queue depth / running / replicas from a Prometheus text exposition (pure)."""
+    """Queue depth / running / replicas (all, decode, prefill) / prefill fallbacks (all, decode retries)
+    from a Prometheus text exposition (pure). A field is present when its metric family is."""
     out: dict[str, float] = {}
     for fam in text_string_to_metric_families(text):
-        key = _FIELDS.get(fam.name)
-        if key is None:
-            continue
-        out[key] = out.get(key, 0.0) + sum(s.value for s in fam.samples if s.name == fam.name)
+        # a gauge's value sample is named like its family, a counter's with "_total" ("_created" is not a value)
+        values = [s for s in fam.samples if s.name in (fam.name, fam.name + "_total")]
+        for key, labels in _FIELDS.get(fam.name, []):
+            out[key] = out.get(key, 0.0) + sum(s.value for s in values if labels.items() <= s.labels.items())
     return out
 
 

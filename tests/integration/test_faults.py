@@ -1,6 +1,6 @@
 """Fault injection on a real local cluster (1 prefill replica, 1 decode replica), driven through the
-public HTTP API; the faults are signals sent from here to the engines' processes (tests/integration/
-faults.py), nothing simulated inside the product.
+public HTTP API; the faults are signals sent from here to the engines' processes (loadtests/faults.py),
+nothing simulated inside the product.
 
 Tests run in file order and share one cluster: the last one kills the only decode replica's engine.
 Engines run in float32 (see test_cluster.py): a prompt prefilled on the decode engine then answers
@@ -20,9 +20,9 @@ from typing import Callable
 import httpx
 import pytest
 
+from loadtests.faults import engine_processes, kill, paused
 from tests.integration.cluster_utils import (cluster_config, free_port, metric_sum, scrape, settled_scrape,
                                              wait_for)
-from tests.integration.faults import engine_processes, kill, paused
 
 pytestmark = pytest.mark.integration
 

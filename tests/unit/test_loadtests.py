@@ -107,9 +107,29 @@ vllm:num_requests_running{engine="0",model_name="m"} 7.0
 
     def test_parse_ours_and_vllm(self):
         from loadtests.timeline import parse_sample
-        assert parse_sample(self.OURS) == {"queue": 4.0, "running": 2.0, "replicas": 3.0}
+        assert parse_sample(self.OURS) == {"queue": 4.0, "running": 2.0, "replicas": 3.0, "decode_replicas": 2.0,
+                                           "prefill_replicas": 1.0}
         assert parse_sample(self.VLLM) == {"queue": 4.0, "running": 7.0}
         assert parse_sample("") == {}
+
+    def test_parse_replicas_by_role_and_fallbacks_from_the_real_exposition(self):
+        """What the ingress renders (serve.metrics): counters are exposed as ``..._total`` (the parser
+        names their family without it) next to ``..._created`` gauges, which are no values."""
+        from loadtests.timeline import parse_sample
+        from serve.metrics import ClusterMetrics
+        from workers.messages import WorkerStats
+
+        stats = [WorkerStats(endpoint_id="p1", pool="prefill", role="prefill"),
+                 WorkerStats(endpoint_id="d1", pool="decode", role="decode"),
+                 WorkerStats(endpoint_id="d2", pool="decode", role="decode", healthy=False)]
+        metrics = ClusterMetrics(lambda: stats)
+        before = parse_sample(metrics.render().decode())
+        assert (before["decode_replicas"], before["prefill_replicas"], before["replicas"]) == (1.0, 1.0, 2.0)
+        assert (before["decode_retries"], before["prefill_fallbacks"]) == (0.0, 0.0)   # no label set yet
+        metrics.prefill_fallbacks.labels("decode_retry").inc(2)
+        metrics.prefill_fallbacks.labels("timeout").inc()
+        after = parse_sample(metrics.render().decode())
+        assert (after["decode_retries"], after["prefill_fallbacks"]) == (2.0, 3.0)
 
     def test_prefix_cache_hit_rate_between_scrapes(self):
         from loadtests.timeline import prefix_cache_counters, prefix_cache_hit_rate
@@ -254,9 +274,9 @@ def test_server_session_is_deprioritised_against_the_client():
 
 
 def test_recorded_paths_are_portable():
-    from loadtests.bench import REPO, _portable
-    assert _portable(str(REPO / "configs" / "local.yaml")) == "configs/local.yaml"
-    assert _portable("/somewhere/else/run") == "run" and _portable(0.5) == 0.5
+    from loadtests.bench import REPO, portable
+    assert portable(str(REPO / "configs" / "local.yaml")) == "configs/local.yaml"
+    assert portable("/somewhere/else/run") == "run" and portable(0.5) == 0.5
 
 
 def test_recorded_results_name_no_machine_paths():

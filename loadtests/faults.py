@@ -1,5 +1,6 @@
 """Fault injection from outside the product: find a pool replica's vLLM engine processes and kill or
-pause them with signals (psutil).
+pause them with signals (psutil). Used by the integration tests (tests/integration/test_faults.py) and
+the fault run under load (loadtests/faults_run.py).
 
 A Ray Serve replica actor is a process whose title (``/proc/<pid>/cmdline``, set by Ray) contains
 ``ServeReplica:<app_name>:<deployment>``; pools deploy as ``pool-<pool name>`` (serve/app.py). vLLM's
@@ -44,17 +45,20 @@ def replica_processes(app_name: str, pool: str) -> list[psutil.Process]:
     return [p for p in psutil.process_iter() if pattern.search(_title(p))]
 
 
+def engine_processes_of(replica: psutil.Process) -> list[psutil.Process]:
+    """The live ``VLLM::*`` descendants of one replica process (none if it is gone)."""
+    try:
+        children = replica.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return [c for c in children if _is_engine(c)]
+
+
 def engine_processes(app_name: str, pool: str, timeout_s: float = 10.0) -> list[psutil.Process]:
     """Every ``VLLM::*`` descendant of the pool's replicas; raises if none shows up within ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
-        found = []
-        for replica in replica_processes(app_name, pool):
-            try:
-                children = replica.children(recursive=True)
-            except psutil.NoSuchProcess:
-                continue
-            found += [c for c in children if _is_engine(c)]
+        found = [e for replica in replica_processes(app_name, pool) for e in engine_processes_of(replica)]
         if found:
             return found
         if time.monotonic() > deadline:
