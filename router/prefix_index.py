@@ -21,6 +21,7 @@ class PrefixIndex:
         self.capacity = capacity_blocks
         self._entries: OrderedDict[int, int] = OrderedDict()
         self._bit: dict[str, int] = {}
+        self._blocks: dict[str, int] = {}        # endpoint -> blocks it holds in the index
         self._free_bits: list[int] = []
         self.evictions = 0
 
@@ -32,19 +33,29 @@ class PrefixIndex:
         if bit is None:
             bit = self._free_bits.pop() if self._free_bits else len(self._bit)
             self._bit[endpoint] = bit
+            self._blocks[endpoint] = 0
         return 1 << bit
 
     def add(self, endpoint: str, hashes: Iterable[bytes | int]) -> None:
         """The endpoint now holds these blocks (most recently used)."""
         mask = self._bit_of(endpoint)
         entries = self._entries
+        added = 0
         for h in hashes:
             k = short_key(h)
-            entries[k] = entries.get(k, 0) | mask
+            v = entries.get(k, 0)
+            added += not v & mask
+            entries[k] = v | mask
             entries.move_to_end(k)
+        self._blocks[endpoint] += added
         while len(entries) > self.capacity:
-            entries.popitem(last=False)
+            _, v = entries.popitem(last=False)
+            self._uncount(v)
             self.evictions += 1
+
+    def _uncount(self, v: int) -> None:
+        for e, bit in self._bit.items():
+            self._blocks[e] -= (v >> bit) & 1
 
     def remove(self, endpoint: str, hashes: Iterable[bytes | int]) -> None:
         """The endpoint evicted these blocks."""
@@ -56,6 +67,7 @@ class PrefixIndex:
             k = short_key(h)
             v = self._entries.get(k)
             if v is not None:
+                self._blocks[endpoint] -= (v >> bit) & 1
                 v &= mask
                 if v:
                     self._entries[k] = v
@@ -67,6 +79,7 @@ class PrefixIndex:
         bit = self._bit.pop(endpoint, None)
         if bit is None:
             return
+        del self._blocks[endpoint]
         mask = 1 << bit
         for k in [k for k, v in self._entries.items() if v & mask]:
             v = self._entries[k] & ~mask
@@ -75,6 +88,14 @@ class PrefixIndex:
             else:
                 del self._entries[k]
         self._free_bits.append(bit)
+
+    def endpoints(self) -> set[str]:
+        """The replicas that have (or had, until dropped) blocks in the index."""
+        return set(self._bit)
+
+    def blocks_by_endpoint(self) -> dict[str, int]:
+        """How many indexed blocks each replica holds."""
+        return dict(self._blocks)
 
     def match(self, hashes: Sequence[bytes | int], endpoints: Iterable[str]) -> dict[str, int]:
         """Leading blocks of ``hashes`` each endpoint holds (longest exact prefix, in blocks).

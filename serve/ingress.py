@@ -141,6 +141,12 @@ class Ingress:
     # -- helpers ----------------------------------------------------------------------------
     def _on_poll(self, stats: list) -> None:
         self._orch.set_kv_agents({s.endpoint_id: s.kv_agent for s in stats if s.healthy and s.kv_agent})
+        live = {e.endpoint_id for e in self._directory.snapshot().endpoints if e.healthy}
+        for endpoint in self._orch.forget_replicas(live):
+            logger.info("replica %s is gone or unhealthy: dropped from the prefix index", endpoint)
+        self.metrics.prefix_index_blocks.clear()
+        for endpoint, n in self._orch.prefix_index_blocks().items():
+            self.metrics.prefix_index_blocks.labels(endpoint).set(n)
         if self._kv_events is not None:
             self._kv_events.sync({s.endpoint_id: s.kv_events_endpoint for s in stats
                                   if s.healthy and s.kv_events_endpoint})
@@ -170,7 +176,9 @@ class Ingress:
         ages = self._directory.poll_ages()
         for name, role in self._roles.items():
             eps = [e for e in snap.endpoints if e.pool == name]
-            pools[name] = {"role": role.value, "replicas": len(eps), "healthy": sum(e.healthy for e in eps),
+            # healthy: confirmed by a stats poll (a replica Serve just listed is routable, not yet vouched for)
+            pools[name] = {"role": role.value, "replicas": len(eps),
+                           "healthy": sum(e.healthy and e.endpoint_id in ages for e in eps),
                            "running": sum(e.num_running for e in eps), "waiting": sum(e.num_waiting for e in eps),
                            "kv_usage": [round(e.kv_usage, 4) for e in eps],
                            "endpoints": [e.endpoint_id for e in eps],

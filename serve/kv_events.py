@@ -68,14 +68,12 @@ class KvEventFeed:
 
     def sync(self, endpoints: Mapping[str, str]) -> None:
         """Subscribe to ``endpoint_id -> address`` (call from the event loop after every poll); engines
-        no longer listed are unsubscribed and dropped from the index."""
+        no longer listed are unsubscribed (the ingress drops replicas that are gone from the index)."""
         for eid in list(self._tasks):
             addr, task = self._tasks[eid]
             if endpoints.get(eid) != addr or task.done():
                 task.cancel()
                 del self._tasks[eid]
-                if eid not in endpoints:
-                    self._index.drop_endpoint(eid)
         for eid, addr in endpoints.items():
             if addr and eid not in self._tasks:
                 if self._ctx is None:

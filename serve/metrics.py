@@ -82,6 +82,9 @@ class ClusterMetrics:
                                  ["tier", "action"], registry=r)
         self.kv_events_applied = Gauge("pdserve_prefix_index_kv_events", "Engine KV cache events applied to "
                                        "the router's prefix index (since start)", registry=r)
+        self.prefix_index_blocks = Gauge("pdserve_prefix_index_blocks", "KV blocks the router's prefix index "
+                                         "places on each replica (replicas that are gone are dropped)",
+                                         ["endpoint"], registry=r)
         self.routed_prompt_tokens = Counter("pdserve_routed_prompt_tokens", "Prompt tokens of routed requests",
                                             registry=r)
         ratio_buckets = (0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0, 8.0)

@@ -85,6 +85,20 @@ class Orchestrator:
         """Replicas' transfer agents ([name, host, port]) from their latest stats polls."""
         self._kv_agents = {e: (str(a[0]), str(a[1]), int(a[2])) for e, a in agents.items() if len(a) == 3}
 
+    def forget_replicas(self, live: set[str]) -> list[str]:
+        """Drop from the prefix index every replica not in ``live`` (dead, unhealthy or removed): its
+        cache is gone or unreachable, and a replacement starts empty. Returns the dropped ones."""
+        if self._index is None:
+            return []
+        gone = sorted(self._index.endpoints() - live)
+        for endpoint in gone:
+            self._index.drop_endpoint(endpoint)
+        return gone
+
+    def prefix_index_blocks(self) -> dict[str, int]:
+        """Blocks the prefix index places on each replica (none without a prefix-aware policy)."""
+        return self._index.blocks_by_endpoint() if self._index is not None else {}
+
     # -- step 1: route ---------------------------------------------------------------------
     def snapshot(self, exclude: frozenset[str] = frozenset()) -> PoolSnapshot:
         snap = self._directory.snapshot(self._in_flight, self.queued_by_priority())

@@ -236,4 +236,5 @@ def test_decode_engine_killed_mid_stream(cluster, answers):
 
     wait_for(healed, timeout_s=150, interval_s=2.0)
     reply = chat(url, PROMPTS[0])
-    assert (reply.status, reply.text, reply.finish_reasons) == (200, answers[PROMPTS[0]][0], [answers[PROMPTS[0]][1]])
+    assert (reply.status, reply.text, reply.finish_reasons) == (200, answers[PROMPTS[0]][0], [answers[PROMPTS[0]][1]]), \
+        (reply, httpx.get(f"{url}/health", timeout=10).json())

@@ -270,3 +270,18 @@ class TestRetryCountsOnce:
 def _decision_count(metrics):
     (family,) = [m for m in metrics.decision_s.collect()]
     return next(s.value for s in family.samples if s.name.endswith("_count"))
+
+
+class TestForgetReplicas:
+    def test_replicas_not_live_leave_the_prefix_index(self):
+        from router.prefix_index import PrefixIndex
+
+        orch, _, policy = _orch(FakeHandles(decodes={}))
+        policy.index = orch._index = PrefixIndex()
+        policy.index.add("d0", [1, 2, 3])
+        policy.index.add("d1", [1, 2])
+        assert orch.forget_replicas({"d0", "d1", "p0"}) == []
+        assert orch.forget_replicas({"d1"}) == ["d0"]                   # d0 died
+        assert policy.index.endpoints() == {"d1"}
+        assert policy.index.match([1, 2, 3], ["d0", "d1"]) == {"d0": 0, "d1": 2}
+        assert policy.index.blocks_by_endpoint() == {"d1": 2}

@@ -80,3 +80,17 @@ class TestPrefixIndex:
         hit = list(range(900_000, 900_100))
         assert idx.match(hit, ["e3", "e0"]) == {"e3": 100, "e0": 0}
         assert time.perf_counter() - t0 < 30                 # a sanity bound, not a benchmark
+
+
+def test_blocks_by_endpoint_follows_adds_removes_evictions_and_drops():
+    idx = PrefixIndex(capacity_blocks=4)
+    idx.add("A", [1, 2, 3, 3])            # a repeated hash is one block
+    idx.add("B", [2, 3])
+    assert idx.blocks_by_endpoint() == {"A": 3, "B": 2}
+    idx.remove("A", [3, 3, 9])            # twice, and one A never held: one block less
+    assert idx.blocks_by_endpoint() == {"A": 2, "B": 2}
+    idx.add("B", [4, 5])                  # 5 entries > capacity 4: the LRU entry (1, A's) is evicted
+    assert idx.evictions == 1 and idx.blocks_by_endpoint() == {"A": 1, "B": 4}
+    idx.drop_endpoint("B")
+    assert idx.blocks_by_endpoint() == {"A": 1} and idx.endpoints() == {"A"}
+    assert sum(idx.blocks_by_endpoint().values()) <= len(idx)
