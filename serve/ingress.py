@@ -182,6 +182,7 @@ class Ingress:
                            "running": sum(e.num_running for e in eps), "waiting": sum(e.num_waiting for e in eps),
                            "kv_usage": [round(e.kv_usage, 4) for e in eps],
                            "endpoints": [e.endpoint_id for e in eps],
+                           "unhealthy": [e.endpoint_id for e in eps if not e.healthy],
                            "last_poll_age_s": {e.endpoint_id: ages.get(e.endpoint_id) for e in eps},
                            "routers": self._directory.registrations.get(name, 0)}
         # every configured role needs a healthy replica (a config without prefill pools prefills locally)
@@ -213,8 +214,9 @@ class Ingress:
     async def _complete(self, p: ParsedRequest, t0: float) -> JSONResponse:
         parts: list[str] = []
         n_tokens, reason, first_s = 0, None, None
+        gen = self._orch.generate(p.job)
         try:
-            async for chunk in self._orch.generate(p.job):
+            async for chunk in gen:
                 if first_s is None and chunk.token_ids:
                     first_s = time.monotonic()
                     self.metrics.ttft.labels(p.kind).observe(first_s - t0)
@@ -224,9 +226,15 @@ class Ingress:
         except ApiError as e:
             self.metrics.requests.labels(p.kind, str(e.status_code)).inc()
             raise
+        except asyncio.CancelledError:      # the client went away (Serve cancels the call): engines abort
+            self.metrics.aborts.labels("client_disconnect").inc()
+            self.metrics.requests.labels(p.kind, "499").inc()
+            raise
         except Exception as e:
             self.metrics.requests.labels(p.kind, "500").inc()
             raise _internal_error(e) from e
+        finally:
+            await gen.aclose()
         self._finish_metrics(p, t0, n_tokens, "200")
         return JSONResponse(full_response(p, "".join(parts), reason, p.job.desc.num_prompt_tokens, n_tokens),
                             headers={"X-Request-Id": p.response_id})

@@ -13,9 +13,11 @@ from serve.config import DEFAULT_CONFIG, ClusterConfig
 
 
 
-def cluster_config(port: int, decode_replicas: int = 1, dtype: str | None = None, **router) -> ClusterConfig:
+def cluster_config(port: int, decode_replicas: int = 1, dtype: str | None = None, kv_handoff: dict | None = None,
+                   **router) -> ClusterConfig:
     data = ClusterConfig.from_yaml(DEFAULT_CONFIG).model_dump(mode="json")
     data["server"]["port"] = port
+    data["kv_handoff"].update(kv_handoff or {})
     data["app_name"] = "pdserve-test"
     for pool in data["pools"]:
         # eager engines: a fast start, and greedy outputs comparable with the eager reference run
@@ -49,6 +51,16 @@ def scrape(base_url: str) -> dict[tuple[str, frozenset], float]:
 def metric_sum(samples: dict, name: str, **labels: str) -> float:
     want = set(labels.items())
     return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
+
+
+def freed_after_disconnect(base_url: str, before: dict) -> bool:
+    """After one client left: no request running or queued, no KV held in any engine, and one more
+    ``client_disconnect`` abort than the ``before`` scrape."""
+    s = scrape(base_url)
+    return (metric_sum(s, "pdserve_pool_running_requests") == 0 and metric_sum(s, "pdserve_pool_queue_depth") == 0
+            and metric_sum(s, "pdserve_engine_kv_usage_ratio") == 0
+            and metric_sum(s, "pdserve_request_aborts_total", reason="client_disconnect")
+            == metric_sum(before, "pdserve_request_aborts_total", reason="client_disconnect") + 1)
 
 
 def wait_for(pred, timeout_s: float = 20.0, interval_s: float = 0.25):

@@ -18,8 +18,10 @@ import sys
 import httpx
 import pytest
 
+from loadtests.faults import engine_processes, paused
 from tests.conftest import REPO
-from tests.integration.cluster_utils import cluster_config, free_port, metric_sum, settled_scrape, wait_for
+from tests.integration.cluster_utils import (cluster_config, free_port, freed_after_disconnect, metric_sum,
+                                             settled_scrape, wait_for)
 
 pytestmark = pytest.mark.integration
 
@@ -89,3 +91,23 @@ def test_push_handoff_greedy_equals_colocated(cluster, chat_ids, reference):
     assert delta("pdserve_kv_handoff_bytes_total") > 0
     assert delta("pdserve_kv_handoff_failures_total") == 0           # no push fell back to recompute
     assert delta("pdserve_prefill_fallbacks_total") == 0
+
+
+def test_push_client_disconnect_before_first_token_frees_both_engines(cluster):
+    """Push mode: the decode engine holds a reservation for the prompt's KV while the prefill runs. A
+    client that leaves before its first token (the prefill engine stopped meanwhile) aborts both: the
+    reservation and the prefill are freed, nothing stays running or queued."""
+    url = cluster.base_url
+    wait_for(lambda: httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok", timeout_s=120)
+    before = settled_scrape(url)
+    with paused(engine_processes(cluster.cfg.app_name, "prefill"), 4.0) as pause:
+        with pytest.raises(httpx.ReadTimeout):      # no first byte: the client gives up and disconnects
+            with httpx.stream("POST", f"{url}/v1/completions", timeout=1.5, json={
+                    "model": MODEL, "prompt": PROMPTS[1], "max_tokens": 500, "ignore_eos": True,
+                    "stream": True}) as r:
+                r.read()
+        assert not pause.resumed.is_set()
+    wait_for(lambda: freed_after_disconnect(url, before), timeout_s=30)
+    after = settled_scrape(url)
+    assert metric_sum(after, "pdserve_engine_generation_tokens_total", pool="decode") \
+        == metric_sum(before, "pdserve_engine_generation_tokens_total", pool="decode")

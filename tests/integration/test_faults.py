@@ -11,28 +11,23 @@ same cluster gave before the fault. Every request, loop and wait here has a time
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable
 
 import httpx
 import pytest
 
 from loadtests.faults import engine_processes, kill, paused
-from tests.integration.cluster_utils import (cluster_config, free_port, metric_sum, scrape, settled_scrape,
-                                             wait_for)
+from tests.integration.chat_client import (CLIENT_TIMEOUT_S, PROMPTS, chat, reference_answers,
+                                           request_body, stream)
+from tests.integration.cluster_utils import (cluster_config, free_port, freed_after_disconnect, metric_sum, scrape,
+                                             settled_scrape, wait_for)
 
 pytestmark = pytest.mark.integration
 
-MODEL = "SmolLM2-135M-Instruct"
 DTYPE = "float32"
 PREFILL_TIMEOUT_S = 6.0
-MAX_TOKENS = 16
 LONG_TOKENS = 1000           # streams still generating when the test acts on them
-CLIENT_TIMEOUT_S = 60.0      # every request's bound (per read, and overall for a stream)
-PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three uses of a paperclip."]
 DECODE_ERROR_CODES = {"decode_failed", "engine_error", "engine_aborted"}   # serve/failures.py decode_error
 
 
@@ -56,70 +51,9 @@ def cluster():
         c.stop()
 
 
-@dataclass
-class Reply:
-    status: int
-    text: str = ""
-    finish_reasons: list = field(default_factory=list)
-    errors: list = field(default_factory=list)       # OpenAI error bodies (SSE error events)
-    done: bool = False                               # non-streamed, or the stream ended with [DONE]
-    headers: dict = field(default_factory=dict)
-
-
-def _body(content: str, **kw) -> dict:
-    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "temperature": 0,
-            "max_tokens": MAX_TOKENS, **kw}
-
-
-def chat(base_url: str, content: str, **kw) -> Reply:
-    r = httpx.post(f"{base_url}/v1/chat/completions", json=_body(content, **kw), timeout=CLIENT_TIMEOUT_S)
-    body = r.json()
-    if r.status_code != 200:
-        return Reply(r.status_code, errors=[body.get("error")], done=True, headers=dict(r.headers))
-    choice = body["choices"][0]
-    return Reply(200, choice["message"]["content"], [choice["finish_reason"]], done=True, headers=dict(r.headers))
-
-
-def stream(base_url: str, content: str, on_first_content: Callable[[], None] | None = None, **kw) -> Reply:
-    """A streamed chat read to its end, or until CLIENT_TIMEOUT_S have passed."""
-    deadline = time.monotonic() + CLIENT_TIMEOUT_S
-    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=_body(content, stream=True, **kw),
-                      timeout=CLIENT_TIMEOUT_S) as r:
-        reply = Reply(r.status_code, headers=dict(r.headers))
-        if r.status_code != 200:
-            reply.errors.append(json.loads(r.read()).get("error"))
-            return reply
-        for line in r.iter_lines():
-            if time.monotonic() > deadline:
-                break
-            if not line.startswith("data: "):
-                continue
-            if line == "data: [DONE]":
-                reply.done = True
-                break
-            event = json.loads(line[6:])
-            if "error" in event:
-                reply.errors.append(event["error"])
-                continue
-            for choice in event["choices"]:
-                text = choice["delta"].get("content") or ""
-                if text and not reply.text and on_first_content is not None:
-                    on_first_content()
-                reply.text += text
-                if choice["finish_reason"] is not None:
-                    reply.finish_reasons.append(choice["finish_reason"])
-    return reply
-
-
 @pytest.fixture(scope="module")
 def answers(cluster) -> dict[str, tuple[str, str]]:
-    """prompt -> (text, finish_reason) from this cluster before any fault."""
-    out = {}
-    for p in PROMPTS:
-        reply = chat(cluster.base_url, p)
-        assert reply.status == 200, reply.errors
-        out[p] = (reply.text, reply.finish_reasons[0])
-    return out
+    return reference_answers(cluster.base_url)
 
 
 def _fallbacks(samples: dict, **labels) -> float:
@@ -167,7 +101,7 @@ def test_client_disconnect_frees_the_decode_engine(cluster):
     url = cluster.base_url
     wait_for(lambda: _decode(scrape(url), "pdserve_pool_running_requests") == 0, timeout_s=30)
     before = scrape(url)
-    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=CLIENT_TIMEOUT_S, json=_body(
+    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=CLIENT_TIMEOUT_S, json=request_body(
             "Write a very long essay about rivers.", max_tokens=LONG_TOKENS, ignore_eos=True, stream=True)) as r:
         assert r.status_code == 200
         chunks = 0
@@ -179,14 +113,42 @@ def test_client_disconnect_frees_the_decode_engine(cluster):
         # still connected: wait until the engine's stats show the request running
         wait_for(lambda: _decode(scrape(url), "pdserve_pool_running_requests") >= 1, timeout_s=10, interval_s=0.1)
     # the block closed the connection mid-stream
+    wait_for(lambda: freed_after_disconnect(url, before), timeout_s=20)
+    after = settled_scrape(url)
+    generated = (_decode(after, "pdserve_engine_generation_tokens_total")
+                 - _decode(before, "pdserve_engine_generation_tokens_total"))
+    assert 0 < generated < LONG_TOKENS, generated
 
-    def freed():
-        s = scrape(url)
-        return (_decode(s, "pdserve_pool_running_requests") == 0 and _decode(s, "pdserve_engine_kv_usage_ratio") == 0
-                and metric_sum(s, "pdserve_request_aborts_total", reason="client_disconnect")
-                > metric_sum(before, "pdserve_request_aborts_total", reason="client_disconnect"))
 
-    wait_for(freed, timeout_s=20)
+def test_client_disconnect_during_prefill_aborts_it(cluster):
+    """A streaming client that leaves before its first token, while its prompt waits in the (stopped)
+    prefill engine: the prefill is aborted in that engine, no decode ever starts, nothing stays queued."""
+    url = cluster.base_url
+    wait_for(lambda: metric_sum(scrape(url), "pdserve_pool_running_requests") == 0, timeout_s=30)
+    before = scrape(url)
+    with paused(engine_processes(cluster.cfg.app_name, "prefill"), PREFILL_TIMEOUT_S / 2) as pause:
+        with pytest.raises(httpx.ReadTimeout):      # no first byte: the client gives up and disconnects
+            with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=PREFILL_TIMEOUT_S / 4,
+                              json=request_body("Write a very long essay about rivers.", max_tokens=LONG_TOKENS,
+                                                ignore_eos=True, stream=True)) as r:
+                r.read()
+        assert not pause.resumed.is_set()           # the client left while the prefill engine was stopped
+    wait_for(lambda: freed_after_disconnect(url, before), timeout_s=20)
+    after = settled_scrape(url)
+    assert _decode(after, "pdserve_engine_generation_tokens_total") == _decode(before, "pdserve_engine_generation_tokens_total")
+    assert metric_sum(after, "pdserve_prefill_fallbacks_total") == metric_sum(before, "pdserve_prefill_fallbacks_total")
+
+
+def test_non_streaming_client_disconnect_frees_the_engines(cluster):
+    """A non-streaming client that gives up while its answer is being generated: the request is aborted
+    in the decode engine long before its max_tokens, and counted as a client disconnect."""
+    url = cluster.base_url
+    wait_for(lambda: metric_sum(scrape(url), "pdserve_pool_running_requests") == 0, timeout_s=30)
+    before = scrape(url)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/chat/completions", timeout=3.0,
+                   json=request_body("Write a very long essay about rivers.", max_tokens=LONG_TOKENS, ignore_eos=True))
+    wait_for(lambda: freed_after_disconnect(url, before), timeout_s=20)
     after = settled_scrape(url)
     generated = (_decode(after, "pdserve_engine_generation_tokens_total")
                  - _decode(before, "pdserve_engine_generation_tokens_total"))

@@ -95,6 +95,34 @@ class TestNonStreaming:
             asyncio.run(Ingress._complete(_ingress([HI, RuntimeError("bug")]), _parsed(False), 0.0))
         assert (ei.value.status_code, ei.value.code) == (500, "internal_error")
 
+    def test_client_disconnect_cancels_the_generation_and_counts(self):
+        """Serve cancels the call when the client goes away: the orchestrator's generator is closed (its
+        engine calls abort) and the request counts as a client_disconnect abort with status 499."""
+        closed = asyncio.Event()
+
+        class FakeBlockingOrchestrator:
+            async def generate(self, job):
+                try:
+                    yield HI
+                    await asyncio.Event().wait()      # the engine is still generating
+                finally:
+                    closed.set()
+
+        ns = _ingress([])
+        ns._orch = FakeBlockingOrchestrator()
+
+        async def main():
+            task = asyncio.ensure_future(Ingress._complete(ns, _parsed(False), 0.0))
+            await asyncio.sleep(0.05)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return closed.is_set()
+
+        assert asyncio.run(asyncio.wait_for(main(), timeout=5))
+        assert ns.metrics.aborts.labels("client_disconnect")._value.get() == 1
+        assert ns.metrics.requests.labels("chat", "499")._value.get() == 1
+
     def test_complete_response(self):
         resp = asyncio.run(Ingress._complete(_ingress([HI, THERE]), _parsed(False), 0.0))
         body = json.loads(resp.body)
