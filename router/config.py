@@ -114,3 +114,6 @@ class RouterConfig(BaseModel):
     idle_timeout_s: float = Field(600.0, gt=0, description="a decode stream with no output for this long "
                                   "ends in 504 engine_timeout (an error event once streaming) and both "
                                   "engines abort the request")
+    decode_migrations: int = Field(1, ge=0, description="a decode whose replica fails after its first token "
+                                   "continues on another decode replica this many times (the prompt plus the "
+                                   "tokens already sent, prefilled there); 0 = the failure is the request's error")

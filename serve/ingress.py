@@ -105,6 +105,7 @@ class Ingress:
         push = kvh.slab_compression if kvh.backend == "slab" and kvh.slab_mode == "push" else None
         self._orch = Orchestrator(pools, policy, self._directory, self.metrics,
                                   prefill_timeout_s=r.prefill_timeout_s, idle_timeout_s=r.idle_timeout_s,
+                                  decode_migrations=r.decode_migrations,
                                   push_compression=push)
         index = getattr(policy, "index", None)  # prefix-aware policies: engines' KV events feed it
         self._kv_events = KvEventFeed(index) if index is not None else None

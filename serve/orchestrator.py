@@ -10,9 +10,13 @@ Failure policy (each path counts in metrics with a reason):
 - decode fails before its first token (the call raises, or the engine finishes the request "error" or
   "abort" with no token): retried once on another decode replica with local prefill
   (``prefill_fallbacks{decode_retry}``; routing and admission metrics count the request once);
-- decode fails after its first token, or its retry fails: an :class:`ApiError` (``decode_error``), which
-  the ingress sends as the HTTP status before its first byte and as an SSE error event after it; an
-  engine finish other than "stop"/"length" never reaches the client as a finish_reason;
+- decode fails after its first token: migrated (up to ``decode_migrations`` times) to another decode
+  replica, which prefills the prompt plus the tokens already sent and generates the rest
+  (``prefill_fallbacks{decode_migration}``); the client's stream just goes on;
+- a decode failure with no retry or migration left (or no other replica): an :class:`ApiError`
+  (``decode_error``), which the ingress sends as the HTTP status before its first byte and as an SSE
+  error event after it; an engine finish other than "stop"/"length" never reaches the client as a
+  finish_reason;
 - no output for ``idle_timeout_s``: 504 ``engine_timeout``, engines abort the request.
 Every engine call is cancelled (-> vLLM abort, KV freed) when the client goes away.
 """
@@ -64,14 +68,16 @@ def push_wait_s(predicted_ttft_s: float | None, prefill_timeout_s: float) -> flo
 class Orchestrator:
     def __init__(self, handles: Mapping[str, Any], policy: RoutingPolicy, directory: PoolDirectory,
                  metrics: ClusterMetrics, *, prefill_timeout_s: float, idle_timeout_s: float,
-                 clock: Callable[[], float] = time.monotonic, push_compression: str | None = None) -> None:
-        """``prefill_timeout_s`` and ``idle_timeout_s``: ``router.prefill_timeout_s`` / ``router.idle_timeout_s``."""
+                 clock: Callable[[], float] = time.monotonic, push_compression: str | None = None,
+                 decode_migrations: int = 1) -> None:
+        """``prefill_timeout_s``, ``idle_timeout_s``, ``decode_migrations``: the ``router`` config fields."""
         self._handles = handles
         self._policy = policy
         self._directory = directory
         self._metrics = metrics
         self._prefill_timeout_s = prefill_timeout_s
         self._idle_timeout_s = idle_timeout_s
+        self._decode_migrations = decode_migrations
         self._clock = clock
         self._in_flight: collections.Counter[str] = collections.Counter()
         # prefill work dispatched and not done, in uncached tokens, by (endpoint, engine priority)
@@ -106,17 +112,18 @@ class Orchestrator:
             snap.endpoints = [e for e in snap.endpoints if e.endpoint_id not in exclude]
         return snap
 
-    def route(self, desc: RequestDescriptor, exclude: frozenset[str] = frozenset(), retry: bool = False
+    def route(self, desc: RequestDescriptor, exclude: frozenset[str] = frozenset(), retry: str | None = None
               ) -> RoutingDecision:
-        """Route (and admit) a request. ``retry``: its decode is retried away from ``exclude`` after
-        failing there; the request was counted when first routed, so this counts the retry
-        (``prefill_fallbacks{decode_retry}``) and records the new decode replica in the prefix index,
-        nothing else (a rejection of the retry is the request's error, not an admission rejection)."""
+        """Route (and admit) a request. ``retry`` (``decode_retry`` / ``decode_migration``): its decode
+        moves away from ``exclude`` after failing there; the request was counted when first routed, so
+        this counts the move (``prefill_fallbacks{retry}``) and records the new decode replica in the
+        prefix index, nothing else (a rejection of the move is the request's error, not an admission
+        rejection)."""
         snap = self.snapshot(exclude)
         t0 = time.perf_counter()
         decision = self._policy.route(desc, snap)
         if retry:
-            self._metrics.prefill_fallbacks.labels("decode_retry").inc()
+            self._metrics.prefill_fallbacks.labels(retry).inc()
             if isinstance(decision, Rejection):
                 raise rejection_to_error(decision)
             if self._index is not None and desc.block_hashes:     # it prefills the prompt itself
@@ -169,6 +176,7 @@ class Orchestrator:
             logger.warning("prefill of %s timed out on %s; prefilling on decode", req.request_id, target.endpoint_id)
             return False, None
         except Exception as e:  # replica died, engine error...
+            self._suspect(target, e)
             self._metrics.prefill_fallbacks.labels("error").inc()
             logger.warning("prefill of %s failed on %s (%r); prefilling on decode", req.request_id,
                            target.endpoint_id, e)
@@ -251,6 +259,8 @@ class Orchestrator:
         release = self._reserve((decision.prefill or decision.decode).endpoint_id, decision.uncached_tokens,
                                 job.priority)
         produced = push_failed = False
+        generated: list[int] = []       # token ids sent so far (a migrated decode continues after them)
+        failure: Exception | None = None
         push = self._push_handoff(job, decision)
         prefill_task = None
         try:
@@ -272,6 +282,7 @@ class Orchestrator:
                 stream = self._unless_push_fails(stream, prefill_task)
             async for chunk in stream:
                 ntok += len(chunk.token_ids)
+                generated += chunk.token_ids
                 if not produced:
                     produced, first_s = True, self._clock()
                     release()
@@ -295,20 +306,60 @@ class Orchestrator:
             logger.warning("push prefill of %s failed; prefilling on decode replica %s", job.desc.request_id,
                            decision.decode.endpoint_id)
         except Exception as e:
-            if produced:
-                raise self._failed(job, decision.decode, e) from e
-            logger.warning("decode of %s failed on %s before any token (%r); retrying on another replica",
-                           job.desc.request_id, decision.decode.endpoint_id, e)
+            failure = e
+            self._suspect(decision.decode, e)
+            if not produced:
+                logger.warning("decode of %s failed on %s before any token (%r); retrying on another replica",
+                               job.desc.request_id, decision.decode.endpoint_id, e)
         finally:
             release()
             if prefill_task is not None and not prefill_task.done():
                 prefill_task.cancel()
+        if produced:
+            assert failure is not None
+            async for chunk in self._migrate(job, decision.decode, failure, tuple(generated)):
+                yield chunk
+            return
         if push_failed:     # the decode replica is fine: it prefills the prompt itself
             target = decision.decode
         else:
-            target = self.route(job.desc, exclude=frozenset({decision.decode.endpoint_id}), retry=True).decode
+            target = self.route(job.desc, exclude=frozenset({decision.decode.endpoint_id}), retry="decode_retry").decode
         async for chunk in self._last_decode(job, target):
             yield chunk
+
+    async def _migrate(self, job: GenerationJob, failed: EndpointState, error: Exception,
+                       generated: tuple[int, ...]) -> AsyncIterator[TokenChunk]:
+        """Continue a decode that failed on ``failed`` after sending ``generated``: on another decode
+        replica, the prompt plus ``generated`` prefilled there, for the tokens still owed (request
+        migration, as Dynamo does it). Greedy decoding continues exactly; sampled text continues from a
+        fresh random state. No migration left, no other replica, or a failure of the continuation:
+        the request's error."""
+        remaining = job.sampling.max_tokens - len(generated)
+        exclude = {failed.endpoint_id}
+        for attempt in range(1, self._decode_migrations + 1 if remaining > 0 else 1):
+            try:
+                target = self.route(job.desc, exclude=frozenset(exclude), retry="decode_migration").decode
+            except ApiError:        # no other decode replica: the original failure is the error
+                break
+            logger.warning("decode of %s failed on %s after %d tokens (%r); continuing on %s",
+                           job.desc.request_id, failed.endpoint_id, len(generated), error, target.endpoint_id)
+            cont = dataclasses.replace(
+                job, desc=dataclasses.replace(job.desc, request_id=f"{job.desc.request_id}-m{attempt}"),
+                prompt_token_ids=job.prompt_token_ids + generated,
+                sampling=dataclasses.replace(job.sampling, max_tokens=remaining))
+            try:
+                async for chunk in self.decode(cont, target, None):
+                    generated += chunk.token_ids
+                    remaining -= len(chunk.token_ids)
+                    yield chunk
+                return
+            except (ApiError, asyncio.CancelledError, GeneratorExit):
+                raise
+            except Exception as e:
+                self._suspect(target, e)
+                failed, error = target, e
+                exclude.add(target.endpoint_id)
+        raise self._failed(job, failed, error) from error
 
     async def _last_decode(self, job: GenerationJob, target: EndpointState) -> AsyncIterator[TokenChunk]:
         """A decode with local prefill and no retry left: any failure is the request's error."""
@@ -318,7 +369,14 @@ class Orchestrator:
         except (ApiError, asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as e:
+            self._suspect(target, e)
             raise self._failed(job, target, e) from e
+
+    def _suspect(self, target: EndpointState, e: Exception) -> None:
+        """A call that raised (the replica or its engine died, or Serve could not reach it) rather than
+        an engine finishing one request badly: route around the replica until its stats vouch for it."""
+        if not isinstance(e, EngineFinishFailed):
+            self._directory.suspect(target.endpoint_id)
 
     def _failed(self, job: GenerationJob, target: EndpointState, e: Exception) -> ApiError:
         err = decode_error(e)

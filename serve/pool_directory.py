@@ -36,12 +36,15 @@ class EndpointSource(Protocol):
 class PoolDirectory:
     """Which replicas exist comes from Serve (the routers); how loaded and alive they are comes
     from the ingress's own stats polls (``update_stats``), which are fresher than Serve's
-    routing-stats broadcast. A replica whose polls have failed for ``stale_s`` is unhealthy."""
+    routing-stats broadcast. A replica whose polls have failed for ``stale_s`` is unhealthy, and so is
+    one a call just failed on (:meth:`suspect`) until a stats snapshot taken after that failure vouches
+    for it."""
 
     def __init__(self, clock: Callable[[], float] = time.time, stale_s: float = 10.0) -> None:
         self._lock = threading.Lock()
         self._sources: dict[str, EndpointSource] = {}
         self._polled: dict[str, dict] = {}
+        self._suspect: dict[str, float] = {}      # endpoint -> when a call to it failed (clock time)
         self.registrations: dict[str, int] = {}
         self._clock = clock
         self.stale_s = stale_s
@@ -64,9 +67,18 @@ class PoolDirectory:
             return sorted(self._sources)
 
     def update_stats(self, endpoint_id: str, fields: dict) -> None:
-        """Record a successful stats poll of one replica (``fields`` include ``updated_s``)."""
+        """Record a successful stats poll of one replica (``fields`` include ``updated_s``, when it was
+        received, and ``reported_s``, when the replica took the snapshot)."""
         with self._lock:
             self._polled[endpoint_id] = fields
+            if float(fields.get("reported_s") or 0.0) > self._suspect.get(endpoint_id, float("inf")):
+                del self._suspect[endpoint_id]
+
+    def suspect(self, endpoint_id: str) -> None:
+        """A call to this replica failed the way a dead engine or replica fails: route around it at once,
+        without waiting for its stats to say so (a poll in flight may still carry its last healthy word)."""
+        with self._lock:
+            self._suspect[endpoint_id] = self._clock()
 
     def snapshot(self, in_flight: Mapping[str, int] | None = None,
                  queued_by_priority: Mapping[str, tuple[tuple[int, int], ...]] | None = None) -> PoolSnapshot:
@@ -77,24 +89,28 @@ class PoolDirectory:
         with self._lock:
             sources = list(self._sources.values())
             polled = dict(self._polled)
+            suspects = set(self._suspect)
         endpoints = [self._merge(e, polled.get(e.endpoint_id), in_flight.get(e.endpoint_id, 0), now,
-                                 queued_by_priority.get(e.endpoint_id, ()))
+                                 queued_by_priority.get(e.endpoint_id, ()), e.endpoint_id in suspects)
                      for src in sources for e in src.endpoints()]
         live = {e.endpoint_id for e in endpoints}
         with self._lock:  # forget replicas Serve no longer lists
             for gone in set(self._polled) - live:
                 self._polled.pop(gone, None)
+            for gone in set(self._suspect) - live:
+                self._suspect.pop(gone, None)
         return PoolSnapshot(endpoints=endpoints, taken_s=now)
 
     def _merge(self, e: EndpointState, polled: Mapping | None, in_flight: int, now: float,
-               by_priority: tuple[tuple[int, int], ...] = ()) -> EndpointState:
+               by_priority: tuple[tuple[int, int], ...] = (), suspect: bool = False) -> EndpointState:
         queued_tokens = sum(t for _, t in by_priority)
         if polled is None:  # not polled yet: Serve lists it as running, so it is routable
-            return dataclasses.replace(e, healthy=True, in_flight=in_flight, queued_prefill_tokens=queued_tokens,
-                                       queued_prefill_by_priority=by_priority)
+            return dataclasses.replace(e, healthy=not suspect, in_flight=in_flight,
+                                       queued_prefill_tokens=queued_tokens, queued_prefill_by_priority=by_priority)
         load = load_fields(polled)
         fresh = now - load["updated_s"] <= self.stale_s
-        return dataclasses.replace(e, healthy=bool(polled.get("healthy", True)) and fresh, in_flight=in_flight,
+        healthy = bool(polled.get("healthy", True)) and fresh and not suspect
+        return dataclasses.replace(e, healthy=healthy, in_flight=in_flight,
                                    queued_prefill_tokens=queued_tokens, queued_prefill_by_priority=by_priority,
                                    **load)
 

@@ -70,7 +70,8 @@ class PoolMonitor:
             if isinstance(r, WorkerStats):
                 self._cache[r.endpoint_id] = r
                 self._directory.update_stats(r.endpoint_id, {
-                    "healthy": r.healthy, **{k: getattr(r, k) for k in LOAD_FIELDS}, "updated_s": self._clock()})
+                    "healthy": r.healthy, **{k: getattr(r, k) for k in LOAD_FIELDS}, "updated_s": self._clock(),
+                    "reported_s": r.updated_s})
                 if self._metrics is not None:
                     self._metrics.observe_handoff_durations(r.kv_transfer_durations_s)
                 if self._on_stats is not None:

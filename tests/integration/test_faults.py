@@ -191,7 +191,14 @@ def test_decode_engine_killed_mid_stream(cluster, answers):
     if reply.status == 503:
         assert float(reply.headers["retry-after"]) >= 1
 
-    # Serve's health check replaces the replica (its engine is dead): a bounded wait, then answers again
+    # the stats polls see the dead engine (a poll answered just before the kill can vouch for it for up
+    # to the directory's stale_s), then Serve's health check replaces the replica: bounded waits, then
+    # requests are answered again
+    def decode_healthy() -> int:
+        return httpx.get(f"{url}/health", timeout=10).json()["pools"]["decode"]["healthy"]
+
+    wait_for(lambda: decode_healthy() == 0, timeout_s=30, interval_s=0.5)
+
     def healed():
         body = httpx.get(f"{url}/health", timeout=10).json()
         return body["status"] == "ok" and body["pools"]["decode"]["healthy"] == 1

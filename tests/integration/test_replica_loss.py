@@ -105,10 +105,10 @@ def test_decode_reads_kv_after_the_prefill_lease_expired(cluster, answers):
 
 def test_losing_one_of_two_decode_replicas(cluster, answers):
     """Runs last. SIGKILL of one decode replica's engine while streams run on both replicas and new
-    requests keep arriving: its streams end with an SSE error event, the other replica's streams
-    finish, no new request is refused or fails (a decode that fails before its first token is retried on
-    the survivor), the router stops using the dead replica within STOP_ROUTING_S, the prefix index drops
-    it, and Serve's replacement takes requests again."""
+    requests keep arriving: its streams continue on the survivor (migrated: the prompt plus the tokens
+    already sent, prefilled there) and finish, no request is refused or fails (a decode that fails
+    before its first token is retried on the survivor), the router stops using the dead replica within
+    STOP_ROUTING_S, the prefix index drops it, and Serve's replacement takes requests again."""
     url = cluster.base_url
     _idle(url)
     replicas = replica_processes(cluster.cfg.app_name, "decode")
@@ -158,23 +158,13 @@ def test_losing_one_of_two_decode_replicas(cluster, answers):
         new_replies = new.result(timeout=CLIENT_TIMEOUT_S + 30)
     assert stopped_routing_s < STOP_ROUTING_S
 
-    # streams: the dead replica's end with one SSE error event and no finish reason, the others finish
-    failed = [r for r in replies if r.errors]
-    finished = [r for r in replies if not r.errors]
-    assert failed and finished, replies
-    for r in failed:
-        assert r.status == 200 and r.done and r.finish_reasons == [] and len(r.errors) == 1, r
-        assert r.errors[0]["code"] in DECODE_ERROR_CODES, r
-    for r in finished:
-        assert (r.status, r.done, r.finish_reasons) == (200, True, ["length"]), r
-    # requests sent after the kill: every one answered, exactly as before the fault (one in flight on
-    # the dead replica at the kill may fail, with a clear error)
-    after_kill = [(p, r) for t, p, r in new_replies if t > killed_at]
-    assert len(after_kill) >= 3, new_replies
-    for p, reply in after_kill:
+    # streams: every one finishes; the dead replica's were migrated to the survivor mid-stream
+    for r in replies:
+        assert (r.status, r.done, r.finish_reasons, r.errors) == (200, True, ["length"], []), r
+    # requests sent around the kill: every one answered, exactly as before the fault
+    assert len([t for t, _, _ in new_replies if t > killed_at]) >= 3, new_replies
+    for _, p, reply in new_replies:
         assert (reply.status, reply.text, reply.finish_reasons) == (200, answers[p][0], [answers[p][1]]), (p, reply)
-    for t, p, reply in new_replies:
-        assert reply.status == 200 and reply.text == answers[p][0] or reply.errors[0]["code"], reply
 
     # once marked unhealthy, nothing more is sent to it: no further decode retries
     s0 = scrape(url)
@@ -184,9 +174,11 @@ def test_losing_one_of_two_decode_replicas(cluster, answers):
     s1 = scrape(url)
     assert metric_sum(s1, "pdserve_prefill_fallbacks_total", reason="decode_retry") \
         == metric_sum(s0, "pdserve_prefill_fallbacks_total", reason="decode_retry")
-    aborted = sum(metric_sum(s1, "pdserve_request_aborts_total", reason=c)
-                  - metric_sum(before, "pdserve_request_aborts_total", reason=c) for c in DECODE_ERROR_CODES)
-    assert aborted == len(failed)
+    migrated = metric_sum(s1, "pdserve_prefill_fallbacks_total", reason="decode_migration") \
+        - metric_sum(before, "pdserve_prefill_fallbacks_total", reason="decode_migration")
+    assert migrated >= 1                       # the dead replica held streams (both replicas were generating)
+    assert sum(metric_sum(s1, "pdserve_request_aborts_total", reason=c)
+               - metric_sum(before, "pdserve_request_aborts_total", reason=c) for c in DECODE_ERROR_CODES) == 0
     # the prefix index forgot the dead replica and kept the survivor's blocks
     blocks = _index_blocks(s1)
     assert dead not in blocks and blocks.get((endpoints_before - {dead}).pop(), 0) > 0, blocks

@@ -215,9 +215,9 @@ class TestDecodeFailures:
         assert chunks == [] and (err.status_code, err.code) == (502, "decode_failed")
         assert _count(metrics.aborts, "decode_failed") == 1 and len(handles.decodes) == 2
 
-    def test_exception_after_the_first_token_is_502_decode_failed(self):
+    def test_exception_after_the_first_token_without_migration_is_502_decode_failed(self):
         handles = FakeHandles(decodes={"d0": [[HI, RuntimeError("replica died")]], "d1": [[HI, THERE]]})
-        orch, metrics, _ = _orch(handles)
+        orch, metrics, _ = _orch(handles, decode_migrations=0)
         chunks, err = _run(orch)
         assert chunks == [HI] and (err.status_code, err.code) == (502, "decode_failed")
         assert len(handles.decodes) == 1                                  # no retry once tokens went out
@@ -227,7 +227,7 @@ class TestDecodeFailures:
     @pytest.mark.parametrize("reason, status, code", [("error", 502, "engine_error"), ("abort", 503, "engine_aborted")])
     def test_engine_failure_after_tokens_is_an_error_never_a_finish(self, reason, status, code):
         handles = FakeHandles(decodes={"d0": [[HI, TokenChunk(" th", (9,), reason)]], "d1": [[HI, THERE]]})
-        orch, _, _ = _orch(handles)
+        orch, _, _ = _orch(handles, decode_migrations=0)
         chunks, err = _run(orch)
         assert chunks == [HI] and (err.status_code, err.code) == (status, code)
         assert all(c.finish_reason is None for c in chunks) and len(handles.decodes) == 1
@@ -239,6 +239,39 @@ class TestDecodeFailures:
         assert chunks == [HI] and (err.status_code, err.code) == (504, "engine_timeout")
         ((_, _, stream),) = handles.decodes
         assert stream.cancelled and _count(metrics.aborts, "idle_timeout") == 1
+        _idle(orch)
+
+
+class TestMigration:
+    """A decode that fails after its first token continues on another replica: the prompt plus the
+    tokens already sent, prefilled there, for the tokens still owed."""
+
+    @pytest.mark.parametrize("failure", [RuntimeError("replica died"), TokenChunk(" th", (9,), "abort")])
+    def test_the_stream_goes_on_from_another_replica(self, failure):
+        handles = FakeHandles(decodes={"d0": [[HI, failure]], "d1": [[THERE]]})
+        orch, metrics, _ = _orch(handles)
+        assert _run(orch) == ([HI, THERE], None)
+        (_, first, _), (where, cont, _) = handles.decodes
+        assert where == "d1" and cont.handoff is None                   # d1 prefills it itself
+        assert cont.prompt_token_ids == JOB.prompt_token_ids + (7,)     # ...with the token already sent
+        assert cont.sampling.max_tokens == JOB.sampling.max_tokens - 1 and cont.request_id != first.request_id
+        assert _count(metrics.prefill_fallbacks, "decode_migration") == 1 and _count(metrics.aborts, "decode_failed") == 0
+        _idle(orch)
+
+    def test_no_other_replica_is_the_original_error(self):
+        handles = FakeHandles(decodes={"d0": [[HI, RuntimeError("replica died")]]})
+        orch, metrics, _ = _orch(handles, decode_ids=("d0",))
+        chunks, err = _run(orch)
+        assert chunks == [HI] and (err.status_code, err.code) == (502, "decode_failed")
+        assert len(handles.decodes) == 1 and _count(metrics.aborts, "decode_failed") == 1
+        _idle(orch)
+
+    def test_a_failed_continuation_with_no_migration_left_is_an_error(self):
+        handles = FakeHandles(decodes={"d0": [[HI, RuntimeError("a")]], "d1": [[RuntimeError("b")]]})
+        orch, metrics, _ = _orch(handles)
+        chunks, err = _run(orch)
+        assert chunks == [HI] and (err.status_code, err.code) == (502, "decode_failed")
+        assert [d[0] for d in handles.decodes] == ["d0", "d1"] and _count(metrics.aborts, "decode_failed") == 1
         _idle(orch)
 
 
@@ -270,6 +303,19 @@ class TestRetryCountsOnce:
 def _decision_count(metrics):
     (family,) = [m for m in metrics.decision_s.collect()]
     return next(s.value for s in family.samples if s.name.endswith("_count"))
+
+
+class TestSuspects:
+    def test_a_call_that_raised_takes_its_replica_out_of_rotation_a_bad_finish_does_not(self):
+        handles = FakeHandles(decodes={"d0": [[RuntimeError("replica died")]], "d1": [[HI, THERE]]})
+        orch, _, _ = _orch(handles)
+        assert _run(orch) == ([HI, THERE], None)
+        assert {e.endpoint_id: e.healthy for e in orch.snapshot().endpoints if e.pool == "decode"} \
+            == {"d0": False, "d1": True}
+        handles = FakeHandles(decodes={"d0": [[TokenChunk("", (), "error")]], "d1": [[HI, THERE]]})
+        orch, _, _ = _orch(handles)
+        assert _run(orch) == ([HI, THERE], None)
+        assert all(e.healthy for e in orch.snapshot().endpoints)
 
 
 class TestForgetReplicas:

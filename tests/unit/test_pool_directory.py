@@ -59,6 +59,21 @@ class TestPoolDirectory:
         d.update_stats("a", {"healthy": False, "updated_s": 100.0})
         assert not d.snapshot().endpoints[0].healthy
 
+    def test_a_suspect_is_unhealthy_until_a_later_snapshot_vouches_for_it(self):
+        now = [100.0]
+        d = PoolDirectory(clock=lambda: now[0])
+        d.register("decode", FakeSource("a", "b"))
+        d.update_stats("a", {"healthy": True, "updated_s": 100.0, "reported_s": 99.9})
+        d.suspect("a")                      # a call to it just failed
+        d.suspect("b")                      # (b was never polled)
+        healthy = lambda: {e.endpoint_id: e.healthy for e in d.snapshot().endpoints}  # noqa: E731
+        assert healthy() == {"a": False, "b": False}
+        now[0] = 100.5                      # a poll sent before the failure answers after it: still suspect
+        d.update_stats("a", {"healthy": True, "updated_s": 100.5, "reported_s": 99.95})
+        assert healthy() == {"a": False, "b": False}
+        d.update_stats("a", {"healthy": True, "updated_s": 101.0, "reported_s": 100.8})
+        assert healthy() == {"a": True, "b": False}
+
     def test_removed_replicas_are_forgotten(self):
         d = PoolDirectory(clock=lambda: 100.0)
         src = FakeSource("a", "b")
