@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
+from typing import Iterator
 
 import httpx
 
@@ -11,6 +13,18 @@ from kvtransfer.ports import free_port  # noqa: F401  (re-exported: outside the 
 from serve.config import DEFAULT_CONFIG, ClusterConfig
 
 
+
+
+@contextlib.contextmanager
+def running_cluster(cfg: ClusterConfig) -> Iterator:
+    """A started cluster (``serve.runner.RunningCluster``), always stopped on the way out."""
+    from serve.runner import start_cluster
+
+    c = start_cluster(cfg, timeout_s=600, progress=lambda m: None)
+    try:
+        yield c
+    finally:
+        c.stop()
 
 
 def cluster_config(port: int, decode_replicas: int = 1, dtype: str | None = None, kv_handoff: dict | None = None,

@@ -22,7 +22,8 @@ import concurrent.futures
 import time
 
 from tests.conftest import REPO
-from tests.integration.cluster_utils import cluster_config, free_port, metric_sum, scrape, settled_scrape, wait_for
+from tests.integration.cluster_utils import (cluster_config, free_port, metric_sum, running_cluster, scrape,
+                                             settled_scrape, wait_for)
 
 pytestmark = pytest.mark.integration
 
@@ -63,18 +64,12 @@ def reference(model_dir, chat_ids, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster(reference):
-    from serve.runner import start_cluster
-
     # always remote prefill (short prompts would otherwise prefill on the decode replica): these
     # tests check the disaggregated path byte for byte
     placement = {"local_prefill_max_tokens": 0, "local_prefill_min_hit_ratio": 1.0}
-    c = start_cluster(cluster_config(free_port(), decode_replicas=2, dtype=DTYPE, placement=placement),
-                      timeout_s=600, progress=lambda m: None)
-    try:
+    with running_cluster(cluster_config(free_port(), decode_replicas=2, dtype=DTYPE, placement=placement)) as c:
         wait_for(lambda: _healthy_decode(c.base_url) == 2, timeout_s=120)
         yield c
-    finally:
-        c.stop()
 
 
 def _healthy_decode(base_url: str) -> int:

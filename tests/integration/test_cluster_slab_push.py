@@ -21,7 +21,7 @@ import pytest
 from loadtests.faults import engine_processes, paused
 from tests.conftest import REPO
 from tests.integration.cluster_utils import (cluster_config, free_port, freed_after_disconnect, metric_sum,
-                                             settled_scrape, wait_for)
+                                             running_cluster, settled_scrape, wait_for)
 
 pytestmark = pytest.mark.integration
 
@@ -57,18 +57,10 @@ def reference(model_dir, chat_ids, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster(reference):
-    from serve.config import ClusterConfig
-    from serve.runner import start_cluster
-
-    base = cluster_config(free_port(), decode_replicas=1, dtype=DTYPE,
-                          placement={"local_prefill_max_tokens": 0, "local_prefill_min_hit_ratio": 1.0})
-    data = base.model_dump(mode="json")
-    data["kv_handoff"].update(backend="slab", slab_mode="push")
-    c = start_cluster(ClusterConfig.from_dict(data), timeout_s=600, progress=lambda m: None)
-    try:
+    cfg = cluster_config(free_port(), decode_replicas=1, dtype=DTYPE, kv_handoff={"backend": "slab", "slab_mode": "push"},
+                         placement={"local_prefill_max_tokens": 0, "local_prefill_min_hit_ratio": 1.0})
+    with running_cluster(cfg) as c:
         yield c
-    finally:
-        c.stop()
 
 
 def test_push_handoff_greedy_equals_colocated(cluster, chat_ids, reference):

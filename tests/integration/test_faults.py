@@ -20,8 +20,8 @@ import pytest
 from loadtests.faults import engine_processes, kill, paused
 from tests.integration.chat_client import (CLIENT_TIMEOUT_S, PROMPTS, chat, reference_answers,
                                            request_body, stream)
-from tests.integration.cluster_utils import (cluster_config, free_port, freed_after_disconnect, metric_sum, scrape,
-                                             settled_scrape, wait_for)
+from tests.integration.cluster_utils import (cluster_config, free_port, freed_after_disconnect, metric_sum,
+                                             running_cluster, scrape, settled_scrape, wait_for)
 
 pytestmark = pytest.mark.integration
 
@@ -33,8 +33,6 @@ DECODE_ERROR_CODES = {"decode_failed", "engine_error", "engine_aborted"}   # ser
 
 @pytest.fixture(scope="module")
 def cluster():
-    from serve.runner import start_cluster
-
     # always remote prefill (short prompts would otherwise prefill on the decode replica, and prompts
     # arriving behind a stalled prefill queue would be shed to it: local_prefill_when_sooner), so every
     # request depends on the prefill engine and meets its timeout; admission off: these tests check the
@@ -44,11 +42,8 @@ def cluster():
                          placement={"local_prefill_max_tokens": 0, "local_prefill_min_hit_ratio": 1.0,
                                     "local_prefill_when_sooner": False},       # (the default, stated)
                          admission={"enabled": False})
-    c = start_cluster(cfg, timeout_s=600, progress=lambda m: None)
-    try:
+    with running_cluster(cfg) as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ import pytest
 
 from loadtests.faults import engine_processes, engine_processes_of, kill, paused, replica_processes
 from tests.integration.chat_client import CLIENT_TIMEOUT_S, PROMPTS, chat, reference_answers, stream
-from tests.integration.cluster_utils import (cluster_config, free_port, metric_sum, scrape, settled_scrape,
-                                             wait_for)
+from tests.integration.cluster_utils import (cluster_config, free_port, metric_sum, running_cluster, scrape,
+                                             settled_scrape, wait_for)
 
 pytestmark = pytest.mark.integration
 
@@ -36,18 +36,13 @@ DECODE_ERROR_CODES = {"decode_failed", "engine_error", "engine_aborted"}   # ser
 
 @pytest.fixture(scope="module")
 def cluster():
-    from serve.runner import start_cluster
-
     # always remote prefill, so every request takes the KV handoff; admission off: these tests check
     # failover, and three engines on two cores would otherwise shed load by the admission model's SLOs
     cfg = cluster_config(free_port(), decode_replicas=2, dtype=DTYPE, kv_handoff={"kv_lease_s": KV_LEASE_S},
                          placement={"local_prefill_max_tokens": 0, "local_prefill_min_hit_ratio": 1.0},
                          admission={"enabled": False})
-    c = start_cluster(cfg, timeout_s=600, progress=lambda m: None)
-    try:
+    with running_cluster(cfg) as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture(scope="module")
