@@ -115,7 +115,8 @@ class SloAwarePolicy:
         step_s = md.decode_step_s(decode.load + 1, decode.context_tokens) * md.tpot_bias
         return local_s < remote_s and step_s + stall_s <= self.tiers[tier].tpot_s
 
-    def route(self, req: RequestDescriptor, snapshot: PoolSnapshot) -> RoutingDecision | Rejection:
+    def route(self, req: RequestDescriptor, snapshot: PoolSnapshot, admit: bool = True
+              ) -> RoutingDecision | Rejection:
         decodes = [e for e in snapshot.by_role(Role.DECODE) if e.healthy]
         if not decodes:
             return Rejection(reason="no_decode_replica", status_code=503, retry_after_s=5.0,
@@ -148,7 +149,7 @@ class SloAwarePolicy:
         uncached = prompt - hit
         decision = RoutingDecision(decode=decode, prefill=prefill, reason=reason, prefix_hit_tokens=hit,
                                    uncached_tokens=uncached)
-        if not self.cfg.admission.enabled:
+        if not (admit and self.cfg.admission.enabled):
             return decision
         if self.activity is not None:
             self.activity.arrive(tier)       # before deciding: the request's own tier is active

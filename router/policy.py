@@ -15,7 +15,10 @@ from router.types import EndpointState, PoolSnapshot, RequestDescriptor, Rejecti
 
 
 class RoutingPolicy(Protocol):
-    def route(self, req: RequestDescriptor, snapshot: PoolSnapshot) -> RoutingDecision | Rejection: ...
+    def route(self, req: RequestDescriptor, snapshot: PoolSnapshot, admit: bool = True
+              ) -> RoutingDecision | Rejection:
+        """Place ``req``; ``admit=False``: a request already admitted (its decode moves to another
+        replica after a failure) is placed without admission control."""
 
 
 def least_loaded(cands: Sequence[EndpointState], rng: random.Random) -> EndpointState | None:
@@ -38,7 +41,8 @@ class LeastLoadedPolicy:
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
 
-    def route(self, req: RequestDescriptor, snapshot: PoolSnapshot) -> RoutingDecision | Rejection:
+    def route(self, req: RequestDescriptor, snapshot: PoolSnapshot, admit: bool = True
+              ) -> RoutingDecision | Rejection:
         decode = least_loaded(snapshot.by_role(Role.DECODE), self._rng)
         if decode is None:
             return Rejection(reason="no_decode_replica", status_code=503, retry_after_s=5.0,
@@ -64,7 +68,8 @@ class RoundRobinPolicy:
         self._turn[role] = i + 1
         return healthy[i % len(healthy)]
 
-    def route(self, req: RequestDescriptor, snapshot: PoolSnapshot) -> RoutingDecision | Rejection:
+    def route(self, req: RequestDescriptor, snapshot: PoolSnapshot, admit: bool = True
+              ) -> RoutingDecision | Rejection:
         decode = self._next(snapshot.by_role(Role.DECODE), Role.DECODE)
         if decode is None:
             return Rejection(reason="no_decode_replica", status_code=503, retry_after_s=5.0,

@@ -121,7 +121,7 @@ class Orchestrator:
         rejection)."""
         snap = self.snapshot(exclude)
         t0 = time.perf_counter()
-        decision = self._policy.route(desc, snap)
+        decision = self._policy.route(desc, snap, admit=not retry)     # a moved request was admitted
         if retry:
             self._metrics.prefill_fallbacks.labels(retry).inc()
             if isinstance(decision, Rejection):

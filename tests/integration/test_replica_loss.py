@@ -1,6 +1,6 @@
 """Two decode replicas on a real local cluster (1 prefill + 2 decode, float32 eager engines, a 6 s KV
-lease: the config's minimum): a decode that reads its KV after the prefill's lease expired, and the
-loss of one decode replica under load. Faults are signals sent from here to the engines' processes
+lease: the config's minimum): a decode that reads its KV after the prefill's lease expired, the loss
+of the prefill replica, and the loss of one decode replica under load. Faults are signals sent from here to the engines' processes
 (loadtests/faults.py); requests go through the public HTTP API.
 
 Tests run in file order and share one cluster; the last one kills a decode replica's engine. Answers
@@ -96,6 +96,30 @@ def test_decode_reads_kv_after_the_prefill_lease_expired(cluster, answers):
     assert wait_for(leases_expired, timeout_s=KV_LEASE_S + 10) >= len(PROMPTS)
     after = settled_scrape(url)
     assert metric_sum(after, "pdserve_engine_kv_usage_ratio") == 0
+
+
+def test_losing_the_prefill_replica(cluster, answers):
+    """SIGKILL of the only prefill replica's engine: requests are prefilled on their decode replicas
+    meanwhile (answers exactly as before, none refused), and once Serve has replaced the replica
+    (bounded wait) prompts are prefilled remotely again."""
+    url = cluster.base_url
+    _idle(url)
+    before = scrape(url)
+    kill(engine_processes(cluster.cfg.app_name, "prefill"))
+    for p in PROMPTS + PROMPTS:
+        reply = chat(url, p)
+        assert (reply.status, reply.text, reply.finish_reasons) == (200, answers[p][0], [answers[p][1]]), (p, reply)
+    s = scrape(url)
+    assert metric_sum(s, "pdserve_routing_decisions_total", prefill="local") \
+        - metric_sum(before, "pdserve_routing_decisions_total", prefill="local") >= len(PROMPTS)
+
+    wait_for(lambda: _health(url)["pools"]["prefill"]["healthy"] == 0, timeout_s=30, interval_s=0.5)
+    wait_for(lambda: _health(url)["status"] == "ok", timeout_s=150, interval_s=2.0)
+    before = scrape(url)
+    reply = chat(url, PROMPTS[0])
+    assert (reply.status, reply.text) == (200, answers[PROMPTS[0]][0]), reply
+    after = scrape(url)
+    assert metric_sum(after, "pdserve_prefill_seconds_count") - metric_sum(before, "pdserve_prefill_seconds_count") == 1
 
 
 def test_losing_one_of_two_decode_replicas(cluster, answers):

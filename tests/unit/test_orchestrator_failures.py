@@ -48,10 +48,11 @@ class FakePolicy:
     prefill replica, reporting a prefix hit; no decode replica left -> the policy's rejection."""
 
     def __init__(self):
-        self.index, self.calls = FakeIndex(), 0
+        self.index, self.calls, self.admits = FakeIndex(), 0, []
 
-    def route(self, desc, snapshot):
+    def route(self, desc, snapshot, admit=True):
         self.calls += 1
+        self.admits.append(admit)
         decode = sorted(snapshot.by_role(Role.DECODE), key=lambda e: e.endpoint_id)
         prefill = snapshot.by_role(Role.PREFILL)
         if not decode:
@@ -280,7 +281,7 @@ class TestRetryCountsOnce:
         handles = FakeHandles(decodes={"d0": [[RuntimeError("replica died")]], "d1": [[HI, THERE]]})
         orch, metrics, policy = _orch(handles)
         assert _run(orch) == ([HI, THERE], None)
-        assert policy.calls == 2                                           # it was routed twice...
+        assert policy.admits == [True, False]                              # it was routed twice, admitted once...
         assert _count(metrics.routing, "remote", "decode") == 1            # ...and counted once
         assert _count(metrics.admitted, "free", "remote") == 1
         assert _count(metrics.prefix_hit_tokens) == 32

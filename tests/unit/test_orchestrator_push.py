@@ -61,7 +61,7 @@ class FakeHandles(FakeHandleBase):
 
 
 class FakePolicy:
-    def route(self, desc, snapshot):
+    def route(self, desc, snapshot, admit=True):
         return RoutingDecision(decode=DECODE, prefill=PREFILL, reason="remote_prefill", uncached_tokens=100,
                                predicted_ttft_s=1.0)
 

@@ -122,6 +122,14 @@ class TestAdmissionWiring:
         d = pol.route(req(300, tier="premium"), snap)
         assert isinstance(d, Rejection) and d.status_code == 503 and d.reason == "overload_ttft"
 
+    def test_a_request_already_admitted_is_placed_without_admission(self):
+        """A decode moved after its replica failed (retry or migration) was admitted once: it is placed
+        even where a new request would be refused."""
+        pol = policy()
+        snap = PoolSnapshot([ep("D1", Role.DECODE), ep("P1", Role.PREFILL, queued=3000)])
+        d = pol.route(req(300, tier="premium"), snap, admit=False)
+        assert not isinstance(d, Rejection) and d.decode.endpoint_id == "D1" and d.predicted_ttft_s is None
+
     def test_tier_slo_overrides_and_builders(self):
         cfg = RouterConfig(qos_tiers={"gold": {"reserved_fraction": 1.0, "priority": 1, "slo": {"ttft_ms": 500}}},
                            default_tier="gold")
