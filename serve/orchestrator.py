@@ -11,7 +11,8 @@ Failure policy (each path counts in metrics with a reason):
   "abort" with no token): retried once on another decode replica with local prefill
   (``prefill_fallbacks{decode_retry}``; routing and admission metrics count the request once);
 - decode fails after its first token: migrated (up to ``decode_migrations`` times) to another decode
-  replica, which prefills the prompt plus the tokens already sent and generates the rest
+  replica: the prompt plus the tokens already sent are prefilled (on a prefill replica, or there) and
+  it generates the rest
   (``prefill_fallbacks{decode_migration}``); the client's stream just goes on;
 - a decode failure with no retry or migration left (or no other replica): an :class:`ApiError`
   (``decode_error``), which the ingress sends as the HTTP status before its first byte and as an SSE
@@ -330,17 +331,18 @@ class Orchestrator:
     async def _migrate(self, job: GenerationJob, failed: EndpointState, error: Exception,
                        generated: tuple[int, ...]) -> AsyncIterator[TokenChunk]:
         """Continue a decode that failed on ``failed`` after sending ``generated``: on another decode
-        replica, the prompt plus ``generated`` prefilled there, for the tokens still owed (request
-        migration, as Dynamo does it). Greedy decoding continues exactly; sampled text continues from a
+        replica, the prompt plus ``generated`` as its prompt (prefilled remotely or there, as placement
+        decides), for the tokens still owed (request migration, as Dynamo does it). Greedy decoding continues exactly; sampled text continues from a
         fresh random state. No migration left, no other replica, or a failure of the continuation:
         the request's error."""
         remaining = job.sampling.max_tokens - len(generated)
         exclude = {failed.endpoint_id}
         for attempt in range(1, self._decode_migrations + 1 if remaining > 0 else 1):
             try:
-                target = self.route(job.desc, exclude=frozenset(exclude), retry="decode_migration").decode
+                decision = self.route(job.desc, exclude=frozenset(exclude), retry="decode_migration")
             except ApiError:        # no other decode replica: the original failure is the error
                 break
+            target = decision.decode
             logger.warning("decode of %s failed on %s after %d tokens (%r); continuing on %s",
                            job.desc.request_id, failed.endpoint_id, len(generated), error, target.endpoint_id)
             cont = dataclasses.replace(
@@ -348,7 +350,10 @@ class Orchestrator:
                 prompt_token_ids=job.prompt_token_ids + generated,
                 sampling=dataclasses.replace(job.sampling, max_tokens=remaining))
             try:
-                async for chunk in self.decode(cont, target, None):
+                # prefilled where placement says, like any request: a prefill replica spares the decode
+                # replica that now carries the failed one's streams (pull handoff; local on failure)
+                handoff = await self.prefill(cont, decision.prefill)
+                async for chunk in self.decode(cont, target, handoff):
                     generated += chunk.token_ids
                     remaining -= len(chunk.token_ids)
                     yield chunk

@@ -99,13 +99,28 @@ def test_decode_reads_kv_after_the_prefill_lease_expired(cluster, answers):
 
 
 def test_losing_the_prefill_replica(cluster, answers):
-    """SIGKILL of the only prefill replica's engine: requests are prefilled on their decode replicas
-    meanwhile (answers exactly as before, none refused), and once Serve has replaced the replica
-    (bounded wait) prompts are prefilled remotely again."""
+    """SIGKILL of the only prefill replica's engine between prefill and decode (the decode engines are
+    stopped meanwhile, so they read the KV after the kill): the reads fail and the decode engines
+    recompute the prompts, answering exactly as before. Later requests are prefilled on their decode
+    replicas (none refused) until Serve has replaced the replica (bounded wait); then prompts are
+    prefilled remotely again."""
     url = cluster.base_url
     _idle(url)
     before = scrape(url)
-    kill(engine_processes(cluster.cfg.app_name, "prefill"))
+    with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as ex, \
+            paused(engine_processes(cluster.cfg.app_name, "decode"), 30.0) as pause:
+        futures = [ex.submit(chat, url, p) for p in PROMPTS]
+        wait_for(lambda: metric_sum(scrape(url), "pdserve_prefill_seconds_count")
+                 - metric_sum(before, "pdserve_prefill_seconds_count") == len(PROMPTS), timeout_s=20)
+        kill(engine_processes(cluster.cfg.app_name, "prefill"))
+        pause.resume()
+        replies = [f.result(timeout=CLIENT_TIMEOUT_S) for f in futures]
+    for p, reply in zip(PROMPTS, replies):
+        assert (reply.status, reply.text, reply.finish_reasons) == (200, answers[p][0], [answers[p][1]]), (p, reply)
+    wait_for(lambda: metric_sum(scrape(url), "pdserve_kv_handoff_failures_total", pool="decode")
+             > metric_sum(before, "pdserve_kv_handoff_failures_total", pool="decode"), timeout_s=10)
+
+    before = scrape(url)
     for p in PROMPTS + PROMPTS:
         reply = chat(url, p)
         assert (reply.status, reply.text, reply.finish_reasons) == (200, answers[p][0], [answers[p][1]]), (p, reply)

@@ -253,8 +253,9 @@ class TestMigration:
         orch, metrics, _ = _orch(handles)
         assert _run(orch) == ([HI, THERE], None)
         (_, first, _), (where, cont, _) = handles.decodes
-        assert where == "d1" and cont.handoff is None                   # d1 prefills it itself
-        assert cont.prompt_token_ids == JOB.prompt_token_ids + (7,)     # ...with the token already sent
+        assert where == "d1" and cont.handoff == HANDOFF                # placed like any request: p0 prefills
+        assert [(p[0], p[1].prompt_token_ids) for p in handles.prefills][-1] == ("p0", cont.prompt_token_ids)
+        assert cont.prompt_token_ids == JOB.prompt_token_ids + (7,)     # ...the prompt and the token already sent
         assert cont.sampling.max_tokens == JOB.sampling.max_tokens - 1 and cont.request_id != first.request_id
         assert _count(metrics.prefill_fallbacks, "decode_migration") == 1 and _count(metrics.aborts, "decode_failed") == 0
         _idle(orch)
