@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from loadtests.faults import engine_processes, engine_processes_of, kill, paused, replica_processes
-from tests.integration.chat_client import CLIENT_TIMEOUT_S, PROMPTS, chat, reference_answers, stream
+from tests.integration.chat_client import CLIENT_TIMEOUT_S, PROMPTS, chat, stream
 from tests.integration.cluster_utils import (cluster_config, free_port, metric_sum, running_cluster, scrape,
                                              settled_scrape, wait_for)
 
@@ -43,11 +43,6 @@ def cluster():
                          admission={"enabled": False})
     with running_cluster(cfg) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def answers(cluster) -> dict[str, tuple[str, str]]:
-    return reference_answers(cluster.base_url)
 
 
 def _health(url: str) -> dict:
