@@ -3,6 +3,7 @@ import textwrap
 import pytest
 
 from serve.config import DEFAULT_CONFIG, ClusterConfig, ConfigError
+from tests.conftest import REPO
 from workers.config import CpuDevice, GpuDevice, PoolConfig, PoolRole
 
 BASE = {
@@ -38,8 +39,9 @@ class TestDefaultConfig:
         # no prefill pool: every request prefills on its decode replica (colocated replicas)
         cfg = ClusterConfig.from_dict({**BASE, "pools": [BASE["pools"][1]]})
         assert [p.role.value for p in cfg.pools] == ["decode"]
-        import pathlib
-        for f in sorted(pathlib.Path("configs/bench").glob("*.yaml")):
+        bench = sorted((REPO / "configs" / "bench").glob("*.yaml"))
+        assert bench, "no configs/bench/*.yaml found"
+        for f in bench:
             ClusterConfig.from_yaml(f)
 
     def test_int_replicas_is_fixed_range(self):

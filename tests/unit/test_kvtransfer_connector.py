@@ -5,6 +5,9 @@ FakeTransport (no NIXL), and stats aggregate/reduce. Real engines + NIXL: tests/
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -17,6 +20,7 @@ from kvtransfer.slab import RangeAllocator, SlabSpec
 from kvtransfer.stats import KVTransferStats
 from kvtransfer.transport import TransferState
 from kvtransfer.worker_side import PrefillLedger, SlabConnectorWorker
+from tests.conftest import REPO
 
 GEOM = {"num_layers": 4, "num_kv_heads": 3, "head_dim": 64}
 BS = 32
@@ -323,26 +327,38 @@ def test_slab_pool_is_resident_when_prefaulted():
     assert _resident_share(w.pool) == 1.0
 
 
+def _thp_mode() -> str:
+    """The kernel's THP mode, which decides what the huge-page tests below can expect."""
+    from kvtransfer.hostmem import thp_mode
+
+    mode = thp_mode()
+    assert mode in ("always", "madvise", "never"), f"THP mode {mode!r}: the huge-page tests need Linux THP"
+    return mode
+
+
 def test_slab_pool_sits_on_huge_pages():
     """``huge_pages`` (default on) asks for transparent huge pages: same-host READs (UCX cma) copy
-    ~2x faster from them (loadtests/kv_xfer_microbench.py). With THP off in the kernel the pool is
-    ordinary memory and still works."""
-    from kvtransfer.hostmem import HUGE_PAGE, huge_page_bytes, thp_mode
+    ~2x faster from them (loadtests/kv_xfer_microbench.py). With THP ``never`` in the kernel the pool
+    is ordinary memory and still works."""
+    from kvtransfer.hostmem import HUGE_PAGE, huge_page_bytes
 
+    mode = _thp_mode()
     assert SlabSettings().huge_pages
     w = SlabConnectorWorker(SlabSettings(pool_mib=64), "P", lambda: FakeTransport("P", {}), clock=FakeClock(0.0),
                             wall_clock=lambda: 0.0)
     w.register_kv_caches(_caches())
     assert w.pool.numel() == 64 << 20 and w.pool.data_ptr() % HUGE_PAGE == 0
     huge = huge_page_bytes(w.pool)
-    if thp_mode() in ("always", "madvise"):
+    if mode == "never":
+        assert huge == 0
+    else:
         assert huge >= (64 << 20) * 3 // 4, f"only {huge >> 20} MiB of the pool on huge pages"
     plain = SlabConnectorWorker(SlabSettings(pool_mib=64, huge_pages=False), "Q", lambda: FakeTransport("Q", {}),
                                 clock=FakeClock(0.0), wall_clock=lambda: 0.0)
     plain.register_kv_caches(_caches())
-    if thp_mode() == "madvise":
-        assert huge_page_bytes(plain.pool) == 0
     assert _resident_share(plain.pool) == 1.0
+    # a pool that does not ask gets no huge pages, except under "always", where the kernel gives them unasked
+    assert mode == "always" or huge_page_bytes(plain.pool) == 0
 
 
 def test_an_existing_tensor_moves_onto_huge_pages():
@@ -350,32 +366,40 @@ def test_an_existing_tensor_moves_onto_huge_pages():
     moves onto huge pages with its contents kept (what QuietNixlConnector does before registering)."""
     import platform
 
-    from kvtransfer.hostmem import collapse_to_huge_pages, huge_page_bytes, thp_mode
+    from kvtransfer.hostmem import collapse_to_huge_pages, huge_page_bytes
 
     t = torch.arange(16 << 20, dtype=torch.int32)           # 64 MiB, written
     before = t.clone()
     moved = collapse_to_huge_pages(t)
     assert torch.equal(t, before)
     kernel = tuple(int(x) for x in platform.release().split(".")[:2] if x.isdigit())
-    if thp_mode() in ("always", "madvise") and kernel >= (6, 1):           # MADV_COLLAPSE exists
+    if kernel < (6, 1):                                     # no MADV_COLLAPSE: refused, nothing moved
+        assert not moved
+    else:
+        assert _thp_mode() in ("always", "madvise"), "MADV_COLLAPSE needs THP enabled in the kernel"
         assert moved and huge_page_bytes(t) >= (64 << 20) * 3 // 4
 
 
-def test_transport_asks_ucx_for_a_mutex(monkeypatch):
-    """``ucx_mt_mutex`` (default on): the real NIXL agent is built with UCX_USE_MT_MUTEX=y, so its
-    progress thread sleeps instead of spinning against the engine's READ; off means UCX's spinlock."""
+def test_transport_asks_ucx_for_a_mutex():
+    """``ucx_mt_mutex`` (default on): the real NIXL agent's UCX workers lock with a mutex, so its
+    progress thread sleeps instead of spinning against the engine's READ; off means UCX's spinlock.
+    Read from UCX's own debug log ("listening to async event ... mode thread_mutex"), one fresh
+    process per setting: UCX reads its log level once per process."""
     from kvtransfer.config import UCX_MT_MUTEX_ENV
-    from kvtransfer.nixl_transport import NixlTransport
 
     assert SlabSettings().ucx_mt_mutex
-    monkeypatch.setenv(UCX_MT_MUTEX_ENV, "")              # restored (or removed) after the test
-    for flag, want in ((True, "y"), (False, "n")):
-        t = NixlTransport(f"mutex-{want}", "127.0.0.1", mt_mutex=flag)
-        try:
-            assert os.environ[UCX_MT_MUTEX_ENV] == want
-            assert t.listen_address()[1] > 0
-        finally:
-            t.close()
+    script = ("import sys; from kvtransfer.nixl_transport import NixlTransport; "
+              "t = NixlTransport('mutex', '127.0.0.1', mt_mutex=sys.argv[1] == 'on'); "
+              "assert t.listen_address()[1] > 0; t.close()")
+    env = {k: v for k, v in os.environ.items() if k != UCX_MT_MUTEX_ENV} | {"UCX_LOG_LEVEL": "debug"}
+    modes = {}
+    for flag in ("on", "off"):
+        run = subprocess.run([sys.executable, "-c", script, flag], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert run.returncode == 0, run.stderr[-3000:]
+        modes[flag] = set(re.findall(r"listening to async event .* mode (thread_\w+)", run.stdout))
+    assert "thread_mutex" in modes["on"], modes
+    assert modes["off"] == {"thread_spinlock"}, modes
 
 
 class TestWorkerRoundTrip:

@@ -1,5 +1,8 @@
+import socket
+
 import pytest
 
+from kvtransfer.ports import candidate_ranges, ephemeral_range
 from workers.config import KvHandoffConfig, PoolConfig
 from workers.engine import EngineSpec, cpu_flags, device_env, engine_kwargs
 from workers.handoff import NixlHandoff
@@ -44,9 +47,16 @@ class TestNixlHandoff:
         cfg = h.kv_transfer_config()
         assert cfg["kv_connector"] == "NixlConnector" and "kv_connector_module_path" not in cfg
 
-    def test_free_ports_differ(self):
-        a, b = NixlHandoff(KvHandoffConfig(), "127.0.0.1"), NixlHandoff(KvHandoffConfig(), "127.0.0.1")
-        assert a.side_channel[1] != b.side_channel[1]
+    @pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+    def test_side_channel_port_is_free_and_outside_the_ephemeral_range(self, host):
+        """The port vLLM's side-channel listener will bind: free now, and no outgoing connection can
+        take it before the engine binds it (kvtransfer/ports.py)."""
+        lo, hi = ephemeral_range()
+        assert candidate_ranges((lo, hi)), "no room outside the ephemeral range on this host"
+        name, port = NixlHandoff(KvHandoffConfig(), host).side_channel
+        assert name == host and not lo <= port <= hi
+        with socket.socket() as s:
+            s.bind((host, port))
 
     @pytest.mark.parametrize("backend", ["nixl", "slab"])
     def test_kv_load_failures_recompute_on_decode(self, backend):
