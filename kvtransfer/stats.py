@@ -7,7 +7,7 @@ intervals or two workers; ``reduce`` summarises one interval.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -16,11 +16,18 @@ REASONS = ("connect_timeout", "read_timeout", "read_error", "expired", "incompat
            "pack_error", "decode_error", "handoff_timeout")
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The ``q``-th percentile (``q`` in 0-100) of ``values``, None when there are none.
+
+    Linear interpolation between the two closest ranks, numpy's default method
+    (``np.percentile(values, q)``). The project's one percentile definition: the connector's stats,
+    the load-test reports and the microbenchmarks all use it, so their p50/p99 compare."""
     if not values:
-        return 0.0
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+        return None
+    v = sorted(values)
+    k = (len(v) - 1) * q / 100.0
+    lo, hi = int(k), min(int(k) + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
 
 
 @dataclass
@@ -66,9 +73,10 @@ class KVTransferStats:
             "wire_bytes": self.wire_bytes,
             "raw_bytes": self.raw_bytes,
             "wire_to_raw": self.wire_bytes / self.raw_bytes if self.raw_bytes else 0.0,
-            "handoff_p50_s": _percentile(self.handoff_s, 0.5),
-            "handoff_p99_s": _percentile(self.handoff_s, 0.99),
-            "pack_p50_s": _percentile(self.pack_s, 0.5),
+            # 0.0 for an interval without samples (vLLM logs every value as a number)
+            "handoff_p50_s": percentile(self.handoff_s, 50) or 0.0,
+            "handoff_p99_s": percentile(self.handoff_s, 99) or 0.0,
+            "pack_p50_s": percentile(self.pack_s, 50) or 0.0,
             "released_by_notification": self.num_released_by_notification,
             "released_by_timeout": self.num_released_by_timeout,
         }

@@ -8,6 +8,16 @@ from dataclasses import asdict, dataclass, field
 
 import httpx
 
+SSE_DONE = "[DONE]"                     # the payload that ends an OpenAI stream
+
+
+def sse_data(line: str | bytes) -> str | None:
+    """The payload of one server-sent-events line ``data: <payload>`` (``SSE_DONE`` included); None for
+    any other line (blank separators, comments). The one SSE parser of the load-test and test clients."""
+    if isinstance(line, bytes):
+        line = line.decode()
+    return line[len("data: "):] if line.startswith("data: ") else None
+
 
 @dataclass(slots=True)
 class RequestRecord:
@@ -56,9 +66,10 @@ async def stream_chat(client: httpx.AsyncClient, base_url: str, model: str, mess
                 rec.reason = _error_code(text) or str(r.status_code)
                 return rec
             async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+                data = sse_data(line)
+                if data is None or data == SSE_DONE:
                     continue
-                chunk = json.loads(line[6:])
+                chunk = json.loads(data)
                 if "error" in chunk:
                     rec.outcome, rec.reason = "error", str(chunk["error"].get("code") or "stream_error")
                     continue

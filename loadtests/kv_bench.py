@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from kvtransfer.config import MALLOC_REUSE_ENV, UCX_MT_MUTEX_ENV
+from kvtransfer.stats import percentile
 from loadtests.kv_harness import EngineProcess
 from kvtransfer.ports import free_port
 
@@ -63,13 +64,6 @@ def memcpy_gbps(nbytes: int = 256 << 20, reps: int = 5) -> float:
         dst.copy_(src)
         best = max(best, nbytes / (time.perf_counter() - t0) / 1e9)
     return best
-
-
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
 def _kv_config(kind: str, name: str = "", port: int = 0) -> dict[str, Any]:
@@ -211,24 +205,24 @@ def summarize(rows: list[dict], memcpy: float, sizes: list[int]) -> dict:
                   and r.get("mode", "pull") == mode and r["prompt_tokens"] == size and not r["warmup"]]
             if not rs:
                 continue
-            e = {"n": len(rs), "end_to_end_p50_s": _pct([r["end_to_end_s"] for r in rs], 0.5),
-                 "end_to_end_p99_s": _pct([r["end_to_end_s"] for r in rs], 0.99)}
+            e = {"n": len(rs), "end_to_end_p50_s": percentile([r["end_to_end_s"] for r in rs], 50),
+                 "end_to_end_p99_s": percentile([r["end_to_end_s"] for r in rs], 99)}
             if mode == "push":
                 entry["slab-push-none"] = {**e, "wire_bytes": statistics.median(r["wire_bytes"] for r in rs)}
                 continue
             e.update({"descriptors_per_handoff": statistics.median(r["descriptors"] for r in rs),
                  "wire_bytes": statistics.median(r["wire_bytes"] for r in rs),
                  "raw_bytes": statistics.median(r["raw_bytes"] for r in rs),
-                 "connector_handoff_p50_s": _pct([_handoff_s(r) for r in rs], 0.5),
-                 "connector_handoff_p99_s": _pct([_handoff_s(r) for r in rs], 0.99),
-                 "decode_request_p50_s": _pct([r["decode_request_s"] for r in rs], 0.5),
-                 "decode_request_p99_s": _pct([r["decode_request_s"] for r in rs], 0.99)})
+                 "connector_handoff_p50_s": percentile([_handoff_s(r) for r in rs], 50),
+                 "connector_handoff_p99_s": percentile([_handoff_s(r) for r in rs], 99),
+                 "decode_request_p50_s": percentile([r["decode_request_s"] for r in rs], 50),
+                 "decode_request_p99_s": percentile([r["decode_request_s"] for r in rs], 99)})
             if kind == "slab":
                 gbps = [r["raw_bytes"] / (r["pack_s"] + r["transfer_s"]) / 1e9 for r in rs]
                 e["pack_transfer_gbps_p50"] = statistics.median(gbps)
                 e["pack_transfer_fraction_of_memcpy"] = statistics.median(gbps) / memcpy
-                e["pack_p50_s"] = _pct([r["pack_s"] for r in rs], 0.5)
-                e["transfer_p50_s"] = _pct([r["transfer_s"] for r in rs], 0.5)
+                e["pack_p50_s"] = percentile([r["pack_s"] for r in rs], 50)
+                e["transfer_p50_s"] = percentile([r["transfer_s"] for r in rs], 50)
             entry[f"{kind}-{comp}"] = e
         if "nixl-none" in entry and "slab-none" in entry:
             n, s = entry["nixl-none"], entry["slab-none"]

@@ -22,6 +22,7 @@ import time
 from locust import HttpUser, constant, constant_pacing, events, task
 
 from loadtests import workloads
+from loadtests.client import SSE_DONE, sse_data
 
 MODEL = os.environ.get("PDSERVE_MODEL", "SmolLM2-135M-Instruct")
 WORKLOAD = os.environ.get("PDSERVE_WORKLOAD", "chat")
@@ -70,11 +71,11 @@ class OpenAIUser(HttpUser):
                 return
             first = last = None
             tokens = 0
-            for raw in resp.iter_lines():
-                line = raw.decode() if isinstance(raw, bytes) else raw
-                if not line.startswith("data: ") or line == "data: [DONE]":
+            for line in resp.iter_lines():
+                data = sse_data(line)
+                if data is None or data == SSE_DONE:
                     continue
-                chunk = json.loads(line[6:])
+                chunk = json.loads(data)
                 if "error" in chunk:
                     resp.failure(chunk["error"].get("message", "stream error"))
                     return

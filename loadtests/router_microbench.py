@@ -20,6 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
+from kvtransfer.stats import percentile
 from router.config import RouterConfig
 from router.hashing import block_keys
 from router.placement import build_policy
@@ -38,11 +39,6 @@ def endpoints(rng: random.Random, n_decode: int, n_prefill: int) -> list[Endpoin
                                      kv_usage=rng.random() * 0.8, in_flight=rng.randrange(0, 8),
                                      queued_prefill_tokens=rng.randrange(0, 2048) if role is Role.PREFILL else 0))
     return eps
-
-
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))]
 
 
 def bench_case(block_size: int, prompt_tokens: int, decisions: int, index_blocks: int, seed: int) -> dict:
@@ -75,12 +71,12 @@ def bench_case(block_size: int, prompt_tokens: int, decisions: int, index_blocks
             t0 = time.perf_counter()
             pol.route(req, snap)
             lat.append(time.perf_counter() - t0)
-        out[name] = {"p50_ms": pct(lat, 0.5) * 1e3, "p99_ms": pct(lat, 0.99) * 1e3,
+        out[name] = {"p50_ms": percentile(lat, 50) * 1e3, "p99_ms": percentile(lat, 99) * 1e3,
                      "mean_ms": statistics.fmean(lat) * 1e3}
     return {"block_size": block_size, "prompt_tokens": prompt_tokens, "blocks_per_prompt": len(prompts[0]),
             "index_blocks": len(policy.index), "decisions": decisions, **out,
             "ratio_p50": out["slo-aware"]["p50_ms"] / out["least-loaded"]["p50_ms"],
-            "hash_p50_ms": pct(hash_s, 0.5) * 1e3}
+            "hash_p50_ms": percentile(hash_s, 50) * 1e3}
 
 
 def main(argv=None) -> int:

@@ -5,16 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Sequence
 
+from kvtransfer.stats import percentile  # the project's one definition (numpy's linear)
 from loadtests.client import RequestRecord
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    if not values:
-        return None
-    v = sorted(values)
-    k = (len(v) - 1) * q / 100.0
-    lo, hi = int(k), min(int(k) + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (k - lo)
 
 
 def dist(values: Sequence[float]) -> dict[str, float | None]:

@@ -10,6 +10,8 @@ from typing import Callable
 
 import httpx
 
+from loadtests.client import SSE_DONE, sse_data
+
 MODEL = "SmolLM2-135M-Instruct"
 MAX_TOKENS = 16
 CLIENT_TIMEOUT_S = 60.0      # every request's bound (per read, and overall for a stream)
@@ -52,12 +54,13 @@ def stream(base_url: str, content: str, on_first_content: Callable[[], None] | N
         for line in r.iter_lines():
             if time.monotonic() > deadline:
                 break
-            if not line.startswith("data: "):
+            data = sse_data(line)
+            if data is None:
                 continue
-            if line == "data: [DONE]":
+            if data == SSE_DONE:
                 reply.done = True
                 break
-            event = json.loads(line[6:])
+            event = json.loads(data)
             if "error" in event:
                 reply.errors.append(event["error"])
                 continue

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import re
 import time
 from typing import Iterator
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from kvtransfer.ports import free_port  # noqa: F401  (re-exported: outside the ephemeral range)
 from serve.config import DEFAULT_CONFIG, ClusterConfig
-
-
 
 
 @contextlib.contextmanager
@@ -46,20 +44,16 @@ def cluster_config(port: int, decode_replicas: int = 1, dtype: str | None = None
     return ClusterConfig.from_dict(data)
 
 
-_SAMPLE = re.compile(r'^(\w+)(?:\{([^}]*)\})? ([0-9.eE+-]+|NaN|\+Inf)$')
+def parse_samples(text: str) -> dict[tuple[str, frozenset], float]:
+    """Prometheus text -> {(sample name, frozenset(label items)): value}. Sample names are as exposed,
+    suffix included (``..._total``, ``..._count``, ``..._sum``, ``..._bucket``, ``..._created``)."""
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def scrape(base_url: str) -> dict[tuple[str, frozenset], float]:
-    """Prometheus text -> {(name, frozenset(labels)): value}."""
-    out = {}
-    for line in httpx.get(f"{base_url}/metrics", timeout=10).text.splitlines():
-        m = _SAMPLE.match(line)
-        if not m:
-            continue
-        labels = frozenset(tuple(kv.split("=", 1)) for kv in re.findall(r'\w+="[^"]*"', m.group(2) or ""))
-        labels = frozenset((k, v.strip('"')) for k, v in labels)
-        out[(m.group(1), labels)] = float(m.group(3))
-    return out
+    """The cluster's /metrics, parsed by :func:`parse_samples`."""
+    return parse_samples(httpx.get(f"{base_url}/metrics", timeout=10).text)
 
 
 def metric_sum(samples: dict, name: str, **labels: str) -> float:

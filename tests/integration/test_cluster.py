@@ -21,6 +21,7 @@ import pytest
 import concurrent.futures
 import time
 
+from loadtests.client import SSE_DONE, sse_data
 from tests.conftest import REPO
 from tests.integration.cluster_utils import (cluster_config, free_port, metric_sum, running_cluster, scrape,
                                              settled_scrape, wait_for)
@@ -104,16 +105,13 @@ class TestServing:
     def test_stream_equals_non_stream(self, cluster):
         kw = dict(max_tokens=40, temperature=0)
         full = chat(cluster.base_url, "Name two planets.", **kw).json()
-        events = []
         with httpx.stream("POST", f"{cluster.base_url}/v1/chat/completions", timeout=120, json={
                 "model": MODEL, "messages": [{"role": "user", "content": "Name two planets."}], "stream": True,
                 "stream_options": {"include_usage": True}, **kw}) as r:
             assert r.status_code == 200
             assert r.headers["content-type"].startswith("text/event-stream")
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    events.append(line[6:])
-        assert events[-1] == "[DONE]"
+            events = [data for line in r.iter_lines() if (data := sse_data(line)) is not None]
+        assert events[-1] == SSE_DONE
         chunks = [json.loads(e) for e in events[:-1]]
         text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
         assert text == full["choices"][0]["message"]["content"]
@@ -230,7 +228,7 @@ class TestDisconnect:
                 "max_tokens": 1500, "ignore_eos": True, "stream": True}) as r:
             n = 0
             for line in r.iter_lines():
-                n += line.startswith("data: ")
+                n += sse_data(line) is not None
                 if n >= 5:
                     break  # leave mid-stream: closing the response drops the connection
 

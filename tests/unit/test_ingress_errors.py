@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from loadtests.client import sse_data
 from router.types import RequestDescriptor
 from serve.adapters import ParsedRequest
 from serve.ingress import Ingress
@@ -54,7 +55,7 @@ def _events(script, include_usage=True):
     """The SSE payloads of a streamed request (the ``first`` pull is what _handle awaits before the 200)."""
     async def main():
         return [e async for e in Ingress._stream(_ingress(script), _parsed(True, include_usage), 0.0)]
-    return [e.decode().removeprefix("data: ").strip() for e in asyncio.run(main())]
+    return [sse_data(e.decode().strip()) for e in asyncio.run(main())]
 
 
 class TestStreaming:

@@ -5,7 +5,8 @@ import pytest
 
 from loadtests import workloads
 from loadtests.client import RequestRecord
-from loadtests.stats import percentile, summarize
+from kvtransfer.stats import percentile
+from loadtests.stats import summarize
 
 
 class TestWorkloads:
@@ -50,8 +51,17 @@ class TestWorkloads:
 
 
 class TestStats:
-    def test_percentile(self):
+    def test_percentile_is_numpys_linear_definition(self):
+        import random
+
+        import numpy as np
+
         assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([], 50) is None
+        rng = random.Random(0)
+        for n in (1, 2, 7, 100):
+            values = [rng.expovariate(1.0) for _ in range(n)]
+            for q in (0, 50, 90, 99, 100):
+                assert percentile(values, q) == pytest.approx(np.percentile(values, q))
 
     def test_goodput_counts_only_slo_meeting_requests(self):
         recs = [RequestRecord(0, 200, ttft_s=0.1, e2e_s=1.0, completion_tokens=10),    # tpot 0.1: good
@@ -322,6 +332,12 @@ class TestConversations:
         assert [m["content"] for m in msgs] == ["sys", "u0", "a0", "u1", "a1", "u2"]
         assert [m["role"] for m in msgs[1:]] == ["user", "assistant"] * 2 + ["user"]
         assert turn_tag(3, 2, conv) == "c3/t2/system-1"
+
+    def test_sse_data_takes_data_lines_only(self):
+        from loadtests.client import SSE_DONE, sse_data
+
+        assert sse_data('data: {"a": 1}') == '{"a": 1}' and sse_data(b"data: [DONE]") == SSE_DONE
+        assert sse_data("") is None and sse_data(": keep-alive") is None
 
     def test_text_is_not_recorded(self):
         assert "text" not in RequestRecord(0.0, 200, text="hello").to_dict()

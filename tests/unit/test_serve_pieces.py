@@ -117,6 +117,23 @@ def test_metrics_render_worker_stats():
     assert "pdserve_kv_handoff_duration_seconds_count 2.0" in text
 
 
+def test_integration_scrape_parses_the_rendered_exposition():
+    """tests/integration/cluster_utils.py's parser: samples keyed by exposed name (suffix kept) and labels."""
+    from tests.integration.cluster_utils import metric_sum, parse_samples
+
+    stats = [WorkerStats(endpoint_id=f"d{i}", pool="decode", role="decode", num_waiting=i, kv_usage=0.25)
+             for i in (1, 2)]
+    m = ClusterMetrics(lambda: stats)
+    m.observe_handoff_durations([0.01, 0.02])
+    m.prefill_fallbacks.labels("decode_retry").inc(2)
+    samples = parse_samples(m.render().decode())
+    assert samples[("pdserve_pool_queue_depth", frozenset({("pool", "decode"), ("role", "decode")}))] == 3.0
+    assert metric_sum(samples, "pdserve_engine_kv_usage_ratio") == 0.5
+    assert metric_sum(samples, "pdserve_engine_kv_usage_ratio", endpoint="d2") == 0.25
+    assert metric_sum(samples, "pdserve_kv_handoff_duration_seconds_count") == 2.0
+    assert metric_sum(samples, "pdserve_prefill_fallbacks_total", reason="decode_retry") == 2.0
+
+
 class TestStartupWait:
     """serve/runner.wait_app_running over a FAKE ``serve.status()`` (scripted application states)."""
 
