@@ -10,7 +10,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-
 # Process environment for engines that run the slab codecs on CPU: glibc malloc keeps freed memory for
 # reuse. No mmap per large block (each large torch temporary would come back as fresh pages, one page
 # fault per 4 KiB, expensive under virtualisation) and no trimming of the heap back to the kernel.

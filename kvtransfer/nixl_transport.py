@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from nixl._api import nixl_agent, nixl_agent_config
 
-from kvtransfer.ports import free_port
 from kvtransfer.config import UCX_MT_MUTEX_ENV
+from kvtransfer.ports import free_port
 from kvtransfer.transport import Desc, TransferState
 
 logger = logging.getLogger(__name__)

@@ -381,7 +381,8 @@ class SlabConnectorWorker:
             empty = dataclasses.replace(job, handoff=msgspec.structs.replace(job.handoff, slabs=[]))
             self._release_only.append((empty, now + self.settings.connect_timeout_s))
             return
-        self._recvs[job.request_id] = _Recv(job, now + self.settings.connect_timeout_s, now, slabs=list(job.handoff.slabs))
+        self._recvs[job.request_id] = _Recv(job, now + self.settings.connect_timeout_s, now,
+                                            slabs=list(job.handoff.slabs))
 
     def _advance_push_recv(self, req_id: str, r: _Recv, now: float) -> None:
         job, push = r.job, r.job.push

@@ -196,7 +196,8 @@ def edited_config(config: str, overrides: list[str], label: str, out: Path) -> s
     data = apply_overrides(yaml.safe_load(Path(config).read_text()) or {}, overrides)
     path = out / "configs" / f"{label}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"# {portable(config)} with --set {' --set '.join(overrides)}\n" + yaml.safe_dump(data, sort_keys=False))
+    path.write_text(f"# {portable(config)} with --set {' --set '.join(overrides)}\n"
+                    + yaml.safe_dump(data, sort_keys=False))
     return str(path)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from loadtests.client import RequestRecord, stream_chat
 from loadtests.openloop import RunResult, load_session, wait_bounded
@@ -69,7 +69,8 @@ async def run_closed_loop(base_url: str, model: str, conversations: Sequence[Con
             tasks.append(asyncio.create_task(converse(i, conv)))
         await wait_bounded(tasks, t0, max_duration_s, drain_s)
         result.records += [RequestRecord(start_s=s, outcome="error", reason="client_timeout",
-                                         tag=turn_tag(i, accounted.get(i, 0), ordered[i])) for i, s in in_flight.items()]
+                                         tag=turn_tag(i, accounted.get(i, 0), ordered[i]))
+                           for i, s in in_flight.items()]
         # turns never sent: after the window closed, after a failed turn, or cut off by the drain bound
         result.skipped = sum(len(c.user_turns) - accounted.get(i, 0) - (i in in_flight)
                              for i, c in enumerate(ordered))

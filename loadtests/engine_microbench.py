@@ -60,7 +60,8 @@ async def _measure(model_dir: str, setting: str, prompt_tokens: int, repeats: in
     finally:
         engine.shutdown()
     p = statistics.median(prefill)
-    return {"setting": setting, "dtype": dtype, "executor": executor, "load_s": load_s, "prefill_s": p, "prefill_tok_s": prompt_tokens / p,
+    return {"setting": setting, "dtype": dtype, "executor": executor, "load_s": load_s,
+            "prefill_s": p, "prefill_tok_s": prompt_tokens / p,
             "decode_ms_per_tok_b1": decode[1] * 1e3, "decode_ms_per_tok_b8": decode[8] * 1e3}
 
 
@@ -82,7 +83,8 @@ def _plot(rows: list[dict], path: Path) -> None:
     for ax, key, title in zip(axes, ("prefill_tok_s", "decode_ms_per_tok_b1", "decode_ms_per_tok_b8"),
                               ("prefill tokens/s (higher is better)", "decode ms/token, batch 1",
                                "decode ms/token, batch 8")):
-        ax.bar(names, [r[key] for r in rows], color=["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"][: len(rows)])
+        ax.bar(names, [r[key] for r in rows],
+               color=["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"][: len(rows)])
         ax.set_title(title, fontsize=10)
         for i, r in enumerate(rows):
             ax.annotate(f"{r[key]:.0f}", (i, r[key]), ha="center", va="bottom", fontsize=9)

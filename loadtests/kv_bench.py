@@ -44,9 +44,9 @@ from typing import Any
 import torch
 
 from kvtransfer.config import MALLOC_REUSE_ENV, UCX_MT_MUTEX_ENV
+from kvtransfer.ports import free_port
 from kvtransfer.stats import percentile
 from loadtests.kv_harness import EngineProcess
-from kvtransfer.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 BLOCK_SIZE = 32
@@ -118,8 +118,8 @@ def _push_round(prefill: EngineProcess, decode: EngineProcess, ids: list[int], r
 
     agent = prefill.options["kv_transfer_config"]
     # the reservation waits as long as a long prompt's prefill takes here (4k tokens: ~16 s on one core)
-    push = SlabPush(rendezvous, agent["engine_id"], "127.0.0.1", agent["kv_connector_extra_config"]["side_channel_port"],
-                    timeout_s=120.0)
+    push = SlabPush(rendezvous, agent["engine_id"], "127.0.0.1",
+                    agent["kv_connector_extra_config"]["side_channel_port"], timeout_s=120.0)
     decode.submit(op="generate", requests=[{"prompt_token_ids": ids, "max_tokens": 1,
                                             "kv_transfer_params": decode_push_params(push)}])
     (p_out,) = prefill.generate([{"prompt_token_ids": ids, "max_tokens": 1,

@@ -177,7 +177,8 @@ def main() -> None:
                 row["first_diverge"][name] = next((i for i, (a, b) in enumerate(zip(got, base)) if a != b), TOKENS)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    summary = {"tokens": TOKENS, "model": Path(args.model).name, "seconds": round(time.monotonic() - t0), "variants": {}}
+    summary = {"tokens": TOKENS, "model": Path(args.model).name, "seconds": round(time.monotonic() - t0),
+               "variants": {}}
     for name in chosen:
         entry = {}
         for group in ("test", "chat", "all"):

@@ -13,8 +13,8 @@ descriptors (one slab / our 8 slabs of 128 tokens / vLLM's NixlConnector at bloc
 under several set-ups (``--configs``, side by side in one run): both processes' memory on 4 KiB
 pages or on transparent huge pages (``kvtransfer/hostmem.py``; ``huge_pages: true``), and UCX's
 worker lock a spinlock (UCX's default) or a mutex (``ucx_mt_mutex: true``), next to single-thread
-memcpy into the same kinds of memory. Median of ``--reps`` after one warm-up. Writes ``summary.json`` and ``xfer.png`` to ``--out``
-(default loadtests/results/<UTC timestamp>-xfer/).
+memcpy into the same kinds of memory. Median of ``--reps`` after one warm-up. Writes ``summary.json``
+and ``xfer.png`` to ``--out`` (default loadtests/results/<UTC timestamp>-xfer/).
 """
 
 from __future__ import annotations
@@ -145,8 +145,8 @@ def summarize(raw: dict) -> dict:
         s[config] = p
     base = next(iter(raw["configs"]))
     # what each set-up buys over the first one: pre-faulted READ speed (8 descriptors) ratio
-    s["read_8_speedup_over_" + base] = {c: s[c]["read_gbps"]["8"]["prefaulted_s"] / s[base]["read_gbps"]["8"]["prefaulted_s"]
-                                        for c in raw["configs"]}
+    s["read_8_speedup_over_" + base] = {
+        c: s[c]["read_gbps"]["8"]["prefaulted_s"] / s[base]["read_gbps"]["8"]["prefaulted_s"] for c in raw["configs"]}
     s["read_8_of_4k_memcpy"] = {c: s[c]["read_gbps"]["8"]["prefaulted_s"] / s[base]["memcpy_gbps"]["prefaulted_s"]
                                 for c in raw["configs"]}
     return s

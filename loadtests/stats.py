@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 from kvtransfer.stats import percentile  # the project's one definition (numpy's linear)
 from loadtests.client import RequestRecord

@@ -80,5 +80,5 @@ async def sample_metrics(base_url: str, t0: float, period_s: float, samples: lis
                 pass
             try:
                 await asyncio.wait_for(stop.wait(), timeout=period_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass

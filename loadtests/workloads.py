@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 WORDS = (
     "the of and to in is was for on that with as by at from his her an which it be are this had not "

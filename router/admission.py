@@ -59,8 +59,8 @@ can inflate the fit; the model then recovers from the requests it admits).
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Collection, Mapping
 
 from router.cost_model import CostModel
 from router.types import Rejection

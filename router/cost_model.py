@@ -21,8 +21,8 @@ Pure: stdlib only. Not thread-safe; the router owns one per pool and updates it 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 
 class OnlineLinear:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-from typing import Sequence
+from collections.abc import Sequence
 
 DEFAULT_SEED = "vllm-none-hash"
 

@@ -24,14 +24,14 @@ a ``PrefixIndex`` and per-pool ``CostModel``s owned by the caller, who records w
 from __future__ import annotations
 
 import random
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from router.admission import Admission, DecodeThrottle, TierPolicy, decide, engine_priority
 from router.config import RouterConfig
 from router.cost_model import CostModel, CostPrior
 from router.prefix_index import PrefixIndex
 from router.tier_activity import TierActivity
-from router.types import EndpointState, PoolSnapshot, RequestDescriptor, Rejection, Role, RoutingDecision
+from router.types import EndpointState, PoolSnapshot, Rejection, RequestDescriptor, Role, RoutingDecision
 
 
 def tier_policies(cfg: RouterConfig) -> dict[str, TierPolicy]:

@@ -9,9 +9,10 @@ and arrive inside the snapshot. The SLO-aware, prefix-aware pipeline replaces
 from __future__ import annotations
 
 import random
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
-from router.types import EndpointState, PoolSnapshot, RequestDescriptor, Rejection, Role, RoutingDecision
+from router.types import EndpointState, PoolSnapshot, Rejection, RequestDescriptor, Role, RoutingDecision
 
 
 class RoutingPolicy(Protocol):

@@ -9,7 +9,7 @@ even if it holds later blocks.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from router.hashing import _MASK64, short_key
 

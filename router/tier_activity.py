@@ -8,7 +8,7 @@ fraction of every higher tier that is not active to the lower tiers (``router.ad
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 
 class TierActivity:

@@ -10,7 +10,7 @@ import enum
 from dataclasses import dataclass, field
 
 
-class Role(str, enum.Enum):
+class Role(str, enum.Enum):  # noqa: UP042 (StrEnum changes str() and format() to the bare value)
     PREFILL = "prefill"
     DECODE = "decode"
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from workers.config import CpuDevice, PoolConfig, PoolRole
 

@@ -13,7 +13,6 @@ from serve.ingress import Ingress
 from workers.config import GpuDevice, PoolConfig
 from workers.deployment import EngineServer
 
-
 ROUTER_CLASS = "serve.request_router:PdRequestRouter"
 
 

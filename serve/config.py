@@ -56,7 +56,7 @@ class ClusterConfig(_Strict):
     app_name: str = Field("pdserve", pattern=r"^[a-zA-Z][a-zA-Z0-9_-]*$")
 
     @model_validator(mode="after")
-    def _unique_pool_names(self) -> "ClusterConfig":
+    def _unique_pool_names(self) -> ClusterConfig:
         names = [p.name for p in self.pools]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -64,7 +64,7 @@ class ClusterConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _decode_role_present(self) -> "ClusterConfig":
+    def _decode_role_present(self) -> ClusterConfig:
         # prefill pools are optional: without one every request prefills on its decode replica
         # (colocated serving with prefix-aware placement and admission)
         if not any(p.role is PoolRole.DECODE for p in self.pools):
@@ -72,14 +72,15 @@ class ClusterConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _same_block_size(self) -> "ClusterConfig":
+    def _same_block_size(self) -> ClusterConfig:
         sizes = {p.engine.block_size for p in self.pools}
         if len(sizes) > 1:
-            raise ValueError(f"pools: engine.block_size must match across pools for the KV handoff, got {sorted(sizes)}")
+            raise ValueError(f"pools: engine.block_size must match across pools for the KV handoff, "
+                             f"got {sorted(sizes)}")
         return self
 
     @model_validator(mode="after")
-    def _cpu_block_size(self) -> "ClusterConfig":
+    def _cpu_block_size(self) -> ClusterConfig:
         for p in self.pools:
             if isinstance(p.device, CpuDevice) and p.engine.block_size % 32:
                 raise ValueError(f"pools.{p.name}.engine.block_size: the vLLM CPU attention backend needs "
@@ -87,7 +88,7 @@ class ClusterConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _max_model_len_fits(self) -> "ClusterConfig":
+    def _max_model_len_fits(self) -> ClusterConfig:
         for p in self.pools:
             if p.engine.max_model_len is not None and p.engine.max_model_len < self.model.max_model_len:
                 raise ValueError(f"pools.{p.name}.engine.max_model_len ({p.engine.max_model_len}) is below "
@@ -95,18 +96,18 @@ class ClusterConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _default_tier_declared(self) -> "ClusterConfig":
+    def _default_tier_declared(self) -> ClusterConfig:
         if self.router.default_tier not in self.router.qos_tiers:
             raise ValueError(f"router.default_tier {self.router.default_tier!r} is not one of "
                              f"router.qos_tiers {sorted(self.router.qos_tiers)}")
         return self
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ClusterConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ClusterConfig:
         return cls.model_validate(data)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "ClusterConfig":
+    def from_yaml(cls, path: str | Path) -> ClusterConfig:
         path = Path(path)
         try:
             data = yaml.safe_load(path.read_text())

@@ -10,7 +10,8 @@ import asyncio
 import contextvars
 import logging
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -96,7 +97,8 @@ class Ingress:
         r = self._cfg.router
         block_size = self._cfg.pools[0].engine.block_size
         self._adapter = RequestAdapter(tokenizer, self._cfg.model.name, self._cfg.model.max_model_len,
-                                       r.default_tier, {n: t.priority for n, t in r.qos_tiers.items()}, block_size=block_size,
+                                       r.default_tier, {n: t.priority for n, t in r.qos_tiers.items()},
+                                       block_size=block_size,
                                        share_prefix_across_tenants=r.placement.share_prefix_across_tenants)
         self._monitor: PoolMonitor | None = None
         self.metrics = ClusterMetrics(lambda: self._monitor.stats() if self._monitor else [])

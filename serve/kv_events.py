@@ -19,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import msgspec
 import zmq

@@ -6,7 +6,7 @@ counters) are exported from the latest ``WorkerStats`` of every replica at scrap
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -26,10 +26,13 @@ class _WorkerStatsCollector:
 
     def collect(self):
         stats: list[WorkerStats] = list(self._source())
-        g_queue = GaugeMetricFamily("pdserve_pool_queue_depth", "Requests waiting in engine queues", labels=["pool", "role"])
-        g_running = GaugeMetricFamily("pdserve_pool_running_requests", "Requests running in engines", labels=["pool", "role"])
+        g_queue = GaugeMetricFamily("pdserve_pool_queue_depth", "Requests waiting in engine queues",
+                                    labels=["pool", "role"])
+        g_running = GaugeMetricFamily("pdserve_pool_running_requests", "Requests running in engines",
+                                      labels=["pool", "role"])
         g_replicas = GaugeMetricFamily("pdserve_pool_replicas", "Healthy replicas per pool", labels=["pool", "role"])
-        g_kv = GaugeMetricFamily("pdserve_engine_kv_usage_ratio", "Fraction of KV blocks in use", labels=["pool", "endpoint"])
+        g_kv = GaugeMetricFamily("pdserve_engine_kv_usage_ratio", "Fraction of KV blocks in use",
+                                 labels=["pool", "endpoint"])
         c_prompt = CounterMetricFamily("pdserve_engine_prompt_tokens", "Prompt tokens by source",
                                        labels=["pool", "endpoint", "source"])
         c_gen = CounterMetricFamily("pdserve_engine_generation_tokens", "Generated tokens", labels=["pool", "endpoint"])

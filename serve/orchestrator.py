@@ -30,11 +30,12 @@ import dataclasses
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Mapping
+from typing import Any
 
 from router.policy import RoutingPolicy
-from router.types import EndpointState, PoolSnapshot, RequestDescriptor, Rejection, RoutingDecision
+from router.types import EndpointState, PoolSnapshot, Rejection, RequestDescriptor, RoutingDecision
 from serve.failures import EngineFinishFailed, PushPrefillFailed, decode_error, rejection_to_error
 from serve.metrics import ClusterMetrics
 from serve.pool_directory import PoolDirectory
@@ -171,7 +172,7 @@ class Orchestrator:
         except asyncio.CancelledError:
             resp.cancel()
             raise
-        except asyncio.TimeoutError:
+        except TimeoutError:
             resp.cancel()
             self._metrics.prefill_fallbacks.labels("timeout").inc()
             logger.warning("prefill of %s timed out on %s; prefilling on decode", req.request_id, target.endpoint_id)
@@ -210,7 +211,7 @@ class Orchestrator:
                     if complete:
                         return
                     raise EngineFinishFailed(None) from None
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     self._metrics.aborts.labels("idle_timeout").inc()
                     raise ApiError(504, f"no output for {self._idle_timeout_s:.0f}s; request aborted",
                                    type_="timeout_error", code="engine_timeout") from None
@@ -332,8 +333,9 @@ class Orchestrator:
                        generated: tuple[int, ...]) -> AsyncIterator[TokenChunk]:
         """Continue a decode that failed on ``failed`` after sending ``generated``: on another decode
         replica, the prompt plus ``generated`` as its prompt (prefilled remotely or there, as placement
-        decides), for the tokens still owed (request migration, as Dynamo does it). Greedy decoding continues exactly; sampled text continues from a
-        fresh random state. No migration left, no other replica, or a failure of the continuation:
+        decides), for the tokens still owed (request migration, as Dynamo does it). Greedy decoding
+        continues exactly; sampled text continues from a fresh random state. No migration left, no
+        other replica, or a failure of the continuation:
         the request's error."""
         remaining = job.sampling.max_tokens - len(generated)
         exclude = {failed.endpoint_id}

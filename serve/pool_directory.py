@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import Callable, Mapping, Protocol
+from collections.abc import Callable, Mapping
+from typing import Protocol
 
 from router.types import EndpointState, PoolSnapshot, Role
 

@@ -10,7 +10,8 @@ import asyncio
 import contextvars
 import logging
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from serve.metrics import ClusterMetrics
 from serve.pool_directory import LOAD_FIELDS, PoolDirectory

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import List, Optional
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
@@ -36,8 +35,8 @@ class PdRequestRouter(RequestRouter):
         return [endpoint_from_stats(r.replica_id.unique_id, self._pool, self._role, r.routing_stats)
                 for r in list(self.curr_replicas.values())]
 
-    async def choose_replicas(self, candidate_replicas: List[RunningReplica],
-                              pending_request: Optional[PendingRequest] = None) -> List[List[RunningReplica]]:
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         if pending_request is not None:
             # Serve re-asks immediately unless told to back off: without this, replicas that are
             # momentarily full or slow to answer a queue probe turn routing into a busy loop.
@@ -52,7 +51,7 @@ class PdRequestRouter(RequestRouter):
                 return [chosen]
         return [self._by_load(candidate_replicas)]
 
-    def _by_load(self, replicas: List[RunningReplica]) -> List[RunningReplica]:
+    def _by_load(self, replicas: list[RunningReplica]) -> list[RunningReplica]:
         def load(r: RunningReplica) -> tuple[int, float]:
             s = r.routing_stats or {}
             return (int(s.get("num_running", 0)) + int(s.get("num_waiting", 0)), self._rng.random())

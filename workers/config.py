@@ -12,7 +12,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-
 _CORE_BINDING = re.compile(r"^(auto|nobind|[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*)$")
 
 
@@ -20,7 +19,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class PoolRole(str, enum.Enum):
+class PoolRole(str, enum.Enum):  # noqa: UP042 (StrEnum changes str() and format() to the bare value)
     PREFILL = "prefill"
     DECODE = "decode"
 
@@ -33,7 +32,7 @@ class ReplicaRange(_Strict):
     target_ongoing_requests: float = Field(8.0, gt=0, description="autoscaling target per replica")
 
     @model_validator(mode="after")
-    def _min_le_max(self) -> "ReplicaRange":
+    def _min_le_max(self) -> ReplicaRange:
         if self.min > self.max:
             raise ValueError(f"replicas.min ({self.min}) > replicas.max ({self.max})")
         return self
@@ -123,8 +122,8 @@ class EngineConfig(_Strict):
     @field_validator("extra")
     @classmethod
     def _no_managed_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
-        managed = {"model", "kv_transfer_config", "kv_events_config", "block_size", "max_model_len", "tensor_parallel_size",
-                   "pipeline_parallel_size", "max_num_seqs", "scheduling_policy"}
+        managed = {"model", "kv_transfer_config", "kv_events_config", "block_size", "max_model_len",
+                   "tensor_parallel_size", "pipeline_parallel_size", "max_num_seqs", "scheduling_policy"}
         clash = sorted(managed & set(v))
         if clash:
             raise ValueError(f"engine.extra must not set managed keys {clash}; use the engine fields")
@@ -147,7 +146,7 @@ class PoolConfig(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _gpu_count_matches_parallelism(self) -> "PoolConfig":
+    def _gpu_count_matches_parallelism(self) -> PoolConfig:
         if isinstance(self.device, GpuDevice):
             need = self.engine.tensor_parallel_size * self.engine.pipeline_parallel_size
             if self.device.count != need:

@@ -7,13 +7,13 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from ray import serve
 
 from workers.config import KvHandoffConfig, PoolConfig
-from workers.engine import EngineSpec, EngineWrapper
-from workers.engine import kv_events_endpoints
+from workers.engine import EngineSpec, EngineWrapper, kv_events_endpoints
 from workers.handoff import make_handoff
 from workers.messages import DecodeRequest, PrefillRequest, PrefillResult, TokenChunk
 

@@ -11,14 +11,22 @@ import os
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any
 
 from kvtransfer.config import MALLOC_REUSE_ENV
 from workers.config import CpuDevice, GpuDevice, PoolConfig
 from workers.handoff import HandoffBackend, free_port
-from workers.messages import (COMPLETE_FINISH_REASONS, DecodeRequest, PrefillRequest, PrefillResult, SamplingSpec,
-                              TokenChunk, WorkerStats)
+from workers.messages import (
+    COMPLETE_FINISH_REASONS,
+    DecodeRequest,
+    PrefillRequest,
+    PrefillResult,
+    SamplingSpec,
+    TokenChunk,
+    WorkerStats,
+)
 from workers.stats import EngineStatsCollector
 
 logger = logging.getLogger(__name__)

@@ -2,15 +2,16 @@
 a prefill's KV cache to a decode engine.
 
 ``HandoffBackend`` is small on purpose; the stock NIXL connector is one implementation and the
-slab connector in ``kvtransfer/`` (``SlabHandoff``, ``kv_handoff.backend: slab``) plugs in beside it. Engines never talk to each other through us:
-the connector moves the bytes; we only carry its ``kv_transfer_params`` from one response to the
-next request.
+slab connector in ``kvtransfer/`` (``SlabHandoff``, ``kv_handoff.backend: slab``) plugs in beside it.
+Engines never talk to each other through us: the connector moves the bytes; we only carry its
+``kv_transfer_params`` from one response to the next request.
 """
 
 from __future__ import annotations
 
 import uuid
-from typing import Any, Mapping, Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from kvtransfer.config import UCX_MT_MUTEX_ENV
 from kvtransfer.ports import free_port

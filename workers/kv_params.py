@@ -7,8 +7,9 @@ the original dict, so a connector's extra keys survive the round trip unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 KEY_DO_REMOTE_DECODE = "do_remote_decode"
 KEY_DO_REMOTE_PREFILL = "do_remote_prefill"
@@ -35,7 +36,7 @@ class KvHandoff:
         return dict(self.raw)
 
     @classmethod
-    def from_kv_transfer_params(cls, params: Mapping[str, Any], connector: str) -> "KvHandoff":
+    def from_kv_transfer_params(cls, params: Mapping[str, Any], connector: str) -> KvHandoff:
         if not params.get(KEY_DO_REMOTE_PREFILL):
             raise ValueError("prefill output carries no remote-prefill handoff")
         missing = [k for k in ("remote_engine_id", "remote_request_id", "remote_host", "remote_port")

@@ -118,5 +118,5 @@ class WorkerStats:
         return {k: getattr(self, k) for k in self.__slots__}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "WorkerStats":
+    def from_dict(cls, d: dict) -> WorkerStats:
         return cls(**{k: v for k, v in d.items() if k in cls.__slots__})

@@ -30,7 +30,7 @@ class EngineStatsCollector(StatLoggerBase):
         self._decode_steps: dict[tuple[int, int], list[float]] = {}
         self._vllm_config = vllm_config
 
-    def factory(self, vllm_config: Any, engine_index: int = 0) -> "EngineStatsCollector":
+    def factory(self, vllm_config: Any, engine_index: int = 0) -> EngineStatsCollector:
         """Stat-logger factory handed to ``AsyncLLM``: returns this very collector."""
         self._vllm_config = vllm_config
         return self

@@ -44,11 +44,11 @@ def test_serve_default_config_then_ctrl_c_leaves_no_processes(tmp_path):
     try:
         t0 = time.monotonic()
         while time.monotonic() - t0 < 600 and proc.poll() is None:
-            if any(l.startswith("[pdserve] ready in") for l in list(lines)):
+            if any(line.startswith("[pdserve] ready in") for line in list(lines)):
                 break
             time.sleep(0.5)
-        assert any(l.startswith("[pdserve] ready in") for l in lines), "".join(lines[-40:])
-        assert any(f"http://127.0.0.1:{port}/v1" in l for l in lines)
+        assert any(line.startswith("[pdserve] ready in") for line in lines), "".join(lines[-40:])
+        assert any(f"http://127.0.0.1:{port}/v1" in line for line in lines)
         r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120, json={
             "model": "SmolLM2-135M-Instruct", "max_tokens": 16, "temperature": 0,
             "messages": [{"role": "user", "content": "What is the capital of France?"}]})
@@ -69,7 +69,7 @@ def test_serve_default_config_then_ctrl_c_leaves_no_processes(tmp_path):
         proc.wait(timeout=120)
         reader.join(timeout=10)
         assert proc.returncode == 0, "".join(lines[-40:])
-        assert any(l.startswith("[pdserve] stopped") for l in lines)
+        assert any(line.startswith("[pdserve] stopped") for line in lines)
         _, alive = psutil.wait_procs(tree, timeout=30)
         assert not alive, f"orphans left after Ctrl-C: {[(p.pid, p.name()) for p in alive]}"
     finally:

@@ -10,21 +10,27 @@ disaggregated path matches token for token, which is what proves the KV really m
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
 
-import concurrent.futures
-import time
-
 from loadtests.client import SSE_DONE, sse_data
 from tests.conftest import REPO
-from tests.integration.cluster_utils import (cluster_config, free_port, metric_sum, running_cluster, scrape,
-                                             settled_scrape, wait_for)
+from tests.integration.cluster_utils import (
+    cluster_config,
+    free_port,
+    metric_sum,
+    running_cluster,
+    scrape,
+    settled_scrape,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -57,8 +63,8 @@ def reference(model_dir, chat_ids, tmp_path_factory):
     out_path = tmp_path_factory.mktemp("reference") / "greedy.json"
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
     out = subprocess.run([sys.executable, "-m", "tests.integration.reference_greedy", str(model_dir),
-                          str(GREEDY_TOKENS), DTYPE, str(out_path)], input=json.dumps(chat_ids), capture_output=True, text=True,
-                         cwd=REPO, env=env, timeout=600)
+                          str(GREEDY_TOKENS), DTYPE, str(out_path)], input=json.dumps(chat_ids),
+                         capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out_path.read_text())
 
@@ -250,8 +256,9 @@ class TestClients:
         import openai
 
         client = openai.OpenAI(base_url=f"{cluster.base_url}/v1", api_key="unused")
-        stream = client.chat.completions.create(model=MODEL, stream=True, max_tokens=24, temperature=0,
-                                                messages=[{"role": "user", "content": "What is the capital of France?"}])
+        stream = client.chat.completions.create(
+            model=MODEL, stream=True, max_tokens=24, temperature=0,
+            messages=[{"role": "user", "content": "What is the capital of France?"}])
         text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
         assert "Paris" in text
         comp = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0)
@@ -315,7 +322,8 @@ class TestRouter:
                     "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]}
             assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).status_code == 200
         after = settled_scrape(url)
-        hits = metric_sum(after, "pdserve_prefix_hit_tokens_total") - metric_sum(before, "pdserve_prefix_hit_tokens_total")
+        hits = (metric_sum(after, "pdserve_prefix_hit_tokens_total")
+                - metric_sum(before, "pdserve_prefix_hit_tokens_total"))
         cached = (metric_sum(after, "pdserve_engine_prompt_tokens_total", pool="prefill", source="local_cache_hit")
                   - metric_sum(before, "pdserve_engine_prompt_tokens_total", pool="prefill", source="local_cache_hit"))
         assert hits >= 3 * 128 * 4 and cached >= hits       # 3 repeat requests x >= 4 shared blocks

@@ -20,8 +20,15 @@ import pytest
 
 from loadtests.faults import engine_processes, paused
 from tests.conftest import REPO
-from tests.integration.cluster_utils import (cluster_config, free_port, freed_after_disconnect, metric_sum,
-                                             running_cluster, settled_scrape, wait_for)
+from tests.integration.cluster_utils import (
+    cluster_config,
+    free_port,
+    freed_after_disconnect,
+    metric_sum,
+    running_cluster,
+    settled_scrape,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -57,7 +64,8 @@ def reference(model_dir, chat_ids, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster(reference):
-    cfg = cluster_config(free_port(), decode_replicas=1, dtype=DTYPE, kv_handoff={"backend": "slab", "slab_mode": "push"},
+    cfg = cluster_config(free_port(), decode_replicas=1, dtype=DTYPE,
+                         kv_handoff={"backend": "slab", "slab_mode": "push"},
                          placement={"local_prefill_max_tokens": 0, "local_prefill_min_hit_ratio": 1.0})
     with running_cluster(cfg) as c:
         yield c

@@ -19,8 +19,16 @@ import pytest
 
 from loadtests.faults import engine_processes, kill, paused
 from tests.integration.chat_client import CLIENT_TIMEOUT_S, PROMPTS, chat, request_body, stream
-from tests.integration.cluster_utils import (cluster_config, free_port, freed_after_disconnect, metric_sum,
-                                             running_cluster, scrape, settled_scrape, wait_for)
+from tests.integration.cluster_utils import (
+    cluster_config,
+    free_port,
+    freed_after_disconnect,
+    metric_sum,
+    running_cluster,
+    scrape,
+    settled_scrape,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -124,7 +132,8 @@ def test_client_disconnect_during_prefill_aborts_it(cluster):
         assert not pause.resumed.is_set()           # the client left while the prefill engine was stopped
     wait_for(lambda: freed_after_disconnect(url, before), timeout_s=20)
     after = settled_scrape(url)
-    assert _decode(after, "pdserve_engine_generation_tokens_total") == _decode(before, "pdserve_engine_generation_tokens_total")
+    assert (_decode(after, "pdserve_engine_generation_tokens_total")
+            == _decode(before, "pdserve_engine_generation_tokens_total"))
     assert metric_sum(after, "pdserve_prefill_fallbacks_total") == metric_sum(before, "pdserve_prefill_fallbacks_total")
 
 
@@ -194,5 +203,6 @@ def test_decode_engine_killed_mid_stream(cluster, answers):
 
     wait_for(healed, timeout_s=150, interval_s=2.0)
     reply = chat(url, PROMPTS[0])
-    assert (reply.status, reply.text, reply.finish_reasons) == (200, answers[PROMPTS[0]][0], [answers[PROMPTS[0]][1]]), \
+    want = (200, answers[PROMPTS[0]][0], [answers[PROMPTS[0]][1]])
+    assert (reply.status, reply.text, reply.finish_reasons) == want, \
         (reply, httpx.get(f"{url}/health", timeout=10).json())

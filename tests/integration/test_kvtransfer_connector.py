@@ -25,9 +25,9 @@ import time
 
 import pytest
 
+from kvtransfer.ports import free_port
 from loadtests.kv_harness import EngineProcess
 from loadtests.kv_int4_study import TEST_PROMPTS
-from kvtransfer.ports import free_port
 from tests.conftest import REPO
 from tests.integration.cluster_utils import wait_for
 

@@ -12,9 +12,19 @@ import yaml
 
 from loadtests import faults
 from loadtests.client import RequestRecord
-from loadtests.faults_run import (analyse, classify, fault_targets, outcome_counts, parse_args, phase_of,
-                                  plot_timeline, replica_restored_s, stopped_using_dead_s, throughput_recovered_s,
-                                  write_report)
+from loadtests.faults_run import (
+    analyse,
+    classify,
+    fault_targets,
+    outcome_counts,
+    parse_args,
+    phase_of,
+    plot_timeline,
+    replica_restored_s,
+    stopped_using_dead_s,
+    throughput_recovered_s,
+    write_report,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 MAX = 128

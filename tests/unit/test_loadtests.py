@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 
+from kvtransfer.stats import percentile
 from loadtests import workloads
 from loadtests.client import RequestRecord
-from kvtransfer.stats import percentile
 from loadtests.stats import summarize
 
 
@@ -169,6 +169,7 @@ class TestBenchConfig:
 
     def test_set_overrides_edit_a_copy_of_the_config(self, tmp_path):
         import yaml
+
         from loadtests.bench import apply_overrides, edited_config
         from serve.config import DEFAULT_CONFIG
         data = {"pools": [{"engine": {"extra": {"num_gpu_blocks_override": 32}}}], "router": {}}
@@ -217,6 +218,7 @@ class TestReport:
 
     def test_ratios_and_bursty_timeline(self, tmp_path):
         import json
+
         from loadtests import report
         rows = [self._row("ours", "bursty", 0.5, 0.4), self._row("colocated", "bursty", 0.5, 0.2)]
         (tmp_path / "raw").mkdir()

@@ -11,7 +11,7 @@ from router.placement import SloAwarePolicy, build_policy, tier_policies
 from router.policy import LeastLoadedPolicy
 from router.prefix_index import PrefixIndex
 from router.tier_activity import TierActivity
-from router.types import EndpointState, PoolSnapshot, RequestDescriptor, Rejection, Role
+from router.types import EndpointState, PoolSnapshot, Rejection, RequestDescriptor, Role
 
 BS = 128
 
@@ -238,7 +238,8 @@ class TestLocalPrefillWhenSooner:
         pol = policy(admission={"enabled": False, "prefill_tokens_per_s_prior": tokens_per_s,
                                 "decode_step_s_prior": 0.05},
                      slo={"ttft_ms": 4000, "tpot_ms": tpot_ms}, placement=placement)
-        snap = PoolSnapshot([ep("D1", Role.DECODE, queued=decode_queued), ep("P1", Role.PREFILL, queued=prefill_queued)])
+        snap = PoolSnapshot([ep("D1", Role.DECODE, queued=decode_queued),
+                             ep("P1", Role.PREFILL, queued=prefill_queued)])
         return pol.route(req(512), snap)
 
     def test_backed_up_prefill_replica_sheds_to_the_decode_engine(self):

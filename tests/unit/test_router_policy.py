@@ -3,7 +3,7 @@ import random
 import pytest
 
 from router.policy import LeastLoadedPolicy, least_loaded
-from router.types import EndpointState, PoolSnapshot, RequestDescriptor, Rejection, Role
+from router.types import EndpointState, PoolSnapshot, Rejection, RequestDescriptor, Role
 
 
 def ep(eid, role=Role.DECODE, healthy=True, running=0, waiting=0, in_flight=0, kv=0.0):

@@ -39,7 +39,8 @@ class TestNixlHandoff:
         assert cfg["kv_connector"] == "QuietNixlConnector"
         assert env["PDSERVE_NIXL_PROGRESS_THREAD"] == "1" and env["PDSERVE_NIXL_PROGRESS_DELAY_US"] == "1000"
         assert env["UCX_USE_MT_MUTEX"] == "y" and env["PDSERVE_KV_CACHE_HUGE_PAGES"] == "1"
-        assert NixlHandoff(KvHandoffConfig(ucx_mt_mutex=False), "127.0.0.1", 5601).engine_env()["UCX_USE_MT_MUTEX"] == "n"
+        spin = NixlHandoff(KvHandoffConfig(ucx_mt_mutex=False), "127.0.0.1", 5601)
+        assert spin.engine_env()["UCX_USE_MT_MUTEX"] == "n"
         assert h.prefill_params()["do_remote_decode"] is True
 
     def test_progress_thread_option_uses_stock_connector(self):
@@ -221,7 +222,6 @@ class TestStatsCollector:
 
     def test_connector_stats_of_both_backends(self):
         from kvtransfer.stats import KVTransferStats
-
         from workers.stats import EngineStatsCollector
 
         c = EngineStatsCollector()
