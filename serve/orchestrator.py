@@ -278,12 +278,11 @@ class Orchestrator:
                 if decision.prefill is not None:
                     self._metrics.handoff_mode.labels("pull").inc()
                     release()
-            first_s, ntok = None, 0
+            first_s = None
             stream = self.decode(job, decision.decode, handoff)
             if prefill_task is not None:
                 stream = self._unless_push_fails(stream, prefill_task)
             async for chunk in stream:
-                ntok += len(chunk.token_ids)
                 generated += chunk.token_ids
                 if not produced:
                     produced, first_s = True, self._clock()
@@ -293,8 +292,8 @@ class Orchestrator:
                         self._metrics.ttft_pred_ratio.observe(ratio)
                         if model_of is not None:
                             model_of((decision.prefill or decision.decode).pool).observe_ttft_ratio(ratio)
-                if chunk.finish_reason is not None and decision.predicted_tpot_s and ntok > 1:
-                    tpot = (self._clock() - first_s) / (ntok - 1)
+                if chunk.finish_reason is not None and decision.predicted_tpot_s and len(generated) > 1:
+                    tpot = (self._clock() - first_s) / (len(generated) - 1)
                     ratio = tpot / decision.predicted_tpot_s
                     self._metrics.tpot_pred_ratio.observe(ratio)
                     if model_of is not None:

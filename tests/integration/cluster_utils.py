@@ -61,6 +61,18 @@ def metric_sum(samples: dict, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
 
 
+def health(base_url: str) -> dict:
+    """The cluster's ``/health`` body (any status)."""
+    return httpx.get(f"{base_url}/health", timeout=10).json()
+
+
+def per_endpoint(samples: dict, name: str, **labels: str) -> dict[str, float]:
+    """endpoint -> value of the samples of ``name`` that carry an ``endpoint`` label and ``labels``."""
+    want = set(labels.items())
+    return {dict(ls)["endpoint"]: v for (n, ls), v in samples.items()
+            if n == name and want <= set(ls) and "endpoint" in dict(ls)}
+
+
 def freed_after_disconnect(base_url: str, before: dict) -> bool:
     """After one client left: no request running or queued, no KV held in any engine, and one more
     ``client_disconnect`` abort than the ``before`` scrape."""

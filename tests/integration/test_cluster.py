@@ -25,6 +25,7 @@ from tests.conftest import REPO
 from tests.integration.cluster_utils import (
     cluster_config,
     free_port,
+    health,
     metric_sum,
     running_cluster,
     scrape,
@@ -80,7 +81,7 @@ def cluster(reference):
 
 
 def _healthy_decode(base_url: str) -> int:
-    body = httpx.get(f"{base_url}/health", timeout=10).json()
+    body = health(base_url)
     return sum(p["healthy"] for p in body["pools"].values() if p["role"] == "decode")
 
 

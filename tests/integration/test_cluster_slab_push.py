@@ -24,6 +24,7 @@ from tests.integration.cluster_utils import (
     cluster_config,
     free_port,
     freed_after_disconnect,
+    health,
     metric_sum,
     running_cluster,
     settled_scrape,
@@ -73,7 +74,7 @@ def cluster(reference):
 
 def test_push_handoff_greedy_equals_colocated(cluster, chat_ids, reference):
     # the prefill replica's agent reaches the orchestrator with the stats polls /health is built from
-    wait_for(lambda: httpx.get(f"{cluster.base_url}/health", timeout=10).json()["status"] == "ok", timeout_s=120)
+    wait_for(lambda: health(cluster.base_url)["status"] == "ok", timeout_s=120)
     before = settled_scrape(cluster.base_url)            # after the start-up warm-up requests
     for ids, ref in zip(chat_ids, reference):
         r = httpx.post(f"{cluster.base_url}/v1/completions", timeout=120, json={
@@ -98,7 +99,7 @@ def test_push_client_disconnect_before_first_token_frees_both_engines(cluster):
     client that leaves before its first token (the prefill engine stopped meanwhile) aborts both: the
     reservation and the prefill are freed, nothing stays running or queued."""
     url = cluster.base_url
-    wait_for(lambda: httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok", timeout_s=120)
+    wait_for(lambda: health(url)["status"] == "ok", timeout_s=120)
     before = settled_scrape(url)
     with paused(engine_processes(cluster.cfg.app_name, "prefill"), 4.0) as pause:
         with pytest.raises(httpx.ReadTimeout):      # no first byte: the client gives up and disconnects

@@ -23,6 +23,7 @@ from tests.integration.cluster_utils import (
     cluster_config,
     free_port,
     freed_after_disconnect,
+    health,
     metric_sum,
     running_cluster,
     scrape,
@@ -193,16 +194,16 @@ def test_decode_engine_killed_mid_stream(cluster, answers):
     # to the directory's stale_s), then Serve's health check replaces the replica: bounded waits, then
     # requests are answered again
     def decode_healthy() -> int:
-        return httpx.get(f"{url}/health", timeout=10).json()["pools"]["decode"]["healthy"]
+        return health(url)["pools"]["decode"]["healthy"]
 
     wait_for(lambda: decode_healthy() == 0, timeout_s=30, interval_s=0.5)
 
     def healed():
-        body = httpx.get(f"{url}/health", timeout=10).json()
+        body = health(url)
         return body["status"] == "ok" and body["pools"]["decode"]["healthy"] == 1
 
     wait_for(healed, timeout_s=150, interval_s=2.0)
     reply = chat(url, PROMPTS[0])
     want = (200, answers[PROMPTS[0]][0], [answers[PROMPTS[0]][1]])
     assert (reply.status, reply.text, reply.finish_reasons) == want, \
-        (reply, httpx.get(f"{url}/health", timeout=10).json())
+        (reply, health(url))

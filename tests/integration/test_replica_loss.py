@@ -14,7 +14,6 @@ import concurrent.futures
 import threading
 import time
 
-import httpx
 import pytest
 
 from loadtests.faults import engine_processes, engine_processes_of, kill, paused, replica_processes
@@ -22,7 +21,9 @@ from tests.integration.chat_client import CLIENT_TIMEOUT_S, PROMPTS, chat, strea
 from tests.integration.cluster_utils import (
     cluster_config,
     free_port,
+    health,
     metric_sum,
+    per_endpoint,
     running_cluster,
     scrape,
     settled_scrape,
@@ -50,19 +51,6 @@ def cluster():
                          admission={"enabled": False})
     with running_cluster(cfg) as c:
         yield c
-
-
-def _health(url: str) -> dict:
-    return httpx.get(f"{url}/health", timeout=10).json()
-
-
-def _per_endpoint(samples: dict, name: str) -> dict[str, float]:
-    return {dict(labels)["endpoint"]: v for (n, labels), v in samples.items()
-            if n == name and dict(labels).get("pool", "decode") == "decode" and "endpoint" in dict(labels)}
-
-
-def _index_blocks(samples: dict) -> dict[str, float]:
-    return {dict(labels)["endpoint"]: v for (n, labels), v in samples.items() if n == "pdserve_prefix_index_blocks"}
 
 
 def _idle(url: str) -> None:
@@ -130,8 +118,8 @@ def test_losing_the_prefill_replica(cluster, answers):
     assert metric_sum(s, "pdserve_routing_decisions_total", prefill="local") \
         - metric_sum(before, "pdserve_routing_decisions_total", prefill="local") >= len(PROMPTS)
 
-    wait_for(lambda: _health(url)["pools"]["prefill"]["healthy"] == 0, timeout_s=30, interval_s=0.5)
-    wait_for(lambda: _health(url)["status"] == "ok", timeout_s=150, interval_s=2.0)
+    wait_for(lambda: health(url)["pools"]["prefill"]["healthy"] == 0, timeout_s=30, interval_s=0.5)
+    wait_for(lambda: health(url)["status"] == "ok", timeout_s=150, interval_s=2.0)
     before = scrape(url)
     reply = chat(url, PROMPTS[0])
     assert (reply.status, reply.text) == (200, answers[PROMPTS[0]][0]), reply
@@ -151,7 +139,7 @@ def test_losing_one_of_two_decode_replicas(cluster, answers):
     assert len(replicas) == 2, replicas
     victim = engine_processes_of(replicas[0])
     assert victim
-    endpoints_before = set(_health(url)["pools"]["decode"]["endpoints"])
+    endpoints_before = set(health(url)["pools"]["decode"]["endpoints"])
     assert len(endpoints_before) == 2
 
     started = [threading.Event() for _ in range(4)]
@@ -162,10 +150,11 @@ def test_losing_one_of_two_decode_replicas(cluster, answers):
         deadline = time.monotonic() + CLIENT_TIMEOUT_S
         assert all(e.wait(max(0.0, deadline - time.monotonic())) for e in started), "streams did not start"
         # both replicas are generating (least-loaded placement spreads the streams)
-        wait_for(lambda: sum(v > 0 for v in _per_endpoint(scrape(url), "pdserve_engine_kv_usage_ratio").values())
+        wait_for(lambda: sum(v > 0 for v in
+                             per_endpoint(scrape(url), "pdserve_engine_kv_usage_ratio", pool="decode").values())
                  == 2, timeout_s=10, interval_s=0.2)
         before = scrape(url)
-        indexed = {e for e, n in _index_blocks(before).items() if n > 0}
+        indexed = {e for e, n in per_endpoint(before, "pdserve_prefix_index_blocks").items() if n > 0}
         assert endpoints_before <= indexed, (indexed, endpoints_before)
 
         # requests keep coming while the replica dies: (sent at, prompt, reply)
@@ -184,7 +173,7 @@ def test_losing_one_of_two_decode_replicas(cluster, answers):
         kill(victim)
 
         # the router stops using it: /health shows it unhealthy within STOP_ROUTING_S
-        dead = wait_for(lambda: _health(url)["pools"]["decode"]["unhealthy"], timeout_s=STOP_ROUTING_S,
+        dead = wait_for(lambda: health(url)["pools"]["decode"]["unhealthy"], timeout_s=STOP_ROUTING_S,
                         interval_s=0.1)
         assert len(dead) == 1 and dead[0] in endpoints_before, dead
         (dead,) = dead
@@ -216,12 +205,12 @@ def test_losing_one_of_two_decode_replicas(cluster, answers):
     assert sum(metric_sum(s1, "pdserve_request_aborts_total", reason=c)
                - metric_sum(before, "pdserve_request_aborts_total", reason=c) for c in DECODE_ERROR_CODES) == 0
     # the prefix index forgot the dead replica and kept the survivor's blocks
-    blocks = _index_blocks(s1)
+    blocks = per_endpoint(s1, "pdserve_prefix_index_blocks")
     assert dead not in blocks and blocks.get((endpoints_before - {dead}).pop(), 0) > 0, blocks
 
     # Serve replaces the replica (its health check fails): a bounded wait, then the new one serves
-    wait_for(lambda: _health(url)["pools"]["decode"]["healthy"] == 2, timeout_s=150, interval_s=2.0)
-    (fresh,) = set(_health(url)["pools"]["decode"]["endpoints"]) - endpoints_before
+    wait_for(lambda: health(url)["pools"]["decode"]["healthy"] == 2, timeout_s=150, interval_s=2.0)
+    (fresh,) = set(health(url)["pools"]["decode"]["endpoints"]) - endpoints_before
     before = scrape(url)
     with concurrent.futures.ThreadPoolExecutor(6) as ex:      # new prompts, concurrent: placement spreads them
         replies = list(ex.map(lambda i: chat(url, f"Name an animal that starts with the letter {'ABCDEF'[i]}."),
@@ -229,6 +218,8 @@ def test_losing_one_of_two_decode_replicas(cluster, answers):
     for reply in replies:
         assert reply.status == 200 and reply.text and reply.finish_reasons[0] in ("stop", "length"), reply
     after = settled_scrape(url)
-    generated = _per_endpoint(after, "pdserve_engine_generation_tokens_total")
-    assert generated.get(fresh, 0) - _per_endpoint(before, "pdserve_engine_generation_tokens_total").get(fresh, 0) > 0
+    def generated(samples: dict) -> float:
+        return per_endpoint(samples, "pdserve_engine_generation_tokens_total", pool="decode").get(fresh, 0)
+
+    assert generated(after) - generated(before) > 0
     assert metric_sum(after, "pdserve_engine_kv_usage_ratio") == 0
