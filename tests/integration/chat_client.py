@@ -25,6 +25,7 @@ class Reply:
     finish_reasons: list = field(default_factory=list)
     errors: list = field(default_factory=list)       # OpenAI error bodies (SSE error events)
     done: bool = False                               # non-streamed, or the stream ended with [DONE]
+    timed_out: bool = False                          # the client stopped reading at its deadline
     headers: dict = field(default_factory=dict)
 
 
@@ -42,9 +43,10 @@ def chat(base_url: str, content: str, **kw) -> Reply:
     return Reply(200, choice["message"]["content"], [choice["finish_reason"]], done=True, headers=dict(r.headers))
 
 
-def stream(base_url: str, content: str, on_first_content: Callable[[], None] | None = None, **kw) -> Reply:
-    """A streamed chat read to its end, or until CLIENT_TIMEOUT_S have passed."""
-    deadline = time.monotonic() + CLIENT_TIMEOUT_S
+def stream(base_url: str, content: str, on_first_content: Callable[[], None] | None = None,
+           timeout_s: float = CLIENT_TIMEOUT_S, **kw) -> Reply:
+    """A streamed chat read to its end, or until timeout_s have passed (then `timed_out`)."""
+    deadline = time.monotonic() + timeout_s
     with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=request_body(content, stream=True, **kw),
                       timeout=CLIENT_TIMEOUT_S) as r:
         reply = Reply(r.status_code, headers=dict(r.headers))
@@ -53,6 +55,7 @@ def stream(base_url: str, content: str, on_first_content: Callable[[], None] | N
             return reply
         for line in r.iter_lines():
             if time.monotonic() > deadline:
+                reply.timed_out = True
                 break
             data = sse_data(line)
             if data is None:

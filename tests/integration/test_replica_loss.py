@@ -34,7 +34,10 @@ pytestmark = pytest.mark.integration
 
 DTYPE = "float32"
 KV_LEASE_S = 6                  # workers/config.py: kv_lease_s >= 6
-STREAM_TOKENS = 300             # streams still generating when a replica dies
+STREAM_TOKENS = 200             # streams still generating when a replica dies
+# bound of one such stream: the survivor decodes all of them plus the new requests (on 2 shared cores;
+# CI machines are up to 8x slower than a fast one)
+STREAM_TIMEOUT_S = 240.0
 # stream prompts span full KV blocks (128 tokens), so both decode replicas hold blocks in the prefix index
 STORY = ("Write a very long story about a lighthouse keeper, the storms she saw, the ships she guided home "
          "and the letters she wrote to her brother across the sea. ") * 8
@@ -145,7 +148,7 @@ def test_losing_one_of_two_decode_replicas(cluster, answers):
     started = [threading.Event() for _ in range(4)]
     with concurrent.futures.ThreadPoolExecutor(len(started) + 1) as ex:
         streams = [ex.submit(stream, url, f"Story {i}. {STORY}", on_first_content=e.set,
-                             max_tokens=STREAM_TOKENS, ignore_eos=True)
+                             timeout_s=STREAM_TIMEOUT_S, max_tokens=STREAM_TOKENS, ignore_eos=True)
                    for i, e in enumerate(started)]
         deadline = time.monotonic() + CLIENT_TIMEOUT_S
         assert all(e.wait(max(0.0, deadline - time.monotonic())) for e in started), "streams did not start"
@@ -178,14 +181,16 @@ def test_losing_one_of_two_decode_replicas(cluster, answers):
         assert len(dead) == 1 and dead[0] in endpoints_before, dead
         (dead,) = dead
         stopped_routing_s = time.monotonic() - killed_at
-        replies = [f.result(timeout=CLIENT_TIMEOUT_S + 30) for f in streams]
+        replies = [f.result(timeout=STREAM_TIMEOUT_S + 30) for f in streams]
+        streamed_s = time.monotonic() - killed_at
         stop.set()
         new_replies = new.result(timeout=CLIENT_TIMEOUT_S + 30)
     assert stopped_routing_s < STOP_ROUTING_S
 
     # streams: every one finishes; the dead replica's were migrated to the survivor mid-stream
     for r in replies:
-        assert (r.status, r.done, r.finish_reasons, r.errors) == (200, True, ["length"], []), r
+        assert (r.status, r.timed_out, r.done, r.finish_reasons, r.errors) == (200, False, True, ["length"], []), \
+            (r, streamed_s)
     # requests sent around the kill: every one answered, exactly as before the fault
     assert len([t for t, _, _ in new_replies if t > killed_at]) >= 3, new_replies
     for _, p, reply in new_replies:
