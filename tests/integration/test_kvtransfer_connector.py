@@ -185,11 +185,11 @@ class TestSlabHandoffBlock128:
               f"{[next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), '-') for o, r in zip(outs, base)]}")
         assert not delta["failures"] and delta["num_handoffs_received"] == len(prompts)
         assert ratio <= 0.3
-        # NOT MET: the issue's target is >= 90%. Plain group-wise int4 measured 2/5 prompts here; the
-        # Hadamard rotation (kvtransfer/codec.py) lifts it (see the printed rate). This guard only
-        # catches regressions below the rotated codec's measured level. The offline study
-        # (loadtests/kv_int4_study.py) compares codec variants on these and 15 chat prompts.
-        assert agree >= 0.6
+        # The codec's measured level on these prompts: 4 of 5 agree (plain group-wise int4 without the
+        # Hadamard rotation: 2 of 5). The 90 % goal is not met and is above int8's own level on this
+        # model (the offline study, loadtests/kv_int4_study.py, and loadtests/results/README.md); this
+        # assertion fails as soon as one more prompt diverges.
+        assert agree >= 0.8
 
     def test_unreachable_prefill_recomputes(self, engines, uncompressed_128, reference, prompts):
         decode = engines["d128"]
