@@ -55,7 +55,7 @@ class CpuDevice(_Strict):
     malloc_reuse: bool = Field(True, description="engine processes keep freed memory for reuse (glibc, "
                                "kvtransfer.config.MALLOC_REUSE_ENV): the slab codecs' large temporaries then "
                                "skip page faults (int8/int4 pack ~3x faster here, "
-                               "loadtests/kv_codec_microbench.py); the engine itself measured the same either way")
+                               "loadtests/kv/kv_codec_microbench.py); the engine itself measured the same either way")
 
 
     @field_validator("cpu_cores")

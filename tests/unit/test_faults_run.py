@@ -1,4 +1,4 @@
-"""The fault run's pure parts (loadtests/faults_run.py) on hand-written fake records and timelines,
+"""The fault run's pure parts (loadtests/faults/faults_run.py) on hand-written fake records and timelines,
 its config and CLI, and the fault helpers' per-replica engine lookup on stand-in processes. No
 cluster: the run itself starts one."""
 
@@ -10,9 +10,9 @@ import psutil
 import pytest
 import yaml
 
-from loadtests import faults
 from loadtests.client import RequestRecord
-from loadtests.faults_run import (
+from loadtests.faults import faults
+from loadtests.faults.faults_run import (
     analyse,
     classify,
     fault_targets,
