@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -117,6 +118,16 @@ def wait_ready(sp: SystemProcess, model: str, timeout_s: float = 900.0) -> None:
             pass
         time.sleep(2.0)
     raise TimeoutError(f"{sp.name} not ready after {timeout_s}s; see {sp.log_path}")
+
+
+def resolved_config(config: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """``ours``' config as ``pdserve validate CONFIG --set ...`` resolves it (overlay ``base:`` chain, then
+    the ``KEY=VALUE`` overrides, then defaults): the product's own loader, run as a command."""
+    cmd = [sys.executable, "-m", "serve.cli", "validate", config] + [f"--set={o}" for o in overrides]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise SystemExit(f"pdserve validate {config}: {proc.stderr.strip() or proc.returncode}")
+    return json.loads(proc.stdout)
 
 
 def start_ours(config: str, port: int, log_dir: Path, name: str = "ours", **_) -> SystemProcess:

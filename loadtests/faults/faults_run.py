@@ -36,7 +36,7 @@ from loadtests.client import RequestRecord
 from loadtests.faults import faults
 from loadtests.openloop import run_open_loop
 from loadtests.report import bins, save_figure
-from loadtests.systems import REPO, SERVER_AUTOGROUP_NICE, start_ours, wait_ready
+from loadtests.systems import REPO, SERVER_AUTOGROUP_NICE, resolved_config, start_ours, wait_ready
 
 DEFAULT_CONFIG = REPO / "configs" / "bench" / "two-decode.yaml"
 INPUT_TOKENS, OUTPUT_TOKENS = 256, 128
@@ -67,10 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def fault_targets(config: str) -> dict:
-    """From a pdserve YAML config: the Serve app name and the names of its prefill and decode pools."""
-    import yaml
-
-    data = yaml.safe_load(Path(config).read_text()) or {}
+    """From a pdserve config (resolved: an overlay's base counts): the Serve app name and the names of its
+    prefill and decode pools."""
+    data = resolved_config(config)
     pools = {p["role"]: p["name"] for p in data["pools"]}
     return {"app_name": data.get("app_name", "pdserve"), "prefill": pools["prefill"], "decode": pools["decode"]}
 
