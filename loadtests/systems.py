@@ -71,15 +71,15 @@ SERVER_AUTOGROUP_NICE = 10
 def lower_session_priority(pid: int, nice: int = SERVER_AUTOGROUP_NICE) -> bool:
     """Keep the system under test from starving the load generator on a shared box.
 
-    With ``kernel.sched_autogroup_enabled`` (the default on most Linux distributions, and on this box)
+    With ``kernel.sched_autogroup_enabled`` (the default on most Linux distributions)
     every session is one scheduling group, and per-process nice values only rank processes WITHIN a
     group. The server runs in its own session, so its saturated engines, proxy and router (one group)
     share the CPU with the client (another group) group-fairly, and under load the client's event loop
-    measurably waited 0.5-2.6 s for a core: tokens the ingress had sent steadily reached the client in
-    bursts, inflating client-side TTFT and inter-token latency (a real-time probe saw no such lag, so
-    the VM itself was not paused). Setting the server session's autogroup nice lowers the whole group's
-    weight; the client then gets a core when it needs one, as a remote client would. Best effort: a
-    no-op where autogroups are off or unsupported. Returns whether the priority was set."""
+    waits for a core (0.5-2.6 s measured, loadtests/README.md): tokens the ingress sent steadily reach
+    the client in bursts, inflating client-side TTFT and inter-token latency. Setting the server
+    session's autogroup nice lowers the whole group's weight; the client then gets a core when it needs
+    one, as a remote client would. Best effort: a no-op where autogroups are off or unsupported.
+    Returns whether the priority was set."""
     try:
         Path(f"/proc/{pid}/autogroup").write_text(str(nice))
         return True
