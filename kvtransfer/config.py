@@ -20,7 +20,7 @@ MALLOC_REUSE_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 
 # UCX guards a worker shared by threads (the engine thread and NIXL's progress thread) with a spinlock
 # by default. While the engine thread READs (UCX cma copies inside the post, holding the lock), the
 # progress thread, pinned to the same core as the engine, spins on that lock and takes half the core:
-# the copy runs at half speed (loadtests/kv_xfer_microbench.py). With a mutex the waiter sleeps.
+# the copy runs at half speed (loadtests/kv/kv_xfer_microbench.py). With a mutex the waiter sleeps.
 UCX_MT_MUTEX_ENV = "UCX_USE_MT_MUTEX"
 
 

@@ -3,7 +3,7 @@
 Why huge pages: a cross-process READ on one host goes through UCX's ``cma`` transport, i.e. the
 kernel's ``process_vm_readv``, which pins and copies the source's pages one 4 KiB page at a time. On
 this kind of VM that runs at ~40 % of memcpy for 4 KiB pages and at memcpy speed when the source sits
-on 2 MiB pages (``loadtests/kv_xfer_microbench.py`` measures both side by side). RDMA NICs likewise
+on 2 MiB pages (``loadtests/kv/kv_xfer_microbench.py`` measures both side by side). RDMA NICs likewise
 need fewer translation entries for huge pages. Hosts whose THP mode is ``madvise`` (a common
 default) only give huge pages to regions that ask with ``madvise(MADV_HUGEPAGE)``; with ``never``
 the advice is a no-op and the pool is ordinary memory.

@@ -169,7 +169,7 @@ class SlabConnectorWorker:
         nbytes = self.settings.pool_mib * MiB if self.settings.pool_mib else pool_nbytes(
             self.spec, self.settings.pool_tokens)
         # pre-faulted: a READ or pack into fresh pages pays a page fault per page, ~4x slower on this
-        # VM; on huge pages a same-host READ copies ~2x faster (loadtests/kv_xfer_microbench.py). RDMA
+        # VM; on huge pages a same-host READ copies ~2x faster (loadtests/kv/kv_xfer_microbench.py). RDMA
         # registration pins the pages anyway
         self.pool = alloc_host(nbytes, huge_pages=self.settings.huge_pages, prefault=self.settings.prefault_pool)
         self.transport = self._make_transport()

@@ -30,7 +30,7 @@ from loadtests import report, workloads
 from loadtests.closedloop import run_closed_loop
 from loadtests.openloop import run_open_loop
 from loadtests.stats import summarize, summarize_by_tag
-from loadtests.systems import REPO, SERVER_AUTOGROUP_NICE, STARTERS, wait_ready
+from loadtests.systems import REPO, SERVER_AUTOGROUP_NICE, STARTERS, resolved_config, wait_ready
 from loadtests.timeline import prefix_cache_hit_rate
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=120.0, help="max seconds of arrivals per run")
     p.add_argument("--drain", type=float, default=120.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--config", default=str(REPO / "configs" / "local.yaml"))
+    p.add_argument("--config", default=str(REPO / "serve" / "default.yaml"))
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--model-dir", default=None, help="HF dir for colocated/raypd (default: the bundled model)")
     p.add_argument("--dtype", default=None,
@@ -97,12 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def config_defaults(config: str) -> dict:
-    """From a pdserve YAML config: the SLOs every system is judged by."""
-    import yaml
-
-    data = yaml.safe_load(Path(config).read_text()) or {}
-    slo = (data.get("router") or {}).get("slo") or {}
-    return {"ttft_slo": slo.get("ttft_ms", 2000) / 1e3, "tpot_slo": slo.get("tpot_ms", 200) / 1e3}
+    """From a pdserve config (resolved: an overlay's base counts): the SLOs every system is judged by."""
+    slo = resolved_config(config)["router"]["slo"]
+    return {"ttft_slo": slo["ttft_ms"] / 1e3, "tpot_slo": slo["tpot_ms"] / 1e3}
 
 
 def parse_workload(entry: str, smoke: bool = False) -> tuple[str, dict]:
@@ -164,36 +161,14 @@ def parse_system(entry: str, default_config: str) -> tuple[str, str, str]:
     return label, kind, config or default_config
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """``KEY=VALUE`` edits of a parsed config, in place: ``KEY`` is dotted (``pools.0.replicas``; a
-    missing mapping key is created), ``VALUE`` is YAML (``24``, ``true``, ``[0, 1]``, ``text``)."""
-    import yaml
-
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set wants KEY=VALUE, got {item!r}")
-        *path, last = key.split(".")
-        node = data
-        try:
-            for part in path:
-                node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-            if isinstance(node, list):
-                node[int(last)] = yaml.safe_load(raw)
-            else:
-                node[last] = yaml.safe_load(raw)
-        except (IndexError, ValueError, TypeError, AttributeError) as e:
-            raise SystemExit(f"--set {item!r}: {key} does not name a place in the config ({e})") from None
-    return data
-
-
 def edited_config(config: str, overrides: list[str], label: str, out: Path) -> str:
-    """``config`` with ``overrides`` applied, written to ``out/configs/<label>.yaml`` (no overrides: as is)."""
+    """``config`` resolved with ``overrides`` applied (``pdserve validate --set``), written to
+    ``out/configs/<label>.yaml`` (no overrides: as is)."""
     import yaml
 
     if not overrides:
         return config
-    data = apply_overrides(yaml.safe_load(Path(config).read_text()) or {}, overrides)
+    data = resolved_config(config, overrides)
     path = out / "configs" / f"{label}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"# {portable(config)} with --set {' --set '.join(overrides)}\n"

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -70,15 +71,15 @@ SERVER_AUTOGROUP_NICE = 10
 def lower_session_priority(pid: int, nice: int = SERVER_AUTOGROUP_NICE) -> bool:
     """Keep the system under test from starving the load generator on a shared box.
 
-    With ``kernel.sched_autogroup_enabled`` (the default on most Linux distributions, and on this box)
+    With ``kernel.sched_autogroup_enabled`` (the default on most Linux distributions)
     every session is one scheduling group, and per-process nice values only rank processes WITHIN a
     group. The server runs in its own session, so its saturated engines, proxy and router (one group)
     share the CPU with the client (another group) group-fairly, and under load the client's event loop
-    measurably waited 0.5-2.6 s for a core: tokens the ingress had sent steadily reached the client in
-    bursts, inflating client-side TTFT and inter-token latency (a real-time probe saw no such lag, so
-    the VM itself was not paused). Setting the server session's autogroup nice lowers the whole group's
-    weight; the client then gets a core when it needs one, as a remote client would. Best effort: a
-    no-op where autogroups are off or unsupported. Returns whether the priority was set."""
+    waits for a core (0.5-2.6 s measured, loadtests/README.md): tokens the ingress sent steadily reach
+    the client in bursts, inflating client-side TTFT and inter-token latency. Setting the server
+    session's autogroup nice lowers the whole group's weight; the client then gets a core when it needs
+    one, as a remote client would. Best effort: a no-op where autogroups are off or unsupported.
+    Returns whether the priority was set."""
     try:
         Path(f"/proc/{pid}/autogroup").write_text(str(nice))
         return True
@@ -117,6 +118,16 @@ def wait_ready(sp: SystemProcess, model: str, timeout_s: float = 900.0) -> None:
             pass
         time.sleep(2.0)
     raise TimeoutError(f"{sp.name} not ready after {timeout_s}s; see {sp.log_path}")
+
+
+def resolved_config(config: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """``ours``' config as ``pdserve validate CONFIG --set ...`` resolves it (overlay ``base:`` chain, then
+    the ``KEY=VALUE`` overrides, then defaults): the product's own loader, run as a command."""
+    cmd = [sys.executable, "-m", "serve.cli", "validate", config] + [f"--set={o}" for o in overrides]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise SystemExit(f"pdserve validate {config}: {proc.stderr.strip() or proc.returncode}")
+    return json.loads(proc.stdout)
 
 
 def start_ours(config: str, port: int, log_dir: Path, name: str = "ours", **_) -> SystemProcess:

@@ -78,13 +78,12 @@ class AdmissionConfig(BaseModel):
     tier_budget: Literal["waiting-room", "slo"] = Field("waiting-room", description="what the tiers' reserved "
                                                         "fractions divide: the waiting room the TTFT SLO leaves "
                                                         "after one request's own service (SLO - predicted "
-                                                        "service), or the whole SLO (earlier behaviour)")
+                                                        "service), or the whole SLO ('slo')")
     tpot_budget: Literal["headroom", "slo"] = Field("headroom", description="decode side: a tier joins a "
                                                     "decode batch only while the predicted TPOT stays within "
                                                     "its reserved fractions' share of the headroom between the "
                                                     "request's step time alone and the TPOT SLO (lower tiers "
-                                                    "stop first), or every tier up to its SLO (earlier "
-                                                    "behaviour)")
+                                                    "stop first), or every tier up to its SLO ('slo')")
     tier_idle_s: float | None = Field(30.0, ge=0, description="work-conserving reservations: a tier with "
                                       "no arrival for this long and no prefill work queued is idle, and its "
                                       "reserved fraction (queue budget and TPOT headroom) is lent to the "

@@ -78,7 +78,7 @@ class SloAwarePolicy:
 
     def _best(self, cands: Sequence[EndpointState], hits: Mapping[str, int], prompt: int) -> EndpointState:
         # score = prefix_weight x cached share - load_weight x load / max_batch_hint - kv_weight x kv usage
-        # (one expression per candidate: this runs on every request, see loadtests/router_microbench.py)
+        # (one expression per candidate: this runs on every request, see loadtests/micro/router_microbench.py)
         p = self.cfg.placement
         wp, wl, wk = p.prefix_weight * self.block_size / max(prompt, 1), p.load_weight / p.max_batch_hint, p.kv_weight
         scored = [(round(wp * hits[c.endpoint_id] - wl * c.load - wk * c.kv_usage, 9), c) for c in cands]

@@ -12,12 +12,19 @@ import threading
 from serve.config import DEFAULT_CONFIG, ClusterConfig, ConfigError
 
 
-def _load(path: str | None) -> ClusterConfig:
-    return ClusterConfig.from_yaml(path or DEFAULT_CONFIG)
+def _load(path: str | None, overrides: list[str] | None = None) -> ClusterConfig:
+    return ClusterConfig.from_yaml(path or DEFAULT_CONFIG, overrides or ())
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="config file or overlay (default: the embedded serve/default.yaml)")
+    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                        help="edit the resolved config: dotted key (list items by index), YAML value, e.g. "
+                             "pools.0.engine.max_num_seqs=16 (repeatable)")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
+    cfg = _load(args.config, args.overrides)
     print(json.dumps(cfg.model_dump(mode="json"), indent=2))
     return 0
 
@@ -53,7 +60,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from serve.runner import start_cluster
 
-    cfg = _load(args.config)
+    cfg = _load(args.config, args.overrides)
     if args.port:
         cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update={"port": args.port})})
     # SIGTERM behaves like Ctrl-C: during start-up it interrupts and tears down what started
@@ -83,8 +90,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pdserve", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("serve", help="run the cluster (default config: configs/local.yaml)")
-    s.add_argument("config", nargs="?")
+    s = sub.add_parser("serve", help="run the cluster (default config: the embedded serve/default.yaml)")
+    _add_config_args(s)
     s.add_argument("--port", type=int, default=None)
     s.add_argument("--start-timeout", type=float, default=600.0,
                    help="seconds to wait for every replica (engine load) before giving up (default 600)")
@@ -97,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--url", default=None)
     st.set_defaults(fn=cmd_status)
     v = sub.add_parser("validate", help="check a config and print it resolved")
-    v.add_argument("config", nargs="?")
+    _add_config_args(v)
     v.set_defaults(fn=cmd_validate)
     args = p.parse_args(argv)
     try:

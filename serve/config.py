@@ -2,10 +2,17 @@
 
 Each package owns its own section (``workers.config.PoolConfig``, ``router.config.RouterConfig``);
 this module composes them and holds the cross-field invariants, one validator each.
+
+A config file is either complete or an overlay: a top-level ``base:`` key names the file it changes
+(``default`` for the embedded default, ``serve/default.yaml``, or a path relative to the overlay's
+directory), and the rest of the file is merged over it (``merge_overlay``). ``KEY=VALUE`` edits
+(``pdserve serve --set``) apply to the resolved mapping last (``apply_overrides``). ``load_config_data``
+is the one loader that does both.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +23,9 @@ from router.config import RouterConfig
 from workers.config import CpuDevice, KvHandoffConfig, PoolConfig, PoolRole
 
 BUNDLED_SMOLLM2 = "bundled:smollm2"
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "default.yaml"   # package data: ships with the wheel
+BASE_KEY = "base"
+DEFAULT_BASE = "default"
 
 
 class _Strict(BaseModel):
@@ -107,20 +116,13 @@ class ClusterConfig(_Strict):
         return cls.model_validate(data)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> ClusterConfig:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+    def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()) -> ClusterConfig:
+        """The config at ``path`` (an overlay resolved over its base), with ``overrides`` applied."""
+        data = load_config_data(path, overrides)
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            raise ConfigError(format_validation_error(path, e)) from None
+            raise ConfigError(format_validation_error(Path(path), e)) from None
 
 
 class ConfigError(ValueError):
@@ -133,3 +135,96 @@ def format_validation_error(source: str | Path, err: ValidationError) -> str:
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
         lines.append(f"  {loc}: {e['msg']}")
     return "\n".join(lines)
+
+
+def load_config_data(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The mapping a config file stands for: its ``base:`` chain merged (``merge_overlay``), then the
+    ``KEY=VALUE`` ``overrides`` applied (``apply_overrides``). Not validated."""
+    data = _resolve(Path(path), ())
+    return apply_overrides(data, overrides)
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def _resolve(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    real = path.resolve()
+    if real in seen:
+        raise ConfigError(f"{path}: base chain loops: {' -> '.join(str(p) for p in (*seen, real))}")
+    data = _read_mapping(path)
+    base = data.pop(BASE_KEY, None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: {BASE_KEY} must be '{DEFAULT_BASE}' or a path, got {base!r}")
+    base_path = DEFAULT_CONFIG if base == DEFAULT_BASE else path.parent / base
+    try:
+        return merge_overlay(_resolve(base_path, (*seen, real)), data)
+    except _MergeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+class _MergeError(ValueError):
+    """An overlay that does not fit its base; ``_resolve`` names the file."""
+
+
+def merge_overlay(base: Any, overlay: Any, where: str = "") -> Any:
+    """``overlay`` over ``base``; ``base`` is not modified. Mappings merge key by key, recursively. A list
+    of named mappings (``pools``) given a mapping in the overlay merges by name: ``{decode: {replicas: 2}}``
+    changes the pool named ``decode``, ``{prefill: null}`` removes that pool, a new name appends a pool.
+    Anything else replaces what the base has: scalars, null, and lists given as lists."""
+    if isinstance(base, dict) and isinstance(overlay, dict):
+        merged = dict(base)
+        for key, value in overlay.items():
+            merged[key] = merge_overlay(merged[key], value, f"{where}{key}.") if key in merged else value
+        return merged
+    if _is_named_list(base) and isinstance(overlay, dict):
+        items = {item["name"]: item for item in base}
+        for name, value in overlay.items():
+            if value is not None and not isinstance(value, dict):
+                raise _MergeError(f"{where}{name}: expected a mapping or null, got {value!r}")
+            if value is None:
+                if name not in items:
+                    raise _MergeError(f"{where}{name}: no entry of that name to remove (have {sorted(items)})")
+                del items[name]
+            elif name in items:
+                items[name] = merge_overlay(items[name], value, f"{where}{name}.")
+            else:
+                items[name] = {"name": name, **value}
+        return list(items.values())
+    return overlay
+
+
+def _is_named_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) and "name" in v for v in value)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` edits of a config mapping, in place: ``KEY`` is dotted (``pools.0.replicas``: list
+    items by index; a missing mapping key is created), ``VALUE`` is YAML (``24``, ``true``, ``[0, 1]``,
+    ``text``)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set wants KEY=VALUE, got {item!r}")
+        *path, last = key.split(".")
+        node: Any = data
+        try:
+            for part in path:
+                node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+            if isinstance(node, list):
+                node[int(last)] = yaml.safe_load(raw)
+            else:
+                node[last] = yaml.safe_load(raw)
+        except (IndexError, ValueError, TypeError, AttributeError) as e:
+            raise ConfigError(f"--set {item!r}: {key} does not name a place in the config ({e})") from None
+    return data

@@ -54,8 +54,8 @@ class CpuDevice(_Strict):
     kv_cache_space_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE (GiB) per engine")
     malloc_reuse: bool = Field(True, description="engine processes keep freed memory for reuse (glibc, "
                                "kvtransfer.config.MALLOC_REUSE_ENV): the slab codecs' large temporaries then "
-                               "skip page faults (int8/int4 pack ~3x faster here, "
-                               "loadtests/kv_codec_microbench.py); the engine itself measured the same either way")
+                               "skip page faults (int8/int4 pack ~3x faster on a 2-core CPU VM, "
+                               "loadtests/kv/kv_codec_microbench.py); the engine itself measured the same either way")
 
 
     @field_validator("cpu_cores")

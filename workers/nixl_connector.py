@@ -89,7 +89,7 @@ class QuietNixlConnector(NixlConnector):
     On CPU engines it moves the paged KV caches onto transparent huge pages before NIXL registers
     them (``PDSERVE_KV_CACHE_HUGE_PAGES``, on by default): a same-host READ is the kernel's
     ``process_vm_readv``, which copies from 2 MiB pages ~2.7x faster than from 4 KiB ones
-    (loadtests/kv_xfer_microbench.py).
+    (loadtests/kv/kv_xfer_microbench.py).
     """
 
     def __init__(self, *args, **kwargs):

@@ -11,16 +11,16 @@ The fix: vLLM's engine core and its worker talk over a shared-memory ring whose 
 
 - Spinning: the engine core reads the worker's reply every step, so it spins through every forward
   pass (measured: 63% of a core) on whatever core the OS gives it, typically the OTHER engine's pinned
-  core on a small box. Readers here stop spinning after ``PDSERVE_MQ_BUSY_LOOP_S`` (default 0).
+  core on a small box. Readers in pdserve's engines stop spinning after ``PDSERVE_MQ_BUSY_LOOP_S`` (default 0).
 - Lost wake-ups: the notification is best-effort (PUB with ``SNDHWM=1`` drops silently, the SUB side
   conflates). A reader that sleeps through a dropped notification only re-checks the ring after
   ``SHM_READER_RECHECK_INTERVAL_MS`` = 5 s (vLLM PR #45224). With spinning off, sleeping is the common
-  path and every dropped notification froze the engine for exactly ~5.1 s: all its streams stalled
-  together (measured: client inter-token p99 5.1 s in every benchmark run, py-spy showed engine core
-  and worker both waiting on the ring). Sleeps here re-check after ``PDSERVE_MQ_RECHECK_MS``
-  (default 1 ms): a dropped notification now costs at most that, an idle reader wakes 1000x/s.
+  path and every dropped notification freezes the engine for ~5.1 s: all its streams stall together
+  (measured: client inter-token p99 5.1 s, py-spy showing engine core and worker both waiting on the
+  ring; loadtests/results/README.md). Their sleeps re-check after ``PDSERVE_MQ_RECHECK_MS``
+  (default 1 ms): a dropped notification costs at most that, an idle reader wakes 1000x/s.
   Dropped notifications are the common case, not the exception: with a 10 ms re-check a one-core decode
-  step at batch 1 took 43 ms, with 1 ms 33 ms (the same as vLLM spinning on two cores).
+  step at batch 1 takes 43 ms, with 1 ms 33 ms (the same as vLLM spinning on two cores).
 """
 
 from __future__ import annotations

@@ -347,10 +347,10 @@ class TestRouter:
         assert max(t for _, t, _ in rejected) < 2.0           # early rejection, not a timeout
         assert len(ok) <= 4, [r[0] for r in results]          # the queue-wait budget, not the burst, sets it
         # Admitted requests keep TTFT near the SLO (4 s). Without admission the last of the 10 would
-        # wait ~10 prefills (>10 s here). The bound leaves room for this box's noise: three engines on
-        # two cores, the prefill engine sharing one with a decode engine (a CI run measured 1.56x SLO
-        # when both admitted prompts met a busy shared core); the SLO claim itself is the benchmark's
-        # (loadtests/results: admitted p99 TTFT under the SLO at ~2x capacity).
+        # wait ~10 prefills (>10 s on 2 cores). The bound leaves room for a 2-core machine's noise:
+        # three engines on two cores, the prefill engine sharing one with a decode engine (a CI run
+        # measured 1.56x SLO when both admitted prompts met a busy shared core); the SLO claim itself is
+        # the benchmark's (loadtests/results: admitted p99 TTFT under the SLO at ~2x capacity).
         assert max(t for _, t, _ in ok) < 4.0 * 2
         samples = scrape(url)
         assert metric_sum(samples, "pdserve_admission_rejections_total", tier="free") >= len(rejected)
@@ -359,7 +359,7 @@ class TestRouter:
     def test_premium_admitted_while_free_is_shed(self, cluster):
         """Two rounds: a free-tier flood fills free's share of the queue (60 % of the TTFT budget), then
         one premium request arrives and finds its reserved share. (Two premium requests back to back on
-        top of a full free share would ask for ~2 x 1 s of this box's 1.6 s premium headroom: an
+        top of a full free share would ask for ~2 x 1 s of the 1.6 s premium headroom on 2 cores: an
         overload 503 for the second is then the policy working, not failing.)"""
         url = cluster.base_url
         long = "Summarise: " + " ".join(f"Row {i} lists {i * 3} apples and {i % 4} pears." for i in range(16))

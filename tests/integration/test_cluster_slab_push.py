@@ -18,7 +18,7 @@ import sys
 import httpx
 import pytest
 
-from loadtests.faults import engine_processes, paused
+from loadtests.faults.faults import engine_processes, paused
 from tests.conftest import REPO
 from tests.integration.cluster_utils import (
     cluster_config,

@@ -1,5 +1,5 @@
 """Fault injection on a real local cluster (1 prefill replica, 1 decode replica), driven through the
-public HTTP API; the faults are signals sent from here to the engines' processes (loadtests/faults.py),
+public HTTP API; the faults are signals sent from here to the engines' processes (loadtests/faults/faults.py),
 nothing simulated inside the product.
 
 Tests run in file order and share one cluster: the last one kills the only decode replica's engine.
@@ -17,7 +17,7 @@ import time
 import httpx
 import pytest
 
-from loadtests.faults import engine_processes, kill, paused
+from loadtests.faults.faults import engine_processes, kill, paused
 from tests.integration.chat_client import CLIENT_TIMEOUT_S, PROMPTS, chat, request_body, stream
 from tests.integration.cluster_utils import (
     cluster_config,

@@ -1,5 +1,5 @@
 """SlabKVConnector end to end on real engines: a prefill and a decode vLLM CPU engine (each its own
-process tree via loadtests/kv_harness.py, pinned to cores 0 and 1), real NIXL/UCX over loopback,
+process tree via loadtests/kv/kv_harness.py, pinned to cores 0 and 1), real NIXL/UCX over loopback,
 SmolLM2-135M in float32.
 
 * compression none: the decode engine's greedy output equals ONE colocated engine's
@@ -26,8 +26,8 @@ import time
 import pytest
 
 from kvtransfer.ports import free_port
-from loadtests.kv_harness import EngineProcess
-from loadtests.kv_int4_study import TEST_PROMPTS
+from loadtests.kv.kv_harness import EngineProcess
+from loadtests.kv.kv_int4_study import TEST_PROMPTS
 from tests.conftest import REPO
 from tests.integration.cluster_utils import wait_for
 
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.integration
 GREEDY_TOKENS = 32
 DTYPE = "float32"
 HANDOFF_TIMEOUT_S = 6.0
-# ~100-600 prompt tokens after the chat template; shared with the offline study (loadtests/kv_int4_study.py)
+# ~100-600 prompt tokens after the chat template; shared with the offline study (loadtests/kv/kv_int4_study.py)
 PROMPTS = TEST_PROMPTS
 
 
@@ -187,7 +187,7 @@ class TestSlabHandoffBlock128:
         assert ratio <= 0.3
         # The codec's measured level on these prompts: 4 of 5 agree (plain group-wise int4 without the
         # Hadamard rotation: 2 of 5). The 90 % goal is not met and is above int8's own level on this
-        # model (the offline study, loadtests/kv_int4_study.py, and loadtests/results/README.md); this
+        # model (the offline study, loadtests/kv/kv_int4_study.py, and loadtests/results/README.md); this
         # assertion fails as soon as one more prompt diverges.
         assert agree >= 0.8
 

@@ -1,7 +1,7 @@
 """Two decode replicas on a real local cluster (1 prefill + 2 decode, float32 eager engines, a 6 s KV
 lease: the config's minimum): a decode that reads its KV after the prefill's lease expired, the loss
 of the prefill replica, and the loss of one decode replica under load. Faults are signals sent from here
-to the engines' processes (loadtests/faults.py); requests go through the public HTTP API.
+to the engines' processes (loadtests/faults/faults.py); requests go through the public HTTP API.
 
 Tests run in file order and share one cluster; the last one kills a decode replica's engine. Answers
 are compared with the ones the same cluster gave before any fault (float32: a prompt prefilled on
@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from loadtests.faults import engine_processes, engine_processes_of, kill, paused, replica_processes
+from loadtests.faults.faults import engine_processes, engine_processes_of, kill, paused, replica_processes
 from tests.integration.chat_client import CLIENT_TIMEOUT_S, PROMPTS, chat, stream
 from tests.integration.cluster_utils import (
     cluster_config,

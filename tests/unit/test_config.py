@@ -1,8 +1,11 @@
+import json
 import textwrap
+from pathlib import Path
 
 import pytest
+import yaml
 
-from serve.config import DEFAULT_CONFIG, ClusterConfig, ConfigError
+from serve.config import DEFAULT_CONFIG, ClusterConfig, ConfigError, apply_overrides, load_config_data, merge_overlay
 from tests.conftest import REPO
 from workers.config import CpuDevice, GpuDevice, PoolConfig, PoolRole
 
@@ -107,3 +110,78 @@ class TestRouterTimeouts:
         r = ClusterConfig.from_dict({**BASE, "router": {"prefill_timeout_s": 5, "idle_timeout_s": 30}}).router
         assert (r.prefill_timeout_s, r.idle_timeout_s) == (5.0, 30.0)
         assert "router.prefill_timeout_s" in error_of({**BASE, "router": {"prefill_timeout_s": 0}})
+
+
+BENCH_EXPECTED = json.loads((Path(__file__).parent / "data" / "bench_configs.json").read_text())
+
+
+class TestOverlays:
+    @pytest.mark.parametrize("name", sorted(BENCH_EXPECTED))
+    def test_bench_overlay_resolves_to_its_recorded_full_config(self, name):
+        """tests/unit/data/bench_configs.json holds what each configs/bench file gave as a complete file."""
+        path = REPO / "configs" / "bench" / f"{name}.yaml"
+        assert yaml.safe_load(path.read_text())["base"] == "default"
+        cfg = ClusterConfig.from_yaml(path)
+        assert cfg.model_dump(mode="json") == BENCH_EXPECTED[name]
+        assert ClusterConfig.from_dict(cfg.model_dump(mode="json")) == cfg   # the dump serves the same config
+
+    def test_every_bench_config_is_recorded(self):
+        assert sorted(p.stem for p in (REPO / "configs" / "bench").glob("*.yaml")) == sorted(BENCH_EXPECTED)
+
+    def test_merge_rules(self):
+        base = {"a": {"x": 1, "y": [1, 2]}, "s": "v", "n": 3,
+                "pools": [{"name": "p", "role": "prefill", "engine": {"k": 1}}, {"name": "d", "role": "decode"}]}
+        snapshot = json.dumps(base)
+        merged = merge_overlay(base, {"a": {"y": [3]}, "n": None, "new": {"z": 1},
+                                      "pools": {"p": {"engine": {"j": 2}}, "e": {"role": "decode"}}})
+        assert merged == {"a": {"x": 1, "y": [3]}, "s": "v", "n": None, "new": {"z": 1},
+                          "pools": [{"name": "p", "role": "prefill", "engine": {"k": 1, "j": 2}},
+                                    {"name": "d", "role": "decode"}, {"name": "e", "role": "decode"}]}
+        assert json.dumps(base) == snapshot, "the base is not modified"
+        assert merge_overlay(base, {"pools": {"p": None}})["pools"] == [{"name": "d", "role": "decode"}]
+        assert merge_overlay(base, {"pools": [{"name": "q"}]})["pools"] == [{"name": "q"}]   # a list replaces
+
+    def test_base_chain_relative_path_and_errors(self, tmp_path):
+        (tmp_path / "two.yaml").write_text("base: default\npools: {decode: {replicas: 2}}\n")
+        (tmp_path / "sub").mkdir()
+        (tmp_path / "sub" / "three.yaml").write_text("base: ../two.yaml\nserver: {port: 9000}\n")
+        cfg = ClusterConfig.from_yaml(tmp_path / "sub" / "three.yaml")
+        default = ClusterConfig.from_yaml(DEFAULT_CONFIG)
+        assert (cfg.server.port, cfg.pools[1].replicas.max, cfg.pools[0]) == (9000, 2, default.pools[0])
+        (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+        with pytest.raises(ConfigError, match="loops"):
+            ClusterConfig.from_yaml(tmp_path / "loop.yaml")
+        (tmp_path / "gone.yaml").write_text("base: default\npools: {nosuch: null}\n")
+        with pytest.raises(ConfigError, match=r"gone.yaml: pools.nosuch: no entry of that name"):
+            ClusterConfig.from_yaml(tmp_path / "gone.yaml")
+        (tmp_path / "missing.yaml").write_text("base: nowhere.yaml\n")
+        with pytest.raises(ConfigError, match="not found"):
+            ClusterConfig.from_yaml(tmp_path / "missing.yaml")
+        (tmp_path / "bad.yaml").write_text("base: default\npools: {decode: {replicas: -1}}\n")
+        with pytest.raises(ConfigError, match=r"(?s)bad.yaml.*pools.1.replicas"):
+            ClusterConfig.from_yaml(tmp_path / "bad.yaml")
+
+
+class TestOverrides:
+    def test_set_edits_dotted_keys(self):
+        data = {"pools": [{"engine": {"extra": {"num_gpu_blocks_override": 32}}}], "router": {}}
+        apply_overrides(data, ["pools.0.engine.extra.num_gpu_blocks_override=24", "router.admission.enabled=false",
+                               "pools.0.device=[0, 1]"])
+        assert data == {"pools": [{"engine": {"extra": {"num_gpu_blocks_override": 24}}, "device": [0, 1]}],
+                        "router": {"admission": {"enabled": False}}}
+        for bad in ("no-equals-sign", "pools.5.replicas=1", "pools.x.replicas=1", "router.admission.enabled.x=1"):
+            with pytest.raises(ConfigError):
+                apply_overrides({"pools": [{}], "router": {"admission": {"enabled": True}}}, [bad])
+
+    def test_set_applies_after_the_overlay(self):
+        path = REPO / "configs" / "bench" / "two-decode.yaml"
+        cfg = ClusterConfig.from_yaml(path, ["pools.1.replicas=3", "server.port=9001"])
+        assert (cfg.pools[1].replicas.max, cfg.server.port) == (3, 9001)
+        assert load_config_data(path)["pools"][1]["replicas"] == {"min": 2, "max": 2}
+
+    def test_cli_validate_takes_set(self, capsys):
+        from serve.cli import main
+        assert main(["validate", "--set", "server.port=9002"]) == 0
+        assert json.loads(capsys.readouterr().out)["server"]["port"] == 9002
+        assert main(["validate", "--set", "pools.7.name=x"]) == 2
+        assert "does not name a place" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The fault run's pure parts (loadtests/faults_run.py) on hand-written fake records and timelines,
+"""The fault run's pure parts (loadtests/faults/faults_run.py) on hand-written fake records and timelines,
 its config and CLI, and the fault helpers' per-replica engine lookup on stand-in processes. No
 cluster: the run itself starts one."""
 
@@ -8,11 +8,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
 
-from loadtests import faults
 from loadtests.client import RequestRecord
-from loadtests.faults_run import (
+from loadtests.faults import faults
+from loadtests.faults.faults_run import (
     analyse,
     classify,
     fault_targets,
@@ -152,13 +151,14 @@ class TestAnalysis:
 
 
 class TestRunSetup:
-    def test_two_decode_config_is_local_yaml_with_two_decode_replicas(self):
-        local = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
-        two = yaml.safe_load((REPO / "configs" / "bench" / "two-decode.yaml").read_text())
-        decode = next(p for p in local["pools"] if p["role"] == "decode")
+    def test_two_decode_config_is_the_default_with_two_decode_replicas(self):
+        from serve.config import DEFAULT_CONFIG, load_config_data
+        default = load_config_data(DEFAULT_CONFIG)
+        two = load_config_data(REPO / "configs" / "bench" / "two-decode.yaml")
+        decode = next(p for p in default["pools"] if p["role"] == "decode")
         decode["replicas"] = {"min": 2, "max": 2}
         decode["device"]["cpu_cores"] = ["1", "0"]
-        assert two == local
+        assert two == default
         assert fault_targets(str(REPO / "configs" / "bench" / "two-decode.yaml")) == {
             "app_name": "pdserve", "prefill": "prefill", "decode": "decode"}
 

@@ -207,7 +207,7 @@ class TestSlabCodec:
 def test_bench_takes_nixl_handoff_as_xfer_duration_alone():
     """NIXL's xferDuration runs from the post to completion, post included: the bench's NixlConnector
     handoff is xferDuration alone (adding postDuration counted the post twice)."""
-    from loadtests.kv_bench import summarize
+    from loadtests.kv.kv_bench import summarize
 
     def row(connector, **kw):
         base = {"connector": connector, "compression": "none", "mode": "pull", "prompt_tokens": 512, "warmup": False,

@@ -319,7 +319,7 @@ def _resident_share(t: torch.Tensor) -> float:
 
 def test_slab_pool_is_resident_when_prefaulted():
     """``prefault_pool`` (default on) touches every pool page at start, so no handoff pays page faults
-    (loadtests/kv_xfer_microbench.py: READs into fresh pages ran ~4x slower): every page is in RAM."""
+    (loadtests/kv/kv_xfer_microbench.py: READs into fresh pages ran ~4x slower): every page is in RAM."""
     assert SlabSettings().prefault_pool
     w = SlabConnectorWorker(SlabSettings(pool_mib=96), "P", lambda: FakeTransport("P", {}), clock=FakeClock(0.0),
                             wall_clock=lambda: 0.0)
@@ -338,7 +338,7 @@ def _thp_mode() -> str:
 
 def test_slab_pool_sits_on_huge_pages():
     """``huge_pages`` (default on) asks for transparent huge pages: same-host READs (UCX cma) copy
-    ~2x faster from them (loadtests/kv_xfer_microbench.py). With THP ``never`` in the kernel the pool
+    ~2x faster from them (loadtests/kv/kv_xfer_microbench.py). With THP ``never`` in the kernel the pool
     is ordinary memory and still works."""
     from kvtransfer.hostmem import HUGE_PAGE, huge_page_bytes
 

@@ -162,30 +162,30 @@ class TestBenchConfig:
         from loadtests.bench import config_defaults
         from serve.config import DEFAULT_CONFIG
         assert config_defaults(str(DEFAULT_CONFIG)) == {"ttft_slo": 4.0, "tpot_slo": 0.25}
-        p = tmp_path / "c.yaml"
-        p.write_text("pools: [{engine: {}}]\n")
+        p = tmp_path / "c.yaml"   # an overlay: the SLO of its base unless it sets one
+        p.write_text("base: default\nrouter: {slo: {tpot_ms: 200}}\n")
+        assert config_defaults(str(p)) == {"ttft_slo": 4.0, "tpot_slo": 0.2}
+        p.write_text("model: {name: m}\npools: [{name: d, role: decode, device: {kind: cpu, cpu_cores: '0'}}]\n")
         assert config_defaults(str(p)) == {"ttft_slo": 2.0, "tpot_slo": 0.2}
-
 
     def test_set_overrides_edit_a_copy_of_the_config(self, tmp_path):
         import yaml
 
-        from loadtests.bench import apply_overrides, edited_config
-        from serve.config import DEFAULT_CONFIG
-        data = {"pools": [{"engine": {"extra": {"num_gpu_blocks_override": 32}}}], "router": {}}
-        apply_overrides(data, ["pools.0.engine.extra.num_gpu_blocks_override=24", "router.admission.enabled=false",
-                               "pools.0.device=[0, 1]"])
-        assert data == {"pools": [{"engine": {"extra": {"num_gpu_blocks_override": 24}}, "device": [0, 1]}],
-                        "router": {"admission": {"enabled": False}}}
-        for bad in ("no-equals-sign", "pools.5.replicas=1", "pools.x.replicas=1", "router.admission.enabled.x=1"):
-            with pytest.raises(SystemExit):
-                apply_overrides({"pools": [{}], "router": {"admission": {"enabled": True}}}, [bad])
+        from loadtests.bench import edited_config
+        from serve.config import DEFAULT_CONFIG, ClusterConfig
         assert edited_config(str(DEFAULT_CONFIG), [], "x", tmp_path) == str(DEFAULT_CONFIG)
         path = edited_config(str(DEFAULT_CONFIG), ["pools.0.replicas=3"], "x", tmp_path)
         assert path == str(tmp_path / "configs" / "x.yaml")
         edited = yaml.safe_load(Path(path).read_text())
-        assert edited["pools"][0]["replicas"] == 3
+        assert edited["pools"][0]["replicas"]["min"] == edited["pools"][0]["replicas"]["max"] == 3
         assert edited["model"] == yaml.safe_load(Path(DEFAULT_CONFIG).read_text())["model"]
+        assert ClusterConfig.from_yaml(path) == ClusterConfig.from_yaml(DEFAULT_CONFIG, ["pools.0.replicas=3"])
+        from tests.conftest import REPO
+        overlay = str(REPO / "configs" / "bench" / "two-decode.yaml")   # --set edits the resolved overlay
+        path = edited_config(overlay, ["pools.1.device.cpu_cores=['1', '1']"], "y", tmp_path)
+        assert ClusterConfig.from_yaml(path).pools[1].device.cpu_cores == ["1", "1"]
+        with pytest.raises(SystemExit, match="does not name a place"):
+            edited_config(str(DEFAULT_CONFIG), ["pools.5.replicas=1"], "z", tmp_path)
 
 
 class TestSweep:
@@ -288,7 +288,7 @@ def test_server_session_is_deprioritised_against_the_client():
 
 def test_recorded_paths_are_portable():
     from loadtests.bench import REPO, portable
-    assert portable(str(REPO / "configs" / "local.yaml")) == "configs/local.yaml"
+    assert portable(str(REPO / "serve" / "default.yaml")) == "serve/default.yaml"
     assert portable("/somewhere/else/run") == "run" and portable(0.5) == 0.5
 
 

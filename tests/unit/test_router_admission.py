@@ -133,8 +133,8 @@ class TestAdmission:
     def test_a_long_own_service_leaves_the_reserve_to_higher_tiers(self):
         # own service 2.1 s (500 tokens + a step) under a 4 s SLO: the waiting room is 1.9 s. Free
         # fills 0.6 of it only on an empty queue; behind one free request (1 s queued) premium still
-        # fits (1 + 2.1 s). Dividing the whole SLO ("slo") admitted free up to 2.4 s of queue with
-        # it, after which premium (queue 2.4 s + 2.1 s) was an overload
+        # fits (1 + 2.1 s). Dividing the whole SLO ("slo") admits free up to 2.4 s of queue with
+        # it, after which premium (queue 2.4 s + 2.1 s) is an overload
         m, kw = _model(), dict(uncached_tokens=500, decode_batch=0)
         assert isinstance(decide("free", TIERS, m, queued_prefill_tokens=100, **kw), Rejection)
         assert isinstance(decide("free", TIERS, m, queued_prefill_tokens=100, tier_budget="slo", **kw), Admission)
@@ -191,7 +191,7 @@ class TestAdmission:
         assert got == expected
         if isinstance(d, Rejection):
             assert d.status_code == (429 if expected == "tier_quota" else 503) and d.retry_after_s >= 1
-        if tier == "free":  # the earlier rule let free fill the batch up to the SLO
+        if tier == "free":  # tpot_budget "slo" lets free fill the batch up to the SLO
             assert isinstance(decide(tier, TIERS, m, queued_prefill_tokens=0, uncached_tokens=10, decode_batch=batch,
                                      tpot_budget="slo"), Admission)
 

@@ -1,6 +1,6 @@
 """Microbenchmark: cross-process NIXL READ of one handoff's bytes through kvtransfer's NixlTransport.
 
-    python -m loadtests.kv_xfer_microbench [--mib 48] [--reps 6] [--ucx-tls tcp,self,sm] [--out DIR]
+    python -m loadtests.kv.kv_xfer_microbench [--mib 48] [--reps 6] [--ucx-tls tcp,self,sm] [--out DIR]
 
 Two processes pinned like the cluster's engines (the source on core 0, the reader on core 1), each
 with the connector's transport (UCX backend, the connector's progress-thread delay). The reader
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DESCRIPTORS = (1, 8, 510)
 MiB = 1 << 20
 

@@ -1,14 +1,15 @@
 """Fault injection under load, recorded: open-loop traffic while one of two decode replicas is killed
 and the prefill replica is paused, then what the clients saw.
 
-    python -m loadtests.faults_run
-    python -m loadtests.faults_run --rate 2 --duration 180 --kill-decode-at 60 --pause-prefill-at 120 --pause-s 10
+    python -m loadtests.faults.faults_run
+    python -m loadtests.faults.faults_run --rate 2 --duration 180 --kill-decode-at 60 --pause-prefill-at 120 \
+        --pause-s 10
 
 Starts ``pdserve serve CONFIG`` (default: one prefill and two decode replicas), warms it up, sends
 ``random`` requests (256 tokens in, 128 out, ignore_eos) at ``--rate`` req/s for ``--duration`` s
 and, on the same clock (seconds since the open loop's start, as every ``start_s``): SIGKILLs the vLLM
 engine processes of ONE decode replica at ``--kill-decode-at``; SIGSTOPs the prefill replica's engines
-at ``--pause-prefill-at`` for ``--pause-s``, then SIGCONT (``loadtests/faults.py``).
+at ``--pause-prefill-at`` for ``--pause-s``, then SIGCONT (``loadtests/faults/faults.py``).
 
 Writes ``loadtests/results/<run-id>-faults/``: ``raw/requests.json`` (every request), ``timeline.json``
 (``/metrics`` every second), ``summary.json``, ``report.md`` (outcomes overall and per phase, recovery
@@ -29,12 +30,13 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from kvtransfer.ports import free_port
-from loadtests import faults, workloads
+from loadtests import workloads
 from loadtests.bench import DEFAULT_MODEL, portable, scrape_metrics, warm_up
 from loadtests.client import RequestRecord
+from loadtests.faults import faults
 from loadtests.openloop import run_open_loop
 from loadtests.report import bins, save_figure
-from loadtests.systems import REPO, SERVER_AUTOGROUP_NICE, start_ours, wait_ready
+from loadtests.systems import REPO, SERVER_AUTOGROUP_NICE, resolved_config, start_ours, wait_ready
 
 DEFAULT_CONFIG = REPO / "configs" / "bench" / "two-decode.yaml"
 INPUT_TOKENS, OUTPUT_TOKENS = 256, 128
@@ -65,10 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def fault_targets(config: str) -> dict:
-    """From a pdserve YAML config: the Serve app name and the names of its prefill and decode pools."""
-    import yaml
-
-    data = yaml.safe_load(Path(config).read_text()) or {}
+    """From a pdserve config (resolved: an overlay's base counts): the Serve app name and the names of its
+    prefill and decode pools."""
+    data = resolved_config(config)
     pools = {p["role"]: p["name"] for p in data["pools"]}
     return {"app_name": data.get("app_name", "pdserve"), "prefill": pools["prefill"], "decode": pools["decode"]}
 

@@ -1,10 +1,10 @@
 """One vLLM engine (AsyncLLM) in a subprocess, driven over stdin/stdout JSON lines: what the
-integration tests and loadtests/kv_bench.py use to run real prefill/decode/colocated engines side by
+integration tests and loadtests/kv/kv_bench.py use to run real prefill/decode/colocated engines side by
 side without Ray. Not part of the connector.
 
 Server (a subprocess; vLLM spawns its own engine-core and worker processes under it)::
 
-    python -m loadtests.kv_harness '<json EngineOptions>'
+    python -m loadtests.kv.kv_harness '<json EngineOptions>'
 
 Protocol: every reply line starts with ``@@kvh@@ `` (vLLM logs share stdout). Requests:
 ``{"op": "generate", "requests": [{"prompt_token_ids": [...], "max_tokens": n,
@@ -39,7 +39,7 @@ class EngineProcess:
         self.options = options
         self._log = open(log_path, "w")  # noqa: SIM115 (lives as long as the process)
         self._replies: queue.Queue[dict] = queue.Queue()
-        self.proc = subprocess.Popen([sys.executable, "-m", "loadtests.kv_harness", json.dumps(options)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "loadtests.kv.kv_harness", json.dumps(options)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, env={**os.environ, **env}, cwd=cwd, start_new_session=True)
         self._reader = threading.Thread(target=self._read, daemon=True)

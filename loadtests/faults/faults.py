@@ -1,6 +1,6 @@
 """Fault injection from outside the product: find a pool replica's vLLM engine processes and kill or
 pause them with signals (psutil). Used by the integration tests (tests/integration/test_faults.py) and
-the fault run under load (loadtests/faults_run.py).
+the fault run under load (loadtests/faults/faults_run.py).
 
 A Ray Serve replica actor is a process whose title (``/proc/<pid>/cmdline``, set by Ray) contains
 ``ServeReplica:<app_name>:<deployment>``; pools deploy as ``pool-<pool name>`` (serve/app.py). vLLM's

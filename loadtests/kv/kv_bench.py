@@ -1,10 +1,10 @@
 """Benchmark: SlabKVConnector vs vLLM's NixlConnector on the same engines and prompts.
 
-    python -m loadtests.kv_bench [--sizes 512,1024,4096] [--reps 5] [--out DIR]
-    python -m loadtests.kv_bench --resummarize DIR     # recompute DIR/summary.json from its rows
+    python -m loadtests.kv.kv_bench [--sizes 512,1024,4096] [--reps 5] [--out DIR]
+    python -m loadtests.kv.kv_bench --resummarize DIR     # recompute DIR/summary.json from its rows
 
 For each connector a prefill engine (core 0) and a decode engine (core 1) run via
-loadtests/kv_harness.py, block_size 32 (the CPU minimum; vLLM's connector describes each block of
+loadtests/kv/kv_harness.py, block_size 32 (the CPU minimum; vLLM's connector describes each block of
 each layer separately), float32 SmolLM2-135M. Per handoff: prefill (max_tokens=1) -> decode
 (max_tokens=1) with the prefill's kv_transfer_params. Measured:
 
@@ -46,9 +46,9 @@ import torch
 from kvtransfer.config import MALLOC_REUSE_ENV, UCX_MT_MUTEX_ENV
 from kvtransfer.ports import free_port
 from kvtransfer.stats import percentile
-from loadtests.kv_harness import EngineProcess
+from loadtests.kv.kv_harness import EngineProcess
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BLOCK_SIZE = 32
 VOCAB = 49152
 

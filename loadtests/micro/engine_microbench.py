@@ -1,6 +1,6 @@
 """Engine microbenchmark: prefill tokens/s and decode ms/token per engine setting, side by side.
 
-    python -m loadtests.engine_microbench [--settings bfloat16,float32] [--cores 0]
+    python -m loadtests.micro.engine_microbench [--settings bfloat16,float32] [--cores 0]
 
 A setting is ``DTYPE`` or ``DTYPE:EXECUTOR`` (vLLM's ``distributed_executor_backend``; note that the
 CPU platform turns ``uni`` into ``mp`` unless ``VLLM_ENABLE_V1_MULTIPROCESSING=0``), optionally with
@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 async def _measure(model_dir: str, setting: str, prompt_tokens: int, repeats: int) -> dict:
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     rows = []
     for setting in args.settings.split(","):
         env = {**os.environ, **(MALLOC_REUSE_ENV if setting.endswith("+heap") else {})}
-        out = subprocess.run([sys.executable, "-m", "loadtests.engine_microbench", "--child", setting,
+        out = subprocess.run([sys.executable, "-m", "loadtests.micro.engine_microbench", "--child", setting,
                               "--cores", args.cores, "--prompt-tokens", str(args.prompt_tokens),
                               "--repeats", str(args.repeats), "--model-dir", model_dir],
                              cwd=REPO, capture_output=True, text=True, timeout=900, env=env)

@@ -1,6 +1,6 @@
 """Microbenchmark: slab codec cost per handoff, glibc malloc default vs keeping freed memory.
 
-    python -m loadtests.kv_codec_microbench [--tokens 1024] [--reps 5] [--out DIR]
+    python -m loadtests.kv.kv_codec_microbench [--tokens 1024] [--reps 5] [--out DIR]
 
 One handoff of ``--tokens`` tokens of float32 SmolLM2-135M KV (30 layers, 3 KV heads, head_dim 64,
 block 32) through ``SlabCodec``: pack (gather + rotate + quantize into the pool) and decode + scatter,
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 COMPRESSIONS = ("none", "int8", "int4")
 
 
@@ -29,7 +29,7 @@ def measure(tokens: int, reps: int) -> dict:
 
     from kvtransfer.codec import SlabCodec
     from kvtransfer.slab import SlabSpec
-    from loadtests.kv_xfer_microbench import pin
+    from loadtests.kv.kv_xfer_microbench import pin
 
     pin(0)
     spec = SlabSpec(num_layers=30, num_kv_heads=3, head_dim=64, block_size=32, dtype_bytes=4)
@@ -89,7 +89,7 @@ def main() -> None:
     summary: dict = {"tokens": args.tokens, "reps": args.reps, "malloc_reuse_env": MALLOC_REUSE_ENV}
     for setting, extra in (("default", {}), ("reuse", MALLOC_REUSE_ENV)):
         env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-        proc = subprocess.run([sys.executable, "-m", "loadtests.kv_codec_microbench", "--child", "--tokens",
+        proc = subprocess.run([sys.executable, "-m", "loadtests.kv.kv_codec_microbench", "--child", "--tokens",
                                str(args.tokens), "--reps", str(args.reps)], cwd=REPO, env={**env, **extra},
                               capture_output=True, text=True, timeout=600, check=True)
         line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))

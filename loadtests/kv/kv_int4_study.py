@@ -22,7 +22,7 @@ Variants (all group-wise along head_dim, groups of 32, asymmetric, kvtransfer/qu
   bf16, fp16     the KV cast to 16-bit floats and back: the noise floor of the criterion (a bf16
                  deployment's own cache dtype already moves the greedy tokens this much)
 
-    python -m loadtests.kv_int4_study [--variants int8,int4,...] [--out DIR]
+    python -m loadtests.kv.kv_int4_study [--variants int8,int4,...] [--out DIR]
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ import torch
 from kvtransfer.codec import hadamard
 from kvtransfer.quant import GroupQuant
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TOKENS = 32
 
 # the integration test's 5 prompts (structured, 90-700 tokens) and 15 everyday chat requests

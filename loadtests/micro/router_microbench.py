@@ -1,6 +1,6 @@
 """Routing decision latency: the SLO-aware, prefix-aware policy vs the least-loaded baseline, side by side.
 
-    python -m loadtests.router_microbench [--decisions 20000] [--index-blocks 1000000]
+    python -m loadtests.micro.router_microbench [--decisions 20000] [--index-blocks 1000000]
 
 Measures ``policy.route(request, snapshot)`` (placement + admission, what the router runs per
 request; histogram ``pdserve_router_decision_duration_seconds`` in production) on a warm prefix
@@ -27,7 +27,7 @@ from router.placement import build_policy
 from router.policy import LeastLoadedPolicy
 from router.types import EndpointState, PoolSnapshot, RequestDescriptor, Role
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def endpoints(rng: random.Random, n_decode: int, n_prefill: int) -> list[EndpointState]:
