@@ -9,7 +9,7 @@ import pytest
 
 from router.config import RouterConfig
 from router.hashing import block_keys
-from router.placement import SloAwarePolicy
+from router.pipeline import SloAwarePolicy
 from router.prefix_index import PrefixIndex
 from router.tier_activity import TierActivity
 from router.types import EndpointState, PoolSnapshot, Rejection, RequestDescriptor, Role
@@ -71,7 +71,7 @@ def scenario(seed: int):
         keys = tuple(block_keys([rng.randrange(7) if k % 2 else 1 for _ in range(tokens)], bs, None))
         for e in eps:
             if rng.random() < 0.6:
-                pol.index.add(e.endpoint_id, keys[:rng.randrange(0, len(keys) + 1)])
+                pol.prefix_index.add(e.endpoint_id, keys[:rng.randrange(0, len(keys) + 1)])
         req = RequestDescriptor(f"r{seed}-{k}", "m", tokens, rng.choice((16, 128, 600)), rng.choice(TIERS), 0.0, keys)
         steps.append((req, PoolSnapshot(list(eps)), rng.random() < 0.85, rng.choice((0.0, 5.0, 40.0))))
     return pol, clock, steps
@@ -94,11 +94,7 @@ def run(seed: int) -> list[tuple]:
     for req, snap, admit, advance in steps:
         clock.t += advance
         d = pol.route(req, snap, admit=admit)
-        if hasattr(pol, "on_routed"):
-            pol.on_routed(req, d, moved=not admit)
-        elif not isinstance(d, Rejection) and req.block_hashes:   # the orchestrator's record of what it routed
-            for e in (d.decode,) if not admit else filter(None, (d.prefill, d.decode)):
-                pol.index.add(e.endpoint_id, req.block_hashes)
+        pol.on_routed(req, d, moved=not admit)          # as the orchestrator does, once per routing
         out.append(outcome(d))
     return out
 
@@ -111,7 +107,7 @@ def test_decisions_match_the_recorded_table(seed):
     assert run(seed) == EXPECTED[seed]
 
 
-# recorded from the single-function placement (and its caller's record of what it routed)
+# recorded from the single-function placement, with its caller recording what it routed in the index
 EXPECTED: dict[int, list[tuple]] = {0: [('d2', None, 'local_prefill:short', 640, 60, 0.635310696, 0.098516921, None),
      ('d0', None, 'local_prefill:short', 0, 20, 1.902162796, 0.092617675, None),
      ('reject', 'overload_ttft', 503, 2.0),
