@@ -2,7 +2,7 @@
 
 At arrival, for the prefill and decode replicas the placement step picked:
 
-    TTFT ~ queue wait on the prefill replica + (prefill of the uncached tokens + KV handoff
+    TTFT ~ queue wait on the prefill replica + (prefill of the uncached tokens
             + one decode step: the first token comes from a step of the decode replica's batch) x ttft_bias
     TPOT ~ decode step time at the batch the request would join, over the context that batch attends
            during the request's life, x tpot_bias
@@ -11,7 +11,8 @@ The context is the decode replica's current KV context + this prompt + half of `
 request's own mean length while it decodes; the rest of the batch is taken as it is now: its growth and
 its departures roughly cancel over a request's life), so a long ``max_tokens`` predicts a slower TPOT.
 
-(the biases are the models' running observed/predicted ratios, see router/cost_model.py).
+(the biases are the models' running observed/predicted ratios, see router/cost_model.py; the KV handoff
+is inside the observed TTFT, so ``ttft_bias`` carries it).
 
 ``queue wait`` is the prefill work already dispatched to that replica and not finished (the
 router's own accounting, in uncached tokens) at the fitted prefill rate.
@@ -25,7 +26,7 @@ that is not active (``active``, from ``router.tier_activity.TierActivity``: no a
 it, so traffic of one tier alone may use the whole budget. The tier takes its fraction back for
 every admission decided after its next arrival; work the lower tiers have already queued is not
 preempted by the router. The budget is the waiting room the TTFT SLO leaves after one request's own
-service (SLO - predicted prefill, handoff and first step; the request's own service stands for the
+service (SLO - predicted prefill and first step; the request's own service stands for the
 next arrival's): a higher-tier request arriving at a queue a lower tier filled still fits its SLO
 even when one request's service is a large part of it (a 2 s prefill under a 4 s SLO).
 ``tier_budget="slo"`` divides the whole SLO instead (then a premium request behind a full free share
@@ -106,7 +107,7 @@ def usable_fraction(tier: str, tiers: Mapping[str, TierPolicy], active: Collecti
 
 
 def decide(tier: str, tiers: Mapping[str, TierPolicy], model: CostModel, *, queued_prefill_tokens: int,
-           uncached_tokens: int, decode_batch: int, kv_bytes: int = 0, decode_model: CostModel | None = None,
+           uncached_tokens: int, decode_batch: int, decode_model: CostModel | None = None,
            decode_idle: bool | None = None, min_retry_after_s: float = 1.0, max_new_tokens: int = 0,
            throttle: DecodeThrottle | None = None, prompt_tokens: int = 0,
            decode_context_tokens: int = 0, tier_budget: str = "waiting-room",
@@ -123,7 +124,7 @@ def decide(tier: str, tiers: Mapping[str, TierPolicy], model: CostModel, *, queu
     dm = decode_model or model
     wait = model.prefill_s(queued_prefill_tokens) * model.ttft_bias
     first_step = dm.decode_step_s(decode_batch + 1, decode_context_tokens + prompt_tokens)
-    ttft = wait + (model.prefill_s(uncached_tokens) + model.handoff_s(kv_bytes) + first_step) * model.ttft_bias
+    ttft = wait + (model.prefill_s(uncached_tokens) + first_step) * model.ttft_bias
     life_context = decode_context_tokens + prompt_tokens + max(max_new_tokens, 0) // 2
     tpot = dm.decode_step_s(decode_batch + 1, life_context) * dm.tpot_bias
     top_ttft = max(t.ttft_s for t in tiers.values())

@@ -29,13 +29,11 @@ class TestCostModel:
         assert 180 < m.prefill_tokens_per_s() < 220
         assert m.prefill_s(0) == 0.0 and m.prefill_s(512) == pytest.approx(512 / 200, rel=0.05)
 
-    def test_decode_and_handoff(self):
+    def test_decode(self):
         m = CostModel()
         for b in (1, 4, 8, 16) * 50:
             m.observe_decode(b, 0.1 + 0.005 * b)
-            m.observe_handoff(b * 1_000_000, 0.002 + b * 1e-3)
         assert m.decode_step_s(8) == pytest.approx(0.14, rel=0.02)
-        assert m.handoff_s(4_000_000) == pytest.approx(0.006, rel=0.1)
         m.observe_decode(0, 1.0)                                           # ignored
         assert m.decode_step_s(0) == pytest.approx(m.decode_step_s(1))
 
@@ -63,7 +61,7 @@ class TestCostModel:
 
 def _model(rate=250.0, step=0.1):
     m = CostModel(CostPrior(prefill_tokens_per_s=rate, prefill_overhead_s=0.0, decode_step_s=step,
-                            decode_step_per_seq_s=0.0, handoff_overhead_s=0.0))
+                            decode_step_per_seq_s=0.0))
     return m
 
 
