@@ -295,12 +295,25 @@ class TestRetryCountsOnce:
         # the policy hears of each routing once: the request on p0 and d0, then its decode moved to d1
         assert policy.routed == [(("d0", "p0"), False), (("d1", "p0"), True)]
 
+    def test_latency_hooks_hear_of_the_routed_attempt_once(self):
+        ticks = iter(range(100))
+        handles = FakeHandles(decodes={"d0": [[HI, THERE]]})
+        orch, _, policy = _orch(handles, clock=lambda: float(next(ticks)))
+        assert _run(orch) == ([HI, THERE], None)
+        # start 0, prefill 1-2, first chunk 3, finish 4: TTFT 3 s; TPOT 1 s over the one token after the first
+        assert policy.first_tokens == [("d0", 3.0)] and policy.finishes == [("d0", 1.0)]
+        handles = FakeHandles(decodes={"d0": [[RuntimeError("replica died")]], "d1": [[HI, THERE]]})
+        orch, _, policy = _orch(handles)
+        assert _run(orch) == ([HI, THERE], None)
+        assert policy.first_tokens == [] and policy.finishes == []      # a retry predicts nothing
+
     def test_a_rejected_retry_is_the_requests_error_not_an_admission_rejection(self):
         handles = FakeHandles(decodes={"d0": [[RuntimeError("replica died")]]})
-        orch, metrics, _ = _orch(handles, decode_ids=("d0",))
+        orch, metrics, policy = _orch(handles, decode_ids=("d0",))
         chunks, err = _run(orch)
         assert chunks == [] and (err.status_code, err.code) == (503, "no_decode_replica")
         assert _count(metrics.rejections, "no_decode_replica", "free") == 0
+        assert policy.routed[-1] == (Rejection("no_decode_replica", "none", 503, 5.0), True)
         assert _count(metrics.prefill_fallbacks, "decode_retry") == 1
         assert _count(metrics.admitted, "free", "remote") == 1
 
