@@ -84,6 +84,20 @@ class DecodeThrottle:
 
 
 @dataclass(frozen=True, slots=True)
+class AdmissionRules:
+    """What admission decides by (``router.admission`` and ``router.qos_tiers``, see
+    router/admission_stage.py): the tiers, the decode throttle (None: off), the Retry-After floor and
+    what the tiers' reserved fractions divide on the TTFT side (``tier_budget``) and the TPOT side
+    (``tpot_budget``)."""
+
+    tiers: Mapping[str, TierPolicy]
+    throttle: DecodeThrottle | None = None
+    min_retry_after_s: float = 1.0
+    tier_budget: str = "waiting-room"     # "waiting-room" | "slo"
+    tpot_budget: str = "headroom"         # "headroom" | "slo"
+
+
+@dataclass(frozen=True, slots=True)
 class Admission:
     predicted_ttft_s: float
     predicted_tpot_s: float
@@ -106,13 +120,11 @@ def usable_fraction(tier: str, tiers: Mapping[str, TierPolicy], active: Collecti
                         if t.priority <= me.priority or (active is not None and name not in active)))
 
 
-def decide(tier: str, tiers: Mapping[str, TierPolicy], model: CostModel, *, queued_prefill_tokens: int,
+def decide(tier: str, rules: AdmissionRules, model: CostModel, *, queued_prefill_tokens: int,
            uncached_tokens: int, decode_batch: int, decode_model: CostModel | None = None,
-           decode_idle: bool | None = None, min_retry_after_s: float = 1.0, max_new_tokens: int = 0,
-           throttle: DecodeThrottle | None = None, prompt_tokens: int = 0,
-           decode_context_tokens: int = 0, tier_budget: str = "waiting-room",
-           tpot_budget: str = "headroom", active: Collection[str] | None = None) -> Admission | Rejection:
-    """Admit or reject one request (see module docstring). ``model`` is the prefilling pool's,
+           decode_idle: bool | None = None, max_new_tokens: int = 0, prompt_tokens: int = 0,
+           decode_context_tokens: int = 0, active: Collection[str] | None = None) -> Admission | Rejection:
+    """Admit or reject one request of ``tier`` by ``rules`` (see module docstring). ``model`` is the prefilling pool's,
     ``decode_model`` the decode pool's (default: the same); ``decode_batch`` excludes the request.
     ``decode_idle`` (default ``decode_batch == 0``) is the liveness test for TPOT; callers pass their
     own exact in-flight count, since polled engine counts lag. ``decode_context_tokens``: KV tokens the
@@ -120,6 +132,7 @@ def decide(tier: str, tiers: Mapping[str, TierPolicy], model: CostModel, *, queu
     ``usable_fraction``; None = all of them)."""
     if decode_idle is None:
         decode_idle = decode_batch <= 0
+    tiers, throttle, min_retry_after_s = rules.tiers, rules.throttle, rules.min_retry_after_s
     pol = tiers[tier]
     dm = decode_model or model
     wait = model.prefill_s(queued_prefill_tokens) * model.ttft_bias
@@ -141,13 +154,13 @@ def decide(tier: str, tiers: Mapping[str, TierPolicy], model: CostModel, *, queu
     # lower tier's last admission cannot spill into a higher tier's share), and its own SLO
     share = usable_fraction(tier, tiers, active)
     own_service = ttft - wait
-    if tier_budget == "slo":
+    if rules.tier_budget == "slo":
         budget = share * pol.ttft_s
     else:  # a top tier only needs its SLO; lower ones leave room for one more request's service
         budget = math.inf if share >= 1.0 else share * max(pol.ttft_s - own_service, 0.0)
     queue_after = wait + model.prefill_s(uncached_tokens) * model.ttft_bias
     tpot_limit = pol.tpot_s
-    if tpot_budget != "slo" and share < 1.0:  # headroom above the request's step time alone
+    if rules.tpot_budget != "slo" and share < 1.0:  # headroom above the request's step time alone
         alone = dm.decode_step_s(1, prompt_tokens + max(max_new_tokens, 0) // 2) * dm.tpot_bias
         tpot_limit = alone + share * max(pol.tpot_s - alone, 0.0)
     if not idle and (queue_after > budget or ttft > pol.ttft_s) or (tpot > tpot_limit and not decode_idle):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from router.admission import Admission, DecodeThrottle, TierPolicy, decide, engine_priority
+from router.admission import Admission, AdmissionRules, DecodeThrottle, TierPolicy, decide, engine_priority
 from router.config import RouterConfig
 from router.cost_model import CostModel
 from router.tier_activity import TierActivity
@@ -42,7 +42,8 @@ class SloAdmission:
         self.cfg = cfg
         self.model = model
         self.tiers = tier_policies(cfg)
-        self.throttle = decode_throttle(cfg)
+        a = cfg.admission
+        self.rules = AdmissionRules(self.tiers, decode_throttle(cfg), a.min_retry_after_s, a.tier_budget, a.tpot_budget)
         idle_s = cfg.admission.tier_idle_s
         # None: reservations are never lent (every tier is always active)
         self.activity = activity if activity is not None else (None if idle_s is None else TierActivity(idle_s))
@@ -72,17 +73,15 @@ class SloAdmission:
               ) -> RoutingDecision | Rejection:
         """``decision`` with admission's predictions (and a capped ``max_new_tokens`` when decode is
         throttled), or the rejection."""
-        a, decode = self.cfg.admission, decision.decode
+        decode = decision.decode
         target = decision.prefill or decode
-        verdict = decide(tier, self.tiers, self.model(target.pool),
+        verdict = decide(tier, self.rules, self.model(target.pool),
                          queued_prefill_tokens=target.prefill_tokens_ahead(engine_priority(self.tiers[tier].priority)),
                          uncached_tokens=decision.uncached_tokens,
                          decode_batch=decode.load, decode_model=self.model(decode.pool),
                          decode_idle=decode.in_flight == 0,
-                         min_retry_after_s=a.min_retry_after_s,
-                         max_new_tokens=req.max_new_tokens, throttle=self.throttle,
+                         max_new_tokens=req.max_new_tokens,
                          prompt_tokens=req.num_prompt_tokens, decode_context_tokens=decode.context_tokens,
-                         tier_budget=a.tier_budget, tpot_budget=a.tpot_budget,
                          active=self.active_tiers(snapshot))
         if isinstance(verdict, Rejection):
             return verdict
