@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import time
@@ -276,8 +277,10 @@ class Orchestrator:
         job = _capped(job, decision)
         failure: DecodeFailed | None = None
         try:
-            async for chunk in self._attempt(job, decision, progress):
-                yield chunk
+            # closed as soon as this is (the client went away): its reservation and push prefill go at once
+            async with contextlib.aclosing(self._attempt(job, decision, progress)) as attempt:
+                async for chunk in attempt:
+                    yield chunk
             return
         except PushPrefillFailed:
             logger.warning("push prefill of %s failed; prefilling on decode replica %s", job.desc.request_id,
