@@ -2,7 +2,7 @@
 
 At arrival, for the prefill and decode replicas the placement step picked:
 
-    TTFT ~ queue wait on the prefill replica + (prefill of the uncached tokens + KV handoff
+    TTFT ~ queue wait on the prefill replica + (prefill of the uncached tokens
             + one decode step: the first token comes from a step of the decode replica's batch) x ttft_bias
     TPOT ~ decode step time at the batch the request would join, over the context that batch attends
            during the request's life, x tpot_bias
@@ -11,7 +11,8 @@ The context is the decode replica's current KV context + this prompt + half of `
 request's own mean length while it decodes; the rest of the batch is taken as it is now: its growth and
 its departures roughly cancel over a request's life), so a long ``max_tokens`` predicts a slower TPOT.
 
-(the biases are the models' running observed/predicted ratios, see router/cost_model.py).
+(the biases are the models' running observed/predicted ratios, see router/cost_model.py; the KV handoff
+is inside the observed TTFT, so ``ttft_bias`` carries it).
 
 ``queue wait`` is the prefill work already dispatched to that replica and not finished (the
 router's own accounting, in uncached tokens) at the fitted prefill rate.
@@ -25,7 +26,7 @@ that is not active (``active``, from ``router.tier_activity.TierActivity``: no a
 it, so traffic of one tier alone may use the whole budget. The tier takes its fraction back for
 every admission decided after its next arrival; work the lower tiers have already queued is not
 preempted by the router. The budget is the waiting room the TTFT SLO leaves after one request's own
-service (SLO - predicted prefill, handoff and first step; the request's own service stands for the
+service (SLO - predicted prefill and first step; the request's own service stands for the
 next arrival's): a higher-tier request arriving at a queue a lower tier filled still fits its SLO
 even when one request's service is a large part of it (a 2 s prefill under a 4 s SLO).
 ``tier_budget="slo"`` divides the whole SLO instead (then a premium request behind a full free share
@@ -83,6 +84,20 @@ class DecodeThrottle:
 
 
 @dataclass(frozen=True, slots=True)
+class AdmissionRules:
+    """What admission decides by (``router.admission`` and ``router.qos_tiers``, see
+    router/admission_stage.py): the tiers, the decode throttle (None: off), the Retry-After floor and
+    what the tiers' reserved fractions divide on the TTFT side (``tier_budget``) and the TPOT side
+    (``tpot_budget``)."""
+
+    tiers: Mapping[str, TierPolicy]
+    throttle: DecodeThrottle | None = None
+    min_retry_after_s: float = 1.0
+    tier_budget: str = "waiting-room"     # "waiting-room" | "slo"
+    tpot_budget: str = "headroom"         # "headroom" | "slo"
+
+
+@dataclass(frozen=True, slots=True)
 class Admission:
     predicted_ttft_s: float
     predicted_tpot_s: float
@@ -105,13 +120,11 @@ def usable_fraction(tier: str, tiers: Mapping[str, TierPolicy], active: Collecti
                         if t.priority <= me.priority or (active is not None and name not in active)))
 
 
-def decide(tier: str, tiers: Mapping[str, TierPolicy], model: CostModel, *, queued_prefill_tokens: int,
-           uncached_tokens: int, decode_batch: int, kv_bytes: int = 0, decode_model: CostModel | None = None,
-           decode_idle: bool | None = None, min_retry_after_s: float = 1.0, max_new_tokens: int = 0,
-           throttle: DecodeThrottle | None = None, prompt_tokens: int = 0,
-           decode_context_tokens: int = 0, tier_budget: str = "waiting-room",
-           tpot_budget: str = "headroom", active: Collection[str] | None = None) -> Admission | Rejection:
-    """Admit or reject one request (see module docstring). ``model`` is the prefilling pool's,
+def decide(tier: str, rules: AdmissionRules, model: CostModel, *, queued_prefill_tokens: int,
+           uncached_tokens: int, decode_batch: int, decode_model: CostModel | None = None,
+           decode_idle: bool | None = None, max_new_tokens: int = 0, prompt_tokens: int = 0,
+           decode_context_tokens: int = 0, active: Collection[str] | None = None) -> Admission | Rejection:
+    """Admit or reject one request of ``tier`` by ``rules`` (see module docstring). ``model`` is the prefilling pool's,
     ``decode_model`` the decode pool's (default: the same); ``decode_batch`` excludes the request.
     ``decode_idle`` (default ``decode_batch == 0``) is the liveness test for TPOT; callers pass their
     own exact in-flight count, since polled engine counts lag. ``decode_context_tokens``: KV tokens the
@@ -119,11 +132,12 @@ def decide(tier: str, tiers: Mapping[str, TierPolicy], model: CostModel, *, queu
     ``usable_fraction``; None = all of them)."""
     if decode_idle is None:
         decode_idle = decode_batch <= 0
+    tiers, throttle, min_retry_after_s = rules.tiers, rules.throttle, rules.min_retry_after_s
     pol = tiers[tier]
     dm = decode_model or model
     wait = model.prefill_s(queued_prefill_tokens) * model.ttft_bias
     first_step = dm.decode_step_s(decode_batch + 1, decode_context_tokens + prompt_tokens)
-    ttft = wait + (model.prefill_s(uncached_tokens) + model.handoff_s(kv_bytes) + first_step) * model.ttft_bias
+    ttft = wait + (model.prefill_s(uncached_tokens) + first_step) * model.ttft_bias
     life_context = decode_context_tokens + prompt_tokens + max(max_new_tokens, 0) // 2
     tpot = dm.decode_step_s(decode_batch + 1, life_context) * dm.tpot_bias
     top_ttft = max(t.ttft_s for t in tiers.values())
@@ -140,13 +154,13 @@ def decide(tier: str, tiers: Mapping[str, TierPolicy], model: CostModel, *, queu
     # lower tier's last admission cannot spill into a higher tier's share), and its own SLO
     share = usable_fraction(tier, tiers, active)
     own_service = ttft - wait
-    if tier_budget == "slo":
+    if rules.tier_budget == "slo":
         budget = share * pol.ttft_s
     else:  # a top tier only needs its SLO; lower ones leave room for one more request's service
         budget = math.inf if share >= 1.0 else share * max(pol.ttft_s - own_service, 0.0)
     queue_after = wait + model.prefill_s(uncached_tokens) * model.ttft_bias
     tpot_limit = pol.tpot_s
-    if tpot_budget != "slo" and share < 1.0:  # headroom above the request's step time alone
+    if rules.tpot_budget != "slo" and share < 1.0:  # headroom above the request's step time alone
         alone = dm.decode_step_s(1, prompt_tokens + max(max_new_tokens, 0) // 2) * dm.tpot_bias
         tpot_limit = alone + share * max(pol.tpot_s - alone, 0.0)
     if not idle and (queue_after > budget or ttft > pol.ttft_s) or (tpot > tpot_limit and not decode_idle):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class SloConfig(BaseModel):
@@ -56,6 +56,24 @@ class PlacementConfig(BaseModel):
     share_prefix_across_tenants: bool = Field(False, description="false: a tenant's hashes are salted")
 
 
+ScorerName = Literal["prefix", "load", "kv"]
+
+
+class PipelineConfig(BaseModel):
+    """The slo-aware policy's stages by name (router/pipeline.py): filters -> weighted scorers (pick the
+    decode replica) -> prefill decider (local or remote prefill, and where) -> admission (``router.admission``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    filters: list[Literal["healthy"]] = Field(default_factory=lambda: ["healthy"], description="candidate "
+                                              "filters applied to both roles (router/filters.py)")
+    scorers: dict[ScorerName, Annotated[float, Field(ge=0)]] | None = Field(
+        None, description="scorer name -> weight (router/scorers.py), summed in this order; null: prefix, "
+        "load and kv with the weights in router.placement")
+    decider: Literal["conditional"] = Field("conditional", description="local or remote prefill "
+                                            "(router/deciders.py; thresholds in router.placement)")
+
+
 class AdmissionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -105,6 +123,7 @@ class RouterConfig(BaseModel):
     tenant_header: str = Field("x-tenant-id", description="tenant for prefix-cache isolation (else the "
                                "body's 'user')")
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     prefill_timeout_s: float = Field(60.0, gt=0, description="a remote prefill not answered within this "
                                      "long is given up on and the decode engine prefills the prompt itself "
@@ -116,3 +135,20 @@ class RouterConfig(BaseModel):
     decode_migrations: int = Field(1, ge=0, description="a decode whose replica fails after its first token "
                                    "continues on another decode replica this many times (the prompt plus the "
                                    "tokens already sent, prefilled there); 0 = the failure is the request's error")
+
+    @model_validator(mode="after")
+    def _weights_in_one_place(self) -> RouterConfig:
+        set_here = self.placement.model_fields_set & set(_PLACEMENT_WEIGHTS.values())
+        if self.pipeline.scorers is not None and set_here:
+            raise ValueError(f"router.pipeline.scorers replaces router.placement.{sorted(set_here)[0]}: "
+                             "set the scorer weights in one place")
+        return self
+
+    def scorer_weights(self) -> dict[str, float]:
+        """Scorer name -> weight, in scoring order."""
+        if self.pipeline.scorers is not None:
+            return dict(self.pipeline.scorers)
+        return {name: getattr(self.placement, field) for name, field in _PLACEMENT_WEIGHTS.items()}
+
+
+_PLACEMENT_WEIGHTS = {"prefix": "prefix_weight", "load": "load_weight", "kv": "kv_weight"}

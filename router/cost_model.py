@@ -1,4 +1,4 @@
-"""Online cost model of a pool: predicts prefill time, decode step time and handoff time.
+"""Online cost model of a pool: predicts prefill time and decode step time.
 
 Each quantity is linear in its drivers, ``y = a + b * x (+ c * z)``, fitted by recursive least squares with exponential
 forgetting (recent behaviour dominates; a change of hardware or load shape is tracked within a
@@ -7,12 +7,11 @@ few dozen samples), starting from a prior (config, or a short warm-up) that coun
 
 - prefill seconds vs uncached prompt tokens (engine-reported prefill time of finished requests);
 - decode seconds per output token vs decode batch size (requests in the step) and the KV context the
-  step attends over (tokens held by running requests: attention cost grows with it);
-- handoff seconds vs KV bytes.
+  step attends over (tokens held by running requests: attention cost grows with it).
 
 On top, an end-to-end correction per quantity (``ttft_bias``, ``tpot_bias``): the geometric moving
 average of observed / predicted TTFT and TPOT of admitted requests. It absorbs what the lines do not
-model (the decode side's first step, queueing in the serving path, batch interference), so the
+model (the KV handoff, queueing in the serving path, batch interference), so the
 prediction the admission test uses is calibrated on the very quantity the SLO constrains.
 
 Pure: stdlib only. Not thread-safe; the router owns one per pool and updates it from one loop.
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 class OnlineLinear:
     """``y = w . (1, x_1 .. x_k)`` by recursive least squares with forgetting factor ``lam``.
 
-    ``scales`` condition the problem (tokens ~1e3, bytes ~1e7): feature ``i`` enters as ``x_i / scales[i]``.
+    ``scales`` condition the problem (tokens ~1e3, context tokens ~1e4): feature ``i`` enters as ``x_i / scales[i]``.
     The prior ``weights`` count as ``prior_weight`` samples."""
 
     def __init__(self, weights: Sequence[float], scales: Sequence[float], prior_weight: float = 5.0,
@@ -133,8 +132,6 @@ class CostPrior:
     decode_step_s: float = 0.10           # per output token at batch 1
     decode_step_per_seq_s: float = 0.004  # added per extra running sequence
     decode_step_per_kilotoken_s: float = 0.001  # added per 1k tokens of context in the batch
-    handoff_overhead_s: float = 0.01
-    handoff_bytes_per_s: float = 1e9
 
 
 BIAS_RANGE = (0.5, 4.0)   # a correction outside this means the model is broken, not biased
@@ -151,7 +148,6 @@ class CostModel:
         self.prefill = OnlineLine(p.prefill_overhead_s, 1.0 / p.prefill_tokens_per_s, prior_weight, lam, 1e3)
         self.decode = OnlineLinear((p.decode_step_s - p.decode_step_per_seq_s, p.decode_step_per_seq_s,
                                     p.decode_step_per_kilotoken_s / 1e3), (10.0, 1e4), prior_weight, lam)
-        self.handoff = OnlineLine(p.handoff_overhead_s, 1.0 / p.handoff_bytes_per_s, prior_weight, lam, 1e7)
 
     # observations ------------------------------------------------------------------------------
     def observe_prefill(self, uncached_tokens: int, seconds: float) -> None:
@@ -163,10 +159,6 @@ class CostModel:
         requests held ``context_tokens`` of KV."""
         if batch > 0 and seconds_per_token > 0:
             self.decode.update(batch, max(context_tokens, 0), y=seconds_per_token)
-
-    def observe_handoff(self, nbytes: int, seconds: float) -> None:
-        if nbytes > 0 and seconds > 0:
-            self.handoff.update(nbytes, seconds)
 
     def observe_ttft_ratio(self, actual_over_predicted: float) -> None:
         """Observed / predicted TTFT of one admitted request (prediction made with the current bias)."""
@@ -183,9 +175,6 @@ class CostModel:
 
     def decode_step_s(self, batch: int, context_tokens: int = 0) -> float:
         return max(self.decode.predict(max(batch, 1), max(context_tokens, 0)), 1e-4)
-
-    def handoff_s(self, nbytes: int) -> float:
-        return max(self.handoff.predict(nbytes), 0.0) if nbytes > 0 else 0.0
 
     def prefill_tokens_per_s(self) -> float:
         return 1.0 / max(self.prefill.coef(1), 1e-9)

@@ -5,12 +5,24 @@ it, with an SSE error event (``data: {"error": ...}``, as vLLM's OpenAI server s
 
 from __future__ import annotations
 
-from router.types import Rejection
+from router.types import EndpointState, Rejection
 from serve.protocol import ApiError
 
 
 class PushPrefillFailed(Exception):
     """A push-mode prefill failed before its decode produced a token (the decode is cancelled)."""
+
+
+class DecodeFailed(Exception):
+    """A decode call failed on ``endpoint``: ``cause`` is an :class:`EngineFinishFailed` (the engine ended
+    the request badly) or what the call raised (the replica or its engine died, Serve could not reach it).
+    The orchestrator's decode step raises it for every failure of the call; what the client sees is
+    :func:`decode_error` of its cause, once no retry or migration is left."""
+
+    def __init__(self, endpoint: EndpointState, cause: Exception) -> None:
+        super().__init__(f"decode failed on {endpoint.endpoint_id}: {cause!r}")
+        self.endpoint = endpoint
+        self.cause = cause
 
 
 class EngineFinishFailed(Exception):

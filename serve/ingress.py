@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from router.placement import build_policy
+from router.pipeline import build_policy
 from router.types import Role
 from serve.adapters import ParsedRequest, RequestAdapter, parse_body
 from serve.config import ClusterConfig
@@ -109,10 +109,10 @@ class Ingress:
                                   prefill_timeout_s=r.prefill_timeout_s, idle_timeout_s=r.idle_timeout_s,
                                   decode_migrations=r.decode_migrations,
                                   push_compression=push)
-        index = getattr(policy, "index", None)  # prefix-aware policies: engines' KV events feed it
-        self._kv_events = KvEventFeed(index) if index is not None else None
+        # prefix-aware policies: engines' KV events feed their index
+        self._kv_events = KvEventFeed(policy.prefix_index) if policy.prefix_index is not None else None
         self._monitor = PoolMonitor(pools, self._directory, self.metrics, period_s=r.stats_period_s,
-                                    on_stats=self._orch.observe, on_poll=self._on_poll)
+                                    on_stats=policy.on_stats, on_poll=self._on_poll)
         self._warmup: asyncio.Task | None = None
 
     # -- OpenAI routes ----------------------------------------------------------------------

@@ -26,17 +26,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from router.policy import RoutingPolicy
 from router.types import EndpointState, PoolSnapshot, Rejection, RequestDescriptor, RoutingDecision
-from serve.failures import EngineFinishFailed, PushPrefillFailed, decode_error, rejection_to_error
+from serve.failures import DecodeFailed, EngineFinishFailed, PushPrefillFailed, decode_error, rejection_to_error
 from serve.metrics import ClusterMetrics
 from serve.pool_directory import PoolDirectory
 from serve.protocol import ApiError
@@ -67,6 +68,15 @@ def push_wait_s(predicted_ttft_s: float | None, prefill_timeout_s: float) -> flo
     return min(prefill_timeout_s, PUSH_WAIT_TTFT_FACTOR * predicted_ttft_s)
 
 
+@dataclass(slots=True)
+class _Progress:
+    """What one request's client has received so far."""
+
+    start_s: float                                   # the request reached the orchestrator
+    first_s: float | None = None                     # its first chunk arrived
+    generated: list[int] = field(default_factory=list)   # token ids sent (a migrated decode continues after them)
+
+
 class Orchestrator:
     def __init__(self, handles: Mapping[str, Any], policy: RoutingPolicy, directory: PoolDirectory,
                  metrics: ClusterMetrics, *, prefill_timeout_s: float, idle_timeout_s: float,
@@ -84,7 +94,6 @@ class Orchestrator:
         self._in_flight: collections.Counter[str] = collections.Counter()
         # prefill work dispatched and not done, in uncached tokens, by (endpoint, engine priority)
         self._queued_by_priority: collections.Counter[tuple[str, int]] = collections.Counter()
-        self._index = getattr(policy, "index", None)          # prefix-aware policies expose theirs
         # slab push mode (None = pull): decode requests go out with their prefill, naming its agent
         self._push_compression = push_compression
         self._kv_agents: dict[str, tuple[str, str, int]] = {}    # prefill endpoint -> its slab agent
@@ -94,18 +103,20 @@ class Orchestrator:
         self._kv_agents = {e: (str(a[0]), str(a[1]), int(a[2])) for e, a in agents.items() if len(a) == 3}
 
     def forget_replicas(self, live: set[str]) -> list[str]:
-        """Drop from the prefix index every replica not in ``live`` (dead, unhealthy or removed): its
-        cache is gone or unreachable, and a replacement starts empty. Returns the dropped ones."""
-        if self._index is None:
+        """Drop from the policy's prefix index every replica not in ``live`` (dead, unhealthy or removed):
+        its cache is gone or unreachable, and a replacement starts empty. Returns the dropped ones."""
+        index = self._policy.prefix_index
+        if index is None:
             return []
-        gone = sorted(self._index.endpoints() - live)
+        gone = sorted(index.endpoints() - live)
         for endpoint in gone:
-            self._index.drop_endpoint(endpoint)
+            index.drop_endpoint(endpoint)
         return gone
 
     def prefix_index_blocks(self) -> dict[str, int]:
         """Blocks the prefix index places on each replica (none without a prefix-aware policy)."""
-        return self._index.blocks_by_endpoint() if self._index is not None else {}
+        index = self._policy.prefix_index
+        return index.blocks_by_endpoint() if index is not None else {}
 
     # -- step 1: route ---------------------------------------------------------------------
     def snapshot(self, exclude: frozenset[str] = frozenset()) -> PoolSnapshot:
@@ -116,39 +127,39 @@ class Orchestrator:
 
     def route(self, desc: RequestDescriptor, exclude: frozenset[str] = frozenset(), retry: str | None = None
               ) -> RoutingDecision:
-        """Route (and admit) a request. ``retry`` (``decode_retry`` / ``decode_migration``): its decode
-        moves away from ``exclude`` after failing there; the request was counted when first routed, so
-        this counts the move (``prefill_fallbacks{retry}``) and records the new decode replica in the
-        prefix index, nothing else (a rejection of the move is the request's error, not an admission
-        rejection)."""
+        """Route (and admit) a request, record the outcome once (:meth:`_record`), and raise a rejection
+        as the client's error. ``retry`` (``decode_retry`` / ``decode_migration``): its decode moves away
+        from ``exclude`` after failing there; it is placed without admission (it was admitted when first
+        routed), and a rejection of the move is the request's error, not an admission rejection."""
         snap = self.snapshot(exclude)
         t0 = time.perf_counter()
         decision = self._policy.route(desc, snap, admit=not retry)     # a moved request was admitted
-        if retry:
-            self._metrics.prefill_fallbacks.labels(retry).inc()
-            if isinstance(decision, Rejection):
-                raise rejection_to_error(decision)
-            if self._index is not None and desc.block_hashes:     # it prefills the prompt itself
-                self._index.add(decision.decode.endpoint_id, desc.block_hashes)
-            return decision
-        self._metrics.decision_s.observe(time.perf_counter() - t0)
+        if not retry:
+            self._metrics.decision_s.observe(time.perf_counter() - t0)
+        self._record(desc, decision, retry)
         if isinstance(decision, Rejection):
-            self._metrics.rejections.labels(decision.reason, desc.tier).inc()
             raise rejection_to_error(decision)
-        where = "remote" if decision.prefill else "local"
-        self._metrics.routing.labels(where, decision.decode.pool).inc()
-        self._metrics.admitted.labels(desc.tier, where).inc()
-        self._metrics.prefix_hit_tokens.inc(decision.prefix_hit_tokens)
-        if decision.max_new_tokens is not None:
-            self._metrics.throttled.labels(desc.tier, "cap_max_tokens").inc()
-        self._metrics.routed_prompt_tokens.inc(desc.num_prompt_tokens)
-        if self._index is not None and desc.block_hashes:
-            # the router's own record: both replicas will hold the prompt's KV blocks
-            for e in filter(None, (decision.prefill, decision.decode)):
-                self._index.add(e.endpoint_id, desc.block_hashes)
         logger.debug("route %s -> prefill=%s decode=%s (%s)", desc.request_id,
                      decision.prefill and decision.prefill.endpoint_id, decision.decode.endpoint_id, decision.reason)
         return decision
+
+    def _record(self, desc: RequestDescriptor, outcome: RoutingDecision | Rejection, retry: str | None) -> None:
+        """The policy's ``on_routed`` hook, and the routing metrics: a request counts once, when first
+        routed; a move counts in ``prefill_fallbacks{retry}`` only."""
+        self._policy.on_routed(desc, outcome, moved=bool(retry))
+        if retry:
+            self._metrics.prefill_fallbacks.labels(retry).inc()
+            return
+        if isinstance(outcome, Rejection):
+            self._metrics.rejections.labels(outcome.reason, desc.tier).inc()
+            return
+        where = "remote" if outcome.prefill else "local"
+        self._metrics.routing.labels(where, outcome.decode.pool).inc()
+        self._metrics.admitted.labels(desc.tier, where).inc()
+        self._metrics.prefix_hit_tokens.inc(outcome.prefix_hit_tokens)
+        if outcome.max_new_tokens is not None:
+            self._metrics.throttled.labels(desc.tier, "cap_max_tokens").inc()
+        self._metrics.routed_prompt_tokens.inc(desc.num_prompt_tokens)
 
     # -- step 2: remote prefill ----------------------------------------------------------------
     async def prefill(self, job: GenerationJob, target: EndpointState | None,
@@ -194,15 +205,18 @@ class Orchestrator:
     async def decode(self, job: GenerationJob, target: EndpointState, handoff: KvHandoff | None
                      ) -> AsyncIterator[TokenChunk]:
         """The engine's chunks up to and including the one that completes the request ("stop" or
-        "length"). Raises :class:`EngineFinishFailed` instead of yielding any other finish, and when the
-        stream ends with no finish; 504 ApiError after ``idle_timeout_s`` with no chunk."""
+        "length"). Every failure of the call is a :class:`DecodeFailed`: a finish other than those (or a
+        stream that ends with no finish) with an :class:`EngineFinishFailed` cause, anything the call
+        raises with that exception as its cause (and the replica out of rotation, see :meth:`_suspect`).
+        504 ApiError after ``idle_timeout_s`` with no chunk."""
         req = DecodeRequest(request_id=job.desc.request_id, prompt_token_ids=job.prompt_token_ids,
                             sampling=job.sampling, handoff=handoff, cache_salt=job.cache_salt,
                             priority=job.priority)
         self._in_flight[target.endpoint_id] += 1
-        gen = self._handles[target.pool].options(stream=True).generate.remote(req, endpoint_hint=target.endpoint_id)
+        gen = None
         finished = complete = False
         try:
+            gen = self._handles[target.pool].options(stream=True).generate.remote(req, endpoint_hint=target.endpoint_id)
             while True:
                 try:
                     chunk = await asyncio.wait_for(gen.__anext__(), timeout=self._idle_timeout_s)
@@ -220,8 +234,13 @@ class Orchestrator:
                 yield chunk
                 if chunk.finish_reason is not None:
                     finished = complete = True
+        except ApiError:
+            raise
+        except Exception as e:
+            self._suspect(target, e)
+            raise DecodeFailed(target, e) from e
         finally:
-            if not finished:
+            if not finished and gen is not None:
                 gen.cancel()
             self._release(target.endpoint_id)
 
@@ -250,94 +269,102 @@ class Orchestrator:
 
     # -- the whole flow ------------------------------------------------------------------------
     async def generate(self, job: GenerationJob) -> AsyncIterator[TokenChunk]:
-        t0 = self._clock()
+        """Route -> prefill -> decode; then, if the decode failed: before its first chunk, a decode with
+        local prefill on another replica (or, when only the push prefill failed, on the same one); after
+        it, a migration. Whatever fails last is the client's error (:meth:`_failed`)."""
+        progress = _Progress(start_s=self._clock())
         decision = self.route(job.desc)
-        if decision.max_new_tokens is not None and decision.max_new_tokens < job.sampling.max_tokens:
-            # decode throttling: this request may hold a decode slot for fewer tokens (finish "length")
-            job = dataclasses.replace(job, sampling=dataclasses.replace(job.sampling,
-                                                                       max_tokens=decision.max_new_tokens))
-        model_of = getattr(self._policy, "model", None)
+        job = _capped(job, decision)
+        failure: DecodeFailed | None = None
+        try:
+            # closed as soon as this is (the client went away): its reservation and push prefill go at once
+            async with contextlib.aclosing(self._attempt(job, decision, progress)) as attempt:
+                async for chunk in attempt:
+                    yield chunk
+            return
+        except PushPrefillFailed:
+            logger.warning("push prefill of %s failed; prefilling on decode replica %s", job.desc.request_id,
+                           decision.decode.endpoint_id)
+        except DecodeFailed as f:
+            failure = f
+        if failure is not None and progress.first_s is not None:
+            async for chunk in self._migrate(job, failure, tuple(progress.generated)):
+                yield chunk
+            return
+        target = decision.decode                 # push prefill failed: the decode replica prefills the prompt
+        if failure is not None:
+            logger.warning("decode of %s failed on %s before any token (%r); retrying on another replica",
+                           job.desc.request_id, failure.endpoint.endpoint_id, failure.cause)
+            target = self.route(job.desc, exclude=frozenset({failure.endpoint.endpoint_id}),
+                                retry="decode_retry").decode
+        async for chunk in self._last_decode(job, target):
+            yield chunk
+
+    async def _attempt(self, job: GenerationJob, decision: RoutingDecision, progress: _Progress
+                       ) -> AsyncIterator[TokenChunk]:
+        """The request as routed: its prefill (remote or local, pull or push) and decode stream, with
+        the first-token and finish observations. Raises :class:`DecodeFailed` or :class:`PushPrefillFailed`."""
         # the prefilling replica's queued work, released once its prefill is done (idempotent)
         release = self._reserve((decision.prefill or decision.decode).endpoint_id, decision.uncached_tokens,
                                 job.priority)
-        produced = push_failed = False
-        generated: list[int] = []       # token ids sent so far (a migrated decode continues after them)
-        failure: Exception | None = None
-        push = self._push_handoff(job, decision)
-        prefill_task = None
+        prefill_task: asyncio.Future | None = None
         try:
-            if push is not None:
-                # push: the decode request reserves a buffer while the prefill runs; its KV arrives
-                # by WRITE, so the prefill's answer need not come back through here first
-                handoff, rendezvous = push
-                self._metrics.handoff_mode.labels("push").inc()
-                prefill_task = asyncio.ensure_future(self._prefill(job, decision.prefill, rendezvous))
-                prefill_task.add_done_callback(lambda _: release())
-            else:
-                handoff = await self.prefill(job, decision.prefill)
-                if decision.prefill is not None:
-                    self._metrics.handoff_mode.labels("pull").inc()
-                    release()
-            first_s = None
-            stream = self.decode(job, decision.decode, handoff)
-            if prefill_task is not None:
-                stream = self._unless_push_fails(stream, prefill_task)
+            stream, prefill_task = await self._start(job, decision, release)
             async for chunk in stream:
-                generated += chunk.token_ids
-                if not produced:
-                    produced, first_s = True, self._clock()
+                progress.generated += chunk.token_ids
+                if progress.first_s is None:
+                    progress.first_s = self._clock()
                     release()
-                    if decision.predicted_ttft_s:
-                        ratio = (first_s - t0) / decision.predicted_ttft_s
-                        self._metrics.ttft_pred_ratio.observe(ratio)
-                        if model_of is not None:
-                            model_of((decision.prefill or decision.decode).pool).observe_ttft_ratio(ratio)
-                if chunk.finish_reason is not None and decision.predicted_tpot_s and len(generated) > 1:
-                    tpot = (self._clock() - first_s) / (len(generated) - 1)
-                    ratio = tpot / decision.predicted_tpot_s
-                    self._metrics.tpot_pred_ratio.observe(ratio)
-                    if model_of is not None:
-                        model_of(decision.decode.pool).observe_tpot_ratio(ratio)
+                    self._first_token(decision, progress.first_s - progress.start_s)
+                if chunk.finish_reason is not None:
+                    self._finished(decision, progress)
                 yield chunk
-            return
-        except (ApiError, asyncio.CancelledError, GeneratorExit):
-            raise
-        except PushPrefillFailed:
-            push_failed = True
-            logger.warning("push prefill of %s failed; prefilling on decode replica %s", job.desc.request_id,
-                           decision.decode.endpoint_id)
-        except Exception as e:
-            failure = e
-            self._suspect(decision.decode, e)
-            if not produced:
-                logger.warning("decode of %s failed on %s before any token (%r); retrying on another replica",
-                               job.desc.request_id, decision.decode.endpoint_id, e)
         finally:
             release()
             if prefill_task is not None and not prefill_task.done():
                 prefill_task.cancel()
-        if produced:
-            assert failure is not None
-            async for chunk in self._migrate(job, decision.decode, failure, tuple(generated)):
-                yield chunk
-            return
-        if push_failed:     # the decode replica is fine: it prefills the prompt itself
-            target = decision.decode
-        else:
-            target = self.route(job.desc, exclude=frozenset({decision.decode.endpoint_id}), retry="decode_retry").decode
-        async for chunk in self._last_decode(job, target):
-            yield chunk
 
-    async def _migrate(self, job: GenerationJob, failed: EndpointState, error: Exception,
-                       generated: tuple[int, ...]) -> AsyncIterator[TokenChunk]:
-        """Continue a decode that failed on ``failed`` after sending ``generated``: on another decode
+    async def _start(self, job: GenerationJob, decision: RoutingDecision, release: Callable[[], None]
+                     ) -> tuple[AsyncIterator[TokenChunk], asyncio.Future | None]:
+        """Prefill and open the decode stream. Pull (or local prefill): the prefill's answer carries the
+        handoff the decode request needs. Push: the decode request reserves a buffer while the prefill
+        runs alongside (returned, to cancel); its KV arrives by WRITE, so the prefill's answer need not
+        come back through here first."""
+        push = self._push_handoff(job, decision)
+        if push is None:
+            handoff = await self.prefill(job, decision.prefill)
+            if decision.prefill is not None:
+                self._metrics.handoff_mode.labels("pull").inc()
+                release()
+            return self.decode(job, decision.decode, handoff), None
+        handoff, rendezvous = push
+        self._metrics.handoff_mode.labels("push").inc()
+        prefill_task = asyncio.ensure_future(self._prefill(job, decision.prefill, rendezvous))
+        prefill_task.add_done_callback(lambda _: release())
+        return self._unless_push_fails(self.decode(job, decision.decode, handoff), prefill_task), prefill_task
+
+    def _first_token(self, decision: RoutingDecision, ttft_s: float) -> None:
+        if decision.predicted_ttft_s:
+            self._metrics.ttft_pred_ratio.observe(ttft_s / decision.predicted_ttft_s)
+        self._policy.on_first_token(decision, ttft_s)
+
+    def _finished(self, decision: RoutingDecision, progress: _Progress) -> None:
+        tpot_s = None
+        if len(progress.generated) > 1 and progress.first_s is not None:
+            tpot_s = (self._clock() - progress.first_s) / (len(progress.generated) - 1)
+            if decision.predicted_tpot_s:
+                self._metrics.tpot_pred_ratio.observe(tpot_s / decision.predicted_tpot_s)
+        self._policy.on_finish(decision, tpot_s)
+
+    async def _migrate(self, job: GenerationJob, failure: DecodeFailed, generated: tuple[int, ...]
+                       ) -> AsyncIterator[TokenChunk]:
+        """Continue a decode that failed (``failure``) after sending ``generated``: on another decode
         replica, the prompt plus ``generated`` as its prompt (prefilled remotely or there, as placement
         decides), for the tokens still owed (request migration, as Dynamo does it). Greedy decoding
         continues exactly; sampled text continues from a fresh random state. No migration left, no
-        other replica, or a failure of the continuation:
-        the request's error."""
+        other replica, or a failure of the continuation: the request's error."""
         remaining = job.sampling.max_tokens - len(generated)
-        exclude = {failed.endpoint_id}
+        exclude = {failure.endpoint.endpoint_id}
         for attempt in range(1, self._decode_migrations + 1 if remaining > 0 else 1):
             try:
                 decision = self.route(job.desc, exclude=frozenset(exclude), retry="decode_migration")
@@ -345,7 +372,8 @@ class Orchestrator:
                 break
             target = decision.decode
             logger.warning("decode of %s failed on %s after %d tokens (%r); continuing on %s",
-                           job.desc.request_id, failed.endpoint_id, len(generated), error, target.endpoint_id)
+                           job.desc.request_id, failure.endpoint.endpoint_id, len(generated), failure.cause,
+                           target.endpoint_id)
             cont = dataclasses.replace(
                 job, desc=dataclasses.replace(job.desc, request_id=f"{job.desc.request_id}-m{attempt}"),
                 prompt_token_ids=job.prompt_token_ids + generated,
@@ -359,24 +387,18 @@ class Orchestrator:
                     remaining -= len(chunk.token_ids)
                     yield chunk
                 return
-            except (ApiError, asyncio.CancelledError, GeneratorExit):
-                raise
-            except Exception as e:
-                self._suspect(target, e)
-                failed, error = target, e
+            except DecodeFailed as f:
+                failure = f
                 exclude.add(target.endpoint_id)
-        raise self._failed(job, failed, error) from error
+        raise self._failed(job, failure) from failure.cause
 
     async def _last_decode(self, job: GenerationJob, target: EndpointState) -> AsyncIterator[TokenChunk]:
         """A decode with local prefill and no retry left: any failure is the request's error."""
         try:
             async for chunk in self.decode(job, target, None):
                 yield chunk
-        except (ApiError, asyncio.CancelledError, GeneratorExit):
-            raise
-        except Exception as e:
-            self._suspect(target, e)
-            raise self._failed(job, target, e) from e
+        except DecodeFailed as f:
+            raise self._failed(job, f) from f.cause
 
     def _suspect(self, target: EndpointState, e: Exception) -> None:
         """A call that raised (the replica or its engine died, or Serve could not reach it) rather than
@@ -384,11 +406,12 @@ class Orchestrator:
         if not isinstance(e, EngineFinishFailed):
             self._directory.suspect(target.endpoint_id)
 
-    def _failed(self, job: GenerationJob, target: EndpointState, e: Exception) -> ApiError:
-        err = decode_error(e)
+    def _failed(self, job: GenerationJob, failure: DecodeFailed) -> ApiError:
+        """The client's error for the decode failure that ended the request (``failures.decode_error``)."""
+        err = decode_error(failure.cause)
         self._metrics.aborts.labels(err.code).inc()
-        logger.warning("decode of %s failed on %s (%r): %d %s", job.desc.request_id, target.endpoint_id, e,
-                       err.status_code, err.code)
+        logger.warning("decode of %s failed on %s (%r): %d %s", job.desc.request_id, failure.endpoint.endpoint_id,
+                       failure.cause, err.status_code, err.code)
         return err
 
     def _push_handoff(self, job: GenerationJob, decision: RoutingDecision) -> tuple[KvHandoff, str] | None:
@@ -427,21 +450,6 @@ class Orchestrator:
             out.setdefault(endpoint_id, []).append((prio, tokens))
         return {e: tuple(v) for e, v in out.items()}
 
-    def observe(self, stats) -> None:
-        """Calibrate the policy's cost models from a replica's drained engine samples."""
-        model_of = getattr(self._policy, "model", None)
-        if model_of is None:
-            return
-        m = model_of(stats.pool)
-        for tokens, seconds in stats.prefill_samples:
-            m.observe_prefill(tokens, seconds)
-        for batch, context_tokens, seconds in stats.decode_samples:
-            m.observe_decode(batch, seconds, context_tokens)
-        if stats.kv_transfer_durations_s and stats.kv_transfers_total:
-            avg_bytes = stats.kv_transfer_bytes_total // stats.kv_transfers_total
-            for d in stats.kv_transfer_durations_s:
-                m.observe_handoff(avg_bytes, d)
-
     def _release(self, endpoint_id: str) -> None:
         self._in_flight[endpoint_id] -= 1
         if self._in_flight[endpoint_id] <= 0:
@@ -449,3 +457,11 @@ class Orchestrator:
 
     def in_flight(self) -> dict[str, int]:
         return dict(self._in_flight)
+
+
+def _capped(job: GenerationJob, decision: RoutingDecision) -> GenerationJob:
+    """Decode throttling: a request admitted with a lower ``max_new_tokens`` holds its decode slot for
+    fewer tokens (finish "length")."""
+    if decision.max_new_tokens is not None and decision.max_new_tokens < job.sampling.max_tokens:
+        return dataclasses.replace(job, sampling=dataclasses.replace(job.sampling, max_tokens=decision.max_new_tokens))
+    return job

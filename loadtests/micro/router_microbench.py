@@ -23,7 +23,7 @@ from pathlib import Path
 from kvtransfer.stats import percentile
 from router.config import RouterConfig
 from router.hashing import block_keys
-from router.placement import build_policy
+from router.pipeline import build_policy
 from router.policy import LeastLoadedPolicy
 from router.types import EndpointState, PoolSnapshot, RequestDescriptor, Role
 
@@ -50,7 +50,7 @@ def bench_case(block_size: int, prompt_tokens: int, decisions: int, index_blocks
     # fill the index to capacity with unrelated blocks (LRU at its bound), then shared prompts
     bulk = [rng.getrandbits(64) for _ in range(index_blocks)]
     for i in range(0, index_blocks, 1024):
-        policy.index.add(ids[(i // 1024) % len(ids)], bulk[i:i + 1024])
+        policy.prefix_index.add(ids[(i // 1024) % len(ids)], bulk[i:i + 1024])
     prompts = []
     hash_s = []
     for p in range(64):
@@ -59,7 +59,7 @@ def bench_case(block_size: int, prompt_tokens: int, decisions: int, index_blocks
         hashes = block_keys(toks, block_size, cache_salt="tenant")   # as the ingress does, once
         hash_s.append(time.perf_counter() - t0)
         holder = ids[p % len(ids)]
-        policy.index.add(holder, hashes[: len(hashes) * (p % 4) // 4])   # 0-75 % cached somewhere
+        policy.prefix_index.add(holder, hashes[: len(hashes) * (p % 4) // 4])   # 0-75 % cached somewhere
         prompts.append(hashes)
     out = {}
     for name, pol in (("slo-aware", policy), ("least-loaded", baseline)):
@@ -74,7 +74,7 @@ def bench_case(block_size: int, prompt_tokens: int, decisions: int, index_blocks
         out[name] = {"p50_ms": percentile(lat, 50) * 1e3, "p99_ms": percentile(lat, 99) * 1e3,
                      "mean_ms": statistics.fmean(lat) * 1e3}
     return {"block_size": block_size, "prompt_tokens": prompt_tokens, "blocks_per_prompt": len(prompts[0]),
-            "index_blocks": len(policy.index), "decisions": decisions, **out,
+            "index_blocks": len(policy.prefix_index), "decisions": decisions, **out,
             "ratio_p50": out["slo-aware"]["p50_ms"] / out["least-loaded"]["p50_ms"],
             "hash_p50_ms": percentile(hash_s, 50) * 1e3}
 

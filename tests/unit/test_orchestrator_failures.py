@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from router.policy import StatelessPolicy
 from router.types import Rejection, RequestDescriptor, Role, RoutingDecision
 from serve.metrics import ClusterMetrics
 from serve.orchestrator import GenerationJob, Orchestrator
@@ -33,22 +34,13 @@ class FakeSource:
         return [endpoint_from_stats(i, self.pool, self.role, None) for i in self.ids]
 
 
-class FakeIndex:
-    """A fake prefix index: records what the orchestrator adds."""
-
-    def __init__(self):
-        self.adds = []
-
-    def add(self, endpoint, hashes):
-        self.adds.append((endpoint, tuple(hashes)))
-
-
-class FakePolicy:
+class FakePolicy(StatelessPolicy):
     """Routes to the first decode replica of the snapshot (so an excluded one is skipped) and the first
-    prefill replica, reporting a prefix hit; no decode replica left -> the policy's rejection."""
+    prefill replica, reporting a prefix hit; no decode replica left -> the policy's rejection. Records
+    its calls and hooks."""
 
     def __init__(self):
-        self.index, self.calls, self.admits = FakeIndex(), 0, []
+        self.calls, self.admits, self.routed, self.first_tokens, self.finishes = 0, [], [], [], []
 
     def route(self, desc, snapshot, admit=True):
         self.calls += 1
@@ -59,6 +51,16 @@ class FakePolicy:
             return Rejection(reason="no_decode_replica", status_code=503, retry_after_s=5.0, message="none")
         return RoutingDecision(decode=decode[0], prefill=prefill[0] if prefill else None, reason="fake",
                                prefix_hit_tokens=32, uncached_tokens=68)
+
+    def on_routed(self, req, outcome, moved=False):
+        self.routed.append((outcome if isinstance(outcome, Rejection) else
+                            (outcome.decode.endpoint_id, outcome.prefill and outcome.prefill.endpoint_id), moved))
+
+    def on_first_token(self, decision, ttft_s):
+        self.first_tokens.append((decision.decode.endpoint_id, ttft_s))
+
+    def on_finish(self, decision, tpot_s):
+        self.finishes.append((decision.decode.endpoint_id, tpot_s))
 
 
 class FakeStream:
@@ -290,15 +292,28 @@ class TestRetryCountsOnce:
         assert _count(metrics.routed_prompt_tokens) == 100
         assert metrics.decision_s._sum.get() > 0 and _decision_count(metrics) == 1
         assert _count(metrics.prefill_fallbacks, "decode_retry") == 1
-        # the index learns what each replica will hold: prompt on p0 and d0, then d1 prefills it itself
-        assert policy.index.adds == [("p0", (11, 12)), ("d0", (11, 12)), ("d1", (11, 12))]
+        # the policy hears of each routing once: the request on p0 and d0, then its decode moved to d1
+        assert policy.routed == [(("d0", "p0"), False), (("d1", "p0"), True)]
+
+    def test_latency_hooks_hear_of_the_routed_attempt_once(self):
+        ticks = iter(range(100))
+        handles = FakeHandles(decodes={"d0": [[HI, THERE]]})
+        orch, _, policy = _orch(handles, clock=lambda: float(next(ticks)))
+        assert _run(orch) == ([HI, THERE], None)
+        # start 0, prefill 1-2, first chunk 3, finish 4: TTFT 3 s; TPOT 1 s over the one token after the first
+        assert policy.first_tokens == [("d0", 3.0)] and policy.finishes == [("d0", 1.0)]
+        handles = FakeHandles(decodes={"d0": [[RuntimeError("replica died")]], "d1": [[HI, THERE]]})
+        orch, _, policy = _orch(handles)
+        assert _run(orch) == ([HI, THERE], None)
+        assert policy.first_tokens == [] and policy.finishes == []      # a retry predicts nothing
 
     def test_a_rejected_retry_is_the_requests_error_not_an_admission_rejection(self):
         handles = FakeHandles(decodes={"d0": [[RuntimeError("replica died")]]})
-        orch, metrics, _ = _orch(handles, decode_ids=("d0",))
+        orch, metrics, policy = _orch(handles, decode_ids=("d0",))
         chunks, err = _run(orch)
         assert chunks == [] and (err.status_code, err.code) == (503, "no_decode_replica")
         assert _count(metrics.rejections, "no_decode_replica", "free") == 0
+        assert policy.routed[-1] == (Rejection("no_decode_replica", "none", 503, 5.0), True)
         assert _count(metrics.prefill_fallbacks, "decode_retry") == 1
         assert _count(metrics.admitted, "free", "remote") == 1
 
@@ -326,11 +341,12 @@ class TestForgetReplicas:
         from router.prefix_index import PrefixIndex
 
         orch, _, policy = _orch(FakeHandles(decodes={}))
-        policy.index = orch._index = PrefixIndex()
-        policy.index.add("d0", [1, 2, 3])
-        policy.index.add("d1", [1, 2])
+        assert orch.forget_replicas({"d0"}) == [] and orch.prefix_index_blocks() == {}   # a policy without one
+        index = policy.prefix_index = PrefixIndex()
+        index.add("d0", [1, 2, 3])
+        index.add("d1", [1, 2])
         assert orch.forget_replicas({"d0", "d1", "p0"}) == []
         assert orch.forget_replicas({"d1"}) == ["d0"]                   # d0 died
-        assert policy.index.endpoints() == {"d1"}
-        assert policy.index.match([1, 2, 3], ["d0", "d1"]) == {"d0": 0, "d1": 2}
-        assert policy.index.blocks_by_endpoint() == {"d1": 2}
+        assert index.endpoints() == {"d1"}
+        assert index.match([1, 2, 3], ["d0", "d1"]) == {"d0": 0, "d1": 2}
+        assert index.blocks_by_endpoint() == {"d1": 2} == orch.prefix_index_blocks()

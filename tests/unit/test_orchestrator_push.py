@@ -5,6 +5,7 @@ runs in tests/integration/test_cluster_slab_push.py)."""
 
 import asyncio
 
+from router.policy import StatelessPolicy
 from router.types import RequestDescriptor, Role, RoutingDecision
 from serve.metrics import ClusterMetrics
 from serve.orchestrator import GenerationJob, Orchestrator
@@ -60,7 +61,7 @@ class FakeHandles(FakeHandleBase):
         return FakeResponse(run())
 
 
-class FakePolicy:
+class FakePolicy(StatelessPolicy):
     def route(self, desc, snapshot, admit=True):
         return RoutingDecision(decode=DECODE, prefill=PREFILL, reason="remote_prefill", uncached_tokens=100,
                                predicted_ttft_s=1.0)

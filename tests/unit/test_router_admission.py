@@ -4,12 +4,13 @@ import random
 
 import pytest
 
-from router.admission import Admission, TierPolicy, decide, usable_fraction
+from router.admission import Admission, AdmissionRules, TierPolicy, decide, usable_fraction
 from router.cost_model import CostModel, CostPrior, OnlineLine
 from router.types import Rejection
 
 TIERS = {"premium": TierPolicy(0.10, 100, 4.0, 0.25), "standard": TierPolicy(0.30, 50, 4.0, 0.25),
          "free": TierPolicy(0.60, 10, 4.0, 0.25)}
+RULES = AdmissionRules(TIERS)
 
 
 class TestCostModel:
@@ -29,13 +30,11 @@ class TestCostModel:
         assert 180 < m.prefill_tokens_per_s() < 220
         assert m.prefill_s(0) == 0.0 and m.prefill_s(512) == pytest.approx(512 / 200, rel=0.05)
 
-    def test_decode_and_handoff(self):
+    def test_decode(self):
         m = CostModel()
         for b in (1, 4, 8, 16) * 50:
             m.observe_decode(b, 0.1 + 0.005 * b)
-            m.observe_handoff(b * 1_000_000, 0.002 + b * 1e-3)
         assert m.decode_step_s(8) == pytest.approx(0.14, rel=0.02)
-        assert m.handoff_s(4_000_000) == pytest.approx(0.006, rel=0.1)
         m.observe_decode(0, 1.0)                                           # ignored
         assert m.decode_step_s(0) == pytest.approx(m.decode_step_s(1))
 
@@ -63,7 +62,7 @@ class TestCostModel:
 
 def _model(rate=250.0, step=0.1):
     m = CostModel(CostPrior(prefill_tokens_per_s=rate, prefill_overhead_s=0.0, decode_step_s=step,
-                            decode_step_per_seq_s=0.0, handoff_overhead_s=0.0))
+                            decode_step_per_seq_s=0.0))
     return m
 
 
@@ -71,15 +70,15 @@ class TestAdmission:
     def test_tpot_grows_with_context_and_max_tokens(self):
         m = CostModel(CostPrior(decode_step_s=0.1, decode_step_per_seq_s=0.0, decode_step_per_kilotoken_s=0.01))
         kw = dict(queued_prefill_tokens=0, uncached_tokens=100, decode_batch=3, prompt_tokens=1000)
-        short = decide("premium", TIERS, m, max_new_tokens=64, **kw)
-        long = decide("premium", TIERS, m, max_new_tokens=4000, **kw)
-        busy = decide("premium", TIERS, m, max_new_tokens=64, decode_context_tokens=8000, **kw)
+        short = decide("premium", RULES, m, max_new_tokens=64, **kw)
+        long = decide("premium", RULES, m, max_new_tokens=4000, **kw)
+        busy = decide("premium", RULES, m, max_new_tokens=64, decode_context_tokens=8000, **kw)
         # life context = current + prompt + max_tokens / 2
         assert short.predicted_tpot_s == pytest.approx(0.1 + 0.01 * 1.032)
         assert long.predicted_tpot_s == pytest.approx(0.1 + 0.01 * 3.0)
         assert busy.predicted_tpot_s == pytest.approx(0.1 + 0.01 * 9.032)
         # past the SLO on context alone: rejected while the decode replica is busy
-        full = decide("premium", TIERS, m, max_new_tokens=64, decode_context_tokens=20_000, **kw)
+        full = decide("premium", RULES, m, max_new_tokens=64, decode_context_tokens=20_000, **kw)
         assert isinstance(full, Rejection) and full.reason == "overload_tpot"
 
     def test_tier_fractions(self):
@@ -105,7 +104,7 @@ class TestAdmission:
         assert usable_fraction(tier, TIERS, active) == pytest.approx(want)
 
     def test_empty_queue_admits_with_predictions(self):
-        a = decide("free", TIERS, _model(), queued_prefill_tokens=0, uncached_tokens=500, decode_batch=3)
+        a = decide("free", RULES, _model(), queued_prefill_tokens=0, uncached_tokens=500, decode_batch=3)
         assert isinstance(a, Admission) and a.predicted_ttft_s == pytest.approx(2.0 + 0.1, rel=0.01)
         assert a.predicted_tpot_s == pytest.approx(0.1, rel=0.01) and a.queue_wait_s == 0
 
@@ -124,7 +123,7 @@ class TestAdmission:
         (960, "premium", "overload_ttft"),  # TTFT 4.04 s > 4 s for every tier
     ])
     def test_ttft_boundary_table(self, queued, tier, expected):
-        d = decide(tier, TIERS, _model(), queued_prefill_tokens=queued, uncached_tokens=25, decode_batch=0)
+        d = decide(tier, RULES, _model(), queued_prefill_tokens=queued, uncached_tokens=25, decode_batch=0)
         got = "admit" if isinstance(d, Admission) else d.reason
         assert got == expected
         if isinstance(d, Rejection):
@@ -136,10 +135,11 @@ class TestAdmission:
         # fits (1 + 2.1 s). Dividing the whole SLO ("slo") admits free up to 2.4 s of queue with
         # it, after which premium (queue 2.4 s + 2.1 s) is an overload
         m, kw = _model(), dict(uncached_tokens=500, decode_batch=0)
-        assert isinstance(decide("free", TIERS, m, queued_prefill_tokens=100, **kw), Rejection)
-        assert isinstance(decide("free", TIERS, m, queued_prefill_tokens=100, tier_budget="slo", **kw), Admission)
-        assert isinstance(decide("premium", TIERS, m, queued_prefill_tokens=250, **kw), Admission)
-        late = decide("premium", TIERS, m, queued_prefill_tokens=600, **kw)
+        assert isinstance(decide("free", RULES, m, queued_prefill_tokens=100, **kw), Rejection)
+        whole_slo = AdmissionRules(TIERS, tier_budget="slo")
+        assert isinstance(decide("free", whole_slo, m, queued_prefill_tokens=100, **kw), Admission)
+        assert isinstance(decide("premium", RULES, m, queued_prefill_tokens=250, **kw), Admission)
+        late = decide("premium", RULES, m, queued_prefill_tokens=600, **kw)
         assert isinstance(late, Rejection) and late.reason == "overload_ttft"
 
     # the same queues with only some tiers active: free alone fills the budget like the top tier
@@ -157,7 +157,7 @@ class TestAdmission:
         (550, {"free", "standard", "premium"}, "tier_quota"),
     ])
     def test_ttft_table_with_lending(self, queued, active, expected):
-        d = decide("free", TIERS, _model(), queued_prefill_tokens=queued, uncached_tokens=25, decode_batch=0,
+        d = decide("free", RULES, _model(), queued_prefill_tokens=queued, uncached_tokens=25, decode_batch=0,
                    active=active)
         got = "admit" if isinstance(d, Admission) else d.reason
         assert got == expected
@@ -167,11 +167,11 @@ class TestAdmission:
     def test_standard_borrows_only_from_idle_premium(self):
         # standard's own limit is 3.42 s of queue; premium idle lends it the rest (up to the SLO)
         kw = dict(queued_prefill_tokens=880, uncached_tokens=25, decode_batch=0)     # 3.52 + 0.1 s
-        assert decide("standard", TIERS, _model(), active={"standard", "premium"}, **kw).reason == "tier_quota"
-        assert decide("standard", TIERS, _model(), active={"free", "standard", "premium"}, **kw).reason == "tier_quota"
-        assert isinstance(decide("standard", TIERS, _model(), active={"free", "standard"}, **kw), Admission)
+        assert decide("standard", RULES, _model(), active={"standard", "premium"}, **kw).reason == "tier_quota"
+        assert decide("standard", RULES, _model(), active={"free", "standard", "premium"}, **kw).reason == "tier_quota"
+        assert isinstance(decide("standard", RULES, _model(), active={"free", "standard"}, **kw), Admission)
         # and free, with standard active, gets none of standard's reservation
-        assert decide("free", TIERS, _model(), active={"free", "standard"}, **kw).reason == "tier_quota"
+        assert decide("free", RULES, _model(), active={"free", "standard"}, **kw).reason == "tier_quota"
 
     # decode step 0.1 s at batch 1 + 10 ms per further sequence: the request alone steps in 0.1 s,
     # leaving 0.15 s of headroom under the 0.25 s TPOT SLO; free may use 0.6 of it (<= 0.19 s),
@@ -186,14 +186,14 @@ class TestAdmission:
     ])
     def test_tpot_headroom_table(self, batch, tier, expected):
         m = CostModel(CostPrior(decode_step_s=0.1, decode_step_per_seq_s=0.01, decode_step_per_kilotoken_s=0.0))
-        d = decide(tier, TIERS, m, queued_prefill_tokens=0, uncached_tokens=10, decode_batch=batch)
+        d = decide(tier, RULES, m, queued_prefill_tokens=0, uncached_tokens=10, decode_batch=batch)
         got = "admit" if isinstance(d, Admission) else d.reason
         assert got == expected
         if isinstance(d, Rejection):
             assert d.status_code == (429 if expected == "tier_quota" else 503) and d.retry_after_s >= 1
         if tier == "free":  # tpot_budget "slo" lets free fill the batch up to the SLO
-            assert isinstance(decide(tier, TIERS, m, queued_prefill_tokens=0, uncached_tokens=10, decode_batch=batch,
-                                     tpot_budget="slo"), Admission)
+            assert isinstance(decide(tier, AdmissionRules(TIERS, tpot_budget="slo"), m, queued_prefill_tokens=0,
+                                     uncached_tokens=10, decode_batch=batch), Admission)
 
     # the decode headroom is shared the same way: free alone gets all of it (0.25 s), with premium
     # active and standard idle 0.9 of it (0.235 s), with standard active and premium idle 0.7 (0.205 s)
@@ -208,32 +208,32 @@ class TestAdmission:
     ])
     def test_tpot_table_with_lending(self, batch, active, expected):
         m = CostModel(CostPrior(decode_step_s=0.1, decode_step_per_seq_s=0.01, decode_step_per_kilotoken_s=0.0))
-        d = decide("free", TIERS, m, queued_prefill_tokens=0, uncached_tokens=10, decode_batch=batch, active=active)
+        d = decide("free", RULES, m, queued_prefill_tokens=0, uncached_tokens=10, decode_batch=batch, active=active)
         got = "admit" if isinstance(d, Admission) else d.reason
         assert got == expected
 
     def test_decode_saturation_rejects_503(self):
-        d = decide("premium", TIERS, _model(step=0.3), queued_prefill_tokens=0, uncached_tokens=10, decode_batch=4)
+        d = decide("premium", RULES, _model(step=0.3), queued_prefill_tokens=0, uncached_tokens=10, decode_batch=4)
         assert isinstance(d, Rejection) and d.reason == "overload_tpot" and d.status_code == 503
 
     def test_idle_replicas_always_admit(self):
         slow = _model(rate=10.0, step=0.5)                                # a badly wrong (cold) model
-        d = decide("free", TIERS, slow, queued_prefill_tokens=0, uncached_tokens=500, decode_batch=0)
+        d = decide("free", RULES, slow, queued_prefill_tokens=0, uncached_tokens=500, decode_batch=0)
         assert isinstance(d, Admission) and d.predicted_ttft_s > 40
-        d = decide("free", TIERS, slow, queued_prefill_tokens=1, uncached_tokens=500, decode_batch=0)
+        d = decide("free", RULES, slow, queued_prefill_tokens=1, uncached_tokens=500, decode_batch=0)
         assert isinstance(d, Rejection)
 
     def test_retry_after_grows_with_overload(self):
-        a = decide("premium", TIERS, _model(), queued_prefill_tokens=1200, uncached_tokens=10, decode_batch=0)
-        b = decide("premium", TIERS, _model(), queued_prefill_tokens=3000, uncached_tokens=10, decode_batch=0)
+        a = decide("premium", RULES, _model(), queued_prefill_tokens=1200, uncached_tokens=10, decode_batch=0)
+        b = decide("premium", RULES, _model(), queued_prefill_tokens=3000, uncached_tokens=10, decode_batch=0)
         assert a.retry_after_s < b.retry_after_s
 
 
 def test_decode_liveness_uses_the_callers_exact_count():
     slow = _model(step=0.5)
-    stale = decide("free", TIERS, slow, queued_prefill_tokens=0, uncached_tokens=10, decode_batch=3, decode_idle=True)
+    stale = decide("free", RULES, slow, queued_prefill_tokens=0, uncached_tokens=10, decode_batch=3, decode_idle=True)
     assert isinstance(stale, Admission)
-    busy = decide("free", TIERS, slow, queued_prefill_tokens=0, uncached_tokens=10, decode_batch=3, decode_idle=False)
+    busy = decide("free", RULES, slow, queued_prefill_tokens=0, uncached_tokens=10, decode_batch=3, decode_idle=False)
     assert isinstance(busy, Rejection) and busy.reason == "overload_tpot"
 
 
@@ -256,19 +256,19 @@ class TestCalibrationBias:
 
     def test_bias_and_first_step_enter_the_prediction(self):
         m = _model(rate=250.0, step=0.1)
-        base = decide("free", TIERS, m, queued_prefill_tokens=0, uncached_tokens=500, decode_batch=0)
+        base = decide("free", RULES, m, queued_prefill_tokens=0, uncached_tokens=500, decode_batch=0)
         assert base.predicted_ttft_s == pytest.approx(500 / 250 + 0.1)     # prefill + the first decode step
         m.ttft_bias = 1.5
-        biased = decide("free", TIERS, m, queued_prefill_tokens=0, uncached_tokens=500, decode_batch=0)
+        biased = decide("free", RULES, m, queued_prefill_tokens=0, uncached_tokens=500, decode_batch=0)
         assert biased.predicted_ttft_s == pytest.approx(1.5 * base.predicted_ttft_s)
         # 1 s queue + 2.1 s = 3.1 s fits the 4 s SLO; x1.5 = 4.65 s does not: the same queue is refused
-        d = decide("premium", TIERS, m, queued_prefill_tokens=250, uncached_tokens=500, decode_batch=0)
+        d = decide("premium", RULES, m, queued_prefill_tokens=250, uncached_tokens=500, decode_batch=0)
         assert isinstance(d, Rejection) and d.reason == "overload_ttft"
         m.ttft_bias = 1.0
-        assert isinstance(decide("premium", TIERS, m, queued_prefill_tokens=250, uncached_tokens=500,
+        assert isinstance(decide("premium", RULES, m, queued_prefill_tokens=250, uncached_tokens=500,
                                  decode_batch=0), Admission)
         # free may fill 0.6 x (4 - 2.1 s): 1 s queued + its own 2 s prefill would take the higher tiers' share
-        d = decide("free", TIERS, m, queued_prefill_tokens=250, uncached_tokens=500, decode_batch=0)
+        d = decide("free", RULES, m, queued_prefill_tokens=250, uncached_tokens=500, decode_batch=0)
         assert isinstance(d, Rejection) and d.reason == "tier_quota" and d.status_code == 429
 
 
@@ -284,8 +284,8 @@ class TestDecodeThrottle:
         from router.admission import DecodeThrottle
 
         t = DecodeThrottle(saturation=0.8, action=action, cap_max_tokens=128, below_priority=50)
-        d = decide(tier, TIERS, _model(step=step), queued_prefill_tokens=0, uncached_tokens=10, decode_batch=3,
-                   decode_idle=False, max_new_tokens=max_new, throttle=t)
+        d = decide(tier, AdmissionRules(TIERS, throttle=t), _model(step=step), queued_prefill_tokens=0,
+                   uncached_tokens=10, decode_batch=3, decode_idle=False, max_new_tokens=max_new)
         got = d.reason if isinstance(d, Rejection) else d.max_new_tokens
         assert got == want
         if isinstance(d, Rejection):
@@ -294,6 +294,6 @@ class TestDecodeThrottle:
     def test_idle_decode_is_never_throttled(self):
         from router.admission import DecodeThrottle
 
-        d = decide("free", TIERS, _model(step=0.24), queued_prefill_tokens=0, uncached_tokens=10, decode_batch=0,
-                   max_new_tokens=512, throttle=DecodeThrottle())
+        d = decide("free", AdmissionRules(TIERS, throttle=DecodeThrottle()), _model(step=0.24),
+                   queued_prefill_tokens=0, uncached_tokens=10, decode_batch=0, max_new_tokens=512)
         assert isinstance(d, Admission) and d.max_new_tokens is None

@@ -1,13 +1,14 @@
-"""router/placement.py: prefix-aware scoring, conditional disaggregation, admission wiring (pure)."""
+"""router/pipeline.py: prefix-aware scoring, conditional disaggregation, admission wiring, hooks (pure)."""
 
 import dataclasses
 import random
 
 import pytest
 
+from router.admission_stage import tier_policies
 from router.config import RouterConfig
 from router.hashing import block_hashes
-from router.placement import SloAwarePolicy, build_policy, tier_policies
+from router.pipeline import SloAwarePolicy, build_policy
 from router.policy import LeastLoadedPolicy
 from router.prefix_index import PrefixIndex
 from router.tier_activity import TierActivity
@@ -25,6 +26,13 @@ def req(tokens, tier="free", salt=None, prompt=None):
     return RequestDescriptor("r", "m", len(ids), 16, tier, 0.0, tuple(block_hashes(ids, BS, salt)))
 
 
+def routed(pol, r, snap, admit=True):
+    """Route and record the outcome (the ``on_routed`` hook), as the orchestrator does."""
+    d = pol.route(r, snap, admit=admit)
+    pol.on_routed(r, d, moved=not admit)
+    return d
+
+
 def policy(**router):
     cfg = RouterConfig(**router)
     return SloAwarePolicy(cfg, PrefixIndex(), {}, BS, random.Random(0))
@@ -34,27 +42,27 @@ class TestPlacement:
     def test_equal_load_longest_prefix_wins(self):
         pol = policy(admission={"enabled": False})
         r = req(1024)
-        pol.index.add("D2", r.block_hashes[:6])
-        pol.index.add("D1", r.block_hashes[:2])
+        pol.prefix_index.add("D2", r.block_hashes[:6])
+        pol.prefix_index.add("D1", r.block_hashes[:2])
         snap = PoolSnapshot([ep("D1", Role.DECODE), ep("D2", Role.DECODE), ep("P1", Role.PREFILL)])
-        d = pol.route(r, snap)
+        d = routed(pol, r, snap)
         assert d.decode.endpoint_id == "D2" and d.prefill.endpoint_id == "P1" and d.reason == "remote_prefill"
 
     def test_overloaded_holder_loses(self):
         pol = policy(admission={"enabled": False})
         r = req(1024)
-        pol.index.add("D2", r.block_hashes[:2])        # a small hit (2/8 of the prompt) ...
+        pol.prefix_index.add("D2", r.block_hashes[:2])        # a small hit (2/8 of the prompt) ...
         snap = PoolSnapshot([ep("D1", Role.DECODE), ep("D2", Role.DECODE, load=16, kv=0.9)])
-        assert pol.route(r, snap).decode.endpoint_id == "D1"   # ... does not beat a full queue
+        assert routed(pol, r, snap).decode.endpoint_id == "D1"   # ... does not beat a full queue
 
     def test_prefill_replica_with_longest_prefix_and_room(self):
         pol = policy(admission={"enabled": False}, placement={"prefill_queue_limit_tokens": 1000})
         r = req(1024)
-        pol.index.add("P2", r.block_hashes[:4])
-        pol.index.add("P3", r.block_hashes[:7])
+        pol.prefix_index.add("P2", r.block_hashes[:4])
+        pol.prefix_index.add("P3", r.block_hashes[:7])
         snap = PoolSnapshot([ep("D1", Role.DECODE), ep("P1", Role.PREFILL), ep("P2", Role.PREFILL),
                              ep("P3", Role.PREFILL, queued=5000)])
-        d = pol.route(r, snap)
+        d = routed(pol, r, snap)
         assert d.prefill.endpoint_id == "P2" and d.prefix_hit_tokens == 512 and d.uncached_tokens == 512
 
     @pytest.mark.parametrize("tokens,decode_hit_blocks,prefill_up,expected", [
@@ -66,28 +74,28 @@ class TestPlacement:
     def test_conditional_disaggregation(self, tokens, decode_hit_blocks, prefill_up, expected):
         pol = policy(admission={"enabled": False})
         r = req(tokens)
-        pol.index.add("D1", r.block_hashes[:decode_hit_blocks])
+        pol.prefix_index.add("D1", r.block_hashes[:decode_hit_blocks])
         eps = [ep("D1", Role.DECODE)] + ([ep("P1", Role.PREFILL)] if prefill_up else [])
-        d = pol.route(r, PoolSnapshot(eps))
+        d = routed(pol, r, PoolSnapshot(eps))
         assert d.reason == expected and (d.prefill is None) == expected.startswith("local")
 
     def test_hit_never_counts_the_last_prompt_token(self):
         pol = policy(admission={"enabled": False})
         r = req(256)
-        pol.index.add("D1", r.block_hashes)
-        d = pol.route(r, PoolSnapshot([ep("D1", Role.DECODE)]))
+        pol.prefix_index.add("D1", r.block_hashes)
+        d = routed(pol, r, PoolSnapshot([ep("D1", Role.DECODE)]))
         assert d.prefix_hit_tokens == 128 and d.uncached_tokens == 128
 
     def test_tenant_salt_prevents_cross_tenant_hits(self):
         pol = policy(admission={"enabled": False})
         prompt = list(range(1024))
-        pol.index.add("D1", req(0, salt="tenant-a", prompt=prompt).block_hashes)
+        pol.prefix_index.add("D1", req(0, salt="tenant-a", prompt=prompt).block_hashes)
         snap = PoolSnapshot([ep("D1", Role.DECODE)])      # local prefill: the hit is the decode replica's
-        assert pol.route(req(0, salt="tenant-b", prompt=prompt), snap).prefix_hit_tokens == 0
-        assert pol.route(req(0, salt="tenant-a", prompt=prompt), snap).prefix_hit_tokens == 896
+        assert routed(pol, req(0, salt="tenant-b", prompt=prompt), snap).prefix_hit_tokens == 0
+        assert routed(pol, req(0, salt="tenant-a", prompt=prompt), snap).prefix_hit_tokens == 896
 
     def test_no_decode_is_503(self):
-        d = policy().route(req(100), PoolSnapshot([ep("P1", Role.PREFILL), ep("D1", Role.DECODE, healthy=False)]))
+        d = routed(policy(), req(100), PoolSnapshot([ep("P1", Role.PREFILL), ep("D1", Role.DECODE, healthy=False)]))
         assert isinstance(d, Rejection) and d.status_code == 503
 
 
@@ -95,8 +103,8 @@ class TestAdmissionWiring:
     def test_free_shed_premium_admitted(self):
         pol = policy()                                        # prior: 300 tok/s, SLO 2 s TTFT by default
         snap = PoolSnapshot([ep("D1", Role.DECODE), ep("P1", Role.PREFILL, queued=420)])  # ~1.45 s queued
-        premium = pol.route(req(100, tier="premium"), snap)   # TTFT: queue + prefill + decode's first step
-        free = pol.route(req(100, tier="free"), snap)         # premium active: free may fill 0.6 x 2 s of queue
+        premium = routed(pol, req(100, tier="premium"), snap)   # TTFT: queue + prefill + decode's first step
+        free = routed(pol, req(100, tier="free"), snap)         # premium active: free may fill 0.6 x 2 s of queue
         assert isinstance(free, Rejection) and free.status_code == 429 and free.retry_after_s >= 1
         assert not isinstance(premium, Rejection) and premium.predicted_ttft_s == pytest.approx(1.83 + 0.10, rel=0.05)
 
@@ -110,16 +118,16 @@ class TestAdmissionWiring:
         prio = PoolSnapshot([ep("D1", Role.DECODE), dataclasses.replace(
             ep("P1", Role.PREFILL, queued=1500), queued_prefill_by_priority=by_prio, priority_step_tokens=256)])
         pol = policy()
-        assert isinstance(pol.route(req(100, tier="premium"), fcfs), Rejection)
-        d = pol.route(req(100, tier="premium"), prio)
+        assert isinstance(routed(pol, req(100, tier="premium"), fcfs), Rejection)
+        d = routed(pol, req(100, tier="premium"), prio)
         assert not isinstance(d, Rejection) and d.predicted_ttft_s == pytest.approx((256 + 100) / 300 + 0.05 * 2
                                                                                       + 0.10, rel=0.1)
-        assert isinstance(pol.route(req(100, tier="free"), prio), Rejection)
+        assert isinstance(routed(pol, req(100, tier="free"), prio), Rejection)
 
     def test_overload_is_503_for_everyone(self):
         pol = policy()
         snap = PoolSnapshot([ep("D1", Role.DECODE), ep("P1", Role.PREFILL, queued=3000)])
-        d = pol.route(req(300, tier="premium"), snap)
+        d = routed(pol, req(300, tier="premium"), snap)
         assert isinstance(d, Rejection) and d.status_code == 503 and d.reason == "overload_ttft"
 
     def test_a_request_already_admitted_is_placed_without_admission(self):
@@ -127,7 +135,7 @@ class TestAdmissionWiring:
         even where a new request would be refused."""
         pol = policy()
         snap = PoolSnapshot([ep("D1", Role.DECODE), ep("P1", Role.PREFILL, queued=3000)])
-        d = pol.route(req(300, tier="premium"), snap, admit=False)
+        d = routed(pol, req(300, tier="premium"), snap, admit=False)
         assert not isinstance(d, Rejection) and d.decode.endpoint_id == "D1" and d.predicted_ttft_s is None
 
     def test_tier_slo_overrides_and_builders(self):
@@ -163,52 +171,52 @@ class TestWorkConservingTiers:
 
     def test_untiered_traffic_alone_uses_the_whole_budget(self):
         strict = policy(admission={"tier_idle_s": None})      # reservations never lent
-        d = strict.route(req(100, tier="free"), self.snap())
+        d = routed(strict, req(100, tier="free"), self.snap())
         assert isinstance(d, Rejection) and d.reason == "tier_quota"
         pol = self.lending(FakeClock())
-        d = pol.route(req(100, tier="free"), self.snap())
+        d = routed(pol, req(100, tier="free"), self.snap())
         assert not isinstance(d, Rejection) and d.predicted_ttft_s == pytest.approx(1.83 + 0.10, rel=0.05)
         # unknown tiers are the default tier (free): the same
-        assert not isinstance(pol.route(req(100, tier="warmup"), self.snap()), Rejection)
+        assert not isinstance(routed(pol, req(100, tier="warmup"), self.snap()), Rejection)
         # the default config lends too (its own monotonic clock)
-        assert not isinstance(policy().route(req(100, tier="free"), self.snap()), Rejection)
+        assert not isinstance(routed(policy(), req(100, tier="free"), self.snap()), Rejection)
 
     def test_alone_it_is_refused_only_when_no_tier_fits(self):
-        d = self.lending(FakeClock()).route(req(300, tier="free"), self.snap(queued=3000))
+        d = routed(self.lending(FakeClock()), req(300, tier="free"), self.snap(queued=3000))
         assert isinstance(d, Rejection) and d.status_code == 503 and d.reason == "overload_ttft"
 
     def test_premium_takes_its_share_back_and_lends_it_again_after_the_window(self):
         clock = FakeClock(1000.0)
         pol = self.lending(clock)
-        assert not isinstance(pol.route(req(100, tier="free"), self.snap()), Rejection)
+        assert not isinstance(routed(pol, req(100, tier="free"), self.snap()), Rejection)
         clock.t = 1001.0
-        assert not isinstance(pol.route(req(100, tier="premium"), self.snap()), Rejection)
+        assert not isinstance(routed(pol, req(100, tier="premium"), self.snap()), Rejection)
         clock.t = 1002.0
-        d = pol.route(req(100, tier="free"), self.snap())
+        d = routed(pol, req(100, tier="free"), self.snap())
         assert isinstance(d, Rejection) and d.reason == "tier_quota" and d.status_code == 429
         clock.t = 1031.0                                       # premium's arrival exactly 30 s ago
-        assert isinstance(pol.route(req(100, tier="free"), self.snap()), Rejection)
+        assert isinstance(routed(pol, req(100, tier="free"), self.snap()), Rejection)
         clock.t = 1031.5                                       # no premium traffic for over 30 s
-        assert not isinstance(pol.route(req(100, tier="free"), self.snap()), Rejection)
+        assert not isinstance(routed(pol, req(100, tier="free"), self.snap()), Rejection)
 
     def test_a_refused_request_still_claims_its_tiers_share(self):
         clock = FakeClock()
         pol = self.lending(clock)
-        premium = pol.route(req(300, tier="premium"), self.snap(queued=3000))
+        premium = routed(pol, req(300, tier="premium"), self.snap(queued=3000))
         assert isinstance(premium, Rejection) and premium.reason == "overload_ttft"
-        d = pol.route(req(100, tier="free"), self.snap())
+        d = routed(pol, req(100, tier="free"), self.snap())
         assert isinstance(d, Rejection) and d.reason == "tier_quota"
 
     def test_queued_prefill_work_keeps_a_tier_active(self):
         clock = FakeClock()
         pol = self.lending(clock)
-        pol.route(req(100, tier="premium"), self.snap())
+        routed(pol, req(100, tier="premium"), self.snap())
         clock.t = 100.0                                        # premium's arrival is long past ...
         busy = self.snap(by_priority=((-100, 20), (-10, 400)))  # ... but its prefill is still queued
-        d = pol.route(req(100, tier="free"), busy)
+        d = routed(pol, req(100, tier="free"), busy)
         assert isinstance(d, Rejection) and d.reason == "tier_quota"
-        assert pol.active_tiers(busy) == {"free", "premium"}
-        assert not isinstance(pol.route(req(100, tier="free"), self.snap(by_priority=((-10, 420),))), Rejection)
+        assert pol.admission.active_tiers(busy) == {"free", "premium"}
+        assert not isinstance(routed(pol, req(100, tier="free"), self.snap(by_priority=((-10, 420),))), Rejection)
 
     def test_standard_lends_to_free_only_while_idle(self):
         # 250 tokens queued (0.88 s) + this prompt's prefill (0.38 s) = 1.27 s of queue with it; the
@@ -217,15 +225,15 @@ class TestWorkConservingTiers:
         clock = FakeClock()
         pol = self.lending(clock)
         snap = self.snap(queued=250)
-        pol.route(req(100, tier="premium"), self.snap())
-        assert not isinstance(pol.route(req(100, tier="free"), snap), Rejection)   # standard idle: lent
+        routed(pol, req(100, tier="premium"), self.snap())
+        assert not isinstance(routed(pol, req(100, tier="free"), snap), Rejection)   # standard idle: lent
         clock.t = 25.0
-        pol.route(req(100, tier="standard"), self.snap())
-        assert pol.route(req(100, tier="free"), snap).reason == "tier_quota"       # every tier active
+        routed(pol, req(100, tier="standard"), self.snap())
+        assert routed(pol, req(100, tier="free"), snap).reason == "tier_quota"       # every tier active
         clock.t = 40.0                                                              # premium idle
-        assert pol.route(req(100, tier="free"), snap).reason == "tier_quota"       # 0.7 is not enough
+        assert routed(pol, req(100, tier="free"), snap).reason == "tier_quota"       # 0.7 is not enough
         clock.t = 56.0                                                              # both idle
-        assert not isinstance(pol.route(req(100, tier="free"), snap), Rejection)
+        assert not isinstance(routed(pol, req(100, tier="free"), snap), Rejection)
 
 
 class TestLocalPrefillWhenSooner:
@@ -240,7 +248,7 @@ class TestLocalPrefillWhenSooner:
                      slo={"ttft_ms": 4000, "tpot_ms": tpot_ms}, placement=placement)
         snap = PoolSnapshot([ep("D1", Role.DECODE, queued=decode_queued),
                              ep("P1", Role.PREFILL, queued=prefill_queued)])
-        return pol.route(req(512), snap)
+        return routed(pol, req(512), snap)
 
     def test_backed_up_prefill_replica_sheds_to_the_decode_engine(self):
         d = self.route(prefill_queued=4096)
