@@ -39,22 +39,14 @@ from dataclasses import dataclass, field
 import msgspec
 import torch
 
-from kvtransfer.codec import COMPRESSIONS, SlabCodec
-from kvtransfer.config import SlabSettings
+from kvtransfer.codec import SlabCodec
+from kvtransfer.config import SlabConnectorSettings
 from kvtransfer.hostmem import alloc_host, huge_page_bytes
-from kvtransfer.metadata import (
-    NOTE_PUSH_FAILED,
-    NOTE_PUSHED,
-    NOTE_RESERVE,
-    PackJob,
-    RecvJob,
-    SlabConnectorMetadata,
-    SlabHandoff,
-    SlabHandshake,
-)
+from kvtransfer.metadata import PackJob, RecvJob, SlabConnectorMetadata, SlabHandshake
 from kvtransfer.slab import SlabSpec, pool_nbytes
 from kvtransfer.stats import KVTransferStats
 from kvtransfer.transport import TransferState, Transport
+from kvtransfer.wire import COMPRESSIONS, NOTE_PUSH_FAILED, NOTE_PUSHED, NOTE_RESERVE, SlabHandoff
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +120,7 @@ def _layer_key(name: str) -> tuple:
 
 
 class SlabConnectorWorker:
-    def __init__(self, settings: SlabSettings, engine_id: str, make_transport: Callable[[], Transport],
+    def __init__(self, settings: SlabConnectorSettings, engine_id: str, make_transport: Callable[[], Transport],
                  clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time):
         self.settings, self.engine_id = settings, engine_id
         self._make_transport = make_transport
