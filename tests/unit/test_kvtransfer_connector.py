@@ -14,13 +14,15 @@ import pytest
 import torch
 
 from kvtransfer.config import SlabConnectorSettings
+from kvtransfer.ledger import PrefillLedger
 from kvtransfer.metadata import SlabHandshake
 from kvtransfer.scheduler_side import SlabConnectorScheduler
 from kvtransfer.slab import RangeAllocator, SlabSpec
 from kvtransfer.stats import KVTransferStats
+from kvtransfer.transfers import PushState
 from kvtransfer.transport import TransferState
 from kvtransfer.wire import PROTOCOL_VERSION, SlabDesc, SlabHandoff
-from kvtransfer.worker_side import PrefillLedger, SlabConnectorWorker
+from kvtransfer.worker_side import SlabConnectorWorker
 from tests.conftest import REPO
 
 GEOM = {"num_layers": 4, "num_kv_heads": 3, "head_dim": 64}
@@ -473,7 +475,7 @@ class TestWorkerRoundTrip:
         ds.get_num_new_matched_tokens(req, 0)
         ds.update_state_after_alloc(req, [1, 2, 4, 6, 8, 10], 170)
         d.start_load_kv(ds.build_connector_meta({}, idle=True))
-        assert d.transport.reads == [2] and not d._recvs and d._finished_recving == {"d1"}
+        assert d.transport.reads == [2] and not d._receives and d._finished.received == {"d1"}
 
     @pytest.mark.parametrize("compression", ["none", "int4"])
     def test_handoff_to_a_larger_block_size(self, compression):
@@ -635,6 +637,11 @@ class TestPushMode:
         p, d, ps, ds, clock = pair
         return p, d, ps, ds, clock
 
+    @staticmethod
+    def _awaiting_pack(p):
+        """Rendezvous ids whose decode reservation waits for a prefill that has not packed."""
+        return {r for r, s in p._pushes.items() if s.state is PushState.AWAITING_PACK}
+
     def _prefill_req(self, compression="none", prompt_tokens=170):
         from kvtransfer.wire import prefill_push_params
         return _request("p1", prefill_push_params("rv1", compression), prompt_tokens=prompt_tokens)
@@ -717,10 +724,10 @@ class TestPushMode:
         ds.assert_empty()
         # the prefill holds an unanswered reservation only until deadline + margin
         p.transport.inbox = list(p.transport.inbox)
-        assert self._step(p, ps)[0] == set() and set(p._reservations) == {"rv1"}
+        assert self._step(p, ps)[0] == set() and self._awaiting_pack(p) == {"rv1"}
         p._wall = lambda: 6.5
         self._step(p, ps)
-        assert p._reservations == {}
+        assert self._awaiting_pack(p) == set() and p._pushes == {}
 
     def test_a_long_prefill_is_waited_for_as_long_as_the_push_asks(self):
         """A reservation naming ``timeout_s`` (the router: a few predicted TTFTs) outlives read_timeout_s:
