@@ -104,8 +104,7 @@ class Note:
 
 @dataclass
 class Finished:
-    """What ``get_transfer_results`` reports next: request ids since its last call."""
+    """Decode side: what ``get_transfer_results`` reports next, request ids since its last call."""
 
-    pushed: set[str] = field(default_factory=set)        # prefill: pushes written (or let go)
     received: set[str] = field(default_factory=set)      # decode: finished_recving (success or failure)
     failed: set[str] = field(default_factory=set)        # decode: failed_recving (vLLM recomputes)

@@ -13,11 +13,12 @@ Pool (registered with NIXL once, at ``register_kv_caches``)::
 
 Push mode (PackJob.push / RecvJob.push): the decode sends its reservation (a SlabHandoff of its own
 range) to the prefill's agent; the prefill WRITEs its packed slabs there with a "pushed" notification
-and counts the write's completion as the read-done. Safety of the decode's range: the prefill never
-starts a write after ``reservation.deadline - expiry_margin_s``; the decode gives up (and its range
-is freed) only at ``deadline + expiry_margin_s`` or on the prefill's "pushfail", so no late write can
-land in a reused range. A push's ``transfer_s``/``handoff_s`` span reservation -> data landed, so they
-include the prefill's own compute (the decode waited that long for its KV).
+and counts the write's completion as the read-done (that side: kvtransfer/push_sender.py). Safety of
+the decode's range: the prefill never starts a write after ``reservation.deadline - expiry_margin_s``;
+the decode gives up (and its range is freed) only at ``deadline + expiry_margin_s`` or on the
+prefill's "pushfail", so no late write can land in a reused range. A push's ``transfer_s`` and
+``handoff_s`` span reservation -> data landed, so they include the prefill's own compute (the decode
+waited that long for its KV).
 
 Lifecycles (who frees what; the state objects are in kvtransfer/transfers.py and kvtransfer/ledger.py):
   prefill  packed -> published(timeout) -> notified | timed out -> finished_sending (scheduler frees
@@ -55,9 +56,10 @@ from kvtransfer.config import SlabConnectorSettings
 from kvtransfer.hostmem import alloc_host, huge_page_bytes
 from kvtransfer.ledger import PrefillLedger
 from kvtransfer.metadata import RecvJob, SlabConnectorMetadata, SlabHandshake
+from kvtransfer.push_sender import PushSender
 from kvtransfer.slab import SlabSpec, pool_nbytes
 from kvtransfer.stats import KVTransferStats
-from kvtransfer.transfers import Finished, Note, PushSend, PushState, Receive, ReceiveState, Release
+from kvtransfer.transfers import Finished, Receive, ReceiveState, Release
 from kvtransfer.transport import TransferState, Transport
 from kvtransfer.unpack import SlabUnpacker
 from kvtransfer.wire import COMPRESSIONS, NOTE_PUSH_FAILED, NOTE_PUSHED, NOTE_RESERVE, SlabHandoff
@@ -86,9 +88,10 @@ class SlabConnectorWorker:
         self.ledger = PrefillLedger(clock)                   # prefill: handoffs awaiting their read-done
         self._receives: dict[str, Receive] = {}              # decode: request id -> its KV on the way in
         self._releases: list[Release] = []                   # decode: prefills to tell they can let go
-        self._pushes: dict[str, PushSend] = {}               # prefill, push: rendezvous -> its push
-        self._outbox: list[Note] = []                        # notifications waiting for their peer
-        self._finished = Finished()                          # reported by the next get_transfer_results
+        # the worker's clocks and its current stats, looked up at each call
+        self._pusher = PushSender(settings, lambda: self._clock(), lambda: self._wall(),
+                                  lambda reason: self.stats.fail(reason))
+        self._finished = Finished()                          # decode: reported by the next get_transfer_results
         self.stats = KVTransferStats()
         self.handshake: SlabHandshake | None = None
 
@@ -113,8 +116,10 @@ class SlabConnectorWorker:
         # registration pins the pages anyway
         self.pool = alloc_host(nbytes, huge_pages=self.settings.huge_pages, prefault=self.settings.prefault_pool)
         self._unpacker = SlabUnpacker(self.spec, self.layers, self.pool, self._codecs, self.settings.group)
-        self.transport = self._make_transport()
+        self.transport = self._pusher.transport = self._make_transport()
         self.transport.register_pool(self.pool)
+        self._pusher.layout = (block_size, self.spec.num_layers, heads, self.spec.head_dim,
+                               str(first.dtype).removeprefix("torch."), True, self.settings.group)
         host, port = self.transport.listen_address()
         self.handshake = SlabHandshake(self.transport.name, host, port, self.pool.data_ptr(), nbytes)
         logger.info("slab connector: %d layers x %s, block %d, slab %d blocks, pool %d MiB (%d MiB on huge pages)",
@@ -144,34 +149,27 @@ class SlabConnectorWorker:
                 pos, first = pos + nbytes, first + num_blocks
             self.ledger.on_packed(job.request_id)
             if job.push is not None:
-                prior = self._pushes.get(job.push)
-                send = PushSend(job.push)
-                if prior is not None and prior.state is PushState.AWAITING_PACK:
-                    send.reservation = prior.reservation             # the decode's reservation came first
-                send.on_packed(job, local)
-                self._pushes[job.push] = send
+                self._pusher.on_packed(job, local)
             self.stats.num_handoffs_sent += 1
             self.stats.num_slabs += len(job.slab_blocks)
             self.stats.pack_s.append(time.perf_counter() - t0)
-        self._advance_pushes()
+        self._pusher.advance()
         if meta.idle and self._busy() and self.settings.idle_wait_ms > 0:
             time.sleep(self.settings.idle_wait_ms / 1000)
 
     def _busy(self) -> bool:
-        """Anything for NIXL to progress (a reservation waiting for our pack does not count)."""
-        return bool(self.ledger.pending() or self._receives or self._releases or self._outbox
-                    or any(s.state is not PushState.AWAITING_PACK for s in self._pushes.values()))
+        """Anything for NIXL to progress."""
+        return bool(self.ledger.pending() or self._receives or self._releases or self._pusher.busy())
 
     def get_transfer_results(self) -> tuple[set[str], set[str], set[str]]:
         """(finished_sending, finished_recving, failed_recving) since the last call."""
         notified = self._drain_notifications()
-        self._advance_pushes()
-        notified |= self._finished.pushed
-        self._finished.pushed = set()
+        self._pusher.advance()
+        notified |= self._pusher.take_pushed()
         for req_id in notified:
             self.ledger.on_notified(req_id)
         by_notif, by_timeout = self.ledger.take_done(notified)
-        self._forget_pushes(by_timeout)
+        self._pusher.forget(by_timeout)
         self.stats.num_released_by_notification += len(by_notif)
         self.stats.num_released_by_timeout += len(by_timeout)
         for _ in by_timeout:
@@ -195,7 +193,7 @@ class SlabConnectorWorker:
                 except msgspec.ValidationError:
                     logger.warning("malformed push reservation ignored")
                     continue
-                self._pushes.setdefault(res.request_id, PushSend(res.request_id)).on_reservation(res)
+                self._pusher.on_reservation(res)
             elif m.startswith(NOTE_PUSHED) or m.startswith(NOTE_PUSH_FAILED):
                 kind, _, rendezvous = m.partition(b" ")
                 r = next((r for r in self._receives.values()
@@ -205,99 +203,6 @@ class SlabConnectorWorker:
             else:
                 read_done.add(m.decode())
         return read_done
-
-    # ----------------------------------------------------------------------------- prefill, push mode
-    def _push_matches(self, send: PushSend) -> str | None:
-        """Why the reservation cannot take our slabs (None: it can)."""
-        res, s, job = send.reservation, self.spec, send.job
-        if (res.block_size, res.num_layers, res.num_kv_heads, res.head_dim, res.dtype, res.k_transposed,
-                res.group) != (s.block_size, s.num_layers, s.num_kv_heads, s.head_dim,
-                               str(self.layers[0].dtype).removeprefix("torch."), True, self.settings.group):
-            return "push_layout"
-        if res.compression != job.compression or [(d.nbytes, d.num_blocks) for d in res.slabs] != list(
-                zip(job.slab_nbytes, job.slab_blocks)):
-            return "push_mismatch"
-        if self._wall() > res.deadline_unix_s - self.settings.expiry_margin_s:
-            return "push_expired"
-        return None
-
-    def _advance_pushes(self) -> None:
-        """Start the WRITE of every packed push whose reservation arrived; finish completed ones."""
-        for rendezvous, send in list(self._pushes.items()):
-            if send.state in (PushState.AWAITING_PACK, PushState.AWAITING_RESERVATION):
-                continue
-            res = send.reservation
-            if send.state is PushState.CONNECTING:
-                if not res.slabs:                                # the decode needs nothing: let go
-                    self._end_push(rendezvous, None)
-                    continue
-                problem = self._push_matches(send)
-                if problem is not None:
-                    logger.warning("cannot push %s to %s (%s)", send.job.request_id, res.engine_id, problem)
-                    self._end_push(rendezvous, problem)
-                    continue
-                self.transport.connect(res.engine_id, res.host, res.port)
-                if not self.transport.is_connected(res.engine_id):
-                    continue                                     # the ledger's timeout bounds the wait
-                try:
-                    send.handle = self.transport.write(res.engine_id, send.local,
-                                                       [(d.addr, d.nbytes) for d in res.slabs],
-                                                       NOTE_PUSHED + rendezvous.encode())
-                except Exception:
-                    logger.warning("starting the push of %s failed", send.job.request_id, exc_info=True)
-                    self._end_push(rendezvous, "push_error")
-                    continue
-                send.state = PushState.WRITING
-            state = self.transport.poll(send.handle)
-            if state is TransferState.DONE:
-                self.transport.release(send.handle)
-                send.handle = None                               # (bytes/descriptors: counted by the decode)
-                self._end_push(rendezvous, None, notify=False)
-            elif state is TransferState.FAILED:
-                self.transport.release(send.handle)
-                send.handle = None
-                self._end_push(rendezvous, "push_error")
-        self._send_outbox()
-        now = self._wall()
-        for rendezvous, send in list(self._pushes.items()):
-            if send.state is PushState.AWAITING_PACK \
-                    and now > send.reservation.deadline_unix_s + self.settings.expiry_margin_s:
-                del self._pushes[rendezvous]                     # its prefill never came (or was aborted)
-
-    def _end_push(self, rendezvous: str, failure: str | None, notify: bool = True) -> None:
-        """Release the prefill side of a push; a failure also tells the decode to recompute now."""
-        send = self._pushes.pop(rendezvous)
-        self._finished.pushed.add(send.job.request_id)
-        if failure is not None:
-            self.stats.fail(failure)
-            if notify:
-                res = send.reservation
-                self.transport.connect(res.engine_id, res.host, res.port)
-                self._outbox.append(Note(res.engine_id, NOTE_PUSH_FAILED + rendezvous.encode(),
-                                         self._clock() + self.settings.connect_timeout_s))
-                self._send_outbox()
-
-    def _send_outbox(self) -> None:
-        """Notifications to peers whose metadata may still be on its way (bounded by connect_timeout_s)."""
-        now, keep = self._clock(), []
-        for note in self._outbox:
-            if self.transport.is_connected(note.peer):
-                try:
-                    self.transport.notify(note.peer, note.message)
-                except Exception:
-                    logger.warning("notification to %s failed", note.peer, exc_info=True)
-            elif now < note.deadline:
-                keep.append(note)
-        self._outbox = keep
-
-    def _forget_pushes(self, req_ids: set[str]) -> None:
-        """Pushes whose prefill handoff timed out: abort an in-flight write, forget the slabs."""
-        for rendezvous, send in list(self._pushes.items()):
-            if send.job is not None and send.job.request_id in req_ids:
-                if send.handle is not None:
-                    self.transport.release(send.handle)
-                del self._pushes[rendezvous]
-        self._finished.pushed -= req_ids
 
     # ----------------------------------------------------------------------------- decode
     def _start_receive(self, job: RecvJob, now: float) -> None:
@@ -479,9 +384,6 @@ class SlabConnectorWorker:
                 if r.handle is not None:
                     self.transport.release(r.handle)
             self._receives.clear()
-            for send in self._pushes.values():
-                if send.handle is not None:
-                    self.transport.release(send.handle)
-            self._pushes.clear()
+            self._pusher.shutdown()
             self.transport.close()
             self.transport = None

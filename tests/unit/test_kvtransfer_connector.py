@@ -640,7 +640,7 @@ class TestPushMode:
     @staticmethod
     def _awaiting_pack(p):
         """Rendezvous ids whose decode reservation waits for a prefill that has not packed."""
-        return {r for r, s in p._pushes.items() if s.state is PushState.AWAITING_PACK}
+        return {r for r, s in p._pusher.pushes.items() if s.state is PushState.AWAITING_PACK}
 
     def _prefill_req(self, compression="none", prompt_tokens=170):
         from kvtransfer.wire import prefill_push_params
@@ -727,7 +727,7 @@ class TestPushMode:
         assert self._step(p, ps)[0] == set() and self._awaiting_pack(p) == {"rv1"}
         p._wall = lambda: 6.5
         self._step(p, ps)
-        assert self._awaiting_pack(p) == set() and p._pushes == {}
+        assert self._awaiting_pack(p) == set() and p._pusher.pushes == {}
 
     def test_a_long_prefill_is_waited_for_as_long_as_the_push_asks(self):
         """A reservation naming ``timeout_s`` (the router: a few predicted TTFTs) outlives read_timeout_s:

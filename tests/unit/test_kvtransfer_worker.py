@@ -12,6 +12,7 @@ import torch
 
 from kvtransfer.config import SlabConnectorSettings
 from kvtransfer.metadata import RecvJob, SlabConnectorMetadata
+from kvtransfer.push_sender import PushSender
 from kvtransfer.transfers import PushSend, PushState, Receive, ReceiveState
 from kvtransfer.transport import TransferState
 from kvtransfer.wire import PROTOCOL_VERSION, SlabDesc, SlabHandoff
@@ -263,6 +264,21 @@ class TestTransferStates:
         send = PushSend("rv", state=PushState.WRITING)
         send.on_reservation(_job_handoff())
         assert send.state is PushState.WRITING
+
+
+class TestPushSender:
+    def test_a_reservation_without_its_pack_is_not_busy_and_expires_after_the_write_window(self):
+        wall, fails = Clock(DEADLINE), []
+        sender = PushSender(SlabConnectorSettings(**SETTINGS), Clock(0.0), wall, fails.append)
+        sender.transport = ScriptedNixl()
+        sender.on_reservation(_job_handoff())
+        assert not sender.busy() and sender.pushes["rv"].state is PushState.AWAITING_PACK
+        wall.t = DEADLINE + SETTINGS["expiry_margin_s"]
+        sender.advance()
+        assert set(sender.pushes) == {"rv"}
+        wall.t += 0.01
+        sender.advance()
+        assert sender.pushes == {} and sender.take_pushed() == set() and fails == []
 
 
 def _job_handoff() -> SlabHandoff:
