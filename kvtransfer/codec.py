@@ -30,15 +30,12 @@ overwrites when it recomputes the last prompt token and decodes.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 
 from kvtransfer.quant import GroupQuant
 from kvtransfer.slab import SlabSpec
-
-Compression = Literal["none", "int8", "int4"]
-COMPRESSIONS: tuple[str, ...] = ("none", "int8", "int4")
+from kvtransfer.wire import COMPRESSIONS
 
 
 def hadamard(n: int) -> torch.Tensor:

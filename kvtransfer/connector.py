@@ -2,7 +2,7 @@
 as slabs — runs of paged blocks across all layers, one NIXL descriptor each, optionally int8/int4.
 
 Load it with ``kv_transfer_config={"kv_connector": "SlabKVConnector", "kv_connector_module_path":
-"kvtransfer.connector", "kv_role": "kv_both", "kv_connector_extra_config": {...SlabSettings}}``.
+"kvtransfer.connector", "kv_role": "kv_both", "kv_connector_extra_config": {...SlabConnectorSettings}}``.
 
 This class is a facade: the scheduler process gets a ``SlabConnectorScheduler``
 (kvtransfer/scheduler_side.py), the worker process a ``SlabConnectorWorker``
@@ -28,7 +28,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from vllm.logger import init_logger
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from kvtransfer.config import SlabSettings
+from kvtransfer.config import SlabConnectorSettings
 from kvtransfer.metadata import SlabConnectorMetadata, SlabHandshake
 from kvtransfer.scheduler_side import SlabConnectorScheduler
 from kvtransfer.slab import SlabSpec
@@ -66,7 +66,7 @@ class SlabConnectorStats(KVConnectorStats):
         return self._stats().is_empty()
 
 
-def _make_nixl_transport(settings: SlabSettings, engine_id: str):
+def _make_nixl_transport(settings: SlabConnectorSettings, engine_id: str):
     from kvtransfer.nixl_transport import NixlTransport
 
     return NixlTransport(engine_id, settings.side_channel_host, settings.side_channel_port,
@@ -79,7 +79,7 @@ class SlabKVConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig):
         super().__init__(vllm_config, role, kv_cache_config)
         ktc = vllm_config.kv_transfer_config
-        self.settings = SlabSettings.from_extra_config(ktc.kv_connector_extra_config)
+        self.settings = SlabConnectorSettings.from_extra_config(ktc.kv_connector_extra_config)
         self.engine_id = str(ktc.engine_id)
         self.scheduler: SlabConnectorScheduler | None = None
         self.worker: SlabConnectorWorker | None = None

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from nixl._api import nixl_agent, nixl_agent_config
 
-from kvtransfer.config import UCX_MT_MUTEX_ENV
+from kvtransfer.config import UCX_MT_MUTEX_ENV, UCX_TLS_ENV
 from kvtransfer.ports import free_port
 from kvtransfer.transport import Desc, TransferState
 
@@ -65,7 +65,7 @@ class NixlTransport:
                  ucx_tls: str | None = None, mt_mutex: bool | None = True):
         # read by UCX when the backend is created, just below
         if ucx_tls:
-            os.environ["UCX_TLS"] = ucx_tls
+            os.environ[UCX_TLS_ENV] = ucx_tls
         if mt_mutex is not None:
             os.environ[UCX_MT_MUTEX_ENV] = "y" if mt_mutex else "n"
         self.name, self._host = name, host

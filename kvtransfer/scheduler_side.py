@@ -41,24 +41,22 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kvtransfer.codec import COMPRESSIONS, SlabCodec
-from kvtransfer.config import SlabSettings
-from kvtransfer.metadata import (
+from kvtransfer.codec import SlabCodec
+from kvtransfer.config import SlabConnectorSettings
+from kvtransfer.metadata import PackJob, RecvJob, SlabConnectorMetadata, SlabHandshake
+from kvtransfer.slab import RangeAllocator, SlabSpec, plan_slabs
+from kvtransfer.stats import KVTransferStats
+from kvtransfer.wire import (
+    COMPRESSIONS,
     KEY_COMPRESSION,
     KEY_DO_REMOTE_DECODE,
     KEY_DO_REMOTE_PREFILL,
-    KEY_SLAB,
+    KEY_SLAB_HANDOFF,
     PROTOCOL_VERSION,
-    PackJob,
-    RecvJob,
-    SlabConnectorMetadata,
     SlabDesc,
     SlabHandoff,
-    SlabHandshake,
     SlabPush,
 )
-from kvtransfer.slab import RangeAllocator, SlabSpec, plan_slabs
-from kvtransfer.stats import KVTransferStats
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +72,7 @@ class _Packed:
 
 
 class SlabConnectorScheduler:
-    def __init__(self, settings: SlabSettings, engine_id: str, spec: SlabSpec, dtype: Any,
+    def __init__(self, settings: SlabConnectorSettings, engine_id: str, spec: SlabSpec, dtype: Any,
                  block_ids_of: Callable[[str], Sequence[int]], clock: Callable[[], float] = time.time):
         self.settings, self.engine_id, self.spec, self.dtype = settings, engine_id, spec, dtype
         self._block_ids_of = block_ids_of
@@ -120,7 +118,7 @@ class SlabConnectorScheduler:
         params = request.kv_transfer_params
         if not params or not params.get(KEY_DO_REMOTE_PREFILL):
             return 0, False
-        if KEY_SLAB not in params and SlabPush.from_kv_transfer_params(params) is not None:
+        if KEY_SLAB_HANDOFF not in params and SlabPush.from_kv_transfer_params(params) is not None:
             count = request.num_prompt_tokens - num_computed_tokens     # push: the prefill sends it all
             return (count, True) if count > 0 else (0, False)
         h = self._handoff(request)
@@ -139,7 +137,7 @@ class SlabConnectorScheduler:
             return
         if not params.get(KEY_DO_REMOTE_PREFILL):
             return
-        push = SlabPush.from_kv_transfer_params(params) if KEY_SLAB not in params else None
+        push = SlabPush.from_kv_transfer_params(params) if KEY_SLAB_HANDOFF not in params else None
         if push is not None:
             params[KEY_DO_REMOTE_PREFILL] = False
             self._reserve_push(request, block_ids, num_external_tokens, push)

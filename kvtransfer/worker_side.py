@@ -13,18 +13,31 @@ Pool (registered with NIXL once, at ``register_kv_caches``)::
 
 Push mode (PackJob.push / RecvJob.push): the decode sends its reservation (a SlabHandoff of its own
 range) to the prefill's agent; the prefill WRITEs its packed slabs there with a "pushed" notification
-and counts the write's completion as the read-done. Safety of the decode's range: the prefill never
-starts a write after ``reservation.deadline - expiry_margin_s``; the decode gives up (and its range
-is freed) only at ``deadline + expiry_margin_s`` or on the prefill's "pushfail", so no late write can
-land in a reused range. A push's ``transfer_s``/``handoff_s`` span reservation -> data landed, so they
-include the prefill's own compute (the decode waited that long for its KV).
+and counts the write's completion as the read-done (that side: kvtransfer/push_sender.py). Safety of
+the decode's range: the prefill never starts a write after ``reservation.deadline - expiry_margin_s``;
+the decode gives up (and its range is freed) only at ``deadline + expiry_margin_s`` or on the
+prefill's "pushfail", so no late write can land in a reused range. A push's ``transfer_s`` and
+``handoff_s`` span reservation -> data landed, so they include the prefill's own compute (the decode
+waited that long for its KV).
 
-Lifecycles (who frees what):
+Lifecycles (who frees what; the state objects are in kvtransfer/transfers.py and kvtransfer/ledger.py):
   prefill  packed -> published(timeout) -> notified | timed out -> finished_sending (scheduler frees
            the range, vLLM the blocks). A notification may arrive before "published" (kept until it).
   decode   queued -> connecting (connect_timeout_s) -> reading (read_timeout_s) -> scattered
            -> finished_recving; any failure -> finished_recving + failed_recving (vLLM recomputes)
            and, if the peer is reachable, a release notification so the prefill frees early.
+
+Pull-mode failure policy (decode side; every failure is recomputed by vLLM, counted in stats.failures):
+  the scheduler already failed the job     -> failed now; release notification if the peer is connected
+  handoff within expiry_margin_s of its     -> "expired", never read; release notification if connected
+  deadline at start
+  peer metadata not loaded in time          -> "connect_timeout"; no notification (peer unreachable); the
+                                               transport may fetch that peer again later
+  READ fails to start or ends FAILED        -> "read_error"; handle released; release notification
+  READ still pending after read_timeout_s   -> "read_timeout"; handle released; release notification
+  decoding/scattering the slabs raises      -> "decode_error"; no notification (the READ's own did)
+  nothing to load (full local prefix hit)   -> release notification once the peer is connected; given up
+                                               after connect_timeout_s
 """
 
 from __future__ import annotations
@@ -34,93 +47,26 @@ import logging
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 
 import msgspec
 import torch
 
-from kvtransfer.codec import COMPRESSIONS, SlabCodec
-from kvtransfer.config import SlabSettings
+from kvtransfer.codec import SlabCodec
+from kvtransfer.config import SlabConnectorSettings
 from kvtransfer.hostmem import alloc_host, huge_page_bytes
-from kvtransfer.metadata import (
-    NOTE_PUSH_FAILED,
-    NOTE_PUSHED,
-    NOTE_RESERVE,
-    PackJob,
-    RecvJob,
-    SlabConnectorMetadata,
-    SlabHandoff,
-    SlabHandshake,
-)
+from kvtransfer.ledger import PrefillLedger
+from kvtransfer.metadata import RecvJob, SlabConnectorMetadata, SlabHandshake
+from kvtransfer.push_sender import PushSender
 from kvtransfer.slab import SlabSpec, pool_nbytes
 from kvtransfer.stats import KVTransferStats
+from kvtransfer.transfers import Finished, Receive, ReceiveState, Release
 from kvtransfer.transport import TransferState, Transport
+from kvtransfer.unpack import SlabUnpacker
+from kvtransfer.wire import COMPRESSIONS, NOTE_PUSH_FAILED, NOTE_PUSHED, NOTE_RESERVE, SlabHandoff
 
 logger = logging.getLogger(__name__)
 
 MiB = 1 << 20
-
-
-class PrefillLedger:
-    """Published handoffs awaiting a read-done notification or their timeout (pure, clock injected)."""
-
-    def __init__(self, clock: Callable[[], float]):
-        self._clock = clock
-        self.packed: set[str] = set()
-        self.deadlines: dict[str, float] = {}
-        self._early: set[str] = set()
-
-    def on_packed(self, req_id: str) -> None:
-        self.packed.add(req_id)
-
-    def on_discarded(self, req_id: str) -> None:
-        self.packed.discard(req_id)
-        self._early.discard(req_id)
-
-    def on_published(self, req_id: str, timeout_s: float) -> None:
-        self.packed.discard(req_id)
-        self.deadlines[req_id] = self._clock() + timeout_s
-
-    def on_notified(self, req_id: str) -> bool:
-        """True if this completes a published handoff now."""
-        if req_id in self.deadlines:
-            return True
-        if req_id in self.packed:
-            self._early.add(req_id)
-        return False
-
-    def take_done(self, notified: set[str]) -> tuple[set[str], set[str]]:
-        """(released by notification, released by timeout); both leave the ledger."""
-        by_notif = {r for r in self.deadlines if r in notified or r in self._early}
-        now = self._clock()
-        by_timeout = {r for r, d in self.deadlines.items() if d <= now} - by_notif
-        for r in by_notif | by_timeout:
-            del self.deadlines[r]
-            self._early.discard(r)
-        return by_notif, by_timeout
-
-    def pending(self) -> bool:
-        return bool(self.deadlines)
-
-
-@dataclass
-class _Recv:
-    job: RecvJob
-    deadline: float
-    started_s: float
-    handle: object | None = None
-    read_started_s: float = 0.0
-    slabs: list = field(default_factory=list)    # the SlabDescs being read
-    reserved: bool = False                       # push mode: our reservation went out
-
-
-@dataclass
-class _Outgoing:
-    """Prefill side, push mode: packed slabs waiting for (or being written to) a decode's reservation."""
-    job: PackJob
-    local: list                                  # (addr, nbytes) of each packed slab in our pool
-    reservation: SlabHandoff | None = None
-    handle: object | None = None
 
 
 def _layer_key(name: str) -> tuple:
@@ -128,7 +74,7 @@ def _layer_key(name: str) -> tuple:
 
 
 class SlabConnectorWorker:
-    def __init__(self, settings: SlabSettings, engine_id: str, make_transport: Callable[[], Transport],
+    def __init__(self, settings: SlabConnectorSettings, engine_id: str, make_transport: Callable[[], Transport],
                  clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time):
         self.settings, self.engine_id = settings, engine_id
         self._make_transport = make_transport
@@ -138,17 +84,14 @@ class SlabConnectorWorker:
         self.pool: torch.Tensor | None = None
         self.spec: SlabSpec | None = None
         self._codecs: dict[str, SlabCodec] = {}
-        self._foreign_codecs: dict[tuple[int, str, int], SlabCodec] = {}
-        self.ledger = PrefillLedger(clock)
-        self._recvs: dict[str, _Recv] = {}
-        self._finished_recving: set[str] = set()
-        self._failed_recving: set[str] = set()
-        self._release_only: list[tuple[RecvJob, float]] = []
-        self._outgoing: dict[str, _Outgoing] = {}            # push: rendezvous -> packed slabs
-        self._reservations: dict[str, SlabHandoff] = {}      # push: reservations before their pack
-        self._pushed_done: set[str] = set()                  # push: prefill request ids written (or let go)
-        self._push_notes: dict[str, bytes] = {}              # push, decode side: rendezvous -> pushed|pushfail
-        self._pending_notes: list[tuple[str, bytes, float]] = []   # (peer, message, give-up time)
+        self._unpacker: SlabUnpacker | None = None
+        self.ledger = PrefillLedger(clock)                   # prefill: handoffs awaiting their read-done
+        self._receives: dict[str, Receive] = {}              # decode: request id -> its KV on the way in
+        self._releases: list[Release] = []                   # decode: prefills to tell they can let go
+        # the worker's clocks and its current stats, looked up at each call
+        self._pusher = PushSender(settings, lambda: self._clock(), lambda: self._wall(),
+                                  lambda reason: self.stats.fail(reason))
+        self._finished = Finished()                          # decode: reported by the next get_transfer_results
         self.stats = KVTransferStats()
         self.handshake: SlabHandshake | None = None
 
@@ -172,8 +115,11 @@ class SlabConnectorWorker:
         # VM; on huge pages a same-host READ copies ~2x faster (loadtests/kv/kv_xfer_microbench.py). RDMA
         # registration pins the pages anyway
         self.pool = alloc_host(nbytes, huge_pages=self.settings.huge_pages, prefault=self.settings.prefault_pool)
-        self.transport = self._make_transport()
+        self._unpacker = SlabUnpacker(self.spec, self.layers, self.pool, self._codecs, self.settings.group)
+        self.transport = self._pusher.transport = self._make_transport()
         self.transport.register_pool(self.pool)
+        self._pusher.layout = (block_size, self.spec.num_layers, heads, self.spec.head_dim,
+                               str(first.dtype).removeprefix("torch."), True, self.settings.group)
         host, port = self.transport.listen_address()
         self.handshake = SlabHandshake(self.transport.name, host, port, self.pool.data_ptr(), nbytes)
         logger.info("slab connector: %d layers x %s, block %d, slab %d blocks, pool %d MiB (%d MiB on huge pages)",
@@ -188,8 +134,8 @@ class SlabConnectorWorker:
             self.ledger.on_published(req_id, timeout_s)
         now = self._clock()
         for job in meta.recvs:
-            self._start_recv(job, now)
-        self._advance_recvs()
+            self._start_receive(job, now)
+        self._advance_receives()
 
     def wait_for_save(self, meta: SlabConnectorMetadata) -> None:
         for job in meta.packs:
@@ -203,26 +149,27 @@ class SlabConnectorWorker:
                 pos, first = pos + nbytes, first + num_blocks
             self.ledger.on_packed(job.request_id)
             if job.push is not None:
-                self._outgoing[job.push] = _Outgoing(job, local, self._reservations.pop(job.push, None))
+                self._pusher.on_packed(job, local)
             self.stats.num_handoffs_sent += 1
             self.stats.num_slabs += len(job.slab_blocks)
             self.stats.pack_s.append(time.perf_counter() - t0)
-        self._advance_pushes()
-        if meta.idle and (self.ledger.pending() or self._recvs or self._release_only or self._outgoing
-                          or self._pending_notes) \
-                and self.settings.idle_wait_ms > 0:
+        self._pusher.advance()
+        if meta.idle and self._busy() and self.settings.idle_wait_ms > 0:
             time.sleep(self.settings.idle_wait_ms / 1000)
+
+    def _busy(self) -> bool:
+        """Anything for NIXL to progress."""
+        return bool(self.ledger.pending() or self._receives or self._releases or self._pusher.busy())
 
     def get_transfer_results(self) -> tuple[set[str], set[str], set[str]]:
         """(finished_sending, finished_recving, failed_recving) since the last call."""
         notified = self._drain_notifications()
-        self._advance_pushes()
-        notified |= self._pushed_done
-        self._pushed_done = set()
+        self._pusher.advance()
+        notified |= self._pusher.take_pushed()
         for req_id in notified:
             self.ledger.on_notified(req_id)
         by_notif, by_timeout = self.ledger.take_done(notified)
-        self._forget_pushes(by_timeout)
+        self._pusher.forget(by_timeout)
         self.stats.num_released_by_notification += len(by_notif)
         self.stats.num_released_by_timeout += len(by_timeout)
         for _ in by_timeout:
@@ -230,11 +177,11 @@ class SlabConnectorWorker:
         if by_timeout:
             logger.warning("freeing %d handoffs no decode confirmed within %.1f s", len(by_timeout),
                            self.settings.handoff_timeout_s)
-        self._advance_recvs()
-        self._advance_release_only()
-        recving, failed = self._finished_recving, self._failed_recving
-        self._finished_recving, self._failed_recving = set(), set()
-        return by_notif | by_timeout, recving, failed
+        self._advance_receives()
+        self._advance_releases()
+        received, failed = self._finished.received, self._finished.failed
+        self._finished.received, self._finished.failed = set(), set()
+        return by_notif | by_timeout, received, failed
 
     def _drain_notifications(self) -> set[str]:
         """Route this agent's notifications; returns the read-done request ids (pull)."""
@@ -246,120 +193,26 @@ class SlabConnectorWorker:
                 except msgspec.ValidationError:
                     logger.warning("malformed push reservation ignored")
                     continue
-                out = self._outgoing.get(res.request_id)
-                if out is not None:
-                    out.reservation = res
-                else:
-                    self._reservations[res.request_id] = res
+                self._pusher.on_reservation(res)
             elif m.startswith(NOTE_PUSHED) or m.startswith(NOTE_PUSH_FAILED):
                 kind, _, rendezvous = m.partition(b" ")
-                if any(r.job.push is not None and r.job.push.rendezvous == rendezvous.decode()
-                       for r in self._recvs.values()):          # else: a recv we already gave up
-                    self._push_notes[rendezvous.decode()] = kind + b" "
+                r = next((r for r in self._receives.values()
+                          if r.is_push and r.job.push.rendezvous == rendezvous.decode()), None)
+                if r is not None:                                # else: a receive we already gave up
+                    r.note = kind + b" "
             else:
                 read_done.add(m.decode())
         return read_done
 
-    # ----------------------------------------------------------------------------- prefill, push mode
-    def _push_matches(self, out: _Outgoing) -> str | None:
-        """Why the reservation cannot take our slabs (None: it can)."""
-        res, s, job = out.reservation, self.spec, out.job
-        if (res.block_size, res.num_layers, res.num_kv_heads, res.head_dim, res.dtype, res.k_transposed,
-                res.group) != (s.block_size, s.num_layers, s.num_kv_heads, s.head_dim,
-                               str(self.layers[0].dtype).removeprefix("torch."), True, self.settings.group):
-            return "push_layout"
-        if res.compression != job.compression or [(d.nbytes, d.num_blocks) for d in res.slabs] != list(
-                zip(job.slab_nbytes, job.slab_blocks)):
-            return "push_mismatch"
-        if self._wall() > res.deadline_unix_s - self.settings.expiry_margin_s:
-            return "push_expired"
-        return None
-
-    def _advance_pushes(self) -> None:
-        """Start the WRITE of every packed push whose reservation arrived; finish completed ones."""
-        for rendezvous, out in list(self._outgoing.items()):
-            res = out.reservation
-            if res is None:
-                continue
-            if out.handle is None:
-                if not res.slabs:                                # the decode needs nothing: let go
-                    self._end_push(rendezvous, None)
-                    continue
-                problem = self._push_matches(out)
-                if problem is not None:
-                    logger.warning("cannot push %s to %s (%s)", out.job.request_id, res.engine_id, problem)
-                    self._end_push(rendezvous, problem)
-                    continue
-                self.transport.connect(res.engine_id, res.host, res.port)
-                if not self.transport.is_connected(res.engine_id):
-                    continue                                     # the ledger's timeout bounds the wait
-                try:
-                    out.handle = self.transport.write(res.engine_id, out.local, [(d.addr, d.nbytes) for d in res.slabs],
-                                                      NOTE_PUSHED + rendezvous.encode())
-                except Exception:
-                    logger.warning("starting the push of %s failed", out.job.request_id, exc_info=True)
-                    self._end_push(rendezvous, "push_error")
-                    continue
-            state = self.transport.poll(out.handle)
-            if state is TransferState.DONE:
-                self.transport.release(out.handle)
-                out.handle = None                                # (bytes/descriptors: counted by the decode)
-                self._end_push(rendezvous, None, notify=False)
-            elif state is TransferState.FAILED:
-                self.transport.release(out.handle)
-                out.handle = None
-                self._end_push(rendezvous, "push_error")
-        self._send_pending_notes()
-        now = self._wall()
-        for rendezvous, res in list(self._reservations.items()):
-            if now > res.deadline_unix_s + self.settings.expiry_margin_s:
-                del self._reservations[rendezvous]               # its prefill never came (or was aborted)
-
-    def _end_push(self, rendezvous: str, failure: str | None, notify: bool = True) -> None:
-        """Release the prefill side of a push; a failure also tells the decode to recompute now."""
-        out = self._outgoing.pop(rendezvous)
-        self._pushed_done.add(out.job.request_id)
-        if failure is not None:
-            self.stats.fail(failure)
-            if notify:
-                res = out.reservation
-                self.transport.connect(res.engine_id, res.host, res.port)
-                self._pending_notes.append((res.engine_id, NOTE_PUSH_FAILED + rendezvous.encode(),
-                                            self._clock() + self.settings.connect_timeout_s))
-                self._send_pending_notes()
-
-    def _send_pending_notes(self) -> None:
-        """Notifications to peers whose metadata may still be on its way (bounded by connect_timeout_s)."""
-        now, keep = self._clock(), []
-        for peer, message, deadline in self._pending_notes:
-            if self.transport.is_connected(peer):
-                try:
-                    self.transport.notify(peer, message)
-                except Exception:
-                    logger.warning("notification to %s failed", peer, exc_info=True)
-            elif now < deadline:
-                keep.append((peer, message, deadline))
-        self._pending_notes = keep
-
-    def _forget_pushes(self, req_ids: set[str]) -> None:
-        """Pushes whose prefill handoff timed out: abort an in-flight write, forget the slabs."""
-        for rendezvous, out in list(self._outgoing.items()):
-            if out.job.request_id in req_ids:
-                if out.handle is not None:
-                    self.transport.release(out.handle)
-                del self._outgoing[rendezvous]
-        for req_id in req_ids:
-            self._pushed_done.discard(req_id)
-
     # ----------------------------------------------------------------------------- decode
-    def _start_recv(self, job: RecvJob, now: float) -> None:
+    def _start_receive(self, job: RecvJob, now: float) -> None:
         h = job.handoff
         if job.push is not None:
-            self._start_push_recv(job, now)
+            self._start_push_receive(job, now)
             return
         if job.offset is None and job.fail is None:
             self.transport.connect(h.engine_id, h.host, h.port)
-            self._release_only.append((job, now + self.settings.connect_timeout_s))
+            self._releases.append(Release(job, now + self.settings.connect_timeout_s))
             return
         if job.fail is not None:
             self._fail(job.request_id, job.fail, h)
@@ -368,9 +221,9 @@ class SlabConnectorWorker:
             self._fail(job.request_id, "expired", h)
             return
         self.transport.connect(h.engine_id, h.host, h.port)
-        self._recvs[job.request_id] = _Recv(job, now + self.settings.connect_timeout_s, now)
+        self._receives[job.request_id] = Receive(job, now + self.settings.connect_timeout_s, now)
 
-    def _start_push_recv(self, job: RecvJob, now: float) -> None:
+    def _start_push_receive(self, job: RecvJob, now: float) -> None:
         """Push mode: connect to the prefill's agent; the reservation goes out once connected."""
         push = job.push
         self.transport.connect(push.engine_id, push.host, push.port)
@@ -379,14 +232,14 @@ class SlabConnectorWorker:
                 self._failed(job.request_id, job.fail)
             # an empty reservation: the prefill lets its slabs go without writing
             empty = dataclasses.replace(job, handoff=msgspec.structs.replace(job.handoff, slabs=[]))
-            self._release_only.append((empty, now + self.settings.connect_timeout_s))
+            self._releases.append(Release(empty, now + self.settings.connect_timeout_s))
             return
-        self._recvs[job.request_id] = _Recv(job, now + self.settings.connect_timeout_s, now,
-                                            slabs=list(job.handoff.slabs))
+        self._receives[job.request_id] = Receive(job, now + self.settings.connect_timeout_s, now,
+                                                 slabs=list(job.handoff.slabs))
 
-    def _advance_push_recv(self, req_id: str, r: _Recv, now: float) -> None:
+    def _advance_push_receive(self, req_id: str, r: Receive, now: float) -> None:
         job, push = r.job, r.job.push
-        if not r.reserved:
+        if r.state is ReceiveState.CONNECTING:
             if self.transport.is_connected(push.engine_id):
                 try:
                     self.transport.notify(push.engine_id, NOTE_RESERVE + msgspec.json.encode(job.handoff))
@@ -394,13 +247,13 @@ class SlabConnectorWorker:
                     logger.warning("push reservation to %s failed", push.engine_id, exc_info=True)
                     self._drop(req_id, "push_reserve_error")
                     return
-                r.reserved, r.read_started_s = True, now
+                r.state, r.read_started_s = ReceiveState.RESERVED, now
             elif now >= r.deadline:
                 self._drop(req_id, "connect_timeout")            # nothing was reserved remotely: safe
                 if hasattr(self.transport, "forget"):
                     self.transport.forget(push.engine_id)
             return
-        note = self._push_notes.pop(push.rendezvous, None)
+        note, r.note = r.note, None
         if note == NOTE_PUSHED:
             self._complete(req_id, r)
         elif note == NOTE_PUSH_FAILED:
@@ -408,21 +261,20 @@ class SlabConnectorWorker:
         elif self._wall() > job.handoff.deadline_unix_s + self.settings.expiry_margin_s:
             self._drop(req_id, "push_timeout")                   # past the prefill's last write start + margin
 
-    def _advance_recvs(self) -> None:
+    def _advance_receives(self) -> None:
         now = self._clock()
-        for req_id, r in list(self._recvs.items()):
-            h = r.job.handoff
-            if r.job.push is not None:
-                self._advance_push_recv(req_id, r, now)
+        for req_id, r in list(self._receives.items()):
+            if r.is_push:
+                self._advance_push_receive(req_id, r, now)
                 continue
-            if r.handle is None:
-                if self.transport.is_connected(h.engine_id):
+            if r.state is ReceiveState.CONNECTING:
+                if self.transport.is_connected(r.peer):
                     self._start_read(r, now)
                 elif now >= r.deadline:
                     self._drop(req_id, "connect_timeout")
                     if hasattr(self.transport, "forget"):
-                        self.transport.forget(h.engine_id)
-                if r.handle is None:
+                        self.transport.forget(r.peer)
+                if r.state is not ReceiveState.READING:
                     continue
                 # polled at once: a same-host READ (UCX cma) is done when its post returns; left for
                 # later, an idle step would first sleep idle_wait_ms in wait_for_save
@@ -437,7 +289,7 @@ class SlabConnectorWorker:
                 self.transport.release(r.handle)
                 self._drop(req_id, "read_timeout")
 
-    def _start_read(self, r: _Recv, now: float) -> None:
+    def _start_read(self, r: Receive, now: float) -> None:
         job = r.job
         r.slabs = [s for s in job.handoff.slabs if s.first_block + s.num_blocks > job.first_block]
         local, pos = [], self.pool.data_ptr() + job.offset
@@ -451,78 +303,39 @@ class SlabConnectorWorker:
             logger.warning("starting the slab read for %s failed", job.request_id, exc_info=True)
             self._drop(job.request_id, "read_error")
             return
-        r.read_started_s = now
+        r.state, r.read_started_s = ReceiveState.READING, now
         r.deadline = now + self.settings.read_timeout_s
 
-    def _complete(self, req_id: str, r: _Recv) -> None:
+    def _complete(self, req_id: str, r: Receive) -> None:
         job, h = r.job, r.job.handoff
         t_read = self._clock() - r.read_started_s
         try:
-            if h.block_size == self.spec.block_size:
-                self._scatter_blocks(job, r.slabs)
-            else:
-                self._scatter_tokens(job, r.slabs)
+            self._unpacker.unpack(job, r.slabs)
         except Exception:
             logger.warning("decoding the slabs of %s failed", req_id, exc_info=True)
-            del self._recvs[req_id]
+            del self._receives[req_id]
             self._failed(req_id, "decode_error")
             return
-        del self._recvs[req_id]
-        self._finished_recving.add(req_id)
+        del self._receives[req_id]
+        self._finished.received.add(req_id)
         st = self.stats
         st.num_handoffs_received += 1
         st.num_slabs += len(r.slabs)
         st.num_descriptors += len(r.slabs)
         st.wire_bytes += sum(s.nbytes for s in r.slabs)
-        st.raw_bytes += self._codec_for(h).raw_nbytes(sum(s.num_blocks for s in r.slabs))  # sender blocks
+        st.raw_bytes += self._unpacker.codec_for(h).raw_nbytes(sum(s.num_blocks for s in r.slabs))  # sender blocks
         st.transfer_s.append(t_read)
         st.handoff_s.append(self._clock() - r.started_s)
 
-    def _codec_for(self, h) -> SlabCodec:
-        """The codec of the sender's block size, compression and group (cached)."""
-        if h.block_size == self.spec.block_size and h.group == self.settings.group:
-            return self._codecs[h.compression]
-        key = (h.block_size, h.compression, h.group)
-        codec = self._foreign_codecs.get(key)
-        if codec is None:
-            spec = dataclasses.replace(self.spec, block_size=h.block_size)
-            codec = self._foreign_codecs[key] = SlabCodec(spec, self.layers[0].dtype, h.compression, h.group)
-        return codec
-
-    def _scatter_blocks(self, job: RecvJob, slabs) -> None:
-        """Same block size: each received block lands whole in the request's local block."""
-        codec, pos = self._codec_for(job.handoff), job.offset
-        for s in slabs:
-            raw = codec.decode(self.pool[pos:pos + s.nbytes], s.num_blocks)
-            pos += s.nbytes
-            skip = max(0, job.first_block - s.first_block)
-            local = job.block_ids[s.first_block + skip:s.first_block + s.num_blocks]
-            if local:
-                codec.scatter(raw[:, skip:skip + len(local)], self.layers, local)
-
-    def _scatter_tokens(self, job: RecvJob, slabs) -> None:
-        """Different block sizes (e.g. a block-16 GPU prefill, a block-128 CPU decode): write the
-        tokens ``[first_token, end_token)`` one by one into the local block table."""
-        h = job.handoff
-        codec, pos, bs = self._codec_for(h), job.offset, h.block_size
-        for s in slabs:
-            tm = codec.to_token_major(codec.decode(self.pool[pos:pos + s.nbytes], s.num_blocks))
-            pos += s.nbytes
-            start = max(job.first_token, s.first_block * bs)
-            end = min(job.end_token, (s.first_block + s.num_blocks) * bs)
-            if end > start:
-                codec.scatter_tokens(tm, end - start, self.layers, job.block_ids, first_token=start,
-                                     block_size=self.spec.block_size, skip=start - s.first_block * bs)
-
     def _drop(self, req_id: str, reason: str) -> None:
-        r = self._recvs.pop(req_id)
-        if r.job.push is not None:                               # the prefill frees on its own timeout
+        r = self._receives.pop(req_id)
+        if r.is_push:                                            # the prefill frees on its own timeout
             logger.warning("slab push for %s failed (%s); recomputing locally", req_id, reason)
             self._failed(req_id, reason)
             return
         self._fail(req_id, reason, r.job.handoff)
 
-    def _fail(self, req_id: str, reason: str, handoff) -> None:
+    def _fail(self, req_id: str, reason: str, handoff: SlabHandoff) -> None:
         logger.warning("slab handoff for %s failed (%s); recomputing locally", req_id, reason)
         self._failed(req_id, reason)
         if self.transport.is_connected(handoff.engine_id):
@@ -530,32 +343,33 @@ class SlabConnectorWorker:
 
     def _failed(self, req_id: str, reason: str) -> None:
         self.stats.fail(reason)
-        self._finished_recving.add(req_id)
-        self._failed_recving.add(req_id)
+        self._finished.received.add(req_id)
+        self._finished.failed.add(req_id)
 
-    def _notify(self, handoff) -> None:
+    def _notify(self, handoff: SlabHandoff) -> None:
         try:
             self.transport.notify(handoff.engine_id, handoff.request_id.encode())
         except Exception:
             logger.warning("release notification to %s failed", handoff.engine_id, exc_info=True)
 
-    def _advance_release_only(self) -> None:
+    def _advance_releases(self) -> None:
         now, keep = self._clock(), []
-        for job, deadline in self._release_only:
+        for rel in self._releases:
+            job = rel.job
             if job.push is not None:
                 if self.transport.is_connected(job.push.engine_id):
                     try:
                         self.transport.notify(job.push.engine_id, NOTE_RESERVE + msgspec.json.encode(job.handoff))
                     except Exception:
                         logger.warning("push release to %s failed", job.push.engine_id, exc_info=True)
-                elif now < deadline:
-                    keep.append((job, deadline))
+                elif now < rel.deadline:
+                    keep.append(rel)
                 continue
             if self.transport.is_connected(job.handoff.engine_id):
                 self._notify(job.handoff)
-            elif now < deadline:
-                keep.append((job, deadline))
-        self._release_only = keep
+            elif now < rel.deadline:
+                keep.append(rel)
+        self._releases = keep
 
     # ----------------------------------------------------------------------------- misc
     def take_stats(self) -> KVTransferStats | None:
@@ -566,13 +380,10 @@ class SlabConnectorWorker:
 
     def shutdown(self) -> None:
         if self.transport is not None:
-            for r in self._recvs.values():
+            for r in self._receives.values():
                 if r.handle is not None:
                     self.transport.release(r.handle)
-            self._recvs.clear()
-            for out in self._outgoing.values():
-                if out.handle is not None:
-                    self.transport.release(out.handle)
-            self._outgoing.clear()
+            self._receives.clear()
+            self._pusher.shutdown()
             self.transport.close()
             self.transport = None

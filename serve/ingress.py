@@ -104,7 +104,7 @@ class Ingress:
         self.metrics = ClusterMetrics(lambda: self._monitor.stats() if self._monitor else [])
         policy = build_policy(r, block_size)
         kvh = self._cfg.kv_handoff
-        push = kvh.slab_compression if kvh.backend == "slab" and kvh.slab_mode == "push" else None
+        push = kvh.slab.compression if kvh.backend == "slab" and kvh.slab_mode == "push" else None
         self._orch = Orchestrator(pools, policy, self._directory, self.metrics,
                                   prefill_timeout_s=r.prefill_timeout_s, idle_timeout_s=r.idle_timeout_s,
                                   decode_migrations=r.decode_migrations,

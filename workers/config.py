@@ -1,7 +1,7 @@
 """Pool configuration: one pool = one Ray Serve deployment of identical vLLM engines.
 
-Only pydantic and the stdlib are imported here so the schema is usable (and testable) without
-Ray or vLLM installed.
+Only pydantic, the stdlib and the slab connector's settings (kvtransfer/config.py, pydantic too) are
+imported here so the schema is usable (and testable) without Ray or vLLM installed.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from kvtransfer.config import SlabSettings
 
 _CORE_BINDING = re.compile(r"^(auto|nobind|[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*)$")
 
@@ -53,7 +55,7 @@ class CpuDevice(_Strict):
     num_cpus: float = Field(1.0, gt=0, description="Ray logical CPUs reserved per replica")
     kv_cache_space_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE (GiB) per engine")
     malloc_reuse: bool = Field(True, description="engine processes keep freed memory for reuse (glibc, "
-                               "kvtransfer.config.MALLOC_REUSE_ENV): the slab codecs' large temporaries then "
+                               "workers/engine_env.py MALLOC_REUSE_ENV): the slab codecs' large temporaries then "
                                "skip page faults (int8/int4 pack ~3x faster on a 2-core CPU VM, "
                                "loadtests/kv/kv_codec_microbench.py); the engine itself measured the same either way")
 
@@ -165,21 +167,21 @@ class KvHandoffConfig(_Strict):
     side_channel_host: str = Field("auto", description="address peers use to reach an engine; "
                                    "'auto' = this Ray node's IP")
     kv_buffer_device: Literal["cpu", "cuda"] = "cpu"
-    kv_lease_s: int = Field(30, ge=6, description="prefill frees KV no decode has read after this long")
+    kv_lease_s: int = Field(30, ge=6, description="prefill frees KV no decode has read after this long (both "
+                            "backends)")
     nixl_progress_thread: bool = Field(True, description="NIXL's UCX progress thread; off, transfers over TCP "
                                        "progress only when an engine steps (slow handoffs)")
-    nixl_progress_delay_us: int = Field(1000, ge=0, description="progress thread poll timeout; 0 = NIXL's stock "
-                                        "busy spin (a core per engine)")
+    nixl_progress_delay_us: int = Field(1000, ge=0, description="progress thread poll timeout (both "
+                                        "backends); 0 = NIXL's stock busy spin (a core per engine)")
     kv_cache_huge_pages: bool = Field(True, description="nixl backend, CPU engines: move the paged KV caches "
                                       "onto transparent huge pages before NIXL registers them (same-host READs "
                                       "copy ~2.7x faster from them)")
     ucx_mt_mutex: bool = Field(True, description="UCX_USE_MT_MUTEX: UCX locks its workers with a mutex, not a "
                                "spinlock, so NIXL's progress thread sleeps instead of spinning on the engine's "
                                "core while the engine READs (2x faster same-host READs here); false = UCX default")
-    slab_compression: Literal["none", "int8", "int4"] = Field("none", description="slab backend: wire "
-                                                              "compression (group-wise along head_dim)")
-    slab_tokens: int = Field(128, ge=1, description="slab backend: minimum tokens per slab (one descriptor)")
     slab_mode: Literal["pull", "push"] = Field("pull", description="slab backend: 'pull' = the decode engine "
                                                "READs after the prefill answered; 'push' = the decode request "
                                                "goes out with the prefill, reserves a buffer, and the prefill "
                                                "WRITEs into it (no round trip through the router between them)")
+    slab: SlabSettings = Field(default_factory=SlabSettings, description="slab backend: the connector's own "
+                               "options (compression, slab_tokens, timeouts, pool), passed to it unchanged")

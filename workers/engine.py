@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from kvtransfer.config import MALLOC_REUSE_ENV
 from workers.config import CpuDevice, GpuDevice, PoolConfig
+from workers.engine_env import MALLOC_REUSE_ENV, MQ_BUSY_LOOP_ENV, MQ_RECHECK_ENV
 from workers.handoff import HandoffBackend, free_port
 from workers.messages import (
     COMPLETE_FINISH_REASONS,
@@ -94,8 +94,8 @@ def resolve_dtype(dtype: str, device: CpuDevice | GpuDevice, flags: frozenset[st
 
 def device_env(pool: PoolConfig, local_rank: int = 0) -> dict[str, str]:
     """Process environment of the engine (CPU pinning / KV space / compile cache, queue spinning)."""
-    env = {"PDSERVE_MQ_BUSY_LOOP_S": str(pool.engine.mq_busy_loop_s),
-           "PDSERVE_MQ_RECHECK_MS": str(pool.engine.mq_recheck_ms)}
+    env = {MQ_BUSY_LOOP_ENV: str(pool.engine.mq_busy_loop_s),
+           MQ_RECHECK_ENV: str(pool.engine.mq_recheck_ms)}
     if isinstance(pool.device, CpuDevice):
         env.update({
             "VLLM_CPU_OMP_THREADS_BIND": pool.device.cores_for_rank(local_rank),

@@ -13,10 +13,12 @@ import uuid
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from kvtransfer.config import UCX_MT_MUTEX_ENV
+from kvtransfer.config import UCX_MT_MUTEX_ENV, UCX_TLS_ENV, SlabConnectorSettings
 from kvtransfer.ports import free_port
+from kvtransfer.wire import KEY_DO_REMOTE_PREFILL, prefill_push_params, prefill_request_params
 from workers.config import KvHandoffConfig
-from workers.kv_params import KvHandoff, prefill_request_params, push_prefill_params
+from workers.engine_env import KV_CACHE_HUGE_PAGES_ENV, NIXL_PROGRESS_DELAY_ENV, NIXL_PROGRESS_THREAD_ENV
+from workers.kv_params import KvHandoff
 
 # vLLM's ``KVTransferConfig.kv_load_failure_policy`` for every backend: a KV load that fails (peer gone,
 # transfer error, lease expired) makes the decode engine recompute the prompt. vLLM's default, "fail",
@@ -56,7 +58,7 @@ class _RemotePrefillParams:
         return []
 
     def handoff_from_output(self, params: Mapping[str, Any] | None) -> KvHandoff | None:
-        if not params or not params.get("do_remote_prefill"):
+        if not params or not params.get(KEY_DO_REMOTE_PREFILL):
             return None
         return KvHandoff.from_kv_transfer_params(params, connector=self.name)
 
@@ -82,13 +84,13 @@ class NixlHandoff(_RemotePrefillParams):
 
     def engine_env(self) -> dict[str, str]:
         return {
-            "UCX_TLS": self._cfg.ucx_tls,
+            UCX_TLS_ENV: self._cfg.ucx_tls,
             "VLLM_NIXL_SIDE_CHANNEL_HOST": self._host,
             "VLLM_NIXL_SIDE_CHANNEL_PORT": str(self._port),
-            "PDSERVE_NIXL_PROGRESS_THREAD": "1" if self._cfg.nixl_progress_thread else "0",
-            "PDSERVE_NIXL_PROGRESS_DELAY_US": str(self._cfg.nixl_progress_delay_us),
+            NIXL_PROGRESS_THREAD_ENV: "1" if self._cfg.nixl_progress_thread else "0",
+            NIXL_PROGRESS_DELAY_ENV: str(self._cfg.nixl_progress_delay_us),
             UCX_MT_MUTEX_ENV: "y" if self._cfg.ucx_mt_mutex else "n",
-            "PDSERVE_KV_CACHE_HUGE_PAGES": "1" if self._cfg.kv_cache_huge_pages else "0",
+            KV_CACHE_HUGE_PAGES_ENV: "1" if self._cfg.kv_cache_huge_pages else "0",
         }
 
     def kv_transfer_config(self) -> dict[str, Any]:
@@ -127,14 +129,14 @@ class SlabHandoff(_RemotePrefillParams):
         self._port = free_port(self._host)
 
     def engine_env(self) -> dict[str, str]:
-        return {"UCX_TLS": self._cfg.ucx_tls}
+        return {UCX_TLS_ENV: self._cfg.ucx_tls}
 
     def kv_agent(self) -> list:
         return [self._agent_name, self._host, self._port]
 
     def prefill_params(self, push_rendezvous: str | None = None) -> dict[str, Any]:
         if push_rendezvous:
-            return push_prefill_params(push_rendezvous, self._cfg.slab_compression)
+            return prefill_push_params(push_rendezvous, self._cfg.slab.compression)
         return prefill_request_params()
 
     def kv_transfer_config(self) -> dict[str, Any]:
@@ -145,18 +147,21 @@ class SlabHandoff(_RemotePrefillParams):
             "kv_buffer_device": "cpu",
             "kv_load_failure_policy": KV_LOAD_FAILURE_POLICY,
             "engine_id": self._agent_name,
-            "kv_connector_extra_config": {
-                "compression": self._cfg.slab_compression,
-                "slab_tokens": self._cfg.slab_tokens,
-                "handoff_timeout_s": float(self._cfg.kv_lease_s),
-                "side_channel_host": self._host,
-                "side_channel_port": self._port,
-                "progress_delay_us": self._cfg.nixl_progress_delay_us,
-                "ucx_mt_mutex": self._cfg.ucx_mt_mutex,
-                "ucx_tls": self._cfg.ucx_tls,
-            },
+            "kv_connector_extra_config": self.connector_settings().model_dump(),
         }
 
+    def connector_settings(self) -> SlabConnectorSettings:
+        """The connector's settings: ``kv_handoff.slab`` unchanged, plus the fields both backends share
+        (owned by ``kv_handoff``) and this engine's agent address. The one place they are mapped."""
+        return SlabConnectorSettings(
+            **self._cfg.slab.model_dump(),
+            handoff_timeout_s=float(self._cfg.kv_lease_s),
+            side_channel_host=self._host,
+            side_channel_port=self._port,
+            progress_delay_us=self._cfg.nixl_progress_delay_us,
+            ucx_mt_mutex=self._cfg.ucx_mt_mutex,
+            ucx_tls=self._cfg.ucx_tls,
+        )
 
 
 def make_handoff(cfg: KvHandoffConfig, side_channel_host: str) -> HandoffBackend:

@@ -26,13 +26,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlConn
 from vllm.logger import init_logger
 
 from kvtransfer.hostmem import collapse_to_huge_pages
+from workers.engine_env import KV_CACHE_HUGE_PAGES_ENV, NIXL_PROGRESS_DELAY_ENV, NIXL_PROGRESS_THREAD_ENV
 from workers.vllm_plugin import register as register_plumbing_fixes
 
 logger = init_logger(__name__)
-
-PROGRESS_THREAD_ENV = "PDSERVE_NIXL_PROGRESS_THREAD"
-PROGRESS_DELAY_ENV = "PDSERVE_NIXL_PROGRESS_DELAY_US"
-KV_HUGE_PAGES_ENV = "PDSERVE_KV_CACHE_HUGE_PAGES"
 
 
 class _AgentBindings:
@@ -52,8 +49,8 @@ class _AgentBindings:
 def _install() -> None:
     if base_worker.nixl_agent_config is None or getattr(base_worker.nixl_agent_config, "_pdserve", False):
         return
-    thread_on = os.environ.get(PROGRESS_THREAD_ENV, "1") != "0"
-    delay_us = int(os.environ.get(PROGRESS_DELAY_ENV, "1000"))
+    thread_on = os.environ.get(NIXL_PROGRESS_THREAD_ENV, "1") != "0"
+    delay_us = int(os.environ.get(NIXL_PROGRESS_DELAY_ENV, "1000"))
     original = base_worker.nixl_agent_config
 
     @functools.wraps(original)
@@ -101,7 +98,7 @@ class QuietNixlConnector(NixlConnector):
             os.sched_setaffinity(0, mask)
 
     def register_kv_caches(self, kv_caches):
-        if os.environ.get(KV_HUGE_PAGES_ENV, "1") != "0":
+        if os.environ.get(KV_CACHE_HUGE_PAGES_ENV, "1") != "0":
             moved = sum(collapse_to_huge_pages(t) for t in kv_caches.values())
             logger.info("KV caches on huge pages: %d of %d tensors", moved, len(kv_caches))
         super().register_kv_caches(kv_caches)

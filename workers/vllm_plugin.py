@@ -28,8 +28,8 @@ from __future__ import annotations
 import functools
 import os
 
-BUSY_LOOP_ENV = "PDSERVE_MQ_BUSY_LOOP_S"
-RECHECK_ENV = "PDSERVE_MQ_RECHECK_MS"
+from workers.engine_env import MQ_BUSY_LOOP_ENV, MQ_RECHECK_ENV
+
 DEFAULT_RECHECK_MS = 1
 
 
@@ -40,7 +40,7 @@ def bounded_wait_timeout(timeout_ms: int | None, recheck_ms: int) -> int:
 
 def register() -> None:
     """Entry point: patch vLLM's shared-memory queue readers if this is a pdserve engine process."""
-    if BUSY_LOOP_ENV not in os.environ:
+    if MQ_BUSY_LOOP_ENV not in os.environ:
         return
     try:
         from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
@@ -48,8 +48,8 @@ def register() -> None:
         return
     if getattr(SpinCondition.wait, "_pdserve", False):
         return
-    busy_limit = float(os.environ[BUSY_LOOP_ENV])
-    recheck_ms = max(1, int(os.environ.get(RECHECK_ENV, DEFAULT_RECHECK_MS)))
+    busy_limit = float(os.environ[MQ_BUSY_LOOP_ENV])
+    recheck_ms = max(1, int(os.environ.get(MQ_RECHECK_ENV, DEFAULT_RECHECK_MS)))
     original = SpinCondition.wait
 
     @functools.wraps(original)

@@ -43,10 +43,11 @@ from typing import Any
 
 import torch
 
-from kvtransfer.config import MALLOC_REUSE_ENV, UCX_MT_MUTEX_ENV
+from kvtransfer.config import UCX_MT_MUTEX_ENV
 from kvtransfer.ports import free_port
 from kvtransfer.stats import percentile
 from loadtests.kv.kv_harness import EngineProcess
+from workers.engine_env import MALLOC_REUSE_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 BLOCK_SIZE = 32
@@ -114,7 +115,7 @@ def _new_stats(engine: EngineProcess, kind: str, seen: int, timeout_s: float = 1
 def _push_round(prefill: EngineProcess, decode: EngineProcess, ids: list[int], rendezvous: str):
     """One push-mode handoff: the decode request first (it reserves and tells the prefill's agent),
     then the prefill request; returns both outputs."""
-    from kvtransfer.metadata import SlabPush, decode_push_params, prefill_push_params
+    from kvtransfer.wire import SlabPush, decode_push_params, prefill_push_params
 
     agent = prefill.options["kv_transfer_config"]
     # the reservation waits as long as a long prompt's prefill takes here (4k tokens: ~16 s on one core)

@@ -6,7 +6,7 @@ One handoff of ``--tokens`` tokens of float32 SmolLM2-135M KV (30 layers, 3 KV h
 block 32) through ``SlabCodec``: pack (gather + rotate + quantize into the pool) and decode + scatter,
 for ``none``, ``int8`` and ``int4``, one thread pinned to core 0, best of ``--reps``. Each malloc
 setting runs in its own child process (glibc reads its tunables at start): ``default`` and
-``reuse`` (``kvtransfer.config.MALLOC_REUSE_ENV``, what CPU engine processes get by default). Writes
+``reuse`` (``workers.engine_env.MALLOC_REUSE_ENV``, what CPU engine processes get by default). Writes
 ``summary.json`` and ``codec.png`` to ``--out`` (default loadtests/results/<UTC timestamp>-codec/).
 """
 
@@ -20,8 +20,9 @@ import sys
 import time
 from pathlib import Path
 
+from kvtransfer.wire import COMPRESSIONS
+
 REPO = Path(__file__).resolve().parents[2]
-COMPRESSIONS = ("none", "int8", "int4")
 
 
 def measure(tokens: int, reps: int) -> dict:
@@ -84,7 +85,7 @@ def main() -> None:
     if args.child:
         print("RESULT " + json.dumps(measure(args.tokens, args.reps)), flush=True)
         return
-    from kvtransfer.config import MALLOC_REUSE_ENV
+    from workers.engine_env import MALLOC_REUSE_ENV
 
     summary: dict = {"tokens": args.tokens, "reps": args.reps, "malloc_reuse_env": MALLOC_REUSE_ENV}
     for setting, extra in (("default", {}), ("reuse", MALLOC_REUSE_ENV)):

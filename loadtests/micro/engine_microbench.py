@@ -5,7 +5,7 @@
 A setting is ``DTYPE`` or ``DTYPE:EXECUTOR`` (vLLM's ``distributed_executor_backend``; note that the
 CPU platform turns ``uni`` into ``mp`` unless ``VLLM_ENABLE_V1_MULTIPROCESSING=0``), optionally with
 ``+heap``: the engine's processes run with glibc malloc keeping freed memory for reuse
-(``kvtransfer.config.MALLOC_REUSE_ENV``) instead of returning every large block to the kernel. Each
+(``workers.engine_env.MALLOC_REUSE_ENV``) instead of returning every large block to the kernel. Each
 setting gets a fresh vLLM ``AsyncLLM`` (one after the other, same pinned core(s), no Ray, no NIXL), so
 the numbers isolate the engine from the serving stack. Per setting: prefill of
 ``--prompt-tokens`` random tokens (``max_tokens=1``, prefix caching off, ``--repeats`` times, median)
@@ -106,8 +106,8 @@ def main(argv=None) -> int:
     if args.child:
         _child(args)
         return 0
-    from kvtransfer.config import MALLOC_REUSE_ENV
     from loadtests.bench import bundled_model_dir
+    from workers.engine_env import MALLOC_REUSE_ENV
 
     model_dir = args.model_dir or bundled_model_dir()
     rows = []

@@ -232,7 +232,7 @@ class TestPushMode:
     def test_push_greedy_equals_colocated(self, engines, uncompressed_128, reference, prompts):
         """Push: each decode request goes out BEFORE its prefill, naming the prefill's agent; the
         decode reserves a range, the prefill WRITEs its slabs there. Output equals the colocated run."""
-        from kvtransfer.metadata import (
+        from kvtransfer.wire import (
             SlabPush,
             decode_push_params,
             prefill_push_params,

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kvtransfer.config import SlabSettings
 from serve.config import DEFAULT_CONFIG, ClusterConfig, ConfigError, apply_overrides, load_config_data, merge_overlay
 from tests.conftest import REPO
 from workers.config import CpuDevice, GpuDevice, PoolConfig, PoolRole
@@ -185,3 +186,24 @@ class TestOverrides:
         assert json.loads(capsys.readouterr().out)["server"]["port"] == 9002
         assert main(["validate", "--set", "pools.7.name=x"]) == 2
         assert "does not name a place" in capsys.readouterr().err
+
+
+class TestKvHandoff:
+    def test_slab_section_is_the_connectors_settings(self):
+        kvh = ClusterConfig.from_dict({**BASE, "kv_handoff": {"backend": "slab", "slab": {
+            "compression": "int8", "read_timeout_s": 4, "pool_mib": 512, "idle_wait_ms": 0}}}).kv_handoff
+        assert kvh.slab == SlabSettings(compression="int8", read_timeout_s=4, pool_mib=512, idle_wait_ms=0)
+        assert ClusterConfig.from_dict(BASE).kv_handoff.slab == SlabSettings()
+
+    @pytest.mark.parametrize("slab, field", [
+        ({"compression": "int2"}, "kv_handoff.slab.compression"),
+        ({"group": 3}, "group must be even"),
+        ({"ucx_tls": "tcp"}, "kv_handoff.slab.ucx_tls"),                 # owned by kv_handoff itself
+        ({"handoff_timeout_s": 5}, "kv_handoff.slab.handoff_timeout_s"),  # = kv_handoff.kv_lease_s
+    ])
+    def test_slab_section_errors_name_the_field(self, slab, field):
+        assert field in error_of({**BASE, "kv_handoff": {"backend": "slab", "slab": slab}})
+
+    @pytest.mark.parametrize("key", ["slab_compression", "slab_tokens"])
+    def test_slab_options_live_under_slab(self, key):
+        assert f"kv_handoff.{key}" in error_of({**BASE, "kv_handoff": {key: 1}})

@@ -13,13 +13,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kvtransfer.config import SlabSettings
-from kvtransfer.metadata import PROTOCOL_VERSION, SlabDesc, SlabHandoff, SlabHandshake
+from kvtransfer.config import SlabConnectorSettings
+from kvtransfer.ledger import PrefillLedger
+from kvtransfer.metadata import SlabHandshake
 from kvtransfer.scheduler_side import SlabConnectorScheduler
 from kvtransfer.slab import RangeAllocator, SlabSpec
 from kvtransfer.stats import KVTransferStats
+from kvtransfer.transfers import PushState
 from kvtransfer.transport import TransferState
-from kvtransfer.worker_side import PrefillLedger, SlabConnectorWorker
+from kvtransfer.wire import PROTOCOL_VERSION, SlabDesc, SlabHandoff
+from kvtransfer.worker_side import SlabConnectorWorker
 from tests.conftest import REPO
 
 GEOM = {"num_layers": 4, "num_kv_heads": 3, "head_dim": 64}
@@ -116,7 +119,7 @@ def _handshake(name, pool_nbytes=64 << 20, addr=1 << 40):
 
 
 def _scheduler(name="P", blocks=None, clock=None, **settings):
-    s = SlabConnectorScheduler(SlabSettings(**settings), name, _spec(), torch.float32,
+    s = SlabConnectorScheduler(SlabConnectorSettings(**settings), name, _spec(), torch.float32,
                                block_ids_of=lambda rid: blocks[rid], clock=clock or FakeClock())
     return s
 
@@ -320,9 +323,9 @@ def _resident_share(t: torch.Tensor) -> float:
 def test_slab_pool_is_resident_when_prefaulted():
     """``prefault_pool`` (default on) touches every pool page at start, so no handoff pays page faults
     (loadtests/kv/kv_xfer_microbench.py: READs into fresh pages ran ~4x slower): every page is in RAM."""
-    assert SlabSettings().prefault_pool
-    w = SlabConnectorWorker(SlabSettings(pool_mib=96), "P", lambda: FakeTransport("P", {}), clock=FakeClock(0.0),
-                            wall_clock=lambda: 0.0)
+    assert SlabConnectorSettings().prefault_pool
+    w = SlabConnectorWorker(SlabConnectorSettings(pool_mib=96), "P", lambda: FakeTransport("P", {}),
+                            clock=FakeClock(0.0), wall_clock=lambda: 0.0)
     w.register_kv_caches(_caches())
     assert _resident_share(w.pool) == 1.0
 
@@ -343,9 +346,9 @@ def test_slab_pool_sits_on_huge_pages():
     from kvtransfer.hostmem import HUGE_PAGE, huge_page_bytes
 
     mode = _thp_mode()
-    assert SlabSettings().huge_pages
-    w = SlabConnectorWorker(SlabSettings(pool_mib=64), "P", lambda: FakeTransport("P", {}), clock=FakeClock(0.0),
-                            wall_clock=lambda: 0.0)
+    assert SlabConnectorSettings().huge_pages
+    w = SlabConnectorWorker(SlabConnectorSettings(pool_mib=64), "P", lambda: FakeTransport("P", {}),
+                            clock=FakeClock(0.0), wall_clock=lambda: 0.0)
     w.register_kv_caches(_caches())
     assert w.pool.numel() == 64 << 20 and w.pool.data_ptr() % HUGE_PAGE == 0
     huge = huge_page_bytes(w.pool)
@@ -353,8 +356,8 @@ def test_slab_pool_sits_on_huge_pages():
         assert huge == 0
     else:
         assert huge >= (64 << 20) * 3 // 4, f"only {huge >> 20} MiB of the pool on huge pages"
-    plain = SlabConnectorWorker(SlabSettings(pool_mib=64, huge_pages=False), "Q", lambda: FakeTransport("Q", {}),
-                                clock=FakeClock(0.0), wall_clock=lambda: 0.0)
+    plain = SlabConnectorWorker(SlabConnectorSettings(pool_mib=64, huge_pages=False), "Q",
+                                lambda: FakeTransport("Q", {}), clock=FakeClock(0.0), wall_clock=lambda: 0.0)
     plain.register_kv_caches(_caches())
     assert _resident_share(plain.pool) == 1.0
     # a pool that does not ask gets no huge pages, except under "always", where the kernel gives them unasked
@@ -387,7 +390,7 @@ def test_transport_asks_ucx_for_a_mutex():
     process per setting: UCX reads its log level once per process."""
     from kvtransfer.config import UCX_MT_MUTEX_ENV
 
-    assert SlabSettings().ucx_mt_mutex
+    assert SlabConnectorSettings().ucx_mt_mutex
     script = ("import sys; from kvtransfer.nixl_transport import NixlTransport; "
               "t = NixlTransport('mutex', '127.0.0.1', mt_mutex=sys.argv[1] == 'on'); "
               "assert t.listen_address()[1] > 0; t.close()")
@@ -408,7 +411,7 @@ class TestWorkerRoundTrip:
 
     def _pair(self, reachable=True, fail_reads=False, **settings):
         registry, clock = {}, FakeClock(0.0)
-        cfg = SlabSettings(pool_mib=8, **settings)
+        cfg = SlabConnectorSettings(pool_mib=8, **settings)
         p = SlabConnectorWorker(cfg, "P", lambda: FakeTransport("P", registry), clock=clock, wall_clock=lambda: 0.0)
         d = SlabConnectorWorker(cfg, "D", lambda: FakeTransport("D", registry, reachable, fail_reads), clock=clock,
                                 wall_clock=lambda: 0.0)
@@ -472,14 +475,14 @@ class TestWorkerRoundTrip:
         ds.get_num_new_matched_tokens(req, 0)
         ds.update_state_after_alloc(req, [1, 2, 4, 6, 8, 10], 170)
         d.start_load_kv(ds.build_connector_meta({}, idle=True))
-        assert d.transport.reads == [2] and not d._recvs and d._finished_recving == {"d1"}
+        assert d.transport.reads == [2] and not d._receives and d._finished.received == {"d1"}
 
     @pytest.mark.parametrize("compression", ["none", "int4"])
     def test_handoff_to_a_larger_block_size(self, compression):
         """A block-32 prefill (6 blocks, 170 tokens) to a block-64 decode with its first 64 tokens
         already cached: tokens 64..169 land token by token in the decode's own block table."""
         registry, clock = {}, FakeClock(0.0)
-        cfg = SlabSettings(pool_mib=8)
+        cfg = SlabConnectorSettings(pool_mib=8)
         p = SlabConnectorWorker(cfg, "P", lambda: FakeTransport("P", registry), clock=clock, wall_clock=lambda: 0.0)
         d = SlabConnectorWorker(cfg, "D", lambda: FakeTransport("D", registry), clock=clock, wall_clock=lambda: 0.0)
         p.register_kv_caches(_caches(seed=1))
@@ -573,11 +576,11 @@ class TestWorkersWiring:
         from workers.config import KvHandoffConfig
         from workers.handoff import make_handoff
 
-        backend = make_handoff(KvHandoffConfig(backend="slab", slab_compression="int4"), "127.0.0.1")
+        backend = make_handoff(KvHandoffConfig(backend="slab", slab={"compression": "int4"}), "127.0.0.1")
         ktc = backend.kv_transfer_config()
         assert ktc["kv_connector"] == "SlabKVConnector" and ktc["kv_connector_module_path"] == "kvtransfer.connector"
         assert ktc["kv_load_failure_policy"] == "recompute"
-        settings = SlabSettings.from_extra_config(ktc["kv_connector_extra_config"])
+        settings = SlabConnectorSettings.from_extra_config(ktc["kv_connector_extra_config"])
         # the agent's name and port are fixed here, so the replica can advertise them (push mode)
         name, host, port = backend.kv_agent()
         assert settings.compression == "int4" and settings.side_channel_port == port > 0
@@ -588,18 +591,41 @@ class TestWorkersWiring:
         assert handoff.to_kv_transfer_params() == _handoff().to_kv_transfer_params()
         assert backend.handoff_from_output({"do_remote_prefill": False}) is None
 
+    def test_slab_settings_reach_the_connector_unchanged(self):
+        """``kv_handoff.slab`` goes into the extra config as it is; the fields both backends share come
+        from ``kv_handoff`` (mapped in workers/handoff.py only)."""
+        from kvtransfer.config import SlabSettings
+        from workers.config import KvHandoffConfig
+        from workers.handoff import make_handoff
 
-    def test_push_params_match_the_connector(self):
-        """workers/kv_params builds push params without importing kvtransfer: they must be what the
-        connector's own builders produce (and parse)."""
-        from kvtransfer.metadata import SlabPush, decode_push_params, prefill_push_params
-        from workers.kv_params import push_decode_handoff, push_prefill_params
+        slab = SlabSettings(compression="int8", slab_tokens=64, read_timeout_s=3, pool_mib=128, idle_wait_ms=0)
+        cfg = KvHandoffConfig(backend="slab", slab=slab, kv_lease_s=12, ucx_tls="tcp", nixl_progress_delay_us=0,
+                              ucx_mt_mutex=False)
+        backend = make_handoff(cfg, "0.0.0.0")
+        extra = backend.kv_transfer_config()["kv_connector_extra_config"]
+        assert {k: extra[k] for k in SlabSettings.model_fields} == slab.model_dump()
+        _, host, port = backend.kv_agent()
+        assert {k: v for k, v in extra.items() if k not in SlabSettings.model_fields} == {
+            "handoff_timeout_s": 12.0, "ucx_tls": "tcp", "progress_delay_us": 0, "ucx_mt_mutex": False,
+            "side_channel_host": host, "side_channel_port": port}
+        assert host == "127.0.0.1"
+        # kv_handoff's defaults are the connector's own (but ucx_tls: a cluster always names its transports)
+        ktc = make_handoff(KvHandoffConfig(backend="slab"), "127.0.0.1").kv_transfer_config()
+        default = SlabConnectorSettings.from_extra_config(ktc["kv_connector_extra_config"])
+        assert default.model_dump(exclude={"side_channel_port", "ucx_tls"}) == SlabConnectorSettings(
+            side_channel_port=1).model_dump(exclude={"side_channel_port", "ucx_tls"})
+
+
+    def test_push_decode_handoff_is_the_connectors_push(self):
+        """serve/ builds push-mode decode handoffs with workers/kv_params; the connector parses them."""
+        from kvtransfer.wire import SlabPush, decode_push_params
+        from workers.kv_params import push_decode_handoff
 
         handoff = push_decode_handoff(("P", "10.0.0.1", 7000), "rv", 300, "int4", timeout_s=48.0)
         want = decode_push_params(SlabPush("rv", "P", "10.0.0.1", 7000, "int4", 48.0))
         assert handoff.to_kv_transfer_params() == want
         assert SlabPush.from_kv_transfer_params(want) == SlabPush("rv", "P", "10.0.0.1", 7000, "int4", 48.0)
-        assert push_prefill_params("rv", "int4") == prefill_push_params("rv", "int4")
+        assert (handoff.remote_engine_id, handoff.remote_request_id, handoff.num_tokens) == ("P", "rv", 300)
 
 
 class TestPushMode:
@@ -611,12 +637,17 @@ class TestPushMode:
         p, d, ps, ds, clock = pair
         return p, d, ps, ds, clock
 
+    @staticmethod
+    def _awaiting_pack(p):
+        """Rendezvous ids whose decode reservation waits for a prefill that has not packed."""
+        return {r for r, s in p._pusher.pushes.items() if s.state is PushState.AWAITING_PACK}
+
     def _prefill_req(self, compression="none", prompt_tokens=170):
-        from kvtransfer.metadata import prefill_push_params
+        from kvtransfer.wire import prefill_push_params
         return _request("p1", prefill_push_params("rv1", compression), prompt_tokens=prompt_tokens)
 
     def _decode_req(self, compression="none", prompt_tokens=170):
-        from kvtransfer.metadata import SlabPush, decode_push_params
+        from kvtransfer.wire import SlabPush, decode_push_params
         return _request("d1", decode_push_params(SlabPush("rv1", "P", "127.0.0.1", 1, compression)),
                         prompt_tokens=prompt_tokens)
 
@@ -693,15 +724,15 @@ class TestPushMode:
         ds.assert_empty()
         # the prefill holds an unanswered reservation only until deadline + margin
         p.transport.inbox = list(p.transport.inbox)
-        assert self._step(p, ps)[0] == set() and set(p._reservations) == {"rv1"}
+        assert self._step(p, ps)[0] == set() and self._awaiting_pack(p) == {"rv1"}
         p._wall = lambda: 6.5
         self._step(p, ps)
-        assert p._reservations == {}
+        assert self._awaiting_pack(p) == set() and p._pusher.pushes == {}
 
     def test_a_long_prefill_is_waited_for_as_long_as_the_push_asks(self):
         """A reservation naming ``timeout_s`` (the router: a few predicted TTFTs) outlives read_timeout_s:
         a 4k-token prompt prefills for ~16 s on one CPU core; the write still lands at 12 s."""
-        from kvtransfer.metadata import SlabPush, decode_push_params
+        from kvtransfer.wire import SlabPush, decode_push_params
 
         p, d, ps, ds, _ = self._pair(read_timeout_s=5, expiry_margin_s=1)
         dreq = _request("d1", decode_push_params(SlabPush("rv1", "P", "127.0.0.1", 1, "none", 30.0)),

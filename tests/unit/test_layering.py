@@ -44,3 +44,14 @@ def test_product_packages_never_import_the_studies():
     for package in ("router", "workers", "kvtransfer", "serve"):
         for f in sorted((REPO / package).rglob("*.py")):
             assert "loadtests" not in imports(f), f"{f.relative_to(REPO)} imports loadtests"
+
+
+# modules both sides of the KV handoff seam import (serve/workers and the connector inside vLLM's processes)
+SEAM_MODULES = ("kvtransfer/wire.py", "kvtransfer/config.py", "workers/engine_env.py", "workers/kv_params.py",
+                "workers/config.py")
+
+
+@pytest.mark.parametrize("module", SEAM_MODULES)
+def test_seam_modules_import_no_engine(module):
+    bad = imports(REPO / module) & HEAVY
+    assert not bad, f"{module} imports {sorted(bad)}"

@@ -19,8 +19,8 @@ def test_bounded_wait_timeout():
 @pytest.fixture
 def patched(monkeypatch):
     monkeypatch.setattr(SpinCondition, "wait", SpinCondition.wait)  # restored after the test
-    monkeypatch.setenv(vllm_plugin.BUSY_LOOP_ENV, "0")
-    monkeypatch.setenv(vllm_plugin.RECHECK_ENV, "20")
+    monkeypatch.setenv(vllm_plugin.MQ_BUSY_LOOP_ENV, "0")
+    monkeypatch.setenv(vllm_plugin.MQ_RECHECK_ENV, "20")
     vllm_plugin.register()
     vllm_plugin.register()  # idempotent
     assert SpinCondition.wait._pdserve
@@ -50,7 +50,7 @@ def test_dropped_notification_costs_one_recheck_not_five_seconds(patched, tmp_pa
 
 def test_not_a_pdserve_engine_leaves_vllm_alone(monkeypatch):
     monkeypatch.setattr(SpinCondition, "wait", SpinCondition.wait)
-    monkeypatch.delenv(vllm_plugin.BUSY_LOOP_ENV, raising=False)
+    monkeypatch.delenv(vllm_plugin.MQ_BUSY_LOOP_ENV, raising=False)
     before = SpinCondition.wait
     vllm_plugin.register()
     assert SpinCondition.wait is before
