@@ -45,7 +45,7 @@ def hadamard(n: int) -> torch.Tensor:
     h = torch.ones(1, 1)
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / n ** 0.5
+    return h / n**0.5
 
 
 def _quant(compression: str, group: int) -> GroupQuant | None:
@@ -59,8 +59,9 @@ def _quant(compression: str, group: int) -> GroupQuant | None:
 class SlabCodec:
     """Paged blocks <-> wire bytes for one model geometry (``spec``) and one compression."""
 
-    def __init__(self, spec: SlabSpec, dtype: torch.dtype, compression: str = "none", group: int = 32,
-                 k_transposed: bool = True):
+    def __init__(
+        self, spec: SlabSpec, dtype: torch.dtype, compression: str = "none", group: int = 32, k_transposed: bool = True
+    ):
         self.spec, self.dtype, self.compression = spec, dtype, compression
         self.quant = _quant(compression, group)
         self.k_transposed = k_transposed
@@ -90,12 +91,12 @@ class SlabCodec:
     def _layer_view(self, cache: torch.Tensor) -> torch.Tensor:
         return cache.view(cache.shape[0], self.block_elems)
 
-    def gather(self, layers: Sequence[torch.Tensor], block_ids: Sequence[int],
-               out: torch.Tensor | None = None) -> torch.Tensor:
+    def gather(
+        self, layers: Sequence[torch.Tensor], block_ids: Sequence[int], out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Raw slab tensor ``[L, k, block_elems]`` (paged interior kept) of ``block_ids``."""
         ids = torch.tensor(list(block_ids), dtype=torch.long)
-        out = out if out is not None else torch.empty(
-            (len(layers), len(ids), self.block_elems), dtype=self.dtype)
+        out = out if out is not None else torch.empty((len(layers), len(ids), self.block_elems), dtype=self.dtype)
         for li, cache in enumerate(layers):
             torch.index_select(self._layer_view(cache), 0, ids, out=out[li])
         return out
@@ -112,8 +113,9 @@ class SlabCodec:
     def to_token_major(self, raw: torch.Tensor) -> torch.Tensor:
         s = self.spec
         x = raw.reshape(raw.shape[0], raw.shape[1], s.num_kv_heads, 2, s.block_size * s.head_dim)
-        k = x[:, :, :, 0].reshape(*x.shape[:3], *((s.head_dim, s.block_size) if self.k_transposed
-                                                  else (s.block_size, s.head_dim)))
+        k = x[:, :, :, 0].reshape(
+            *x.shape[:3], *((s.head_dim, s.block_size) if self.k_transposed else (s.block_size, s.head_dim))
+        )
         v = x[:, :, :, 1].reshape(*x.shape[:3], s.block_size, s.head_dim)
         if self.k_transposed:
             k = k.transpose(-1, -2)
@@ -126,23 +128,34 @@ class SlabCodec:
         out = torch.stack((k.reshape(*k.shape[:3], -1), v.reshape(*v.shape[:3], -1)), dim=3)
         return out.reshape(tm.shape[0], tm.shape[1], self.block_elems)
 
-    def scatter_tokens(self, tm: torch.Tensor, num_tokens: int, layers: Sequence[torch.Tensor],
-                       block_table: Sequence[int], first_token: int, block_size: int, skip: int = 0) -> None:
+    def scatter_tokens(
+        self,
+        tm: torch.Tensor,
+        num_tokens: int,
+        layers: Sequence[torch.Tensor],
+        block_table: Sequence[int],
+        first_token: int,
+        block_size: int,
+        skip: int = 0,
+    ) -> None:
         """Write tokens ``skip .. skip + num_tokens`` of a token-major slab ``tm`` to absolute positions
         ``first_token..`` of a receiver whose block size is ``block_size`` (any size); ``block_table``
         is the receiver's table of the request from position 0."""
         s = self.spec
         tok = tm.permute(0, 1, 4, 2, 3, 5).reshape(tm.shape[0], -1, s.num_kv_heads, 2, s.head_dim)
-        tok = tok[:, skip:skip + num_tokens]
+        tok = tok[:, skip : skip + num_tokens]
         pos = torch.arange(first_token, first_token + num_tokens)
         table = torch.tensor(list(block_table), dtype=torch.long)
         blk, off = table[pos // block_size], pos % block_size
         for li, cache in enumerate(layers):
             view = cache.view(cache.shape[0], s.num_kv_heads, 2, block_size * s.head_dim)
-            k_cache = view[:, :, 0].view(cache.shape[0], s.num_kv_heads, *(
-                (s.head_dim, block_size) if self.k_transposed else (block_size, s.head_dim)))
+            k_cache = view[:, :, 0].view(
+                cache.shape[0],
+                s.num_kv_heads,
+                *((s.head_dim, block_size) if self.k_transposed else (block_size, s.head_dim)),
+            )
             v_cache = view[:, :, 1].view(cache.shape[0], s.num_kv_heads, block_size, s.head_dim)
-            src = tok[li].to(cache.dtype)                                  # [T, H, 2, D]
+            src = tok[li].to(cache.dtype)  # [T, H, 2, D]
             if self.k_transposed:
                 k_cache[blk, :, :, off] = src[:, :, 0]
             else:
@@ -169,10 +182,10 @@ class SlabCodec:
         """Wire bytes -> raw slab tensor ``[L, k, block_elems]`` (a view when uncompressed)."""
         shape = (self.spec.num_layers, num_blocks, self.block_elems)
         if self.quant is None:
-            return buf[:self.raw_nbytes(num_blocks)].view(self.dtype).view(shape)
+            return buf[: self.raw_nbytes(num_blocks)].view(self.dtype).view(shape)
         s = self.spec
         tm_shape = (s.num_layers, num_blocks, s.num_kv_heads, 2, s.block_size, s.head_dim)
-        tm = self.quant.decode(buf[:self.wire_nbytes(num_blocks)], tm_shape, torch.float32)
+        tm = self.quant.decode(buf[: self.wire_nbytes(num_blocks)], tm_shape, torch.float32)
         if self._rotation is not None:
             tm = tm @ self._rotation.T
         return self.from_token_major(tm.to(self.dtype))

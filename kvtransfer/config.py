@@ -32,24 +32,38 @@ class SlabSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     compression: Compression = Field(
-        "none", description="default wire compression; a prefill request may override it per request")
+        "none", description="default wire compression; a prefill request may override it per request"
+    )
     slab_tokens: int = Field(128, ge=1, description="minimum tokens per slab (one transfer descriptor)")
     group: int = Field(32, ge=2, description="quantization group along head_dim (int8/int4)")
     read_timeout_s: float = Field(10.0, gt=0, description="decode gives up a read (and recomputes) after this long")
-    connect_timeout_s: float = Field(5.0, gt=0, description="decode gives up fetching a prefill agent's "
-                                     "metadata after this long")
-    expiry_margin_s: float = Field(1.0, ge=0, description="decode does not start a read this close to the "
-                                   "prefill's handoff deadline")
-    pool_mib: int | None = Field(None, ge=1, description="slab pool size (MiB); default: pool_tokens of KV "
-                                 "rounded up to 256 MiB")
-    prefault_pool: bool = Field(True, description="touch every page of the pool at start (resident memory "
-                                "= pool size) so no handoff pays page faults")
-    huge_pages: bool = Field(True, description="back the pool with transparent huge pages (madvise): a "
-                             "same-host READ (UCX cma) copies at memcpy speed from them, ~half that from 4 KiB "
-                             "pages (kvtransfer/hostmem.py)")
+    connect_timeout_s: float = Field(
+        5.0, gt=0, description="decode gives up fetching a prefill agent's metadata after this long"
+    )
+    expiry_margin_s: float = Field(
+        1.0, ge=0, description="decode does not start a read this close to the prefill's handoff deadline"
+    )
+    pool_mib: int | None = Field(
+        None, ge=1, description="slab pool size (MiB); default: pool_tokens of KV rounded up to 256 MiB"
+    )
+    prefault_pool: bool = Field(
+        True,
+        description="touch every page of the pool at start (resident memory "
+        "= pool size) so no handoff pays page faults",
+    )
+    huge_pages: bool = Field(
+        True,
+        description="back the pool with transparent huge pages (madvise): a "
+        "same-host READ (UCX cma) copies at memcpy speed from them, ~half that from 4 KiB "
+        "pages (kvtransfer/hostmem.py)",
+    )
     pool_tokens: int = Field(16384, ge=1, description="tokens of KV in flight the default pool holds")
-    idle_wait_ms: float = Field(2.0, ge=0, description="an engine step with nothing scheduled but handoffs "
-                                "pending waits up to this long for NIXL events instead of spinning")
+    idle_wait_ms: float = Field(
+        2.0,
+        ge=0,
+        description="an engine step with nothing scheduled but handoffs "
+        "pending waits up to this long for NIXL events instead of spinning",
+    )
 
     @model_validator(mode="after")
     def _group_even(self) -> SlabSettings:
@@ -63,17 +77,23 @@ class SlabConnectorSettings(SlabSettings):
     (tests, loadtests); in a pdserve cluster workers/handoff.py sets every field below from
     ``kv_handoff`` and the engine's address."""
 
-    handoff_timeout_s: float = Field(30.0, gt=0, description="prefill frees a handoff no decode confirmed "
-                                     "after this long (kv_handoff.kv_lease_s)")
-    ucx_mt_mutex: bool = Field(True, description="UCX locks its worker with a mutex, not a spinlock: NIXL's "
-                               "progress thread then sleeps instead of spinning on the engine's core while the "
-                               "engine thread READs (UCX_USE_MT_MUTEX; 2x faster same-host READs here)")
-    side_channel_host: str = Field("127.0.0.1", description="address peers use to fetch this engine's NIXL "
-                                   "agent metadata")
+    handoff_timeout_s: float = Field(
+        30.0, gt=0, description="prefill frees a handoff no decode confirmed after this long (kv_handoff.kv_lease_s)"
+    )
+    ucx_mt_mutex: bool = Field(
+        True,
+        description="UCX locks its worker with a mutex, not a spinlock: NIXL's "
+        "progress thread then sleeps instead of spinning on the engine's core while the "
+        "engine thread READs (UCX_USE_MT_MUTEX; 2x faster same-host READs here)",
+    )
+    side_channel_host: str = Field(
+        "127.0.0.1", description="address peers use to fetch this engine's NIXL agent metadata"
+    )
     side_channel_port: int = Field(0, ge=0, le=65535, description="NIXL listener port; 0 = pick a free port")
     ucx_tls: str | None = Field(None, description="UCX_TLS for the NIXL UCX backend (None: inherit the env)")
-    progress_delay_us: int = Field(1000, ge=0, description="NIXL progress thread poll timeout; 0 = busy spin "
-                                   "(kv_handoff.nixl_progress_delay_us)")
+    progress_delay_us: int = Field(
+        1000, ge=0, description="NIXL progress thread poll timeout; 0 = busy spin (kv_handoff.nixl_progress_delay_us)"
+    )
 
     @classmethod
     def from_extra_config(cls, extra: Mapping[str, Any] | None) -> SlabConnectorSettings:

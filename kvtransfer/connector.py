@@ -69,8 +69,14 @@ class SlabConnectorStats(KVConnectorStats):
 def _make_nixl_transport(settings: SlabConnectorSettings, engine_id: str):
     from kvtransfer.nixl_transport import NixlTransport
 
-    return NixlTransport(engine_id, settings.side_channel_host, settings.side_channel_port,
-                         settings.progress_delay_us, settings.ucx_tls, settings.ucx_mt_mutex)
+    return NixlTransport(
+        engine_id,
+        settings.side_channel_host,
+        settings.side_channel_port,
+        settings.progress_delay_us,
+        settings.ucx_tls,
+        settings.ucx_mt_mutex,
+    )
 
 
 class SlabKVConnector(KVConnectorBase_V1):
@@ -86,15 +92,21 @@ class SlabKVConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             group = kv_cache_config.kv_cache_groups[0]
             spec = group.kv_cache_spec
-            sspec = SlabSpec(num_layers=len(group.layer_names), num_kv_heads=spec.num_kv_heads,
-                             head_dim=spec.head_size, block_size=spec.block_size,
-                             dtype_bytes=torch.tensor([], dtype=spec.dtype).element_size(),
-                             min_slab_tokens=self.settings.slab_tokens)
-            self.scheduler = SlabConnectorScheduler(self.settings, self.engine_id, sspec, spec.dtype,
-                                                    self._block_ids_of)
+            sspec = SlabSpec(
+                num_layers=len(group.layer_names),
+                num_kv_heads=spec.num_kv_heads,
+                head_dim=spec.head_size,
+                block_size=spec.block_size,
+                dtype_bytes=torch.tensor([], dtype=spec.dtype).element_size(),
+                min_slab_tokens=self.settings.slab_tokens,
+            )
+            self.scheduler = SlabConnectorScheduler(
+                self.settings, self.engine_id, sspec, spec.dtype, self._block_ids_of
+            )
         else:
-            self.worker = SlabConnectorWorker(self.settings, self.engine_id,
-                                              lambda: _make_nixl_transport(self.settings, self.engine_id))
+            self.worker = SlabConnectorWorker(
+                self.settings, self.engine_id, lambda: _make_nixl_transport(self.settings, self.engine_id)
+            )
 
     def get_loaded_kv_cache_group_ids(self, request: Request) -> tuple[int, ...]:
         """The load writes the request's own blocks of every transfer group (not a hash-addressed
@@ -112,12 +124,14 @@ class SlabKVConnector(KVConnectorBase_V1):
         self.scheduler.update_state_after_alloc(request, blocks.get_block_ids()[0], num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        return self.scheduler.build_connector_meta(scheduler_output.num_scheduled_tokens,
-                                                   scheduler_output.total_num_scheduled_tokens == 0)
+        return self.scheduler.build_connector_meta(
+            scheduler_output.num_scheduled_tokens, scheduler_output.total_num_scheduled_tokens == 0
+        )
 
     def update_connector_output(self, connector_output: KVConnectorOutput):
-        self.scheduler.update_connector_output(connector_output.finished_sending or (),
-                                               connector_output.finished_recving or ())
+        self.scheduler.update_connector_output(
+            connector_output.finished_sending or (), connector_output.finished_recving or ()
+        )
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return self.scheduler.request_finished(request, block_ids)
@@ -154,8 +168,7 @@ class SlabKVConnector(KVConnectorBase_V1):
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
         sending, recving, failed = self.worker.get_transfer_results()
-        return KVConnectorTransferResults(finished_sending=sending, finished_recving=recving,
-                                          failed_recving=failed)
+        return KVConnectorTransferResults(finished_sending=sending, finished_recving=recving, failed_recving=failed)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         sending, recving, _ = self.worker.get_transfer_results()

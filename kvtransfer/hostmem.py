@@ -22,8 +22,8 @@ import torch
 
 HUGE_PAGE = 2 << 20
 MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
-MADV_POPULATE_WRITE = 23          # Linux >= 5.14: fault every page in, writable, in one call
-MADV_COLLAPSE = 25                # Linux >= 6.1: move already-populated memory onto huge pages now
+MADV_POPULATE_WRITE = 23  # Linux >= 5.14: fault every page in, writable, in one call
+MADV_COLLAPSE = 25  # Linux >= 6.1: move already-populated memory onto huge pages now
 THP_MODE_FILE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
@@ -33,7 +33,7 @@ def thp_mode() -> str:
         text = THP_MODE_FILE.read_text()
     except OSError:
         return "unknown"
-    return text[text.find("[") + 1:text.find("]")] if "[" in text else "unknown"
+    return text[text.find("[") + 1 : text.find("]")] if "[" in text else "unknown"
 
 
 def alloc_host(nbytes: int, huge_pages: bool = True, prefault: bool = True) -> torch.Tensor:
@@ -54,13 +54,13 @@ def alloc_host(nbytes: int, huge_pages: bool = True, prefault: bool = True) -> t
         try:
             mm.madvise(MADV_HUGEPAGE, start, size)
         except (OSError, ValueError):
-            pass                                        # THP unsupported: ordinary pages
-    tensor = whole[start:start + nbytes]
+            pass  # THP unsupported: ordinary pages
+    tensor = whole[start : start + nbytes]
     if prefault:
         try:
             mm.madvise(MADV_POPULATE_WRITE, start, size)
         except (OSError, ValueError):
-            tensor.zero_()                              # older kernels: touch every page
+            tensor.zero_()  # older kernels: touch every page
     return tensor
 
 
@@ -85,8 +85,7 @@ def collapse_to_huge_pages(tensor: torch.Tensor) -> bool:
     if end <= start:
         return False
     libc = _libc()
-    return (libc.madvise(start, end - start, MADV_HUGEPAGE) == 0
-            and libc.madvise(start, end - start, MADV_COLLAPSE) == 0)
+    return libc.madvise(start, end - start, MADV_HUGEPAGE) == 0 and libc.madvise(start, end - start, MADV_COLLAPSE) == 0
 
 
 def huge_page_bytes(tensor: torch.Tensor) -> int:
@@ -102,7 +101,7 @@ def huge_page_bytes(tensor: torch.Tensor) -> int:
         head = line.split(" ", 1)[0]
         if "-" in head and all(c in "0123456789abcdef-" for c in head):
             a, b = (int(x, 16) for x in head.split("-"))
-            inside = a < hi and lo < b                  # this mapping overlaps the tensor
+            inside = a < hi and lo < b  # this mapping overlaps the tensor
         elif inside and line.startswith("AnonHugePages:"):
             total += int(line.split()[1]) * 1024
     return total

@@ -21,8 +21,8 @@ class HandoffState(enum.Enum):
 @dataclass
 class PublishedHandoff:
     state: HandoffState = HandoffState.PACKED
-    deadline: float = 0.0            # PUBLISHED: freed by timeout at this time
-    notified: bool = False           # a read-done notification arrived while PACKED
+    deadline: float = 0.0  # PUBLISHED: freed by timeout at this time
+    notified: bool = False  # a read-done notification arrived while PACKED
 
 
 class PrefillLedger:

@@ -22,10 +22,10 @@ class PackJob:
     request_id: str
     block_ids: tuple[int, ...]
     offset: int
-    slab_blocks: tuple[int, ...]      # blocks per slab, in order
+    slab_blocks: tuple[int, ...]  # blocks per slab, in order
     slab_nbytes: tuple[int, ...]
     compression: str
-    push: str | None = None           # push mode: the rendezvous id the decode's reservation names
+    push: str | None = None  # push mode: the rendezvous id the decode's reservation names
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,13 +37,13 @@ class RecvJob:
     request_id: str
     handoff: SlabHandoff
     block_ids: tuple[int, ...]
-    first_block: int                  # first sender block to load (local prefix hit before it)
-    offset: int | None                # pool offset for the received bytes (None: release only)
-    fail: str | None = None           # already failed in the scheduler (a failure reason): report it
-    first_token: int = 0              # absolute positions [first_token, end_token) are loaded; used when
-    end_token: int = 0                # the sender's block size differs (token-granular scatter)
-    push: SlabPush | None = None      # push mode: ``handoff`` describes OUR reserved range (slab addresses
-                                      # in this engine's pool); the prefill named in ``push`` writes it
+    first_block: int  # first sender block to load (local prefix hit before it)
+    offset: int | None  # pool offset for the received bytes (None: release only)
+    fail: str | None = None  # already failed in the scheduler (a failure reason): report it
+    first_token: int = 0  # absolute positions [first_token, end_token) are loaded; used when
+    end_token: int = 0  # the sender's block size differs (token-granular scatter)
+    push: SlabPush | None = None  # push mode: ``handoff`` describes OUR reserved range (slab addresses
+    # in this engine's pool); the prefill named in ``push`` writes it
 
 
 @dataclass
@@ -52,9 +52,9 @@ class SlabConnectorMetadata(KVConnectorMetadata):
 
     packs: list[PackJob] = field(default_factory=list)
     recvs: list[RecvJob] = field(default_factory=list)
-    published: dict[str, float] = field(default_factory=dict)   # req id -> handoff timeout (s)
-    discarded: set[str] = field(default_factory=set)            # packed but never published (aborted)
-    idle: bool = False                                          # nothing scheduled this step
+    published: dict[str, float] = field(default_factory=dict)  # req id -> handoff timeout (s)
+    discarded: set[str] = field(default_factory=set)  # packed but never published (aborted)
+    idle: bool = False  # nothing scheduled this step
 
 
 @dataclass

@@ -48,8 +48,7 @@ class _DelayedBindings:
 
 
 def build_agent(name: str, port: int, delay_us: int) -> nixl_agent:
-    conf = nixl_agent_config(enable_prog_thread=True, enable_listen_thread=True, listen_port=port,
-                             backends=["UCX"])
+    conf = nixl_agent_config(enable_prog_thread=True, enable_listen_thread=True, listen_port=port, backends=["UCX"])
     module = sys.modules[nixl_agent.__module__]
     with _BUILD_LOCK:
         real = module.nixlBind
@@ -61,8 +60,15 @@ def build_agent(name: str, port: int, delay_us: int) -> nixl_agent:
 
 
 class NixlTransport:
-    def __init__(self, name: str, host: str, port: int = 0, progress_delay_us: int = 1000,
-                 ucx_tls: str | None = None, mt_mutex: bool | None = True):
+    def __init__(
+        self,
+        name: str,
+        host: str,
+        port: int = 0,
+        progress_delay_us: int = 1000,
+        ucx_tls: str | None = None,
+        mt_mutex: bool | None = True,
+    ):
         # read by UCX when the backend is created, just below
         if ucx_tls:
             os.environ[UCX_TLS_ENV] = ucx_tls
@@ -74,8 +80,9 @@ class NixlTransport:
         self._connecting: set[str] = set()
         self._connected: set[str] = set()
         self._reg = None
-        logger.info("NIXL agent %s listening on %s:%d (progress delay %d us)", name, host, self._port,
-                    progress_delay_us)
+        logger.info(
+            "NIXL agent %s listening on %s:%d (progress delay %d us)", name, host, self._port, progress_delay_us
+        )
 
     def register_pool(self, pool: torch.Tensor) -> None:
         if self._reg is not None:
@@ -122,8 +129,9 @@ class NixlTransport:
 
     def poll(self, handle: Any) -> TransferState:
         state = self._agent.check_xfer_state(handle)
-        return TransferState.DONE if state == "DONE" else TransferState.FAILED if state == "ERR" \
-            else TransferState.PENDING
+        return (
+            TransferState.DONE if state == "DONE" else TransferState.FAILED if state == "ERR" else TransferState.PENDING
+        )
 
     def release(self, handle: Any) -> None:
         try:

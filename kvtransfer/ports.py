@@ -7,12 +7,13 @@ handshake listener thread dies while the engine waits for it forever. Ports belo
 are never handed to outgoing connections, so only another deliberate listener can collide with a pick,
 and a random pick among ~20k ports checked by a test bind makes that unlikely.
 """
+
 from __future__ import annotations
 
 import random
 import socket
 
-_FLOOR = 20000                       # above the usual fixed service ports
+_FLOOR = 20000  # above the usual fixed service ports
 _DEFAULT_EPHEMERAL = (32768, 60999)  # Linux default
 
 

@@ -24,21 +24,26 @@ logger = logging.getLogger(__name__)
 
 
 class PushSender:
-    def __init__(self, settings: SlabConnectorSettings, clock: Callable[[], float], wall: Callable[[], float],
-                 fail: Callable[[str], None]):
+    def __init__(
+        self,
+        settings: SlabConnectorSettings,
+        clock: Callable[[], float],
+        wall: Callable[[], float],
+        fail: Callable[[str], None],
+    ):
         self.settings = settings
         self._clock, self._wall, self._fail = clock, wall, fail
-        self.transport: Transport | None = None            # set once the worker's agent exists
-        self.layout: tuple | None = None                    # our KV layout, as a reservation states it
-        self.pushes: dict[str, PushSend] = {}               # rendezvous -> its push
-        self.outbox: list[Note] = []                        # "pushfail" notes waiting for their peer
-        self.pushed: set[str] = set()                       # prefill request ids written (or let go)
+        self.transport: Transport | None = None  # set once the worker's agent exists
+        self.layout: tuple | None = None  # our KV layout, as a reservation states it
+        self.pushes: dict[str, PushSend] = {}  # rendezvous -> its push
+        self.outbox: list[Note] = []  # "pushfail" notes waiting for their peer
+        self.pushed: set[str] = set()  # prefill request ids written (or let go)
 
     def on_packed(self, job: PackJob, local: list) -> None:
         prior = self.pushes.get(job.push)
         send = PushSend(job.push)
         if prior is not None and prior.state is PushState.AWAITING_PACK:
-            send.reservation = prior.reservation             # the decode's reservation came first
+            send.reservation = prior.reservation  # the decode's reservation came first
         send.on_packed(job, local)
         self.pushes[job.push] = send
 
@@ -56,11 +61,19 @@ class PushSender:
     def _mismatch(self, send: PushSend) -> str | None:
         """Why the reservation cannot take our slabs (None: it can)."""
         res, job = send.reservation, send.job
-        if (res.block_size, res.num_layers, res.num_kv_heads, res.head_dim, res.dtype, res.k_transposed,
-                res.group) != self.layout:
+        if (
+            res.block_size,
+            res.num_layers,
+            res.num_kv_heads,
+            res.head_dim,
+            res.dtype,
+            res.k_transposed,
+            res.group,
+        ) != self.layout:
             return "push_layout"
         if res.compression != job.compression or [(d.nbytes, d.num_blocks) for d in res.slabs] != list(
-                zip(job.slab_nbytes, job.slab_blocks)):
+            zip(job.slab_nbytes, job.slab_blocks)
+        ):
             return "push_mismatch"
         if self._wall() > res.deadline_unix_s - self.settings.expiry_margin_s:
             return "push_expired"
@@ -73,7 +86,7 @@ class PushSender:
                 continue
             res = send.reservation
             if send.state is PushState.CONNECTING:
-                if not res.slabs:                                # the decode needs nothing: let go
+                if not res.slabs:  # the decode needs nothing: let go
                     self._end(rendezvous, None)
                     continue
                 problem = self._mismatch(send)
@@ -83,11 +96,14 @@ class PushSender:
                     continue
                 self.transport.connect(res.engine_id, res.host, res.port)
                 if not self.transport.is_connected(res.engine_id):
-                    continue                                     # the ledger's timeout bounds the wait
+                    continue  # the ledger's timeout bounds the wait
                 try:
-                    send.handle = self.transport.write(res.engine_id, send.local,
-                                                       [(d.addr, d.nbytes) for d in res.slabs],
-                                                       NOTE_PUSHED + rendezvous.encode())
+                    send.handle = self.transport.write(
+                        res.engine_id,
+                        send.local,
+                        [(d.addr, d.nbytes) for d in res.slabs],
+                        NOTE_PUSHED + rendezvous.encode(),
+                    )
                 except Exception:
                     logger.warning("starting the push of %s failed", send.job.request_id, exc_info=True)
                     self._end(rendezvous, "push_error")
@@ -96,7 +112,7 @@ class PushSender:
             state = self.transport.poll(send.handle)
             if state is TransferState.DONE:
                 self.transport.release(send.handle)
-                send.handle = None                               # (bytes/descriptors: counted by the decode)
+                send.handle = None  # (bytes/descriptors: counted by the decode)
                 self._end(rendezvous, None, notify=False)
             elif state is TransferState.FAILED:
                 self.transport.release(send.handle)
@@ -105,9 +121,11 @@ class PushSender:
         self._send_outbox()
         now = self._wall()
         for rendezvous, send in list(self.pushes.items()):
-            if send.state is PushState.AWAITING_PACK \
-                    and now > send.reservation.deadline_unix_s + self.settings.expiry_margin_s:
-                del self.pushes[rendezvous]                      # its prefill never came (or was aborted)
+            if (
+                send.state is PushState.AWAITING_PACK
+                and now > send.reservation.deadline_unix_s + self.settings.expiry_margin_s
+            ):
+                del self.pushes[rendezvous]  # its prefill never came (or was aborted)
 
     def _end(self, rendezvous: str, failure: str | None, notify: bool = True) -> None:
         """Release the prefill side of a push; a failure also tells the decode to recompute now."""
@@ -118,8 +136,13 @@ class PushSender:
             if notify:
                 res = send.reservation
                 self.transport.connect(res.engine_id, res.host, res.port)
-                self.outbox.append(Note(res.engine_id, NOTE_PUSH_FAILED + rendezvous.encode(),
-                                        self._clock() + self.settings.connect_timeout_s))
+                self.outbox.append(
+                    Note(
+                        res.engine_id,
+                        NOTE_PUSH_FAILED + rendezvous.encode(),
+                        self._clock() + self.settings.connect_timeout_s,
+                    )
+                )
                 self._send_outbox()
 
     def _send_outbox(self) -> None:

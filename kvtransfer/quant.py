@@ -24,7 +24,7 @@ FP16_MAX = 65504.0
 
 @dataclass(frozen=True, slots=True)
 class GroupQuant:
-    bits: int = 4          # 4 or 8
+    bits: int = 4  # 4 or 8
     group: int = 32
 
     def __post_init__(self) -> None:
@@ -73,19 +73,20 @@ class GroupQuant:
             raise ValueError("out must be a uint8 buffer of encoded_nbytes(n)")
         nc = q.numel()
         buf[:nc] = q.reshape(-1)
-        buf[nc:nc + 2 * groups] = scale.view(torch.uint8)
-        buf[nc + 2 * groups:] = zero8.reshape(-1)
+        buf[nc : nc + 2 * groups] = scale.view(torch.uint8)
+        buf[nc + 2 * groups :] = zero8.reshape(-1)
         return buf
 
-    def decode(self, buf: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(
+        self, buf: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Inverse of :meth:`encode`: a tensor of ``shape``/``dtype`` (written into ``out`` if given)."""
         n = math.prod(shape)
         groups = self._check(n)
         nc = n // 2 if self.bits == 4 else n
         codes = buf[:nc]
-        scale = buf[nc:nc + 2 * groups].contiguous().view(torch.float16).float()
-        zero = buf[nc + 2 * groups:nc + 2 * groups + (groups // 2 if self.bits == 4 else groups)]
+        scale = buf[nc : nc + 2 * groups].contiguous().view(torch.float16).float()
+        zero = buf[nc + 2 * groups : nc + 2 * groups + (groups // 2 if self.bits == 4 else groups)]
         if self.bits == 4:
             codes = torch.stack((codes & 0xF, codes >> 4), dim=1)
             zero = torch.stack((zero & 0xF, zero >> 4), dim=1)
@@ -103,5 +104,5 @@ class GroupQuant:
         g = x.reshape(-1, self.group).float()
         span = g.amax(dim=1).clamp(min=0.0) - g.amin(dim=1).clamp(max=0.0)
         step = span / self.qmax
-        bound = 0.5 * step + step * self.qmax * 2 ** -10 + 1e-6
+        bound = 0.5 * step + step * self.qmax * 2**-10 + 1e-6
         return bound[:, None].expand_as(g).reshape(x.shape)

@@ -72,18 +72,25 @@ class _Packed:
 
 
 class SlabConnectorScheduler:
-    def __init__(self, settings: SlabConnectorSettings, engine_id: str, spec: SlabSpec, dtype: Any,
-                 block_ids_of: Callable[[str], Sequence[int]], clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        settings: SlabConnectorSettings,
+        engine_id: str,
+        spec: SlabSpec,
+        dtype: Any,
+        block_ids_of: Callable[[str], Sequence[int]],
+        clock: Callable[[], float] = time.time,
+    ):
         self.settings, self.engine_id, self.spec, self.dtype = settings, engine_id, spec, dtype
         self._block_ids_of = block_ids_of
         self._clock = clock
         self._handshake: SlabHandshake | None = None
         self._alloc: RangeAllocator | None = None
         self._codecs = {c: SlabCodec(spec, dtype, c, settings.group) for c in COMPRESSIONS}
-        self._producing: dict[str, Any] = {}        # req id -> Request, prompt not complete yet
-        self._packed: dict[str, _Packed] = {}       # packed this or an earlier step, not finished
-        self._published: dict[str, int] = {}        # req id -> pool offset, awaiting finished_sending
-        self._receiving: dict[str, int] = {}        # req id -> pool offset, awaiting finished_recving
+        self._producing: dict[str, Any] = {}  # req id -> Request, prompt not complete yet
+        self._packed: dict[str, _Packed] = {}  # packed this or an earlier step, not finished
+        self._published: dict[str, int] = {}  # req id -> pool offset, awaiting finished_sending
+        self._receiving: dict[str, int] = {}  # req id -> pool offset, awaiting finished_recving
         self._meta = SlabConnectorMetadata()
         self.stats = KVTransferStats()
 
@@ -103,8 +110,12 @@ class SlabConnectorScheduler:
         s = self.spec
         # any block size: equal sizes scatter whole blocks, others token by token (worker side)
         return (h.num_layers, h.num_kv_heads, h.head_dim, h.dtype, h.k_transposed) == (
-            s.num_layers, s.num_kv_heads, s.head_dim, self.dtype_name,
-            self._handshake.k_transposed if self._handshake else True)
+            s.num_layers,
+            s.num_kv_heads,
+            s.head_dim,
+            self.dtype_name,
+            self._handshake.k_transposed if self._handshake else True,
+        )
 
     def _handoff(self, request: Any) -> SlabHandoff | None:
         """The request's handoff if this engine can load it (same KV geometry, dtype and layout)."""
@@ -119,7 +130,7 @@ class SlabConnectorScheduler:
         if not params or not params.get(KEY_DO_REMOTE_PREFILL):
             return 0, False
         if KEY_SLAB_HANDOFF not in params and SlabPush.from_kv_transfer_params(params) is not None:
-            count = request.num_prompt_tokens - num_computed_tokens     # push: the prefill sends it all
+            count = request.num_prompt_tokens - num_computed_tokens  # push: the prefill sends it all
             return (count, True) if count > 0 else (0, False)
         h = self._handoff(request)
         if h is None:
@@ -143,7 +154,7 @@ class SlabConnectorScheduler:
             self._reserve_push(request, block_ids, num_external_tokens, push)
             return
         h = SlabHandoff.from_kv_transfer_params(params)
-        params[KEY_DO_REMOTE_PREFILL] = False          # one transfer per request, even if rescheduled
+        params[KEY_DO_REMOTE_PREFILL] = False  # one transfer per request, even if rescheduled
         if h is None or not h.slabs:
             return
         if num_external_tokens <= 0 or not self._compatible(h):
@@ -167,8 +178,7 @@ class SlabConnectorScheduler:
             job = RecvJob(request.request_id, h, tuple(block_ids), first_block, offset, **span)
         self._meta.recvs.append(job)
 
-    def _reserve_push(self, request: Any, block_ids: Sequence[int], num_external_tokens: int,
-                      push: SlabPush) -> None:
+    def _reserve_push(self, request: Any, block_ids: Sequence[int], num_external_tokens: int, push: SlabPush) -> None:
         """Reserve a range for the whole prompt's slabs (our block size; the prefill must match it) and
         describe it as a handoff whose slab addresses are OURS. No range (full local hit, bad
         compression or pool full): a job whose empty reservation tells the prefill to let go."""
@@ -196,13 +206,34 @@ class SlabConnectorScheduler:
             self.stats.fail(fail)
         hs, s = self._handshake, self.spec
         reservation = SlabHandoff(
-            version=PROTOCOL_VERSION, engine_id=hs.agent_name, request_id=push.rendezvous, host=hs.host,
-            port=hs.port, num_tokens=num_tokens, block_size=s.block_size, dtype=self.dtype_name,
-            num_layers=s.num_layers, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
-            k_transposed=hs.k_transposed, compression=push.compression, group=self.settings.group,
-            deadline_unix_s=self._clock() + max(self.settings.read_timeout_s, push.timeout_s), slabs=slabs)
-        self._meta.recvs.append(RecvJob(request.request_id, reservation, tuple(block_ids),
-                                        first_token // s.block_size, offset, fail=fail, **span))
+            version=PROTOCOL_VERSION,
+            engine_id=hs.agent_name,
+            request_id=push.rendezvous,
+            host=hs.host,
+            port=hs.port,
+            num_tokens=num_tokens,
+            block_size=s.block_size,
+            dtype=self.dtype_name,
+            num_layers=s.num_layers,
+            num_kv_heads=s.num_kv_heads,
+            head_dim=s.head_dim,
+            k_transposed=hs.k_transposed,
+            compression=push.compression,
+            group=self.settings.group,
+            deadline_unix_s=self._clock() + max(self.settings.read_timeout_s, push.timeout_s),
+            slabs=slabs,
+        )
+        self._meta.recvs.append(
+            RecvJob(
+                request.request_id,
+                reservation,
+                tuple(block_ids),
+                first_token // s.block_size,
+                offset,
+                fail=fail,
+                **span,
+            )
+        )
 
     # ----------------------------------------------------------------------------- prefill side
     def _compression(self, params: Mapping[str, Any]) -> str:
@@ -212,7 +243,7 @@ class SlabConnectorScheduler:
     def _plan_pack(self, request: Any) -> None:
         req_id = request.request_id
         num_tokens = request.num_prompt_tokens
-        block_ids = list(self._block_ids_of(req_id))[:math.ceil(num_tokens / self.spec.block_size)]
+        block_ids = list(self._block_ids_of(req_id))[: math.ceil(num_tokens / self.spec.block_size)]
         compression = self._compression(request.kv_transfer_params)
         codec = self._codecs[compression]
         plan = plan_slabs(block_ids, num_tokens, self.spec)
@@ -220,8 +251,10 @@ class SlabConnectorScheduler:
         offset = self._alloc.allocate(sum(sizes)) if self._alloc else None
         if offset is None:
             self.stats.fail("pool_full")
-            logger.warning("slab pool full (%d bytes in use); request will be recomputed by decode",
-                           self._alloc.used_bytes if self._alloc else 0)
+            logger.warning(
+                "slab pool full (%d bytes in use); request will be recomputed by decode",
+                self._alloc.used_bytes if self._alloc else 0,
+            )
             return
         base = self._handshake.pool_addr + offset
         descs, pos, first = [], 0, 0
@@ -230,9 +263,17 @@ class SlabConnectorScheduler:
             pos, first = pos + size, first + len(slab.block_ids)
         self._packed[req_id] = _Packed(offset, tuple(descs), num_tokens, compression)
         push = SlabPush.from_kv_transfer_params(request.kv_transfer_params)
-        self._meta.packs.append(PackJob(req_id, tuple(block_ids), offset,
-                                        tuple(len(s.block_ids) for s in plan.slabs), tuple(sizes), compression,
-                                        push=push.rendezvous if push else None))
+        self._meta.packs.append(
+            PackJob(
+                req_id,
+                tuple(block_ids),
+                offset,
+                tuple(len(s.block_ids) for s in plan.slabs),
+                tuple(sizes),
+                compression,
+                push=push.rendezvous if push else None,
+            )
+        )
 
     def build_connector_meta(self, num_scheduled_tokens: Mapping[str, int], idle: bool) -> SlabConnectorMetadata:
         """Once per step; returns this step's jobs and resets the outbox."""
@@ -261,11 +302,23 @@ class SlabConnectorScheduler:
         self._meta.published[req_id] = timeout
         hs, s = self._handshake, self.spec
         handoff = SlabHandoff(
-            version=PROTOCOL_VERSION, engine_id=hs.agent_name, request_id=req_id, host=hs.host, port=hs.port,
-            num_tokens=packed.num_tokens, block_size=s.block_size, dtype=self.dtype_name,
-            num_layers=s.num_layers, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
-            k_transposed=hs.k_transposed, compression=packed.compression, group=self.settings.group,
-            deadline_unix_s=self._clock() + timeout, slabs=list(packed.slabs))
+            version=PROTOCOL_VERSION,
+            engine_id=hs.agent_name,
+            request_id=req_id,
+            host=hs.host,
+            port=hs.port,
+            num_tokens=packed.num_tokens,
+            block_size=s.block_size,
+            dtype=self.dtype_name,
+            num_layers=s.num_layers,
+            num_kv_heads=s.num_kv_heads,
+            head_dim=s.head_dim,
+            k_transposed=hs.k_transposed,
+            compression=packed.compression,
+            group=self.settings.group,
+            deadline_unix_s=self._clock() + timeout,
+            slabs=list(packed.slabs),
+        )
         return True, handoff.to_kv_transfer_params()
 
     # ----------------------------------------------------------------------------- both
@@ -293,7 +346,11 @@ class SlabConnectorScheduler:
 
     def assert_empty(self) -> None:
         """Leak check: no tracked request and no pool range in use."""
-        leftovers = {"producing": self._producing, "packed": self._packed, "published": self._published,
-                     "receiving": self._receiving}
+        leftovers = {
+            "producing": self._producing,
+            "packed": self._packed,
+            "published": self._published,
+            "receiving": self._receiving,
+        }
         assert not any(leftovers.values()), {k: list(v) for k, v in leftovers.items() if v}
         assert self.pool_bytes_in_use() == 0, self.pool_bytes_in_use()

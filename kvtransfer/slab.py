@@ -49,9 +49,9 @@ class SlabSpec:
 
 @dataclass(frozen=True, slots=True)
 class Slab:
-    block_ids: tuple[int, ...]   # paged block ids, in token order
-    token_start: int             # offset of the slab's first token in the request
-    num_tokens: int              # tokens carried (the last slab may be partial)
+    block_ids: tuple[int, ...]  # paged block ids, in token order
+    token_start: int  # offset of the slab's first token in the request
+    num_tokens: int  # tokens carried (the last slab may be partial)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,14 +81,15 @@ def plan_slabs(block_ids: Sequence[int], num_tokens: int, spec: SlabSpec) -> Sla
     slabs = []
     per = spec.blocks_per_slab
     for first in range(0, needed, per):
-        ids = tuple(block_ids[first:min(first + per, needed)])
+        ids = tuple(block_ids[first : min(first + per, needed)])
         start = first * spec.block_size
         slabs.append(Slab(ids, start, min(len(ids) * spec.block_size, num_tokens - start)))
     return SlabPlan(tuple(slabs))
 
 
-def pool_nbytes(spec: SlabSpec, max_tokens_in_flight: int, wire_bytes_per_token: int | None = None,
-                round_to: int = 256 * MiB) -> int:
+def pool_nbytes(
+    spec: SlabSpec, max_tokens_in_flight: int, wire_bytes_per_token: int | None = None, round_to: int = 256 * MiB
+) -> int:
     """Size of the pre-registered slab buffer pool: enough for ``max_tokens_in_flight`` tokens of KV
     (in wire format if given, e.g. compressed), rounded up to ``round_to`` (default 256 MiB)."""
     per_token = wire_bytes_per_token if wire_bytes_per_token is not None else spec.kv_bytes_per_token
@@ -106,7 +107,7 @@ class RangeAllocator:
 
     def __init__(self, capacity_bytes: int, align: int = 4096):
         self.capacity_bytes, self.align = capacity_bytes, align
-        self._free: list[tuple[int, int]] = [(0, capacity_bytes)]   # sorted (offset, size)
+        self._free: list[tuple[int, int]] = [(0, capacity_bytes)]  # sorted (offset, size)
         self._used: dict[int, int] = {}
 
     @property
@@ -122,7 +123,7 @@ class RangeAllocator:
         for i, (off, free) in enumerate(self._free):
             if free >= size:
                 rest = (off + size, free - size)
-                self._free[i:i + 1] = [rest] if rest[1] else []
+                self._free[i : i + 1] = [rest] if rest[1] else []
                 self._used[off] = size
                 return off
         return None

@@ -13,8 +13,17 @@ from typing import Any
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 # failure reasons (a bounded label set)
-REASONS = ("connect_timeout", "read_timeout", "read_error", "expired", "incompatible", "pool_full",
-           "pack_error", "decode_error", "handoff_timeout")
+REASONS = (
+    "connect_timeout",
+    "read_timeout",
+    "read_error",
+    "expired",
+    "incompatible",
+    "pool_full",
+    "pack_error",
+    "decode_error",
+    "handoff_timeout",
+)
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -33,18 +42,18 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 @dataclass
 class KVTransferStats:
-    num_handoffs_sent: int = 0          # prefill: handoffs published (slabs packed)
-    num_handoffs_received: int = 0      # decode: handoffs read and scattered
-    num_slabs: int = 0                  # slabs packed (prefill) + read (decode)
-    num_descriptors: int = 0            # transfer descriptors posted (decode READs)
-    raw_bytes: int = 0                  # KV bytes before compression (of what went on the wire)
-    wire_bytes: int = 0                 # bytes on the wire
+    num_handoffs_sent: int = 0  # prefill: handoffs published (slabs packed)
+    num_handoffs_received: int = 0  # decode: handoffs read and scattered
+    num_slabs: int = 0  # slabs packed (prefill) + read (decode)
+    num_descriptors: int = 0  # transfer descriptors posted (decode READs)
+    raw_bytes: int = 0  # KV bytes before compression (of what went on the wire)
+    wire_bytes: int = 0  # bytes on the wire
     num_released_by_notification: int = 0
     num_released_by_timeout: int = 0
-    pack_s: list[float] = field(default_factory=list)         # per handoff, prefill
-    handoff_s: list[float] = field(default_factory=list)      # per handoff, decode: read start -> scattered
-    transfer_s: list[float] = field(default_factory=list)     # per handoff, decode: NIXL READ only
-    failures: dict[str, int] = field(default_factory=dict)    # reason -> count
+    pack_s: list[float] = field(default_factory=list)  # per handoff, prefill
+    handoff_s: list[float] = field(default_factory=list)  # per handoff, decode: read start -> scattered
+    transfer_s: list[float] = field(default_factory=list)  # per handoff, decode: NIXL READ only
+    failures: dict[str, int] = field(default_factory=dict)  # reason -> count
 
     def fail(self, reason: str) -> None:
         self.failures[reason] = self.failures.get(reason, 0) + 1
@@ -54,8 +63,16 @@ class KVTransferStats:
 
     def aggregate(self, other: KVTransferStats) -> KVTransferStats:
         """Add ``other`` into self (counters add, observations concatenate); returns self."""
-        for name in ("num_handoffs_sent", "num_handoffs_received", "num_slabs", "num_descriptors",
-                     "raw_bytes", "wire_bytes", "num_released_by_notification", "num_released_by_timeout"):
+        for name in (
+            "num_handoffs_sent",
+            "num_handoffs_received",
+            "num_slabs",
+            "num_descriptors",
+            "raw_bytes",
+            "wire_bytes",
+            "num_released_by_notification",
+            "num_released_by_timeout",
+        ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.pack_s += other.pack_s
         self.handoff_s += other.handoff_s

@@ -28,9 +28,9 @@ if TYPE_CHECKING:
 
 
 class ReceiveState(enum.Enum):
-    CONNECTING = "connecting"       # fetching the prefill agent's metadata
-    READING = "reading"             # pull: the READ is posted
-    RESERVED = "reserved"           # push: our reservation went out, waiting for the prefill's write
+    CONNECTING = "connecting"  # fetching the prefill agent's metadata
+    READING = "reading"  # pull: the READ is posted
+    RESERVED = "reserved"  # push: our reservation went out, waiting for the prefill's write
 
 
 @dataclass
@@ -38,13 +38,13 @@ class Receive:
     """Decode side: one request's KV on its way into our pool (pull READ or push reservation)."""
 
     job: RecvJob
-    deadline: float                 # CONNECTING: connect deadline; READING: read deadline
+    deadline: float  # CONNECTING: connect deadline; READING: read deadline
     started_s: float
     state: ReceiveState = ReceiveState.CONNECTING
-    handle: object | None = None    # READING: the transport's handle
+    handle: object | None = None  # READING: the transport's handle
     read_started_s: float = 0.0
-    slabs: list = field(default_factory=list)    # the SlabDescs being loaded
-    note: bytes | None = None       # push: the prefill's "pushed" / "pushfail" notification, once it came
+    slabs: list = field(default_factory=list)  # the SlabDescs being loaded
+    note: bytes | None = None  # push: the prefill's "pushed" / "pushfail" notification, once it came
 
     @property
     def is_push(self) -> bool:
@@ -62,14 +62,14 @@ class Release:
     to hear it can let its slabs go, a read-done notification (pull) or an empty reservation (push)."""
 
     job: RecvJob
-    deadline: float                 # give up reaching the prefill's agent at this time
+    deadline: float  # give up reaching the prefill's agent at this time
 
 
 class PushState(enum.Enum):
-    AWAITING_PACK = "awaiting_pack"                  # the decode's reservation came before our pack
-    AWAITING_RESERVATION = "awaiting_reservation"    # packed; the decode's reservation has not come
-    CONNECTING = "connecting"                        # both here; fetching the decode agent's metadata
-    WRITING = "writing"                              # the WRITE is posted
+    AWAITING_PACK = "awaiting_pack"  # the decode's reservation came before our pack
+    AWAITING_RESERVATION = "awaiting_reservation"  # packed; the decode's reservation has not come
+    CONNECTING = "connecting"  # both here; fetching the decode agent's metadata
+    WRITING = "writing"  # the WRITE is posted
 
 
 @dataclass
@@ -78,9 +78,9 @@ class PushSend:
 
     rendezvous: str
     job: PackJob | None = None
-    local: list = field(default_factory=list)        # (addr, nbytes) of each packed slab in our pool
+    local: list = field(default_factory=list)  # (addr, nbytes) of each packed slab in our pool
     reservation: SlabHandoff | None = None
-    handle: object | None = None                     # WRITING: the transport's handle
+    handle: object | None = None  # WRITING: the transport's handle
     state: PushState = PushState.AWAITING_PACK
 
     def on_packed(self, job: PackJob, local: list) -> None:
@@ -99,12 +99,12 @@ class Note:
 
     peer: str
     message: bytes
-    deadline: float                 # dropped if the peer is not reachable by then
+    deadline: float  # dropped if the peer is not reachable by then
 
 
 @dataclass
 class Finished:
     """Decode side: what ``get_transfer_results`` reports next, request ids since its last call."""
 
-    received: set[str] = field(default_factory=set)      # decode: finished_recving (success or failure)
-    failed: set[str] = field(default_factory=set)        # decode: failed_recving (vLLM recomputes)
+    received: set[str] = field(default_factory=set)  # decode: finished_recving (success or failure)
+    failed: set[str] = field(default_factory=set)  # decode: failed_recving (vLLM recomputes)

@@ -11,7 +11,7 @@ import enum
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-Desc = tuple[int, int]          # (address, nbytes)
+Desc = tuple[int, int]  # (address, nbytes)
 
 
 class TransferState(enum.Enum):
@@ -21,7 +21,7 @@ class TransferState(enum.Enum):
 
 
 class Transport(Protocol):
-    name: str                   # this agent's name; peers address it by name
+    name: str  # this agent's name; peers address it by name
 
     def register_pool(self, pool: Any) -> None:
         """Register the slab pool once at start (never per request)."""

@@ -19,8 +19,14 @@ from kvtransfer.wire import SlabDesc, SlabHandoff
 
 
 class SlabUnpacker:
-    def __init__(self, spec: SlabSpec, layers: Sequence[torch.Tensor], pool: torch.Tensor,
-                 codecs: Mapping[str, SlabCodec], group: int):
+    def __init__(
+        self,
+        spec: SlabSpec,
+        layers: Sequence[torch.Tensor],
+        pool: torch.Tensor,
+        codecs: Mapping[str, SlabCodec],
+        group: int,
+    ):
         self.spec, self.layers, self.pool = spec, layers, pool
         self._codecs, self._group = codecs, group
         self._foreign_codecs: dict[tuple[int, str, int], SlabCodec] = {}
@@ -46,22 +52,29 @@ class SlabUnpacker:
     def _scatter_blocks(self, job: RecvJob, slabs: Sequence[SlabDesc]) -> None:
         codec, pos = self.codec_for(job.handoff), job.offset
         for s in slabs:
-            raw = codec.decode(self.pool[pos:pos + s.nbytes], s.num_blocks)
+            raw = codec.decode(self.pool[pos : pos + s.nbytes], s.num_blocks)
             pos += s.nbytes
             skip = max(0, job.first_block - s.first_block)
-            local = job.block_ids[s.first_block + skip:s.first_block + s.num_blocks]
+            local = job.block_ids[s.first_block + skip : s.first_block + s.num_blocks]
             if local:
-                codec.scatter(raw[:, skip:skip + len(local)], self.layers, local)
+                codec.scatter(raw[:, skip : skip + len(local)], self.layers, local)
 
     def _scatter_tokens(self, job: RecvJob, slabs: Sequence[SlabDesc]) -> None:
         """Write the tokens ``[first_token, end_token)`` one by one into the local block table."""
         h = job.handoff
         codec, pos, bs = self.codec_for(h), job.offset, h.block_size
         for s in slabs:
-            tm = codec.to_token_major(codec.decode(self.pool[pos:pos + s.nbytes], s.num_blocks))
+            tm = codec.to_token_major(codec.decode(self.pool[pos : pos + s.nbytes], s.num_blocks))
             pos += s.nbytes
             start = max(job.first_token, s.first_block * bs)
             end = min(job.end_token, (s.first_block + s.num_blocks) * bs)
             if end > start:
-                codec.scatter_tokens(tm, end - start, self.layers, job.block_ids, first_token=start,
-                                     block_size=self.spec.block_size, skip=start - s.first_block * bs)
+                codec.scatter_tokens(
+                    tm,
+                    end - start,
+                    self.layers,
+                    job.block_ids,
+                    first_token=start,
+                    block_size=self.spec.block_size,
+                    skip=start - s.first_block * bs,
+                )

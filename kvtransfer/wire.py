@@ -36,22 +36,28 @@ KEY_REMOTE_HOST = "remote_host"
 KEY_REMOTE_PORT = "remote_port"
 KEY_REMOTE_BLOCK_IDS = "remote_block_ids"
 KEY_REMOTE_NUM_TOKENS = "remote_num_tokens"
-KEY_COMPRESSION = "compression"           # optional per-request override on the prefill request
-KEY_SLAB_HANDOFF = "slab_handoff"         # our nested, versioned payload (SlabHandoff)
-KEY_SLAB_PUSH = "slab_push"               # push mode: {"rendezvous": id} on the prefill request, a SlabPush
-                                          # (also naming the prefill's agent) on the decode request
+KEY_COMPRESSION = "compression"  # optional per-request override on the prefill request
+KEY_SLAB_HANDOFF = "slab_handoff"  # our nested, versioned payload (SlabHandoff)
+KEY_SLAB_PUSH = "slab_push"  # push mode: {"rendezvous": id} on the prefill request, a SlabPush
+# (also naming the prefill's agent) on the decode request
 
 # NIXL notifications between agents. A read-done notification is the prefill's bare request id
 # (pull); push mode adds typed messages, "<kind> <payload>".
-NOTE_RESERVE = b"slab-reserve "           # decode -> prefill: msgspec JSON SlabHandoff of the reserved range
-NOTE_PUSHED = b"slab-pushed "             # prefill -> decode, after the WRITE landed: rendezvous id
-NOTE_PUSH_FAILED = b"slab-pushfail "      # prefill -> decode: rendezvous id (the decode recomputes)
+NOTE_RESERVE = b"slab-reserve "  # decode -> prefill: msgspec JSON SlabHandoff of the reserved range
+NOTE_PUSHED = b"slab-pushed "  # prefill -> decode, after the WRITE landed: rendezvous id
+NOTE_PUSH_FAILED = b"slab-pushfail "  # prefill -> decode: rendezvous id (the decode recomputes)
 
 
 def prefill_request_params() -> dict[str, Any]:
     """Params that turn a request into a prefill-only request whose KV is kept for a remote decode (pull)."""
-    return {KEY_DO_REMOTE_DECODE: True, KEY_DO_REMOTE_PREFILL: False, KEY_REMOTE_ENGINE_ID: None,
-            KEY_REMOTE_BLOCK_IDS: None, KEY_REMOTE_HOST: None, KEY_REMOTE_PORT: None}
+    return {
+        KEY_DO_REMOTE_DECODE: True,
+        KEY_DO_REMOTE_PREFILL: False,
+        KEY_REMOTE_ENGINE_ID: None,
+        KEY_REMOTE_BLOCK_IDS: None,
+        KEY_REMOTE_HOST: None,
+        KEY_REMOTE_PORT: None,
+    }
 
 
 class SlabDesc(msgspec.Struct, frozen=True, array_like=True):
@@ -68,12 +74,12 @@ class SlabHandoff(msgspec.Struct, frozen=True):
     """Where a finished prefill's slabs are and how to decode them (travels in kv_transfer_params)."""
 
     version: int
-    engine_id: str                  # = the prefill's NIXL agent name
-    request_id: str                 # prefill request id (the read-done notification names it)
+    engine_id: str  # = the prefill's NIXL agent name
+    request_id: str  # prefill request id (the read-done notification names it)
     host: str
-    port: int                       # NIXL listener of the prefill's agent
-    num_tokens: int                 # prompt tokens whose KV the slabs hold
-    block_size: int                 # sender block size
+    port: int  # NIXL listener of the prefill's agent
+    num_tokens: int  # prompt tokens whose KV the slabs hold
+    block_size: int  # sender block size
     dtype: str
     num_layers: int
     num_kv_heads: int
@@ -81,7 +87,7 @@ class SlabHandoff(msgspec.Struct, frozen=True):
     k_transposed: bool
     compression: str
     group: int
-    deadline_unix_s: float          # the prefill frees the slabs at about this time
+    deadline_unix_s: float  # the prefill frees the slabs at about this time
     slabs: list[SlabDesc] = []
 
     @property
@@ -113,8 +119,10 @@ class SlabHandoff(msgspec.Struct, frozen=True):
         return handoff if handoff.version == PROTOCOL_VERSION else None
 
     def __repr__(self) -> str:  # anon: ids and sizes only
-        return (f"SlabHandoff(engine={self.engine_id}, req={self.request_id}, tokens={self.num_tokens}, "
-                f"slabs={len(self.slabs)}, bytes={self.wire_nbytes}, {self.compression})")
+        return (
+            f"SlabHandoff(engine={self.engine_id}, req={self.request_id}, tokens={self.num_tokens}, "
+            f"slabs={len(self.slabs)}, bytes={self.wire_nbytes}, {self.compression})"
+        )
 
 
 class SlabPush(msgspec.Struct, frozen=True):
@@ -124,7 +132,7 @@ class SlabPush(msgspec.Struct, frozen=True):
     soon as the prefill packed, without the caller's round trip between them."""
 
     rendezvous: str
-    engine_id: str = ""             # the prefill's agent (decode request only)
+    engine_id: str = ""  # the prefill's agent (decode request only)
     host: str = ""
     port: int = 0
     compression: str = "none"

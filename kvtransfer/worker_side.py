@@ -74,8 +74,14 @@ def _layer_key(name: str) -> tuple:
 
 
 class SlabConnectorWorker:
-    def __init__(self, settings: SlabConnectorSettings, engine_id: str, make_transport: Callable[[], Transport],
-                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        settings: SlabConnectorSettings,
+        engine_id: str,
+        make_transport: Callable[[], Transport],
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ):
         self.settings, self.engine_id = settings, engine_id
         self._make_transport = make_transport
         self._clock, self._wall = clock, wall_clock
@@ -85,13 +91,14 @@ class SlabConnectorWorker:
         self.spec: SlabSpec | None = None
         self._codecs: dict[str, SlabCodec] = {}
         self._unpacker: SlabUnpacker | None = None
-        self.ledger = PrefillLedger(clock)                   # prefill: handoffs awaiting their read-done
-        self._receives: dict[str, Receive] = {}              # decode: request id -> its KV on the way in
-        self._releases: list[Release] = []                   # decode: prefills to tell they can let go
+        self.ledger = PrefillLedger(clock)  # prefill: handoffs awaiting their read-done
+        self._receives: dict[str, Receive] = {}  # decode: request id -> its KV on the way in
+        self._releases: list[Release] = []  # decode: prefills to tell they can let go
         # the worker's clocks and its current stats, looked up at each call
-        self._pusher = PushSender(settings, lambda: self._clock(), lambda: self._wall(),
-                                  lambda reason: self.stats.fail(reason))
-        self._finished = Finished()                          # decode: reported by the next get_transfer_results
+        self._pusher = PushSender(
+            settings, lambda: self._clock(), lambda: self._wall(), lambda reason: self.stats.fail(reason)
+        )
+        self._finished = Finished()  # decode: reported by the next get_transfer_results
         self.stats = KVTransferStats()
         self.handshake: SlabHandshake | None = None
 
@@ -105,12 +112,20 @@ class SlabConnectorWorker:
         if not all(t.is_contiguous() for t in self.layers):
             raise ValueError("slab connector needs contiguous per-layer caches (LBHNC)")
         _, heads, block_size, content = first.shape
-        self.spec = SlabSpec(num_layers=len(self.layers), num_kv_heads=heads, head_dim=content // 2,
-                             block_size=block_size, dtype_bytes=first.element_size(),
-                             min_slab_tokens=self.settings.slab_tokens)
+        self.spec = SlabSpec(
+            num_layers=len(self.layers),
+            num_kv_heads=heads,
+            head_dim=content // 2,
+            block_size=block_size,
+            dtype_bytes=first.element_size(),
+            min_slab_tokens=self.settings.slab_tokens,
+        )
         self._codecs = {c: SlabCodec(self.spec, first.dtype, c, self.settings.group) for c in COMPRESSIONS}
-        nbytes = self.settings.pool_mib * MiB if self.settings.pool_mib else pool_nbytes(
-            self.spec, self.settings.pool_tokens)
+        nbytes = (
+            self.settings.pool_mib * MiB
+            if self.settings.pool_mib
+            else pool_nbytes(self.spec, self.settings.pool_tokens)
+        )
         # pre-faulted: a READ or pack into fresh pages pays a page fault per page, ~4x slower on this
         # VM; on huge pages a same-host READ copies ~2x faster (loadtests/kv/kv_xfer_microbench.py). RDMA
         # registration pins the pages anyway
@@ -118,13 +133,26 @@ class SlabConnectorWorker:
         self._unpacker = SlabUnpacker(self.spec, self.layers, self.pool, self._codecs, self.settings.group)
         self.transport = self._pusher.transport = self._make_transport()
         self.transport.register_pool(self.pool)
-        self._pusher.layout = (block_size, self.spec.num_layers, heads, self.spec.head_dim,
-                               str(first.dtype).removeprefix("torch."), True, self.settings.group)
+        self._pusher.layout = (
+            block_size,
+            self.spec.num_layers,
+            heads,
+            self.spec.head_dim,
+            str(first.dtype).removeprefix("torch."),
+            True,
+            self.settings.group,
+        )
         host, port = self.transport.listen_address()
         self.handshake = SlabHandshake(self.transport.name, host, port, self.pool.data_ptr(), nbytes)
-        logger.info("slab connector: %d layers x %s, block %d, slab %d blocks, pool %d MiB (%d MiB on huge pages)",
-                    len(self.layers), tuple(first.shape[1:]), block_size, self.spec.blocks_per_slab, nbytes >> 20,
-                    huge_page_bytes(self.pool) >> 20)
+        logger.info(
+            "slab connector: %d layers x %s, block %d, slab %d blocks, pool %d MiB (%d MiB on huge pages)",
+            len(self.layers),
+            tuple(first.shape[1:]),
+            block_size,
+            self.spec.blocks_per_slab,
+            nbytes >> 20,
+            huge_page_bytes(self.pool) >> 20,
+        )
 
     # ----------------------------------------------------------------------------- per step
     def start_load_kv(self, meta: SlabConnectorMetadata) -> None:
@@ -144,7 +172,7 @@ class SlabConnectorWorker:
             pos, first = job.offset, 0
             local = []
             for num_blocks, nbytes in zip(job.slab_blocks, job.slab_nbytes):
-                codec.pack(self.layers, job.block_ids[first:first + num_blocks], self.pool[pos:pos + nbytes])
+                codec.pack(self.layers, job.block_ids[first : first + num_blocks], self.pool[pos : pos + nbytes])
                 local.append((self.pool.data_ptr() + pos, nbytes))
                 pos, first = pos + nbytes, first + num_blocks
             self.ledger.on_packed(job.request_id)
@@ -175,8 +203,11 @@ class SlabConnectorWorker:
         for _ in by_timeout:
             self.stats.fail("handoff_timeout")
         if by_timeout:
-            logger.warning("freeing %d handoffs no decode confirmed within %.1f s", len(by_timeout),
-                           self.settings.handoff_timeout_s)
+            logger.warning(
+                "freeing %d handoffs no decode confirmed within %.1f s",
+                len(by_timeout),
+                self.settings.handoff_timeout_s,
+            )
         self._advance_receives()
         self._advance_releases()
         received, failed = self._finished.received, self._finished.failed
@@ -189,16 +220,18 @@ class SlabConnectorWorker:
         for _, m in self.transport.drain_notifications() if self.transport else ():
             if m.startswith(NOTE_RESERVE):
                 try:
-                    res = msgspec.json.decode(m[len(NOTE_RESERVE):], type=SlabHandoff)
+                    res = msgspec.json.decode(m[len(NOTE_RESERVE) :], type=SlabHandoff)
                 except msgspec.ValidationError:
                     logger.warning("malformed push reservation ignored")
                     continue
                 self._pusher.on_reservation(res)
             elif m.startswith(NOTE_PUSHED) or m.startswith(NOTE_PUSH_FAILED):
                 kind, _, rendezvous = m.partition(b" ")
-                r = next((r for r in self._receives.values()
-                          if r.is_push and r.job.push.rendezvous == rendezvous.decode()), None)
-                if r is not None:                                # else: a receive we already gave up
+                r = next(
+                    (r for r in self._receives.values() if r.is_push and r.job.push.rendezvous == rendezvous.decode()),
+                    None,
+                )
+                if r is not None:  # else: a receive we already gave up
                     r.note = kind + b" "
             else:
                 read_done.add(m.decode())
@@ -234,8 +267,9 @@ class SlabConnectorWorker:
             empty = dataclasses.replace(job, handoff=msgspec.structs.replace(job.handoff, slabs=[]))
             self._releases.append(Release(empty, now + self.settings.connect_timeout_s))
             return
-        self._receives[job.request_id] = Receive(job, now + self.settings.connect_timeout_s, now,
-                                                 slabs=list(job.handoff.slabs))
+        self._receives[job.request_id] = Receive(
+            job, now + self.settings.connect_timeout_s, now, slabs=list(job.handoff.slabs)
+        )
 
     def _advance_push_receive(self, req_id: str, r: Receive, now: float) -> None:
         job, push = r.job, r.job.push
@@ -249,7 +283,7 @@ class SlabConnectorWorker:
                     return
                 r.state, r.read_started_s = ReceiveState.RESERVED, now
             elif now >= r.deadline:
-                self._drop(req_id, "connect_timeout")            # nothing was reserved remotely: safe
+                self._drop(req_id, "connect_timeout")  # nothing was reserved remotely: safe
                 if hasattr(self.transport, "forget"):
                     self.transport.forget(push.engine_id)
             return
@@ -259,7 +293,7 @@ class SlabConnectorWorker:
         elif note == NOTE_PUSH_FAILED:
             self._drop(req_id, "push_failed")
         elif self._wall() > job.handoff.deadline_unix_s + self.settings.expiry_margin_s:
-            self._drop(req_id, "push_timeout")                   # past the prefill's last write start + margin
+            self._drop(req_id, "push_timeout")  # past the prefill's last write start + margin
 
     def _advance_receives(self) -> None:
         now = self._clock()
@@ -297,8 +331,9 @@ class SlabConnectorWorker:
             local.append((pos, s.nbytes))
             pos += s.nbytes
         try:
-            r.handle = self.transport.read(job.handoff.engine_id, local, [(s.addr, s.nbytes) for s in r.slabs],
-                                           job.handoff.request_id.encode())
+            r.handle = self.transport.read(
+                job.handoff.engine_id, local, [(s.addr, s.nbytes) for s in r.slabs], job.handoff.request_id.encode()
+            )
         except Exception:
             logger.warning("starting the slab read for %s failed", job.request_id, exc_info=True)
             self._drop(job.request_id, "read_error")
@@ -329,7 +364,7 @@ class SlabConnectorWorker:
 
     def _drop(self, req_id: str, reason: str) -> None:
         r = self._receives.pop(req_id)
-        if r.is_push:                                            # the prefill frees on its own timeout
+        if r.is_push:  # the prefill frees on its own timeout
             logger.warning("slab push for %s failed (%s); recomputing locally", req_id, reason)
             self._failed(req_id, reason)
             return

@@ -50,10 +50,17 @@ VS_VLLM_WORKLOADS = (
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--systems", default="ours,colocated",
-                   help="comma-separated: ours, colocated, raypd, or LABEL=ours@CONFIG for an A/B variant")
-    p.add_argument("--workload", action="append", dest="workloads",
-                   help="workload NAME or NAME:key=value,... (repeatable; e.g. bursty:n=80,output_tokens=32)")
+    p.add_argument(
+        "--systems",
+        default="ours,colocated",
+        help="comma-separated: ours, colocated, raypd, or LABEL=ours@CONFIG for an A/B variant",
+    )
+    p.add_argument(
+        "--workload",
+        action="append",
+        dest="workloads",
+        help="workload NAME or NAME:key=value,... (repeatable; e.g. bursty:n=80,output_tokens=32)",
+    )
     p.add_argument("--rates", action="append", help="comma-separated req/s for the preceding --workload")
     p.add_argument("--requests", type=int, default=60, help="requests per (workload, rate)")
     p.add_argument("--duration", type=float, default=120.0, help="max seconds of arrivals per run")
@@ -62,21 +69,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default=str(REPO / "serve" / "default.yaml"))
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--model-dir", default=None, help="HF dir for colocated/raypd (default: the bundled model)")
-    p.add_argument("--dtype", default=None,
-                   help="engine dtype for colocated/raypd (default: their own default, as their users run them)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="engine dtype for colocated/raypd (default: their own default, as their users run them)",
+    )
     p.add_argument("--ttft-slo", type=float, default=None, help="seconds (default: the config's router.slo)")
     p.add_argument("--tpot-slo", type=float, default=None, help="seconds (default: the config's router.slo)")
-    p.add_argument("--baseline", action="append", default=[],
-                   help="extra system label to report ratios against (e.g. the A side of an A/B)")
-    p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
-                   help="edit every ours config: dotted key (list items by index), YAML value, e.g. "
-                        "pools.0.engine.extra.num_gpu_blocks_override=24; the edited configs are written "
-                        "to the run's configs/ (repeatable)")
+    p.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        help="extra system label to report ratios against (e.g. the A side of an A/B)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="overrides",
+        metavar="KEY=VALUE",
+        help="edit every ours config: dotted key (list items by index), YAML value, e.g. "
+        "pools.0.engine.extra.num_gpu_blocks_override=24; the edited configs are written "
+        "to the run's configs/ (repeatable)",
+    )
     p.add_argument("--out", default=None)
     p.add_argument("--smoke", action="store_true")
-    p.add_argument("--vs-vllm", action="store_true", help="the default config vs plain vLLM vs Ray Serve LLM's "
-                   "P/D app on the standard workloads (VS_VLLM_WORKLOADS), 40 requests per rate, written to "
-                   "loadtests/results/<run>-vs-vllm/")
+    p.add_argument(
+        "--vs-vllm",
+        action="store_true",
+        help="the default config vs plain vLLM vs Ray Serve LLM's "
+        "P/D app on the standard workloads (VS_VLLM_WORKLOADS), 40 requests per rate, written to "
+        "loadtests/results/<run>-vs-vllm/",
+    )
     args = p.parse_args(argv)
     if args.vs_vllm:
         if args.workloads or args.smoke:
@@ -124,8 +148,10 @@ def workload_labels(entries: list[str], smoke: bool = False) -> list[str]:
     name (random 256/128 and 512/64), by name and option values (``random-256-128``)."""
     parsed = [parse_workload(e, smoke) for e in entries]
     names = [name for name, _ in parsed]
-    return [name if names.count(name) == 1 else "-".join([name, *(str(v) for k, v in kw.items() if k != "n")])
-            for name, kw in parsed]
+    return [
+        name if names.count(name) == 1 else "-".join([name, *(str(v) for k, v in kw.items() if k != "n")])
+        for name, kw in parsed
+    ]
 
 
 def run_seed(base: int, wl_index: int, rate_index: int) -> int:
@@ -144,8 +170,9 @@ def scrape_metrics(base_url: str) -> str:
 
 def bundled_model_dir() -> str:
     """The bundled model's directory, via the CLI (loadtests stay a black box: no serve imports)."""
-    out = subprocess.run([sys.executable, "-m", "serve.cli", "prepare-model"], cwd=REPO, check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "serve.cli", "prepare-model"], cwd=REPO, check=True, capture_output=True, text=True
+    ).stdout
     return out.strip().splitlines()[-1]
 
 
@@ -171,8 +198,9 @@ def edited_config(config: str, overrides: list[str], label: str, out: Path) -> s
     data = resolved_config(config, overrides)
     path = out / "configs" / f"{label}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"# {portable(config)} with --set {' --set '.join(overrides)}\n"
-                    + yaml.safe_dump(data, sort_keys=False))
+    path.write_text(
+        f"# {portable(config)} with --set {' --set '.join(overrides)}\n" + yaml.safe_dump(data, sort_keys=False)
+    )
     return str(path)
 
 
@@ -182,7 +210,7 @@ def warm_up(base_url: str, model: str) -> None:
     asyncio.run(run_open_loop(base_url, model, warm, max_duration_s=30, drain_s=60))
 
 
-TIERED_WORKLOADS = ("qos",)   # records tagged with their QoS tier: summaries also per tier
+TIERED_WORKLOADS = ("qos",)  # records tagged with their QoS tier: summaries also per tier
 
 
 def run_system(entry: str, args, out: Path) -> list[dict]:
@@ -192,8 +220,15 @@ def run_system(entry: str, args, out: Path) -> list[dict]:
     model_dir = args.model_dir or (bundled_model_dir() if kind != "ours" else "")
     port = free_port()
     print(f"[bench] starting {name} ({kind}) on :{port}", flush=True)
-    sp = STARTERS[kind](config=config, model_dir=model_dir, model=args.model, port=port, log_dir=out / "logs",
-                        dtype=args.dtype, name=name)
+    sp = STARTERS[kind](
+        config=config,
+        model_dir=model_dir,
+        model=args.model,
+        port=port,
+        log_dir=out / "logs",
+        dtype=args.dtype,
+        name=name,
+    )
     rows = []
     try:
         wait_ready(sp, args.model)
@@ -205,8 +240,11 @@ def run_system(entry: str, args, out: Path) -> list[dict]:
             n = kwargs.pop("n", args.requests)
             for ri, rate in enumerate(float(r) for r in rates.split(",")):
                 specs = workloads.build(wl, seed=run_seed(args.seed, wi, ri), n=n, rate=rate, **kwargs)
-                print(f"[bench] {name} {wl} @ {rate} req/s: {len(specs)} "
-                      f"{'conversations' if workloads.is_closed_loop(wl) else 'requests'}", flush=True)
+                print(
+                    f"[bench] {name} {wl} @ {rate} req/s: {len(specs)} "
+                    f"{'conversations' if workloads.is_closed_loop(wl) else 'requests'}",
+                    flush=True,
+                )
                 before = scrape_metrics(sp.base_url)
                 runner = run_closed_loop if workloads.is_closed_loop(wl) else run_open_loop
                 res = asyncio.run(runner(sp.base_url, args.model, specs, args.duration, args.drain))
@@ -214,16 +252,32 @@ def run_system(entry: str, args, out: Path) -> list[dict]:
                 summary = summarize(res.records, res.duration_s, args.ttft_slo, args.tpot_slo, res.skipped)
                 if wl in TIERED_WORKLOADS:
                     summary["by_tier"] = summarize_by_tag(res.records, res.duration_s, args.ttft_slo, args.tpot_slo)
-                summary.update(system=name, workload=label, rate=rate, server_rss_bytes=sp.rss_bytes(),
-                               ready_s=sp.ready_s, prefix_cache_hit_rate=prefix_cache_hit_rate(before, after))
+                summary.update(
+                    system=name,
+                    workload=label,
+                    rate=rate,
+                    server_rss_bytes=sp.rss_bytes(),
+                    ready_s=sp.ready_s,
+                    prefix_cache_hit_rate=prefix_cache_hit_rate(before, after),
+                )
                 rows.append(summary)
                 raw = out / "raw" / f"{name}-{label}-{rate}.json"
                 raw.parent.mkdir(parents=True, exist_ok=True)
-                raw.write_text(json.dumps({"summary": summary, "records": [r.to_dict() for r in res.records],
-                                           "metrics": after,
-                                           "timeline": res.timeline}))
-                print(f"[bench]   ok={summary['ok']}/{summary['requests']} goodput={summary['goodput_rps']:.2f} "
-                      f"ttft_p50={summary['ttft_s']['p50']} itl_p99={summary['itl_s']['p99']}", flush=True)
+                raw.write_text(
+                    json.dumps(
+                        {
+                            "summary": summary,
+                            "records": [r.to_dict() for r in res.records],
+                            "metrics": after,
+                            "timeline": res.timeline,
+                        }
+                    )
+                )
+                print(
+                    f"[bench]   ok={summary['ok']}/{summary['requests']} goodput={summary['goodput_rps']:.2f} "
+                    f"ttft_p50={summary['ttft_s']['p50']} itl_p99={summary['itl_s']['p99']}",
+                    flush=True,
+                )
     finally:
         sp.stop()
         print(f"[bench] {name} stopped", flush=True)
@@ -249,11 +303,14 @@ def main(argv=None) -> int:
     rows = []
     for name in args.systems.split(","):
         rows += run_system(name.strip(), args, out)
-    meta = {"run_id": run_id, "args": {k: portable(v) for k, v in vars(args).items()},
-            "baselines": args.baseline, "slo": {
-        "ttft_s": args.ttft_slo, "tpot_s": args.tpot_slo},
-            # every system under test ran with its session's autogroup at this nice (systems.py)
-            "server_autogroup_nice": SERVER_AUTOGROUP_NICE}
+    meta = {
+        "run_id": run_id,
+        "args": {k: portable(v) for k, v in vars(args).items()},
+        "baselines": args.baseline,
+        "slo": {"ttft_s": args.ttft_slo, "tpot_s": args.tpot_slo},
+        # every system under test ran with its session's autogroup at this nice (systems.py)
+        "server_autogroup_nice": SERVER_AUTOGROUP_NICE,
+    }
     (out / "summary.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     report.write_report(out, rows, meta)
     print(f"[bench] results in {out}", flush=True)

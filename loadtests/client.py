@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 import httpx
 
-SSE_DONE = "[DONE]"                     # the payload that ends an OpenAI stream
+SSE_DONE = "[DONE]"  # the payload that ends an OpenAI stream
 
 
 def sse_data(line: str | bytes) -> str | None:
@@ -16,22 +16,22 @@ def sse_data(line: str | bytes) -> str | None:
     any other line (blank separators, comments). The one SSE parser of the load-test and test clients."""
     if isinstance(line, bytes):
         line = line.decode()
-    return line[len("data: "):] if line.startswith("data: ") else None
+    return line[len("data: ") :] if line.startswith("data: ") else None
 
 
 @dataclass(slots=True)
 class RequestRecord:
-    start_s: float                      # offset from run start
-    status: int = 0                     # HTTP status (0 = transport error)
-    outcome: str = "ok"                 # ok | rejected | error
-    reason: str = ""                    # rejection / error code
+    start_s: float  # offset from run start
+    status: int = 0  # HTTP status (0 = transport error)
+    outcome: str = "ok"  # ok | rejected | error
+    reason: str = ""  # rejection / error code
     ttft_s: float | None = None
     e2e_s: float | None = None
     itl_s: list[float] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     tag: str = ""
-    text: str = ""                      # the generated text (kept for closed-loop histories, not recorded)
+    text: str = ""  # the generated text (kept for closed-loop histories, not recorded)
 
     @property
     def tpot_s(self) -> float | None:
@@ -47,18 +47,34 @@ class RequestRecord:
         return d
 
 
-async def stream_chat(client: httpx.AsyncClient, base_url: str, model: str, messages, max_tokens: int,
-                      headers: dict | None = None, start_s: float = 0.0, tag: str = "",
-                      timeout_s: float = 300.0) -> RequestRecord:
+async def stream_chat(
+    client: httpx.AsyncClient,
+    base_url: str,
+    model: str,
+    messages,
+    max_tokens: int,
+    headers: dict | None = None,
+    start_s: float = 0.0,
+    tag: str = "",
+    timeout_s: float = 300.0,
+) -> RequestRecord:
     rec = RequestRecord(start_s=start_s, tag=tag)
-    body = {"model": model, "messages": list(messages), "max_tokens": max_tokens, "stream": True,
-            "temperature": 0.0, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "messages": list(messages),
+        "max_tokens": max_tokens,
+        "stream": True,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
     t0 = time.perf_counter()
     last = None
     parts: list[str] = []
     try:
-        async with client.stream("POST", f"{base_url}/v1/chat/completions", json=body, headers=headers or {},
-                                 timeout=timeout_s) as r:
+        async with client.stream(
+            "POST", f"{base_url}/v1/chat/completions", json=body, headers=headers or {}, timeout=timeout_s
+        ) as r:
             rec.status = r.status_code
             if r.status_code != 200:
                 text = (await r.aread()).decode(errors="replace")

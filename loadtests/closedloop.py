@@ -31,14 +31,21 @@ def turn_tag(index: int, turn: int, conv: Conversation) -> str:
     return f"c{index}/t{turn}/{conv.tag}"
 
 
-async def run_closed_loop(base_url: str, model: str, conversations: Sequence[Conversation],
-                          max_duration_s: float = 300.0, drain_s: float = 120.0, max_connections: int = 512,
-                          timeline_period_s: float | None = 1.0) -> RunResult:
+async def run_closed_loop(
+    base_url: str,
+    model: str,
+    conversations: Sequence[Conversation],
+    max_duration_s: float = 300.0,
+    drain_s: float = 120.0,
+    max_connections: int = 512,
+    timeline_period_s: float | None = 1.0,
+) -> RunResult:
     result = RunResult()
-    in_flight: dict[int, float] = {}          # conversation index -> start offset of its running turn
-    accounted: dict[int, int] = {}            # conversation index -> turns recorded or skipped
+    in_flight: dict[int, float] = {}  # conversation index -> start offset of its running turn
+    accounted: dict[int, int] = {}  # conversation index -> turns recorded or skipped
 
     async with load_session(base_url, result, max_connections, timeline_period_s) as (client, t0):
+
         async def converse(i: int, conv: Conversation) -> None:
             answers: list[str] = []
             for turn in range(len(conv.user_turns)):
@@ -48,9 +55,17 @@ async def run_closed_loop(base_url: str, model: str, conversations: Sequence[Con
                 if start > max_duration_s:
                     break
                 in_flight[i] = start
-                rec = await stream_chat(client, base_url, model, turn_messages(conv, answers), conv.max_tokens,
-                                        conv.headers, start_s=start, tag=turn_tag(i, turn, conv),
-                                        timeout_s=max_duration_s + drain_s)
+                rec = await stream_chat(
+                    client,
+                    base_url,
+                    model,
+                    turn_messages(conv, answers),
+                    conv.max_tokens,
+                    conv.headers,
+                    start_s=start,
+                    tag=turn_tag(i, turn, conv),
+                    timeout_s=max_duration_s + drain_s,
+                )
                 del in_flight[i]
                 result.records.append(rec)
                 accounted[i] = turn + 1
@@ -68,10 +83,12 @@ async def run_closed_loop(base_url: str, model: str, conversations: Sequence[Con
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(converse(i, conv)))
         await wait_bounded(tasks, t0, max_duration_s, drain_s)
-        result.records += [RequestRecord(start_s=s, outcome="error", reason="client_timeout",
-                                         tag=turn_tag(i, accounted.get(i, 0), ordered[i]))
-                           for i, s in in_flight.items()]
+        result.records += [
+            RequestRecord(
+                start_s=s, outcome="error", reason="client_timeout", tag=turn_tag(i, accounted.get(i, 0), ordered[i])
+            )
+            for i, s in in_flight.items()
+        ]
         # turns never sent: after the window closed, after a failed turn, or cut off by the drain bound
-        result.skipped = sum(len(c.user_turns) - accounted.get(i, 0) - (i in in_flight)
-                             for i, c in enumerate(ordered))
+        result.skipped = sum(len(c.user_turns) - accounted.get(i, 0) - (i in in_flight) for i, c in enumerate(ordered))
     return result

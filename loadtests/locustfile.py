@@ -32,14 +32,22 @@ RATE = float(os.environ.get("PDSERVE_RATE", "0"))
 SEED = int(os.environ.get("PDSERVE_SEED", "0"))
 WORKLOAD_ARGS = json.loads(os.environ.get("PDSERVE_WORKLOAD_ARGS", "{}"))
 if workloads.is_closed_loop(WORKLOAD):
-    raise SystemExit(f"PDSERVE_WORKLOAD={WORKLOAD} is a closed-loop conversation workload: run it with "
-                     "python -m loadtests.bench (loadtests/closedloop.py)")
+    raise SystemExit(
+        f"PDSERVE_WORKLOAD={WORKLOAD} is a closed-loop conversation workload: run it with "
+        "python -m loadtests.bench (loadtests/closedloop.py)"
+    )
 _SPECS = itertools.cycle(workloads.build(WORKLOAD, seed=SEED, n=500, rate=1.0, **WORKLOAD_ARGS))
 
 
 def _fire(request_type: str, name: str, seconds: float, length: int = 0, exc=None) -> None:
-    events.request.fire(request_type=request_type, name=name, response_time=seconds * 1000.0,
-                        response_length=length, exception=exc, context={})
+    events.request.fire(
+        request_type=request_type,
+        name=name,
+        response_time=seconds * 1000.0,
+        response_length=length,
+        exception=exc,
+        context={},
+    )
 
 
 class OpenAIUser(HttpUser):
@@ -56,8 +64,9 @@ class OpenAIUser(HttpUser):
         if STREAM:
             body["stream_options"] = {"include_usage": True}
         t0 = time.perf_counter()
-        with self.client.post(path, json=body, headers=spec.headers, stream=STREAM, catch_response=True,
-                              name=f"{API}:{WORKLOAD}") as resp:
+        with self.client.post(
+            path, json=body, headers=spec.headers, stream=STREAM, catch_response=True, name=f"{API}:{WORKLOAD}"
+        ) as resp:
             if resp.status_code in (429, 503):
                 resp.success()  # a clean early rejection is not a failure; count it separately
                 _fire("REJECTED", str(resp.status_code), time.perf_counter() - t0)

@@ -24,13 +24,17 @@ class RunResult:
     records: list[RequestRecord] = field(default_factory=list)
     duration_s: float = 0.0
     skipped: int = 0
-    timeline: list[dict] = field(default_factory=list)   # server /metrics samples (timeline.parse_sample)
+    timeline: list[dict] = field(default_factory=list)  # server /metrics samples (timeline.parse_sample)
 
 
 @asynccontextmanager
-async def load_session(base_url: str, result: RunResult, max_connections: int = 512,
-                       timeline_period_s: float | None = 1.0,
-                       t0: float | None = None) -> AsyncIterator[tuple[httpx.AsyncClient, float]]:
+async def load_session(
+    base_url: str,
+    result: RunResult,
+    max_connections: int = 512,
+    timeline_period_s: float | None = 1.0,
+    t0: float | None = None,
+) -> AsyncIterator[tuple[httpx.AsyncClient, float]]:
     """An HTTP client and the run's start time (``time.perf_counter()``: ``t0``, or now), with the
     /metrics sampler running for the duration; sets ``result.duration_s`` on exit. Shared by the open-
     and closed-loop runners."""
@@ -38,8 +42,11 @@ async def load_session(base_url: str, result: RunResult, max_connections: int = 
     async with httpx.AsyncClient(limits=limits, timeout=None) as client:
         t0 = time.perf_counter() if t0 is None else t0
         stop = asyncio.Event()
-        sampler = (asyncio.create_task(sample_metrics(base_url, t0, timeline_period_s, result.timeline, stop))
-                   if timeline_period_s else None)
+        sampler = (
+            asyncio.create_task(sample_metrics(base_url, t0, timeline_period_s, result.timeline, stop))
+            if timeline_period_s
+            else None
+        )
         try:
             yield client, t0
         finally:
@@ -61,9 +68,16 @@ async def wait_bounded(tasks: list[asyncio.Task], t0: float, max_duration_s: flo
     return pending
 
 
-async def run_open_loop(base_url: str, model: str, specs: Sequence[RequestSpec], max_duration_s: float = 300.0,
-                        drain_s: float = 120.0, max_connections: int = 512,
-                        timeline_period_s: float | None = 1.0, t0: float | None = None) -> RunResult:
+async def run_open_loop(
+    base_url: str,
+    model: str,
+    specs: Sequence[RequestSpec],
+    max_duration_s: float = 300.0,
+    drain_s: float = 120.0,
+    max_connections: int = 512,
+    timeline_period_s: float | None = 1.0,
+    t0: float | None = None,
+) -> RunResult:
     """``t0``: the run's start (``time.perf_counter()``, default now), for a caller that acts on the
     same clock alongside (arrivals, ``start_s`` and the timeline are offsets from it)."""
     result = RunResult()
@@ -76,13 +90,25 @@ async def run_open_loop(base_url: str, model: str, specs: Sequence[RequestSpec],
             delay = spec.arrival_s - (time.perf_counter() - t0)
             if delay > 0:
                 await asyncio.sleep(delay)
-            task = asyncio.create_task(stream_chat(client, base_url, model, spec.messages, spec.max_tokens,
-                                                   spec.headers, start_s=spec.arrival_s, tag=spec.tag,
-                                                   timeout_s=max_duration_s + drain_s))
+            task = asyncio.create_task(
+                stream_chat(
+                    client,
+                    base_url,
+                    model,
+                    spec.messages,
+                    spec.max_tokens,
+                    spec.headers,
+                    start_s=spec.arrival_s,
+                    tag=spec.tag,
+                    timeout_s=max_duration_s + drain_s,
+                )
+            )
             tasks.append(task)
             start_of[task] = (spec.arrival_s, spec.tag)
         pending = await wait_bounded(tasks, t0, max_duration_s, drain_s)
         result.records = [t.result() for t in tasks if t not in pending]
-        result.records += [RequestRecord(start_s=start_of[p][0], outcome="error", reason="client_timeout",
-                                         tag=start_of[p][1]) for p in pending]
+        result.records += [
+            RequestRecord(start_s=start_of[p][0], outcome="error", reason="client_timeout", tag=start_of[p][1])
+            for p in pending
+        ]
     return result

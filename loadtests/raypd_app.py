@@ -15,8 +15,10 @@ import threading
 def llm_config(model_dir: str, name: str, cores: str, side_port: int, dtype: str | None) -> dict:
     """One side as Ray Serve LLM's P/D docs configure it (NixlConnector, engine defaults otherwise:
     compiled model, the checkpoint's dtype), pinned to one core, at our context length."""
-    engine = {"max_model_len": 2048,
-              "kv_transfer_config": {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"}}
+    engine = {
+        "max_model_len": 2048,
+        "kv_transfer_config": {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"},
+    }
     if dtype:
         engine["dtype"] = dtype
     return {
@@ -24,9 +26,15 @@ def llm_config(model_dir: str, name: str, cores: str, side_port: int, dtype: str
         "deployment_config": {"num_replicas": 1},
         "placement_group_config": {"bundles": [{"CPU": 1}]},
         "engine_kwargs": engine,
-        "runtime_env": {"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": cores, "VLLM_CPU_KVCACHE_SPACE": "1",
-                                     "UCX_TLS": "tcp,self,sm", "VLLM_NIXL_SIDE_CHANNEL_PORT": str(side_port),
-                                     "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1"}},
+        "runtime_env": {
+            "env_vars": {
+                "VLLM_CPU_OMP_THREADS_BIND": cores,
+                "VLLM_CPU_KVCACHE_SPACE": "1",
+                "UCX_TLS": "tcp,self,sm",
+                "VLLM_NIXL_SIDE_CHANNEL_PORT": str(side_port),
+                "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
+            }
+        },
     }
 
 
@@ -43,8 +51,12 @@ def main() -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = build_pd_openai_app({"prefill_config": llm_config(model_dir, name, "0", 25601, dtype),
-                                   "decode_config": llm_config(model_dir, name, "1", 25701, dtype)})
+        app = build_pd_openai_app(
+            {
+                "prefill_config": llm_config(model_dir, name, "0", 25601, dtype),
+                "decode_config": llm_config(model_dir, name, "1", 25701, dtype),
+            }
+        )
         serve.run(app, name="raypd", route_prefix="/", blocking=False)
         print("[raypd] ready", flush=True)
         stop.wait()

@@ -23,12 +23,16 @@ def _ratio(a, b) -> str:
 
 
 def write_report(out: Path, rows: list[dict], meta: dict) -> None:
-    lines = [f"# Benchmark {meta['run_id']}", "",
-             f"SLOs: TTFT <= {meta['slo']['ttft_s']} s, TPOT <= {meta['slo']['tpot_s']} s. "
-             "Goodput = requests meeting both, per second.", "",
-             "| system | workload | rate | ok/sent | rejected | errors | goodput rps | out tok/s | TTFT p50/p99 ms "
-             "| ITL p50/p99 ms | TPOT p50 ms | prefix hit % | RSS GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Benchmark {meta['run_id']}",
+        "",
+        f"SLOs: TTFT <= {meta['slo']['ttft_s']} s, TPOT <= {meta['slo']['tpot_s']} s. "
+        "Goodput = requests meeting both, per second.",
+        "",
+        "| system | workload | rate | ok/sent | rejected | errors | goodput rps | out tok/s | TTFT p50/p99 ms "
+        "| ITL p50/p99 ms | TPOT p50 ms | prefix hit % | RSS GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['system']} | {r['workload']} | {r['rate']} | {r['ok']}/{r['requests']} | "
@@ -36,7 +40,8 @@ def write_report(out: Path, rows: list[dict], meta: dict) -> None:
             f"{r['output_tps']:.1f} | {_fmt(r['ttft_s']['p50'], 1e3, 0)}/{_fmt(r['ttft_s']['p99'], 1e3, 0)} | "
             f"{_fmt(r['itl_s']['p50'], 1e3, 0)}/{_fmt(r['itl_s']['p99'], 1e3, 0)} | "
             f"{_fmt(r['tpot_s']['p50'], 1e3, 0)} | {_fmt(r.get('prefix_cache_hit_rate'), 100, 0)} | "
-            f"{r['server_rss_bytes'] / 2**30:.1f} |")
+            f"{r['server_rss_bytes'] / 2**30:.1f} |"
+        )
     by_key = {(r["system"], r["workload"], r["rate"]): r for r in rows}
     peers = ("colocated", "raypd")
     for base in (*peers, *meta.get("baselines", [])):
@@ -56,43 +61,64 @@ def _tier_tables(rows: list[dict], by_key: dict, baselines: list[str]) -> list[s
     tiered = [r for r in rows if r.get("by_tier")]
     if not tiered:
         return []
-    lines = ["", "## By QoS tier", "", "| system | workload | rate | tier | ok/sent | rejected | goodput rps "
-             "| TTFT p50/p99 ms | TPOT p50 ms |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "## By QoS tier",
+        "",
+        "| system | workload | rate | tier | ok/sent | rejected | goodput rps | TTFT p50/p99 ms | TPOT p50 ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in tiered:
         for tier, t in r["by_tier"].items():
-            lines.append(f"| {r['system']} | {r['workload']} | {r['rate']} | {tier} | {t['ok']}/{t['requests']} | "
-                         f"{sum(t['rejected'].values())} | {t['goodput_rps']:.3f} | "
-                         f"{_fmt(t['ttft_s']['p50'], 1e3, 0)}/{_fmt(t['ttft_s']['p99'], 1e3, 0)} | "
-                         f"{_fmt(t['tpot_s']['p50'], 1e3, 0)} |")
+            lines.append(
+                f"| {r['system']} | {r['workload']} | {r['rate']} | {tier} | {t['ok']}/{t['requests']} | "
+                f"{sum(t['rejected'].values())} | {t['goodput_rps']:.3f} | "
+                f"{_fmt(t['ttft_s']['p50'], 1e3, 0)}/{_fmt(t['ttft_s']['p99'], 1e3, 0)} | "
+                f"{_fmt(t['tpot_s']['p50'], 1e3, 0)} |"
+            )
     for base in baselines:
         pairs = [(a, by_key.get((base, a["workload"], a["rate"]))) for a in tiered if a["system"] != base]
         pairs = [(a, b) for a, b in pairs if b and b.get("by_tier")]
         if not pairs:
             continue
-        lines += ["", f"### by tier vs {base}", "", "| system | workload | rate | tier | admitted ratio "
-                  "| goodput ratio | TTFT p50 ratio | TTFT p99 ratio |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"### by tier vs {base}",
+            "",
+            "| system | workload | rate | tier | admitted ratio | goodput ratio | TTFT p50 ratio | TTFT p99 ratio |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for a, b in pairs:
             for tier, t in a["by_tier"].items():
                 u = b["by_tier"].get(tier)
                 if u:
-                    lines.append(f"| {a['system']} | {a['workload']} | {a['rate']} | {tier} | "
-                                 f"{_ratio(t['ok'], u['ok'])} | {_ratio(t['goodput_rps'], u['goodput_rps'])} | "
-                                 f"{_ratio(t['ttft_s']['p50'], u['ttft_s']['p50'])} | "
-                                 f"{_ratio(t['ttft_s']['p99'], u['ttft_s']['p99'])} |")
+                    lines.append(
+                        f"| {a['system']} | {a['workload']} | {a['rate']} | {tier} | "
+                        f"{_ratio(t['ok'], u['ok'])} | {_ratio(t['goodput_rps'], u['goodput_rps'])} | "
+                        f"{_ratio(t['ttft_s']['p50'], u['ttft_s']['p50'])} | "
+                        f"{_ratio(t['ttft_s']['p99'], u['ttft_s']['p99'])} |"
+                    )
     return lines
 
 
 def _ratio_table(system: str, base: str, pairs: list[tuple[dict, dict]]) -> list[str]:
-    lines = ["", f"## {system} vs {base}", "",
-             "| workload | rate | goodput ratio | ITL p99 ratio | TTFT p50 ratio | TTFT p99 ratio | TPOT p50 ratio "
-             "| prefix hit-rate ratio |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        f"## {system} vs {base}",
+        "",
+        "| workload | rate | goodput ratio | ITL p99 ratio | TTFT p50 ratio | TTFT p99 ratio | TPOT p50 ratio "
+        "| prefix hit-rate ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for a, b in pairs:
-        lines.append(f"| {a['workload']} | {a['rate']} | {_ratio(a['goodput_rps'], b['goodput_rps'])} | "
-                     f"{_ratio(a['itl_s']['p99'], b['itl_s']['p99'])} | "
-                     f"{_ratio(a['ttft_s']['p50'], b['ttft_s']['p50'])} | "
-                     f"{_ratio(a['ttft_s']['p99'], b['ttft_s']['p99'])} | "
-                     f"{_ratio(a['tpot_s']['p50'], b['tpot_s']['p50'])} | "
-                     f"{_ratio(a.get('prefix_cache_hit_rate'), b.get('prefix_cache_hit_rate'))} |")
+        lines.append(
+            f"| {a['workload']} | {a['rate']} | {_ratio(a['goodput_rps'], b['goodput_rps'])} | "
+            f"{_ratio(a['itl_s']['p99'], b['itl_s']['p99'])} | "
+            f"{_ratio(a['ttft_s']['p50'], b['ttft_s']['p50'])} | "
+            f"{_ratio(a['ttft_s']['p99'], b['ttft_s']['p99'])} | "
+            f"{_ratio(a['tpot_s']['p50'], b['tpot_s']['p50'])} | "
+            f"{_ratio(a.get('prefix_cache_hit_rate'), b.get('prefix_cache_hit_rate'))} |"
+        )
     return lines
 
 
@@ -101,9 +127,11 @@ def plot_all(out: Path, rows: list[dict]) -> list[Path]:
     by_wl = defaultdict(list)
     for r in rows:
         by_wl[r["workload"]].append(r)
-    panels = (("goodput (req/s meeting TTFT+TPOT SLOs)", lambda r: r["goodput_rps"]),
-              ("TTFT p50 (ms)", lambda r: _ms(r["ttft_s"]["p50"])),
-              ("inter-token latency p99 (ms)", lambda r: _ms(r["itl_s"]["p99"])))
+    panels = (
+        ("goodput (req/s meeting TTFT+TPOT SLOs)", lambda r: r["goodput_rps"]),
+        ("TTFT p50 (ms)", lambda r: _ms(r["ttft_s"]["p50"])),
+        ("inter-token latency p99 (ms)", lambda r: _ms(r["itl_s"]["p99"])),
+    )
     for wl, items in by_wl.items():
         fig, axes = plt.subplots(1, len(panels), figsize=(15, 4))
         for ax, (label, value) in zip(axes, panels):
@@ -155,13 +183,24 @@ def _timeline(out: Path, wl: str, rate: float, items: list[dict], bin_s: float =
         _, rej = bins([x["start_s"] for x in recs if x["outcome"] == "rejected"], bin_s, end)
         axes[0].bar(xs, rej, width=bin_s * 0.8, alpha=0.3, color=line.get_color(), label=f"{system} rejected")
         if tl:
-            axes[1].plot([s["t"] for s in tl], [s.get("queue", 0) for s in tl], color=line.get_color(),
-                         label=f"{system} queued")
-            axes[1].plot([s["t"] for s in tl], [s.get("running", 0) for s in tl], color=line.get_color(),
-                         ls=":", label=f"{system} running")
+            axes[1].plot(
+                [s["t"] for s in tl], [s.get("queue", 0) for s in tl], color=line.get_color(), label=f"{system} queued"
+            )
+            axes[1].plot(
+                [s["t"] for s in tl],
+                [s.get("running", 0) for s in tl],
+                color=line.get_color(),
+                ls=":",
+                label=f"{system} running",
+            )
             if any("replicas" in s for s in tl):
-                axes[2].step([s["t"] for s in tl], [s.get("replicas", 0) for s in tl], where="post",
-                             color=line.get_color(), label=f"{system} replicas")
+                axes[2].step(
+                    [s["t"] for s in tl],
+                    [s.get("replicas", 0) for s in tl],
+                    where="post",
+                    color=line.get_color(),
+                    label=f"{system} replicas",
+                )
     axes[0].set_ylabel(f"req/s ({bin_s:.0f} s bins)")
     axes[0].set_title(f"bursty trace (base {rate} req/s, 3x peak): arrivals, completions, rejections")
     axes[1].set_ylabel("requests in engines")
@@ -181,8 +220,10 @@ def _cdfs(out: Path, wl: str, items: list[dict]) -> list[Path]:
         if not raw.exists():
             continue
         recs = [x for x in json.loads(raw.read_text())["records"] if x["outcome"] == "ok"]
-        for ax, values in ((axes[0], [x["ttft_s"] for x in recs if x["ttft_s"] is not None]),
-                           (axes[1], [g for x in recs for g in x["itl_s"]])):
+        for ax, values in (
+            (axes[0], [x["ttft_s"] for x in recs if x["ttft_s"] is not None]),
+            (axes[1], [g for x in recs for g in x["itl_s"]]),
+        ):
             if values:
                 v = sorted(values)
                 ax.plot([x * 1e3 for x in v], [(i + 1) / len(v) for i in range(len(v))], label=system)

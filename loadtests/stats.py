@@ -10,8 +10,13 @@ from loadtests.client import RequestRecord
 
 
 def dist(values: Sequence[float]) -> dict[str, float | None]:
-    return {"p50": percentile(values, 50), "p90": percentile(values, 90), "p99": percentile(values, 99),
-            "mean": (sum(values) / len(values)) if values else None, "n": len(values)}
+    return {
+        "p50": percentile(values, 50),
+        "p90": percentile(values, 90),
+        "p99": percentile(values, 99),
+        "mean": (sum(values) / len(values)) if values else None,
+        "n": len(values),
+    }
 
 
 def meets_slo(r: RequestRecord, ttft_slo_s: float, tpot_slo_s: float) -> bool:
@@ -21,13 +26,16 @@ def meets_slo(r: RequestRecord, ttft_slo_s: float, tpot_slo_s: float) -> bool:
     return r.ttft_s <= ttft_slo_s and (tpot is None or tpot <= tpot_slo_s)
 
 
-def summarize(records: Sequence[RequestRecord], duration_s: float, ttft_slo_s: float, tpot_slo_s: float,
-              skipped: int = 0) -> dict:
+def summarize(
+    records: Sequence[RequestRecord], duration_s: float, ttft_slo_s: float, tpot_slo_s: float, skipped: int = 0
+) -> dict:
     ok = [r for r in records if r.outcome == "ok"]
     good = [r for r in ok if meets_slo(r, ttft_slo_s, tpot_slo_s)]
     dur = max(duration_s, 1e-9)
     return {
-        "requests": len(records), "ok": len(ok), "skipped": skipped,
+        "requests": len(records),
+        "ok": len(ok),
+        "skipped": skipped,
         "rejected": dict(Counter(r.reason for r in records if r.outcome == "rejected")),
         "errors": dict(Counter(r.reason for r in records if r.outcome == "error")),
         "duration_s": duration_s,
@@ -42,8 +50,9 @@ def summarize(records: Sequence[RequestRecord], duration_s: float, ttft_slo_s: f
     }
 
 
-def summarize_by_tag(records: Sequence[RequestRecord], duration_s: float, ttft_slo_s: float,
-                     tpot_slo_s: float) -> dict[str, dict]:
+def summarize_by_tag(
+    records: Sequence[RequestRecord], duration_s: float, ttft_slo_s: float, tpot_slo_s: float
+) -> dict[str, dict]:
     """``summarize`` per record tag (the QoS tier in the ``qos`` workload); rates over the whole run."""
     tags = sorted({r.tag for r in records})
     return {t: summarize([r for r in records if r.tag == t], duration_s, ttft_slo_s, tpot_slo_s) for t in tags}

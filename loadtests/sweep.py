@@ -20,8 +20,11 @@ from pathlib import Path
 from loadtests.report import plt, save_figure
 
 # (label, key in a bench row, lower is better)
-METRICS = (("prefix-cache hit rate", "prefix_cache_hit_rate", False), ("TTFT p50", "ttft_p50", True),
-           ("goodput", "goodput_rps", False))
+METRICS = (
+    ("prefix-cache hit rate", "prefix_cache_hit_rate", False),
+    ("TTFT p50", "ttft_p50", True),
+    ("goodput", "goodput_rps", False),
+)
 
 
 def _value(row: dict, key: str) -> float | None:
@@ -35,8 +38,12 @@ def sweep_points(points: list[tuple[str, dict]], system: str, baseline: str, wor
         rows = {r["system"]: r for r in summary["rows"] if r["workload"] == workload}
         if system not in rows or baseline not in rows:
             raise SystemExit(f"run {summary['meta']['run_id']} has no {system}/{baseline} rows for {workload}")
-        entry = {"value": value, "run_id": summary["meta"]["run_id"], "seed": summary["meta"]["args"].get("seed"),
-                 "overrides": summary["meta"]["args"].get("overrides", [])}
+        entry = {
+            "value": value,
+            "run_id": summary["meta"]["run_id"],
+            "seed": summary["meta"]["args"].get("seed"),
+            "overrides": summary["meta"]["args"].get("overrides", []),
+        }
         for _, key, _ in METRICS:
             a, b = _value(rows[system], key), _value(rows[baseline], key)
             entry[key] = {system: a, baseline: b, "ratio": a / b if a is not None and b else None}
@@ -76,13 +83,24 @@ def main(argv=None) -> int:
     entries = sweep_points(points, args.system, args.baseline, args.workload)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps({"param": args.param, "system": args.system,
-                                                "baseline": args.baseline, "workload": args.workload,
-                                                "points": entries}, indent=2))
+    (out / "sweep.json").write_text(
+        json.dumps(
+            {
+                "param": args.param,
+                "system": args.system,
+                "baseline": args.baseline,
+                "workload": args.workload,
+                "points": entries,
+            },
+            indent=2,
+        )
+    )
     plot(entries, args.param, args.system, args.baseline, out / "sweep.png")
     for e in entries:
-        print(f"{args.param}={e['value']} ({e['run_id']}): " + ", ".join(
-            f"{key} {e[key]['ratio']:.2f}x" for _, key, _ in METRICS if e[key]["ratio"] is not None))
+        print(
+            f"{args.param}={e['value']} ({e['run_id']}): "
+            + ", ".join(f"{key} {e[key]['ratio']:.2f}x" for _, key, _ in METRICS if e[key]["ratio"] is not None)
+        )
     return 0
 
 

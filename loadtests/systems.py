@@ -91,11 +91,18 @@ def _spawn(name: str, cmd: list[str], env: dict, port: int, log_dir: Path) -> Sy
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     log = log_path.open("w")
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     lower_session_priority(proc.pid)
-    return SystemProcess(name=name, base_url=f"http://127.0.0.1:{port}", proc=proc, log_path=log_path,
-                         started_s=time.monotonic(), _log=log)
+    return SystemProcess(
+        name=name,
+        base_url=f"http://127.0.0.1:{port}",
+        proc=proc,
+        log_path=log_path,
+        started_s=time.monotonic(),
+        _log=log,
+    )
 
 
 def wait_ready(sp: SystemProcess, model: str, timeout_s: float = 900.0) -> None:
@@ -109,8 +116,11 @@ def wait_ready(sp: SystemProcess, model: str, timeout_s: float = 900.0) -> None:
             if httpx.get(f"{sp.base_url}/health", timeout=10).status_code == 503:
                 time.sleep(2.0)
                 continue
-            r = httpx.post(f"{sp.base_url}/v1/chat/completions", timeout=30, json={
-                "model": model, "max_tokens": 2, "messages": [{"role": "user", "content": "ping"}]})
+            r = httpx.post(
+                f"{sp.base_url}/v1/chat/completions",
+                timeout=30,
+                json={"model": model, "max_tokens": 2, "messages": [{"role": "user", "content": "ping"}]},
+            )
             if r.status_code == 200:
                 sp.ready_s = time.monotonic() - sp.started_s
                 return
@@ -134,15 +144,36 @@ def start_ours(config: str, port: int, log_dir: Path, name: str = "ours", **_) -
     return _spawn(name, [sys.executable, "-m", "serve.cli", "serve", config, "--port", str(port)], {}, port, log_dir)
 
 
-def start_colocated(model_dir: str, model: str, port: int, log_dir: Path, cores: str = "0-1",
-                    kv_gib: int = 2, max_model_len: int = 2048, dtype: str | None = None, **_) -> SystemProcess:
+def start_colocated(
+    model_dir: str,
+    model: str,
+    port: int,
+    log_dir: Path,
+    cores: str = "0-1",
+    kv_gib: int = 2,
+    max_model_len: int = 2048,
+    dtype: str | None = None,
+    **_,
+) -> SystemProcess:
     """Plain vLLM as its CPU docs start it: the OpenAI server with its own defaults (compiled model,
     the checkpoint's dtype, its block size), on the same cores and KV space in total as ``ours``
     (``VLLM_CPU_OMP_THREADS_BIND`` / ``VLLM_CPU_KVCACHE_SPACE``, the two settings those docs ask for)
     and the same context length. ``dtype`` only when the bench is told one."""
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
-           "--served-model-name", model, "--host", "127.0.0.1", "--port", str(port),
-           "--max-model-len", str(max_model_len)] + (["--dtype", dtype] if dtype else [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model_dir,
+        "--served-model-name",
+        model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        str(max_model_len),
+    ] + (["--dtype", dtype] if dtype else [])
     env = {"VLLM_CPU_OMP_THREADS_BIND": cores, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
     return _spawn("colocated", cmd, env, port, log_dir)
 

@@ -18,8 +18,11 @@ from prometheus_client.parser import text_string_to_metric_families
 _FIELDS = {
     "pdserve_pool_queue_depth": [("queue", {})],
     "pdserve_pool_running_requests": [("running", {})],
-    "pdserve_pool_replicas": [("replicas", {}), ("decode_replicas", {"role": "decode"}),
-                              ("prefill_replicas", {"role": "prefill"})],
+    "pdserve_pool_replicas": [
+        ("replicas", {}),
+        ("decode_replicas", {"role": "decode"}),
+        ("prefill_replicas", {"role": "prefill"}),
+    ],
     "pdserve_prefill_fallbacks": [("prefill_fallbacks", {}), ("decode_retries", {"reason": "decode_retry"})],
     "vllm:num_requests_waiting": [("queue", {})],
     "vllm:num_requests_running": [("running", {})],
@@ -65,8 +68,7 @@ def prefix_cache_hit_rate(before: str, after: str) -> float | None:
     return (h1 - h0) / (q1 - q0) if q1 > q0 else None
 
 
-async def sample_metrics(base_url: str, t0: float, period_s: float, samples: list[dict],
-                         stop: asyncio.Event) -> None:
+async def sample_metrics(base_url: str, t0: float, period_s: float, samples: list[dict], stop: asyncio.Event) -> None:
     """Append ``{"t": seconds since t0, **parse_sample(...)}`` every ``period_s`` until ``stop``."""
     async with httpx.AsyncClient(timeout=max(period_s, 2.0)) as client:
         while not stop.is_set():

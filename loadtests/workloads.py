@@ -52,11 +52,11 @@ TOKENS_PER_WORD = 1.3
 
 @dataclass(frozen=True, slots=True)
 class RequestSpec:
-    arrival_s: float                      # offset from the start of the run
-    messages: tuple[dict, ...]            # chat messages
+    arrival_s: float  # offset from the start of the run
+    messages: tuple[dict, ...]  # chat messages
     max_tokens: int
     headers: dict = field(default_factory=dict)
-    tag: str = ""                         # workload-specific label (tier, system prompt id, ...)
+    tag: str = ""  # workload-specific label (tier, system prompt id, ...)
 
 
 def words(rng: random.Random, n: int) -> str:
@@ -87,16 +87,21 @@ def schedule_arrivals(rng: random.Random, schedule: Sequence[tuple[float, float]
 
 def bursty_schedule(base_rate: float, minute_s: float = 60.0) -> list[tuple[float, float]]:
     """Base rate, a ramp to 3x within a minute, a minute at 3x, back to base."""
-    return [(minute_s / 2, base_rate), (minute_s / 4, base_rate * 2), (minute_s, base_rate * 3),
-            (minute_s / 2, base_rate)]
+    return [
+        (minute_s / 2, base_rate),
+        (minute_s / 4, base_rate * 2),
+        (minute_s, base_rate * 3),
+        (minute_s / 2, base_rate),
+    ]
 
 
 def _user(text: str) -> tuple[dict, ...]:
     return ({"role": "user", "content": text},)
 
 
-def random_fixed(seed: int, n: int, rate: float, input_tokens: int = 512, output_tokens: int = 64,
-                 **_) -> list[RequestSpec]:
+def random_fixed(
+    seed: int, n: int, rate: float, input_tokens: int = 512, output_tokens: int = 64, **_
+) -> list[RequestSpec]:
     rng = random.Random(seed)
     n_words = int(input_tokens / TOKENS_PER_WORD)
     return [RequestSpec(t, _user(words(rng, n_words)), output_tokens) for t in poisson_arrivals(rng, rate, n)]
@@ -116,12 +121,23 @@ def chat_mix(seed: int, n: int, rate: float, max_model_len: int = 2048, **_) -> 
     return out
 
 
-def shared_prefix(seed: int, n: int, rate: float, num_system_prompts: int = 3, num_users: int = 24,
-                  system_tokens: int = 400, turn_tokens: int = 40, output_tokens: int = 32,
-                  max_history_turns: int = 6, **_) -> list[RequestSpec]:
+def shared_prefix(
+    seed: int,
+    n: int,
+    rate: float,
+    num_system_prompts: int = 3,
+    num_users: int = 24,
+    system_tokens: int = 400,
+    turn_tokens: int = 40,
+    output_tokens: int = 32,
+    max_history_turns: int = 6,
+    **_,
+) -> list[RequestSpec]:
     rng = random.Random(seed)
-    systems = [f"You are assistant #{i}. " + words(rng, int(system_tokens / TOKENS_PER_WORD))
-               for i in range(num_system_prompts)]
+    systems = [
+        f"You are assistant #{i}. " + words(rng, int(system_tokens / TOKENS_PER_WORD))
+        for i in range(num_system_prompts)
+    ]
     histories: dict[int, list[dict]] = {}
     out = []
     for t in poisson_arrivals(rng, rate, n):
@@ -129,18 +145,21 @@ def shared_prefix(seed: int, n: int, rate: float, num_system_prompts: int = 3, n
         sys_id = user % num_system_prompts
         hist = histories.setdefault(user, [])
         hist.append({"role": "user", "content": words(rng, int(turn_tokens / TOKENS_PER_WORD))})
-        msgs = ({"role": "system", "content": systems[sys_id]},) + tuple(hist[-(2 * max_history_turns - 1):])
+        msgs = ({"role": "system", "content": systems[sys_id]},) + tuple(hist[-(2 * max_history_turns - 1) :])
         out.append(RequestSpec(t, msgs, output_tokens, tag=f"system-{sys_id}"))
         hist.append({"role": "assistant", "content": words(rng, int(output_tokens / TOKENS_PER_WORD))})
     return out
 
 
-def long_prompt(seed: int, n: int, rate: float, max_model_len: int = 2048, output_tokens: int = 32,
-                **_) -> list[RequestSpec]:
+def long_prompt(
+    seed: int, n: int, rate: float, max_model_len: int = 2048, output_tokens: int = 32, **_
+) -> list[RequestSpec]:
     rng = random.Random(seed)
     n_words = int((max_model_len - output_tokens - 64) * 0.9 / TOKENS_PER_WORD)
-    return [RequestSpec(t, _user("Summarise the following text in one sentence: " + words(rng, n_words)),
-                        output_tokens) for t in poisson_arrivals(rng, rate, n)]
+    return [
+        RequestSpec(t, _user("Summarise the following text in one sentence: " + words(rng, n_words)), output_tokens)
+        for t in poisson_arrivals(rng, rate, n)
+    ]
 
 
 def bursty(seed: int, n: int, rate: float, minute_s: float = 60.0, **kw) -> list[RequestSpec]:
@@ -175,39 +194,63 @@ def shared_prefix_wide(seed: int, n: int, rate: float, **kw) -> list[RequestSpec
     return shared_prefix(seed, n, rate, **kw)
 
 
-WORKLOADS = {"random": random_fixed, "chat": chat_mix, "shared-prefix": shared_prefix,
-             "shared-prefix-wide": shared_prefix_wide, "long-prompt": long_prompt, "bursty": bursty,
-             "qos": qos_mix}
+WORKLOADS = {
+    "random": random_fixed,
+    "chat": chat_mix,
+    "shared-prefix": shared_prefix,
+    "shared-prefix-wide": shared_prefix_wide,
+    "long-prompt": long_prompt,
+    "bursty": bursty,
+    "qos": qos_mix,
+}
 
 
 @dataclass(frozen=True, slots=True)
 class Conversation:
     """A closed-loop chat: ``user_turns[i]`` is sent after answer ``i - 1`` arrived and ``think_s[i - 1]``
     passed; the history carries the model's actual answers."""
-    arrival_s: float                      # when its first turn is sent, offset from the start of the run
+
+    arrival_s: float  # when its first turn is sent, offset from the start of the run
     system: str
     user_turns: tuple[str, ...]
-    think_s: tuple[float, ...]            # pause after each answer before the next turn
+    think_s: tuple[float, ...]  # pause after each answer before the next turn
     max_tokens: int
     headers: dict = field(default_factory=dict)
     tag: str = ""
 
 
-def multi_turn(seed: int, n: int, rate: float, num_system_prompts: int = 12, turns: int = 6,
-               system_tokens: int = 400, turn_tokens: int = 40, output_tokens: int = 32, think_s: float = 2.0,
-               **_) -> list[Conversation]:
+def multi_turn(
+    seed: int,
+    n: int,
+    rate: float,
+    num_system_prompts: int = 12,
+    turns: int = 6,
+    system_tokens: int = 400,
+    turn_tokens: int = 40,
+    output_tokens: int = 32,
+    think_s: float = 2.0,
+    **_,
+) -> list[Conversation]:
     """``n`` requests as ``ceil(n / turns)`` conversations of ``turns`` turns (the last one shorter)."""
     rng = random.Random(seed)
-    systems = [f"You are assistant #{i}. " + words(rng, int(system_tokens / TOKENS_PER_WORD))
-               for i in range(num_system_prompts)]
+    systems = [
+        f"You are assistant #{i}. " + words(rng, int(system_tokens / TOKENS_PER_WORD))
+        for i in range(num_system_prompts)
+    ]
     sizes = [min(turns, n - i) for i in range(0, n, turns)]
     out = []
     for t, size in zip(poisson_arrivals(rng, rate / turns, len(sizes)), sizes):
         sys_id = rng.randrange(num_system_prompts)
-        out.append(Conversation(
-            t, systems[sys_id], tuple(words(rng, int(turn_tokens / TOKENS_PER_WORD)) for _ in range(size)),
-            tuple(rng.expovariate(1.0 / think_s) if think_s > 0 else 0.0 for _ in range(size - 1)),
-            output_tokens, tag=f"system-{sys_id}"))
+        out.append(
+            Conversation(
+                t,
+                systems[sys_id],
+                tuple(words(rng, int(turn_tokens / TOKENS_PER_WORD)) for _ in range(size)),
+                tuple(rng.expovariate(1.0 / think_s) if think_s > 0 else 0.0 for _ in range(size - 1)),
+                output_tokens,
+                tag=f"system-{sys_id}",
+            )
+        )
     return out
 
 
@@ -224,4 +267,3 @@ def build(name: str, seed: int, n: int, rate: float, **kw) -> list[RequestSpec] 
     if name not in known:
         raise ValueError(f"unknown workload {name!r}; choose from {sorted(known)}")
     return known[name](seed=seed, n=n, rate=rate, **kw)
-

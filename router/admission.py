@@ -77,10 +77,10 @@ class TierPolicy:
 
 @dataclass(frozen=True, slots=True)
 class DecodeThrottle:
-    saturation: float = 0.8       # decode counts as saturated at this share of the tier's TPOT SLO
-    action: str = "cap"           # "cap" | "reject"
+    saturation: float = 0.8  # decode counts as saturated at this share of the tier's TPOT SLO
+    action: str = "cap"  # "cap" | "reject"
     cap_max_tokens: int = 128
-    below_priority: int = 50      # tiers with a lower priority are throttled
+    below_priority: int = 50  # tiers with a lower priority are throttled
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,8 +93,8 @@ class AdmissionRules:
     tiers: Mapping[str, TierPolicy]
     throttle: DecodeThrottle | None = None
     min_retry_after_s: float = 1.0
-    tier_budget: str = "waiting-room"     # "waiting-room" | "slo"
-    tpot_budget: str = "headroom"         # "headroom" | "slo"
+    tier_budget: str = "waiting-room"  # "waiting-room" | "slo"
+    tpot_budget: str = "headroom"  # "headroom" | "slo"
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +102,7 @@ class Admission:
     predicted_ttft_s: float
     predicted_tpot_s: float
     queue_wait_s: float
-    max_new_tokens: int | None = None   # set when decode throttling capped the request
+    max_new_tokens: int | None = None  # set when decode throttling capped the request
 
 
 def engine_priority(tier_priority: int) -> int:
@@ -116,14 +116,31 @@ def usable_fraction(tier: str, tiers: Mapping[str, TierPolicy], active: Collecti
     tiers', plus the reservations of the higher tiers not in ``active`` (lent while they are idle).
     ``active=None``: every tier is active (strict reservations). ``tier`` itself always counts as active."""
     me = tiers[tier]
-    return min(1.0, sum(t.reserved_fraction for name, t in tiers.items()
-                        if t.priority <= me.priority or (active is not None and name not in active)))
+    return min(
+        1.0,
+        sum(
+            t.reserved_fraction
+            for name, t in tiers.items()
+            if t.priority <= me.priority or (active is not None and name not in active)
+        ),
+    )
 
 
-def decide(tier: str, rules: AdmissionRules, model: CostModel, *, queued_prefill_tokens: int,
-           uncached_tokens: int, decode_batch: int, decode_model: CostModel | None = None,
-           decode_idle: bool | None = None, max_new_tokens: int = 0, prompt_tokens: int = 0,
-           decode_context_tokens: int = 0, active: Collection[str] | None = None) -> Admission | Rejection:
+def decide(
+    tier: str,
+    rules: AdmissionRules,
+    model: CostModel,
+    *,
+    queued_prefill_tokens: int,
+    uncached_tokens: int,
+    decode_batch: int,
+    decode_model: CostModel | None = None,
+    decode_idle: bool | None = None,
+    max_new_tokens: int = 0,
+    prompt_tokens: int = 0,
+    decode_context_tokens: int = 0,
+    active: Collection[str] | None = None,
+) -> Admission | Rejection:
     """Admit or reject one request of ``tier`` by ``rules`` (see module docstring). ``model`` is the prefilling pool's,
     ``decode_model`` the decode pool's (default: the same); ``decode_batch`` excludes the request.
     ``decode_idle`` (default ``decode_batch == 0``) is the liveness test for TPOT; callers pass their
@@ -143,13 +160,20 @@ def decide(tier: str, rules: AdmissionRules, model: CostModel, *, queued_prefill
     top_ttft = max(t.ttft_s for t in tiers.values())
     top_tpot = max(t.tpot_s for t in tiers.values())
     if tpot > top_tpot and not decode_idle:
-        return Rejection(reason="overload_tpot", status_code=503, retry_after_s=max(min_retry_after_s, 2 * tpot),
-                         message=f"decode is saturated (predicted {tpot * 1e3:.0f} ms per token); retry later")
+        return Rejection(
+            reason="overload_tpot",
+            status_code=503,
+            retry_after_s=max(min_retry_after_s, 2 * tpot),
+            message=f"decode is saturated (predicted {tpot * 1e3:.0f} ms per token); retry later",
+        )
     idle = queued_prefill_tokens <= 0
     if ttft > top_ttft and not idle:
-        return Rejection(reason="overload_ttft", status_code=503,
-                         retry_after_s=_retry(ttft - top_ttft, min_retry_after_s),
-                         message=f"prefill queue is full (predicted time to first token {ttft:.1f} s); retry later")
+        return Rejection(
+            reason="overload_ttft",
+            status_code=503,
+            retry_after_s=_retry(ttft - top_ttft, min_retry_after_s),
+            message=f"prefill queue is full (predicted time to first token {ttft:.1f} s); retry later",
+        )
     # the tier's share of the queueing budget (the queue as it would be with this request in it, so a
     # lower tier's last admission cannot spill into a higher tier's share), and its own SLO
     share = usable_fraction(tier, tiers, active)
@@ -165,16 +189,26 @@ def decide(tier: str, rules: AdmissionRules, model: CostModel, *, queued_prefill
         tpot_limit = alone + share * max(pol.tpot_s - alone, 0.0)
     if not idle and (queue_after > budget or ttft > pol.ttft_s) or (tpot > tpot_limit and not decode_idle):
         over = max(queue_after - budget, ttft - pol.ttft_s, 0.0)
-        return Rejection(reason="tier_quota", status_code=429, retry_after_s=_retry(over, min_retry_after_s),
-                         message=f"capacity for tier '{tier}' is exhausted; retry later or use a higher tier")
+        return Rejection(
+            reason="tier_quota",
+            status_code=429,
+            retry_after_s=_retry(over, min_retry_after_s),
+            message=f"capacity for tier '{tier}' is exhausted; retry later or use a higher tier",
+        )
     cap = None
-    if (throttle is not None and pol.priority < throttle.below_priority and not decode_idle
-            and tpot >= throttle.saturation * tpot_limit):
+    if (
+        throttle is not None
+        and pol.priority < throttle.below_priority
+        and not decode_idle
+        and tpot >= throttle.saturation * tpot_limit
+    ):
         if throttle.action == "reject":
-            return Rejection(reason="decode_throttled", status_code=429,
-                             retry_after_s=max(min_retry_after_s, 2 * tpot),
-                             message=f"decode capacity for tier '{tier}' is throttled; retry later or use a "
-                                     "higher tier")
+            return Rejection(
+                reason="decode_throttled",
+                status_code=429,
+                retry_after_s=max(min_retry_after_s, 2 * tpot),
+                message=f"decode capacity for tier '{tier}' is throttled; retry later or use a higher tier",
+            )
         if max_new_tokens > throttle.cap_max_tokens:
             cap = throttle.cap_max_tokens
     return Admission(predicted_ttft_s=ttft, predicted_tpot_s=tpot, queue_wait_s=wait, max_new_tokens=cap)

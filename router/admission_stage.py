@@ -24,21 +24,30 @@ from router.types import PoolSnapshot, Rejection, RequestDescriptor, RoutingDeci
 
 
 def tier_policies(cfg: RouterConfig) -> dict[str, TierPolicy]:
-    return {name: TierPolicy(t.reserved_fraction, t.priority, (t.slo or cfg.slo).ttft_ms / 1e3,
-                             (t.slo or cfg.slo).tpot_ms / 1e3) for name, t in cfg.qos_tiers.items()}
+    return {
+        name: TierPolicy(
+            t.reserved_fraction, t.priority, (t.slo or cfg.slo).ttft_ms / 1e3, (t.slo or cfg.slo).tpot_ms / 1e3
+        )
+        for name, t in cfg.qos_tiers.items()
+    }
 
 
 def decode_throttle(cfg: RouterConfig) -> DecodeThrottle | None:
     a = cfg.admission
     if a.decode_throttle == "off":
         return None
-    return DecodeThrottle(saturation=a.decode_saturation, action=a.decode_throttle,
-                          cap_max_tokens=a.throttle_cap_max_tokens, below_priority=a.throttle_below_priority)
+    return DecodeThrottle(
+        saturation=a.decode_saturation,
+        action=a.decode_throttle,
+        cap_max_tokens=a.throttle_cap_max_tokens,
+        below_priority=a.throttle_below_priority,
+    )
 
 
 class SloAdmission:
-    def __init__(self, cfg: RouterConfig, model: Callable[[str], CostModel],
-                 activity: TierActivity | None = None) -> None:
+    def __init__(
+        self, cfg: RouterConfig, model: Callable[[str], CostModel], activity: TierActivity | None = None
+    ) -> None:
         self.cfg = cfg
         self.model = model
         self.tiers = tier_policies(cfg)
@@ -65,26 +74,42 @@ class SloAdmission:
         None when lending is off."""
         if self.activity is None:
             return None
-        busy = {tier for e in snapshot.endpoints for prio, tokens in e.queued_prefill_by_priority if tokens > 0
-                for tier in self._tiers_by_engine_priority.get(prio, ())}
+        busy = {
+            tier
+            for e in snapshot.endpoints
+            for prio, tokens in e.queued_prefill_by_priority
+            if tokens > 0
+            for tier in self._tiers_by_engine_priority.get(prio, ())
+        }
         return self.activity.active(busy)
 
-    def admit(self, req: RequestDescriptor, tier: str, decision: RoutingDecision, snapshot: PoolSnapshot
-              ) -> RoutingDecision | Rejection:
+    def admit(
+        self, req: RequestDescriptor, tier: str, decision: RoutingDecision, snapshot: PoolSnapshot
+    ) -> RoutingDecision | Rejection:
         """``decision`` with admission's predictions (and a capped ``max_new_tokens`` when decode is
         throttled), or the rejection."""
         decode = decision.decode
         target = decision.prefill or decode
-        verdict = decide(tier, self.rules, self.model(target.pool),
-                         queued_prefill_tokens=target.prefill_tokens_ahead(engine_priority(self.tiers[tier].priority)),
-                         uncached_tokens=decision.uncached_tokens,
-                         decode_batch=decode.load, decode_model=self.model(decode.pool),
-                         decode_idle=decode.in_flight == 0,
-                         max_new_tokens=req.max_new_tokens,
-                         prompt_tokens=req.num_prompt_tokens, decode_context_tokens=decode.context_tokens,
-                         active=self.active_tiers(snapshot))
+        verdict = decide(
+            tier,
+            self.rules,
+            self.model(target.pool),
+            queued_prefill_tokens=target.prefill_tokens_ahead(engine_priority(self.tiers[tier].priority)),
+            uncached_tokens=decision.uncached_tokens,
+            decode_batch=decode.load,
+            decode_model=self.model(decode.pool),
+            decode_idle=decode.in_flight == 0,
+            max_new_tokens=req.max_new_tokens,
+            prompt_tokens=req.num_prompt_tokens,
+            decode_context_tokens=decode.context_tokens,
+            active=self.active_tiers(snapshot),
+        )
         if isinstance(verdict, Rejection):
             return verdict
         assert isinstance(verdict, Admission)
-        return dataclasses.replace(decision, predicted_ttft_s=verdict.predicted_ttft_s,
-                                   predicted_tpot_s=verdict.predicted_tpot_s, max_new_tokens=verdict.max_new_tokens)
+        return dataclasses.replace(
+            decision,
+            predicted_ttft_s=verdict.predicted_ttft_s,
+            predicted_tpot_s=verdict.predicted_tpot_s,
+            max_new_tokens=verdict.max_new_tokens,
+        )

@@ -30,8 +30,9 @@ class OnlineLinear:
     ``scales`` condition the problem (tokens ~1e3, context tokens ~1e4): feature ``i`` enters as ``x_i / scales[i]``.
     The prior ``weights`` count as ``prior_weight`` samples."""
 
-    def __init__(self, weights: Sequence[float], scales: Sequence[float], prior_weight: float = 5.0,
-                 lam: float = 0.98) -> None:
+    def __init__(
+        self, weights: Sequence[float], scales: Sequence[float], prior_weight: float = 5.0, lam: float = 0.98
+    ) -> None:
         if len(weights) != len(scales) + 1:
             raise ValueError("one weight per feature plus the intercept")
         self.lam = lam
@@ -77,8 +78,7 @@ class OnlineLinear:
 class OnlineLine(OnlineLinear):
     """``y = a + b x``: the one-feature case."""
 
-    def __init__(self, a: float, b: float, prior_weight: float = 5.0, lam: float = 0.98,
-                 x_scale: float = 1.0) -> None:
+    def __init__(self, a: float, b: float, prior_weight: float = 5.0, lam: float = 0.98, x_scale: float = 1.0) -> None:
         super().__init__((a, b), (x_scale,), prior_weight, lam)
 
     @property
@@ -110,7 +110,7 @@ def _clip_eigenvalues(P: list[list[float]], cap: float, sweeps: int = 12) -> lis
                 t = math.copysign(1.0, theta) / (abs(theta) + math.sqrt(theta * theta + 1))
                 c = 1 / math.sqrt(t * t + 1)
                 sn = t * c
-                for k in range(n):      # A = J^T A J, V = V J
+                for k in range(n):  # A = J^T A J, V = V J
                     akp, akq = A[k][p], A[k][q]
                     A[k][p], A[k][q] = c * akp - sn * akq, sn * akp + c * akq
                 for k in range(n):
@@ -129,25 +129,30 @@ class CostPrior:
 
     prefill_tokens_per_s: float = 300.0
     prefill_overhead_s: float = 0.05
-    decode_step_s: float = 0.10           # per output token at batch 1
+    decode_step_s: float = 0.10  # per output token at batch 1
     decode_step_per_seq_s: float = 0.004  # added per extra running sequence
     decode_step_per_kilotoken_s: float = 0.001  # added per 1k tokens of context in the batch
 
 
-BIAS_RANGE = (0.5, 4.0)   # a correction outside this means the model is broken, not biased
+BIAS_RANGE = (0.5, 4.0)  # a correction outside this means the model is broken, not biased
 RATIO_CLIP = (0.25, 4.0)  # one observation moves the bias by at most RATIO_CLIP ** alpha
 
 
 class CostModel:
-    def __init__(self, prior: CostPrior | None = None, prior_weight: float = 5.0, lam: float = 0.98,
-                 bias_alpha: float = 0.1) -> None:
+    def __init__(
+        self, prior: CostPrior | None = None, prior_weight: float = 5.0, lam: float = 0.98, bias_alpha: float = 0.1
+    ) -> None:
         p = prior or CostPrior()
         self.bias_alpha = bias_alpha
         self.ttft_bias = 1.0
         self.tpot_bias = 1.0
         self.prefill = OnlineLine(p.prefill_overhead_s, 1.0 / p.prefill_tokens_per_s, prior_weight, lam, 1e3)
-        self.decode = OnlineLinear((p.decode_step_s - p.decode_step_per_seq_s, p.decode_step_per_seq_s,
-                                    p.decode_step_per_kilotoken_s / 1e3), (10.0, 1e4), prior_weight, lam)
+        self.decode = OnlineLinear(
+            (p.decode_step_s - p.decode_step_per_seq_s, p.decode_step_per_seq_s, p.decode_step_per_kilotoken_s / 1e3),
+            (10.0, 1e4),
+            prior_weight,
+            lam,
+        )
 
     # observations ------------------------------------------------------------------------------
     def observe_prefill(self, uncached_tokens: int, seconds: float) -> None:

@@ -24,22 +24,41 @@ from router.types import EndpointState, RoutingDecision
 
 
 class PrefillDecider(Protocol):
-    def place(self, prompt_tokens: int, tier: str, decode: EndpointState, prefills: Sequence[EndpointState],
-              hits: Mapping[str, int], block_size: int) -> RoutingDecision:
+    def place(
+        self,
+        prompt_tokens: int,
+        tier: str,
+        decode: EndpointState,
+        prefills: Sequence[EndpointState],
+        hits: Mapping[str, int],
+        block_size: int,
+    ) -> RoutingDecision:
         """The decision without admission's predictions: prefill replica (None: local), reason, hit and
         uncached tokens on the replica that prefills. ``hits``: cached prefix blocks by endpoint."""
 
 
 class ConditionalPrefill:
-    def __init__(self, placement: PlacementConfig, tiers: Mapping[str, TierPolicy],
-                 model: Callable[[str], CostModel], rng: random.Random) -> None:
+    def __init__(
+        self,
+        placement: PlacementConfig,
+        tiers: Mapping[str, TierPolicy],
+        model: Callable[[str], CostModel],
+        rng: random.Random,
+    ) -> None:
         self.p = placement
         self.tiers = tiers
         self.model = model
         self._rng = rng
 
-    def place(self, prompt_tokens: int, tier: str, decode: EndpointState, prefills: Sequence[EndpointState],
-              hits: Mapping[str, int], block_size: int) -> RoutingDecision:
+    def place(
+        self,
+        prompt_tokens: int,
+        tier: str,
+        decode: EndpointState,
+        prefills: Sequence[EndpointState],
+        hits: Mapping[str, int],
+        block_size: int,
+    ) -> RoutingDecision:
         p, prompt = self.p, prompt_tokens
         d_hit = hits[decode.endpoint_id] * block_size
         d_uncached = prompt - d_hit
@@ -48,20 +67,26 @@ class ConditionalPrefill:
         if d_uncached > p.local_prefill_max_tokens and d_hit < p.local_prefill_min_hit_ratio * prompt:
             room = [e for e in prefills if e.queued_prefill_tokens < p.prefill_queue_limit_tokens]
             if room:
-                prefill = max(room, key=lambda e: (hits[e.endpoint_id], -e.queued_prefill_tokens, -e.load,
-                                                   self._rng.random()))
+                prefill = max(
+                    room, key=lambda e: (hits[e.endpoint_id], -e.queued_prefill_tokens, -e.load, self._rng.random())
+                )
                 hit = hits[prefill.endpoint_id] * block_size
                 reason = "remote_prefill"
             else:
                 reason = "local_prefill:no_prefill_room" if prefills else "local_prefill:no_prefill_replica"
-        if prefill is not None and p.local_prefill_when_sooner and self._sooner_locally(
-                tier, prefill, decode, prompt - hit, d_uncached):
+        if (
+            prefill is not None
+            and p.local_prefill_when_sooner
+            and self._sooner_locally(tier, prefill, decode, prompt - hit, d_uncached)
+        ):
             prefill, hit, reason = None, d_hit, "local_prefill:sooner"
-        return RoutingDecision(decode=decode, prefill=prefill, reason=reason, prefix_hit_tokens=hit,
-                               uncached_tokens=prompt - hit)
+        return RoutingDecision(
+            decode=decode, prefill=prefill, reason=reason, prefix_hit_tokens=hit, uncached_tokens=prompt - hit
+        )
 
-    def _sooner_locally(self, tier: str, prefill: EndpointState, decode: EndpointState, remote_uncached: int,
-                        local_uncached: int) -> bool:
+    def _sooner_locally(
+        self, tier: str, prefill: EndpointState, decode: EndpointState, remote_uncached: int, local_uncached: int
+    ) -> bool:
         """Whether the decode replica should prefill this prompt itself because the prefill replica is
         backed up: its queue is not empty, the decode engine would finish the prompt sooner (its own
         queued prefills + this prompt, against the prefill replica's queue + this prompt), and the
@@ -80,5 +105,7 @@ class ConditionalPrefill:
         return local_s < remote_s and step_s + stall_s <= self.tiers[tier].tpot_s
 
 
-DECIDERS: dict[str, Callable[[PlacementConfig, Mapping[str, TierPolicy], Callable[[str], CostModel],
-                              random.Random], PrefillDecider]] = {"conditional": ConditionalPrefill}
+DECIDERS: dict[
+    str,
+    Callable[[PlacementConfig, Mapping[str, TierPolicy], Callable[[str], CostModel], random.Random], PrefillDecider],
+] = {"conditional": ConditionalPrefill}

@@ -10,8 +10,7 @@ from router.types import EndpointState
 
 
 class Filter(Protocol):
-    def keep(self, e: EndpointState) -> bool:
-        ...
+    def keep(self, e: EndpointState) -> bool: ...
 
 
 class Healthy:

@@ -26,14 +26,15 @@ def none_hash(seed: str | None = None) -> bytes:
     return _sha256(seed if seed is not None else os.environ.get("PYTHONHASHSEED", DEFAULT_SEED))
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int, cache_salt: str | None = None,
-                 seed: str | None = None) -> list[bytes]:
+def block_hashes(
+    token_ids: Sequence[int], block_size: int, cache_salt: str | None = None, seed: str | None = None
+) -> list[bytes]:
     """Chained hashes of the full blocks of ``token_ids`` (a trailing partial block has none)."""
     parent = none_hash(seed)
     out = []
     for i in range(len(token_ids) // block_size):
         extra = (("cache_salt", cache_salt),) if (i == 0 and cache_salt) else None
-        parent = _sha256((parent, tuple(token_ids[i * block_size:(i + 1) * block_size]), extra))
+        parent = _sha256((parent, tuple(token_ids[i * block_size : (i + 1) * block_size]), extra))
         out.append(parent)
     return out
 
@@ -50,8 +51,9 @@ def short_key(block_hash: bytes | int) -> int:
     return int.from_bytes(block_hash, "big") & _MASK64
 
 
-def block_keys(token_ids: Sequence[int], block_size: int, cache_salt: str | None = None,
-               seed: str | None = None) -> tuple[int, ...]:
+def block_keys(
+    token_ids: Sequence[int], block_size: int, cache_salt: str | None = None, seed: str | None = None
+) -> tuple[int, ...]:
     """``short_key`` of each full block's hash: what the router carries per request and the prefix
     index stores (the same ints engines publish in KV cache events), computed once at ingress."""
     return tuple(short_key(h) for h in block_hashes(token_ids, block_size, cache_salt, seed))

@@ -34,13 +34,22 @@ from router.types import PoolSnapshot, Rejection, RequestDescriptor, Role, Routi
 
 def new_cost_model(cfg: RouterConfig) -> CostModel:
     a = cfg.admission
-    return CostModel(CostPrior(prefill_tokens_per_s=a.prefill_tokens_per_s_prior, decode_step_s=a.decode_step_s_prior),
-                     bias_alpha=a.bias_alpha)
+    return CostModel(
+        CostPrior(prefill_tokens_per_s=a.prefill_tokens_per_s_prior, decode_step_s=a.decode_step_s_prior),
+        bias_alpha=a.bias_alpha,
+    )
 
 
 class SloAwarePolicy:
-    def __init__(self, cfg: RouterConfig, index: PrefixIndex, models: Mapping[str, CostModel], block_size: int,
-                 rng: random.Random | None = None, activity: TierActivity | None = None) -> None:
+    def __init__(
+        self,
+        cfg: RouterConfig,
+        index: PrefixIndex,
+        models: Mapping[str, CostModel],
+        block_size: int,
+        rng: random.Random | None = None,
+        activity: TierActivity | None = None,
+    ) -> None:
         self.cfg = cfg
         self.prefix_index = index
         self.models = models
@@ -57,16 +66,17 @@ class SloAwarePolicy:
             m = self.models[pool] = new_cost_model(self.cfg)  # type: ignore[index]
         return m
 
-    def route(self, req: RequestDescriptor, snapshot: PoolSnapshot, admit: bool = True
-              ) -> RoutingDecision | Rejection:
+    def route(self, req: RequestDescriptor, snapshot: PoolSnapshot, admit: bool = True) -> RoutingDecision | Rejection:
         decodes = apply_filters(self.filters, snapshot.by_role(Role.DECODE))
         if not decodes:
             return NO_DECODE_REPLICA
         prefills = apply_filters(self.filters, snapshot.by_role(Role.PREFILL))
         prompt, bs = req.num_prompt_tokens, self.block_size
         cap = max(0, (prompt - 1) // bs)
-        hits = {k: min(v, cap) for k, v in
-                self.prefix_index.match(req.block_hashes, [e.endpoint_id for e in decodes + prefills]).items()}
+        hits = {
+            k: min(v, cap)
+            for k, v in self.prefix_index.match(req.block_hashes, [e.endpoint_id for e in decodes + prefills]).items()
+        }
         decode = pick_best(decodes, self.scorers, ScoreContext(hits, prompt, bs), self._rng)
         tier = self.admission.tier_of(req)
         decision = self.decider.place(prompt, tier, decode, prefills, hits, bs)
@@ -88,7 +98,8 @@ class SloAwarePolicy:
     def on_first_token(self, decision: RoutingDecision, ttft_s: float) -> None:
         if decision.predicted_ttft_s:
             self.model((decision.prefill or decision.decode).pool).observe_ttft_ratio(
-                ttft_s / decision.predicted_ttft_s)
+                ttft_s / decision.predicted_ttft_s
+            )
 
     def on_finish(self, decision: RoutingDecision, tpot_s: float | None) -> None:
         if tpot_s is not None and decision.predicted_tpot_s:

@@ -27,37 +27,36 @@ from typing import Protocol
 from router.prefix_index import PrefixIndex
 from router.types import EndpointState, PoolSnapshot, Rejection, RequestDescriptor, Role, RoutingDecision
 
-NO_DECODE_REPLICA = Rejection(reason="no_decode_replica", status_code=503, retry_after_s=5.0,
-                              message="no healthy decode replica is available; retry later")
+NO_DECODE_REPLICA = Rejection(
+    reason="no_decode_replica",
+    status_code=503,
+    retry_after_s=5.0,
+    message="no healthy decode replica is available; retry later",
+)
 
 
 class EngineSamples(Protocol):
     """One replica's engine timing samples since its previous stats poll (``workers.messages.WorkerStats``)."""
 
     pool: str
-    prefill_samples: Sequence[tuple[int, float]]            # (uncached tokens, seconds)
-    decode_samples: Sequence[tuple[int, int, float]]        # (batch, context tokens, seconds per token)
+    prefill_samples: Sequence[tuple[int, float]]  # (uncached tokens, seconds)
+    decode_samples: Sequence[tuple[int, int, float]]  # (batch, context tokens, seconds per token)
 
 
 class RoutingPolicy(Protocol):
     prefix_index: PrefixIndex | None
 
-    def route(self, req: RequestDescriptor, snapshot: PoolSnapshot, admit: bool = True
-              ) -> RoutingDecision | Rejection:
+    def route(self, req: RequestDescriptor, snapshot: PoolSnapshot, admit: bool = True) -> RoutingDecision | Rejection:
         """Place ``req``; ``admit=False``: a request already admitted (its decode moves to another
         replica after a failure) is placed without admission control."""
 
-    def on_routed(self, req: RequestDescriptor, outcome: RoutingDecision | Rejection, moved: bool = False) -> None:
-        ...
+    def on_routed(self, req: RequestDescriptor, outcome: RoutingDecision | Rejection, moved: bool = False) -> None: ...
 
-    def on_first_token(self, decision: RoutingDecision, ttft_s: float) -> None:
-        ...
+    def on_first_token(self, decision: RoutingDecision, ttft_s: float) -> None: ...
 
-    def on_finish(self, decision: RoutingDecision, tpot_s: float | None) -> None:
-        ...
+    def on_finish(self, decision: RoutingDecision, tpot_s: float | None) -> None: ...
 
-    def on_stats(self, samples: EngineSamples) -> None:
-        ...
+    def on_stats(self, samples: EngineSamples) -> None: ...
 
 
 class StatelessPolicy:
@@ -98,8 +97,7 @@ class LeastLoadedPolicy(StatelessPolicy):
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
 
-    def route(self, req: RequestDescriptor, snapshot: PoolSnapshot, admit: bool = True
-              ) -> RoutingDecision | Rejection:
+    def route(self, req: RequestDescriptor, snapshot: PoolSnapshot, admit: bool = True) -> RoutingDecision | Rejection:
         decode = least_loaded(snapshot.by_role(Role.DECODE), self._rng)
         if decode is None:
             return NO_DECODE_REPLICA
@@ -124,14 +122,18 @@ class RoundRobinPolicy(StatelessPolicy):
         self._turn[role] = i + 1
         return healthy[i % len(healthy)]
 
-    def route(self, req: RequestDescriptor, snapshot: PoolSnapshot, admit: bool = True
-              ) -> RoutingDecision | Rejection:
+    def route(self, req: RequestDescriptor, snapshot: PoolSnapshot, admit: bool = True) -> RoutingDecision | Rejection:
         decode = self._next(snapshot.by_role(Role.DECODE), Role.DECODE)
         if decode is None:
             return NO_DECODE_REPLICA
         prefill = self._next(snapshot.by_role(Role.PREFILL), Role.PREFILL)
         if prefill is None:
-            return RoutingDecision(decode=decode, prefill=None, reason="no_prefill_replica:local_prefill",
-                                   uncached_tokens=req.num_prompt_tokens)
-        return RoutingDecision(decode=decode, prefill=prefill, reason="round_robin",
-                               uncached_tokens=req.num_prompt_tokens)
+            return RoutingDecision(
+                decode=decode,
+                prefill=None,
+                reason="no_prefill_replica:local_prefill",
+                uncached_tokens=req.num_prompt_tokens,
+            )
+        return RoutingDecision(
+            decode=decode, prefill=prefill, reason="round_robin", uncached_tokens=req.num_prompt_tokens
+        )

@@ -21,7 +21,7 @@ class PrefixIndex:
         self.capacity = capacity_blocks
         self._entries: OrderedDict[int, int] = OrderedDict()
         self._bit: dict[str, int] = {}
-        self._blocks: dict[str, int] = {}        # endpoint -> blocks it holds in the index
+        self._blocks: dict[str, int] = {}  # endpoint -> blocks it holds in the index
         self._free_bits: list[int] = []
         self.evictions = 0
 
@@ -107,13 +107,13 @@ class PrefixIndex:
         live = 0
         for m in bits.values():
             live |= m
-        depth: dict[int, int] = {}          # endpoint bit -> blocks matched before it dropped out
+        depth: dict[int, int] = {}  # endpoint bit -> blocks matched before it dropped out
         entries = self._entries
         i = 0
         for i, h in enumerate(hashes):  # noqa: B007 (i is read after the loop)
             if not live:
                 break
-            k = h & _MASK64 if type(h) is int else short_key(h)   # ints: already keys (fast path)
+            k = h & _MASK64 if type(h) is int else short_key(h)  # ints: already keys (fast path)
             v = entries.get(k, 0)
             if v & live:
                 entries.move_to_end(k)
@@ -125,7 +125,7 @@ class PrefixIndex:
             live &= v
         else:
             i = len(hashes)
-        while live:                          # held every block
+        while live:  # held every block
             low = live & -live
             depth[low] = i
             live ^= low

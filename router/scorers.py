@@ -27,7 +27,7 @@ from router.types import EndpointState
 class ScoreContext:
     """What the scorers know about the request being placed."""
 
-    hits: Mapping[str, int]      # endpoint -> cached prefix blocks (capped below the prompt's last token)
+    hits: Mapping[str, int]  # endpoint -> cached prefix blocks (capped below the prompt's last token)
     prompt_tokens: int
     block_size: int
 
@@ -36,8 +36,7 @@ class Scorer(Protocol):
     def coefficient(self, ctx: ScoreContext) -> float:
         """The weight, signed and scaled for this request."""
 
-    def feature(self, e: EndpointState, ctx: ScoreContext) -> float:
-        ...
+    def feature(self, e: EndpointState, ctx: ScoreContext) -> float: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +84,9 @@ def build_scorers(weights: Mapping[str, float], placement: PlacementConfig) -> t
     return tuple(SCORERS[name](w, placement) for name, w in weights.items())
 
 
-def pick_best(cands: Sequence[EndpointState], scorers: Sequence[Scorer], ctx: ScoreContext,
-              rng: random.Random) -> EndpointState:
+def pick_best(
+    cands: Sequence[EndpointState], scorers: Sequence[Scorer], ctx: ScoreContext, rng: random.Random
+) -> EndpointState:
     terms = [(s.coefficient(ctx), s.feature) for s in scorers]
     scored = []
     for c in cands:

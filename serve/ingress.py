@@ -96,23 +96,40 @@ class Ingress:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         r = self._cfg.router
         block_size = self._cfg.pools[0].engine.block_size
-        self._adapter = RequestAdapter(tokenizer, self._cfg.model.name, self._cfg.model.max_model_len,
-                                       r.default_tier, {n: t.priority for n, t in r.qos_tiers.items()},
-                                       block_size=block_size,
-                                       share_prefix_across_tenants=r.placement.share_prefix_across_tenants)
+        self._adapter = RequestAdapter(
+            tokenizer,
+            self._cfg.model.name,
+            self._cfg.model.max_model_len,
+            r.default_tier,
+            {n: t.priority for n, t in r.qos_tiers.items()},
+            block_size=block_size,
+            share_prefix_across_tenants=r.placement.share_prefix_across_tenants,
+        )
         self._monitor: PoolMonitor | None = None
         self.metrics = ClusterMetrics(lambda: self._monitor.stats() if self._monitor else [])
         policy = build_policy(r, block_size)
         kvh = self._cfg.kv_handoff
         push = kvh.slab.compression if kvh.backend == "slab" and kvh.slab_mode == "push" else None
-        self._orch = Orchestrator(pools, policy, self._directory, self.metrics,
-                                  prefill_timeout_s=r.prefill_timeout_s, idle_timeout_s=r.idle_timeout_s,
-                                  decode_migrations=r.decode_migrations,
-                                  push_compression=push)
+        self._orch = Orchestrator(
+            pools,
+            policy,
+            self._directory,
+            self.metrics,
+            prefill_timeout_s=r.prefill_timeout_s,
+            idle_timeout_s=r.idle_timeout_s,
+            decode_migrations=r.decode_migrations,
+            push_compression=push,
+        )
         # prefix-aware policies: engines' KV events feed their index
         self._kv_events = KvEventFeed(policy.prefix_index) if policy.prefix_index is not None else None
-        self._monitor = PoolMonitor(pools, self._directory, self.metrics, period_s=r.stats_period_s,
-                                    on_stats=policy.on_stats, on_poll=self._on_poll)
+        self._monitor = PoolMonitor(
+            pools,
+            self._directory,
+            self.metrics,
+            period_s=r.stats_period_s,
+            on_stats=policy.on_stats,
+            on_poll=self._on_poll,
+        )
         self._warmup: asyncio.Task | None = None
 
     # -- OpenAI routes ----------------------------------------------------------------------
@@ -126,9 +143,19 @@ class Ingress:
 
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [{
-            "id": self._cfg.model.name, "object": "model", "created": 0, "owned_by": "pdserve",
-            "root": self._cfg.model.name, "max_model_len": self._cfg.model.max_model_len}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self._cfg.model.name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "pdserve",
+                    "root": self._cfg.model.name,
+                    "max_model_len": self._cfg.model.max_model_len,
+                }
+            ],
+        }
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
@@ -151,17 +178,22 @@ class Ingress:
         for endpoint, n in self._orch.prefix_index_blocks().items():
             self.metrics.prefix_index_blocks.labels(endpoint).set(n)
         if self._kv_events is not None:
-            self._kv_events.sync({s.endpoint_id: s.kv_events_endpoint for s in stats
-                                  if s.healthy and s.kv_events_endpoint})
+            self._kv_events.sync(
+                {s.endpoint_id: s.kv_events_endpoint for s in stats if s.healthy and s.kv_events_endpoint}
+            )
         self.metrics.kv_events_applied.set(self._kv_events.events_applied if self._kv_events else 0)
-        if self._warmup is None and self._cfg.router.admission.warmup_prompt_tokens \
-                and self.health_report()["status"] != "unavailable":
+        if (
+            self._warmup is None
+            and self._cfg.router.admission.warmup_prompt_tokens
+            and self.health_report()["status"] != "unavailable"
+        ):
             self._warmup = asyncio.get_running_loop().create_task(self._warm_up(), context=contextvars.Context())
 
     async def _warm_up(self) -> None:
         """Start-up calibration: one request per configured prompt size through the normal path (placement,
         admission, prefill, handoff, decode), so the cost models learn this cluster's timings from engine
         samples before real traffic arrives. Labelled tier ``warmup`` in metrics; failures are logged only."""
+
         async def one(job) -> None:
             async for _ in self._orch.generate(job):
                 pass
@@ -173,6 +205,7 @@ class Ingress:
                 logger.info("warm-up request of %d prompt tokens took %.2fs", n, time.monotonic() - t0)
             except Exception as e:  # never fatal: the prior stays in place
                 logger.warning("warm-up request of %d prompt tokens failed: %r", n, e)
+
     def health_report(self) -> dict[str, Any]:
         snap = self._directory.snapshot(self._orch.in_flight())
         pools: dict[str, dict[str, Any]] = {}
@@ -180,17 +213,23 @@ class Ingress:
         for name, role in self._roles.items():
             eps = [e for e in snap.endpoints if e.pool == name]
             # healthy: confirmed by a stats poll (a replica Serve just listed is routable, not yet vouched for)
-            pools[name] = {"role": role.value, "replicas": len(eps),
-                           "healthy": sum(e.healthy and e.endpoint_id in ages for e in eps),
-                           "running": sum(e.num_running for e in eps), "waiting": sum(e.num_waiting for e in eps),
-                           "kv_usage": [round(e.kv_usage, 4) for e in eps],
-                           "endpoints": [e.endpoint_id for e in eps],
-                           "unhealthy": [e.endpoint_id for e in eps if not e.healthy],
-                           "last_poll_age_s": {e.endpoint_id: ages.get(e.endpoint_id) for e in eps},
-                           "routers": self._directory.registrations.get(name, 0)}
+            pools[name] = {
+                "role": role.value,
+                "replicas": len(eps),
+                "healthy": sum(e.healthy and e.endpoint_id in ages for e in eps),
+                "running": sum(e.num_running for e in eps),
+                "waiting": sum(e.num_waiting for e in eps),
+                "kv_usage": [round(e.kv_usage, 4) for e in eps],
+                "endpoints": [e.endpoint_id for e in eps],
+                "unhealthy": [e.endpoint_id for e in eps if not e.healthy],
+                "last_poll_age_s": {e.endpoint_id: ages.get(e.endpoint_id) for e in eps},
+                "routers": self._directory.registrations.get(name, 0),
+            }
         # every configured role needs a healthy replica (a config without prefill pools prefills locally)
-        ok = all(any(p["healthy"] for p in pools.values() if p["role"] == role)
-                 for role in {p["role"] for p in pools.values()})
+        ok = all(
+            any(p["healthy"] for p in pools.values() if p["role"] == role)
+            for role in {p["role"] for p in pools.values()}
+        )
         warming = bool(self._cfg.router.admission.warmup_prompt_tokens) and not (self._warmup and self._warmup.done())
         status = "unavailable" if not ok else "warming_up" if warming else "ok"
         return {"status": status, "model": self._cfg.model.name, "pools": pools}
@@ -200,8 +239,12 @@ class Ingress:
         t0 = time.monotonic()
         try:
             body = parse_body(await request.body(), model_cls)
-            parsed = self._adapter.build(kind, body, request.headers.get(self._cfg.router.tier_header),
-                                         request.headers.get(self._cfg.router.tenant_header))
+            parsed = self._adapter.build(
+                kind,
+                body,
+                request.headers.get(self._cfg.router.tier_header),
+                request.headers.get(self._cfg.router.tenant_header),
+            )
         except ApiError as e:
             self.metrics.requests.labels(kind, str(e.status_code)).inc()
             raise
@@ -210,8 +253,11 @@ class Ingress:
             stream = self._stream(parsed, t0)
             # surface routing errors (503/429) as an HTTP status, not inside a 200 stream
             first = await stream.__anext__()
-            return StreamingResponse(_prepend(first, stream), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Request-Id": parsed.response_id})
+            return StreamingResponse(
+                _prepend(first, stream),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Request-Id": parsed.response_id},
+            )
         return await self._complete(parsed, t0)
 
     async def _complete(self, p: ParsedRequest, t0: float) -> JSONResponse:
@@ -229,7 +275,7 @@ class Ingress:
         except ApiError as e:
             self.metrics.requests.labels(p.kind, str(e.status_code)).inc()
             raise
-        except asyncio.CancelledError:      # the client went away (Serve cancels the call): engines abort
+        except asyncio.CancelledError:  # the client went away (Serve cancels the call): engines abort
             self.metrics.aborts.labels("client_disconnect").inc()
             self.metrics.requests.labels(p.kind, "499").inc()
             raise
@@ -239,8 +285,10 @@ class Ingress:
         finally:
             await gen.aclose()
         self._finish_metrics(p, t0, n_tokens, "200")
-        return JSONResponse(full_response(p, "".join(parts), reason, p.job.desc.num_prompt_tokens, n_tokens),
-                            headers={"X-Request-Id": p.response_id})
+        return JSONResponse(
+            full_response(p, "".join(parts), reason, p.job.desc.num_prompt_tokens, n_tokens),
+            headers={"X-Request-Id": p.response_id},
+        )
 
     async def _stream(self, p: ParsedRequest, t0: float) -> AsyncIterator[bytes]:
         """SSE stream. Errors before the first byte propagate (-> HTTP status); later ones become an

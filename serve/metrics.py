@@ -13,8 +13,29 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from workers.messages import WorkerStats
 
-_LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0,
-                      5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_LATENCY_BUCKETS_S = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 _HANDOFF_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -26,21 +47,27 @@ class _WorkerStatsCollector:
 
     def collect(self):
         stats: list[WorkerStats] = list(self._source())
-        g_queue = GaugeMetricFamily("pdserve_pool_queue_depth", "Requests waiting in engine queues",
-                                    labels=["pool", "role"])
-        g_running = GaugeMetricFamily("pdserve_pool_running_requests", "Requests running in engines",
-                                      labels=["pool", "role"])
+        g_queue = GaugeMetricFamily(
+            "pdserve_pool_queue_depth", "Requests waiting in engine queues", labels=["pool", "role"]
+        )
+        g_running = GaugeMetricFamily(
+            "pdserve_pool_running_requests", "Requests running in engines", labels=["pool", "role"]
+        )
         g_replicas = GaugeMetricFamily("pdserve_pool_replicas", "Healthy replicas per pool", labels=["pool", "role"])
-        g_kv = GaugeMetricFamily("pdserve_engine_kv_usage_ratio", "Fraction of KV blocks in use",
-                                 labels=["pool", "endpoint"])
-        c_prompt = CounterMetricFamily("pdserve_engine_prompt_tokens", "Prompt tokens by source",
-                                       labels=["pool", "endpoint", "source"])
+        g_kv = GaugeMetricFamily(
+            "pdserve_engine_kv_usage_ratio", "Fraction of KV blocks in use", labels=["pool", "endpoint"]
+        )
+        c_prompt = CounterMetricFamily(
+            "pdserve_engine_prompt_tokens", "Prompt tokens by source", labels=["pool", "endpoint", "source"]
+        )
         c_gen = CounterMetricFamily("pdserve_engine_generation_tokens", "Generated tokens", labels=["pool", "endpoint"])
         c_xfer = CounterMetricFamily("pdserve_kv_handoff_transfers", "KV handoff transfers completed", labels=["pool"])
-        c_bytes = CounterMetricFamily("pdserve_kv_handoff_bytes", "KV bytes moved by handoffs (on the wire)",
-                                      labels=["pool"])
-        c_raw = CounterMetricFamily("pdserve_kv_handoff_raw_bytes", "KV bytes moved by handoffs, before "
-                                    "compression", labels=["pool"])
+        c_bytes = CounterMetricFamily(
+            "pdserve_kv_handoff_bytes", "KV bytes moved by handoffs (on the wire)", labels=["pool"]
+        )
+        c_raw = CounterMetricFamily(
+            "pdserve_kv_handoff_raw_bytes", "KV bytes moved by handoffs, before compression", labels=["pool"]
+        )
         c_desc = CounterMetricFamily("pdserve_kv_handoff_descriptors", "Transfer descriptors posted", labels=["pool"])
         c_fail = CounterMetricFamily("pdserve_kv_handoff_failures", "Failed/expired KV handoffs", labels=["pool"])
         pools: dict[tuple[str, str], list[WorkerStats]] = {}
@@ -48,9 +75,11 @@ class _WorkerStatsCollector:
             pools.setdefault((s.pool, s.role), []).append(s)
             g_kv.add_metric([s.pool, s.endpoint_id], s.kv_usage)
             c_gen.add_metric([s.pool, s.endpoint_id], s.generation_tokens_total)
-            for source, attr in (("local_compute", "prompt_tokens_computed"),
-                                 ("local_cache_hit", "prompt_tokens_local_cache_hit"),
-                                 ("external_kv_transfer", "prompt_tokens_external_kv")):
+            for source, attr in (
+                ("local_compute", "prompt_tokens_computed"),
+                ("local_cache_hit", "prompt_tokens_local_cache_hit"),
+                ("external_kv_transfer", "prompt_tokens_external_kv"),
+            ):
                 c_prompt.add_metric([s.pool, s.endpoint_id, source], getattr(s, attr))
         for (pool, role), items in sorted(pools.items()):
             g_queue.add_metric([pool, role], sum(s.num_waiting for s in items))
@@ -68,44 +97,95 @@ class ClusterMetrics:
     def __init__(self, worker_stats_source) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("pdserve_requests", "Finished HTTP requests", ["route", "status"], registry=r)
-        self.rejections = Counter("pdserve_admission_rejections", "Requests rejected before admission",
-                                  ["reason", "tier"], registry=r)
-        self.prefill_fallbacks = Counter("pdserve_prefill_fallbacks", "Remote prefills that fell back to "
-                                         "local prefill on the decode engine", ["reason"], registry=r)
+        self.rejections = Counter(
+            "pdserve_admission_rejections", "Requests rejected before admission", ["reason", "tier"], registry=r
+        )
+        self.prefill_fallbacks = Counter(
+            "pdserve_prefill_fallbacks",
+            "Remote prefills that fell back to local prefill on the decode engine",
+            ["reason"],
+            registry=r,
+        )
         self.routing = Counter("pdserve_routing_decisions", "Routing decisions", ["prefill", "decode_pool"], registry=r)
-        self.handoff_mode = Counter("pdserve_kv_handoff_requests", "Remote prefills by KV handoff mode (pull: "
-                                    "decode after the prefill's answer; push: both at once)", ["mode"], registry=r)
+        self.handoff_mode = Counter(
+            "pdserve_kv_handoff_requests",
+            "Remote prefills by KV handoff mode (pull: decode after the prefill's answer; push: both at once)",
+            ["mode"],
+            registry=r,
+        )
         self.admitted = Counter("pdserve_admitted_requests", "Requests admitted", ["tier", "prefill"], registry=r)
-        self.prefix_hit_tokens = Counter("pdserve_prefix_hit_tokens", "Prompt tokens the chosen replica had "
-                                         "cached (router's prefix index)", registry=r)
-        self.decision_s = Histogram("pdserve_router_decision_duration_seconds", "Routing policy decision time "
-                                    "(placement + admission, per request)",
-                                    buckets=(2.5e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2.5e-3, 1e-2), registry=r)
-        self.throttled = Counter("pdserve_admission_throttled", "Requests admitted with throttling",
-                                 ["tier", "action"], registry=r)
-        self.kv_events_applied = Gauge("pdserve_prefix_index_kv_events", "Engine KV cache events applied to "
-                                       "the router's prefix index (since start)", registry=r)
-        self.prefix_index_blocks = Gauge("pdserve_prefix_index_blocks", "KV blocks the router's prefix index "
-                                         "places on each replica (replicas that are gone are dropped)",
-                                         ["endpoint"], registry=r)
-        self.routed_prompt_tokens = Counter("pdserve_routed_prompt_tokens", "Prompt tokens of routed requests",
-                                            registry=r)
+        self.prefix_hit_tokens = Counter(
+            "pdserve_prefix_hit_tokens",
+            "Prompt tokens the chosen replica had cached (router's prefix index)",
+            registry=r,
+        )
+        self.decision_s = Histogram(
+            "pdserve_router_decision_duration_seconds",
+            "Routing policy decision time (placement + admission, per request)",
+            buckets=(2.5e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2.5e-3, 1e-2),
+            registry=r,
+        )
+        self.throttled = Counter(
+            "pdserve_admission_throttled", "Requests admitted with throttling", ["tier", "action"], registry=r
+        )
+        self.kv_events_applied = Gauge(
+            "pdserve_prefix_index_kv_events",
+            "Engine KV cache events applied to the router's prefix index (since start)",
+            registry=r,
+        )
+        self.prefix_index_blocks = Gauge(
+            "pdserve_prefix_index_blocks",
+            "KV blocks the router's prefix index places on each replica (replicas that are gone are dropped)",
+            ["endpoint"],
+            registry=r,
+        )
+        self.routed_prompt_tokens = Counter(
+            "pdserve_routed_prompt_tokens", "Prompt tokens of routed requests", registry=r
+        )
         ratio_buckets = (0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0, 8.0)
-        self.ttft_pred_ratio = Histogram("pdserve_ttft_actual_over_predicted", "Observed / predicted time to "
-                                         "first token (admission model error)", buckets=ratio_buckets, registry=r)
-        self.tpot_pred_ratio = Histogram("pdserve_tpot_actual_over_predicted", "Observed / predicted time per "
-                                         "output token", buckets=ratio_buckets, registry=r)
+        self.ttft_pred_ratio = Histogram(
+            "pdserve_ttft_actual_over_predicted",
+            "Observed / predicted time to first token (admission model error)",
+            buckets=ratio_buckets,
+            registry=r,
+        )
+        self.tpot_pred_ratio = Histogram(
+            "pdserve_tpot_actual_over_predicted",
+            "Observed / predicted time per output token",
+            buckets=ratio_buckets,
+            registry=r,
+        )
         self.aborts = Counter("pdserve_request_aborts", "Requests aborted before finishing", ["reason"], registry=r)
-        self.ttft = Histogram("pdserve_request_ttft_seconds", "Time to first token at the ingress",
-                              ["route"], buckets=_LATENCY_BUCKETS_S, registry=r)
-        self.itl = Histogram("pdserve_request_inter_token_latency_seconds", "Gap between streamed tokens",
-                             ["route"], buckets=_LATENCY_BUCKETS_S, registry=r)
-        self.e2e = Histogram("pdserve_request_e2e_seconds", "End-to-end request latency",
-                             ["route"], buckets=_LATENCY_BUCKETS_S, registry=r)
-        self.prefill_s = Histogram("pdserve_prefill_seconds", "Remote prefill call duration",
-                                   buckets=_LATENCY_BUCKETS_S, registry=r)
-        self.handoff_s = Histogram("pdserve_kv_handoff_duration_seconds", "Per-transfer KV handoff time",
-                                   buckets=_HANDOFF_BUCKETS_S, registry=r)
+        self.ttft = Histogram(
+            "pdserve_request_ttft_seconds",
+            "Time to first token at the ingress",
+            ["route"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "pdserve_request_inter_token_latency_seconds",
+            "Gap between streamed tokens",
+            ["route"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "pdserve_request_e2e_seconds",
+            "End-to-end request latency",
+            ["route"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.prefill_s = Histogram(
+            "pdserve_prefill_seconds", "Remote prefill call duration", buckets=_LATENCY_BUCKETS_S, registry=r
+        )
+        self.handoff_s = Histogram(
+            "pdserve_kv_handoff_duration_seconds",
+            "Per-transfer KV handoff time",
+            buckets=_HANDOFF_BUCKETS_S,
+            registry=r,
+        )
         self.prompt_tokens = Counter("pdserve_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.completion_tokens = Counter("pdserve_completion_tokens", "Tokens returned to clients", registry=r)
         r.register(_WorkerStatsCollector(worker_stats_source))

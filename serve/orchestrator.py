@@ -53,10 +53,10 @@ class GenerationJob:
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingSpec
     cache_salt: str | None = None
-    priority: int = 0          # engine scheduling priority, vLLM semantics (lower first): -tier priority
+    priority: int = 0  # engine scheduling priority, vLLM semantics (lower first): -tier priority
 
 
-PUSH_WAIT_TTFT_FACTOR = 3.0   # a push reservation waits this many predicted TTFTs for the prefill's write
+PUSH_WAIT_TTFT_FACTOR = 3.0  # a push reservation waits this many predicted TTFTs for the prefill's write
 
 
 def push_wait_s(predicted_ttft_s: float | None, prefill_timeout_s: float) -> float:
@@ -72,16 +72,25 @@ def push_wait_s(predicted_ttft_s: float | None, prefill_timeout_s: float) -> flo
 class _Progress:
     """What one request's client has received so far."""
 
-    start_s: float                                   # the request reached the orchestrator
-    first_s: float | None = None                     # its first chunk arrived
-    generated: list[int] = field(default_factory=list)   # token ids sent (a migrated decode continues after them)
+    start_s: float  # the request reached the orchestrator
+    first_s: float | None = None  # its first chunk arrived
+    generated: list[int] = field(default_factory=list)  # token ids sent (a migrated decode continues after them)
 
 
 class Orchestrator:
-    def __init__(self, handles: Mapping[str, Any], policy: RoutingPolicy, directory: PoolDirectory,
-                 metrics: ClusterMetrics, *, prefill_timeout_s: float, idle_timeout_s: float,
-                 clock: Callable[[], float] = time.monotonic, push_compression: str | None = None,
-                 decode_migrations: int = 1) -> None:
+    def __init__(
+        self,
+        handles: Mapping[str, Any],
+        policy: RoutingPolicy,
+        directory: PoolDirectory,
+        metrics: ClusterMetrics,
+        *,
+        prefill_timeout_s: float,
+        idle_timeout_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        push_compression: str | None = None,
+        decode_migrations: int = 1,
+    ) -> None:
         """``prefill_timeout_s``, ``idle_timeout_s``, ``decode_migrations``: the ``router`` config fields."""
         self._handles = handles
         self._policy = policy
@@ -96,7 +105,7 @@ class Orchestrator:
         self._queued_by_priority: collections.Counter[tuple[str, int]] = collections.Counter()
         # slab push mode (None = pull): decode requests go out with their prefill, naming its agent
         self._push_compression = push_compression
-        self._kv_agents: dict[str, tuple[str, str, int]] = {}    # prefill endpoint -> its slab agent
+        self._kv_agents: dict[str, tuple[str, str, int]] = {}  # prefill endpoint -> its slab agent
 
     def set_kv_agents(self, agents: Mapping[str, Any]) -> None:
         """Replicas' transfer agents ([name, host, port]) from their latest stats polls."""
@@ -125,22 +134,28 @@ class Orchestrator:
             snap.endpoints = [e for e in snap.endpoints if e.endpoint_id not in exclude]
         return snap
 
-    def route(self, desc: RequestDescriptor, exclude: frozenset[str] = frozenset(), retry: str | None = None
-              ) -> RoutingDecision:
+    def route(
+        self, desc: RequestDescriptor, exclude: frozenset[str] = frozenset(), retry: str | None = None
+    ) -> RoutingDecision:
         """Route (and admit) a request, record the outcome once (:meth:`_record`), and raise a rejection
         as the client's error. ``retry`` (``decode_retry`` / ``decode_migration``): its decode moves away
         from ``exclude`` after failing there; it is placed without admission (it was admitted when first
         routed), and a rejection of the move is the request's error, not an admission rejection."""
         snap = self.snapshot(exclude)
         t0 = time.perf_counter()
-        decision = self._policy.route(desc, snap, admit=not retry)     # a moved request was admitted
+        decision = self._policy.route(desc, snap, admit=not retry)  # a moved request was admitted
         if not retry:
             self._metrics.decision_s.observe(time.perf_counter() - t0)
         self._record(desc, decision, retry)
         if isinstance(decision, Rejection):
             raise rejection_to_error(decision)
-        logger.debug("route %s -> prefill=%s decode=%s (%s)", desc.request_id,
-                     decision.prefill and decision.prefill.endpoint_id, decision.decode.endpoint_id, decision.reason)
+        logger.debug(
+            "route %s -> prefill=%s decode=%s (%s)",
+            desc.request_id,
+            decision.prefill and decision.prefill.endpoint_id,
+            decision.decode.endpoint_id,
+            decision.reason,
+        )
         return decision
 
     def _record(self, desc: RequestDescriptor, outcome: RoutingDecision | Rejection, retry: str | None) -> None:
@@ -162,19 +177,26 @@ class Orchestrator:
         self._metrics.routed_prompt_tokens.inc(desc.num_prompt_tokens)
 
     # -- step 2: remote prefill ----------------------------------------------------------------
-    async def prefill(self, job: GenerationJob, target: EndpointState | None,
-                      push_rendezvous: str | None = None) -> KvHandoff | None:
+    async def prefill(
+        self, job: GenerationJob, target: EndpointState | None, push_rendezvous: str | None = None
+    ) -> KvHandoff | None:
         """Run the prefill on ``target``; None means 'decode engine prefills locally'. In push mode
         (``push_rendezvous``) the result is not needed: the prefill engine writes to the decode's buffer."""
         return (await self._prefill(job, target, push_rendezvous))[1]
 
-    async def _prefill(self, job: GenerationJob, target: EndpointState | None,
-                       push_rendezvous: str | None = None) -> tuple[bool, KvHandoff | None]:
+    async def _prefill(
+        self, job: GenerationJob, target: EndpointState | None, push_rendezvous: str | None = None
+    ) -> tuple[bool, KvHandoff | None]:
         """(the prefill call succeeded, its handoff)."""
         if target is None:
             return True, None
-        req = PrefillRequest(request_id=job.desc.request_id, prompt_token_ids=job.prompt_token_ids,
-                             cache_salt=job.cache_salt, push_rendezvous=push_rendezvous, priority=job.priority)
+        req = PrefillRequest(
+            request_id=job.desc.request_id,
+            prompt_token_ids=job.prompt_token_ids,
+            cache_salt=job.cache_salt,
+            push_rendezvous=push_rendezvous,
+            priority=job.priority,
+        )
         t0 = self._clock()
         self._in_flight[target.endpoint_id] += 1
         resp = self._handles[target.pool].prefill.remote(req, endpoint_hint=target.endpoint_id)
@@ -191,8 +213,9 @@ class Orchestrator:
         except Exception as e:  # replica died, engine error...
             self._suspect(target, e)
             self._metrics.prefill_fallbacks.labels("error").inc()
-            logger.warning("prefill of %s failed on %s (%r); prefilling on decode", req.request_id,
-                           target.endpoint_id, e)
+            logger.warning(
+                "prefill of %s failed on %s (%r); prefilling on decode", req.request_id, target.endpoint_id, e
+            )
             return False, None
         finally:
             self._release(target.endpoint_id)
@@ -202,16 +225,22 @@ class Orchestrator:
         return True, result.handoff
 
     # -- step 3: decode stream -----------------------------------------------------------------
-    async def decode(self, job: GenerationJob, target: EndpointState, handoff: KvHandoff | None
-                     ) -> AsyncIterator[TokenChunk]:
+    async def decode(
+        self, job: GenerationJob, target: EndpointState, handoff: KvHandoff | None
+    ) -> AsyncIterator[TokenChunk]:
         """The engine's chunks up to and including the one that completes the request ("stop" or
         "length"). Every failure of the call is a :class:`DecodeFailed`: a finish other than those (or a
         stream that ends with no finish) with an :class:`EngineFinishFailed` cause, anything the call
         raises with that exception as its cause (and the replica out of rotation, see :meth:`_suspect`).
         504 ApiError after ``idle_timeout_s`` with no chunk."""
-        req = DecodeRequest(request_id=job.desc.request_id, prompt_token_ids=job.prompt_token_ids,
-                            sampling=job.sampling, handoff=handoff, cache_salt=job.cache_salt,
-                            priority=job.priority)
+        req = DecodeRequest(
+            request_id=job.desc.request_id,
+            prompt_token_ids=job.prompt_token_ids,
+            sampling=job.sampling,
+            handoff=handoff,
+            cache_salt=job.cache_salt,
+            priority=job.priority,
+        )
         self._in_flight[target.endpoint_id] += 1
         gen = None
         finished = complete = False
@@ -227,10 +256,14 @@ class Orchestrator:
                     raise EngineFinishFailed(None) from None
                 except TimeoutError:
                     self._metrics.aborts.labels("idle_timeout").inc()
-                    raise ApiError(504, f"no output for {self._idle_timeout_s:.0f}s; request aborted",
-                                   type_="timeout_error", code="engine_timeout") from None
+                    raise ApiError(
+                        504,
+                        f"no output for {self._idle_timeout_s:.0f}s; request aborted",
+                        type_="timeout_error",
+                        code="engine_timeout",
+                    ) from None
                 if chunk.finish_reason is not None and chunk.finish_reason not in COMPLETE_FINISH_REASONS:
-                    raise EngineFinishFailed(chunk.finish_reason)     # (the call is cancelled below)
+                    raise EngineFinishFailed(chunk.finish_reason)  # (the call is cancelled below)
                 yield chunk
                 if chunk.finish_reason is not None:
                     finished = complete = True
@@ -245,8 +278,9 @@ class Orchestrator:
             self._release(target.endpoint_id)
 
     @staticmethod
-    async def _unless_push_fails(stream: AsyncIterator[TokenChunk], prefill_task: asyncio.Future
-                                 ) -> AsyncIterator[TokenChunk]:
+    async def _unless_push_fails(
+        stream: AsyncIterator[TokenChunk], prefill_task: asyncio.Future
+    ) -> AsyncIterator[TokenChunk]:
         """``stream``, unless the push-mode prefill fails before its first chunk: then the decode call
         is cancelled (its engine aborts the request and frees the reservation) and this raises
         :class:`PushPrefillFailed`."""
@@ -283,30 +317,40 @@ class Orchestrator:
                     yield chunk
             return
         except PushPrefillFailed:
-            logger.warning("push prefill of %s failed; prefilling on decode replica %s", job.desc.request_id,
-                           decision.decode.endpoint_id)
+            logger.warning(
+                "push prefill of %s failed; prefilling on decode replica %s",
+                job.desc.request_id,
+                decision.decode.endpoint_id,
+            )
         except DecodeFailed as f:
             failure = f
         if failure is not None and progress.first_s is not None:
             async for chunk in self._migrate(job, failure, tuple(progress.generated)):
                 yield chunk
             return
-        target = decision.decode                 # push prefill failed: the decode replica prefills the prompt
+        target = decision.decode  # push prefill failed: the decode replica prefills the prompt
         if failure is not None:
-            logger.warning("decode of %s failed on %s before any token (%r); retrying on another replica",
-                           job.desc.request_id, failure.endpoint.endpoint_id, failure.cause)
-            target = self.route(job.desc, exclude=frozenset({failure.endpoint.endpoint_id}),
-                                retry="decode_retry").decode
+            logger.warning(
+                "decode of %s failed on %s before any token (%r); retrying on another replica",
+                job.desc.request_id,
+                failure.endpoint.endpoint_id,
+                failure.cause,
+            )
+            target = self.route(
+                job.desc, exclude=frozenset({failure.endpoint.endpoint_id}), retry="decode_retry"
+            ).decode
         async for chunk in self._last_decode(job, target):
             yield chunk
 
-    async def _attempt(self, job: GenerationJob, decision: RoutingDecision, progress: _Progress
-                       ) -> AsyncIterator[TokenChunk]:
+    async def _attempt(
+        self, job: GenerationJob, decision: RoutingDecision, progress: _Progress
+    ) -> AsyncIterator[TokenChunk]:
         """The request as routed: its prefill (remote or local, pull or push) and decode stream, with
         the first-token and finish observations. Raises :class:`DecodeFailed` or :class:`PushPrefillFailed`."""
         # the prefilling replica's queued work, released once its prefill is done (idempotent)
-        release = self._reserve((decision.prefill or decision.decode).endpoint_id, decision.uncached_tokens,
-                                job.priority)
+        release = self._reserve(
+            (decision.prefill or decision.decode).endpoint_id, decision.uncached_tokens, job.priority
+        )
         prefill_task: asyncio.Future | None = None
         try:
             stream, prefill_task = await self._start(job, decision, release)
@@ -324,8 +368,9 @@ class Orchestrator:
             if prefill_task is not None and not prefill_task.done():
                 prefill_task.cancel()
 
-    async def _start(self, job: GenerationJob, decision: RoutingDecision, release: Callable[[], None]
-                     ) -> tuple[AsyncIterator[TokenChunk], asyncio.Future | None]:
+    async def _start(
+        self, job: GenerationJob, decision: RoutingDecision, release: Callable[[], None]
+    ) -> tuple[AsyncIterator[TokenChunk], asyncio.Future | None]:
         """Prefill and open the decode stream. Pull (or local prefill): the prefill's answer carries the
         handoff the decode request needs. Push: the decode request reserves a buffer while the prefill
         runs alongside (returned, to cancel); its KV arrives by WRITE, so the prefill's answer need not
@@ -356,8 +401,9 @@ class Orchestrator:
                 self._metrics.tpot_pred_ratio.observe(tpot_s / decision.predicted_tpot_s)
         self._policy.on_finish(decision, tpot_s)
 
-    async def _migrate(self, job: GenerationJob, failure: DecodeFailed, generated: tuple[int, ...]
-                       ) -> AsyncIterator[TokenChunk]:
+    async def _migrate(
+        self, job: GenerationJob, failure: DecodeFailed, generated: tuple[int, ...]
+    ) -> AsyncIterator[TokenChunk]:
         """Continue a decode that failed (``failure``) after sending ``generated``: on another decode
         replica, the prompt plus ``generated`` as its prompt (prefilled remotely or there, as placement
         decides), for the tokens still owed (request migration, as Dynamo does it). Greedy decoding
@@ -368,16 +414,23 @@ class Orchestrator:
         for attempt in range(1, self._decode_migrations + 1 if remaining > 0 else 1):
             try:
                 decision = self.route(job.desc, exclude=frozenset(exclude), retry="decode_migration")
-            except ApiError:        # no other decode replica: the original failure is the error
+            except ApiError:  # no other decode replica: the original failure is the error
                 break
             target = decision.decode
-            logger.warning("decode of %s failed on %s after %d tokens (%r); continuing on %s",
-                           job.desc.request_id, failure.endpoint.endpoint_id, len(generated), failure.cause,
-                           target.endpoint_id)
+            logger.warning(
+                "decode of %s failed on %s after %d tokens (%r); continuing on %s",
+                job.desc.request_id,
+                failure.endpoint.endpoint_id,
+                len(generated),
+                failure.cause,
+                target.endpoint_id,
+            )
             cont = dataclasses.replace(
-                job, desc=dataclasses.replace(job.desc, request_id=f"{job.desc.request_id}-m{attempt}"),
+                job,
+                desc=dataclasses.replace(job.desc, request_id=f"{job.desc.request_id}-m{attempt}"),
                 prompt_token_ids=job.prompt_token_ids + generated,
-                sampling=dataclasses.replace(job.sampling, max_tokens=remaining))
+                sampling=dataclasses.replace(job.sampling, max_tokens=remaining),
+            )
             try:
                 # prefilled where placement says, like any request: a prefill replica spares the decode
                 # replica that now carries the failed one's streams (pull handoff; local on failure)
@@ -410,8 +463,14 @@ class Orchestrator:
         """The client's error for the decode failure that ended the request (``failures.decode_error``)."""
         err = decode_error(failure.cause)
         self._metrics.aborts.labels(err.code).inc()
-        logger.warning("decode of %s failed on %s (%r): %d %s", job.desc.request_id, failure.endpoint.endpoint_id,
-                       failure.cause, err.status_code, err.code)
+        logger.warning(
+            "decode of %s failed on %s (%r): %d %s",
+            job.desc.request_id,
+            failure.endpoint.endpoint_id,
+            failure.cause,
+            err.status_code,
+            err.code,
+        )
         return err
 
     def _push_handoff(self, job: GenerationJob, decision: RoutingDecision) -> tuple[KvHandoff, str] | None:
@@ -422,8 +481,13 @@ class Orchestrator:
         if agent is None:
             return None
         rendezvous = f"{job.desc.request_id}-{uuid.uuid4().hex[:8]}"
-        return push_decode_handoff(agent, rendezvous, len(job.prompt_token_ids), self._push_compression,
-                                   push_wait_s(decision.predicted_ttft_s, self._prefill_timeout_s)), rendezvous
+        return push_decode_handoff(
+            agent,
+            rendezvous,
+            len(job.prompt_token_ids),
+            self._push_compression,
+            push_wait_s(decision.predicted_ttft_s, self._prefill_timeout_s),
+        ), rendezvous
 
     def _reserve(self, endpoint_id: str, tokens: int, priority: int = 0) -> Callable[[], None]:
         """Count ``tokens`` of prefill work (at engine ``priority``) queued on ``endpoint_id``; returns
@@ -441,6 +505,7 @@ class Orchestrator:
                 self._queued_by_priority[key] -= tokens
                 if self._queued_by_priority[key] <= 0:
                     del self._queued_by_priority[key]
+
         return release
 
     def queued_by_priority(self) -> dict[str, tuple[tuple[int, int], ...]]:

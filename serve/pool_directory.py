@@ -23,11 +23,14 @@ LOAD_FIELDS = ("num_running", "num_waiting", "kv_usage", "kv_capacity_tokens", "
 def load_fields(stats: Mapping) -> dict:
     """EndpointState's load fields (and ``updated_s``) from a stats mapping: ``WorkerStats.to_dict()``
     or a poll record; missing values count as zero."""
-    return {"num_running": int(stats.get("num_running") or 0), "num_waiting": int(stats.get("num_waiting") or 0),
-            "kv_usage": float(stats.get("kv_usage") or 0.0),
-            "kv_capacity_tokens": int(stats.get("kv_capacity_tokens") or 0),
-            "priority_step_tokens": int(stats.get("priority_step_tokens") or 0),
-            "updated_s": float(stats.get("updated_s") or 0.0)}
+    return {
+        "num_running": int(stats.get("num_running") or 0),
+        "num_waiting": int(stats.get("num_waiting") or 0),
+        "kv_usage": float(stats.get("kv_usage") or 0.0),
+        "kv_capacity_tokens": int(stats.get("kv_capacity_tokens") or 0),
+        "priority_step_tokens": int(stats.get("priority_step_tokens") or 0),
+        "updated_s": float(stats.get("updated_s") or 0.0),
+    }
 
 
 class EndpointSource(Protocol):
@@ -45,7 +48,7 @@ class PoolDirectory:
         self._lock = threading.Lock()
         self._sources: dict[str, EndpointSource] = {}
         self._polled: dict[str, dict] = {}
-        self._suspect: dict[str, float] = {}      # endpoint -> when a call to it failed (clock time)
+        self._suspect: dict[str, float] = {}  # endpoint -> when a call to it failed (clock time)
         self.registrations: dict[str, int] = {}
         self._clock = clock
         self.stale_s = stale_s
@@ -81,8 +84,11 @@ class PoolDirectory:
         with self._lock:
             self._suspect[endpoint_id] = self._clock()
 
-    def snapshot(self, in_flight: Mapping[str, int] | None = None,
-                 queued_by_priority: Mapping[str, tuple[tuple[int, int], ...]] | None = None) -> PoolSnapshot:
+    def snapshot(
+        self,
+        in_flight: Mapping[str, int] | None = None,
+        queued_by_priority: Mapping[str, tuple[tuple[int, int], ...]] | None = None,
+    ) -> PoolSnapshot:
         """``queued_by_priority``: endpoint -> ((engine priority, queued prefill tokens), ...)."""
         in_flight = in_flight or {}
         queued_by_priority = queued_by_priority or {}
@@ -91,9 +97,18 @@ class PoolDirectory:
             sources = list(self._sources.values())
             polled = dict(self._polled)
             suspects = set(self._suspect)
-        endpoints = [self._merge(e, polled.get(e.endpoint_id), in_flight.get(e.endpoint_id, 0), now,
-                                 queued_by_priority.get(e.endpoint_id, ()), e.endpoint_id in suspects)
-                     for src in sources for e in src.endpoints()]
+        endpoints = [
+            self._merge(
+                e,
+                polled.get(e.endpoint_id),
+                in_flight.get(e.endpoint_id, 0),
+                now,
+                queued_by_priority.get(e.endpoint_id, ()),
+                e.endpoint_id in suspects,
+            )
+            for src in sources
+            for e in src.endpoints()
+        ]
         live = {e.endpoint_id for e in endpoints}
         with self._lock:  # forget replicas Serve no longer lists
             for gone in set(self._polled) - live:
@@ -102,18 +117,35 @@ class PoolDirectory:
                 self._suspect.pop(gone, None)
         return PoolSnapshot(endpoints=endpoints, taken_s=now)
 
-    def _merge(self, e: EndpointState, polled: Mapping | None, in_flight: int, now: float,
-               by_priority: tuple[tuple[int, int], ...] = (), suspect: bool = False) -> EndpointState:
+    def _merge(
+        self,
+        e: EndpointState,
+        polled: Mapping | None,
+        in_flight: int,
+        now: float,
+        by_priority: tuple[tuple[int, int], ...] = (),
+        suspect: bool = False,
+    ) -> EndpointState:
         queued_tokens = sum(t for _, t in by_priority)
         if polled is None:  # not polled yet: Serve lists it as running, so it is routable
-            return dataclasses.replace(e, healthy=not suspect, in_flight=in_flight,
-                                       queued_prefill_tokens=queued_tokens, queued_prefill_by_priority=by_priority)
+            return dataclasses.replace(
+                e,
+                healthy=not suspect,
+                in_flight=in_flight,
+                queued_prefill_tokens=queued_tokens,
+                queued_prefill_by_priority=by_priority,
+            )
         load = load_fields(polled)
         fresh = now - load["updated_s"] <= self.stale_s
         healthy = bool(polled.get("healthy", True)) and fresh and not suspect
-        return dataclasses.replace(e, healthy=healthy, in_flight=in_flight,
-                                   queued_prefill_tokens=queued_tokens, queued_prefill_by_priority=by_priority,
-                                   **load)
+        return dataclasses.replace(
+            e,
+            healthy=healthy,
+            in_flight=in_flight,
+            queued_prefill_tokens=queued_tokens,
+            queued_prefill_by_priority=by_priority,
+            **load,
+        )
 
 
 def endpoint_from_stats(endpoint_id: str, pool: str, role: Role, stats: Mapping | None) -> EndpointState:

@@ -21,10 +21,17 @@ logger = logging.getLogger(__name__)
 
 
 class PoolMonitor:
-    def __init__(self, handles: Mapping[str, Any], directory: PoolDirectory, metrics: ClusterMetrics | None,
-                 period_s: float, timeout_s: float = 2.0, clock: Callable[[], float] = time.time,
-                 on_stats: Callable[[WorkerStats], None] | None = None,
-                 on_poll: Callable[[list[WorkerStats]], None] | None = None) -> None:
+    def __init__(
+        self,
+        handles: Mapping[str, Any],
+        directory: PoolDirectory,
+        metrics: ClusterMetrics | None,
+        period_s: float,
+        timeout_s: float = 2.0,
+        clock: Callable[[], float] = time.time,
+        on_stats: Callable[[WorkerStats], None] | None = None,
+        on_poll: Callable[[list[WorkerStats]], None] | None = None,
+    ) -> None:
         self._on_stats = on_stats
         self._on_poll = on_poll
         self._handles = handles
@@ -70,9 +77,15 @@ class PoolMonitor:
         for r in results:
             if isinstance(r, WorkerStats):
                 self._cache[r.endpoint_id] = r
-                self._directory.update_stats(r.endpoint_id, {
-                    "healthy": r.healthy, **{k: getattr(r, k) for k in LOAD_FIELDS}, "updated_s": self._clock(),
-                    "reported_s": r.updated_s})
+                self._directory.update_stats(
+                    r.endpoint_id,
+                    {
+                        "healthy": r.healthy,
+                        **{k: getattr(r, k) for k in LOAD_FIELDS},
+                        "updated_s": self._clock(),
+                        "reported_s": r.updated_s,
+                    },
+                )
                 if self._metrics is not None:
                     self._metrics.observe_handoff_durations(r.kv_transfer_durations_s)
                 if self._on_stats is not None:

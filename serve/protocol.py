@@ -15,8 +15,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 class ApiError(Exception):
     """An error for the client, rendered as ``{"error": {message, type, param, code}}``."""
 
-    def __init__(self, status_code: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, retry_after_s: float | None = None):
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: float | None = None,
+    ):
         super().__init__(message)
         self.status_code = status_code
         self.message = message
@@ -39,8 +46,12 @@ def validation_error_to_api(err: ValidationError) -> ApiError:
     loc = [str(p) for p in first["loc"] if not isinstance(p, int) or p]
     param = ".".join(str(p) for p in first["loc"]) or None
     if first["type"] == "extra_forbidden":
-        return ApiError(400, f"Unsupported parameter: '{param}' is not supported by this server.",
-                        param=param, code="unsupported_parameter")
+        return ApiError(
+            400,
+            f"Unsupported parameter: '{param}' is not supported by this server.",
+            param=param,
+            code="unsupported_parameter",
+        )
     if first["type"] == "missing":
         return ApiError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
     msg = first["msg"].removeprefix("Value error, ")

@@ -32,11 +32,14 @@ class PdRequestRouter(RequestRouter):
         pool_directory.DIRECTORY.register(pool, self)
 
     def endpoints(self) -> list[EndpointState]:
-        return [endpoint_from_stats(r.replica_id.unique_id, self._pool, self._role, r.routing_stats)
-                for r in list(self.curr_replicas.values())]
+        return [
+            endpoint_from_stats(r.replica_id.unique_id, self._pool, self._role, r.routing_stats)
+            for r in list(self.curr_replicas.values())
+        ]
 
-    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
-                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
         if pending_request is not None:
             # Serve re-asks immediately unless told to back off: without this, replicas that are
             # momentarily full or slow to answer a queue probe turn routing into a busy loop.
@@ -55,4 +58,5 @@ class PdRequestRouter(RequestRouter):
         def load(r: RunningReplica) -> tuple[int, float]:
             s = r.routing_stats or {}
             return (int(s.get("num_running", 0)) + int(s.get("num_waiting", 0)), self._rng.random())
+
         return sorted(replicas, key=load)

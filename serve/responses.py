@@ -10,8 +10,11 @@ from workers.messages import COMPLETE_FINISH_REASONS
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def finish_reason(reason: str | None) -> str | None:
@@ -22,17 +25,28 @@ def finish_reason(reason: str | None) -> str | None:
     raise ValueError(f"finish_reason {reason!r} is an engine failure, not a completion")
 
 
-def full_response(p: ParsedRequest, text: str, reason: str | None, prompt_tokens: int, completion_tokens: int
-                  ) -> dict[str, Any]:
+def full_response(
+    p: ParsedRequest, text: str, reason: str | None, prompt_tokens: int, completion_tokens: int
+) -> dict[str, Any]:
     if p.kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": finish_reason(reason)}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": finish_reason(reason),
+        }
         obj = "chat.completion"
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason(reason)}
         obj = "text_completion"
-    return {"id": p.response_id, "object": obj, "created": p.created_s, "model": p.body.model,
-            "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
+    return {
+        "id": p.response_id,
+        "object": obj,
+        "created": p.created_s,
+        "model": p.body.model,
+        "choices": [choice],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
 
 
 def sse(data: dict[str, Any] | str) -> bytes:
@@ -49,8 +63,13 @@ class ChunkWriter:
 
     def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self._p.kind == "chat" else "text_completion"
-        d = {"id": self._p.response_id, "object": obj, "created": self._p.created_s, "model": self._p.body.model,
-             "choices": choices}
+        d = {
+            "id": self._p.response_id,
+            "object": obj,
+            "created": self._p.created_s,
+            "model": self._p.body.model,
+            "choices": choices,
+        }
         if self._include_usage:
             d["usage"] = None
         return d
@@ -58,13 +77,20 @@ class ChunkWriter:
     def role(self) -> bytes | None:
         if self._p.kind != "chat":
             return None
-        return sse(self._envelope([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                    "finish_reason": None}]))
+        return sse(
+            self._envelope(
+                [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+            )
+        )
 
     def delta(self, text: str, reason: str | None) -> bytes:
         if self._p.kind == "chat":
-            choice = {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None,
-                      "finish_reason": finish_reason(reason)}
+            choice = {
+                "index": 0,
+                "delta": {"content": text} if text else {},
+                "logprobs": None,
+                "finish_reason": finish_reason(reason),
+            }
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason(reason)}
         return sse(self._envelope([choice]))

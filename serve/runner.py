@@ -38,8 +38,13 @@ class RunningCluster:
 def _runtime_env() -> dict:
     """Replicas must import this project's packages: ship the repo root as the working dir only
     when the packages are not importable from site-packages (e.g. a plain checkout)."""
-    return {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": os.environ.get(
-        "VLLM_LOGGING_LEVEL", "WARNING"), "RAY_SERVE_ENABLE_TASK_EVENTS": "0"}}
+    return {
+        "env_vars": {
+            "TOKENIZERS_PARALLELISM": "false",
+            "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+            "RAY_SERVE_ENABLE_TASK_EVENTS": "0",
+        }
+    }
 
 
 def wait_healthy(base_url: str, timeout_s: float, progress=None) -> dict:
@@ -105,19 +110,28 @@ def start_cluster(cfg: ClusterConfig, timeout_s: float = 600.0, progress=print) 
         else:
             cores = serving_cores(cfg.ray.serving_cores, cfg.pools, os.sched_getaffinity(0))
             with inherited_affinity(cores):
-                ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, runtime_env=_runtime_env(),
-                         logging_level=logging.WARNING)
+                ray.init(
+                    num_cpus=cfg.ray.num_cpus,
+                    include_dashboard=False,
+                    runtime_env=_runtime_env(),
+                    logging_level=logging.WARNING,
+                )
             started_ray = True
-    progress(f"[pdserve] Ray up; starting {len(cfg.pools)} pools: " +
-             ", ".join(f"{p.name}({p.role.value} x{p.replicas.max})" for p in cfg.pools))
+    progress(
+        f"[pdserve] Ray up; starting {len(cfg.pools)} pools: "
+        + ", ".join(f"{p.name}({p.role.value} x{p.replicas.max})" for p in cfg.pools)
+    )
     serve.start(http_options={"host": cfg.server.host, "port": cfg.server.port})
     base_url = f"http://{cfg.server.host}:{cfg.server.port}"
-    cluster = RunningCluster(cfg=cfg, base_url=base_url, model_path=model_path, started_ray=started_ray,
-                             cold_start_s=0.0)
+    cluster = RunningCluster(
+        cfg=cfg, base_url=base_url, model_path=model_path, started_ray=started_ray, cold_start_s=0.0
+    )
     try:
         # serve.run would wait for RUNNING without a bound; deploy, then wait with our deadline
-        serve.run_many([serve.RunTarget(build_app(cfg, model_path), name=cfg.app_name, route_prefix="/")],
-                       wait_for_applications_running=False)
+        serve.run_many(
+            [serve.RunTarget(build_app(cfg, model_path), name=cfg.app_name, route_prefix="/")],
+            wait_for_applications_running=False,
+        )
         wait_app_running(cfg.app_name, t0 + timeout_s)
         progress("[pdserve] engines loaded; waiting for health")
         # the rest of the budget, at least a minute for the warm-up requests once replicas run

@@ -50,15 +50,20 @@ class CpuDevice(_Strict):
     fight each other, so give each pool its own cores."""
 
     kind: Literal["cpu"] = "cpu"
-    cpu_cores: str | list[str] = Field("auto", description="one binding for every replica, or one per "
-                                       "replica (by its local rank on the node, wrapping around)")
+    cpu_cores: str | list[str] = Field(
+        "auto",
+        description="one binding for every replica, or one per "
+        "replica (by its local rank on the node, wrapping around)",
+    )
     num_cpus: float = Field(1.0, gt=0, description="Ray logical CPUs reserved per replica")
     kv_cache_space_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE (GiB) per engine")
-    malloc_reuse: bool = Field(True, description="engine processes keep freed memory for reuse (glibc, "
-                               "workers/engine_env.py MALLOC_REUSE_ENV): the slab codecs' large temporaries then "
-                               "skip page faults (int8/int4 pack ~3x faster on a 2-core CPU VM, "
-                               "loadtests/kv/kv_codec_microbench.py); the engine itself measured the same either way")
-
+    malloc_reuse: bool = Field(
+        True,
+        description="engine processes keep freed memory for reuse (glibc, "
+        "workers/engine_env.py MALLOC_REUSE_ENV): the slab codecs' large temporaries then "
+        "skip page faults (int8/int4 pack ~3x faster on a 2-core CPU VM, "
+        "loadtests/kv/kv_codec_microbench.py); the engine itself measured the same either way",
+    )
 
     @field_validator("cpu_cores")
     @classmethod
@@ -95,37 +100,71 @@ class EngineConfig(_Strict):
     tensor_parallel_size: int = Field(1, ge=1)
     pipeline_parallel_size: int = Field(1, ge=1)
     enable_prefix_caching: bool = True
-    scheduling_policy: Literal["fcfs", "priority"] = Field("fcfs", description="fcfs: arrival order (vLLM's "
-                                                           "default); priority: the engine serves requests of "
-                                                           "higher QoS tiers first (vLLM priority scheduling, fed "
-                                                           "the tier's priority; no gain measured on the CPU box, "
-                                                           "loadtests/results/README.md)")
-    dtype: str = Field("auto", description="engine dtype; 'auto' = bfloat16 on GPUs and on CPUs with native "
-                       "bf16 matmuls (avx512_bf16 or AMX), float32 on other CPUs, which emulate bf16 "
-                       "(workers/engine.py:resolve_dtype); or any vLLM dtype")
-    enforce_eager: bool = Field(False, description="false: vLLM compiles the model (torch.compile; CPU prefill and "
-                                "decode ~1.2-1.4x faster than eager, first start compiles, later starts load the "
-                                "compile cache); true: eager (faster start, slower steps)")
-    mq_busy_loop_s: float = Field(0.0, ge=0, description="seconds vLLM's engine-core/worker shared-memory "
-                                  "queue readers spin before sleeping (vLLM: 1.0; spinning steals a core "
-                                  "from the other engine on small CPU boxes)")
-    mq_recheck_ms: int = Field(1, ge=1, description="longest sleep of those readers before re-checking the "
-                               "queue (vLLM: 5000): bounds the stall when a best-effort wake-up is dropped, "
-                               "which happens on most steps (1-core decode step at batch 1: 33 ms at 1 ms, 43 ms "
-                               "at 10 ms)")
-    cpu_niceness: int | None = Field(None, ge=-20, le=19, description="renice the engine's processes to this "
-                                     "(Ray workers run at 15): 19 lets the HTTP proxy / router preempt engine "
-                                     "compute on a saturated box; null = leave as started")
-    kv_events: bool = Field(True, description="publish KV cache events (blocks stored/removed, vLLM "
-                            "kv_events_config over ZMQ on a free port) so routers index this engine's prefix "
-                            "cache exactly; off: routers rely on their own record of what they routed")
+    scheduling_policy: Literal["fcfs", "priority"] = Field(
+        "fcfs",
+        description="fcfs: arrival order (vLLM's "
+        "default); priority: the engine serves requests of "
+        "higher QoS tiers first (vLLM priority scheduling, fed "
+        "the tier's priority; no gain measured on the CPU box, "
+        "loadtests/results/README.md)",
+    )
+    dtype: str = Field(
+        "auto",
+        description="engine dtype; 'auto' = bfloat16 on GPUs and on CPUs with native "
+        "bf16 matmuls (avx512_bf16 or AMX), float32 on other CPUs, which emulate bf16 "
+        "(workers/engine.py:resolve_dtype); or any vLLM dtype",
+    )
+    enforce_eager: bool = Field(
+        False,
+        description="false: vLLM compiles the model (torch.compile; CPU prefill and "
+        "decode ~1.2-1.4x faster than eager, first start compiles, later starts load the "
+        "compile cache); true: eager (faster start, slower steps)",
+    )
+    mq_busy_loop_s: float = Field(
+        0.0,
+        ge=0,
+        description="seconds vLLM's engine-core/worker shared-memory "
+        "queue readers spin before sleeping (vLLM: 1.0; spinning steals a core "
+        "from the other engine on small CPU boxes)",
+    )
+    mq_recheck_ms: int = Field(
+        1,
+        ge=1,
+        description="longest sleep of those readers before re-checking the "
+        "queue (vLLM: 5000): bounds the stall when a best-effort wake-up is dropped, "
+        "which happens on most steps (1-core decode step at batch 1: 33 ms at 1 ms, 43 ms "
+        "at 10 ms)",
+    )
+    cpu_niceness: int | None = Field(
+        None,
+        ge=-20,
+        le=19,
+        description="renice the engine's processes to this "
+        "(Ray workers run at 15): 19 lets the HTTP proxy / router preempt engine "
+        "compute on a saturated box; null = leave as started",
+    )
+    kv_events: bool = Field(
+        True,
+        description="publish KV cache events (blocks stored/removed, vLLM "
+        "kv_events_config over ZMQ on a free port) so routers index this engine's prefix "
+        "cache exactly; off: routers rely on their own record of what they routed",
+    )
     extra: dict[str, Any] = Field(default_factory=dict, description="passed to vLLM AsyncEngineArgs")
 
     @field_validator("extra")
     @classmethod
     def _no_managed_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
-        managed = {"model", "kv_transfer_config", "kv_events_config", "block_size", "max_model_len",
-                   "tensor_parallel_size", "pipeline_parallel_size", "max_num_seqs", "scheduling_policy"}
+        managed = {
+            "model",
+            "kv_transfer_config",
+            "kv_events_config",
+            "block_size",
+            "max_model_len",
+            "tensor_parallel_size",
+            "pipeline_parallel_size",
+            "max_num_seqs",
+            "scheduling_policy",
+        }
         clash = sorted(managed & set(v))
         if clash:
             raise ValueError(f"engine.extra must not set managed keys {clash}; use the engine fields")
@@ -154,34 +193,56 @@ class PoolConfig(_Strict):
             if self.device.count != need:
                 raise ValueError(
                     f"pool {self.name!r}: device.count ({self.device.count}) must equal "
-                    f"tensor_parallel_size x pipeline_parallel_size ({need})")
+                    f"tensor_parallel_size x pipeline_parallel_size ({need})"
+                )
         return self
 
 
 class KvHandoffConfig(_Strict):
     """How KV moves from prefill to decode engines (see workers/handoff.py)."""
 
-    backend: Literal["nixl", "slab"] = Field("nixl", description="'nixl': vLLM's NixlConnector (UCX); 'slab': "
-                                             "our SlabKVConnector (kvtransfer/, slabs over NIXL, int8/int4)")
+    backend: Literal["nixl", "slab"] = Field(
+        "nixl",
+        description="'nixl': vLLM's NixlConnector (UCX); 'slab': "
+        "our SlabKVConnector (kvtransfer/, slabs over NIXL, int8/int4)",
+    )
     ucx_tls: str = Field("tcp,self,sm", description="UCX transports; e.g. 'rc,cuda_ipc,cuda_copy,tcp' on GPU")
-    side_channel_host: str = Field("auto", description="address peers use to reach an engine; "
-                                   "'auto' = this Ray node's IP")
+    side_channel_host: str = Field(
+        "auto", description="address peers use to reach an engine; 'auto' = this Ray node's IP"
+    )
     kv_buffer_device: Literal["cpu", "cuda"] = "cpu"
-    kv_lease_s: int = Field(30, ge=6, description="prefill frees KV no decode has read after this long (both "
-                            "backends)")
-    nixl_progress_thread: bool = Field(True, description="NIXL's UCX progress thread; off, transfers over TCP "
-                                       "progress only when an engine steps (slow handoffs)")
-    nixl_progress_delay_us: int = Field(1000, ge=0, description="progress thread poll timeout (both "
-                                        "backends); 0 = NIXL's stock busy spin (a core per engine)")
-    kv_cache_huge_pages: bool = Field(True, description="nixl backend, CPU engines: move the paged KV caches "
-                                      "onto transparent huge pages before NIXL registers them (same-host READs "
-                                      "copy ~2.7x faster from them)")
-    ucx_mt_mutex: bool = Field(True, description="UCX_USE_MT_MUTEX: UCX locks its workers with a mutex, not a "
-                               "spinlock, so NIXL's progress thread sleeps instead of spinning on the engine's "
-                               "core while the engine READs (2x faster same-host READs here); false = UCX default")
-    slab_mode: Literal["pull", "push"] = Field("pull", description="slab backend: 'pull' = the decode engine "
-                                               "READs after the prefill answered; 'push' = the decode request "
-                                               "goes out with the prefill, reserves a buffer, and the prefill "
-                                               "WRITEs into it (no round trip through the router between them)")
-    slab: SlabSettings = Field(default_factory=SlabSettings, description="slab backend: the connector's own "
-                               "options (compression, slab_tokens, timeouts, pool), passed to it unchanged")
+    kv_lease_s: int = Field(30, ge=6, description="prefill frees KV no decode has read after this long (both backends)")
+    nixl_progress_thread: bool = Field(
+        True,
+        description="NIXL's UCX progress thread; off, transfers over TCP "
+        "progress only when an engine steps (slow handoffs)",
+    )
+    nixl_progress_delay_us: int = Field(
+        1000,
+        ge=0,
+        description="progress thread poll timeout (both backends); 0 = NIXL's stock busy spin (a core per engine)",
+    )
+    kv_cache_huge_pages: bool = Field(
+        True,
+        description="nixl backend, CPU engines: move the paged KV caches "
+        "onto transparent huge pages before NIXL registers them (same-host READs "
+        "copy ~2.7x faster from them)",
+    )
+    ucx_mt_mutex: bool = Field(
+        True,
+        description="UCX_USE_MT_MUTEX: UCX locks its workers with a mutex, not a "
+        "spinlock, so NIXL's progress thread sleeps instead of spinning on the engine's "
+        "core while the engine READs (2x faster same-host READs here); false = UCX default",
+    )
+    slab_mode: Literal["pull", "push"] = Field(
+        "pull",
+        description="slab backend: 'pull' = the decode engine "
+        "READs after the prefill answered; 'push' = the decode request "
+        "goes out with the prefill, reserves a buffer, and the prefill "
+        "WRITEs into it (no round trip through the router between them)",
+    )
+    slab: SlabSettings = Field(
+        default_factory=SlabSettings,
+        description="slab backend: the connector's own "
+        "options (compression, slab_tokens, timeouts, pool), passed to it unchanged",
+    )

@@ -31,8 +31,9 @@ def _side_channel_host(cfg: KvHandoffConfig) -> str:
 class EngineServer:
     """One vLLM engine replica of a prefill or decode pool."""
 
-    def __init__(self, pool: dict[str, Any], handoff: dict[str, Any], model_path: str,
-                 served_model_name: str, max_model_len: int) -> None:
+    def __init__(
+        self, pool: dict[str, Any], handoff: dict[str, Any], model_path: str, served_model_name: str, max_model_len: int
+    ) -> None:
         ctx = serve.get_replica_context()
         pool_cfg = PoolConfig.model_validate(pool)
         handoff_cfg = KvHandoffConfig.model_validate(handoff)
@@ -41,9 +42,15 @@ class EngineServer:
         bind, address = ("", "")
         if pool_cfg.engine.kv_events and pool_cfg.engine.enable_prefix_caching:
             bind, address = kv_events_endpoints(host)
-        spec = EngineSpec(pool=pool_cfg, model_path=model_path, served_model_name=served_model_name,
-                          max_model_len=max_model_len, local_rank=local_rank, kv_events_endpoint=bind,
-                          kv_events_address=address)
+        spec = EngineSpec(
+            pool=pool_cfg,
+            model_path=model_path,
+            served_model_name=served_model_name,
+            max_model_len=max_model_len,
+            local_rank=local_rank,
+            kv_events_endpoint=bind,
+            kv_events_address=address,
+        )
         self._pool = pool_cfg
         self._wrapper = EngineWrapper(spec, make_handoff(handoff_cfg, host), endpoint_id=ctx.replica_id.unique_id)
         self._wrapper.start()

@@ -39,8 +39,8 @@ class EngineSpec:
     served_model_name: str
     max_model_len: int
     local_rank: int = 0
-    kv_events_endpoint: str = ""     # where the engine's KV-event PUB socket binds ("" = off)
-    kv_events_address: str = ""      # where subscribers connect to it
+    kv_events_endpoint: str = ""  # where the engine's KV-event PUB socket binds ("" = off)
+    kv_events_address: str = ""  # where subscribers connect to it
 
 
 KV_EVENTS_TOPIC = "kv"
@@ -94,13 +94,14 @@ def resolve_dtype(dtype: str, device: CpuDevice | GpuDevice, flags: frozenset[st
 
 def device_env(pool: PoolConfig, local_rank: int = 0) -> dict[str, str]:
     """Process environment of the engine (CPU pinning / KV space / compile cache, queue spinning)."""
-    env = {MQ_BUSY_LOOP_ENV: str(pool.engine.mq_busy_loop_s),
-           MQ_RECHECK_ENV: str(pool.engine.mq_recheck_ms)}
+    env = {MQ_BUSY_LOOP_ENV: str(pool.engine.mq_busy_loop_s), MQ_RECHECK_ENV: str(pool.engine.mq_recheck_ms)}
     if isinstance(pool.device, CpuDevice):
-        env.update({
-            "VLLM_CPU_OMP_THREADS_BIND": pool.device.cores_for_rank(local_rank),
-            "VLLM_CPU_KVCACHE_SPACE": str(pool.device.kv_cache_space_gib),
-        })
+        env.update(
+            {
+                "VLLM_CPU_OMP_THREADS_BIND": pool.device.cores_for_rank(local_rank),
+                "VLLM_CPU_KVCACHE_SPACE": str(pool.device.kv_cache_space_gib),
+            }
+        )
         if not pool.engine.enforce_eager:
             env.update(CPU_COMPILE_CACHE_ENV)
         if pool.device.malloc_reuse:
@@ -108,8 +109,9 @@ def device_env(pool: PoolConfig, local_rank: int = 0) -> dict[str, str]:
     return env
 
 
-def engine_kwargs(spec: EngineSpec, kv_transfer_config: dict[str, Any] | None,
-                  flags: frozenset[str] = frozenset()) -> dict[str, Any]:
+def engine_kwargs(
+    spec: EngineSpec, kv_transfer_config: dict[str, Any] | None, flags: frozenset[str] = frozenset()
+) -> dict[str, Any]:
     """Keyword arguments of ``AsyncEngineArgs`` (pure; unit-tested); ``flags``: the host's CPU flags."""
     e = spec.pool.engine
     kwargs: dict[str, Any] = dict(
@@ -159,10 +161,19 @@ def to_sampling_params(s: SamplingSpec, extra_args: dict[str, Any] | None = None
     from vllm.sampling_params import RequestOutputKind
 
     return SamplingParams(
-        n=1, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-        seed=s.seed, stop=list(s.stop) or None, presence_penalty=s.presence_penalty,
-        frequency_penalty=s.frequency_penalty, repetition_penalty=s.repetition_penalty,
-        ignore_eos=s.ignore_eos, output_kind=RequestOutputKind.DELTA, extra_args=extra_args,
+        n=1,
+        max_tokens=s.max_tokens,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        seed=s.seed,
+        stop=list(s.stop) or None,
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        repetition_penalty=s.repetition_penalty,
+        ignore_eos=s.ignore_eos,
+        output_kind=RequestOutputKind.DELTA,
+        extra_args=extra_args,
     )
 
 
@@ -206,35 +217,43 @@ class EngineWrapper:
     async def prefill(self, req: PrefillRequest) -> PrefillResult:
         """Prefill only: compute the prompt's KV, keep it for the decode side, return the handoff."""
         params = self.handoff.prefill_params(req.push_rendezvous) if self.handoff else None
-        sampling = to_sampling_params(SamplingSpec(max_tokens=1, temperature=0.0),
-                                      extra_args={"kv_transfer_params": params} if params else None)
+        sampling = to_sampling_params(
+            SamplingSpec(max_tokens=1, temperature=0.0), extra_args={"kv_transfer_params": params} if params else None
+        )
         t0 = time.monotonic()
         final = None
         cached = 0
-        async for out in self._generate(req.request_id, req.prompt_token_ids, sampling, req.cache_salt,
-                                        req.priority):
+        async for out in self._generate(req.request_id, req.prompt_token_ids, sampling, req.cache_salt, req.priority):
             cached = out.num_cached_tokens or cached
             final = out
         if final is None:
             raise RuntimeError(f"prefill of {req.request_id} produced no output")
-        if final.outputs[0].finish_reason not in COMPLETE_FINISH_REASONS:   # its KV is not there to hand off
+        if final.outputs[0].finish_reason not in COMPLETE_FINISH_REASONS:  # its KV is not there to hand off
             raise RuntimeError(f"prefill of {req.request_id} finished {final.outputs[0].finish_reason!r}")
         handoff = self.handoff.handoff_from_output(final.kv_transfer_params) if self.handoff else None
-        return PrefillResult(request_id=req.request_id, endpoint_id=self.endpoint_id, handoff=handoff,
-                             num_prompt_tokens=len(req.prompt_token_ids), num_cached_tokens=cached,
-                             prefill_s=time.monotonic() - t0)
+        return PrefillResult(
+            request_id=req.request_id,
+            endpoint_id=self.endpoint_id,
+            handoff=handoff,
+            num_prompt_tokens=len(req.prompt_token_ids),
+            num_cached_tokens=cached,
+            prefill_s=time.monotonic() - t0,
+        )
 
     async def generate(self, req: DecodeRequest) -> AsyncIterator[TokenChunk]:
         """Decode (after a remote prefill when ``req.handoff`` is set), streaming deltas."""
         extra = {"kv_transfer_params": req.handoff.to_kv_transfer_params()} if req.handoff else None
         sampling = to_sampling_params(req.sampling, extra_args=extra)
         first = True
-        async for out in self._generate(req.request_id, req.prompt_token_ids, sampling, req.cache_salt,
-                                        req.priority):
+        async for out in self._generate(req.request_id, req.prompt_token_ids, sampling, req.cache_salt, req.priority):
             c = out.outputs[0]
-            yield TokenChunk(text=c.text, token_ids=tuple(c.token_ids), finish_reason=c.finish_reason,
-                             num_cached_tokens=out.num_cached_tokens if first else None,
-                             endpoint_id=self.endpoint_id)
+            yield TokenChunk(
+                text=c.text,
+                token_ids=tuple(c.token_ids),
+                finish_reason=c.finish_reason,
+                num_cached_tokens=out.num_cached_tokens if first else None,
+                endpoint_id=self.endpoint_id,
+            )
             first = False
 
     async def _generate(self, request_id: str, prompt_token_ids, sampling, cache_salt, priority: int = 0):
@@ -255,8 +274,9 @@ class EngineWrapper:
                 await self.engine.abort(request_id)
 
     def stats(self, drain: bool = False) -> WorkerStats:
-        s = self.collector.snapshot(self.endpoint_id, self.spec.pool.name, self.spec.pool.role.value,
-                                    healthy=self.healthy, drain=drain)
+        s = self.collector.snapshot(
+            self.endpoint_id, self.spec.pool.name, self.spec.pool.role.value, healthy=self.healthy, drain=drain
+        )
         if self.spec.pool.engine.enable_prefix_caching:
             s.kv_events_endpoint = self.spec.kv_events_address
         if self.handoff is not None:

@@ -95,8 +95,11 @@ class NixlHandoff(_RemotePrefillParams):
 
     def kv_transfer_config(self) -> dict[str, Any]:
         stock = self._cfg.nixl_progress_thread and self._cfg.nixl_progress_delay_us == 0
-        quiet = {} if stock else {
-            "kv_connector": "QuietNixlConnector", "kv_connector_module_path": "workers.nixl_connector"}
+        quiet = (
+            {}
+            if stock
+            else {"kv_connector": "QuietNixlConnector", "kv_connector_module_path": "workers.nixl_connector"}
+        )
         return {
             "kv_connector": "NixlConnector",
             "kv_role": "kv_both",
@@ -105,7 +108,6 @@ class NixlHandoff(_RemotePrefillParams):
             "kv_connector_extra_config": {"kv_lease_duration": self._cfg.kv_lease_s},
             **quiet,
         }
-
 
 
 class SlabHandoff(_RemotePrefillParams):

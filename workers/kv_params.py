@@ -47,15 +47,19 @@ class KvHandoff:
     def from_kv_transfer_params(cls, params: Mapping[str, Any], connector: str) -> KvHandoff:
         if not params.get(KEY_DO_REMOTE_PREFILL):
             raise ValueError("prefill output carries no remote-prefill handoff")
-        missing = [k for k in (KEY_REMOTE_ENGINE_ID, KEY_REMOTE_REQUEST_ID, KEY_REMOTE_HOST, KEY_REMOTE_PORT)
-                   if params.get(k) is None]
+        missing = [
+            k
+            for k in (KEY_REMOTE_ENGINE_ID, KEY_REMOTE_REQUEST_ID, KEY_REMOTE_HOST, KEY_REMOTE_PORT)
+            if params.get(k) is None
+        ]
         if missing:
             raise ValueError(f"kv_transfer_params lacks {missing}")
         block_ids = params.get(KEY_REMOTE_BLOCK_IDS) or []
-        num_blocks = sum(len(g) for g in block_ids) if block_ids and isinstance(block_ids[0], (list, tuple)) \
-            else len(block_ids)
+        num_blocks = (
+            sum(len(g) for g in block_ids) if block_ids and isinstance(block_ids[0], (list, tuple)) else len(block_ids)
+        )
         slab = params.get(KEY_SLAB_HANDOFF)
-        if not num_blocks and isinstance(slab, dict):     # SlabKVConnector: blocks travel grouped in slabs
+        if not num_blocks and isinstance(slab, dict):  # SlabKVConnector: blocks travel grouped in slabs
             num_blocks = sum(int(s[3]) for s in slab.get("slabs") or [])
         return cls(
             remote_engine_id=str(params[KEY_REMOTE_ENGINE_ID]),
@@ -69,12 +73,21 @@ class KvHandoff:
         )
 
 
-def push_decode_handoff(agent: tuple[str, str, int], rendezvous: str, num_tokens: int,
-                        compression: str, timeout_s: float = 0.0) -> KvHandoff:
+def push_decode_handoff(
+    agent: tuple[str, str, int], rendezvous: str, num_tokens: int, compression: str, timeout_s: float = 0.0
+) -> KvHandoff:
     """Slab push mode, decode side: the handoff of a decode request sent together with its prefill;
     ``agent`` = the prefill engine's slab agent (name, host, port) from its WorkerStats; ``timeout_s`` =
     how long the decode's reservation waits for the prefill (0: the connector's ``read_timeout_s``)."""
     engine_id, host, port = agent
     raw = decode_push_params(SlabPush(rendezvous, engine_id, host, int(port), compression, float(timeout_s)))
-    return KvHandoff(remote_engine_id=engine_id, remote_request_id=rendezvous, remote_host=host,
-                     remote_port=int(port), num_blocks=0, num_tokens=num_tokens, connector="slab-push", raw=raw)
+    return KvHandoff(
+        remote_engine_id=engine_id,
+        remote_request_id=rendezvous,
+        remote_host=host,
+        remote_port=int(port),
+        num_blocks=0,
+        num_tokens=num_tokens,
+        connector="slab-push",
+        raw=raw,
+    )

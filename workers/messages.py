@@ -31,8 +31,8 @@ class PrefillRequest:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     cache_salt: str | None = None
-    push_rendezvous: str | None = None   # slab push mode: the decode request reserving for this prefill
-    priority: int = 0                    # vLLM semantics: lower is served first (= -QoS tier priority)
+    push_rendezvous: str | None = None  # slab push mode: the decode request reserving for this prefill
+    priority: int = 0  # vLLM semantics: lower is served first (= -QoS tier priority)
 
     def __repr__(self) -> str:
         return f"PrefillRequest(id={self.request_id}, prompt_tokens={len(self.prompt_token_ids)})"
@@ -42,9 +42,9 @@ class PrefillRequest:
 class PrefillResult:
     request_id: str
     endpoint_id: str
-    handoff: KvHandoff | None         # None: nothing to hand off (the decode side prefills)
+    handoff: KvHandoff | None  # None: nothing to hand off (the decode side prefills)
     num_prompt_tokens: int
-    num_cached_tokens: int            # prefix-cache hit on the prefill engine
+    num_cached_tokens: int  # prefix-cache hit on the prefill engine
     prefill_s: float
 
 
@@ -55,11 +55,13 @@ class DecodeRequest:
     sampling: SamplingSpec
     handoff: KvHandoff | None = None  # None => prefill locally on the decode engine
     cache_salt: str | None = None
-    priority: int = 0                 # vLLM semantics: lower is served first (= -QoS tier priority)
+    priority: int = 0  # vLLM semantics: lower is served first (= -QoS tier priority)
 
     def __repr__(self) -> str:
-        return (f"DecodeRequest(id={self.request_id}, prompt_tokens={len(self.prompt_token_ids)}, "
-                f"remote_kv={self.handoff is not None})")
+        return (
+            f"DecodeRequest(id={self.request_id}, prompt_tokens={len(self.prompt_token_ids)}, "
+            f"remote_kv={self.handoff is not None})"
+        )
 
 
 # vLLM finish reasons of a request that completed. The others end it in failure ("error": a request-level
@@ -91,7 +93,7 @@ class WorkerStats:
     num_running: int = 0
     num_waiting: int = 0
     kv_usage: float = 0.0
-    kv_capacity_tokens: int = 0               # the engine's KV cache size in tokens (blocks x block size)
+    kv_capacity_tokens: int = 0  # the engine's KV cache size in tokens (blocks x block size)
     # 0: the engine schedules in arrival order; else it serves lower vLLM priority values first, after
     # at most this many tokens of lower-priority work already in its running batch (its step budget)
     priority_step_tokens: int = 0
@@ -101,16 +103,16 @@ class WorkerStats:
     prompt_tokens_external_kv: int = 0
     generation_tokens_total: int = 0
     kv_transfers_total: int = 0
-    kv_transfer_bytes_total: int = 0          # on the wire (after compression)
-    kv_transfer_raw_bytes_total: int = 0      # the same KV before compression
+    kv_transfer_bytes_total: int = 0  # on the wire (after compression)
+    kv_transfer_raw_bytes_total: int = 0  # the same KV before compression
     kv_transfer_seconds_total: float = 0.0
     kv_transfer_descriptors_total: int = 0
     kv_transfer_failures_total: int = 0
     kv_transfer_durations_s: list[float] = field(default_factory=list)  # since last drain
     # cost-model calibration samples since last drain (finished requests, engine-measured):
-    prefill_samples: list[tuple[int, float]] = field(default_factory=list)   # (uncached tokens, prefill s)
+    prefill_samples: list[tuple[int, float]] = field(default_factory=list)  # (uncached tokens, prefill s)
     decode_samples: list[tuple[int, int, float]] = field(default_factory=list)  # (batch, context tok, step s)
-    kv_events_endpoint: str = ""     # ZMQ address of the engine's KV cache event publisher ("" = none)
+    kv_events_endpoint: str = ""  # ZMQ address of the engine's KV cache event publisher ("" = none)
     kv_agent: list = field(default_factory=list)  # slab backend: [agent name, host, port] (push mode target)
     updated_s: float = 0.0
 

@@ -93,8 +93,11 @@ class QuietNixlConnector(NixlConnector):
         mask = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
         super().__init__(*args, **kwargs)
         if mask is not None and os.sched_getaffinity(0) != mask:
-            logger.info("restoring the engine thread's CPU affinity %s (NIXL worker set %s)",
-                        sorted(mask), sorted(os.sched_getaffinity(0)))
+            logger.info(
+                "restoring the engine thread's CPU affinity %s (NIXL worker set %s)",
+                sorted(mask),
+                sorted(os.sched_getaffinity(0)),
+            )
             os.sched_setaffinity(0, mask)
 
     def register_kv_caches(self, kv_caches):

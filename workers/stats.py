@@ -125,8 +125,15 @@ class EngineStatsCollector(StatLoggerBase):
             s.kv_transfer_bytes_total += nbytes
             s.kv_transfer_raw_bytes_total += nbytes
             s.kv_transfer_descriptors_total += int(sum(data.get("num_descriptors") or []))
-            s.kv_transfer_failures_total += sum(len(data.get(k) or []) for k in (
-                "num_failed_transfers", "num_failed_notifications", "num_failed_handshakes", "num_kv_expired_reqs"))
+            s.kv_transfer_failures_total += sum(
+                len(data.get(k) or [])
+                for k in (
+                    "num_failed_transfers",
+                    "num_failed_notifications",
+                    "num_failed_handshakes",
+                    "num_kv_expired_reqs",
+                )
+            )
         s.kv_transfers_total += len(durations)
         s.kv_transfer_seconds_total += float(sum(durations))
         self._pending_durations.extend(float(d) for d in durations)
@@ -141,13 +148,20 @@ class EngineStatsCollector(StatLoggerBase):
             if drain:
                 d["kv_transfer_durations_s"] = self._pending_durations
                 d["prefill_samples"] = self._prefill_samples
-                d["decode_samples"] = [(b, int(acc[1] / acc[2]), acc[0] / acc[2])
-                                       for (b, _), acc in sorted(self._decode_steps.items())]
+                d["decode_samples"] = [
+                    (b, int(acc[1] / acc[2]), acc[0] / acc[2]) for (b, _), acc in sorted(self._decode_steps.items())
+                ]
                 self._pending_durations, self._prefill_samples, self._decode_steps = [], [], {}
             else:
                 d["kv_transfer_durations_s"], d["prefill_samples"], d["decode_samples"] = [], [], []
         # updated_s = when the replica answered (it is alive), not when the engine last logged:
         # an idle engine logs nothing and must not look stale.
-        d.update(endpoint_id=endpoint_id, pool=pool, role=role, healthy=healthy, updated_s=time.time(),
-                 priority_step_tokens=self.priority_step_tokens())
+        d.update(
+            endpoint_id=endpoint_id,
+            pool=pool,
+            role=role,
+            healthy=healthy,
+            updated_s=time.time(),
+            priority_step_tokens=self.priority_step_tokens(),
+        )
         return WorkerStats.from_dict(d)

@@ -30,7 +30,7 @@ def _title(p: psutil.Process) -> str:
 
 
 def _is_engine(p: psutil.Process) -> bool:
-    try:   # name(): the kernel's 15-character copy of the title
+    try:  # name(): the kernel's 15-character copy of the title
         if p.status() == psutil.STATUS_ZOMBIE:
             return False
         return _title(p).startswith(ENGINE_TITLE_PREFIX) or p.name().startswith(ENGINE_TITLE_PREFIX)
@@ -62,8 +62,10 @@ def engine_processes(app_name: str, pool: str, timeout_s: float = 10.0) -> list[
         if found:
             return found
         if time.monotonic() > deadline:
-            raise AssertionError(f"no {ENGINE_TITLE_PREFIX}* process under a ServeReplica:{app_name}:pool-{pool} "
-                                 f"process within {timeout_s}s")
+            raise AssertionError(
+                f"no {ENGINE_TITLE_PREFIX}* process under a ServeReplica:{app_name}:pool-{pool} "
+                f"process within {timeout_s}s"
+            )
         time.sleep(0.25)
 
 

@@ -41,16 +41,19 @@ from loadtests.systems import REPO, SERVER_AUTOGROUP_NICE, resolved_config, star
 DEFAULT_CONFIG = REPO / "configs" / "bench" / "two-decode.yaml"
 INPUT_TOKENS, OUTPUT_TOKENS = 256, 128
 PHASES = ("before_kill", "kill_to_pause", "pause", "after_pause")
-WARMUP_S = 20.0          # the pre-kill throughput is measured from here on (skips the ramp-up)
-WINDOW_S = 10.0          # throughput recovery: completed tokens per window of this length ...
-RECOVERED_SHARE = 0.9    # ... at least this share of the pre-kill rate
-BIN_S = 5.0              # plot bins
+WARMUP_S = 20.0  # the pre-kill throughput is measured from here on (skips the ramp-up)
+WINDOW_S = 10.0  # throughput recovery: completed tokens per window of this length ...
+RECOVERED_SHARE = 0.9  # ... at least this share of the pre-kill rate
+BIN_S = 5.0  # plot bins
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="pdserve config with two decode replicas "
-                   "(default: configs/bench/two-decode.yaml)")
+    p.add_argument(
+        "--config",
+        default=str(DEFAULT_CONFIG),
+        help="pdserve config with two decode replicas (default: configs/bench/two-decode.yaml)",
+    )
     p.add_argument("--rate", type=float, default=1.0, help="req/s (Poisson arrivals)")
     p.add_argument("--duration", type=float, default=180.0, help="seconds of arrivals; requests = rate x duration")
     p.add_argument("--kill-decode-at", type=float, default=60.0, help="seconds since the run start")
@@ -76,6 +79,7 @@ def fault_targets(config: str) -> dict:
 
 # -- the fault schedule (blocking psutil work, run in threads) ------------------------------------------
 
+
 def kill_one_replica(app_name: str, pool: str, t0: float) -> dict:
     """SIGKILL the engine processes of one of ``pool``'s replicas (the pool must have at least two)."""
     replicas = faults.replica_processes(app_name, pool)
@@ -85,8 +89,12 @@ def kill_one_replica(app_name: str, pool: str, t0: float) -> dict:
         if engines := faults.engine_processes_of(replica):
             at = time.perf_counter() - t0
             faults.kill(engines)
-            return {"kill_s": at, "decode_replicas_before": len(replicas), "killed_replica_pid": replica.pid,
-                    "killed_engine_pids": [e.pid for e in engines]}
+            return {
+                "kill_s": at,
+                "decode_replicas_before": len(replicas),
+                "killed_replica_pid": replica.pid,
+                "killed_engine_pids": [e.pid for e in engines],
+            }
     raise RuntimeError(f"no engine process under any {pool!r} replica")
 
 
@@ -96,13 +104,17 @@ def pause_pool(app_name: str, pool: str, seconds: float, t0: float) -> dict:
     with faults.paused(engines, seconds) as pause:
         start = time.perf_counter() - t0
         pause.resumed.wait()
-    return {"pause_start_s": start, "pause_end_s": time.perf_counter() - t0,
-            "paused_engine_pids": [e.pid for e in engines]}
+    return {
+        "pause_start_s": start,
+        "pause_end_s": time.perf_counter() - t0,
+        "paused_engine_pids": [e.pid for e in engines],
+    }
 
 
 async def inject_faults(targets: dict, t0: float, args) -> dict:
     """The schedule, on the open loop's clock ``t0``: kill one decode replica's engines, later pause
     the prefill engines. Returns when each happened (seconds since ``t0``) and to which processes."""
+
     async def until(offset_s: float) -> None:
         await asyncio.sleep(max(0.0, t0 + offset_s - time.perf_counter()))
 
@@ -117,11 +129,13 @@ async def inject_faults(targets: dict, t0: float, args) -> dict:
 
 async def run_with_faults(base_url: str, args, targets: dict, specs):
     t0 = time.perf_counter()
-    return await asyncio.gather(run_open_loop(base_url, args.model, specs, args.duration, args.drain, t0=t0),
-                                inject_faults(targets, t0, args))
+    return await asyncio.gather(
+        run_open_loop(base_url, args.model, specs, args.duration, args.drain, t0=t0), inject_faults(targets, t0, args)
+    )
 
 
 # -- analysis (pure) ------------------------------------------------------------------------------------
+
 
 def classify(rec: RequestRecord, max_tokens: int) -> str:
     """``completed`` (every requested token: the workload sets ignore_eos), ``truncated`` (answered
@@ -141,8 +155,15 @@ def phase_of(start_s: float, fault_times: dict) -> str:
 
 def outcome_counts(records: list[RequestRecord], max_tokens: int) -> dict:
     c = Counter(classify(r, max_tokens) for r in records)
-    return {"sent": len(records), "completed": c["completed"], "failed": c["rejected"] + c["error"],
-            "rejected_503_429": c["rejected"], "error": c["error"], "hung": c["hung"], "truncated": c["truncated"]}
+    return {
+        "sent": len(records),
+        "completed": c["completed"],
+        "failed": c["rejected"] + c["error"],
+        "rejected_503_429": c["rejected"],
+        "error": c["error"],
+        "hung": c["hung"],
+        "truncated": c["truncated"],
+    }
 
 
 def finish_s(rec: RequestRecord) -> float:
@@ -176,8 +197,9 @@ def replica_restored_s(timeline: list[dict], kill_s: float, full: int) -> float 
     return None
 
 
-def throughput_recovered_s(records: list[RequestRecord], kill_s: float, max_tokens: int,
-                           step_s: float = 1.0) -> float | None:
+def throughput_recovered_s(
+    records: list[RequestRecord], kill_s: float, max_tokens: int, step_s: float = 1.0
+) -> float | None:
     """Seconds from the kill to the start of the first ``WINDOW_S`` window (starts every ``step_s``)
     whose completed-token rate, by finish time, is at least ``RECOVERED_SHARE`` of the mean rate over
     [``WARMUP_S``, kill); None if none is."""
@@ -206,21 +228,29 @@ def analyse(records: list[RequestRecord], timeline: list[dict], fault_times: dic
     new_503s = sum(r.outcome == "rejected" for r in after_kill)
     return {
         "counts": counts,
-        "by_phase": {ph: outcome_counts([r for r in records if phase_of(r.start_s, fault_times) == ph], max_tokens)
-                     for ph in PHASES},
+        "by_phase": {
+            ph: outcome_counts([r for r in records if phase_of(r.start_s, fault_times) == ph], max_tokens)
+            for ph in PHASES
+        },
         "new_request_503s_after_kill": new_503s,
         "stopped_using_dead_s": stopped_using_dead_s(timeline, kill_s),
         "last_error_after_kill_s": max(failed_after_kill) - kill_s if failed_after_kill else None,
         "replica_restored_s": replica_restored_s(timeline, kill_s, fault_times["decode_replicas_before"]),
         "throughput_recovered_s": throughput_recovered_s(records, kill_s, max_tokens),
-        "goals": [{"goal": "0 hung requests", "value": counts["hung"], "pass": counts["hung"] == 0},
-                  {"goal": "0 truncated answers", "value": counts["truncated"], "pass": counts["truncated"] == 0},
-                  {"goal": "0 new-request 503s after losing one of two decode replicas", "value": new_503s,
-                   "pass": new_503s == 0}],
+        "goals": [
+            {"goal": "0 hung requests", "value": counts["hung"], "pass": counts["hung"] == 0},
+            {"goal": "0 truncated answers", "value": counts["truncated"], "pass": counts["truncated"] == 0},
+            {
+                "goal": "0 new-request 503s after losing one of two decode replicas",
+                "value": new_503s,
+                "pass": new_503s == 0,
+            },
+        ],
     }
 
 
 # -- report ---------------------------------------------------------------------------------------------
+
 
 def _s(v: float | None, none: str = "never") -> str:
     return none if v is None else f"{v:.1f} s"
@@ -228,47 +258,63 @@ def _s(v: float | None, none: str = "never") -> str:
 
 def write_report(out: Path, summary: dict) -> None:
     a, f, m = summary["analysis"], summary["faults"], summary["meta"]
-    spans = {"before_kill": f"0-{f['kill_s']:.0f} s",
-             "kill_to_pause": f"{f['kill_s']:.0f}-{f['pause_start_s']:.0f} s",
-             "pause": f"{f['pause_start_s']:.0f}-{f['pause_end_s']:.0f} s",
-             "after_pause": f"from {f['pause_end_s']:.0f} s"}
-    lines = [f"# Fault injection run {m['run_id']}", "",
-             f"`{m['args']['config']}`: {m['args']['rate']} req/s Poisson for {m['args']['duration']:.0f} s "
-             f"(random, {INPUT_TOKENS} tokens in, {OUTPUT_TOKENS} out, ignore_eos), "
-             f"drain {m['args']['drain']:.0f} s; {m['skipped']} scheduled requests fell after the arrival window.",
-             f"Faults, in seconds since the run start: the engines of one of {f['decode_replicas_before']} decode "
-             f"replicas SIGKILLed at {f['kill_s']:.1f}; the prefill engines SIGSTOPped from {f['pause_start_s']:.1f} "
-             f"to {f['pause_end_s']:.1f}.", "",
-             "Requests by arrival: completed = every requested token; failed = a clear error (503/429 "
-             "rejection or an error status/event); hung = no answer when the drain ran out; truncated = "
-             "answered with fewer tokens.", "",
-             "| requests arriving | sent | completed correctly | failed with clear error (503/429) | hung "
-             "| truncated |",
-             "|---|---|---|---|---|---|"]
-    rows = [("all", a["counts"])] + [(f"{ph.replace('_', ' ')} ({span})", a["by_phase"][ph])
-                                     for ph, span in spans.items()]
+    spans = {
+        "before_kill": f"0-{f['kill_s']:.0f} s",
+        "kill_to_pause": f"{f['kill_s']:.0f}-{f['pause_start_s']:.0f} s",
+        "pause": f"{f['pause_start_s']:.0f}-{f['pause_end_s']:.0f} s",
+        "after_pause": f"from {f['pause_end_s']:.0f} s",
+    }
+    lines = [
+        f"# Fault injection run {m['run_id']}",
+        "",
+        f"`{m['args']['config']}`: {m['args']['rate']} req/s Poisson for {m['args']['duration']:.0f} s "
+        f"(random, {INPUT_TOKENS} tokens in, {OUTPUT_TOKENS} out, ignore_eos), "
+        f"drain {m['args']['drain']:.0f} s; {m['skipped']} scheduled requests fell after the arrival window.",
+        f"Faults, in seconds since the run start: the engines of one of {f['decode_replicas_before']} decode "
+        f"replicas SIGKILLed at {f['kill_s']:.1f}; the prefill engines SIGSTOPped from {f['pause_start_s']:.1f} "
+        f"to {f['pause_end_s']:.1f}.",
+        "",
+        "Requests by arrival: completed = every requested token; failed = a clear error (503/429 "
+        "rejection or an error status/event); hung = no answer when the drain ran out; truncated = "
+        "answered with fewer tokens.",
+        "",
+        "| requests arriving | sent | completed correctly | failed with clear error (503/429) | hung | truncated |",
+        "|---|---|---|---|---|---|",
+    ]
+    rows = [("all", a["counts"])] + [
+        (f"{ph.replace('_', ' ')} ({span})", a["by_phase"][ph]) for ph, span in spans.items()
+    ]
     for label, c in rows:
-        lines.append(f"| {label} | {c['sent']} | {c['completed']} | {c['failed']} ({c['rejected_503_429']}) | "
-                     f"{c['hung']} | {c['truncated']} |")
-    lines += ["", "| after the decode kill | |", "|---|---|",
-              f"| rejections of requests arriving between the kill and the pause | "
-              f"{a['new_request_503s_after_kill']} |",
-              f"| last decode retry (the router still picking the dead replica) | "
-              f"{_s(a['stopped_using_dead_s'])} |",
-              f"| last client-visible error of a request arriving between the kill and the pause | "
-              f"{_s(a['last_error_after_kill_s'], 'none failed')} |",
-              f"| decode replicas back to {f['decode_replicas_before']} | "
-              f"{_s(a['replica_restored_s'], 'never (or never fewer)')} |",
-              f"| throughput recovered (first {WINDOW_S:.0f} s window with completed tokens/s >= "
-              f"{RECOVERED_SHARE:.0%} of the mean over {WARMUP_S:.0f} s..kill) | {_s(a['throughput_recovered_s'])} |",
-              "", "## Goals", "", "| goal | measured | result |", "|---|---|---|"]
+        lines.append(
+            f"| {label} | {c['sent']} | {c['completed']} | {c['failed']} ({c['rejected_503_429']}) | "
+            f"{c['hung']} | {c['truncated']} |"
+        )
+    lines += [
+        "",
+        "| after the decode kill | |",
+        "|---|---|",
+        f"| rejections of requests arriving between the kill and the pause | {a['new_request_503s_after_kill']} |",
+        f"| last decode retry (the router still picking the dead replica) | {_s(a['stopped_using_dead_s'])} |",
+        f"| last client-visible error of a request arriving between the kill and the pause | "
+        f"{_s(a['last_error_after_kill_s'], 'none failed')} |",
+        f"| decode replicas back to {f['decode_replicas_before']} | "
+        f"{_s(a['replica_restored_s'], 'never (or never fewer)')} |",
+        f"| throughput recovered (first {WINDOW_S:.0f} s window with completed tokens/s >= "
+        f"{RECOVERED_SHARE:.0%} of the mean over {WARMUP_S:.0f} s..kill) | {_s(a['throughput_recovered_s'])} |",
+        "",
+        "## Goals",
+        "",
+        "| goal | measured | result |",
+        "|---|---|---|",
+    ]
     lines += [f"| {g['goal']} | {g['value']} | {'PASS' if g['pass'] else 'FAIL'} |" for g in a["goals"]]
     lines += ["", f"Plot: `{summary['plot']}`"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
-def plot_timeline(out: Path, records: list[RequestRecord], timeline: list[dict], fault_times: dict,
-                  max_tokens: int) -> Path:
+def plot_timeline(
+    out: Path, records: list[RequestRecord], timeline: list[dict], fault_times: dict, max_tokens: int
+) -> Path:
     """Offered / completed / failed per ``BIN_S`` bin, decode replicas and decode retries over time,
     with the faults marked."""
     fig, axes = plt.subplots(3, 1, figsize=(10, 8), sharex=True)
@@ -285,9 +331,11 @@ def plot_timeline(out: Path, records: list[RequestRecord], timeline: list[dict],
     ts = [s["t"] for s in timeline]
     axes[1].step(ts, [s.get("decode_replicas", 0) for s in timeline], where="post", label="decode replicas")
     axes[2].step(ts, [s.get("decode_retries", 0) for s in timeline], where="post", label="decode retries (total)")
-    marks = ((fault_times["kill_s"], "red", "decode engines killed"),
-             (fault_times["pause_start_s"], "orange", "prefill engines paused"),
-             (fault_times["pause_end_s"], "green", "prefill engines resumed"))
+    marks = (
+        (fault_times["kill_s"], "red", "decode engines killed"),
+        (fault_times["pause_start_s"], "orange", "prefill engines paused"),
+        (fault_times["pause_end_s"], "green", "prefill engines resumed"),
+    )
     for i, ax in enumerate(axes):
         for t, color, label in marks:
             ax.axvline(t, color=color, ls=":", label=label if i == 0 else None)
@@ -307,8 +355,14 @@ def main(argv=None) -> int:
     run_id = time.strftime("%Y%m%d-%H%M%S") + "-faults"
     out = Path(args.out) if args.out else REPO / "loadtests" / "results" / run_id
     (out / "raw").mkdir(parents=True, exist_ok=True)
-    specs = workloads.build("random", seed=args.seed, n=max(1, round(args.rate * args.duration)), rate=args.rate,
-                            input_tokens=INPUT_TOKENS, output_tokens=OUTPUT_TOKENS)
+    specs = workloads.build(
+        "random",
+        seed=args.seed,
+        n=max(1, round(args.rate * args.duration)),
+        rate=args.rate,
+        input_tokens=INPUT_TOKENS,
+        output_tokens=OUTPUT_TOKENS,
+    )
     port = free_port()
     print(f"[faults] starting ours ({portable(args.config)}) on :{port}", flush=True)
     sp = start_ours(config=args.config, port=port, log_dir=out / "logs")
@@ -325,12 +379,21 @@ def main(argv=None) -> int:
     (out / "raw" / "requests.json").write_text(json.dumps([r.to_dict() for r in res.records]))
     (out / "timeline.json").write_text(json.dumps(res.timeline))
     plot = plot_timeline(out, res.records, res.timeline, fault_times, OUTPUT_TOKENS)
-    summary = {"meta": {"run_id": run_id, "args": {k: portable(v) for k, v in vars(args).items()},
-                        "targets": targets, "ready_s": sp.ready_s, "duration_s": res.duration_s,
-                        "skipped": res.skipped, "max_tokens": OUTPUT_TOKENS,
-                        "server_autogroup_nice": SERVER_AUTOGROUP_NICE},
-               "faults": fault_times, "plot": plot.name,
-               "analysis": analyse(res.records, res.timeline, fault_times, OUTPUT_TOKENS)}
+    summary = {
+        "meta": {
+            "run_id": run_id,
+            "args": {k: portable(v) for k, v in vars(args).items()},
+            "targets": targets,
+            "ready_s": sp.ready_s,
+            "duration_s": res.duration_s,
+            "skipped": res.skipped,
+            "max_tokens": OUTPUT_TOKENS,
+            "server_autogroup_nice": SERVER_AUTOGROUP_NICE,
+        },
+        "faults": fault_times,
+        "plot": plot.name,
+        "analysis": analyse(res.records, res.timeline, fault_times, OUTPUT_TOKENS),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     write_report(out, summary)
     print(f"[faults] results in {out}", flush=True)

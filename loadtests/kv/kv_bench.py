@@ -70,27 +70,50 @@ def memcpy_gbps(nbytes: int = 256 << 20, reps: int = 5) -> float:
 def _kv_config(kind: str, name: str = "", port: int = 0) -> dict[str, Any]:
     if kind == "slab":
         # a known agent name and port: push-mode decode requests name their prefill's agent up front
-        return {"kv_connector": "SlabKVConnector", "kv_connector_module_path": "kvtransfer.connector",
-                "kv_role": "kv_both", "kv_load_failure_policy": "recompute", "engine_id": name,
-                "kv_connector_extra_config": {"ucx_tls": "tcp,self,sm", "pool_mib": 1024,
-                                              "side_channel_port": port}}
-    return {"kv_connector": "QuietNixlConnector", "kv_connector_module_path": "workers.nixl_connector",
-            "kv_role": "kv_both", "kv_buffer_device": "cpu", "kv_load_failure_policy": "recompute"}
+        return {
+            "kv_connector": "SlabKVConnector",
+            "kv_connector_module_path": "kvtransfer.connector",
+            "kv_role": "kv_both",
+            "kv_load_failure_policy": "recompute",
+            "engine_id": name,
+            "kv_connector_extra_config": {"ucx_tls": "tcp,self,sm", "pool_mib": 1024, "side_channel_port": port},
+        }
+    return {
+        "kv_connector": "QuietNixlConnector",
+        "kv_connector_module_path": "workers.nixl_connector",
+        "kv_role": "kv_both",
+        "kv_buffer_device": "cpu",
+        "kv_load_failure_policy": "recompute",
+    }
 
 
 def _start_pair(kind: str, model: str, max_model_len: int, logdir: Path) -> tuple[EngineProcess, EngineProcess]:
     pair = []
     for role, core in (("prefill", "0"), ("decode", "1")):
-        env = {"VLLM_CPU_OMP_THREADS_BIND": core, "VLLM_CPU_KVCACHE_SPACE": "2", "UCX_TLS": "tcp,self,sm",
-               "PYTHONPATH": str(REPO), "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
-               "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()), "PDSERVE_NIXL_PROGRESS_DELAY_US": "1000",
-               UCX_MT_MUTEX_ENV: "y", "PDSERVE_KV_CACHE_HUGE_PAGES": "1",
-               "PDSERVE_MQ_BUSY_LOOP_S": "0", **MALLOC_REUSE_ENV}  # as the cluster's CPU engines
-        if kind == "nixl-stock":        # vLLM's UCX spinlock and KV caches on 4 KiB pages
+        env = {
+            "VLLM_CPU_OMP_THREADS_BIND": core,
+            "VLLM_CPU_KVCACHE_SPACE": "2",
+            "UCX_TLS": "tcp,self,sm",
+            "PYTHONPATH": str(REPO),
+            "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
+            "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
+            "PDSERVE_NIXL_PROGRESS_DELAY_US": "1000",
+            UCX_MT_MUTEX_ENV: "y",
+            "PDSERVE_KV_CACHE_HUGE_PAGES": "1",
+            "PDSERVE_MQ_BUSY_LOOP_S": "0",
+            **MALLOC_REUSE_ENV,
+        }  # as the cluster's CPU engines
+        if kind == "nixl-stock":  # vLLM's UCX spinlock and KV caches on 4 KiB pages
             env.update({UCX_MT_MUTEX_ENV: "n", "PDSERVE_KV_CACHE_HUGE_PAGES": "0"})
-        opts = {"name": f"{kind}-{role}", "model": model, "block_size": BLOCK_SIZE, "max_model_len": max_model_len,
-                "dtype": "float32", "max_num_batched_tokens": max_model_len,
-                "kv_transfer_config": _kv_config(kind, f"kvbench-{kind}-{role}", free_port())}
+        opts = {
+            "name": f"{kind}-{role}",
+            "model": model,
+            "block_size": BLOCK_SIZE,
+            "max_model_len": max_model_len,
+            "dtype": "float32",
+            "max_num_batched_tokens": max_model_len,
+            "kv_transfer_config": _kv_config(kind, f"kvbench-{kind}-{role}", free_port()),
+        }
         pair.append(EngineProcess(opts, env, str(logdir / f"{kind}-{role}.log"), str(REPO), wait=False))
     return pair[0].wait_ready(), pair[1].wait_ready()
 
@@ -119,12 +142,20 @@ def _push_round(prefill: EngineProcess, decode: EngineProcess, ids: list[int], r
 
     agent = prefill.options["kv_transfer_config"]
     # the reservation waits as long as a long prompt's prefill takes here (4k tokens: ~16 s on one core)
-    push = SlabPush(rendezvous, agent["engine_id"], "127.0.0.1",
-                    agent["kv_connector_extra_config"]["side_channel_port"], timeout_s=120.0)
-    decode.submit(op="generate", requests=[{"prompt_token_ids": ids, "max_tokens": 1,
-                                            "kv_transfer_params": decode_push_params(push)}])
-    (p_out,) = prefill.generate([{"prompt_token_ids": ids, "max_tokens": 1,
-                                  "kv_transfer_params": prefill_push_params(rendezvous)}])
+    push = SlabPush(
+        rendezvous,
+        agent["engine_id"],
+        "127.0.0.1",
+        agent["kv_connector_extra_config"]["side_channel_port"],
+        timeout_s=120.0,
+    )
+    decode.submit(
+        op="generate",
+        requests=[{"prompt_token_ids": ids, "max_tokens": 1, "kv_transfer_params": decode_push_params(push)}],
+    )
+    (p_out,) = prefill.generate(
+        [{"prompt_token_ids": ids, "max_tokens": 1, "kv_transfer_params": prefill_push_params(rendezvous)}]
+    )
     (d_out,) = decode.result(timeout_s=300)["outputs"]
     return p_out, d_out
 
@@ -137,10 +168,13 @@ def run_connector(kind: str, model: str, sizes: list[int], reps: int, logdir: Pa
     seen_p = seen_d = 0
     # (compression, mode): pull = the caller sends the decode request after the prefill's response;
     # push = both at once, the prefill WRITEs into the decode's reservation (slab connector only)
-    variants = ([("none", "pull"), ("int8", "pull"), ("int4", "pull"), ("none", "push")] if kind == "slab"
-                else [("none", "pull")])
+    variants = (
+        [("none", "pull"), ("int8", "pull"), ("int4", "pull"), ("none", "push")]
+        if kind == "slab"
+        else [("none", "pull")]
+    )
     try:
-        for size in [min(sizes)] + sizes:                       # the first round warms up connections
+        for size in [min(sizes)] + sizes:  # the first round warms up connections
             warm = len(rows) == 0 and size == min(sizes)
             for compression, mode in variants:
                 for rep in range(1 if warm else reps):
@@ -150,40 +184,66 @@ def run_connector(kind: str, model: str, sizes: list[int], reps: int, logdir: Pa
                         p_out, d_out = _push_round(prefill, decode, ids, f"{size}-{rep}-{warm}")
                     else:
                         pre = {"do_remote_decode": True, **({"compression": compression} if kind == "slab" else {})}
-                        (p_out,) = prefill.generate([{"prompt_token_ids": ids, "max_tokens": 1,
-                                                      "kv_transfer_params": pre}])
-                        (d_out,) = decode.generate([{"prompt_token_ids": ids, "max_tokens": 1,
-                                                    "kv_transfer_params": p_out["kv_transfer_params"]}])
-                    row = {"connector": kind, "compression": compression, "mode": mode, "prompt_tokens": size,
-                           "rep": rep, "warmup": warm, "prefill_s": p_out["latency_s"],
-                           "decode_request_s": d_out["latency_s"],
-                           # prefill submitted -> decode's token back, as the caller sees it
-                           "end_to_end_s": time.perf_counter() - t0}
+                        (p_out,) = prefill.generate(
+                            [{"prompt_token_ids": ids, "max_tokens": 1, "kv_transfer_params": pre}]
+                        )
+                        (d_out,) = decode.generate(
+                            [
+                                {
+                                    "prompt_token_ids": ids,
+                                    "max_tokens": 1,
+                                    "kv_transfer_params": p_out["kv_transfer_params"],
+                                }
+                            ]
+                        )
+                    row = {
+                        "connector": kind,
+                        "compression": compression,
+                        "mode": mode,
+                        "prompt_tokens": size,
+                        "rep": rep,
+                        "warmup": warm,
+                        "prefill_s": p_out["latency_s"],
+                        "decode_request_s": d_out["latency_s"],
+                        # prefill submitted -> decode's token back, as the caller sees it
+                        "end_to_end_s": time.perf_counter() - t0,
+                    }
                     if kind == "slab":
                         d_stats, seen_d = _new_stats(decode, kind, seen_d)
                         p_stats, seen_p = _new_stats(prefill, kind, seen_p)
                         # the decode's counter is cumulative over pull AND push handoffs
-                        row.update(pack_s=p_stats["pack_s"][-1], failures=d_stats["failures"],
-                                   wire_bytes=d_stats["wire_bytes"] - sum(r.get("wire_bytes", 0) for r in rows
-                                                                           if r["connector"] == "slab"),
-                                   raw_bytes=-(-size // BLOCK_SIZE) * BLOCK_SIZE * 30 * 3 * 128 * 4)
+                        row.update(
+                            pack_s=p_stats["pack_s"][-1],
+                            failures=d_stats["failures"],
+                            wire_bytes=d_stats["wire_bytes"]
+                            - sum(r.get("wire_bytes", 0) for r in rows if r["connector"] == "slab"),
+                            raw_bytes=-(-size // BLOCK_SIZE) * BLOCK_SIZE * 30 * 3 * 128 * 4,
+                        )
                         if mode == "push":
                             row["descriptors"] = -(-size // 128)
                         else:
-                            row.update(descriptors=len(p_out["kv_transfer_params"]["slab_handoff"]["slabs"]),
-                                       transfer_s=d_stats["transfer_s"][-1], read_scatter_s=d_stats["handoff_s"][-1],
-                                       connector_handoff_s=p_stats["pack_s"][-1] + d_stats["handoff_s"][-1])
+                            row.update(
+                                descriptors=len(p_out["kv_transfer_params"]["slab_handoff"]["slabs"]),
+                                transfer_s=d_stats["transfer_s"][-1],
+                                read_scatter_s=d_stats["handoff_s"][-1],
+                                connector_handoff_s=p_stats["pack_s"][-1] + d_stats["handoff_s"][-1],
+                            )
                     else:
                         recs, seen_d = _new_stats(decode, kind, seen_d)
-                        row.update(descriptors=sum(sum(r["num_descriptors"]) for r in recs),
-                                   transfer_s=sum(sum(r["transfer_duration"]) for r in recs),
-                                   post_s=sum(sum(r["post_duration"]) for r in recs),
-                                   connector_handoff_s=sum(sum(r["transfer_duration"]) for r in recs),
-                                   wire_bytes=sum(sum(r["bytes_transferred"]) for r in recs), failures={})
+                        row.update(
+                            descriptors=sum(sum(r["num_descriptors"]) for r in recs),
+                            transfer_s=sum(sum(r["transfer_duration"]) for r in recs),
+                            post_s=sum(sum(r["post_duration"]) for r in recs),
+                            connector_handoff_s=sum(sum(r["transfer_duration"]) for r in recs),
+                            wire_bytes=sum(sum(r["bytes_transferred"]) for r in recs),
+                            failures={},
+                        )
                         row["raw_bytes"] = row["wire_bytes"]
                     rows.append(row)
-                    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
-                          flush=True)
+                    print(
+                        json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
+                        flush=True,
+                    )
     finally:
         prefill.stop()
         decode.stop()
@@ -199,25 +259,44 @@ def summarize(rows: list[dict], memcpy: float, sizes: list[int]) -> dict:
     out: dict[str, Any] = {"memcpy_gbps_single_thread": memcpy, "block_size": BLOCK_SIZE, "by_size": {}}
     for size in sizes:
         entry: dict[str, Any] = {}
-        for kind, comp, mode in (("nixl-stock", "none", "pull"), ("nixl", "none", "pull"), ("slab", "none", "pull"),
-                                 ("slab", "int8", "pull"),
-                                 ("slab", "int4", "pull"), ("slab", "none", "push")):
-            rs = [r for r in rows if r["connector"] == kind and r["compression"] == comp
-                  and r.get("mode", "pull") == mode and r["prompt_tokens"] == size and not r["warmup"]]
+        for kind, comp, mode in (
+            ("nixl-stock", "none", "pull"),
+            ("nixl", "none", "pull"),
+            ("slab", "none", "pull"),
+            ("slab", "int8", "pull"),
+            ("slab", "int4", "pull"),
+            ("slab", "none", "push"),
+        ):
+            rs = [
+                r
+                for r in rows
+                if r["connector"] == kind
+                and r["compression"] == comp
+                and r.get("mode", "pull") == mode
+                and r["prompt_tokens"] == size
+                and not r["warmup"]
+            ]
             if not rs:
                 continue
-            e = {"n": len(rs), "end_to_end_p50_s": percentile([r["end_to_end_s"] for r in rs], 50),
-                 "end_to_end_p99_s": percentile([r["end_to_end_s"] for r in rs], 99)}
+            e = {
+                "n": len(rs),
+                "end_to_end_p50_s": percentile([r["end_to_end_s"] for r in rs], 50),
+                "end_to_end_p99_s": percentile([r["end_to_end_s"] for r in rs], 99),
+            }
             if mode == "push":
                 entry["slab-push-none"] = {**e, "wire_bytes": statistics.median(r["wire_bytes"] for r in rs)}
                 continue
-            e.update({"descriptors_per_handoff": statistics.median(r["descriptors"] for r in rs),
-                 "wire_bytes": statistics.median(r["wire_bytes"] for r in rs),
-                 "raw_bytes": statistics.median(r["raw_bytes"] for r in rs),
-                 "connector_handoff_p50_s": percentile([_handoff_s(r) for r in rs], 50),
-                 "connector_handoff_p99_s": percentile([_handoff_s(r) for r in rs], 99),
-                 "decode_request_p50_s": percentile([r["decode_request_s"] for r in rs], 50),
-                 "decode_request_p99_s": percentile([r["decode_request_s"] for r in rs], 99)})
+            e.update(
+                {
+                    "descriptors_per_handoff": statistics.median(r["descriptors"] for r in rs),
+                    "wire_bytes": statistics.median(r["wire_bytes"] for r in rs),
+                    "raw_bytes": statistics.median(r["raw_bytes"] for r in rs),
+                    "connector_handoff_p50_s": percentile([_handoff_s(r) for r in rs], 50),
+                    "connector_handoff_p99_s": percentile([_handoff_s(r) for r in rs], 99),
+                    "decode_request_p50_s": percentile([r["decode_request_s"] for r in rs], 50),
+                    "decode_request_p99_s": percentile([r["decode_request_s"] for r in rs], 99),
+                }
+            )
             if kind == "slab":
                 gbps = [r["raw_bytes"] / (r["pack_s"] + r["transfer_s"]) / 1e9 for r in rs]
                 e["pack_transfer_gbps_p50"] = statistics.median(gbps)
@@ -235,19 +314,26 @@ def summarize(rows: list[dict], memcpy: float, sizes: list[int]) -> dict:
                 "decode_request_p99_slab_over_nixl": s["decode_request_p99_s"] / n["decode_request_p99_s"],
             }
             if "slab-push-none" in entry:
-                entry["ratios"]["end_to_end_p50_push_over_pull"] = (entry["slab-push-none"]["end_to_end_p50_s"]
-                                                                    / s["end_to_end_p50_s"])
-                entry["ratios"]["end_to_end_p50_push_over_nixl"] = (entry["slab-push-none"]["end_to_end_p50_s"]
-                                                                    / n["end_to_end_p50_s"])
+                entry["ratios"]["end_to_end_p50_push_over_pull"] = (
+                    entry["slab-push-none"]["end_to_end_p50_s"] / s["end_to_end_p50_s"]
+                )
+                entry["ratios"]["end_to_end_p50_push_over_nixl"] = (
+                    entry["slab-push-none"]["end_to_end_p50_s"] / n["end_to_end_p50_s"]
+                )
             if "slab-int4" in entry:
                 entry["ratios"]["int4_wire_over_bf16"] = entry["slab-int4"]["wire_bytes"] / (s["raw_bytes"] / 2)
         if "nixl-none" in entry and "nixl-stock-none" in entry:
             # what the cluster's NixlConnector set-up buys over vLLM's (UCX mutex, KV caches on huge pages)
             n, st = entry["nixl-none"], entry["nixl-stock-none"]
-            entry.setdefault("ratios", {}).update({
-                "connector_handoff_p50_nixl_over_stock": n["connector_handoff_p50_s"] / st["connector_handoff_p50_s"],
-                "connector_handoff_p99_nixl_over_stock": n["connector_handoff_p99_s"] / st["connector_handoff_p99_s"],
-                "decode_request_p50_nixl_over_stock": n["decode_request_p50_s"] / st["decode_request_p50_s"]})
+            entry.setdefault("ratios", {}).update(
+                {
+                    "connector_handoff_p50_nixl_over_stock": n["connector_handoff_p50_s"]
+                    / st["connector_handoff_p50_s"],
+                    "connector_handoff_p99_nixl_over_stock": n["connector_handoff_p99_s"]
+                    / st["connector_handoff_p99_s"],
+                    "decode_request_p50_nixl_over_stock": n["decode_request_p50_s"] / st["decode_request_p50_s"],
+                }
+            )
         out["by_size"][str(size)] = entry
     return out
 
@@ -262,9 +348,10 @@ def plot(summary: dict, path: Path) -> None:
     kinds = ["nixl-stock-none", "nixl-none", "slab-none", "slab-int8", "slab-int4"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, key, title, log in (
-            (axes[0], "descriptors_per_handoff", "descriptors per handoff", True),
-            (axes[1], "connector_handoff_p50_s", "handoff latency p50 (s, connector view)", False),
-            (axes[2], "wire_bytes", "bytes on the wire per handoff", True)):
+        (axes[0], "descriptors_per_handoff", "descriptors per handoff", True),
+        (axes[1], "connector_handoff_p50_s", "handoff latency p50 (s, connector view)", False),
+        (axes[2], "wire_bytes", "bytes on the wire per handoff", True),
+    ):
         width = 0.16
         for i, kind in enumerate(kinds):
             vals = [summary["by_size"][s].get(kind, {}).get(key, 0) for s in sizes]
@@ -299,21 +386,40 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--model", default=None, help="HF model dir (default: the bundled SmolLM2)")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--connectors", default="slab,nixl,nixl-stock",
-                    help="slab; nixl (the cluster's NixlConnector: UCX mutex, KV caches on huge pages); "
-                    "nixl-stock (the same with vLLM's UCX spinlock and 4 KiB KV pages)")
-    ap.add_argument("--resummarize", default=None, metavar="DIR",
-                    help="recompute DIR/summary.json and the plot from the rows it holds, then exit")
+    ap.add_argument(
+        "--connectors",
+        default="slab,nixl,nixl-stock",
+        help="slab; nixl (the cluster's NixlConnector: UCX mutex, KV caches on huge pages); "
+        "nixl-stock (the same with vLLM's UCX spinlock and 4 KiB KV pages)",
+    )
+    ap.add_argument(
+        "--resummarize",
+        default=None,
+        metavar="DIR",
+        help="recompute DIR/summary.json and the plot from the rows it holds, then exit",
+    )
     args = ap.parse_args()
     if args.resummarize:
         resummarize(Path(args.resummarize))
         return
     sizes = [int(s) for s in args.sizes.split(",")]
-    if args.model is None:          # the bundled model, via the CLI (no serve import from kvtransfer)
-        args.model = subprocess.run([sys.executable, "-m", "serve.cli", "prepare-model"], cwd=REPO, check=True,
-                                    capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    out = Path(args.out) if args.out else REPO / "loadtests" / "results" / (
-        time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-kvtransfer")
+    if args.model is None:  # the bundled model, via the CLI (no serve import from kvtransfer)
+        args.model = (
+            subprocess.run(
+                [sys.executable, "-m", "serve.cli", "prepare-model"],
+                cwd=REPO,
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
+    out = (
+        Path(args.out)
+        if args.out
+        else REPO / "loadtests" / "results" / (time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-kvtransfer")
+    )
     out.mkdir(parents=True, exist_ok=True)
     logdir = out / "logs"
     logdir.mkdir(exist_ok=True)

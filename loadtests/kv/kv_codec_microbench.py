@@ -51,8 +51,12 @@ def measure(tokens: int, reps: int) -> dict:
             t0 = time.perf_counter()
             codec.scatter(codec.decode(pool, nb), layers, ids)
             unpack.append(time.perf_counter() - t0)
-        out[comp] = {"pack_s": min(pack[1:]), "decode_scatter_s": min(unpack[1:]),
-                     "raw_bytes": codec.raw_nbytes(nb), "wire_bytes": codec.wire_nbytes(nb)}
+        out[comp] = {
+            "pack_s": min(pack[1:]),
+            "decode_scatter_s": min(unpack[1:]),
+            "raw_bytes": codec.raw_nbytes(nb),
+            "wire_bytes": codec.wire_nbytes(nb),
+        }
     return out
 
 
@@ -90,15 +94,35 @@ def main() -> None:
     summary: dict = {"tokens": args.tokens, "reps": args.reps, "malloc_reuse_env": MALLOC_REUSE_ENV}
     for setting, extra in (("default", {}), ("reuse", MALLOC_REUSE_ENV)):
         env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-        proc = subprocess.run([sys.executable, "-m", "loadtests.kv.kv_codec_microbench", "--child", "--tokens",
-                               str(args.tokens), "--reps", str(args.reps)], cwd=REPO, env={**env, **extra},
-                              capture_output=True, text=True, timeout=600, check=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "loadtests.kv.kv_codec_microbench",
+                "--child",
+                "--tokens",
+                str(args.tokens),
+                "--reps",
+                str(args.reps),
+            ],
+            cwd=REPO,
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=True,
+        )
         line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
-        summary[setting] = json.loads(line[len("RESULT "):])
-    summary["reuse_over_default"] = {c: {k: summary["reuse"][c][k] / summary["default"][c][k]
-                                         for k in ("pack_s", "decode_scatter_s")} for c in COMPRESSIONS}
-    out = Path(args.out) if args.out else REPO / "loadtests" / "results" / (
-        time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-codec")
+        summary[setting] = json.loads(line[len("RESULT ") :])
+    summary["reuse_over_default"] = {
+        c: {k: summary["reuse"][c][k] / summary["default"][c][k] for k in ("pack_s", "decode_scatter_s")}
+        for c in COMPRESSIONS
+    }
+    out = (
+        Path(args.out)
+        if args.out
+        else REPO / "loadtests" / "results" / (time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-codec")
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot(summary, out / "codec.png")

@@ -34,14 +34,28 @@ PREFIX = "@@kvh@@ "
 class EngineProcess:
     """Client of one harness subprocess. Every wait is bounded; ``stop`` always kills the group."""
 
-    def __init__(self, options: dict[str, Any], env: dict[str, str], log_path: str, cwd: str,
-                 start_timeout_s: float = 300.0, wait: bool = True):
+    def __init__(
+        self,
+        options: dict[str, Any],
+        env: dict[str, str],
+        log_path: str,
+        cwd: str,
+        start_timeout_s: float = 300.0,
+        wait: bool = True,
+    ):
         self.options = options
         self._log = open(log_path, "w")  # noqa: SIM115 (lives as long as the process)
         self._replies: queue.Queue[dict] = queue.Queue()
-        self.proc = subprocess.Popen([sys.executable, "-m", "loadtests.kv.kv_harness", json.dumps(options)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, env={**os.environ, **env}, cwd=cwd, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "loadtests.kv.kv_harness", json.dumps(options)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **env},
+            cwd=cwd,
+            start_new_session=True,
+        )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self.ready: dict = {}
@@ -58,7 +72,7 @@ class EngineProcess:
     def _read(self) -> None:
         for line in self.proc.stdout:
             if line.startswith(PREFIX):
-                self._replies.put(json.loads(line[len(PREFIX):]))
+                self._replies.put(json.loads(line[len(PREFIX) :]))
             elif not self._log.closed:
                 self._log.write(line)
                 self._log.flush()
@@ -106,7 +120,7 @@ class EngineProcess:
         self._log.close()
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        if self.proc.poll() is None and self.ready.get("ready"):     # a starting engine reads no stdin
+        if self.proc.poll() is None and self.ready.get("ready"):  # a starting engine reads no stdin
             try:
                 self.proc.stdin.write(json.dumps({"op": "exit"}) + "\n")
                 self.proc.stdin.flush()
@@ -122,10 +136,15 @@ def _engine_args(o: dict[str, Any]):
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     kwargs: dict[str, Any] = {
-        "model": o["model"], "block_size": o.get("block_size", 128), "max_model_len": o.get("max_model_len", 2048),
-        "dtype": o.get("dtype", "float32"), "enforce_eager": True,
-        "enable_prefix_caching": o.get("enable_prefix_caching", False), "max_num_seqs": o.get("max_num_seqs", 32),
-        "disable_log_stats": False}
+        "model": o["model"],
+        "block_size": o.get("block_size", 128),
+        "max_model_len": o.get("max_model_len", 2048),
+        "dtype": o.get("dtype", "float32"),
+        "enforce_eager": True,
+        "enable_prefix_caching": o.get("enable_prefix_caching", False),
+        "max_num_seqs": o.get("max_num_seqs", 32),
+        "disable_log_stats": False,
+    }
     if o.get("max_num_batched_tokens"):
         kwargs["max_num_batched_tokens"] = o["max_num_batched_tokens"]
     if o.get("kv_transfer_config"):
@@ -167,12 +186,13 @@ class _Capture:
         return Logger
 
     def add(self, data: dict[str, Any]) -> None:
-        if "num_handoffs_sent" in data:           # our KVTransferStats
+        if "num_handoffs_sent" in data:  # our KVTransferStats
             from kvtransfer.stats import KVTransferStats
 
-            self.connector = KVTransferStats.from_dict(self.connector).aggregate(
-                KVTransferStats.from_dict(data)).to_dict()
-        else:                                      # another connector's stats: keep the raw dicts
+            self.connector = (
+                KVTransferStats.from_dict(self.connector).aggregate(KVTransferStats.from_dict(data)).to_dict()
+            )
+        else:  # another connector's stats: keep the raw dicts
             self.connector_raw.append(data)
 
 
@@ -181,19 +201,27 @@ async def _one(llm, req: dict[str, Any], idx: int) -> dict[str, Any]:
     from vllm.inputs import TokensPrompt
 
     extra = {"kv_transfer_params": req["kv_transfer_params"]} if req.get("kv_transfer_params") else None
-    params = SamplingParams(temperature=0.0, max_tokens=req.get("max_tokens", 16), extra_args=extra,
-                            ignore_eos=req.get("ignore_eos", False))
+    params = SamplingParams(
+        temperature=0.0, max_tokens=req.get("max_tokens", 16), extra_args=extra, ignore_eos=req.get("ignore_eos", False)
+    )
     t0 = time.perf_counter()
     ttft = None
     final = None
-    async for out in llm.generate(TokensPrompt(prompt_token_ids=req["prompt_token_ids"]), params,
-                                  request_id=f"{req.get('id', 'r')}-{idx}-{time.monotonic_ns()}"):
+    async for out in llm.generate(
+        TokensPrompt(prompt_token_ids=req["prompt_token_ids"]),
+        params,
+        request_id=f"{req.get('id', 'r')}-{idx}-{time.monotonic_ns()}",
+    ):
         if ttft is None and out.outputs and out.outputs[0].token_ids:
             ttft = time.perf_counter() - t0
         final = out
-    return {"token_ids": list(final.outputs[0].token_ids), "kv_transfer_params": final.kv_transfer_params,
-            "finish_reason": final.outputs[0].finish_reason, "latency_s": time.perf_counter() - t0,
-            "ttft_s": ttft}
+    return {
+        "token_ids": list(final.outputs[0].token_ids),
+        "kv_transfer_params": final.kv_transfer_params,
+        "finish_reason": final.outputs[0].finish_reason,
+        "latency_s": time.perf_counter() - t0,
+        "ttft_s": ttft,
+    }
 
 
 async def _serve(options: dict[str, Any]) -> None:
@@ -224,9 +252,15 @@ async def _serve(options: dict[str, Any]) -> None:
                     outs = [await _one(llm, r, i) for i, r in enumerate(reqs)]
                 reply({"outputs": list(outs)})
             elif msg["op"] == "stats":
-                reply({"kv_cache_usage": capture.kv_cache_usage, "num_running": capture.num_running,
-                       "num_waiting": capture.num_waiting, "connector": capture.connector,
-                       "connector_raw": capture.connector_raw})
+                reply(
+                    {
+                        "kv_cache_usage": capture.kv_cache_usage,
+                        "num_running": capture.num_running,
+                        "num_waiting": capture.num_waiting,
+                        "connector": capture.connector,
+                        "connector_raw": capture.connector_raw,
+                    }
+                )
             else:
                 reply({"error": f"unknown op {msg['op']!r}"})
         except Exception as e:  # noqa: BLE001 (report, keep serving)

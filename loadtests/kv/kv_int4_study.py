@@ -24,6 +24,7 @@ Variants (all group-wise along head_dim, groups of 32, asymmetric, kvtransfer/qu
 
     python -m loadtests.kv.kv_int4_study [--variants int8,int4,...] [--out DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,12 +46,17 @@ TOKENS = 32
 TEST_PROMPTS = [
     "Explain in two sentences why the sky is blue. " + "Be precise and concise. " * 12,
     "Summarise this list: " + " ".join(f"Item {i} is a small red box placed on shelf {i % 7}." for i in range(18)),
-    "Continue the story: " + " ".join(f"On day {i} the traveller crossed river {i % 5} and met a "
-                                      f"{['fox', 'crow', 'bear'][i % 3]}." for i in range(26)),
-    "Answer the last question. " + " ".join(f"Question {i}: what is {i} plus {2 * i}? Answer: {3 * i}."
-                                            for i in range(28)),
-    "Describe the table: " + " ".join(f"Row {i}: city {['Paris', 'Rome', 'Oslo', 'Lima'][i % 4]}, "
-                                      f"population {1000 + 37 * i}, rainfall {i % 9} mm." for i in range(30)),
+    "Continue the story: "
+    + " ".join(
+        f"On day {i} the traveller crossed river {i % 5} and met a {['fox', 'crow', 'bear'][i % 3]}." for i in range(26)
+    ),
+    "Answer the last question. "
+    + " ".join(f"Question {i}: what is {i} plus {2 * i}? Answer: {3 * i}." for i in range(28)),
+    "Describe the table: "
+    + " ".join(
+        f"Row {i}: city {['Paris', 'Rome', 'Oslo', 'Lima'][i % 4]}, population {1000 + 37 * i}, rainfall {i % 9} mm."
+        for i in range(30)
+    ),
 ]
 CHAT_PROMPTS = [
     "What are the main causes of the French Revolution? Give three and explain each briefly.",
@@ -76,7 +82,7 @@ def round_trip(x: torch.Tensor, q: GroupQuant) -> torch.Tensor:
     flat = x.contiguous().reshape(-1)
     pad = (-flat.numel()) % (2 * q.group)
     f = torch.cat([flat, flat.new_zeros(pad)]) if pad else flat
-    return q.decode(q.encode(f), (f.numel(),), x.dtype)[:flat.numel()].reshape(x.shape)
+    return q.decode(q.encode(f), (f.numel(),), x.dtype)[: flat.numel()].reshape(x.shape)
 
 
 def make_variants(head_dim: int) -> dict:
@@ -84,7 +90,7 @@ def make_variants(head_dim: int) -> dict:
     q4, q8, q4g16 = GroupQuant(4, 32), GroupQuant(8, 32), GroupQuant(4, 16)
 
     signs = torch.randint(0, 2, (head_dim,), generator=torch.Generator().manual_seed(0)) * 2.0 - 1.0
-    rsh = signs[:, None] * h                    # diag(signs) @ H: still orthonormal
+    rsh = signs[:, None] * h  # diag(signs) @ H: still orthonormal
 
     def rotated(q, r=h):
         return lambda k, v: (round_trip(k @ r, q) @ r.T, round_trip(v @ r, q) @ r.T)
@@ -97,20 +103,29 @@ def make_variants(head_dim: int) -> dict:
             if last:
                 kk[:, :, -last:], vv[:, :, -last:] = k[:, :, -last:], v[:, :, -last:]
             return kk, vv
+
         return f
 
     def cast(dtype):
         return lambda k, v: (k.to(dtype).to(k.dtype), v.to(dtype).to(v.dtype))
 
     int4 = rotated(q4)
-    return {"int8": rotated(q8), "int4": int4,
-            "int4_norot": lambda k, v: (round_trip(k, q4), round_trip(v, q4)), "int4_rsh": rotated(q4, rsh),
-            "int4_sink": keep_exact(int4, first=4), "int4_recent": keep_exact(int4, last=16),
-            "int4_sink1": keep_exact(int4, first=1),
-            "int4_konly": lambda k, v: (int4(k, v)[0], v), "int4_vonly": lambda k, v: (k, int4(k, v)[1]),
-            "int8_norot": lambda k, v: (round_trip(k, q8), round_trip(v, q8)),
-            "int4_sink_recent": keep_exact(int4, first=4, last=16), "int4_g16": rotated(q4g16),
-            "bf16": cast(torch.bfloat16), "fp16": cast(torch.float16)}
+    return {
+        "int8": rotated(q8),
+        "int4": int4,
+        "int4_norot": lambda k, v: (round_trip(k, q4), round_trip(v, q4)),
+        "int4_rsh": rotated(q4, rsh),
+        "int4_sink": keep_exact(int4, first=4),
+        "int4_recent": keep_exact(int4, last=16),
+        "int4_sink1": keep_exact(int4, first=1),
+        "int4_konly": lambda k, v: (int4(k, v)[0], v),
+        "int4_vonly": lambda k, v: (k, int4(k, v)[1]),
+        "int8_norot": lambda k, v: (round_trip(k, q8), round_trip(v, q8)),
+        "int4_sink_recent": keep_exact(int4, first=4, last=16),
+        "int4_g16": rotated(q4g16),
+        "bf16": cast(torch.bfloat16),
+        "fp16": cast(torch.float16),
+    }
 
 
 @torch.no_grad()
@@ -138,8 +153,13 @@ def plot(summary: dict, path: Path) -> None:
     names = list(summary["variants"])
     fig, ax = plt.subplots(figsize=(8, 3.5))
     for i, (group, color) in enumerate((("test", "tab:blue"), ("chat", "tab:orange"), ("all", "tab:gray"))):
-        ax.bar([j + (i - 1) * 0.27 for j in range(len(names))],
-               [summary["variants"][n][f"agree_{group}"] for n in names], 0.27, label=group, color=color)
+        ax.bar(
+            [j + (i - 1) * 0.27 for j in range(len(names))],
+            [summary["variants"][n][f"agree_{group}"] for n in names],
+            0.27,
+            label=group,
+            color=color,
+        )
     ax.axhline(0.9, color="red", lw=1, ls="--", label="goal 90 %")
     ax.set_xticks(range(len(names)), names, rotation=20)
     ax.set_ylabel(f"prompts with first {TOKENS} tokens exact")
@@ -158,8 +178,17 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.model is None:
-        args.model = subprocess.run([sys.executable, "-m", "serve.cli", "prepare-model"], cwd=REPO, check=True,
-                                    capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        args.model = (
+            subprocess.run(
+                [sys.executable, "-m", "serve.cli", "prepare-model"],
+                cwd=REPO,
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
     torch.set_num_threads(1)
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
@@ -168,8 +197,12 @@ def main() -> None:
     rows, t0 = [], time.monotonic()
     for group, prompts in (("test", TEST_PROMPTS), ("chat", CHAT_PROMPTS)):
         for text in prompts:
-            ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                     add_generation_prompt=True), add_special_tokens=False)
+            ids = tok.encode(
+                tok.apply_chat_template(
+                    [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+                ),
+                add_special_tokens=False,
+            )
             base = greedy(model, ids)
             row = {"group": group, "prompt_tokens": len(ids), "first_diverge": {}}
             for name in chosen:
@@ -177,8 +210,12 @@ def main() -> None:
                 row["first_diverge"][name] = next((i for i, (a, b) in enumerate(zip(got, base)) if a != b), TOKENS)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    summary = {"tokens": TOKENS, "model": Path(args.model).name, "seconds": round(time.monotonic() - t0),
-               "variants": {}}
+    summary = {
+        "tokens": TOKENS,
+        "model": Path(args.model).name,
+        "seconds": round(time.monotonic() - t0),
+        "variants": {},
+    }
     for name in chosen:
         entry = {}
         for group in ("test", "chat", "all"):
@@ -187,8 +224,11 @@ def main() -> None:
             entry[f"n_{group}"] = len(rs)
         entry["mean_first_diverge"] = sum(r["first_diverge"][name] for r in rows) / len(rows)
         summary["variants"][name] = entry
-    out = Path(args.out) if args.out else REPO / "loadtests" / "results" / (
-        time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-int4-study")
+    out = (
+        Path(args.out)
+        if args.out
+        else REPO / "loadtests" / "results" / (time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-int4-study")
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
     plot(summary, out / "int4_study.png")

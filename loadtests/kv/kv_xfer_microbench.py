@@ -47,7 +47,7 @@ def _source(ucx_tls: str, nbytes: int, huge: bool, mutex: bool, ready, stop) -> 
 
     pin(0)
     t = NixlTransport("xfer-source", "127.0.0.1", ucx_tls=ucx_tls, mt_mutex=mutex)
-    src = alloc_host(nbytes, huge_pages=huge)                              # resident, like a packed slab
+    src = alloc_host(nbytes, huge_pages=huge)  # resident, like a packed slab
     src.copy_(torch.arange(nbytes, dtype=torch.int64).to(torch.uint8))
     t.register_pool(src)
     ready.put((t.listen_address(), src.data_ptr()))
@@ -119,8 +119,9 @@ def run(nbytes: int, reps: int, ucx_tls: str, huge: bool, mutex: bool) -> dict:
         for vi, ndesc in enumerate(DESCRIPTORS):
             pre = [_read_s(t, "xfer-source", base, src_addr, nbytes, ndesc) for _ in range(reps + 1)][1:]
             first_fresh = base + nbytes + vi * fresh_per_variant
-            fresh = [_read_s(t, "xfer-source", first_fresh + r * nbytes, src_addr, nbytes, ndesc)
-                     for r in range(reps + 1)][1:]
+            fresh = [
+                _read_s(t, "xfer-source", first_fresh + r * nbytes, src_addr, nbytes, ndesc) for r in range(reps + 1)
+            ][1:]
             rows[str(ndesc)] = {"prefaulted_s": pre, "fresh_s": fresh}
         ok = bool(torch.equal(pool[:nbytes], torch.arange(nbytes, dtype=torch.int64).to(torch.uint8)))
         t.close()
@@ -139,16 +140,19 @@ def summarize(raw: dict) -> dict:
         for ndesc, rr in r["read"].items():
             p["read_gbps"][ndesc] = {k: gbps(v) for k, v in rr.items()}
             p["read_p50_ms"][ndesc] = {k: statistics.median(v) * 1e3 for k, v in rr.items()}
-            p["read_p50_ms"][ndesc]["fresh_over_prefaulted"] = (statistics.median(rr["fresh_s"])
-                                                                / statistics.median(rr["prefaulted_s"]))
+            p["read_p50_ms"][ndesc]["fresh_over_prefaulted"] = statistics.median(rr["fresh_s"]) / statistics.median(
+                rr["prefaulted_s"]
+            )
         p["read_8_prefaulted_of_memcpy"] = p["read_gbps"]["8"]["prefaulted_s"] / p["memcpy_gbps"]["prefaulted_s"]
         s[config] = p
     base = next(iter(raw["configs"]))
     # what each set-up buys over the first one: pre-faulted READ speed (8 descriptors) ratio
     s["read_8_speedup_over_" + base] = {
-        c: s[c]["read_gbps"]["8"]["prefaulted_s"] / s[base]["read_gbps"]["8"]["prefaulted_s"] for c in raw["configs"]}
-    s["read_8_of_4k_memcpy"] = {c: s[c]["read_gbps"]["8"]["prefaulted_s"] / s[base]["memcpy_gbps"]["prefaulted_s"]
-                                for c in raw["configs"]}
+        c: s[c]["read_gbps"]["8"]["prefaulted_s"] / s[base]["read_gbps"]["8"]["prefaulted_s"] for c in raw["configs"]
+    }
+    s["read_8_of_4k_memcpy"] = {
+        c: s[c]["read_gbps"]["8"]["prefaulted_s"] / s[base]["memcpy_gbps"]["prefaulted_s"] for c in raw["configs"]
+    }
     return s
 
 
@@ -182,21 +186,34 @@ def main() -> None:
     ap.add_argument("--mib", type=float, default=45.0, help="bytes per READ (45 MiB = 47.2 MB: 1k tokens)")
     ap.add_argument("--reps", type=int, default=6)
     ap.add_argument("--ucx-tls", default="tcp,self,sm")
-    ap.add_argument("--configs", default="4k+spin,4k+mutex,huge+spin,huge+mutex",
-                    help="set-ups to run, each <4k|huge>+<spin|mutex> (pages + UCX worker lock); the first is "
-                    "the baseline of the ratios")
+    ap.add_argument(
+        "--configs",
+        default="4k+spin,4k+mutex,huge+spin,huge+mutex",
+        help="set-ups to run, each <4k|huge>+<spin|mutex> (pages + UCX worker lock); the first is "
+        "the baseline of the ratios",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     nbytes = int(args.mib * MiB) // 4096 * 4096
-    nbytes -= nbytes % (510 * 8)                        # every descriptor count divides it evenly
-    out = Path(args.out) if args.out else REPO / "loadtests" / "results" / (
-        time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-xfer")
+    nbytes -= nbytes % (510 * 8)  # every descriptor count divides it evenly
+    out = (
+        Path(args.out)
+        if args.out
+        else REPO / "loadtests" / "results" / (time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-xfer")
+    )
     out.mkdir(parents=True, exist_ok=True)
     from kvtransfer.hostmem import thp_mode
 
-    raw = {"nbytes": nbytes, "reps": args.reps, "ucx_tls": args.ucx_tls, "thp_mode": thp_mode(),
-           "configs": {c: run(nbytes, args.reps, args.ucx_tls, c.startswith("huge"), c.endswith("+mutex"))
-                       for c in args.configs.split(",")}}
+    raw = {
+        "nbytes": nbytes,
+        "reps": args.reps,
+        "ucx_tls": args.ucx_tls,
+        "thp_mode": thp_mode(),
+        "configs": {
+            c: run(nbytes, args.reps, args.ucx_tls, c.startswith("huge"), c.endswith("+mutex"))
+            for c in args.configs.split(",")
+        },
+    }
     summary = summarize(raw)
     (out / "summary.json").write_text(json.dumps({"summary": summary, "raw": raw}, indent=1))
     plot(raw, summary, out / "xfer.png")

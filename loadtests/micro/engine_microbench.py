@@ -36,9 +36,18 @@ async def _measure(model_dir: str, setting: str, prompt_tokens: int, repeats: in
     dtype, _, executor = setting.split("+")[0].partition(":")
     executor = executor or "mp"
     t0 = time.monotonic()
-    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
-        model=model_dir, max_model_len=2048, block_size=128, dtype=dtype, enforce_eager=True,
-        enable_prefix_caching=False, disable_log_stats=True, distributed_executor_backend=executor))
+    engine = AsyncLLM.from_engine_args(
+        AsyncEngineArgs(
+            model=model_dir,
+            max_model_len=2048,
+            block_size=128,
+            dtype=dtype,
+            enforce_eager=True,
+            enable_prefix_caching=False,
+            disable_log_stats=True,
+            distributed_executor_backend=executor,
+        )
+    )
     load_s = time.monotonic() - t0
 
     async def one(rid: str, n: int, max_tokens: int, seed: int) -> tuple[float, float]:
@@ -60,9 +69,16 @@ async def _measure(model_dir: str, setting: str, prompt_tokens: int, repeats: in
     finally:
         engine.shutdown()
     p = statistics.median(prefill)
-    return {"setting": setting, "dtype": dtype, "executor": executor, "load_s": load_s,
-            "prefill_s": p, "prefill_tok_s": prompt_tokens / p,
-            "decode_ms_per_tok_b1": decode[1] * 1e3, "decode_ms_per_tok_b8": decode[8] * 1e3}
+    return {
+        "setting": setting,
+        "dtype": dtype,
+        "executor": executor,
+        "load_s": load_s,
+        "prefill_s": p,
+        "prefill_tok_s": prompt_tokens / p,
+        "decode_ms_per_tok_b1": decode[1] * 1e3,
+        "decode_ms_per_tok_b8": decode[8] * 1e3,
+    }
 
 
 def _child(args) -> None:
@@ -80,11 +96,16 @@ def _plot(rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     names = [r["setting"] for r in rows]
-    for ax, key, title in zip(axes, ("prefill_tok_s", "decode_ms_per_tok_b1", "decode_ms_per_tok_b8"),
-                              ("prefill tokens/s (higher is better)", "decode ms/token, batch 1",
-                               "decode ms/token, batch 8")):
-        ax.bar(names, [r[key] for r in rows],
-               color=["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"][: len(rows)])
+    for ax, key, title in zip(
+        axes,
+        ("prefill_tok_s", "decode_ms_per_tok_b1", "decode_ms_per_tok_b8"),
+        ("prefill tokens/s (higher is better)", "decode ms/token, batch 1", "decode ms/token, batch 8"),
+    ):
+        ax.bar(
+            names,
+            [r[key] for r in rows],
+            color=["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"][: len(rows)],
+        )
         ax.set_title(title, fontsize=10)
         for i, r in enumerate(rows):
             ax.annotate(f"{r[key]:.0f}", (i, r[key]), ha="center", va="bottom", fontsize=9)
@@ -113,27 +134,45 @@ def main(argv=None) -> int:
     rows = []
     for setting in args.settings.split(","):
         env = {**os.environ, **(MALLOC_REUSE_ENV if setting.endswith("+heap") else {})}
-        out = subprocess.run([sys.executable, "-m", "loadtests.micro.engine_microbench", "--child", setting,
-                              "--cores", args.cores, "--prompt-tokens", str(args.prompt_tokens),
-                              "--repeats", str(args.repeats), "--model-dir", model_dir],
-                             cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "loadtests.micro.engine_microbench",
+                "--child",
+                setting,
+                "--cores",
+                args.cores,
+                "--prompt-tokens",
+                str(args.prompt_tokens),
+                "--repeats",
+                str(args.repeats),
+                "--model-dir",
+                model_dir,
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=env,
+        )
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
             sys.stderr.write(out.stdout[-3000:] + out.stderr[-3000:])
             raise RuntimeError(f"engine microbench for {setting} failed")
-        rows.append(json.loads(line[len("RESULT "):]))
+        rows.append(json.loads(line[len("RESULT ") :]))
         print(json.dumps(rows[-1]), flush=True)
     base = rows[0]
     for r in rows:
         r["ratio_vs_" + base["setting"]] = {
             "prefill_tok_s": r["prefill_tok_s"] / base["prefill_tok_s"],
             "decode_ms_per_tok_b1": r["decode_ms_per_tok_b1"] / base["decode_ms_per_tok_b1"],
-            "decode_ms_per_tok_b8": r["decode_ms_per_tok_b8"] / base["decode_ms_per_tok_b8"]}
+            "decode_ms_per_tok_b8": r["decode_ms_per_tok_b8"] / base["decode_ms_per_tok_b8"],
+        }
     run_id = time.strftime("%Y%m%d-%H%M%S") + "-engine"
     out_dir = Path(args.out) if args.out else REPO / "loadtests" / "results" / run_id
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"cores": args.cores, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
-            "cpu": _cpu_model()}
+    meta = {"cores": args.cores, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats, "cpu": _cpu_model()}
     (out_dir / "engine.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     _plot(rows, out_dir / "engine.png")
     print(f"[engine-microbench] results in {out_dir}", flush=True)
@@ -145,8 +184,9 @@ def _cpu_model() -> str:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 flags = Path("/proc/cpuinfo").read_text()
-                return line.split(":", 1)[1].strip() + (" (avx512_bf16)" if "avx512_bf16" in flags else
-                                                         " (no avx512_bf16/amx)")
+                return line.split(":", 1)[1].strip() + (
+                    " (avx512_bf16)" if "avx512_bf16" in flags else " (no avx512_bf16/amx)"
+                )
     except OSError:
         pass
     return "unknown"

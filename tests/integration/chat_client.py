@@ -14,7 +14,7 @@ from loadtests.client import SSE_DONE, sse_data
 
 MODEL = "SmolLM2-135M-Instruct"
 MAX_TOKENS = 16
-CLIENT_TIMEOUT_S = 60.0      # every request's bound (per read, and overall for a stream)
+CLIENT_TIMEOUT_S = 60.0  # every request's bound (per read, and overall for a stream)
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three uses of a paperclip."]
 
 
@@ -23,15 +23,20 @@ class Reply:
     status: int
     text: str = ""
     finish_reasons: list = field(default_factory=list)
-    errors: list = field(default_factory=list)       # OpenAI error bodies (SSE error events)
-    done: bool = False                               # non-streamed, or the stream ended with [DONE]
-    timed_out: bool = False                          # the client stopped reading at its deadline
+    errors: list = field(default_factory=list)  # OpenAI error bodies (SSE error events)
+    done: bool = False  # non-streamed, or the stream ended with [DONE]
+    timed_out: bool = False  # the client stopped reading at its deadline
     headers: dict = field(default_factory=dict)
 
 
 def request_body(content: str, **kw) -> dict:
-    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "temperature": 0,
-            "max_tokens": MAX_TOKENS, **kw}
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "temperature": 0,
+        "max_tokens": MAX_TOKENS,
+        **kw,
+    }
 
 
 def chat(base_url: str, content: str, **kw) -> Reply:
@@ -43,12 +48,21 @@ def chat(base_url: str, content: str, **kw) -> Reply:
     return Reply(200, choice["message"]["content"], [choice["finish_reason"]], done=True, headers=dict(r.headers))
 
 
-def stream(base_url: str, content: str, on_first_content: Callable[[], None] | None = None,
-           timeout_s: float = CLIENT_TIMEOUT_S, **kw) -> Reply:
+def stream(
+    base_url: str,
+    content: str,
+    on_first_content: Callable[[], None] | None = None,
+    timeout_s: float = CLIENT_TIMEOUT_S,
+    **kw,
+) -> Reply:
     """A streamed chat read to its end, or until timeout_s have passed (then `timed_out`)."""
     deadline = time.monotonic() + timeout_s
-    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=request_body(content, stream=True, **kw),
-                      timeout=CLIENT_TIMEOUT_S) as r:
+    with httpx.stream(
+        "POST",
+        f"{base_url}/v1/chat/completions",
+        json=request_body(content, stream=True, **kw),
+        timeout=CLIENT_TIMEOUT_S,
+    ) as r:
         reply = Reply(r.status_code, headers=dict(r.headers))
         if r.status_code != 200:
             reply.errors.append(json.loads(r.read()).get("error"))

@@ -25,8 +25,9 @@ def running_cluster(cfg: ClusterConfig) -> Iterator:
         c.stop()
 
 
-def cluster_config(port: int, decode_replicas: int = 1, dtype: str | None = None, kv_handoff: dict | None = None,
-                   **router) -> ClusterConfig:
+def cluster_config(
+    port: int, decode_replicas: int = 1, dtype: str | None = None, kv_handoff: dict | None = None, **router
+) -> ClusterConfig:
     data = ClusterConfig.from_yaml(DEFAULT_CONFIG).model_dump(mode="json")
     data["server"]["port"] = port
     data["kv_handoff"].update(kv_handoff or {})
@@ -47,8 +48,11 @@ def cluster_config(port: int, decode_replicas: int = 1, dtype: str | None = None
 def parse_samples(text: str) -> dict[tuple[str, frozenset], float]:
     """Prometheus text -> {(sample name, frozenset(label items)): value}. Sample names are as exposed,
     suffix included (``..._total``, ``..._count``, ``..._sum``, ``..._bucket``, ``..._created``)."""
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def scrape(base_url: str) -> dict[tuple[str, frozenset], float]:
@@ -69,18 +73,24 @@ def health(base_url: str) -> dict:
 def per_endpoint(samples: dict, name: str, **labels: str) -> dict[str, float]:
     """endpoint -> value of the samples of ``name`` that carry an ``endpoint`` label and ``labels``."""
     want = set(labels.items())
-    return {dict(ls)["endpoint"]: v for (n, ls), v in samples.items()
-            if n == name and want <= set(ls) and "endpoint" in dict(ls)}
+    return {
+        dict(ls)["endpoint"]: v
+        for (n, ls), v in samples.items()
+        if n == name and want <= set(ls) and "endpoint" in dict(ls)
+    }
 
 
 def freed_after_disconnect(base_url: str, before: dict) -> bool:
     """After one client left: no request running or queued, no KV held in any engine, and one more
     ``client_disconnect`` abort than the ``before`` scrape."""
     s = scrape(base_url)
-    return (metric_sum(s, "pdserve_pool_running_requests") == 0 and metric_sum(s, "pdserve_pool_queue_depth") == 0
-            and metric_sum(s, "pdserve_engine_kv_usage_ratio") == 0
-            and metric_sum(s, "pdserve_request_aborts_total", reason="client_disconnect")
-            == metric_sum(before, "pdserve_request_aborts_total", reason="client_disconnect") + 1)
+    return (
+        metric_sum(s, "pdserve_pool_running_requests") == 0
+        and metric_sum(s, "pdserve_pool_queue_depth") == 0
+        and metric_sum(s, "pdserve_engine_kv_usage_ratio") == 0
+        and metric_sum(s, "pdserve_request_aborts_total", reason="client_disconnect")
+        == metric_sum(before, "pdserve_request_aborts_total", reason="client_disconnect") + 1
+    )
 
 
 def wait_for(pred, timeout_s: float = 20.0, interval_s: float = 0.25):

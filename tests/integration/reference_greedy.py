@@ -19,8 +19,14 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=model_dir, max_model_len=2048, block_size=128, dtype=dtype, enforce_eager=True,
-              enable_prefix_caching=False)
+    llm = LLM(
+        model=model_dir,
+        max_model_len=2048,
+        block_size=128,
+        dtype=dtype,
+        enforce_eager=True,
+        enable_prefix_caching=False,
+    )
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     outs = []
     for ids in prompts:  # one at a time: same batch shapes as the sequential cluster requests

@@ -15,8 +15,13 @@ pytestmark = pytest.mark.integration
 
 def test_bench_smoke_produces_report_and_plots(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "loadtests.bench", "--smoke", "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        [sys.executable, "-m", "loadtests.bench", "--smoke", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     row, convo = summary["rows"]
@@ -44,7 +49,7 @@ def test_bench_smoke_produces_report_and_plots(tmp_path):
     # closed loop: two 2-turn conversations; a turn is sent only after the previous answer, with it as history
     assert convo["workload"] == "multi-turn" and convo["requests"] + convo["skipped"] == 4
     records = json.loads((out / "raw" / "ours-multi-turn-1.0.json").read_text())["records"]
-    turns = {"/".join(r["tag"].split("/")[:2]): r for r in records}   # tag c<conversation>/t<turn>/system-<k>
+    turns = {"/".join(r["tag"].split("/")[:2]): r for r in records}  # tag c<conversation>/t<turn>/system-<k>
     assert turns and all(r["outcome"] in ("ok", "rejected") for r in records)
     # at least one turn answered in full (the first turn finds the cluster idle, as above)
     answered = [r for r in records if r["outcome"] == "ok"]

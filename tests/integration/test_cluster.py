@@ -51,9 +51,11 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def chat_ids(tokenizer):
     def ids(text: str) -> list[int]:
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                 add_generation_prompt=True)
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
         return tokenizer.encode(rendered, add_special_tokens=False)
+
     return [ids(p) for p in PROMPTS]
 
 
@@ -63,9 +65,23 @@ def reference(model_dir, chat_ids, tmp_path_factory):
     thread, like each cluster engine: a different thread count changes bf16 reduction order."""
     out_path = tmp_path_factory.mktemp("reference") / "greedy.json"
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
-    out = subprocess.run([sys.executable, "-m", "tests.integration.reference_greedy", str(model_dir),
-                          str(GREEDY_TOKENS), DTYPE, str(out_path)], input=json.dumps(chat_ids),
-                         capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.integration.reference_greedy",
+            str(model_dir),
+            str(GREEDY_TOKENS),
+            DTYPE,
+            str(out_path),
+        ],
+        input=json.dumps(chat_ids),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out_path.read_text())
 
@@ -101,8 +117,11 @@ class TestServing:
 
     def test_greedy_equals_colocated_engine(self, cluster, chat_ids, reference):
         for ids, ref in zip(chat_ids, reference):
-            r = httpx.post(f"{cluster.base_url}/v1/completions", timeout=120, json={
-                "model": MODEL, "prompt": ids, "max_tokens": GREEDY_TOKENS, "temperature": 0})
+            r = httpx.post(
+                f"{cluster.base_url}/v1/completions",
+                timeout=120,
+                json={"model": MODEL, "prompt": ids, "max_tokens": GREEDY_TOKENS, "temperature": 0},
+            )
             assert r.status_code == 200, r.text
             body = r.json()
             assert body["choices"][0]["text"] == ref["text"]
@@ -112,9 +131,18 @@ class TestServing:
     def test_stream_equals_non_stream(self, cluster):
         kw = dict(max_tokens=40, temperature=0)
         full = chat(cluster.base_url, "Name two planets.", **kw).json()
-        with httpx.stream("POST", f"{cluster.base_url}/v1/chat/completions", timeout=120, json={
-                "model": MODEL, "messages": [{"role": "user", "content": "Name two planets."}], "stream": True,
-                "stream_options": {"include_usage": True}, **kw}) as r:
+        with httpx.stream(
+            "POST",
+            f"{cluster.base_url}/v1/chat/completions",
+            timeout=120,
+            json={
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "Name two planets."}],
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                **kw,
+            },
+        ) as r:
             assert r.status_code == 200
             assert r.headers["content-type"].startswith("text/event-stream")
             events = [data for line in r.iter_lines() if (data := sse_data(line)) is not None]
@@ -127,8 +155,9 @@ class TestServing:
         assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "stop"
 
     def test_sampling_params_are_honoured(self, cluster):
-        stop = chat(cluster.base_url, "Count from 1 to 10, separated by commas.", max_tokens=60, temperature=0,
-                    stop=["5"]).json()
+        stop = chat(
+            cluster.base_url, "Count from 1 to 10, separated by commas.", max_tokens=60, temperature=0, stop=["5"]
+        ).json()
         assert "5" not in stop["choices"][0]["message"]["content"]
         assert stop["choices"][0]["finish_reason"] == "stop"
         capped = chat(cluster.base_url, "Tell me a long story.", max_tokens=5, temperature=0).json()
@@ -174,8 +203,11 @@ class TestDisaggregation:
 
         def observed():
             now = scrape(cluster.base_url)
-            return {k: metric_sum(now, k[0], pool=k[1], **({"source": k[2]} if k[2] else {}))
-                    - metric_sum(before, k[0], pool=k[1], **({"source": k[2]} if k[2] else {})) for k in expected}
+            return {
+                k: metric_sum(now, k[0], pool=k[1], **({"source": k[2]} if k[2] else {}))
+                - metric_sum(before, k[0], pool=k[1], **({"source": k[2]} if k[2] else {}))
+                for k in expected
+            }
 
         try:  # engine stats reach the ingress with a poll's delay
             wait_for(lambda: observed() == expected, timeout_s=20)
@@ -187,38 +219,70 @@ class TestDisaggregation:
         for i in range(8):
             assert chat(cluster.base_url, f"Say the number {i}.", max_tokens=4, temperature=0).status_code == 200
         after = settled_scrape(cluster.base_url)
-        endpoints = {dict(ls)["endpoint"] for (n, ls) in after if n == "pdserve_engine_generation_tokens_total"
-                     and dict(ls)["pool"] == "decode"}
+        endpoints = {
+            dict(ls)["endpoint"]
+            for (n, ls) in after
+            if n == "pdserve_engine_generation_tokens_total" and dict(ls)["pool"] == "decode"
+        }
         assert len(endpoints) == 2
-        gained = {e: metric_sum(after, "pdserve_engine_generation_tokens_total", endpoint=e)
-                  - metric_sum(before, "pdserve_engine_generation_tokens_total", endpoint=e) for e in endpoints}
+        gained = {
+            e: metric_sum(after, "pdserve_engine_generation_tokens_total", endpoint=e)
+            - metric_sum(before, "pdserve_engine_generation_tokens_total", endpoint=e)
+            for e in endpoints
+        }
         assert all(v > 0 for v in gained.values()), gained
 
 
 class TestBadInput:
-    @pytest.mark.parametrize("body, status, code", [
-        (b"{not json", 400, "invalid_json"),
-        ({"model": MODEL}, 400, "missing_required_parameter"),
-        ({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}, 404, "model_not_found"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, 400, "invalid_value"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400, "invalid_value"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "invalid_value"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": []}, 400, "unsupported_parameter"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 2100}]}, 400, "context_length_exceeded"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 4000}, 400,
-         "context_length_exceeded"),
-    ])
+    @pytest.mark.parametrize(
+        "body, status, code",
+        [
+            (b"{not json", 400, "invalid_json"),
+            ({"model": MODEL}, 400, "missing_required_parameter"),
+            ({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}, 404, "model_not_found"),
+            ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, 400, "invalid_value"),
+            (
+                {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": "hot"},
+                400,
+                "invalid_value",
+            ),
+            ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "invalid_value"),
+            (
+                {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": []},
+                400,
+                "unsupported_parameter",
+            ),
+            (
+                {"model": MODEL, "messages": [{"role": "user", "content": "word " * 2100}]},
+                400,
+                "context_length_exceeded",
+            ),
+            (
+                {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 4000},
+                400,
+                "context_length_exceeded",
+            ),
+        ],
+    )
     def test_openai_error_shape(self, cluster, body, status, code):
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
-        r = httpx.post(f"{cluster.base_url}/v1/chat/completions", content=content, timeout=30,
-                       headers={"content-type": "application/json"})
+        r = httpx.post(
+            f"{cluster.base_url}/v1/chat/completions",
+            content=content,
+            timeout=30,
+            headers={"content-type": "application/json"},
+        )
         assert r.status_code == status, r.text
         err = r.json()["error"]
         assert set(err) == {"message", "type", "param", "code"} and err["code"] == code and err["message"]
 
     def test_unknown_tier_and_route(self, cluster):
-        r = httpx.post(f"{cluster.base_url}/v1/chat/completions", headers={"x-customer-tier": "platinum"},
-                       json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]}, timeout=30)
+        r = httpx.post(
+            f"{cluster.base_url}/v1/chat/completions",
+            headers={"x-customer-tier": "platinum"},
+            json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]},
+            timeout=30,
+        )
         assert r.status_code == 400 and r.json()["error"]["param"] == "x-customer-tier"
         r = httpx.get(f"{cluster.base_url}/v1/nope")
         assert r.status_code == 404 and "error" in r.json()
@@ -230,9 +294,18 @@ class TestBadInput:
 class TestDisconnect:
     def test_client_disconnect_aborts_and_frees_kv(self, cluster):
         before = scrape(cluster.base_url)
-        with httpx.stream("POST", f"{cluster.base_url}/v1/chat/completions", timeout=60, json={
-                "model": MODEL, "messages": [{"role": "user", "content": "Write a very long essay about rivers."}],
-                "max_tokens": 1500, "ignore_eos": True, "stream": True}) as r:
+        with httpx.stream(
+            "POST",
+            f"{cluster.base_url}/v1/chat/completions",
+            timeout=60,
+            json={
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "Write a very long essay about rivers."}],
+                "max_tokens": 1500,
+                "ignore_eos": True,
+                "stream": True,
+            },
+        ) as r:
             n = 0
             for line in r.iter_lines():
                 n += sse_data(line) is not None
@@ -247,7 +320,8 @@ class TestDisconnect:
 
         after = wait_for(settled, timeout_s=30)
         generated = metric_sum(after, "pdserve_engine_generation_tokens_total", pool="decode") - metric_sum(
-            before, "pdserve_engine_generation_tokens_total", pool="decode")
+            before, "pdserve_engine_generation_tokens_total", pool="decode"
+        )
         assert generated < 1500, "the decode engine kept generating after the client left"
         assert metric_sum(after, "pdserve_request_aborts_total", reason="client_disconnect") >= 1
 
@@ -258,8 +332,12 @@ class TestClients:
 
         client = openai.OpenAI(base_url=f"{cluster.base_url}/v1", api_key="unused")
         stream = client.chat.completions.create(
-            model=MODEL, stream=True, max_tokens=24, temperature=0,
-            messages=[{"role": "user", "content": "What is the capital of France?"}])
+            model=MODEL,
+            stream=True,
+            max_tokens=24,
+            temperature=0,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+        )
         text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
         assert "Paris" in text
         comp = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0)
@@ -275,36 +353,59 @@ class TestClients:
         assert metric_sum(s, "pdserve_pool_replicas", pool="decode") == 2
 
     def test_status_command(self, cluster):
-        out = subprocess.run([sys.executable, "-m", "serve.cli", "status", "--url", cluster.base_url],
-                             capture_output=True, text=True, timeout=60, cwd=REPO)
+        out = subprocess.run(
+            [sys.executable, "-m", "serve.cli", "status", "--url", cluster.base_url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+        )
         assert out.returncode == 0, out.stderr
         assert "pool decode" in out.stdout and "replicas=2" in out.stdout
 
 
 SYSTEM = "You are a meticulous assistant for a warehouse. " + " ".join(
-    f"Rule {i}: shelf {i % 9} holds only boxes of colour {['red', 'blue', 'green'][i % 3]}." for i in range(42))
+    f"Rule {i}: shelf {i % 9} holds only boxes of colour {['red', 'blue', 'green'][i % 3]}." for i in range(42)
+)
 
 
 def _decode_tokens(samples) -> dict[str, float]:
-    return {dict(ls)["endpoint"]: v for (n, ls), v in samples.items()
-            if n == "pdserve_engine_generation_tokens_total" and dict(ls)["pool"] == "decode"}
+    return {
+        dict(ls)["endpoint"]: v
+        for (n, ls), v in samples.items()
+        if n == "pdserve_engine_generation_tokens_total" and dict(ls)["pool"] == "decode"
+    }
 
 
 def _post(base_url: str, content: str, tier: str, max_tokens: int = 4) -> tuple[int, float, dict]:
     t0 = time.monotonic()
-    r = httpx.post(f"{base_url}/v1/chat/completions", timeout=180, headers={"x-customer-tier": tier}, json={
-        "model": MODEL, "max_tokens": max_tokens, "temperature": 0,
-        "messages": [{"role": "user", "content": content}]})
+    r = httpx.post(
+        f"{base_url}/v1/chat/completions",
+        timeout=180,
+        headers={"x-customer-tier": tier},
+        json={
+            "model": MODEL,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": content}],
+        },
+    )
     return r.status_code, time.monotonic() - t0, dict(r.headers)
 
 
 def _stream_ttft(base_url: str, content: str, tier: str, max_tokens: int = 4) -> tuple[int, float, dict]:
     """(status, seconds to the first content token -- or to the refusal --, headers) of a streamed chat."""
     t0 = time.monotonic()
-    body = {"model": MODEL, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "messages": [{"role": "user", "content": content}]}
-    with httpx.stream("POST", f"{base_url}/v1/chat/completions", timeout=180, json=body,
-                      headers={"x-customer-tier": tier}) as r:
+    body = {
+        "model": MODEL,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "messages": [{"role": "user", "content": content}],
+    }
+    with httpx.stream(
+        "POST", f"{base_url}/v1/chat/completions", timeout=180, json=body, headers={"x-customer-tier": tier}
+    ) as r:
         ttft = None
         for line in r.iter_lines():
             if ttft is None and '"content"' in line:
@@ -319,18 +420,24 @@ class TestRouter:
         url = cluster.base_url
         before = settled_scrape(url)
         for q in ("Where are red boxes?", "Where are blue boxes?", "Which shelf has green?", "Count shelves."):
-            body = {"model": MODEL, "max_tokens": 4, "temperature": 0,
-                    "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]}
+            body = {
+                "model": MODEL,
+                "max_tokens": 4,
+                "temperature": 0,
+                "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],
+            }
             assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).status_code == 200
         after = settled_scrape(url)
-        hits = (metric_sum(after, "pdserve_prefix_hit_tokens_total")
-                - metric_sum(before, "pdserve_prefix_hit_tokens_total"))
-        cached = (metric_sum(after, "pdserve_engine_prompt_tokens_total", pool="prefill", source="local_cache_hit")
-                  - metric_sum(before, "pdserve_engine_prompt_tokens_total", pool="prefill", source="local_cache_hit"))
-        assert hits >= 3 * 128 * 4 and cached >= hits       # 3 repeat requests x >= 4 shared blocks
+        hits = metric_sum(after, "pdserve_prefix_hit_tokens_total") - metric_sum(
+            before, "pdserve_prefix_hit_tokens_total"
+        )
+        cached = metric_sum(
+            after, "pdserve_engine_prompt_tokens_total", pool="prefill", source="local_cache_hit"
+        ) - metric_sum(before, "pdserve_engine_prompt_tokens_total", pool="prefill", source="local_cache_hit")
+        assert hits >= 3 * 128 * 4 and cached >= hits  # 3 repeat requests x >= 4 shared blocks
         b, a = _decode_tokens(before), _decode_tokens(after)
         gained = {e: a[e] - b.get(e, 0) for e in a if a[e] > b.get(e, 0)}
-        assert len(gained) == 1, gained                     # every request went to the holder
+        assert len(gained) == 1, gained  # every request went to the holder
         # the index also learns from the engines' own KV cache events (ZMQ), and decisions are timed
         wait_for(lambda: metric_sum(scrape(url), "pdserve_prefix_index_kv_events") > 0, timeout_s=15)
         assert metric_sum(after, "pdserve_router_decision_duration_seconds_count") >= 4
@@ -344,8 +451,8 @@ class TestRouter:
         rejected = [r for r in results if r[0] in (429, 503)]
         assert len(ok) + len(rejected) == 10 and ok and len(rejected) >= 4, [r[0] for r in results]
         assert all(float(h["retry-after"]) >= 1 for _, _, h in rejected)
-        assert max(t for _, t, _ in rejected) < 2.0           # early rejection, not a timeout
-        assert len(ok) <= 4, [r[0] for r in results]          # the queue-wait budget, not the burst, sets it
+        assert max(t for _, t, _ in rejected) < 2.0  # early rejection, not a timeout
+        assert len(ok) <= 4, [r[0] for r in results]  # the queue-wait budget, not the burst, sets it
         # Admitted requests keep TTFT near the SLO (4 s). Without admission the last of the 10 would
         # wait ~10 prefills (>10 s on 2 cores). The bound leaves room for a 2-core machine's noise:
         # three engines on two cores, the prefill engine sharing one with a decode engine (a CI run
@@ -370,7 +477,7 @@ class TestRouter:
                 futs = []
                 for i in range(6):
                     futs.append(pool.submit(_post, url, f"{rnd} {i} {long}", "free"))
-                    time.sleep(0.1)                           # free ones queue first
+                    time.sleep(0.1)  # free ones queue first
                 futs.append(pool.submit(_post, url, f"{rnd} Name a fruit.", "premium"))
                 results = [f.result() for f in futs]
             free.append([r[0] for r in results[:6]])

@@ -46,9 +46,11 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def chat_ids(tokenizer):
     def ids(text: str) -> list[int]:
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                 add_generation_prompt=True)
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
         return tokenizer.encode(rendered, add_special_tokens=False)
+
     return [ids(p) for p in PROMPTS]
 
 
@@ -56,18 +58,36 @@ def chat_ids(tokenizer):
 def reference(model_dir, chat_ids, tmp_path_factory):
     out_path = tmp_path_factory.mktemp("reference") / "greedy.json"
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
-    out = subprocess.run([sys.executable, "-m", "tests.integration.reference_greedy", str(model_dir),
-                          str(GREEDY_TOKENS), DTYPE, str(out_path)], input=json.dumps(chat_ids), capture_output=True,
-                         text=True, cwd=REPO, env=env, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.integration.reference_greedy",
+            str(model_dir),
+            str(GREEDY_TOKENS),
+            DTYPE,
+            str(out_path),
+        ],
+        input=json.dumps(chat_ids),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out_path.read_text())
 
 
 @pytest.fixture(scope="module")
 def cluster(reference):
-    cfg = cluster_config(free_port(), decode_replicas=1, dtype=DTYPE,
-                         kv_handoff={"backend": "slab", "slab_mode": "push"},
-                         placement={"local_prefill_max_tokens": 0, "local_prefill_min_hit_ratio": 1.0})
+    cfg = cluster_config(
+        free_port(),
+        decode_replicas=1,
+        dtype=DTYPE,
+        kv_handoff={"backend": "slab", "slab_mode": "push"},
+        placement={"local_prefill_max_tokens": 0, "local_prefill_min_hit_ratio": 1.0},
+    )
     with running_cluster(cfg) as c:
         yield c
 
@@ -75,10 +95,13 @@ def cluster(reference):
 def test_push_handoff_greedy_equals_colocated(cluster, chat_ids, reference):
     # the prefill replica's agent reaches the orchestrator with the stats polls /health is built from
     wait_for(lambda: health(cluster.base_url)["status"] == "ok", timeout_s=120)
-    before = settled_scrape(cluster.base_url)            # after the start-up warm-up requests
+    before = settled_scrape(cluster.base_url)  # after the start-up warm-up requests
     for ids, ref in zip(chat_ids, reference):
-        r = httpx.post(f"{cluster.base_url}/v1/completions", timeout=120, json={
-            "model": MODEL, "prompt": ids, "max_tokens": GREEDY_TOKENS, "temperature": 0})
+        r = httpx.post(
+            f"{cluster.base_url}/v1/completions",
+            timeout=120,
+            json={"model": MODEL, "prompt": ids, "max_tokens": GREEDY_TOKENS, "temperature": 0},
+        )
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == ref["text"]
     after = settled_scrape(cluster.base_url)
@@ -90,7 +113,7 @@ def test_push_handoff_greedy_equals_colocated(cluster, chat_ids, reference):
     assert delta("pdserve_kv_handoff_requests_total", mode="pull") == 0
     assert delta("pdserve_kv_handoff_transfers_total") == len(PROMPTS)
     assert delta("pdserve_kv_handoff_bytes_total") > 0
-    assert delta("pdserve_kv_handoff_failures_total") == 0           # no push fell back to recompute
+    assert delta("pdserve_kv_handoff_failures_total") == 0  # no push fell back to recompute
     assert delta("pdserve_prefill_fallbacks_total") == 0
 
 
@@ -102,13 +125,17 @@ def test_push_client_disconnect_before_first_token_frees_both_engines(cluster):
     wait_for(lambda: health(url)["status"] == "ok", timeout_s=120)
     before = settled_scrape(url)
     with paused(engine_processes(cluster.cfg.app_name, "prefill"), 4.0) as pause:
-        with pytest.raises(httpx.ReadTimeout):      # no first byte: the client gives up and disconnects
-            with httpx.stream("POST", f"{url}/v1/completions", timeout=1.5, json={
-                    "model": MODEL, "prompt": PROMPTS[1], "max_tokens": 500, "ignore_eos": True,
-                    "stream": True}) as r:
+        with pytest.raises(httpx.ReadTimeout):  # no first byte: the client gives up and disconnects
+            with httpx.stream(
+                "POST",
+                f"{url}/v1/completions",
+                timeout=1.5,
+                json={"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 500, "ignore_eos": True, "stream": True},
+            ) as r:
                 r.read()
         assert not pause.resumed.is_set()
     wait_for(lambda: freed_after_disconnect(url, before), timeout_s=30)
     after = settled_scrape(url)
-    assert metric_sum(after, "pdserve_engine_generation_tokens_total", pool="decode") \
-        == metric_sum(before, "pdserve_engine_generation_tokens_total", pool="decode")
+    assert metric_sum(after, "pdserve_engine_generation_tokens_total", pool="decode") == metric_sum(
+        before, "pdserve_engine_generation_tokens_total", pool="decode"
+    )

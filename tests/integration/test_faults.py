@@ -35,8 +35,8 @@ pytestmark = pytest.mark.integration
 
 DTYPE = "float32"
 PREFILL_TIMEOUT_S = 6.0
-LONG_TOKENS = 1000           # streams still generating when the test acts on them
-DECODE_ERROR_CODES = {"decode_failed", "engine_error", "engine_aborted"}   # serve/failures.py decode_error
+LONG_TOKENS = 1000  # streams still generating when the test acts on them
+DECODE_ERROR_CODES = {"decode_failed", "engine_error", "engine_aborted"}  # serve/failures.py decode_error
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +46,17 @@ def cluster():
     # request depends on the prefill engine and meets its timeout; admission off: these tests check the
     # failure paths, and the TTFTs a stalled prefill causes would otherwise raise the admission model's
     # correction
-    cfg = cluster_config(free_port(), dtype=DTYPE, prefill_timeout_s=PREFILL_TIMEOUT_S,
-                         placement={"local_prefill_max_tokens": 0, "local_prefill_min_hit_ratio": 1.0,
-                                    "local_prefill_when_sooner": False},       # (the default, stated)
-                         admission={"enabled": False})
+    cfg = cluster_config(
+        free_port(),
+        dtype=DTYPE,
+        prefill_timeout_s=PREFILL_TIMEOUT_S,
+        placement={
+            "local_prefill_max_tokens": 0,
+            "local_prefill_min_hit_ratio": 1.0,
+            "local_prefill_when_sooner": False,
+        },  # (the default, stated)
+        admission={"enabled": False},
+    )
     with running_cluster(cfg) as c:
         yield c
 
@@ -70,8 +77,7 @@ def test_prefill_stall_falls_back_to_local_prefill(cluster, answers):
     jobs = [(p, s) for p in PROMPTS for s in (stream, chat)]
     engines = engine_processes(cluster.cfg.app_name, "prefill")
     # the timer resumes the engine after 5 timeouts at the latest; leaving the block resumes it at once
-    with paused(engines, 5 * PREFILL_TIMEOUT_S) as pause, \
-            concurrent.futures.ThreadPoolExecutor(len(jobs)) as ex:
+    with paused(engines, 5 * PREFILL_TIMEOUT_S) as pause, concurrent.futures.ThreadPoolExecutor(len(jobs)) as ex:
         futures = [ex.submit(send, url, p) for p, send in jobs]
         replies = [f.result(timeout=CLIENT_TIMEOUT_S + 30) for f in futures]
         answered_while_stopped = not pause.resumed.is_set()
@@ -99,20 +105,27 @@ def test_client_disconnect_frees_the_decode_engine(cluster):
     url = cluster.base_url
     wait_for(lambda: _decode(scrape(url), "pdserve_pool_running_requests") == 0, timeout_s=30)
     before = scrape(url)
-    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=CLIENT_TIMEOUT_S, json=request_body(
-            "Write a very long essay about rivers.", max_tokens=LONG_TOKENS, ignore_eos=True, stream=True)) as r:
+    with httpx.stream(
+        "POST",
+        f"{url}/v1/chat/completions",
+        timeout=CLIENT_TIMEOUT_S,
+        json=request_body(
+            "Write a very long essay about rivers.", max_tokens=LONG_TOKENS, ignore_eos=True, stream=True
+        ),
+    ) as r:
         assert r.status_code == 200
         chunks = 0
-        for line in r.iter_lines():     # a few content chunks: the decode engine is generating
+        for line in r.iter_lines():  # a few content chunks: the decode engine is generating
             chunks += '"content":"' in line and '"content":""' not in line
             if chunks >= 5:
                 break
-        assert chunks >= 5      # still connected, and the decode engine is generating
+        assert chunks >= 5  # still connected, and the decode engine is generating
     # the block closed the connection mid-stream
     wait_for(lambda: freed_after_disconnect(url, before), timeout_s=20)
     after = settled_scrape(url)
-    generated = (_decode(after, "pdserve_engine_generation_tokens_total")
-                 - _decode(before, "pdserve_engine_generation_tokens_total"))
+    generated = _decode(after, "pdserve_engine_generation_tokens_total") - _decode(
+        before, "pdserve_engine_generation_tokens_total"
+    )
     assert 0 < generated < LONG_TOKENS, generated
 
 
@@ -123,16 +136,22 @@ def test_client_disconnect_during_prefill_aborts_it(cluster):
     wait_for(lambda: metric_sum(scrape(url), "pdserve_pool_running_requests") == 0, timeout_s=30)
     before = scrape(url)
     with paused(engine_processes(cluster.cfg.app_name, "prefill"), PREFILL_TIMEOUT_S / 2) as pause:
-        with pytest.raises(httpx.ReadTimeout):      # no first byte: the client gives up and disconnects
-            with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=PREFILL_TIMEOUT_S / 4,
-                              json=request_body("Write a very long essay about rivers.", max_tokens=LONG_TOKENS,
-                                                ignore_eos=True, stream=True)) as r:
+        with pytest.raises(httpx.ReadTimeout):  # no first byte: the client gives up and disconnects
+            with httpx.stream(
+                "POST",
+                f"{url}/v1/chat/completions",
+                timeout=PREFILL_TIMEOUT_S / 4,
+                json=request_body(
+                    "Write a very long essay about rivers.", max_tokens=LONG_TOKENS, ignore_eos=True, stream=True
+                ),
+            ) as r:
                 r.read()
-        assert not pause.resumed.is_set()           # the client left while the prefill engine was stopped
+        assert not pause.resumed.is_set()  # the client left while the prefill engine was stopped
     wait_for(lambda: freed_after_disconnect(url, before), timeout_s=20)
     after = settled_scrape(url)
-    assert (_decode(after, "pdserve_engine_generation_tokens_total")
-            == _decode(before, "pdserve_engine_generation_tokens_total"))
+    assert _decode(after, "pdserve_engine_generation_tokens_total") == _decode(
+        before, "pdserve_engine_generation_tokens_total"
+    )
     assert metric_sum(after, "pdserve_prefill_fallbacks_total") == metric_sum(before, "pdserve_prefill_fallbacks_total")
 
 
@@ -143,12 +162,16 @@ def test_non_streaming_client_disconnect_frees_the_engines(cluster):
     wait_for(lambda: metric_sum(scrape(url), "pdserve_pool_running_requests") == 0, timeout_s=30)
     before = scrape(url)
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{url}/v1/chat/completions", timeout=3.0,
-                   json=request_body("Write a very long essay about rivers.", max_tokens=LONG_TOKENS, ignore_eos=True))
+        httpx.post(
+            f"{url}/v1/chat/completions",
+            timeout=3.0,
+            json=request_body("Write a very long essay about rivers.", max_tokens=LONG_TOKENS, ignore_eos=True),
+        )
     wait_for(lambda: freed_after_disconnect(url, before), timeout_s=20)
     after = settled_scrape(url)
-    generated = (_decode(after, "pdserve_engine_generation_tokens_total")
-                 - _decode(before, "pdserve_engine_generation_tokens_total"))
+    generated = _decode(after, "pdserve_engine_generation_tokens_total") - _decode(
+        before, "pdserve_engine_generation_tokens_total"
+    )
     assert 0 < generated < LONG_TOKENS, generated
 
 
@@ -161,9 +184,17 @@ def test_decode_engine_killed_mid_stream(cluster, answers):
     before = scrape(url)
     started = [threading.Event() for _ in range(3)]
     with concurrent.futures.ThreadPoolExecutor(len(started)) as ex:
-        futures = [ex.submit(stream, url, f"Story {i}: write a very long story about a lighthouse.",
-                             on_first_content=e.set, max_tokens=LONG_TOKENS, ignore_eos=True)
-                   for i, e in enumerate(started)]
+        futures = [
+            ex.submit(
+                stream,
+                url,
+                f"Story {i}: write a very long story about a lighthouse.",
+                on_first_content=e.set,
+                max_tokens=LONG_TOKENS,
+                ignore_eos=True,
+            )
+            for i, e in enumerate(started)
+        ]
         deadline = time.monotonic() + CLIENT_TIMEOUT_S
         assert all(e.wait(max(0.0, deadline - time.monotonic())) for e in started), "streams did not start"
         killed_at = time.monotonic()
@@ -173,11 +204,14 @@ def test_decode_engine_killed_mid_stream(cluster, answers):
     assert ended_s < CLIENT_TIMEOUT_S, ended_s
     for reply in replies:
         assert reply.status == 200 and reply.text and reply.done, reply
-        assert reply.finish_reasons == [], reply          # never a "stop"/"length" on a truncated text
+        assert reply.finish_reasons == [], reply  # never a "stop"/"length" on a truncated text
         assert len(reply.errors) == 1 and reply.errors[0]["code"] in DECODE_ERROR_CODES, reply
     after = scrape(url)
-    aborted = sum(metric_sum(after, "pdserve_request_aborts_total", reason=c)
-                  - metric_sum(before, "pdserve_request_aborts_total", reason=c) for c in DECODE_ERROR_CODES)
+    aborted = sum(
+        metric_sum(after, "pdserve_request_aborts_total", reason=c)
+        - metric_sum(before, "pdserve_request_aborts_total", reason=c)
+        for c in DECODE_ERROR_CODES
+    )
     assert aborted == len(replies)
 
     # no live decode engine: an error status, not a hang
@@ -203,5 +237,4 @@ def test_decode_engine_killed_mid_stream(cluster, answers):
     wait_for(healed, timeout_s=150, interval_s=2.0)
     reply = chat(url, PROMPTS[0])
     want = (200, answers[PROMPTS[0]][0], [answers[PROMPTS[0]][1]])
-    assert (reply.status, reply.text, reply.finish_reasons) == want, \
-        (reply, health(url))
+    assert (reply.status, reply.text, reply.finish_reasons) == want, (reply, health(url))

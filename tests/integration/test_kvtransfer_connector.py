@@ -43,25 +43,40 @@ PROMPTS = TEST_PROMPTS
 @pytest.fixture(scope="module")
 def prompts(tokenizer) -> list[list[int]]:
     def ids(text: str) -> list[int]:
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                 add_generation_prompt=True)
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
         return tokenizer.encode(rendered, add_special_tokens=False)
+
     out = [ids(p) for p in PROMPTS]
     assert 90 <= min(map(len, out)) and max(map(len, out)) <= 700, [len(p) for p in out]
     return out
 
 
 def _slab_config(**extra) -> dict:
-    return {"kv_connector": "SlabKVConnector", "kv_connector_module_path": "kvtransfer.connector",
-            "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
-            "kv_connector_extra_config": {"handoff_timeout_s": HANDOFF_TIMEOUT_S, "connect_timeout_s": 2.0,
-                                          "ucx_tls": "tcp,self,sm", **extra}}
+    return {
+        "kv_connector": "SlabKVConnector",
+        "kv_connector_module_path": "kvtransfer.connector",
+        "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {
+            "handoff_timeout_s": HANDOFF_TIMEOUT_S,
+            "connect_timeout_s": 2.0,
+            "ucx_tls": "tcp,self,sm",
+            **extra,
+        },
+    }
 
 
 def _env(core: str) -> dict[str, str]:
-    return {"VLLM_CPU_OMP_THREADS_BIND": core, "VLLM_CPU_KVCACHE_SPACE": "1", "UCX_TLS": "tcp,self,sm",
-            "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",
-            "PDSERVE_MQ_BUSY_LOOP_S": "0"}  # the cluster's engine setting (workers/vllm_plugin.py)
+    return {
+        "VLLM_CPU_OMP_THREADS_BIND": core,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "UCX_TLS": "tcp,self,sm",
+        "PYTHONPATH": str(REPO),
+        "TOKENIZERS_PARALLELISM": "false",
+        "PDSERVE_MQ_BUSY_LOOP_S": "0",
+    }  # the cluster's engine setting (workers/vllm_plugin.py)
 
 
 class Engines:
@@ -78,9 +93,14 @@ class Engines:
         port = free_port()
         # a known agent name and port: push-mode decode requests name their prefill's agent up front
         self.agents[name] = {"engine_id": f"kvt-{name}", "host": "127.0.0.1", "port": port}
-        opts = {"name": name, "model": self.model_dir, "block_size": block_size, "max_model_len": 2048,
-                "dtype": DTYPE, "kv_transfer_config": {**_slab_config(side_channel_port=port),
-                                                       "engine_id": f"kvt-{name}"}}
+        opts = {
+            "name": name,
+            "model": self.model_dir,
+            "block_size": block_size,
+            "max_model_len": 2048,
+            "dtype": DTYPE,
+            "kv_transfer_config": {**_slab_config(side_channel_port=port), "engine_id": f"kvt-{name}"},
+        }
         self.procs[name] = EngineProcess(opts, _env(core), str(self.logdir / f"{name}.log"), str(REPO), wait=False)
 
     def __getitem__(self, name: str) -> EngineProcess:
@@ -109,11 +129,30 @@ def reference(engines, model_dir, prompts, tmp_path_factory):
     """Greedy tokens of one colocated engine (block 128, one OpenMP thread), computed while the
     block-128 pair starts; the block-32 prefill engine starts right after."""
     out_path = tmp_path_factory.mktemp("reference") / "greedy.json"
-    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
-           "VLLM_LOGGING_LEVEL": "WARNING"}
-    out = subprocess.run([sys.executable, "-m", "tests.integration.reference_greedy", str(model_dir),
-                          str(GREEDY_TOKENS), DTYPE, str(out_path)], input=json.dumps(prompts),
-                         capture_output=True, text=True, cwd=REPO, env=env, timeout=600, check=False)
+    env = {
+        **os.environ,
+        "VLLM_CPU_OMP_THREADS_BIND": "1",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_LOGGING_LEVEL": "WARNING",
+    }
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.integration.reference_greedy",
+            str(model_dir),
+            str(GREEDY_TOKENS),
+            DTYPE,
+            str(out_path),
+        ],
+        input=json.dumps(prompts),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=600,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     engines.start("p32", 32, "0")
     return [o["token_ids"] for o in json.loads(out_path.read_text())]
@@ -138,8 +177,9 @@ def _connector(engine: EngineProcess) -> dict:
 
 def _received(engine: EngineProcess, at_least: int) -> dict:
     try:
-        return wait_for(lambda: (s := _connector(engine)).get("num_handoffs_received", 0) >= at_least and s,
-                        timeout_s=10)
+        return wait_for(
+            lambda: (s := _connector(engine)).get("num_handoffs_received", 0) >= at_least and s, timeout_s=10
+        )
     except AssertionError:  # the caller's assertions report what arrived
         return _connector(engine)
 
@@ -152,10 +192,15 @@ def _run_pd(prefill: EngineProcess, decode: EngineProcess, prompts, compression:
         slabs.append(len(params["slab_handoff"]["slabs"]))
         outs.append(_decode(decode, ids, params))
     after = _received(decode, before.get("num_handoffs_received", 0) + len(prompts))
-    delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("num_handoffs_received", "num_descriptors",
-                                                            "wire_bytes", "raw_bytes")}
-    delta["failures"] = {k: v - before.get("failures", {}).get(k, 0) for k, v in after.get("failures", {}).items()
-                         if v - before.get("failures", {}).get(k, 0)}
+    delta = {
+        k: after.get(k, 0) - before.get(k, 0)
+        for k in ("num_handoffs_received", "num_descriptors", "wire_bytes", "raw_bytes")
+    }
+    delta["failures"] = {
+        k: v - before.get("failures", {}).get(k, 0)
+        for k, v in after.get("failures", {}).items()
+        if v - before.get("failures", {}).get(k, 0)
+    }
     return outs, slabs, delta
 
 
@@ -169,20 +214,22 @@ class TestSlabHandoffBlock128:
         outs, slabs, delta = uncompressed_128
         assert outs == reference
         assert delta["num_handoffs_received"] == len(prompts) and not delta["failures"]
-        assert delta["num_descriptors"] == sum(slabs)                  # one descriptor per slab
+        assert delta["num_descriptors"] == sum(slabs)  # one descriptor per slab
         assert delta["wire_bytes"] == delta["raw_bytes"] > 0
 
     def test_int4_wire_bytes_and_agreement(self, engines, uncompressed_128, prompts, record_property):
         outs, _, delta = _run_pd(engines["p128"], engines["d128"], prompts, compression="int4")
         base = uncompressed_128[0]
         agree = sum(o[:32] == b[:32] for o, b in zip(outs, base)) / len(prompts)
-        bf16_bytes = delta["raw_bytes"] * 2 // 4                        # float32 KV -> bf16-equivalent
+        bf16_bytes = delta["raw_bytes"] * 2 // 4  # float32 KV -> bf16-equivalent
         ratio = delta["wire_bytes"] / bf16_bytes
         record_property("int4_first32_agreement", agree)
         record_property("int4_wire_to_bf16", ratio)
-        print(f"\nint4: first-32-token agreement {agree:.0%} of {len(prompts)} prompts; "
-              f"wire/bf16 bytes {ratio:.3f}; first differing token per prompt "
-              f"{[next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), '-') for o, r in zip(outs, base)]}")
+        print(
+            f"\nint4: first-32-token agreement {agree:.0%} of {len(prompts)} prompts; "
+            f"wire/bf16 bytes {ratio:.3f}; first differing token per prompt "
+            f"{[next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), '-') for o, r in zip(outs, base)]}"
+        )
         assert not delta["failures"] and delta["num_handoffs_received"] == len(prompts)
         assert ratio <= 0.3
         # The codec's measured level on these prompts: 4 of 5 agree (plain group-wise int4 without the
@@ -193,7 +240,7 @@ class TestSlabHandoffBlock128:
 
     def test_unreachable_prefill_recomputes(self, engines, uncompressed_128, reference, prompts):
         decode = engines["d128"]
-        params = _prefill(engines["p128"], prompts[0])                 # a real handoff, then point it nowhere
+        params = _prefill(engines["p128"], prompts[0])  # a real handoff, then point it nowhere
         ghost = dict(params, remote_engine_id="ghost-engine", remote_port=1)
         ghost["slab_handoff"] = dict(params["slab_handoff"], engine_id="ghost-engine", port=1)
         before = _connector(decode).get("failures", {}).get("connect_timeout", 0)
@@ -201,7 +248,7 @@ class TestSlabHandoffBlock128:
         assert _decode(decode, prompts[0], ghost) == reference[0]
         assert time.monotonic() - t0 < 30
         wait_for(lambda: _connector(decode).get("failures", {}).get("connect_timeout", 0) > before, 10)
-        assert _decode(decode, prompts[0], params) == reference[0]     # the real one still works
+        assert _decode(decode, prompts[0], params) == reference[0]  # the real one still works
 
     def test_other_block_size_loads_token_by_token(self, engines, uncompressed_128, reference, prompts):
         """A block-32 prefill's slabs at a block-128 decode (heterogeneous pools: e.g. block 16 on GPUs,
@@ -211,7 +258,7 @@ class TestSlabHandoffBlock128:
         params = _prefill(p32, prompts[1])
         assert _decode(decode, prompts[1], params) == reference[1]
         after = _received(decode, before.get("num_handoffs_received", 0) + 1)
-        assert after.get("failures", {}) == before.get("failures", {})             # loaded, not recomputed
+        assert after.get("failures", {}) == before.get("failures", {})  # loaded, not recomputed
         assert after["num_descriptors"] - before.get("num_descriptors", 0) == len(params["slab_handoff"]["slabs"])
         wait_for(lambda: _connector(p32).get("num_released_by_notification", 0) >= 1, 10)
 
@@ -221,11 +268,16 @@ class TestSlabHandoffBlock128:
         before = _connector(prefill).get("num_released_by_timeout", 0)
         _prefill(prefill, prompts[4])
         held = prefill.stats()["kv_cache_usage"]
-        assert held > 0                                               # blocks held for the decode
+        assert held > 0  # blocks held for the decode
         t0 = time.monotonic()
-        wait_for(lambda: (s := prefill.stats())["kv_cache_usage"] == 0
-                 and s["connector"].get("num_released_by_timeout", 0) > before, HANDOFF_TIMEOUT_S + 15)
-        assert time.monotonic() - t0 >= HANDOFF_TIMEOUT_S - 1.5       # not freed early
+        wait_for(
+            lambda: (
+                (s := prefill.stats())["kv_cache_usage"] == 0
+                and s["connector"].get("num_released_by_timeout", 0) > before
+            ),
+            HANDOFF_TIMEOUT_S + 15,
+        )
+        assert time.monotonic() - t0 >= HANDOFF_TIMEOUT_S - 1.5  # not freed early
 
 
 class TestPushMode:
@@ -243,23 +295,34 @@ class TestPushMode:
         outs = []
         for i, ids in enumerate(prompts[:3]):
             push = SlabPush(f"push-{i}", **engines.agents["p128"])
-            dec_eng.submit(op="generate", requests=[{"prompt_token_ids": ids, "max_tokens": GREEDY_TOKENS,
-                                                     "kv_transfer_params": decode_push_params(push)}])
-            pre_eng.generate([{"prompt_token_ids": ids, "max_tokens": 1,
-                               "kv_transfer_params": prefill_push_params(push.rendezvous)}])
+            dec_eng.submit(
+                op="generate",
+                requests=[
+                    {
+                        "prompt_token_ids": ids,
+                        "max_tokens": GREEDY_TOKENS,
+                        "kv_transfer_params": decode_push_params(push),
+                    }
+                ],
+            )
+            pre_eng.generate(
+                [{"prompt_token_ids": ids, "max_tokens": 1, "kv_transfer_params": prefill_push_params(push.rendezvous)}]
+            )
             (out,) = dec_eng.result(timeout_s=120)["outputs"]
             outs.append(out["token_ids"])
         assert outs == reference[:3]
         after_d = _received(dec_eng, before_d.get("num_handoffs_received", 0) + 3)
         assert after_d["num_handoffs_received"] - before_d.get("num_handoffs_received", 0) == 3
-        assert after_d.get("failures", {}) == before_d.get("failures", {})       # no recompute fallback
+        assert after_d.get("failures", {}) == before_d.get("failures", {})  # no recompute fallback
         # the prefill released every push on the write's completion, none by timeout
         released = before_p.get("num_released_by_notification", 0)
-        after_p = wait_for(lambda: (s := _connector(pre_eng)).get("num_released_by_notification", 0)
-                           >= released + 3 and s, timeout_s=10)
+        after_p = wait_for(
+            lambda: (s := _connector(pre_eng)).get("num_released_by_notification", 0) >= released + 3 and s,
+            timeout_s=10,
+        )
         assert after_p.get("num_released_by_timeout", 0) == before_p.get("num_released_by_timeout", 0)
         assert after_p.get("num_released_by_notification", 0) - before_p.get("num_released_by_notification", 0) == 3
-        assert after_d["wire_bytes"] - before_d.get("wire_bytes", 0) > 0                # bytes arrived by WRITE
+        assert after_d["wire_bytes"] - before_d.get("wire_bytes", 0) > 0  # bytes arrived by WRITE
 
 
 class TestSlabHandoffBlock32:
@@ -269,4 +332,4 @@ class TestSlabHandoffBlock32:
         outs, slabs, delta = _run_pd(engines["p32"], engines["d32"], prompts)
         assert outs == reference
         assert not delta["failures"] and delta["num_descriptors"] == sum(slabs)
-        assert slabs == [-(-len(p) // 128) for p in prompts]           # 4 blocks of 32 per slab
+        assert slabs == [-(-len(p) // 128) for p in prompts]  # 4 blocks of 32 per slab

@@ -55,30 +55,35 @@ class TestDefaultConfig:
 
 
 class TestInvalidConfig:
-    @pytest.mark.parametrize("data, field", [
-        (with_pool(0, role="prefil"), "pools.0.role"),
-        (with_pool(1, replicas={"min": 3, "max": 1}), "pools.1.replicas"),
-        (with_pool(0, engine={"block_size": 16}), "block_size"),
-        (with_pool(0, engine={"bogus": 1}), "pools.0.engine.bogus"),
-        (with_pool(0, device={"kind": "cpu", "cpu_cores": "zero"}), "pools.0.device.cpu.cpu_cores"),
-        (with_pool(0, device={"kind": "gpu", "count": 2}), "device.count"),
-        (with_pool(0, engine={"extra": {"model": "x"}}), "managed keys"),
-        ({**BASE, "pools": [BASE["pools"][1], BASE["pools"][1]]}, "duplicate pool names"),
-        ({**BASE, "pools": [BASE["pools"][0], {**BASE["pools"][0], "name": "p2"}]}, "role ['decode']"),
-        ({**BASE, "surprise": 1}, "surprise"),
-        ({**BASE, "router": {"default_tier": "gold"}}, "default_tier"),
-    ])
+    @pytest.mark.parametrize(
+        "data, field",
+        [
+            (with_pool(0, role="prefil"), "pools.0.role"),
+            (with_pool(1, replicas={"min": 3, "max": 1}), "pools.1.replicas"),
+            (with_pool(0, engine={"block_size": 16}), "block_size"),
+            (with_pool(0, engine={"bogus": 1}), "pools.0.engine.bogus"),
+            (with_pool(0, device={"kind": "cpu", "cpu_cores": "zero"}), "pools.0.device.cpu.cpu_cores"),
+            (with_pool(0, device={"kind": "gpu", "count": 2}), "device.count"),
+            (with_pool(0, engine={"extra": {"model": "x"}}), "managed keys"),
+            ({**BASE, "pools": [BASE["pools"][1], BASE["pools"][1]]}, "duplicate pool names"),
+            ({**BASE, "pools": [BASE["pools"][0], {**BASE["pools"][0], "name": "p2"}]}, "role ['decode']"),
+            ({**BASE, "surprise": 1}, "surprise"),
+            ({**BASE, "router": {"default_tier": "gold"}}, "default_tier"),
+        ],
+    )
     def test_error_names_the_field(self, data, field):
         assert field in error_of(data)
 
     def test_yaml_errors_name_file_and_field(self, tmp_path):
         p = tmp_path / "bad.yaml"
-        p.write_text(textwrap.dedent("""
+        p.write_text(
+            textwrap.dedent("""
             model: {name: m}
             pools:
               - {name: prefill, role: prefill}
               - {name: decode, role: decode, replicas: -1}
-        """))
+        """)
+        )
         with pytest.raises(ConfigError) as ei:
             ClusterConfig.from_yaml(p)
         msg = str(ei.value)
@@ -95,8 +100,12 @@ class TestDevices:
         assert [d.cores_for_rank(i) for i in range(3)] == ["0", "1", "0"]
 
     def test_gpu_pool_matches_parallelism(self):
-        p = PoolConfig(name="p", role="prefill", device={"kind": "gpu", "gpu_type": "A100", "count": 2},
-                       engine={"tensor_parallel_size": 2, "block_size": 16})
+        p = PoolConfig(
+            name="p",
+            role="prefill",
+            device={"kind": "gpu", "gpu_type": "A100", "count": 2},
+            engine={"tensor_parallel_size": 2, "block_size": 16},
+        )
         assert isinstance(p.device, GpuDevice) and p.device.count == 2
 
 
@@ -124,23 +133,42 @@ class TestOverlays:
         assert yaml.safe_load(path.read_text())["base"] == "default"
         cfg = ClusterConfig.from_yaml(path)
         assert cfg.model_dump(mode="json") == BENCH_EXPECTED[name]
-        assert ClusterConfig.from_dict(cfg.model_dump(mode="json")) == cfg   # the dump serves the same config
+        assert ClusterConfig.from_dict(cfg.model_dump(mode="json")) == cfg  # the dump serves the same config
 
     def test_every_bench_config_is_recorded(self):
         assert sorted(p.stem for p in (REPO / "configs" / "bench").glob("*.yaml")) == sorted(BENCH_EXPECTED)
 
     def test_merge_rules(self):
-        base = {"a": {"x": 1, "y": [1, 2]}, "s": "v", "n": 3,
-                "pools": [{"name": "p", "role": "prefill", "engine": {"k": 1}}, {"name": "d", "role": "decode"}]}
+        base = {
+            "a": {"x": 1, "y": [1, 2]},
+            "s": "v",
+            "n": 3,
+            "pools": [{"name": "p", "role": "prefill", "engine": {"k": 1}}, {"name": "d", "role": "decode"}],
+        }
         snapshot = json.dumps(base)
-        merged = merge_overlay(base, {"a": {"y": [3]}, "n": None, "new": {"z": 1},
-                                      "pools": {"p": {"engine": {"j": 2}}, "e": {"role": "decode"}}})
-        assert merged == {"a": {"x": 1, "y": [3]}, "s": "v", "n": None, "new": {"z": 1},
-                          "pools": [{"name": "p", "role": "prefill", "engine": {"k": 1, "j": 2}},
-                                    {"name": "d", "role": "decode"}, {"name": "e", "role": "decode"}]}
+        merged = merge_overlay(
+            base,
+            {
+                "a": {"y": [3]},
+                "n": None,
+                "new": {"z": 1},
+                "pools": {"p": {"engine": {"j": 2}}, "e": {"role": "decode"}},
+            },
+        )
+        assert merged == {
+            "a": {"x": 1, "y": [3]},
+            "s": "v",
+            "n": None,
+            "new": {"z": 1},
+            "pools": [
+                {"name": "p", "role": "prefill", "engine": {"k": 1, "j": 2}},
+                {"name": "d", "role": "decode"},
+                {"name": "e", "role": "decode"},
+            ],
+        }
         assert json.dumps(base) == snapshot, "the base is not modified"
         assert merge_overlay(base, {"pools": {"p": None}})["pools"] == [{"name": "d", "role": "decode"}]
-        assert merge_overlay(base, {"pools": [{"name": "q"}]})["pools"] == [{"name": "q"}]   # a list replaces
+        assert merge_overlay(base, {"pools": [{"name": "q"}]})["pools"] == [{"name": "q"}]  # a list replaces
 
     def test_base_chain_relative_path_and_errors(self, tmp_path):
         (tmp_path / "two.yaml").write_text("base: default\npools: {decode: {replicas: 2}}\n")
@@ -166,10 +194,18 @@ class TestOverlays:
 class TestOverrides:
     def test_set_edits_dotted_keys(self):
         data = {"pools": [{"engine": {"extra": {"num_gpu_blocks_override": 32}}}], "router": {}}
-        apply_overrides(data, ["pools.0.engine.extra.num_gpu_blocks_override=24", "router.admission.enabled=false",
-                               "pools.0.device=[0, 1]"])
-        assert data == {"pools": [{"engine": {"extra": {"num_gpu_blocks_override": 24}}, "device": [0, 1]}],
-                        "router": {"admission": {"enabled": False}}}
+        apply_overrides(
+            data,
+            [
+                "pools.0.engine.extra.num_gpu_blocks_override=24",
+                "router.admission.enabled=false",
+                "pools.0.device=[0, 1]",
+            ],
+        )
+        assert data == {
+            "pools": [{"engine": {"extra": {"num_gpu_blocks_override": 24}}, "device": [0, 1]}],
+            "router": {"admission": {"enabled": False}},
+        }
         for bad in ("no-equals-sign", "pools.5.replicas=1", "pools.x.replicas=1", "router.admission.enabled.x=1"):
             with pytest.raises(ConfigError):
                 apply_overrides({"pools": [{}], "router": {"admission": {"enabled": True}}}, [bad])
@@ -182,6 +218,7 @@ class TestOverrides:
 
     def test_cli_validate_takes_set(self, capsys):
         from serve.cli import main
+
         assert main(["validate", "--set", "server.port=9002"]) == 0
         assert json.loads(capsys.readouterr().out)["server"]["port"] == 9002
         assert main(["validate", "--set", "pools.7.name=x"]) == 2
@@ -190,17 +227,27 @@ class TestOverrides:
 
 class TestKvHandoff:
     def test_slab_section_is_the_connectors_settings(self):
-        kvh = ClusterConfig.from_dict({**BASE, "kv_handoff": {"backend": "slab", "slab": {
-            "compression": "int8", "read_timeout_s": 4, "pool_mib": 512, "idle_wait_ms": 0}}}).kv_handoff
+        kvh = ClusterConfig.from_dict(
+            {
+                **BASE,
+                "kv_handoff": {
+                    "backend": "slab",
+                    "slab": {"compression": "int8", "read_timeout_s": 4, "pool_mib": 512, "idle_wait_ms": 0},
+                },
+            }
+        ).kv_handoff
         assert kvh.slab == SlabSettings(compression="int8", read_timeout_s=4, pool_mib=512, idle_wait_ms=0)
         assert ClusterConfig.from_dict(BASE).kv_handoff.slab == SlabSettings()
 
-    @pytest.mark.parametrize("slab, field", [
-        ({"compression": "int2"}, "kv_handoff.slab.compression"),
-        ({"group": 3}, "group must be even"),
-        ({"ucx_tls": "tcp"}, "kv_handoff.slab.ucx_tls"),                 # owned by kv_handoff itself
-        ({"handoff_timeout_s": 5}, "kv_handoff.slab.handoff_timeout_s"),  # = kv_handoff.kv_lease_s
-    ])
+    @pytest.mark.parametrize(
+        "slab, field",
+        [
+            ({"compression": "int2"}, "kv_handoff.slab.compression"),
+            ({"group": 3}, "group must be even"),
+            ({"ucx_tls": "tcp"}, "kv_handoff.slab.ucx_tls"),  # owned by kv_handoff itself
+            ({"handoff_timeout_s": 5}, "kv_handoff.slab.handoff_timeout_s"),  # = kv_handoff.kv_lease_s
+        ],
+    )
     def test_slab_section_errors_name_the_field(self, slab, field):
         assert field in error_of({**BASE, "kv_handoff": {"backend": "slab", "slab": slab}})
 

@@ -48,8 +48,10 @@ def fake_hung(start_s: float) -> RequestRecord:
 
 def fake_timeline(**series: dict[float, float]) -> list[dict]:
     """One sample per second 0..200; ``series``: field -> {time from which: value}."""
+
     def value(changes, t):
         return [v for since, v in sorted(changes.items()) if since <= t][-1]
+
     return [{"t": float(t), **{k: value(ch, t) for k, ch in series.items()}} for t in range(201)]
 
 
@@ -66,25 +68,39 @@ class TestClassify:
 
     def test_phases_by_arrival(self):
         assert [phase_of(t, FAKE_FAULTS) for t in (0.0, 59.9, 60.0, 119.9, 120.0, 129.9, 130.0, 500.0)] == [
-            "before_kill", "before_kill", "kill_to_pause", "kill_to_pause", "pause", "pause", "after_pause",
-            "after_pause"]
+            "before_kill",
+            "before_kill",
+            "kill_to_pause",
+            "kill_to_pause",
+            "pause",
+            "pause",
+            "after_pause",
+            "after_pause",
+        ]
 
     def test_counts(self):
         recs = [fake_ok(1.0), fake_ok(2.0, tokens=5), fake_rejected(3.0), fake_error(4.0), fake_hung(5.0)]
-        assert outcome_counts(recs, MAX) == {"sent": 5, "completed": 1, "failed": 2, "rejected_503_429": 1,
-                                             "error": 1, "hung": 1, "truncated": 1}
+        assert outcome_counts(recs, MAX) == {
+            "sent": 5,
+            "completed": 1,
+            "failed": 2,
+            "rejected_503_429": 1,
+            "error": 1,
+            "hung": 1,
+            "truncated": 1,
+        }
 
 
 class TestTimings:
     def test_stopped_using_dead_replica(self):
-        tl = fake_timeline(decode_retries={0: 1.0, 62: 3.0, 65: 4.0})   # a retry before the kill does not count
+        tl = fake_timeline(decode_retries={0: 1.0, 62: 3.0, 65: 4.0})  # a retry before the kill does not count
         assert stopped_using_dead_s(tl, 60.0) == 5.0
         assert stopped_using_dead_s(fake_timeline(decode_retries={0: 1.0, 30: 2.0}), 60.0) == 0.0
-        assert stopped_using_dead_s([{"t": 1.0, "queue": 0.0}], 60.0) == 0.0        # no such field
+        assert stopped_using_dead_s([{"t": 1.0, "queue": 0.0}], 60.0) == 0.0  # no such field
 
     def test_replica_restored(self):
         assert replica_restored_s(fake_timeline(decode_replicas={0: 2.0, 63: 1.0, 90: 2.0}), 60.0, 2) == 30.0
-        assert replica_restored_s(fake_timeline(decode_replicas={0: 2.0}), 60.0, 2) is None      # never dropped
+        assert replica_restored_s(fake_timeline(decode_replicas={0: 2.0}), 60.0, 2) is None  # never dropped
         assert replica_restored_s(fake_timeline(decode_replicas={0: 2.0, 63: 1.0}), 60.0, 2) is None  # never back
         # a dip before the kill (replicas still starting) is not the one measured
         assert replica_restored_s(fake_timeline(decode_replicas={0: 1.0, 10: 2.0, 70: 1.0, 75: 2.0}), 60.0, 2) == 15.0
@@ -95,14 +111,14 @@ class TestTimings:
         pre = [fake_ok(t - 10.0) for t in range(10, 60)] + [fake_ok(20.5)]
         recs = pre + [fake_ok(t - 10.0) for t in range(85, 200)]
         assert throughput_recovered_s(recs, 60.0, MAX) == 25.0
-        assert throughput_recovered_s(pre, 60.0, MAX) is None                           # never again
+        assert throughput_recovered_s(pre, 60.0, MAX) is None  # never again
         assert throughput_recovered_s([fake_ok(t - 10.0, tokens=5) for t in range(10, 200)], 60.0, MAX) is None
-        assert throughput_recovered_s(recs, 15.0, MAX) is None                          # kill inside the warm-up
+        assert throughput_recovered_s(recs, 15.0, MAX) is None  # kill inside the warm-up
 
     def test_throughput_needs_90_percent(self):
         pre = [fake_ok(t - 10.0) for t in range(10, 60)]
         same = [fake_ok(t - 10.0) for t in range(60, 200)]
-        slower = [fake_ok(t - 10.0) for t in range(60, 200) if t % 5 != 0]              # 80 %
+        slower = [fake_ok(t - 10.0) for t in range(60, 200) if t % 5 != 0]  # 80 %
         assert throughput_recovered_s(pre + same, 60.0, MAX) == 0.0
         assert throughput_recovered_s(pre + slower, 60.0, MAX) is None
 
@@ -122,15 +138,29 @@ class TestAnalysis:
     def test_analyse_a_fake_run(self):
         recs, tl = fake_run()
         a = analyse(recs, tl, FAKE_FAULTS, MAX)
-        assert a["counts"] == {"sent": 121, "completed": 116, "failed": 3, "rejected_503_429": 1, "error": 2,
-                               "hung": 1, "truncated": 1}
+        assert a["counts"] == {
+            "sent": 121,
+            "completed": 116,
+            "failed": 3,
+            "rejected_503_429": 1,
+            "error": 2,
+            "hung": 1,
+            "truncated": 1,
+        }
         assert a["by_phase"]["before_kill"]["completed"] == 60
-        assert a["by_phase"]["kill_to_pause"] == {"sent": 58, "completed": 55, "failed": 3, "rejected_503_429": 1,
-                                                  "error": 2, "hung": 0, "truncated": 0}
+        assert a["by_phase"]["kill_to_pause"] == {
+            "sent": 58,
+            "completed": 55,
+            "failed": 3,
+            "rejected_503_429": 1,
+            "error": 2,
+            "hung": 0,
+            "truncated": 0,
+        }
         assert a["by_phase"]["pause"]["hung"] == 1 and a["by_phase"]["after_pause"]["truncated"] == 1
         assert a["new_request_503s_after_kill"] == 1
         assert a["stopped_using_dead_s"] == 4.0
-        assert a["last_error_after_kill_s"] == 4.0              # the rejection at 64 s (no e2e: its arrival)
+        assert a["last_error_after_kill_s"] == 4.0  # the rejection at 64 s (no e2e: its arrival)
         assert a["replica_restored_s"] == 40.0
         assert a["throughput_recovered_s"] == 0.0
         assert [g["pass"] for g in a["goals"]] == [False, False, False]
@@ -139,9 +169,16 @@ class TestAnalysis:
         recs, tl = fake_run()
         plot = plot_timeline(tmp_path, recs, tl, FAKE_FAULTS, MAX)
         assert plot.stat().st_size > 5000
-        summary = {"meta": {"run_id": "fake", "skipped": 0, "args": {
-            "config": "configs/bench/two-decode.yaml", "rate": 1.0, "duration": 180.0, "drain": 120.0}},
-            "faults": FAKE_FAULTS, "plot": plot.name, "analysis": analyse(recs, tl, FAKE_FAULTS, MAX)}
+        summary = {
+            "meta": {
+                "run_id": "fake",
+                "skipped": 0,
+                "args": {"config": "configs/bench/two-decode.yaml", "rate": 1.0, "duration": 180.0, "drain": 120.0},
+            },
+            "faults": FAKE_FAULTS,
+            "plot": plot.name,
+            "analysis": analyse(recs, tl, FAKE_FAULTS, MAX),
+        }
         write_report(tmp_path, summary)
         md = (tmp_path / "report.md").read_text()
         assert "| all | 121 | 116 | 3 (1) | 1 | 1 |" in md
@@ -153,6 +190,7 @@ class TestAnalysis:
 class TestRunSetup:
     def test_two_decode_config_is_the_default_with_two_decode_replicas(self):
         from serve.config import DEFAULT_CONFIG, load_config_data
+
         default = load_config_data(DEFAULT_CONFIG)
         two = load_config_data(REPO / "configs" / "bench" / "two-decode.yaml")
         decode = next(p for p in default["pools"] if p["role"] == "decode")
@@ -160,21 +198,33 @@ class TestRunSetup:
         decode["device"]["cpu_cores"] = ["1", "0"]
         assert two == default
         assert fault_targets(str(REPO / "configs" / "bench" / "two-decode.yaml")) == {
-            "app_name": "pdserve", "prefill": "prefill", "decode": "decode"}
+            "app_name": "pdserve",
+            "prefill": "prefill",
+            "decode": "decode",
+        }
 
     def test_two_decode_config_validates(self):
         from serve.config import ClusterConfig
+
         cfg = ClusterConfig.from_yaml(REPO / "configs" / "bench" / "two-decode.yaml")
         assert [(p.role.value, p.replicas.min, p.replicas.max) for p in cfg.pools] == [
-            ("prefill", 1, 1), ("decode", 2, 2)]
+            ("prefill", 1, 1),
+            ("decode", 2, 2),
+        ]
 
     def test_cli(self):
         a = parse_args([])
         assert (a.rate, a.duration, a.kill_decode_at, a.pause_prefill_at, a.pause_s, a.drain) == (
-            1.0, 180.0, 60.0, 120.0, 10.0, 120.0)
+            1.0,
+            180.0,
+            60.0,
+            120.0,
+            10.0,
+            120.0,
+        )
         assert Path(a.config) == REPO / "configs" / "bench" / "two-decode.yaml"
         with pytest.raises(SystemExit):
-            parse_args(["--kill-decode-at", "130"])        # the kill must come before the pause
+            parse_args(["--kill-decode-at", "130"])  # the kill must come before the pause
 
 
 def test_engine_processes_of_one_replica():
@@ -194,4 +244,4 @@ def test_engine_processes_of_one_replica():
             child.kill()
         replica.kill()
         replica.wait()
-    assert faults.engine_processes_of(proc) == []          # the replica is gone
+    assert faults.engine_processes_of(proc) == []  # the replica is gone

@@ -53,8 +53,10 @@ def _parsed(stream, include_usage=False):
 
 def _events(script, include_usage=True):
     """The SSE payloads of a streamed request (the ``first`` pull is what _handle awaits before the 200)."""
+
     async def main():
         return [e async for e in Ingress._stream(_ingress(script), _parsed(True, include_usage), 0.0)]
+
     return [sse_data(e.decode().strip()) for e in asyncio.run(main())]
 
 
@@ -67,15 +69,16 @@ class TestStreaming:
 
     def test_error_after_the_first_byte_is_an_error_event_and_no_finish(self):
         events = _events([HI, FAILED])
-        assert events[-1] == "[DONE]" and json.loads(events[-2]) == FAILED.body()       # vLLM's shape
+        assert events[-1] == "[DONE]" and json.loads(events[-2]) == FAILED.body()  # vLLM's shape
         chunks = [json.loads(e) for e in events[:-2]]
-        assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, None]      # role, "hi"
+        assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, None]  # role, "hi"
         assert all(c.get("usage") is None for c in chunks)
 
     def test_error_before_the_first_byte_propagates_as_the_http_status(self):
         async def main():
             stream = Ingress._stream(_ingress([FAILED]), _parsed(True), 0.0)
             await stream.__anext__()
+
         with pytest.raises(ApiError) as ei:
             asyncio.run(main())
         assert ei.value is FAILED
@@ -105,7 +108,7 @@ class TestNonStreaming:
             async def generate(self, job):
                 try:
                     yield HI
-                    await asyncio.Event().wait()      # the engine is still generating
+                    await asyncio.Event().wait()  # the engine is still generating
                 finally:
                     closed.set()
 

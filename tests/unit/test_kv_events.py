@@ -22,8 +22,15 @@ def stored(hashes):
     from vllm.distributed.kv_events import BlockStored
     from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
-    return BlockStored(block_hashes=[maybe_convert_block_hash(h) for h in hashes], parent_block_hash=None,
-                       token_ids=[], block_size=128, lora_id=None, medium="GPU", lora_name=None)
+    return BlockStored(
+        block_hashes=[maybe_convert_block_hash(h) for h in hashes],
+        parent_block_hash=None,
+        token_ids=[],
+        block_size=128,
+        lora_id=None,
+        medium="GPU",
+        lora_name=None,
+    )
 
 
 def removed(hashes):
@@ -44,7 +51,7 @@ class TestApplyEvents:
         assert apply_event_batch(idx, "e1", vllm_batch(stored(PROMPT))) == 1
         assert idx.match(PROMPT, ["e1", "e2"]) == {"e1": 4, "e2": 0}
         apply_event_batch(idx, "e1", vllm_batch(removed(PROMPT[2:3])))
-        assert idx.match(PROMPT, ["e1"]) == {"e1": 2}          # a hit never counts past a hole
+        assert idx.match(PROMPT, ["e1"]) == {"e1": 2}  # a hit never counts past a hole
         apply_event_batch(idx, "e2", vllm_batch(stored(PROMPT[:1])))
         apply_event_batch(idx, "e1", vllm_batch(AllBlocksCleared()))
         assert idx.match(PROMPT, ["e1", "e2"]) == {"e1": 0, "e2": 1}
@@ -70,7 +77,7 @@ class TestKvEventFeed:
                     if idx.match(PROMPT, ["e1"])["e1"] == 4:
                         break
                 assert idx.match(PROMPT, ["e1"]) == {"e1": 4} and feed.events_applied >= 1
-                feed.sync({})      # the engine left the pool: unsubscribed (the ingress drops its blocks)
+                feed.sync({})  # the engine left the pool: unsubscribed (the ingress drops its blocks)
                 assert feed.subscribed() == {}
             finally:
                 feed.close()

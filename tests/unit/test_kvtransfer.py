@@ -22,8 +22,9 @@ class TestPlanning:
         assert plan.num_tokens == 7500
         assert [s.token_start for s in plan.slabs[:3]] == [0, 128, 256]
 
-    @pytest.mark.parametrize("block_size,tokens,slabs", [(128, 128, 1), (128, 129, 2), (32, 512, 4), (32, 1, 1),
-                                                         (256, 600, 3), (16, 0, 0)])
+    @pytest.mark.parametrize(
+        "block_size,tokens,slabs", [(128, 128, 1), (128, 129, 2), (32, 512, 4), (32, 1, 1), (256, 600, 3), (16, 0, 0)]
+    )
     def test_slab_counts(self, block_size, tokens, slabs):
         spec = SlabSpec(**SMOL, block_size=block_size, dtype_bytes=4)
         plan = plan_slabs(list(range(64)), tokens, spec)
@@ -39,8 +40,8 @@ class TestPlanning:
     def test_kv_bytes_and_pool_size(self):
         spec = SlabSpec(**SMOL, block_size=128, dtype_bytes=2)
         assert spec.kv_bytes_per_token == 2 * 30 * 3 * 64 * 2 == 23040
-        assert pool_nbytes(spec, 2048) == 256 * MiB                      # 45 MiB -> one 256 MiB unit
-        assert pool_nbytes(spec, 20_000) == 512 * MiB                    # 439 MiB -> 512
+        assert pool_nbytes(spec, 2048) == 256 * MiB  # 45 MiB -> one 256 MiB unit
+        assert pool_nbytes(spec, 20_000) == 512 * MiB  # 439 MiB -> 512
         assert pool_nbytes(spec, 20_000, wire_bytes_per_token=100, round_to=MiB) == 2 * MiB
 
 
@@ -49,7 +50,7 @@ class TestGroupQuant:
     def test_round_trip_within_bound(self, bits):
         torch.manual_seed(0)
         q = GroupQuant(bits=bits, group=32)
-        x = torch.randn(4, 3, 50, 128) * torch.linspace(0.01, 20, 128)   # varied ranges per group
+        x = torch.randn(4, 3, 50, 128) * torch.linspace(0.01, 20, 128)  # varied ranges per group
         buf = q.encode(x)
         assert buf.dtype == torch.uint8 and buf.numel() == q.encoded_nbytes(x.numel())
         y = q.decode(buf, tuple(x.shape), torch.float32)
@@ -59,7 +60,7 @@ class TestGroupQuant:
     def test_sizes(self):
         n = 30 * 3 * 128 * 128
         assert GroupQuant(4, 32).encoded_nbytes(n) == n // 2 + n // 32 * 2 + n // 64
-        assert GroupQuant(4, 32).encoded_nbytes(n) / (n * 2) < 0.3           # vs bf16
+        assert GroupQuant(4, 32).encoded_nbytes(n) / (n * 2) < 0.3  # vs bf16
         assert GroupQuant(8, 32).encoded_nbytes(n) == n + n // 32 * 3
 
     def test_constant_and_zero_groups(self):
@@ -78,8 +79,10 @@ class TestGroupQuant:
 
 def _paged(num_blocks, block_size, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(num_blocks, SMOL["num_kv_heads"], block_size, 2 * SMOL["head_dim"], generator=g).to(dtype)
-            for _ in range(SMOL["num_layers"])]
+    return [
+        torch.randn(num_blocks, SMOL["num_kv_heads"], block_size, 2 * SMOL["head_dim"], generator=g).to(dtype)
+        for _ in range(SMOL["num_layers"])
+    ]
 
 
 def _write_tokens(layers, kv, block_table, block_size):
@@ -126,8 +129,9 @@ class TestCpuAttnLayout:
         _write_tokens([ours], kv, [2, 0], block_size)
         k_cache, v_cache = theirs.view(nb, h, 2 * block_size, d).chunk(2, dim=2)
         slots = torch.tensor([2 * block_size + t if t < block_size else t - block_size for t in range(tokens)])
-        ops.cpu_attn_reshape_and_cache(kv[0, :, :, 0].contiguous(), kv[0, :, :, 1].contiguous(), k_cache, v_cache,
-                                       slots, isa)
+        ops.cpu_attn_reshape_and_cache(
+            kv[0, :, :, 0].contiguous(), kv[0, :, :, 1].contiguous(), k_cache, v_cache, slots, isa
+        )
         assert torch.equal(ours, theirs)
 
 
@@ -141,17 +145,17 @@ class TestSlabCodec:
         dst = [torch.zeros_like(t) for t in src]
         src_ids = [7, 3, 11, 20, 1, 9, 14, 2, 5, 17]
         dst_ids = [12, 4, 0, 19, 8, 22, 6, 15, 10, 13]
-        tokens = 9 * block_size + block_size // 2                        # a partial last block
+        tokens = 9 * block_size + block_size // 2  # a partial last block
         plan = plan_slabs(src_ids, tokens, spec)
         pool = torch.empty(codec.wire_nbytes(spec.blocks_per_slab), dtype=torch.uint8)
         for slab in plan.slabs:
             wire = codec.pack(src, slab.block_ids, out=pool)
             assert wire.numel() == codec.wire_nbytes(len(slab.block_ids)) == codec.raw_nbytes(len(slab.block_ids))
             first = slab.token_start // block_size
-            codec.unpack(wire, dst, dst_ids[first:first + len(slab.block_ids)])
+            codec.unpack(wire, dst, dst_ids[first : first + len(slab.block_ids)])
         for s, d in zip(src, dst):
             for a, b in zip(src_ids, dst_ids):
-                assert torch.equal(s[a], d[b])                          # whole blocks, bit for bit
+                assert torch.equal(s[a], d[b])  # whole blocks, bit for bit
         untouched = sorted(set(range(24)) - set(dst_ids))
         assert all(torch.all(d[untouched] == 0) for d in dst)
 
@@ -161,7 +165,7 @@ class TestSlabCodec:
         layers = [torch.zeros(6, 3, 32, 128) for _ in range(30)]
         kv = torch.randn(30, 64, 3, 2, 64)
         _write_tokens(layers, kv, [4, 1], 32)
-        tm = codec.to_token_major(codec.gather(layers, [4, 1]))         # [L, k, H, 2, bs, D]
+        tm = codec.to_token_major(codec.gather(layers, [4, 1]))  # [L, k, H, 2, bs, D]
         assert torch.equal(tm.permute(0, 1, 4, 2, 3, 5).reshape(30, 64, 3, 2, 64), kv)
         assert torch.equal(codec.from_token_major(tm), codec.gather(layers, [4, 1]))
 
@@ -172,8 +176,9 @@ class TestSlabCodec:
         kv = torch.randn(30, 100, 3, 2, 64)
         _write_tokens(src, kv, [2], 128)
         dst = [torch.zeros(16, 3, 32, 128) for _ in range(30)]
-        tm = codec.to_token_major(codec.decode(codec.pack(src, [2], torch.empty(codec.wire_nbytes(1),
-                                                                                dtype=torch.uint8)), 1))
+        tm = codec.to_token_major(
+            codec.decode(codec.pack(src, [2], torch.empty(codec.wire_nbytes(1), dtype=torch.uint8)), 1)
+        )
         codec.scatter_tokens(tm, 100, dst, [5, 9, 1, 7], first_token=0, block_size=32)
         assert torch.equal(_read_tokens(dst, 100, [5, 9, 1, 7], 32), kv)
 
@@ -191,7 +196,7 @@ class TestSlabCodec:
         # L2 error by the rotated domain's per-element bounds (+ bf16 rounding on the receiver)
         rot_bound = codec.quant.error_bound(kv @ hadamard(64)).norm(dim=-1)
         err = (kv - back).norm(dim=-1)
-        assert torch.all(err <= rot_bound + kv.norm(dim=-1) * 2 ** -7 + 1e-4)
+        assert torch.all(err <= rot_bound + kv.norm(dim=-1) * 2**-7 + 1e-4)
 
     def test_hadamard_is_orthonormal(self):
         h = hadamard(64)
@@ -210,12 +215,24 @@ def test_bench_takes_nixl_handoff_as_xfer_duration_alone():
     from loadtests.kv.kv_bench import summarize
 
     def row(connector, **kw):
-        base = {"connector": connector, "compression": "none", "mode": "pull", "prompt_tokens": 512, "warmup": False,
-                "end_to_end_s": 1.0, "decode_request_s": 0.1, "descriptors": 4, "wire_bytes": 100, "raw_bytes": 100}
+        base = {
+            "connector": connector,
+            "compression": "none",
+            "mode": "pull",
+            "prompt_tokens": 512,
+            "warmup": False,
+            "end_to_end_s": 1.0,
+            "decode_request_s": 0.1,
+            "descriptors": 4,
+            "wire_bytes": 100,
+            "raw_bytes": 100,
+        }
         return {**base, **kw}
 
-    rows = [row("nixl", transfer_s=0.010, post_s=0.010, connector_handoff_s=0.020),
-            row("slab", pack_s=0.002, transfer_s=0.003, connector_handoff_s=0.008)]
+    rows = [
+        row("nixl", transfer_s=0.010, post_s=0.010, connector_handoff_s=0.020),
+        row("slab", pack_s=0.002, transfer_s=0.003, connector_handoff_s=0.008),
+    ]
     s = summarize(rows, memcpy=10.0, sizes=[512])["by_size"]["512"]
     assert s["nixl-none"]["connector_handoff_p50_s"] == 0.010
     assert s["slab-none"]["connector_handoff_p50_s"] == 0.008

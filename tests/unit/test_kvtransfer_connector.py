@@ -44,8 +44,8 @@ class FakeTransport:
         self.name, self.registry, self.reachable, self.fail_reads = name, registry, reachable, fail_reads
         self.pool = None
         self.inbox: list[tuple[str, bytes]] = []
-        self.reads: list[int] = []           # descriptors per read
-        self.writes: list[int] = []          # descriptors per write (push)
+        self.reads: list[int] = []  # descriptors per read
+        self.writes: list[int] = []  # descriptors per write (push)
         self.connected: set[str] = set()
 
     def register_pool(self, pool):
@@ -66,7 +66,7 @@ class FakeTransport:
     def _view(self, addr, n):
         off = addr - self.pool.data_ptr()
         assert 0 <= off and off + n <= self.pool.numel()
-        return self.pool[off:off + n]
+        return self.pool[off : off + n]
 
     def read(self, peer, local, remote, notify):
         self.reads.append(len(remote))
@@ -106,8 +106,13 @@ class FakeTransport:
 
 
 def _request(req_id, params, prompt_tokens, computed=0, status="RUNNING"):
-    return SimpleNamespace(request_id=req_id, kv_transfer_params=params, num_prompt_tokens=prompt_tokens,
-                           num_computed_tokens=computed, status=SimpleNamespace(name=status))
+    return SimpleNamespace(
+        request_id=req_id,
+        kv_transfer_params=params,
+        num_prompt_tokens=prompt_tokens,
+        num_computed_tokens=computed,
+        status=SimpleNamespace(name=status),
+    )
 
 
 def _spec(**kw):
@@ -119,17 +124,34 @@ def _handshake(name, pool_nbytes=64 << 20, addr=1 << 40):
 
 
 def _scheduler(name="P", blocks=None, clock=None, **settings):
-    s = SlabConnectorScheduler(SlabConnectorSettings(**settings), name, _spec(), torch.float32,
-                               block_ids_of=lambda rid: blocks[rid], clock=clock or FakeClock())
+    s = SlabConnectorScheduler(
+        SlabConnectorSettings(**settings),
+        name,
+        _spec(),
+        torch.float32,
+        block_ids_of=lambda rid: blocks[rid],
+        clock=clock or FakeClock(),
+    )
     return s
 
 
 def _handoff(**kw):
-    base = dict(version=PROTOCOL_VERSION, engine_id="P", request_id="p1", host="127.0.0.1", port=5555,
-                num_tokens=300, block_size=BS, dtype="float32", **GEOM, k_transposed=True, compression="none",
-                group=32, deadline_unix_s=2000.0,
-                slabs=[SlabDesc(1 << 40, 100, 0, 4), SlabDesc((1 << 40) + 100, 100, 4, 4),
-                       SlabDesc((1 << 40) + 200, 50, 8, 2)])
+    base = dict(
+        version=PROTOCOL_VERSION,
+        engine_id="P",
+        request_id="p1",
+        host="127.0.0.1",
+        port=5555,
+        num_tokens=300,
+        block_size=BS,
+        dtype="float32",
+        **GEOM,
+        k_transposed=True,
+        compression="none",
+        group=32,
+        deadline_unix_s=2000.0,
+        slabs=[SlabDesc(1 << 40, 100, 0, 4), SlabDesc((1 << 40) + 100, 100, 4, 4), SlabDesc((1 << 40) + 200, 50, 8, 2)],
+    )
     base.update(kw)
     return SlabHandoff(**base)
 
@@ -142,9 +164,16 @@ class TestHandoffParams:
         assert SlabHandoff.from_kv_transfer_params(params) == h
         assert "p1" in repr(h) and "slabs=3" in repr(h)
 
-    @pytest.mark.parametrize("params", [None, {}, {"do_remote_prefill": True},
-                                        {"do_remote_prefill": True, "slab_handoff": {"version": 1}},
-                                        {"do_remote_prefill": False, "slab_handoff": {}}])
+    @pytest.mark.parametrize(
+        "params",
+        [
+            None,
+            {},
+            {"do_remote_prefill": True},
+            {"do_remote_prefill": True, "slab_handoff": {"version": 1}},
+            {"do_remote_prefill": False, "slab_handoff": {}},
+        ],
+    )
     def test_absent_or_malformed_is_none(self, params):
         assert SlabHandoff.from_kv_transfer_params(params) is None
 
@@ -159,9 +188,9 @@ class TestRangeAllocator:
         x, y, z = a.allocate(5000), a.allocate(4096), a.allocate(1)
         assert (x, y, z) == (0, 2 * 4096, 3 * 4096) and a.used_bytes == 4 * 4096
         a.free(y)
-        assert a.allocate(8192) == 4 * 4096           # the hole of one page does not fit two
+        assert a.allocate(8192) == 4 * 4096  # the hole of one page does not fit two
         a.free(x)
-        assert a.allocate(3 * 4096) == 0              # x and y's ranges merged
+        assert a.allocate(3 * 4096) == 0  # x and y's ranges merged
         assert a.allocate(100 * 4096) is None
         with pytest.raises(KeyError):
             a.free(12345)
@@ -178,12 +207,12 @@ class TestSchedulerProducer:
         s.set_handshake(_handshake("P"))
         req = _request("p1", {"do_remote_decode": True}, prompt_tokens=300)
         s.update_state_after_alloc(req, [], 0)
-        meta = s.build_connector_meta({"p1": 256}, idle=False)          # chunk 1 of 2: nothing yet
+        meta = s.build_connector_meta({"p1": 256}, idle=False)  # chunk 1 of 2: nothing yet
         assert not meta.packs
         req.num_computed_tokens = 256
         meta = s.build_connector_meta({"p1": 44}, idle=False)
         (job,) = meta.packs
-        assert job.block_ids == tuple(range(100, 110)) and job.slab_blocks == (4, 4, 2)   # 10 blocks
+        assert job.block_ids == tuple(range(100, 110)) and job.slab_blocks == (4, 4, 2)  # 10 blocks
         delay, params = self._finish(s, req)
         assert delay is True
         h = SlabHandoff.from_kv_transfer_params(params)
@@ -201,7 +230,7 @@ class TestSchedulerProducer:
         s.update_state_after_alloc(req, [], 0)
         (job,) = s.build_connector_meta({"p1": 128}, idle=False).packs
         raw = 4 * BS * GEOM["num_layers"] * GEOM["num_kv_heads"] * 2 * GEOM["head_dim"] * 4
-        assert job.compression == "int4" and sum(job.slab_nbytes) < 0.3 * raw / 2   # < 0.3x of bf16
+        assert job.compression == "int4" and sum(job.slab_nbytes) < 0.3 * raw / 2  # < 0.3x of bf16
 
     def test_aborted_request_frees_now(self):
         s = _scheduler(blocks={"p1": list(range(10))})
@@ -235,13 +264,13 @@ class TestSchedulerConsumer:
         params = _handoff().to_kv_transfer_params()
         req = _request("d1", params, prompt_tokens=300)
         assert s.get_num_new_matched_tokens(req, 0) == (300, True)
-        assert s.get_num_new_matched_tokens(req, 64) == (236, True)        # side-effect free
-        s.update_state_after_alloc(req, list(range(10)), 236)              # local hit: 2 blocks
-        assert params["do_remote_prefill"] is False                        # once only
+        assert s.get_num_new_matched_tokens(req, 64) == (236, True)  # side-effect free
+        s.update_state_after_alloc(req, list(range(10)), 236)  # local hit: 2 blocks
+        assert params["do_remote_prefill"] is False  # once only
         assert s.get_num_new_matched_tokens(req, 0) == (0, False)
         (job,) = s.build_connector_meta({}, idle=True).recvs
         assert job.first_block == 2 and job.offset is not None and job.block_ids == tuple(range(10))
-        assert s.pool_bytes_in_use() == 4096                               # all 3 slabs (250 B) needed
+        assert s.pool_bytes_in_use() == 4096  # all 3 slabs (250 B) needed
         s.update_connector_output(finished_sending=[], finished_recving=["d1"])
         s.assert_empty()
 
@@ -251,7 +280,7 @@ class TestSchedulerConsumer:
         assert s.get_num_new_matched_tokens(req, 64) == (236, True)
         s.update_state_after_alloc(req, list(range(10)), 236)
         (job,) = s.build_connector_meta({}, idle=True).recvs
-        assert (job.first_token, job.end_token, job.first_block) == (64, 300, 4)   # sender blocks of 16
+        assert (job.first_token, job.end_token, job.first_block) == (64, 300, 4)  # sender blocks of 16
         s.update_connector_output(finished_sending=[], finished_recving=["d1"])
         s.assert_empty()
 
@@ -263,8 +292,9 @@ class TestSchedulerConsumer:
         assert job.offset is None and job.fail is None
         s.assert_empty()
 
-    @pytest.mark.parametrize("change", [{"head_dim": 32}, {"num_layers": 30}, {"dtype": "bfloat16"},
-                                        {"k_transposed": False}, {"slabs": []}])
+    @pytest.mark.parametrize(
+        "change", [{"head_dim": 32}, {"num_layers": 30}, {"dtype": "bfloat16"}, {"k_transposed": False}, {"slabs": []}]
+    )
     def test_incompatible_or_empty_handoff_recomputes(self, change):
         s = self._decode()
         req = _request("d1", _handoff(**change).to_kv_transfer_params(), prompt_tokens=300)
@@ -283,7 +313,7 @@ class TestPrefillLedger:
             ledger.on_packed(r)
         ledger.on_published("a", 5)
         ledger.on_published("b", 5)
-        assert ledger.on_notified("c") is False                    # early: before its publish
+        assert ledger.on_notified("c") is False  # early: before its publish
         ledger.on_published("c", 5)
         assert ledger.take_done({"a"}) == ({"a", "c"}, set())
         clock.t = 4.9
@@ -302,8 +332,10 @@ class TestPrefillLedger:
 
 def _caches(num_blocks=16, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {f"model.layers.{i}.self_attn.attn": torch.randn(num_blocks, 3, BS, 128, generator=g)
-            for i in range(GEOM["num_layers"])}
+    return {
+        f"model.layers.{i}.self_attn.attn": torch.randn(num_blocks, 3, BS, 128, generator=g)
+        for i in range(GEOM["num_layers"])
+    }
 
 
 def _resident_share(t: torch.Tensor) -> float:
@@ -324,8 +356,13 @@ def test_slab_pool_is_resident_when_prefaulted():
     """``prefault_pool`` (default on) touches every pool page at start, so no handoff pays page faults
     (loadtests/kv/kv_xfer_microbench.py: READs into fresh pages ran ~4x slower): every page is in RAM."""
     assert SlabConnectorSettings().prefault_pool
-    w = SlabConnectorWorker(SlabConnectorSettings(pool_mib=96), "P", lambda: FakeTransport("P", {}),
-                            clock=FakeClock(0.0), wall_clock=lambda: 0.0)
+    w = SlabConnectorWorker(
+        SlabConnectorSettings(pool_mib=96),
+        "P",
+        lambda: FakeTransport("P", {}),
+        clock=FakeClock(0.0),
+        wall_clock=lambda: 0.0,
+    )
     w.register_kv_caches(_caches())
     assert _resident_share(w.pool) == 1.0
 
@@ -347,8 +384,13 @@ def test_slab_pool_sits_on_huge_pages():
 
     mode = _thp_mode()
     assert SlabConnectorSettings().huge_pages
-    w = SlabConnectorWorker(SlabConnectorSettings(pool_mib=64), "P", lambda: FakeTransport("P", {}),
-                            clock=FakeClock(0.0), wall_clock=lambda: 0.0)
+    w = SlabConnectorWorker(
+        SlabConnectorSettings(pool_mib=64),
+        "P",
+        lambda: FakeTransport("P", {}),
+        clock=FakeClock(0.0),
+        wall_clock=lambda: 0.0,
+    )
     w.register_kv_caches(_caches())
     assert w.pool.numel() == 64 << 20 and w.pool.data_ptr() % HUGE_PAGE == 0
     huge = huge_page_bytes(w.pool)
@@ -356,8 +398,13 @@ def test_slab_pool_sits_on_huge_pages():
         assert huge == 0
     else:
         assert huge >= (64 << 20) * 3 // 4, f"only {huge >> 20} MiB of the pool on huge pages"
-    plain = SlabConnectorWorker(SlabConnectorSettings(pool_mib=64, huge_pages=False), "Q",
-                                lambda: FakeTransport("Q", {}), clock=FakeClock(0.0), wall_clock=lambda: 0.0)
+    plain = SlabConnectorWorker(
+        SlabConnectorSettings(pool_mib=64, huge_pages=False),
+        "Q",
+        lambda: FakeTransport("Q", {}),
+        clock=FakeClock(0.0),
+        wall_clock=lambda: 0.0,
+    )
     plain.register_kv_caches(_caches())
     assert _resident_share(plain.pool) == 1.0
     # a pool that does not ask gets no huge pages, except under "always", where the kernel gives them unasked
@@ -371,12 +418,12 @@ def test_an_existing_tensor_moves_onto_huge_pages():
 
     from kvtransfer.hostmem import collapse_to_huge_pages, huge_page_bytes
 
-    t = torch.arange(16 << 20, dtype=torch.int32)           # 64 MiB, written
+    t = torch.arange(16 << 20, dtype=torch.int32)  # 64 MiB, written
     before = t.clone()
     moved = collapse_to_huge_pages(t)
     assert torch.equal(t, before)
     kernel = tuple(int(x) for x in platform.release().split(".")[:2] if x.isdigit())
-    if kernel < (6, 1):                                     # no MADV_COLLAPSE: refused, nothing moved
+    if kernel < (6, 1):  # no MADV_COLLAPSE: refused, nothing moved
         assert not moved
     else:
         assert _thp_mode() in ("always", "madvise"), "MADV_COLLAPSE needs THP enabled in the kernel"
@@ -391,14 +438,17 @@ def test_transport_asks_ucx_for_a_mutex():
     from kvtransfer.config import UCX_MT_MUTEX_ENV
 
     assert SlabConnectorSettings().ucx_mt_mutex
-    script = ("import sys; from kvtransfer.nixl_transport import NixlTransport; "
-              "t = NixlTransport('mutex', '127.0.0.1', mt_mutex=sys.argv[1] == 'on'); "
-              "assert t.listen_address()[1] > 0; t.close()")
+    script = (
+        "import sys; from kvtransfer.nixl_transport import NixlTransport; "
+        "t = NixlTransport('mutex', '127.0.0.1', mt_mutex=sys.argv[1] == 'on'); "
+        "assert t.listen_address()[1] > 0; t.close()"
+    )
     env = {k: v for k, v in os.environ.items() if k != UCX_MT_MUTEX_ENV} | {"UCX_LOG_LEVEL": "debug"}
     modes = {}
     for flag in ("on", "off"):
-        run = subprocess.run([sys.executable, "-c", script, flag], cwd=REPO, env=env, capture_output=True,
-                             text=True, timeout=120)
+        run = subprocess.run(
+            [sys.executable, "-c", script, flag], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+        )
         assert run.returncode == 0, run.stderr[-3000:]
         modes[flag] = set(re.findall(r"listening to async event .* mode (thread_\w+)", run.stdout))
     assert "thread_mutex" in modes["on"], modes
@@ -413,12 +463,14 @@ class TestWorkerRoundTrip:
         registry, clock = {}, FakeClock(0.0)
         cfg = SlabConnectorSettings(pool_mib=8, **settings)
         p = SlabConnectorWorker(cfg, "P", lambda: FakeTransport("P", registry), clock=clock, wall_clock=lambda: 0.0)
-        d = SlabConnectorWorker(cfg, "D", lambda: FakeTransport("D", registry, reachable, fail_reads), clock=clock,
-                                wall_clock=lambda: 0.0)
+        d = SlabConnectorWorker(
+            cfg, "D", lambda: FakeTransport("D", registry, reachable, fail_reads), clock=clock, wall_clock=lambda: 0.0
+        )
         p.register_kv_caches(_caches(seed=1))
         d.register_kv_caches({k: torch.zeros_like(v) for k, v in _caches().items()})
-        ps = SlabConnectorScheduler(cfg, "P", p.spec, torch.float32, block_ids_of=lambda rid: [9, 3, 5, 12, 0, 7],
-                                    clock=lambda: 0.0)
+        ps = SlabConnectorScheduler(
+            cfg, "P", p.spec, torch.float32, block_ids_of=lambda rid: [9, 3, 5, 12, 0, 7], clock=lambda: 0.0
+        )
         ds = SlabConnectorScheduler(cfg, "D", d.spec, torch.float32, block_ids_of=lambda rid: [], clock=lambda: 0.0)
         ps.set_handshake(p.handshake)
         ds.set_handshake(d.handshake)
@@ -450,7 +502,7 @@ class TestWorkerRoundTrip:
         assert ds.get_num_new_matched_tokens(req, 0) == (170, True)
         recving, failed = self._decode_step(d, ds, req)
         assert recving == {"d1"} and not failed
-        assert d.transport.reads == [2]                               # ONE descriptor per slab (6 blocks)
+        assert d.transport.reads == [2]  # ONE descriptor per slab (6 blocks)
         for src, dst in zip(p.layers, d.layers):
             got, want = dst[[1, 2, 4, 6, 8, 10]], src[[9, 3, 5, 12, 0, 7]]
             if compression == "none":
@@ -458,7 +510,7 @@ class TestWorkerRoundTrip:
             else:
                 tol = 0.03 if compression == "int8" else 0.5
                 assert (got - want).abs().max() < tol * want.abs().max()
-        sending, _, _ = p.get_transfer_results()                      # the read's notification
+        sending, _, _ = p.get_transfer_results()  # the read's notification
         assert sending == {"p1"}
         ps.update_connector_output(sending, [])
         ps.assert_empty()
@@ -487,11 +539,16 @@ class TestWorkerRoundTrip:
         d = SlabConnectorWorker(cfg, "D", lambda: FakeTransport("D", registry), clock=clock, wall_clock=lambda: 0.0)
         p.register_kv_caches(_caches(seed=1))
         g = torch.Generator().manual_seed(2)
-        d.register_kv_caches({f"model.layers.{i}.self_attn.attn": torch.randn(8, 3, 64, 128, generator=g)
-                              for i in range(GEOM["num_layers"])})
+        d.register_kv_caches(
+            {
+                f"model.layers.{i}.self_attn.attn": torch.randn(8, 3, 64, 128, generator=g)
+                for i in range(GEOM["num_layers"])
+            }
+        )
         before = [t.clone() for t in d.layers]
-        ps = SlabConnectorScheduler(cfg, "P", p.spec, torch.float32, block_ids_of=lambda rid: [9, 3, 5, 12, 0, 7],
-                                    clock=lambda: 0.0)
+        ps = SlabConnectorScheduler(
+            cfg, "P", p.spec, torch.float32, block_ids_of=lambda rid: [9, 3, 5, 12, 0, 7], clock=lambda: 0.0
+        )
         ds = SlabConnectorScheduler(cfg, "D", d.spec, torch.float32, block_ids_of=lambda rid: [], clock=lambda: 0.0)
         ps.set_handshake(p.handshake)
         ds.set_handshake(d.handshake)
@@ -509,14 +566,14 @@ class TestWorkerRoundTrip:
             # compare through the codec's token-major view instead of raw rows
             src_tm = p._codecs["none"].to_token_major(p._codecs["none"].gather([src], list(range(16))))[0]
             dst_tm = d._codecs["none"].to_token_major(d._codecs["none"].gather([dst], list(range(8))))[0]
-            want, got = src_tm[src_blk, :, :, src_off], dst_tm[dst_blk, :, :, dst_off]   # [T, H, 2, D]
+            want, got = src_tm[src_blk, :, :, src_off], dst_tm[dst_blk, :, :, dst_off]  # [T, H, 2, D]
             if compression == "none":
                 assert torch.equal(got, want)
             else:
                 assert (got - want).abs().max() < 0.5 * want.abs().max()
             old_tm = d._codecs["none"].to_token_major(d._codecs["none"].gather([old], list(range(8))))[0]
-            assert torch.equal(dst_tm[5, :, :, :64], old_tm[5, :, :, :64])          # the cached prefix: untouched
-            assert torch.equal(dst_tm[6, :, :, 42:], old_tm[6, :, :, 42:])          # past the prompt: untouched
+            assert torch.equal(dst_tm[5, :, :, :64], old_tm[5, :, :, :64])  # the cached prefix: untouched
+            assert torch.equal(dst_tm[6, :, :, 42:], old_tm[6, :, :, 42:])  # past the prompt: untouched
         st = d.take_stats()
         assert st.num_handoffs_received == 1 and (st.raw_bytes == st.wire_bytes) == (compression == "none")
 
@@ -550,18 +607,18 @@ class TestWorkerRoundTrip:
     def test_expired_handoff_is_not_read(self):
         p, d, ps, ds, _ = self._pair(handoff_timeout_s=3)
         req = _request("d1", self._prefill(p, ps), prompt_tokens=170)
-        d._wall = lambda: 2.5                                         # within expiry_margin_s of the deadline
+        d._wall = lambda: 2.5  # within expiry_margin_s of the deadline
         assert self._decode_step(d, ds, req) == ({"d1"}, {"d1"})
         assert d.transport.reads == []
 
 
 class TestStats:
     def test_aggregate_reduce(self):
-        a = KVTransferStats(num_handoffs_received=2, num_descriptors=6, wire_bytes=100, raw_bytes=400,
-                            handoff_s=[0.01, 0.03])
+        a = KVTransferStats(
+            num_handoffs_received=2, num_descriptors=6, wire_bytes=100, raw_bytes=400, handoff_s=[0.01, 0.03]
+        )
         a.fail("read_timeout")
-        b = KVTransferStats(num_handoffs_received=1, num_descriptors=3, wire_bytes=50, raw_bytes=200,
-                            handoff_s=[0.02])
+        b = KVTransferStats(num_handoffs_received=1, num_descriptors=3, wire_bytes=50, raw_bytes=200, handoff_s=[0.02])
         b.fail("read_timeout")
         b.fail("expired")
         r = a.aggregate(b).reduce()
@@ -599,22 +656,28 @@ class TestWorkersWiring:
         from workers.handoff import make_handoff
 
         slab = SlabSettings(compression="int8", slab_tokens=64, read_timeout_s=3, pool_mib=128, idle_wait_ms=0)
-        cfg = KvHandoffConfig(backend="slab", slab=slab, kv_lease_s=12, ucx_tls="tcp", nixl_progress_delay_us=0,
-                              ucx_mt_mutex=False)
+        cfg = KvHandoffConfig(
+            backend="slab", slab=slab, kv_lease_s=12, ucx_tls="tcp", nixl_progress_delay_us=0, ucx_mt_mutex=False
+        )
         backend = make_handoff(cfg, "0.0.0.0")
         extra = backend.kv_transfer_config()["kv_connector_extra_config"]
         assert {k: extra[k] for k in SlabSettings.model_fields} == slab.model_dump()
         _, host, port = backend.kv_agent()
         assert {k: v for k, v in extra.items() if k not in SlabSettings.model_fields} == {
-            "handoff_timeout_s": 12.0, "ucx_tls": "tcp", "progress_delay_us": 0, "ucx_mt_mutex": False,
-            "side_channel_host": host, "side_channel_port": port}
+            "handoff_timeout_s": 12.0,
+            "ucx_tls": "tcp",
+            "progress_delay_us": 0,
+            "ucx_mt_mutex": False,
+            "side_channel_host": host,
+            "side_channel_port": port,
+        }
         assert host == "127.0.0.1"
         # kv_handoff's defaults are the connector's own (but ucx_tls: a cluster always names its transports)
         ktc = make_handoff(KvHandoffConfig(backend="slab"), "127.0.0.1").kv_transfer_config()
         default = SlabConnectorSettings.from_extra_config(ktc["kv_connector_extra_config"])
         assert default.model_dump(exclude={"side_channel_port", "ucx_tls"}) == SlabConnectorSettings(
-            side_channel_port=1).model_dump(exclude={"side_channel_port", "ucx_tls"})
-
+            side_channel_port=1
+        ).model_dump(exclude={"side_channel_port", "ucx_tls"})
 
     def test_push_decode_handoff_is_the_connectors_push(self):
         """serve/ builds push-mode decode handoffs with workers/kv_params; the connector parses them."""
@@ -644,12 +707,15 @@ class TestPushMode:
 
     def _prefill_req(self, compression="none", prompt_tokens=170):
         from kvtransfer.wire import prefill_push_params
+
         return _request("p1", prefill_push_params("rv1", compression), prompt_tokens=prompt_tokens)
 
     def _decode_req(self, compression="none", prompt_tokens=170):
         from kvtransfer.wire import SlabPush, decode_push_params
-        return _request("d1", decode_push_params(SlabPush("rv1", "P", "127.0.0.1", 1, compression)),
-                        prompt_tokens=prompt_tokens)
+
+        return _request(
+            "d1", decode_push_params(SlabPush("rv1", "P", "127.0.0.1", 1, compression)), prompt_tokens=prompt_tokens
+        )
 
     def _pack(self, p, ps, req):
         ps.update_state_after_alloc(req, [], 0)
@@ -673,10 +739,10 @@ class TestPushMode:
         if not decode_first:
             self._pack(p, ps, self._prefill_req(compression))
         ds.update_state_after_alloc(dreq, [1, 2, 4, 6, 8, 10], 170)
-        assert self._step(d, ds) == (set(), set(), set())              # reservation sent, nothing landed yet
+        assert self._step(d, ds) == (set(), set(), set())  # reservation sent, nothing landed yet
         if decode_first:
             self._pack(p, ps, self._prefill_req(compression))
-        sending, _, _ = self._step(p, ps)                              # reservation in -> WRITE -> done
+        sending, _, _ = self._step(p, ps)  # reservation in -> WRITE -> done
         assert sending == {"p1"} and p.transport.writes == [2] and d.transport.reads == []
         assert self._step(d, ds) == (set(), {"d1"}, set())
         for src, dst in zip(p.layers, d.layers):
@@ -687,18 +753,18 @@ class TestPushMode:
                 assert (got - want).abs().max() < 0.5 * want.abs().max()
         ps.assert_empty()
         ds.assert_empty()
-        st = d.take_stats()                                            # counted once, by the receiver
+        st = d.take_stats()  # counted once, by the receiver
         assert (st.num_handoffs_received, st.num_descriptors) == (1, 2) and p.take_stats().num_descriptors == 0
 
     def test_mismatched_prompt_fails_fast_and_frees_both(self):
         p, d, ps, ds, _ = self._pair()
-        dreq = self._decode_req(prompt_tokens=200)                     # the decode saw another prompt
+        dreq = self._decode_req(prompt_tokens=200)  # the decode saw another prompt
         ds.update_state_after_alloc(dreq, [1, 2, 4, 6, 8, 10, 11], 200)
         self._step(d, ds)
         self._pack(p, ps, self._prefill_req())
         sending, _, _ = self._step(p, ps)
-        assert sending == {"p1"} and p.transport.writes == []          # never written
-        assert self._step(d, ds) == (set(), {"d1"}, {"d1"})            # pushfail: recompute now
+        assert sending == {"p1"} and p.transport.writes == []  # never written
+        assert self._step(d, ds) == (set(), {"d1"}, {"d1"})  # pushfail: recompute now
         ps.assert_empty()
         ds.assert_empty()
         assert p.take_stats().failures == {"push_mismatch": 1}
@@ -717,7 +783,7 @@ class TestPushMode:
         p, d, ps, ds, _ = self._pair(read_timeout_s=5, expiry_margin_s=1)
         ds.update_state_after_alloc(self._decode_req(), [1, 2, 4, 6, 8, 10], 170)
         self._step(d, ds)
-        d._wall = lambda: 5.5                    # past the deadline, within the margin a write may still land
+        d._wall = lambda: 5.5  # past the deadline, within the margin a write may still land
         assert self._step(d, ds) == (set(), set(), set())
         d._wall = lambda: 6.5
         assert self._step(d, ds) == (set(), {"d1"}, {"d1"})
@@ -735,11 +801,10 @@ class TestPushMode:
         from kvtransfer.wire import SlabPush, decode_push_params
 
         p, d, ps, ds, _ = self._pair(read_timeout_s=5, expiry_margin_s=1)
-        dreq = _request("d1", decode_push_params(SlabPush("rv1", "P", "127.0.0.1", 1, "none", 30.0)),
-                        prompt_tokens=170)
+        dreq = _request("d1", decode_push_params(SlabPush("rv1", "P", "127.0.0.1", 1, "none", 30.0)), prompt_tokens=170)
         ds.update_state_after_alloc(dreq, [1, 2, 4, 6, 8, 10], 170)
         self._step(d, ds)
-        d._wall = p._wall = lambda: 12.0          # past read_timeout_s, within the push's 30 s
+        d._wall = p._wall = lambda: 12.0  # past read_timeout_s, within the push's 30 s
         assert self._step(d, ds) == (set(), set(), set())
         self._pack(p, ps, self._prefill_req())
         sending, _, _ = self._step(p, ps)
@@ -752,11 +817,11 @@ class TestPushMode:
         p, d, ps, ds, _ = self._pair(read_timeout_s=5, expiry_margin_s=1)
         ds.update_state_after_alloc(self._decode_req(), [1, 2, 4, 6, 8, 10], 170)
         self._step(d, ds)
-        p._wall = lambda: 4.5                    # the reservation's deadline is 5: too late to start a write
+        p._wall = lambda: 4.5  # the reservation's deadline is 5: too late to start a write
         self._pack(p, ps, self._prefill_req())
         sending, _, _ = self._step(p, ps)
         assert sending == {"p1"} and p.transport.writes == []
         assert p.take_stats().failures == {"push_expired": 1}
-        assert self._step(d, ds) == (set(), {"d1"}, {"d1"})            # told at once: recompute
+        assert self._step(d, ds) == (set(), {"d1"}, {"d1"})  # told at once: recompute
         ps.assert_empty()
         ds.assert_empty()

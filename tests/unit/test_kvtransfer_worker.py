@@ -19,9 +19,10 @@ from kvtransfer.wire import PROTOCOL_VERSION, SlabDesc, SlabHandoff
 from kvtransfer.worker_side import SlabConnectorWorker
 
 LAYERS, HEADS, HEAD_DIM, BLOCK = 2, 3, 64, 32
-SETTINGS = dict(pool_mib=2, prefault_pool=False, huge_pages=False, connect_timeout_s=2.0, read_timeout_s=5.0,
-                expiry_margin_s=1.0)
-DEADLINE = 100.0                                   # the prefill's handoff deadline (wall clock)
+SETTINGS = dict(
+    pool_mib=2, prefault_pool=False, huge_pages=False, connect_timeout_s=2.0, read_timeout_s=5.0, expiry_margin_s=1.0
+)
+DEADLINE = 100.0  # the prefill's handoff deadline (wall clock)
 
 
 class Clock:
@@ -45,7 +46,7 @@ class ScriptedNixl:
         self.notify_raises = False
         self.connects: list[str] = []
         self.forgotten: list[str] = []
-        self.reads: list[tuple[str, int, bytes]] = []          # (peer, descriptors, notification)
+        self.reads: list[tuple[str, int, bytes]] = []  # (peer, descriptors, notification)
         self.states: dict[int, TransferState] = {}
         self.released: list[int] = []
         self.notes: list[tuple[str, bytes]] = []
@@ -70,8 +71,11 @@ class ScriptedNixl:
             raise RuntimeError("NIXL READ failed to start")
         handle = len(self.reads)
         self.reads.append((peer, len(remote), notify))
-        self.states[handle] = {"done": TransferState.DONE, "pending": TransferState.PENDING,
-                               "failed": TransferState.FAILED}[self.read_outcome]
+        self.states[handle] = {
+            "done": TransferState.DONE,
+            "pending": TransferState.PENDING,
+            "failed": TransferState.FAILED,
+        }[self.read_outcome]
         return handle
 
     def write(self, peer, local, remote, notify):
@@ -100,17 +104,32 @@ def decode():
     """(worker, nixl, clock, wall) of a decode engine at t=0, wall time 90 (10 s before DEADLINE)."""
     nixl, clock, wall = ScriptedNixl(), Clock(0.0), Clock(DEADLINE - 10)
     w = SlabConnectorWorker(SlabConnectorSettings(**SETTINGS), "D", lambda: nixl, clock=clock, wall_clock=wall)
-    w.register_kv_caches({f"model.layers.{i}.self_attn.attn": torch.zeros(8, HEADS, BLOCK, 2 * HEAD_DIM)
-                          for i in range(LAYERS)})
+    w.register_kv_caches(
+        {f"model.layers.{i}.self_attn.attn": torch.zeros(8, HEADS, BLOCK, 2 * HEAD_DIM) for i in range(LAYERS)}
+    )
     return w, nixl, clock, wall
 
 
 def _job(w, req_id="d1", offset=0, fail=None) -> RecvJob:
     nbytes = w._codecs["none"].wire_nbytes(3)
-    handoff = SlabHandoff(version=PROTOCOL_VERSION, engine_id="P", request_id="p1", host="10.0.0.2", port=7,
-                          num_tokens=90, block_size=BLOCK, dtype="float32", num_layers=LAYERS, num_kv_heads=HEADS,
-                          head_dim=HEAD_DIM, k_transposed=True, compression="none", group=32,
-                          deadline_unix_s=DEADLINE, slabs=[SlabDesc(1 << 40, nbytes, 0, 3)])
+    handoff = SlabHandoff(
+        version=PROTOCOL_VERSION,
+        engine_id="P",
+        request_id="p1",
+        host="10.0.0.2",
+        port=7,
+        num_tokens=90,
+        block_size=BLOCK,
+        dtype="float32",
+        num_layers=LAYERS,
+        num_kv_heads=HEADS,
+        head_dim=HEAD_DIM,
+        k_transposed=True,
+        compression="none",
+        group=32,
+        deadline_unix_s=DEADLINE,
+        slabs=[SlabDesc(1 << 40, nbytes, 0, 3)],
+    )
     return RecvJob(req_id, handoff, (1, 2, 3), first_block=0, offset=offset, fail=fail)
 
 
@@ -124,7 +143,7 @@ def _step(w, *jobs):
     return recving, failed
 
 
-RELEASE = ("P", b"p1")                              # the release notification: the prefill's request id
+RELEASE = ("P", b"p1")  # the release notification: the prefill's request id
 
 
 class TestPullFailurePolicy:
@@ -133,7 +152,7 @@ class TestPullFailurePolicy:
         nixl.reachable.add("P")
         assert _step(w, _job(w)) == ({"d1"}, set())
         assert nixl.reads == [("P", 1, b"p1")] and nixl.released == [0]
-        assert nixl.notes == []                          # the READ itself notifies the prefill
+        assert nixl.notes == []  # the READ itself notifies the prefill
         st = w.take_stats()
         assert st.num_handoffs_received == 1 and st.failures == {}
 
@@ -141,27 +160,27 @@ class TestPullFailurePolicy:
         w, nixl, clock, _ = decode
         nixl.read_outcome = "pending"
         assert _step(w, _job(w)) == (set(), set())
-        clock.t = 1.5                                    # the peer's metadata arrives: READ posted at 1.5
+        clock.t = 1.5  # the peer's metadata arrives: READ posted at 1.5
         nixl.reachable.add("P")
         assert _step(w) == (set(), set())
-        clock.t = 6.4                                    # 5 s after the job, 4.9 s after the post
+        clock.t = 6.4  # 5 s after the job, 4.9 s after the post
         assert _step(w) == (set(), set()) and nixl.released == []
-        clock.t = 6.5                                    # read_timeout_s after the post
+        clock.t = 6.5  # read_timeout_s after the post
         assert _step(w) == ({"d1"}, {"d1"})
         assert nixl.released == [0] and nixl.notes == [RELEASE]
         assert w.take_stats().failures == {"read_timeout": 1}
-        assert _step(w) == (set(), set())                # reported once
+        assert _step(w) == (set(), set())  # reported once
 
     def test_unreachable_prefill_fails_at_connect_timeout_without_a_notification(self, decode):
         w, nixl, clock, _ = decode
         assert _step(w, _job(w)) == (set(), set()) and nixl.connects == ["P"]
         clock.t = 1.9
         assert _step(w) == (set(), set())
-        clock.t = 2.0                                    # connect_timeout_s
+        clock.t = 2.0  # connect_timeout_s
         assert _step(w) == ({"d1"}, {"d1"})
         assert nixl.reads == [] and nixl.notes == [] and nixl.forgotten == ["P"]
         assert w.take_stats().failures == {"connect_timeout": 1}
-        _step(w, _job(w, "d2"))                          # the next handoff from that prefill tries again
+        _step(w, _job(w, "d2"))  # the next handoff from that prefill tries again
         assert nixl.connects == ["P", "P"]
 
     @pytest.mark.parametrize("before, reads", [(0.0, 1), (-0.01, 0)])
@@ -175,7 +194,7 @@ class TestPullFailurePolicy:
         if reads:
             assert failed == set() and nixl.notes == []
         else:
-            assert failed == {"d1"} and nixl.notes == [RELEASE]        # the peer is connected: told at once
+            assert failed == {"d1"} and nixl.notes == [RELEASE]  # the peer is connected: told at once
             assert w.take_stats().failures == {"expired": 1}
 
     def test_expired_handoff_of_an_unconnected_prefill_is_not_connected_to(self, decode):
@@ -228,14 +247,14 @@ class TestPullFailurePolicy:
         nixl.reachable.add("P")
         assert _step(w) == (set(), set()) and nixl.notes == [RELEASE]
         _step(w)
-        assert nixl.notes == [RELEASE] and w.take_stats() is None       # sent once; not a failure
+        assert nixl.notes == [RELEASE] and w.take_stats() is None  # sent once; not a failure
 
     def test_nothing_to_load_gives_up_an_unreachable_prefill_after_connect_timeout(self, decode):
         w, nixl, clock, _ = decode
         _step(w, _job(w, offset=None))
         clock.t = 2.0
         _step(w)
-        nixl.reachable.add("P")                          # too late: the release was given up
+        nixl.reachable.add("P")  # too late: the release was given up
         _step(w)
         assert nixl.notes == [] and w._releases == []
 
@@ -282,6 +301,20 @@ class TestPushSender:
 
 
 def _job_handoff() -> SlabHandoff:
-    return SlabHandoff(version=PROTOCOL_VERSION, engine_id="D", request_id="rv", host="h", port=1, num_tokens=1,
-                       block_size=BLOCK, dtype="float32", num_layers=LAYERS, num_kv_heads=HEADS, head_dim=HEAD_DIM,
-                       k_transposed=True, compression="none", group=32, deadline_unix_s=DEADLINE)
+    return SlabHandoff(
+        version=PROTOCOL_VERSION,
+        engine_id="D",
+        request_id="rv",
+        host="h",
+        port=1,
+        num_tokens=1,
+        block_size=BLOCK,
+        dtype="float32",
+        num_layers=LAYERS,
+        num_kv_heads=HEADS,
+        head_dim=HEAD_DIM,
+        k_transposed=True,
+        compression="none",
+        group=32,
+        deadline_unix_s=DEADLINE,
+    )

@@ -47,8 +47,13 @@ def test_product_packages_never_import_the_studies():
 
 
 # modules both sides of the KV handoff seam import (serve/workers and the connector inside vLLM's processes)
-SEAM_MODULES = ("kvtransfer/wire.py", "kvtransfer/config.py", "workers/engine_env.py", "workers/kv_params.py",
-                "workers/config.py")
+SEAM_MODULES = (
+    "kvtransfer/wire.py",
+    "kvtransfer/config.py",
+    "workers/engine_env.py",
+    "workers/kv_params.py",
+    "workers/config.py",
+)
 
 
 @pytest.mark.parametrize("module", SEAM_MODULES)

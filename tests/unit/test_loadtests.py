@@ -20,11 +20,13 @@ class TestWorkloads:
 
     def test_poisson_rate(self):
         import random
+
         t = workloads.poisson_arrivals(random.Random(0), rate=4.0, n=4000)
         assert 3.7 < len(t) / t[-1] < 4.3
 
     def test_bursty_triples(self):
         import random
+
         sched = workloads.bursty_schedule(1.0, minute_s=60)
         t = workloads.schedule_arrivals(random.Random(1), sched, n=10_000)
         base = sum(1 for x in t if x < 30) / 30
@@ -64,10 +66,12 @@ class TestStats:
                 assert percentile(values, q) == pytest.approx(np.percentile(values, q))
 
     def test_goodput_counts_only_slo_meeting_requests(self):
-        recs = [RequestRecord(0, 200, ttft_s=0.1, e2e_s=1.0, completion_tokens=10),    # tpot 0.1: good
-                RequestRecord(0, 200, ttft_s=3.0, e2e_s=4.0, completion_tokens=10),    # ttft miss
-                RequestRecord(0, 200, ttft_s=0.1, e2e_s=9.1, completion_tokens=10),    # tpot 1.0 miss
-                RequestRecord(0, 503, outcome="rejected", reason="overloaded")]
+        recs = [
+            RequestRecord(0, 200, ttft_s=0.1, e2e_s=1.0, completion_tokens=10),  # tpot 0.1: good
+            RequestRecord(0, 200, ttft_s=3.0, e2e_s=4.0, completion_tokens=10),  # ttft miss
+            RequestRecord(0, 200, ttft_s=0.1, e2e_s=9.1, completion_tokens=10),  # tpot 1.0 miss
+            RequestRecord(0, 503, outcome="rejected", reason="overloaded"),
+        ]
         s = summarize(recs, duration_s=2.0, ttft_slo_s=2.0, tpot_slo_s=0.2)
         assert s["ok"] == 3 and s["goodput_rps"] == 0.5 and s["rejected"] == {"overloaded": 1}
         assert s["slo_attainment"] == 0.25
@@ -77,24 +81,35 @@ class TestStats:
         from loadtests.stats import summarize_by_tag
 
         def recs(premium_ttft):
-            return [RequestRecord(0, 200, ttft_s=premium_ttft, e2e_s=premium_ttft + 1, completion_tokens=10,
-                                  tag="premium"),
-                    RequestRecord(0, 200, ttft_s=1.0, e2e_s=2.0, completion_tokens=10, tag="free"),
-                    RequestRecord(0, 429, outcome="rejected", reason="tier_quota", tag="free")]
+            return [
+                RequestRecord(0, 200, ttft_s=premium_ttft, e2e_s=premium_ttft + 1, completion_tokens=10, tag="premium"),
+                RequestRecord(0, 200, ttft_s=1.0, e2e_s=2.0, completion_tokens=10, tag="free"),
+                RequestRecord(0, 429, outcome="rejected", reason="tier_quota", tag="free"),
+            ]
+
         by = summarize_by_tag(recs(0.5), duration_s=10.0, ttft_slo_s=4.0, tpot_slo_s=0.25)
         assert sorted(by) == ["free", "premium"] and (by["free"]["ok"], by["free"]["requests"]) == (1, 2)
         assert by["premium"]["ttft_s"]["p50"] == 0.5 and by["free"]["rejected"] == {"tier_quota": 1}
         rows = []
         for system, ttft in (("prio", 0.5), ("fcfs", 2.0)):
             whole = summarize(recs(ttft), 10.0, 4.0, 0.25)
-            rows.append({**whole, "system": system, "workload": "qos", "rate": 1.0, "server_rss_bytes": 1 << 30,
-                         "by_tier": summarize_by_tag(recs(ttft), 10.0, 4.0, 0.25)})
+            rows.append(
+                {
+                    **whole,
+                    "system": system,
+                    "workload": "qos",
+                    "rate": 1.0,
+                    "server_rss_bytes": 1 << 30,
+                    "by_tier": summarize_by_tag(recs(ttft), 10.0, 4.0, 0.25),
+                }
+            )
         (tmp_path / "raw").mkdir()
-        report.write_report(tmp_path, rows, {"run_id": "t", "slo": {"ttft_s": 4.0, "tpot_s": 0.25},
-                                             "baselines": ["fcfs"]})
+        report.write_report(
+            tmp_path, rows, {"run_id": "t", "slo": {"ttft_s": 4.0, "tpot_s": 0.25}, "baselines": ["fcfs"]}
+        )
         md = (tmp_path / "report.md").read_text()
         assert "| prio | qos | 1.0 | premium | 1/1 | 0 |" in md
-        assert "| prio | qos | 1.0 | premium | 1.00x | 1.00x | 0.25x | 0.25x |" in md   # premium TTFT 0.5 vs 2 s
+        assert "| prio | qos | 1.0 | premium | 1.00x | 1.00x | 0.25x | 0.25x |" in md  # premium TTFT 0.5 vs 2 s
 
 
 class TestTimeline:
@@ -117,8 +132,14 @@ vllm:num_requests_running{engine="0",model_name="m"} 7.0
 
     def test_parse_ours_and_vllm(self):
         from loadtests.timeline import parse_sample
-        assert parse_sample(self.OURS) == {"queue": 4.0, "running": 2.0, "replicas": 3.0, "decode_replicas": 2.0,
-                                           "prefill_replicas": 1.0}
+
+        assert parse_sample(self.OURS) == {
+            "queue": 4.0,
+            "running": 2.0,
+            "replicas": 3.0,
+            "decode_replicas": 2.0,
+            "prefill_replicas": 1.0,
+        }
         assert parse_sample(self.VLLM) == {"queue": 4.0, "running": 7.0}
         assert parse_sample("") == {}
 
@@ -129,13 +150,15 @@ vllm:num_requests_running{engine="0",model_name="m"} 7.0
         from serve.metrics import ClusterMetrics
         from workers.messages import WorkerStats
 
-        stats = [WorkerStats(endpoint_id="p1", pool="prefill", role="prefill"),
-                 WorkerStats(endpoint_id="d1", pool="decode", role="decode"),
-                 WorkerStats(endpoint_id="d2", pool="decode", role="decode", healthy=False)]
+        stats = [
+            WorkerStats(endpoint_id="p1", pool="prefill", role="prefill"),
+            WorkerStats(endpoint_id="d1", pool="decode", role="decode"),
+            WorkerStats(endpoint_id="d2", pool="decode", role="decode", healthy=False),
+        ]
         metrics = ClusterMetrics(lambda: stats)
         before = parse_sample(metrics.render().decode())
         assert (before["decode_replicas"], before["prefill_replicas"], before["replicas"]) == (1.0, 1.0, 2.0)
-        assert (before["decode_retries"], before["prefill_fallbacks"]) == (0.0, 0.0)   # no label set yet
+        assert (before["decode_retries"], before["prefill_fallbacks"]) == (0.0, 0.0)  # no label set yet
         metrics.prefill_fallbacks.labels("decode_retry").inc(2)
         metrics.prefill_fallbacks.labels("timeout").inc()
         after = parse_sample(metrics.render().decode())
@@ -145,14 +168,19 @@ vllm:num_requests_running{engine="0",model_name="m"} 7.0
         from loadtests.timeline import prefix_cache_counters, prefix_cache_hit_rate
 
         def ours(hit, computed):
-            return ("# TYPE pdserve_engine_prompt_tokens counter\n"
-                    f'pdserve_engine_prompt_tokens_total{{pool="d",endpoint="a",source="local_cache_hit"}} {hit}\n'
-                    f'pdserve_engine_prompt_tokens_total{{pool="d",endpoint="a",source="local_compute"}} {computed}\n'
-                    'pdserve_engine_prompt_tokens_total{pool="d",endpoint="a",source="external_kv_transfer"} 999\n')
+            return (
+                "# TYPE pdserve_engine_prompt_tokens counter\n"
+                f'pdserve_engine_prompt_tokens_total{{pool="d",endpoint="a",source="local_cache_hit"}} {hit}\n'
+                f'pdserve_engine_prompt_tokens_total{{pool="d",endpoint="a",source="local_compute"}} {computed}\n'
+                'pdserve_engine_prompt_tokens_total{pool="d",endpoint="a",source="external_kv_transfer"} 999\n'
+            )
+
         assert prefix_cache_counters(ours(10, 30)) == (10.0, 40.0)
         assert prefix_cache_hit_rate(ours(10, 30), ours(70, 50)) == pytest.approx(60 / 80)
-        vllm = ("# TYPE vllm:prefix_cache_hits counter\nvllm:prefix_cache_hits_total{engine=\"0\"} 5\n"
-                "# TYPE vllm:prefix_cache_queries counter\nvllm:prefix_cache_queries_total{engine=\"0\"} 20\n")
+        vllm = (
+            '# TYPE vllm:prefix_cache_hits counter\nvllm:prefix_cache_hits_total{engine="0"} 5\n'
+            '# TYPE vllm:prefix_cache_queries counter\nvllm:prefix_cache_queries_total{engine="0"} 20\n'
+        )
         assert prefix_cache_counters(vllm) == (5.0, 20.0)
         assert prefix_cache_hit_rate("", "") is None
 
@@ -161,8 +189,9 @@ class TestBenchConfig:
     def test_slo_comes_from_the_config(self, tmp_path):
         from loadtests.bench import config_defaults
         from serve.config import DEFAULT_CONFIG
+
         assert config_defaults(str(DEFAULT_CONFIG)) == {"ttft_slo": 4.0, "tpot_slo": 0.25}
-        p = tmp_path / "c.yaml"   # an overlay: the SLO of its base unless it sets one
+        p = tmp_path / "c.yaml"  # an overlay: the SLO of its base unless it sets one
         p.write_text("base: default\nrouter: {slo: {tpot_ms: 200}}\n")
         assert config_defaults(str(p)) == {"ttft_slo": 4.0, "tpot_slo": 0.2}
         p.write_text("model: {name: m}\npools: [{name: d, role: decode, device: {kind: cpu, cpu_cores: '0'}}]\n")
@@ -173,6 +202,7 @@ class TestBenchConfig:
 
         from loadtests.bench import edited_config
         from serve.config import DEFAULT_CONFIG, ClusterConfig
+
         assert edited_config(str(DEFAULT_CONFIG), [], "x", tmp_path) == str(DEFAULT_CONFIG)
         path = edited_config(str(DEFAULT_CONFIG), ["pools.0.replicas=3"], "x", tmp_path)
         assert path == str(tmp_path / "configs" / "x.yaml")
@@ -181,7 +211,8 @@ class TestBenchConfig:
         assert edited["model"] == yaml.safe_load(Path(DEFAULT_CONFIG).read_text())["model"]
         assert ClusterConfig.from_yaml(path) == ClusterConfig.from_yaml(DEFAULT_CONFIG, ["pools.0.replicas=3"])
         from tests.conftest import REPO
-        overlay = str(REPO / "configs" / "bench" / "two-decode.yaml")   # --set edits the resolved overlay
+
+        overlay = str(REPO / "configs" / "bench" / "two-decode.yaml")  # --set edits the resolved overlay
         path = edited_config(overlay, ["pools.1.device.cpu_cores=['1', '1']"], "y", tmp_path)
         assert ClusterConfig.from_yaml(path).pools[1].device.cpu_cores == ["1", "1"]
         with pytest.raises(SystemExit, match="does not name a place"):
@@ -190,14 +221,20 @@ class TestBenchConfig:
 
 class TestSweep:
     def _summary(self, run_id, hits, ttfts):
-        rows = [{"system": s, "workload": "w", "prefix_cache_hit_rate": h, "ttft_s": {"p50": t}, "goodput_rps": 0.5}
-                for s, h, t in zip(("rr", "prefix"), hits, ttfts)]
+        rows = [
+            {"system": s, "workload": "w", "prefix_cache_hit_rate": h, "ttft_s": {"p50": t}, "goodput_rps": 0.5}
+            for s, h, t in zip(("rr", "prefix"), hits, ttfts)
+        ]
         return {"meta": {"run_id": run_id, "args": {"seed": 0, "overrides": ["a.b=1"]}}, "rows": rows}
 
     def test_ratios_per_point_and_plot(self, tmp_path):
         from loadtests.sweep import plot, sweep_points
-        pts = [("32", self._summary("a", (0.4, 0.6), (2.0, 1.0))), ("24", self._summary("b", (0.25, 0.5), (2.0, 1.2))),
-               ("24", self._summary("c", (0.3, 0.6), (2.0, 1.0)))]
+
+        pts = [
+            ("32", self._summary("a", (0.4, 0.6), (2.0, 1.0))),
+            ("24", self._summary("b", (0.25, 0.5), (2.0, 1.2))),
+            ("24", self._summary("c", (0.3, 0.6), (2.0, 1.0))),
+        ]
         entries = sweep_points(pts, "prefix", "rr", "w")
         assert [e["prefix_cache_hit_rate"]["ratio"] for e in entries] == pytest.approx([1.5, 2.0, 2.0])
         assert [e["ttft_p50"]["ratio"] for e in entries] == pytest.approx([0.5, 0.6, 0.5])
@@ -212,19 +249,34 @@ class TestReport:
 
     def _row(self, system, wl, rate, goodput):
         d = {"p50": 0.1, "p90": 0.2, "p99": 0.3, "mean": 0.1, "n": 3}
-        return {"system": system, "workload": wl, "rate": rate, "ok": 3, "requests": 3, "rejected": {},
-                "errors": {}, "goodput_rps": goodput, "output_tps": 10.0, "ttft_s": d, "itl_s": d, "tpot_s": d,
-                "server_rss_bytes": 1 << 30}
+        return {
+            "system": system,
+            "workload": wl,
+            "rate": rate,
+            "ok": 3,
+            "requests": 3,
+            "rejected": {},
+            "errors": {},
+            "goodput_rps": goodput,
+            "output_tps": 10.0,
+            "ttft_s": d,
+            "itl_s": d,
+            "tpot_s": d,
+            "server_rss_bytes": 1 << 30,
+        }
 
     def test_ratios_and_bursty_timeline(self, tmp_path):
         import json
 
         from loadtests import report
+
         rows = [self._row("ours", "bursty", 0.5, 0.4), self._row("colocated", "bursty", 0.5, 0.2)]
         (tmp_path / "raw").mkdir()
         for system in ("ours", "colocated"):
-            recs = [RequestRecord(float(i), 200, ttft_s=0.5, e2e_s=2.0, itl_s=[0.1], completion_tokens=8).to_dict()
-                    for i in range(20)]
+            recs = [
+                RequestRecord(float(i), 200, ttft_s=0.5, e2e_s=2.0, itl_s=[0.1], completion_tokens=8).to_dict()
+                for i in range(20)
+            ]
             recs.append(RequestRecord(10.0, 503, outcome="rejected", reason="overloaded").to_dict())
             tl = [{"t": float(t), "queue": t % 3, "running": 1.0, "replicas": 2.0} for t in range(25)]
             (tmp_path / "raw" / f"{system}-bursty-0.5.json").write_text(json.dumps({"records": recs, "timeline": tl}))
@@ -238,6 +290,7 @@ class TestReport:
 class TestBenchArgs:
     def test_workload_options_and_seeds(self):
         from loadtests.bench import parse_system, parse_workload, run_seed
+
         assert parse_workload("bursty:n=80,minute_s=30.5") == ("bursty", {"n": 80, "minute_s": 30.5})
         assert parse_workload("qos:base=random") == ("qos", {"base": "random"})
         assert parse_workload("random", smoke=True) == ("random", {"input_tokens": 256, "output_tokens": 16})
@@ -249,14 +302,21 @@ class TestBenchArgs:
 
     def test_workload_labels_keep_two_shapes_apart(self):
         from loadtests.bench import workload_labels
-        assert workload_labels(["random:input_tokens=256,output_tokens=128", "random:input_tokens=512,output_tokens=64",
-                                "shared-prefix", "bursty:n=80,output_tokens=32"]) == [
-            "random-256-128", "random-512-64", "shared-prefix", "bursty"]     # a name used once keeps it
+
+        assert workload_labels(
+            [
+                "random:input_tokens=256,output_tokens=128",
+                "random:input_tokens=512,output_tokens=64",
+                "shared-prefix",
+                "bursty:n=80,output_tokens=32",
+            ]
+        ) == ["random-256-128", "random-512-64", "shared-prefix", "bursty"]  # a name used once keeps it
         assert workload_labels(["random:n=10", "random:n=20,input_tokens=64"]) == ["random", "random-64"]
         assert workload_labels(["random"], smoke=True) == ["random"]
 
     def test_vs_vllm_preset_runs_every_peer_on_the_issue_workloads(self):
         from loadtests.bench import parse_args, parse_workload
+
         a = parse_args(["--vs-vllm"])
         assert a.systems.split(",") == ["ours", "colocated", "raypd"] and a.requests == 40
         shapes = {(w, kw.get("input_tokens"), kw.get("output_tokens")) for w, kw in map(parse_workload, a.workloads)}
@@ -283,11 +343,12 @@ def test_server_session_is_deprioritised_against_the_client():
     finally:
         child.kill()
         child.wait()
-    assert not lower_session_priority(child.pid)             # a process that is gone: a no-op, reported
+    assert not lower_session_priority(child.pid)  # a process that is gone: a no-op, reported
 
 
 def test_recorded_paths_are_portable():
     from loadtests.bench import REPO, portable
+
     assert portable(str(REPO / "serve" / "default.yaml")) == "serve/default.yaml"
     assert portable("/somewhere/else/run") == "run" and portable(0.5) == 0.5
 
@@ -318,7 +379,7 @@ class TestConversations:
     def test_multi_turn_is_seeded_and_sized(self):
         a = workloads.build("multi-turn", seed=3, n=40, rate=2.0, turns=6)
         assert a == workloads.build("multi-turn", seed=3, n=40, rate=2.0, turns=6)
-        assert [len(c.user_turns) for c in a] == [6] * 6 + [4]          # 40 requests
+        assert [len(c.user_turns) for c in a] == [6] * 6 + [4]  # 40 requests
         assert all(len(c.think_s) == len(c.user_turns) - 1 for c in a)
         assert [c.arrival_s for c in a] == sorted(c.arrival_s for c in a)
         assert workloads.is_closed_loop("multi-turn") and not workloads.is_closed_loop("shared-prefix")
@@ -328,6 +389,7 @@ class TestConversations:
 
     def test_turn_messages_carry_the_actual_answers(self):
         from loadtests.closedloop import turn_messages, turn_tag
+
         conv = workloads.Conversation(0.0, "sys", ("u0", "u1", "u2"), (0.0, 0.0), 8, tag="system-1")
         assert turn_messages(conv, []) == [{"role": "system", "content": "sys"}, {"role": "user", "content": "u0"}]
         msgs = turn_messages(conv, ["a0", "a1"])

@@ -17,11 +17,22 @@ from workers.kv_params import KvHandoff
 from workers.messages import PrefillResult, SamplingSpec, TokenChunk
 
 HANDOFF = KvHandoff.from_kv_transfer_params(
-    {"do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": [[4, 5]],
-     "remote_engine_id": "eng", "remote_request_id": "r1", "remote_host": "127.0.0.1", "remote_port": 5600,
-     "tp_size": 1, "remote_num_tokens": 100, "transfer_mode": "pull"}, connector="nixl")
+    {
+        "do_remote_prefill": True,
+        "do_remote_decode": False,
+        "remote_block_ids": [[4, 5]],
+        "remote_engine_id": "eng",
+        "remote_request_id": "r1",
+        "remote_host": "127.0.0.1",
+        "remote_port": 5600,
+        "tp_size": 1,
+        "remote_num_tokens": 100,
+        "transfer_mode": "pull",
+    },
+    connector="nixl",
+)
 HI, THERE = TokenChunk("hi", (7,)), TokenChunk(" there", (8,), "stop")
-HANG = "hang"            # a scripted call that never answers
+HANG = "hang"  # a scripted call that never answers
 
 
 class FakeSource:
@@ -49,12 +60,23 @@ class FakePolicy(StatelessPolicy):
         prefill = snapshot.by_role(Role.PREFILL)
         if not decode:
             return Rejection(reason="no_decode_replica", status_code=503, retry_after_s=5.0, message="none")
-        return RoutingDecision(decode=decode[0], prefill=prefill[0] if prefill else None, reason="fake",
-                               prefix_hit_tokens=32, uncached_tokens=68)
+        return RoutingDecision(
+            decode=decode[0],
+            prefill=prefill[0] if prefill else None,
+            reason="fake",
+            prefix_hit_tokens=32,
+            uncached_tokens=68,
+        )
 
     def on_routed(self, req, outcome, moved=False):
-        self.routed.append((outcome if isinstance(outcome, Rejection) else
-                            (outcome.decode.endpoint_id, outcome.prefill and outcome.prefill.endpoint_id), moved))
+        self.routed.append(
+            (
+                outcome
+                if isinstance(outcome, Rejection)
+                else (outcome.decode.endpoint_id, outcome.prefill and outcome.prefill.endpoint_id),
+                moved,
+            )
+        )
 
     def on_first_token(self, decision, ttft_s):
         self.first_tokens.append((decision.decode.endpoint_id, ttft_s))
@@ -93,10 +115,10 @@ class FakeHandles(FakeHandleBase):
 
     def __init__(self, prefill="ok", decodes=None):
         self.prefill_script, self.decode_scripts = prefill, decodes or {}
-        self.prefills, self.decodes = [], []        # (endpoint, request, response/stream)
+        self.prefills, self.decodes = [], []  # (endpoint, request, response/stream)
 
     def remote(self, req, endpoint_hint):
-        if hasattr(req, "sampling"):                                     # a DecodeRequest
+        if hasattr(req, "sampling"):  # a DecodeRequest
             s = FakeStream(self.decode_scripts[endpoint_hint].pop(0))
             self.decodes.append((endpoint_hint, req, s))
             return s
@@ -107,6 +129,7 @@ class FakeHandles(FakeHandleBase):
             if isinstance(self.prefill_script, BaseException):
                 raise self.prefill_script
             return PrefillResult(req.request_id, endpoint_hint, HANDOFF, 100, 0, 0.01)
+
         r = FakeResponse(run())
         self.prefills.append((endpoint_hint, req, r))
         return r
@@ -123,12 +146,14 @@ def _orch(handles, decode_ids=("d0", "d1"), prefill=True, **timeouts):
     return orch, metrics, policy
 
 
-JOB = GenerationJob(RequestDescriptor("r1", "m", 100, 8, "free", 0.0, block_hashes=(11, 12)), tuple(range(100)),
-                    SamplingSpec(8))
+JOB = GenerationJob(
+    RequestDescriptor("r1", "m", 100, 8, "free", 0.0, block_hashes=(11, 12)), tuple(range(100)), SamplingSpec(8)
+)
 
 
 def _run(orch, job=JOB):
     """(chunks received, the ApiError that ended the stream or None)."""
+
     async def main():
         got = []
         try:
@@ -137,6 +162,7 @@ def _run(orch, job=JOB):
         except ApiError as e:
             return got, e
         return got, None
+
     return asyncio.run(asyncio.wait_for(main(), timeout=10))
 
 
@@ -162,7 +188,7 @@ class TestPrefillFailures:
         orch, metrics, _ = _orch(handles, prefill_timeout_s=0.05)
         assert _run(orch) == ([HI, THERE], None)
         ((_, _, prefill_call),) = handles.prefills
-        assert prefill_call.cancelled                             # the prefill engine aborts its request
+        assert prefill_call.cancelled  # the prefill engine aborts its request
         ((endpoint, req, _),) = handles.decodes
         assert endpoint == "d0" and req.handoff is None
         assert _count(metrics.prefill_fallbacks, "timeout") == 1 and _count(metrics.prefill_fallbacks, "error") == 0
@@ -179,15 +205,18 @@ class TestPrefillFailures:
 
 
 class TestDecodeFailures:
-    @pytest.mark.parametrize("failure", [RuntimeError("replica died"), TokenChunk("", (), "error"),
-                                         TokenChunk("", (), "abort")], ids=["exception", "error", "abort"])
+    @pytest.mark.parametrize(
+        "failure",
+        [RuntimeError("replica died"), TokenChunk("", (), "error"), TokenChunk("", (), "abort")],
+        ids=["exception", "error", "abort"],
+    )
     def test_failure_before_the_first_token_is_retried_on_another_replica(self, failure):
         handles = FakeHandles(decodes={"d0": [[failure]], "d1": [[HI, THERE]]})
         orch, metrics, _ = _orch(handles)
         assert _run(orch) == ([HI, THERE], None)
         (first, _, first_stream), (second, retry_req, _) = handles.decodes
-        assert (first, second) == ("d0", "d1") and retry_req.handoff is None     # local prefill on d1
-        assert first_stream.cancelled                                              # d0 aborts its request
+        assert (first, second) == ("d0", "d1") and retry_req.handoff is None  # local prefill on d1
+        assert first_stream.cancelled  # d0 aborts its request
         assert _count(metrics.prefill_fallbacks, "decode_retry") == 1
         _idle(orch)
 
@@ -198,15 +227,17 @@ class TestDecodeFailures:
         assert [d[0] for d in handles.decodes] == ["d0", "d1"]
         assert _count(metrics.prefill_fallbacks, "decode_retry") == 1
 
-    @pytest.mark.parametrize("reason, status, code", [("error", 502, "engine_error"), ("abort", 503, "engine_aborted"),
-                                                      (None, 502, "engine_error")])
+    @pytest.mark.parametrize(
+        "reason, status, code",
+        [("error", 502, "engine_error"), ("abort", 503, "engine_aborted"), (None, 502, "engine_error")],
+    )
     def test_engine_failure_on_the_retry_too_is_an_error(self, reason, status, code):
         fail = [TokenChunk("", (), reason)] if reason else []
         handles = FakeHandles(decodes={"d0": [fail], "d1": [list(fail)]})
         orch, metrics, _ = _orch(handles)
         chunks, err = _run(orch)
         assert chunks == [] and (err.status_code, err.code) == (status, code)
-        assert (err.retry_after_s is not None) == (reason == "abort")               # 503 carries Retry-After
+        assert (err.retry_after_s is not None) == (reason == "abort")  # 503 carries Retry-After
         assert [d[0] for d in handles.decodes] == ["d0", "d1"]
         assert _count(metrics.aborts, code) == 1
         _idle(orch)
@@ -223,7 +254,7 @@ class TestDecodeFailures:
         orch, metrics, _ = _orch(handles, decode_migrations=0)
         chunks, err = _run(orch)
         assert chunks == [HI] and (err.status_code, err.code) == (502, "decode_failed")
-        assert len(handles.decodes) == 1                                  # no retry once tokens went out
+        assert len(handles.decodes) == 1  # no retry once tokens went out
         assert _count(metrics.aborts, "decode_failed") == 1 and _count(metrics.prefill_fallbacks, "decode_retry") == 0
         _idle(orch)
 
@@ -255,9 +286,9 @@ class TestMigration:
         orch, metrics, _ = _orch(handles)
         assert _run(orch) == ([HI, THERE], None)
         (_, first, _), (where, cont, _) = handles.decodes
-        assert where == "d1" and cont.handoff == HANDOFF                # placed like any request: p0 prefills
+        assert where == "d1" and cont.handoff == HANDOFF  # placed like any request: p0 prefills
         assert [(p[0], p[1].prompt_token_ids) for p in handles.prefills][-1] == ("p0", cont.prompt_token_ids)
-        assert cont.prompt_token_ids == JOB.prompt_token_ids + (7,)     # ...the prompt and the token already sent
+        assert cont.prompt_token_ids == JOB.prompt_token_ids + (7,)  # ...the prompt and the token already sent
         assert cont.sampling.max_tokens == JOB.sampling.max_tokens - 1 and cont.request_id != first.request_id
         assert _count(metrics.prefill_fallbacks, "decode_migration") == 1
         assert _count(metrics.aborts, "decode_failed") == 0
@@ -285,8 +316,8 @@ class TestRetryCountsOnce:
         handles = FakeHandles(decodes={"d0": [[RuntimeError("replica died")]], "d1": [[HI, THERE]]})
         orch, metrics, policy = _orch(handles)
         assert _run(orch) == ([HI, THERE], None)
-        assert policy.admits == [True, False]                              # it was routed twice, admitted once...
-        assert _count(metrics.routing, "remote", "decode") == 1            # ...and counted once
+        assert policy.admits == [True, False]  # it was routed twice, admitted once...
+        assert _count(metrics.routing, "remote", "decode") == 1  # ...and counted once
         assert _count(metrics.admitted, "free", "remote") == 1
         assert _count(metrics.prefix_hit_tokens) == 32
         assert _count(metrics.routed_prompt_tokens) == 100
@@ -305,7 +336,7 @@ class TestRetryCountsOnce:
         handles = FakeHandles(decodes={"d0": [[RuntimeError("replica died")]], "d1": [[HI, THERE]]})
         orch, _, policy = _orch(handles)
         assert _run(orch) == ([HI, THERE], None)
-        assert policy.first_tokens == [] and policy.finishes == []      # a retry predicts nothing
+        assert policy.first_tokens == [] and policy.finishes == []  # a retry predicts nothing
 
     def test_a_rejected_retry_is_the_requests_error_not_an_admission_rejection(self):
         handles = FakeHandles(decodes={"d0": [[RuntimeError("replica died")]]})
@@ -328,8 +359,10 @@ class TestSuspects:
         handles = FakeHandles(decodes={"d0": [[RuntimeError("replica died")]], "d1": [[HI, THERE]]})
         orch, _, _ = _orch(handles)
         assert _run(orch) == ([HI, THERE], None)
-        assert {e.endpoint_id: e.healthy for e in orch.snapshot().endpoints if e.pool == "decode"} \
-            == {"d0": False, "d1": True}
+        assert {e.endpoint_id: e.healthy for e in orch.snapshot().endpoints if e.pool == "decode"} == {
+            "d0": False,
+            "d1": True,
+        }
         handles = FakeHandles(decodes={"d0": [[TokenChunk("", (), "error")]], "d1": [[HI, THERE]]})
         orch, _, _ = _orch(handles)
         assert _run(orch) == ([HI, THERE], None)
@@ -341,12 +374,12 @@ class TestForgetReplicas:
         from router.prefix_index import PrefixIndex
 
         orch, _, policy = _orch(FakeHandles(decodes={}))
-        assert orch.forget_replicas({"d0"}) == [] and orch.prefix_index_blocks() == {}   # a policy without one
+        assert orch.forget_replicas({"d0"}) == [] and orch.prefix_index_blocks() == {}  # a policy without one
         index = policy.prefix_index = PrefixIndex()
         index.add("d0", [1, 2, 3])
         index.add("d1", [1, 2])
         assert orch.forget_replicas({"d0", "d1", "p0"}) == []
-        assert orch.forget_replicas({"d1"}) == ["d0"]                   # d0 died
+        assert orch.forget_replicas({"d1"}) == ["d0"]  # d0 died
         assert index.endpoints() == {"d1"}
         assert index.match([1, 2, 3], ["d0", "d1"]) == {"d0": 0, "d1": 2}
         assert index.blocks_by_endpoint() == {"d1": 2} == orch.prefix_index_blocks()

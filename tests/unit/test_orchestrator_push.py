@@ -47,7 +47,7 @@ class FakeHandles(FakeHandleBase):
         self.prefill_fails, self.kv_arrives, self.decodes = prefill_fails, asyncio.Event(), []
 
     def remote(self, req, endpoint_hint):
-        if hasattr(req, "sampling"):                                    # a DecodeRequest
+        if hasattr(req, "sampling"):  # a DecodeRequest
             s = FakeStream(self.kv_arrives if req.handoff is not None else None)
             self.decodes.append((req, s))
             return s
@@ -56,27 +56,37 @@ class FakeHandles(FakeHandleBase):
             await asyncio.sleep(0.02)
             if self.prefill_fails:
                 raise RuntimeError("prefill replica died")
-            self.kv_arrives.set()                                       # its WRITE landed
+            self.kv_arrives.set()  # its WRITE landed
             return PrefillResult(req.request_id, endpoint_hint, None, 100, 0, 0.02)
+
         return FakeResponse(run())
 
 
 class FakePolicy(StatelessPolicy):
     def route(self, desc, snapshot, admit=True):
-        return RoutingDecision(decode=DECODE, prefill=PREFILL, reason="remote_prefill", uncached_tokens=100,
-                               predicted_ttft_s=1.0)
+        return RoutingDecision(
+            decode=DECODE, prefill=PREFILL, reason="remote_prefill", uncached_tokens=100, predicted_ttft_s=1.0
+        )
 
 
 def _run(prefill_fails: bool):
     async def main():
         handles = FakeHandles(prefill_fails)
         metrics = ClusterMetrics(None)
-        orch = Orchestrator({"prefill": handles, "decode": handles}, FakePolicy(), PoolDirectory(), metrics,
-                            prefill_timeout_s=60.0, idle_timeout_s=600.0, push_compression="none")
+        orch = Orchestrator(
+            {"prefill": handles, "decode": handles},
+            FakePolicy(),
+            PoolDirectory(),
+            metrics,
+            prefill_timeout_s=60.0,
+            idle_timeout_s=600.0,
+            push_compression="none",
+        )
         orch.set_kv_agents({"p0": ["agent-p0", "127.0.0.1", 5000]})
         job = GenerationJob(RequestDescriptor("r1", "m", 100, 8, "free", 0.0), tuple(range(100)), SamplingSpec(8))
         chunks = await asyncio.wait_for(_collect(orch.generate(job)), timeout=10)
         return chunks, handles, metrics, orch
+
     return asyncio.run(main())
 
 
@@ -89,7 +99,7 @@ def test_push_prefill_failure_cancels_the_decode_and_prefills_locally_on_it():
     assert chunks == [TOKEN]
     (push_req, push_stream), (local_req, local_stream) = handles.decodes
     assert push_req.handoff is not None and push_req.handoff.connector == "slab-push"
-    assert push_stream.cancelled                         # the engine aborts it and frees the reservation
+    assert push_stream.cancelled  # the engine aborts it and frees the reservation
     assert local_req.handoff is None and not local_stream.cancelled
     assert metrics.prefill_fallbacks.labels("error")._value.get() == 1
     assert sum(orch._in_flight.values()) == 0 and orch.queued_by_priority() == {}
@@ -101,4 +111,4 @@ def test_push_prefill_success_keeps_the_one_decode():
     ((req, stream),) = handles.decodes
     assert req.handoff is not None and not stream.cancelled
     assert metrics.prefill_fallbacks.labels("error")._value.get() == 0
-    assert metrics.prefill_fallbacks.labels("no_handoff")._value.get() == 0   # push answers carry none
+    assert metrics.prefill_fallbacks.labels("no_handoff")._value.get() == 0  # push answers carry none

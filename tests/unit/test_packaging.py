@@ -42,6 +42,6 @@ def test_serve_without_a_config_uses_the_embedded_default(monkeypatch):
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(serve.runner, "start_cluster", fake_start)
-    monkeypatch.setattr("signal.signal", lambda *_: None)   # cmd_serve's SIGTERM handler stays out of pytest
+    monkeypatch.setattr("signal.signal", lambda *_: None)  # cmd_serve's SIGTERM handler stays out of pytest
     assert main(["serve"]) == 1
     assert seen["cfg"] == ClusterConfig.from_yaml(DEFAULT_CONFIG)

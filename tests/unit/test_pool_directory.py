@@ -38,7 +38,7 @@ class TestPoolDirectory:
         (e,) = orch.snapshot().endpoints
         assert (e.queued_prefill_tokens, e.queued_prefill_by_priority) == (550, ((-100, 50), (-10, 500)))
         assert e.priority_step_tokens == 2048 and e.prefill_tokens_ahead(-100) == 550
-        premium(), premium(), free[0]()                   # releases are idempotent
+        premium(), premium(), free[0]()  # releases are idempotent
         (e,) = orch.snapshot().endpoints
         assert (e.queued_prefill_tokens, e.queued_prefill_by_priority) == (200, ((-10, 200),))
         free[1]()
@@ -64,11 +64,11 @@ class TestPoolDirectory:
         d = PoolDirectory(clock=lambda: now[0])
         d.register("decode", FakeSource("a", "b"))
         d.update_stats("a", {"healthy": True, "updated_s": 100.0, "reported_s": 99.9})
-        d.suspect("a")                      # a call to it just failed
-        d.suspect("b")                      # (b was never polled)
+        d.suspect("a")  # a call to it just failed
+        d.suspect("b")  # (b was never polled)
         healthy = lambda: {e.endpoint_id: e.healthy for e in d.snapshot().endpoints}  # noqa: E731
         assert healthy() == {"a": False, "b": False}
-        now[0] = 100.5                      # a poll sent before the failure answers after it: still suspect
+        now[0] = 100.5  # a poll sent before the failure answers after it: still suspect
         d.update_stats("a", {"healthy": True, "updated_s": 100.5, "reported_s": 99.95})
         assert healthy() == {"a": False, "b": False}
         d.update_stats("a", {"healthy": True, "updated_s": 101.0, "reported_s": 100.8})

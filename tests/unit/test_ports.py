@@ -1,4 +1,5 @@
 """Listening-port picks stay out of the kernel's ephemeral range (kvtransfer/ports.py)."""
+
 import random
 import socket
 
@@ -14,7 +15,7 @@ def test_ephemeral_range_reads_the_kernel_file_and_falls_back(tmp_path):
 
 def test_candidate_ranges_exclude_the_ephemeral_range():
     assert ports.candidate_ranges((32768, 60999)) == [(20000, 32767), (61000, 65535)]
-    assert ports.candidate_ranges((1024, 65535)) == []          # no room: the caller falls back to bind(0)
+    assert ports.candidate_ranges((1024, 65535)) == []  # no room: the caller falls back to bind(0)
 
 
 def test_free_port_is_bindable_and_outside_the_ephemeral_range():
@@ -24,7 +25,7 @@ def test_free_port_is_bindable_and_outside_the_ephemeral_range():
     for port in picked:
         assert not lo <= port <= hi
         with socket.socket() as s:
-            s.bind(("127.0.0.1", port))                          # really free
+            s.bind(("127.0.0.1", port))  # really free
 
 
 def test_taken_port_is_never_returned(monkeypatch):
@@ -33,5 +34,5 @@ def test_taken_port_is_never_returned(monkeypatch):
         taken = held.getsockname()[1]
         held.listen()
         monkeypatch.setattr(ports, "candidate_ranges", lambda eph: [(taken, taken)])
-        port = ports.free_port("127.0.0.1", attempts=3)         # every pick collides -> kernel's choice
+        port = ports.free_port("127.0.0.1", attempts=3)  # every pick collides -> kernel's choice
         assert port != taken

@@ -51,26 +51,30 @@ class TestPlacement:
     def test_overloaded_holder_loses(self):
         pol = policy(admission={"enabled": False})
         r = req(1024)
-        pol.prefix_index.add("D2", r.block_hashes[:2])        # a small hit (2/8 of the prompt) ...
+        pol.prefix_index.add("D2", r.block_hashes[:2])  # a small hit (2/8 of the prompt) ...
         snap = PoolSnapshot([ep("D1", Role.DECODE), ep("D2", Role.DECODE, load=16, kv=0.9)])
-        assert routed(pol, r, snap).decode.endpoint_id == "D1"   # ... does not beat a full queue
+        assert routed(pol, r, snap).decode.endpoint_id == "D1"  # ... does not beat a full queue
 
     def test_prefill_replica_with_longest_prefix_and_room(self):
         pol = policy(admission={"enabled": False}, placement={"prefill_queue_limit_tokens": 1000})
         r = req(1024)
         pol.prefix_index.add("P2", r.block_hashes[:4])
         pol.prefix_index.add("P3", r.block_hashes[:7])
-        snap = PoolSnapshot([ep("D1", Role.DECODE), ep("P1", Role.PREFILL), ep("P2", Role.PREFILL),
-                             ep("P3", Role.PREFILL, queued=5000)])
+        snap = PoolSnapshot(
+            [ep("D1", Role.DECODE), ep("P1", Role.PREFILL), ep("P2", Role.PREFILL), ep("P3", Role.PREFILL, queued=5000)]
+        )
         d = routed(pol, r, snap)
         assert d.prefill.endpoint_id == "P2" and d.prefix_hit_tokens == 512 and d.uncached_tokens == 512
 
-    @pytest.mark.parametrize("tokens,decode_hit_blocks,prefill_up,expected", [
-        (40, 0, True, "local_prefill:short"),
-        (1024, 0, True, "remote_prefill"),
-        (1100, 8, True, "local_prefill:cached"),          # 1024 of 1100 tokens cached on the decode replica
-        (1024, 0, False, "local_prefill:no_prefill_replica"),
-    ])
+    @pytest.mark.parametrize(
+        "tokens,decode_hit_blocks,prefill_up,expected",
+        [
+            (40, 0, True, "local_prefill:short"),
+            (1024, 0, True, "remote_prefill"),
+            (1100, 8, True, "local_prefill:cached"),  # 1024 of 1100 tokens cached on the decode replica
+            (1024, 0, False, "local_prefill:no_prefill_replica"),
+        ],
+    )
     def test_conditional_disaggregation(self, tokens, decode_hit_blocks, prefill_up, expected):
         pol = policy(admission={"enabled": False})
         r = req(tokens)
@@ -90,7 +94,7 @@ class TestPlacement:
         pol = policy(admission={"enabled": False})
         prompt = list(range(1024))
         pol.prefix_index.add("D1", req(0, salt="tenant-a", prompt=prompt).block_hashes)
-        snap = PoolSnapshot([ep("D1", Role.DECODE)])      # local prefill: the hit is the decode replica's
+        snap = PoolSnapshot([ep("D1", Role.DECODE)])  # local prefill: the hit is the decode replica's
         assert routed(pol, req(0, salt="tenant-b", prompt=prompt), snap).prefix_hit_tokens == 0
         assert routed(pol, req(0, salt="tenant-a", prompt=prompt), snap).prefix_hit_tokens == 896
 
@@ -101,10 +105,10 @@ class TestPlacement:
 
 class TestAdmissionWiring:
     def test_free_shed_premium_admitted(self):
-        pol = policy()                                        # prior: 300 tok/s, SLO 2 s TTFT by default
+        pol = policy()  # prior: 300 tok/s, SLO 2 s TTFT by default
         snap = PoolSnapshot([ep("D1", Role.DECODE), ep("P1", Role.PREFILL, queued=420)])  # ~1.45 s queued
-        premium = routed(pol, req(100, tier="premium"), snap)   # TTFT: queue + prefill + decode's first step
-        free = routed(pol, req(100, tier="free"), snap)         # premium active: free may fill 0.6 x 2 s of queue
+        premium = routed(pol, req(100, tier="premium"), snap)  # TTFT: queue + prefill + decode's first step
+        free = routed(pol, req(100, tier="free"), snap)  # premium active: free may fill 0.6 x 2 s of queue
         assert isinstance(free, Rejection) and free.status_code == 429 and free.retry_after_s >= 1
         assert not isinstance(premium, Rejection) and premium.predicted_ttft_s == pytest.approx(1.83 + 0.10, rel=0.05)
 
@@ -113,15 +117,26 @@ class TestAdmissionWiring:
         # premium wait behind all of it (503); a priority engine serves premium after the step in
         # progress (budget 256 tokens, ~0.85 s), so premium is admitted and free still shed
         by_prio = ((-100, 0), (-10, 1500))
-        fcfs = PoolSnapshot([ep("D1", Role.DECODE), dataclasses.replace(
-            ep("P1", Role.PREFILL, queued=1500), queued_prefill_by_priority=by_prio)])
-        prio = PoolSnapshot([ep("D1", Role.DECODE), dataclasses.replace(
-            ep("P1", Role.PREFILL, queued=1500), queued_prefill_by_priority=by_prio, priority_step_tokens=256)])
+        fcfs = PoolSnapshot(
+            [
+                ep("D1", Role.DECODE),
+                dataclasses.replace(ep("P1", Role.PREFILL, queued=1500), queued_prefill_by_priority=by_prio),
+            ]
+        )
+        prio = PoolSnapshot(
+            [
+                ep("D1", Role.DECODE),
+                dataclasses.replace(
+                    ep("P1", Role.PREFILL, queued=1500), queued_prefill_by_priority=by_prio, priority_step_tokens=256
+                ),
+            ]
+        )
         pol = policy()
         assert isinstance(routed(pol, req(100, tier="premium"), fcfs), Rejection)
         d = routed(pol, req(100, tier="premium"), prio)
-        assert not isinstance(d, Rejection) and d.predicted_ttft_s == pytest.approx((256 + 100) / 300 + 0.05 * 2
-                                                                                      + 0.10, rel=0.1)
+        assert not isinstance(d, Rejection) and d.predicted_ttft_s == pytest.approx(
+            (256 + 100) / 300 + 0.05 * 2 + 0.10, rel=0.1
+        )
         assert isinstance(routed(pol, req(100, tier="free"), prio), Rejection)
 
     def test_overload_is_503_for_everyone(self):
@@ -139,8 +154,9 @@ class TestAdmissionWiring:
         assert not isinstance(d, Rejection) and d.decode.endpoint_id == "D1" and d.predicted_ttft_s is None
 
     def test_tier_slo_overrides_and_builders(self):
-        cfg = RouterConfig(qos_tiers={"gold": {"reserved_fraction": 1.0, "priority": 1, "slo": {"ttft_ms": 500}}},
-                           default_tier="gold")
+        cfg = RouterConfig(
+            qos_tiers={"gold": {"reserved_fraction": 1.0, "priority": 1, "slo": {"ttft_ms": 500}}}, default_tier="gold"
+        )
         assert tier_policies(cfg)["gold"].ttft_s == 0.5
         assert isinstance(build_policy(RouterConfig(policy="least-loaded"), BS), LeastLoadedPolicy)
         assert isinstance(build_policy(RouterConfig(), BS), SloAwarePolicy)
@@ -159,7 +175,7 @@ class FakeClock:
 class TestWorkConservingTiers:
     """Reservations of idle higher tiers are lent to the lower ones (router.admission.tier_idle_s)."""
 
-    QUEUED = 420                    # ~1.4 s at the prior's 300 tok/s: over free's 60 %, within the 2 s SLO
+    QUEUED = 420  # ~1.4 s at the prior's 300 tok/s: over free's 60 %, within the 2 s SLO
 
     def snap(self, queued=QUEUED, by_priority=()):
         p = dataclasses.replace(ep("P1", Role.PREFILL, queued=queued), queued_prefill_by_priority=by_priority)
@@ -170,7 +186,7 @@ class TestWorkConservingTiers:
         return SloAwarePolicy(pol.cfg, PrefixIndex(), {}, BS, random.Random(0), activity=TierActivity(30.0, clock))
 
     def test_untiered_traffic_alone_uses_the_whole_budget(self):
-        strict = policy(admission={"tier_idle_s": None})      # reservations never lent
+        strict = policy(admission={"tier_idle_s": None})  # reservations never lent
         d = routed(strict, req(100, tier="free"), self.snap())
         assert isinstance(d, Rejection) and d.reason == "tier_quota"
         pol = self.lending(FakeClock())
@@ -194,9 +210,9 @@ class TestWorkConservingTiers:
         clock.t = 1002.0
         d = routed(pol, req(100, tier="free"), self.snap())
         assert isinstance(d, Rejection) and d.reason == "tier_quota" and d.status_code == 429
-        clock.t = 1031.0                                       # premium's arrival exactly 30 s ago
+        clock.t = 1031.0  # premium's arrival exactly 30 s ago
         assert isinstance(routed(pol, req(100, tier="free"), self.snap()), Rejection)
-        clock.t = 1031.5                                       # no premium traffic for over 30 s
+        clock.t = 1031.5  # no premium traffic for over 30 s
         assert not isinstance(routed(pol, req(100, tier="free"), self.snap()), Rejection)
 
     def test_a_refused_request_still_claims_its_tiers_share(self):
@@ -211,7 +227,7 @@ class TestWorkConservingTiers:
         clock = FakeClock()
         pol = self.lending(clock)
         routed(pol, req(100, tier="premium"), self.snap())
-        clock.t = 100.0                                        # premium's arrival is long past ...
+        clock.t = 100.0  # premium's arrival is long past ...
         busy = self.snap(by_priority=((-100, 20), (-10, 400)))  # ... but its prefill is still queued
         d = routed(pol, req(100, tier="free"), busy)
         assert isinstance(d, Rejection) and d.reason == "tier_quota"
@@ -226,13 +242,13 @@ class TestWorkConservingTiers:
         pol = self.lending(clock)
         snap = self.snap(queued=250)
         routed(pol, req(100, tier="premium"), self.snap())
-        assert not isinstance(routed(pol, req(100, tier="free"), snap), Rejection)   # standard idle: lent
+        assert not isinstance(routed(pol, req(100, tier="free"), snap), Rejection)  # standard idle: lent
         clock.t = 25.0
         routed(pol, req(100, tier="standard"), self.snap())
-        assert routed(pol, req(100, tier="free"), snap).reason == "tier_quota"       # every tier active
-        clock.t = 40.0                                                              # premium idle
-        assert routed(pol, req(100, tier="free"), snap).reason == "tier_quota"       # 0.7 is not enough
-        clock.t = 56.0                                                              # both idle
+        assert routed(pol, req(100, tier="free"), snap).reason == "tier_quota"  # every tier active
+        clock.t = 40.0  # premium idle
+        assert routed(pol, req(100, tier="free"), snap).reason == "tier_quota"  # 0.7 is not enough
+        clock.t = 56.0  # both idle
         assert not isinstance(routed(pol, req(100, tier="free"), snap), Rejection)
 
 
@@ -243,11 +259,14 @@ class TestLocalPrefillWhenSooner:
 
     def route(self, prefill_queued=0, decode_queued=0, tokens_per_s=5000.0, tpot_ms=250.0, **placement):
         placement = {"local_prefill_when_sooner": True, **placement}
-        pol = policy(admission={"enabled": False, "prefill_tokens_per_s_prior": tokens_per_s,
-                                "decode_step_s_prior": 0.05},
-                     slo={"ttft_ms": 4000, "tpot_ms": tpot_ms}, placement=placement)
-        snap = PoolSnapshot([ep("D1", Role.DECODE, queued=decode_queued),
-                             ep("P1", Role.PREFILL, queued=prefill_queued)])
+        pol = policy(
+            admission={"enabled": False, "prefill_tokens_per_s_prior": tokens_per_s, "decode_step_s_prior": 0.05},
+            slo={"ttft_ms": 4000, "tpot_ms": tpot_ms},
+            placement=placement,
+        )
+        snap = PoolSnapshot(
+            [ep("D1", Role.DECODE, queued=decode_queued), ep("P1", Role.PREFILL, queued=prefill_queued)]
+        )
         return routed(pol, req(512), snap)
 
     def test_backed_up_prefill_replica_sheds_to_the_decode_engine(self):
@@ -270,4 +289,4 @@ class TestLocalPrefillWhenSooner:
 
     def test_off_by_config(self):
         assert self.route(prefill_queued=4096, local_prefill_when_sooner=False).prefill.endpoint_id == "P1"
-        assert RouterConfig().placement.local_prefill_when_sooner is False      # off unless a config opts in
+        assert RouterConfig().placement.local_prefill_when_sooner is False  # off unless a config opts in

@@ -56,8 +56,8 @@ class TestScorers:
     def test_pick_best_and_ties_at_random(self):
         scorers = build_scorers({"prefix": 1.0, "load": 0.5, "kv": 0.2}, PlacementConfig())
         a, b = ep("a", load=2), ep("b")
-        assert pick_best([a, b], scorers, self.CTX, random.Random(0)) is a        # half the prompt cached
-        assert pick_best([a, b], scorers[1:], self.CTX, random.Random(0)) is b    # load only
+        assert pick_best([a, b], scorers, self.CTX, random.Random(0)) is a  # half the prompt cached
+        assert pick_best([a, b], scorers[1:], self.CTX, random.Random(0)) is b  # load only
         ctx = ScoreContext(hits={"c": 1, "d": 1}, prompt_tokens=160, block_size=BS)
         c, d = ep("c"), ep("d")
         picks = {pick_best([c, d], scorers, ctx, random.Random(i)).endpoint_id for i in range(20)}
@@ -68,8 +68,12 @@ class TestDecider:
     def decider(self, **placement):
         cfg = RouterConfig(placement=placement)
         models: dict[str, CostModel] = {}
-        return ConditionalPrefill(cfg.placement, SloAdmission(cfg, models.setdefault).tiers,
-                                  lambda pool: models.setdefault(pool, CostModel()), random.Random(0))
+        return ConditionalPrefill(
+            cfg.placement,
+            SloAdmission(cfg, models.setdefault).tiers,
+            lambda pool: models.setdefault(pool, CostModel()),
+            random.Random(0),
+        )
 
     def test_no_prefill_replica_with_room_is_local(self):
         d = self.decider(prefill_queue_limit_tokens=100)
@@ -82,8 +86,12 @@ class TestDecider:
         out = self.decider().place(1000, "free", ep("D"), [ep("P", Role.PREFILL)], {"D": 1, "P": 10}, BS)
         assert (out.prefix_hit_tokens, out.uncached_tokens) == (160, 840)
         out = self.decider().place(60, "free", ep("D"), [ep("P", Role.PREFILL)], {"D": 1, "P": 3}, BS)
-        assert (out.prefill, out.reason, out.prefix_hit_tokens, out.uncached_tokens) == \
-            (None, "local_prefill:short", 16, 44)
+        assert (out.prefill, out.reason, out.prefix_hit_tokens, out.uncached_tokens) == (
+            None,
+            "local_prefill:short",
+            16,
+            44,
+        )
 
 
 class TestAdmissionStage:
@@ -99,7 +107,7 @@ class TestAdmissionStage:
 
     def test_no_lending_without_tier_idle(self):
         stage = SloAdmission(RouterConfig(admission={"tier_idle_s": None}), lambda pool: CostModel())
-        stage.arrive("free")                                          # nothing to record
+        stage.arrive("free")  # nothing to record
         assert stage.activity is None and stage.active_tiers(PoolSnapshot([])) is None
 
 
@@ -116,8 +124,16 @@ class TestPipelineConfig:
         pol = SloAwarePolicy(cfg, PrefixIndex(), {}, BS)
         assert [type(s) for s in pol.scorers] == [LoadScorer, PrefixScorer]
 
-    @pytest.mark.parametrize("pipeline", [{"scorers": {"cache": 1.0}}, {"scorers": {"load": -1.0}},
-                                          {"filters": ["fresh"]}, {"decider": "always-remote"}, {"stages": []}])
+    @pytest.mark.parametrize(
+        "pipeline",
+        [
+            {"scorers": {"cache": 1.0}},
+            {"scorers": {"load": -1.0}},
+            {"filters": ["fresh"]},
+            {"decider": "always-remote"},
+            {"stages": []},
+        ],
+    )
     def test_unknown_names_are_refused(self, pipeline):
         with pytest.raises(ValidationError):
             RouterConfig(pipeline=pipeline)
@@ -125,7 +141,7 @@ class TestPipelineConfig:
     def test_weights_in_one_place(self):
         with pytest.raises(ValidationError, match="one place"):
             RouterConfig(placement={"kv_weight": 0.1}, pipeline={"scorers": {"kv": 0.3}})
-        RouterConfig(placement={"max_batch_hint": 8}, pipeline={"scorers": {"kv": 0.3}})   # not a weight
+        RouterConfig(placement={"max_batch_hint": 8}, pipeline={"scorers": {"kv": 0.3}})  # not a weight
 
 
 class TestHooks:
@@ -143,7 +159,7 @@ class TestHooks:
         first = pol.route(r, self.SNAP)
         assert pol.route(r, self.SNAP) == first and pol.route(r, self.SNAP, admit=False).decode == first.decode
         assert len(pol.prefix_index) == 0 and pol.admission.active_tiers(self.SNAP) == frozenset()
-        assert pol.models.keys() == {"decode", "prefill"}     # models are created on first use (not state)
+        assert pol.models.keys() == {"decode", "prefill"}  # models are created on first use (not state)
 
     def test_on_routed_records_both_replicas_and_the_arrival(self):
         t = [0.0]
@@ -185,27 +201,33 @@ class TestHooks:
         d = pol.route(req(1000, hashes=range(60)), self.SNAP)
         pol.on_first_token(d, 2 * d.predicted_ttft_s)
         pol.on_finish(d, 0.5 * d.predicted_tpot_s)
-        pol.on_finish(d, None)                                       # a one-token answer: no TPOT
+        pol.on_finish(d, None)  # a one-token answer: no TPOT
         prefill, decode = pol.model("prefill"), pol.model("decode")
-        assert prefill.ttft_bias == pytest.approx(2 ** 0.1) and decode.ttft_bias == 1.0
-        assert decode.tpot_bias == pytest.approx(0.5 ** 0.1) and prefill.tpot_bias == 1.0
+        assert prefill.ttft_bias == pytest.approx(2**0.1) and decode.ttft_bias == 1.0
+        assert decode.tpot_bias == pytest.approx(0.5**0.1) and prefill.tpot_bias == 1.0
         unpredicted = pol.route(req(1000, hashes=range(60)), self.SNAP, admit=False)
         pol.on_first_token(unpredicted, 9.0)
         pol.on_finish(unpredicted, 9.0)
-        assert prefill.ttft_bias == pytest.approx(2 ** 0.1) and decode.tpot_bias == pytest.approx(0.5 ** 0.1)
+        assert prefill.ttft_bias == pytest.approx(2**0.1) and decode.tpot_bias == pytest.approx(0.5**0.1)
 
     def test_on_stats_fits_the_pools_model(self):
         pol = self.policy()
         for _ in range(60):
-            pol.on_stats(SimpleNamespace(pool="prefill", prefill_samples=[(100, 1.0), (1000, 10.0)],
-                                         decode_samples=[(4, 1000, 0.2)]))
+            pol.on_stats(
+                SimpleNamespace(
+                    pool="prefill", prefill_samples=[(100, 1.0), (1000, 10.0)], decode_samples=[(4, 1000, 0.2)]
+                )
+            )
         assert pol.model("prefill").prefill_tokens_per_s() == pytest.approx(100, rel=0.05)
         assert pol.model("prefill").decode_step_s(4, 1000) == pytest.approx(0.2, rel=0.05)
         assert pol.model("decode").prefill.n == 0
 
     def test_baselines_have_no_state_to_feed(self):
-        for pol in (LeastLoadedPolicy(random.Random(0)), RoundRobinPolicy(),
-                    build_policy(RouterConfig(policy="round-robin"), BS)):
+        for pol in (
+            LeastLoadedPolicy(random.Random(0)),
+            RoundRobinPolicy(),
+            build_policy(RouterConfig(policy="round-robin"), BS),
+        ):
             d = pol.route(req(), self.SNAP)
             pol.on_routed(req(), d)
             pol.on_first_token(d, 1.0)

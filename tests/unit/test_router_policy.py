@@ -7,22 +7,32 @@ from router.types import EndpointState, PoolSnapshot, Rejection, RequestDescript
 
 
 def ep(eid, role=Role.DECODE, healthy=True, running=0, waiting=0, in_flight=0, kv=0.0):
-    return EndpointState(endpoint_id=eid, pool=role.value, role=role, healthy=healthy, num_running=running,
-                         num_waiting=waiting, in_flight=in_flight, kv_usage=kv)
+    return EndpointState(
+        endpoint_id=eid,
+        pool=role.value,
+        role=role,
+        healthy=healthy,
+        num_running=running,
+        num_waiting=waiting,
+        in_flight=in_flight,
+        kv_usage=kv,
+    )
 
 
-REQ = RequestDescriptor(request_id="r", model="m", num_prompt_tokens=10, max_new_tokens=5, tier="free",
-                        arrival_s=0.0)
+REQ = RequestDescriptor(request_id="r", model="m", num_prompt_tokens=10, max_new_tokens=5, tier="free", arrival_s=0.0)
 
 
 class TestLeastLoaded:
-    @pytest.mark.parametrize("cands, expected", [
-        ([ep("a", running=3), ep("b", running=1)], "b"),
-        ([ep("a", waiting=2), ep("b", running=1)], "b"),
-        ([ep("a", in_flight=4), ep("b", running=2)], "b"),       # router-side reservations count
-        ([ep("a", kv=0.9), ep("b", kv=0.1)], "b"),                 # tie on load -> lower KV usage
-        ([ep("a", healthy=False), ep("b", running=9)], "b"),
-    ])
+    @pytest.mark.parametrize(
+        "cands, expected",
+        [
+            ([ep("a", running=3), ep("b", running=1)], "b"),
+            ([ep("a", waiting=2), ep("b", running=1)], "b"),
+            ([ep("a", in_flight=4), ep("b", running=2)], "b"),  # router-side reservations count
+            ([ep("a", kv=0.9), ep("b", kv=0.1)], "b"),  # tie on load -> lower KV usage
+            ([ep("a", healthy=False), ep("b", running=9)], "b"),
+        ],
+    )
     def test_table(self, cands, expected):
         assert least_loaded(cands, random.Random(0)).endpoint_id == expected
 
@@ -66,18 +76,28 @@ class TestRoundRobinPolicy:
 class TestPrefillTokensAhead:
     """What a new request waits behind on a prefilling replica (vLLM priorities: lower first)."""
 
-    QUEUE = ((-100, 200), (-50, 300), (-10, 1000))     # premium, standard, free tokens queued
+    QUEUE = ((-100, 200), (-50, 300), (-10, 1000))  # premium, standard, free tokens queued
 
-    @pytest.mark.parametrize("step, priority, want", [
-        (0, -100, 1500),        # arrival-order engine: everything queued
-        (512, -100, 200 + 512),  # premium: its own tier, then at most one step of lower-priority work
-        (512, -50, 500 + 512),
-        (512, -10, 1500),       # free: nothing is behind it
-        (4096, -100, 1500),     # a step budget larger than the queue: all of it may already be running
-    ])
+    @pytest.mark.parametrize(
+        "step, priority, want",
+        [
+            (0, -100, 1500),  # arrival-order engine: everything queued
+            (512, -100, 200 + 512),  # premium: its own tier, then at most one step of lower-priority work
+            (512, -50, 500 + 512),
+            (512, -10, 1500),  # free: nothing is behind it
+            (4096, -100, 1500),  # a step budget larger than the queue: all of it may already be running
+        ],
+    )
     def test_table(self, step, priority, want):
-        e = EndpointState("p", "prefill", Role.PREFILL, True, queued_prefill_tokens=1500,
-                          queued_prefill_by_priority=self.QUEUE, priority_step_tokens=step)
+        e = EndpointState(
+            "p",
+            "prefill",
+            Role.PREFILL,
+            True,
+            queued_prefill_tokens=1500,
+            queued_prefill_by_priority=self.QUEUE,
+            priority_step_tokens=step,
+        )
         assert e.prefill_tokens_ahead(priority) == want
 
     def test_no_split_known_counts_everything(self):

@@ -13,6 +13,7 @@ from router.prefix_index import PrefixIndex
 def vllm_hash():
     from vllm.utils.hashing import sha256
     from vllm.v1.core import kv_cache_utils as kcu
+
     kcu.init_none_hash(sha256)
     return kcu, sha256
 
@@ -29,22 +30,22 @@ class TestHashingMatchesVllm:
         parent = None
         for i in range(3):
             extra = (("cache_salt", salt),) if (i == 0 and salt) else None
-            parent = kcu.hash_block_tokens(sha256, parent, tokens[i * block_size:(i + 1) * block_size], extra)
+            parent = kcu.hash_block_tokens(sha256, parent, tokens[i * block_size : (i + 1) * block_size], extra)
             assert bytes(parent) == ours[i]
 
     def test_salt_isolates_tenants_and_chains(self):
         t = list(range(256))
         a, b = block_hashes(t, 128, "a"), block_hashes(t, 128, "b")
-        assert not set(a) & set(b)                       # every block differs, not only the first
+        assert not set(a) & set(b)  # every block differs, not only the first
         assert block_hashes(t, 128) == block_hashes(t + [1, 2, 3], 128)
         assert block_hashes(t, 128)[1] != block_hashes([9] + t[1:], 128)[1]
-        assert short_key(2 ** 70 + 5) == 5
+        assert short_key(2**70 + 5) == 5
 
     def test_short_key_equals_vllm_kv_event_int_hash(self):
         from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
         h = block_hashes(list(range(128)), 128)[0]
-        published = maybe_convert_block_hash(h)      # what BlockStored carries (int hashes, vLLM default)
+        published = maybe_convert_block_hash(h)  # what BlockStored carries (int hashes, vLLM default)
         assert isinstance(published, int) and short_key(h) == short_key(published)
 
 
@@ -53,7 +54,7 @@ class TestPrefixIndex:
         idx = PrefixIndex()
         h = block_hashes(list(range(128 * 4)), 128)
         idx.add("A", h[:3])
-        idx.add("B", h[:1] + h[2:4])                     # holds blocks 0, 2, 3 but not 1
+        idx.add("B", h[:1] + h[2:4])  # holds blocks 0, 2, 3 but not 1
         assert idx.match(h, ["A", "B", "C"]) == {"A": 3, "B": 1, "C": 0}
         idx.remove("A", h[1:2])
         assert idx.match(h, ["A"]) == {"A": 1}
@@ -63,7 +64,7 @@ class TestPrefixIndex:
     def test_lru_eviction_and_bit_reuse(self):
         idx = PrefixIndex(capacity_blocks=3)
         idx.add("A", [1, 2, 3])
-        idx.match([1], ["A"])                            # touch 1: 2 is now the oldest
+        idx.match([1], ["A"])  # touch 1: 2 is now the oldest
         idx.add("A", [4])
         assert len(idx) == 3 and idx.evictions == 1
         assert idx.match([1], ["A"]) == {"A": 1} and idx.match([2], ["A"]) == {"A": 0}
@@ -79,17 +80,17 @@ class TestPrefixIndex:
         assert len(idx) == 1_000_000 and idx.evictions == 200_000
         hit = list(range(900_000, 900_100))
         assert idx.match(hit, ["e3", "e0"]) == {"e3": 100, "e0": 0}
-        assert time.perf_counter() - t0 < 30                 # a sanity bound, not a benchmark
+        assert time.perf_counter() - t0 < 30  # a sanity bound, not a benchmark
 
 
 def test_blocks_by_endpoint_follows_adds_removes_evictions_and_drops():
     idx = PrefixIndex(capacity_blocks=4)
-    idx.add("A", [1, 2, 3, 3])            # a repeated hash is one block
+    idx.add("A", [1, 2, 3, 3])  # a repeated hash is one block
     idx.add("B", [2, 3])
     assert idx.blocks_by_endpoint() == {"A": 3, "B": 2}
-    idx.remove("A", [3, 3, 9])            # twice, and one A never held: one block less
+    idx.remove("A", [3, 3, 9])  # twice, and one A never held: one block less
     assert idx.blocks_by_endpoint() == {"A": 2, "B": 2}
-    idx.add("B", [4, 5])                  # 5 entries > capacity 4: the LRU entry (1, A's) is evicted
+    idx.add("B", [4, 5])  # 5 entries > capacity 4: the LRU entry (1, A's) is evicted
     assert idx.evictions == 1 and idx.blocks_by_endpoint() == {"A": 1, "B": 4}
     idx.drop_endpoint("B")
     assert idx.blocks_by_endpoint() == {"A": 1} and idx.endpoints() == {"A"}

@@ -18,15 +18,15 @@ class FakeClock:
 def test_a_tier_is_active_for_idle_s_after_its_latest_arrival():
     clock = FakeClock(100.0)
     a = TierActivity(30.0, clock)
-    assert a.active() == frozenset()                     # nothing seen yet: every tier idle
+    assert a.active() == frozenset()  # nothing seen yet: every tier idle
     a.arrive("premium")
     clock.t = 110.0
     a.arrive("free")
     clock.t = 130.0
-    assert a.active() == {"premium", "free"}             # premium exactly 30 s ago still counts
+    assert a.active() == {"premium", "free"}  # premium exactly 30 s ago still counts
     clock.t = 130.5
     assert a.active() == {"free"}
-    a.arrive("premium")                                  # a new arrival takes it back at once
+    a.arrive("premium")  # a new arrival takes it back at once
     assert a.active() == {"premium", "free"}
     clock.t = 160.6
     assert a.active() == frozenset()
@@ -45,7 +45,7 @@ def test_zero_window_and_bad_window():
     clock = FakeClock(1.0)
     a = TierActivity(0.0, clock)
     a.arrive("free")
-    assert a.active() == {"free"}                        # at the instant of the arrival only
+    assert a.active() == {"free"}  # at the instant of the arrival only
     clock.t = 1.001
     assert a.active() == frozenset()
     with pytest.raises(ValueError):

@@ -58,17 +58,18 @@ class TestModelManifest:
 
 @pytest.fixture(scope="module")
 def adapter(tokenizer):
-    return RequestAdapter(tokenizer, "m", max_model_len=64, default_tier="free",
-                          known_tiers={"free": 10, "premium": 100})
+    return RequestAdapter(
+        tokenizer, "m", max_model_len=64, default_tier="free", known_tiers={"free": 10, "premium": 100}
+    )
 
 
 class TestRequestAdapter:
     def test_warmup_job_is_bounded_salted_and_labelled(self, adapter, tokenizer):
         j = adapter.warmup_job(512, seed=1)
-        assert j.desc.num_prompt_tokens == 64 - 8 == len(j.prompt_token_ids)     # clamped to the context
+        assert j.desc.num_prompt_tokens == 64 - 8 == len(j.prompt_token_ids)  # clamped to the context
         assert j.desc.tier == "warmup" and j.cache_salt == "warmup" and j.sampling.max_tokens == 8
         assert all(100 <= t < len(tokenizer) for t in j.prompt_token_ids)
-        assert adapter.warmup_job(512, seed=1).prompt_token_ids == j.prompt_token_ids   # seeded
+        assert adapter.warmup_job(512, seed=1).prompt_token_ids == j.prompt_token_ids  # seeded
 
     def test_chat_template_and_defaults(self, adapter, tokenizer):
         body = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "Hi"}]})
@@ -77,21 +78,29 @@ class TestRequestAdapter:
         assert "Hi" in text and text.rstrip().endswith("assistant")
         assert p.job.sampling.max_tokens == 64 - len(p.job.prompt_token_ids)
         assert p.job.desc.tier == "free" and p.response_id.startswith("chatcmpl-")
-        assert p.job.priority == -10                 # vLLM serves lower values first
+        assert p.job.priority == -10  # vLLM serves lower values first
 
     def test_token_prompt_and_tier(self, adapter):
         body = CompletionRequest.model_validate({"model": "m", "prompt": [1, 2, 3], "max_tokens": 4, "stop": "x"})
         p = adapter.build("completion", body, "Premium")
         assert p.job.prompt_token_ids == (1, 2, 3) and p.job.desc.tier == "premium"
-        assert p.job.priority == -100                # ahead of free (-10) in a priority-scheduling engine
+        assert p.job.priority == -100  # ahead of free (-10) in a priority-scheduling engine
         assert p.job.sampling.stop == ("x",)
 
-    @pytest.mark.parametrize("kind, body, status, code", [
-        ("chat", {"model": "other", "messages": [{"role": "user", "content": "x"}]}, 404, "model_not_found"),
-        ("chat", {"model": "m", "messages": [{"role": "user", "content": "w " * 80}]}, 400, "context_length_exceeded"),
-        ("completion", {"model": "m", "prompt": "x", "max_tokens": 64}, 400, "context_length_exceeded"),
-        ("completion", {"model": "m", "prompt": [10 ** 9]}, 400, "invalid_value"),
-    ])
+    @pytest.mark.parametrize(
+        "kind, body, status, code",
+        [
+            ("chat", {"model": "other", "messages": [{"role": "user", "content": "x"}]}, 404, "model_not_found"),
+            (
+                "chat",
+                {"model": "m", "messages": [{"role": "user", "content": "w " * 80}]},
+                400,
+                "context_length_exceeded",
+            ),
+            ("completion", {"model": "m", "prompt": "x", "max_tokens": 64}, 400, "context_length_exceeded"),
+            ("completion", {"model": "m", "prompt": [10**9]}, 400, "invalid_value"),
+        ],
+    )
     def test_errors(self, adapter, kind, body, status, code):
         cls = ChatCompletionRequest if kind == "chat" else CompletionRequest
         with pytest.raises(ApiError) as ei:
@@ -106,8 +115,18 @@ class TestRequestAdapter:
 
 
 def test_metrics_render_worker_stats():
-    stats = [WorkerStats(endpoint_id="d1", pool="decode", role="decode", num_waiting=2, kv_usage=0.5,
-                         kv_transfers_total=3, kv_transfer_bytes_total=1024, prompt_tokens_external_kv=40)]
+    stats = [
+        WorkerStats(
+            endpoint_id="d1",
+            pool="decode",
+            role="decode",
+            num_waiting=2,
+            kv_usage=0.5,
+            kv_transfers_total=3,
+            kv_transfer_bytes_total=1024,
+            prompt_tokens_external_kv=40,
+        )
+    ]
     m = ClusterMetrics(lambda: stats)
     m.observe_handoff_durations([0.01, 0.02])
     text = m.render().decode()
@@ -121,8 +140,9 @@ def test_integration_scrape_parses_the_rendered_exposition():
     """tests/integration/cluster_utils.py's parser: samples keyed by exposed name (suffix kept) and labels."""
     from tests.integration.cluster_utils import metric_sum, parse_samples
 
-    stats = [WorkerStats(endpoint_id=f"d{i}", pool="decode", role="decode", num_waiting=i, kv_usage=0.25)
-             for i in (1, 2)]
+    stats = [
+        WorkerStats(endpoint_id=f"d{i}", pool="decode", role="decode", num_waiting=i, kv_usage=0.25) for i in (1, 2)
+    ]
     m = ClusterMetrics(lambda: stats)
     m.observe_handoff_durations([0.01, 0.02])
     m.prefill_fallbacks.labels("decode_retry").inc(2)
@@ -147,10 +167,15 @@ class TestStartupWait:
 
         def status():
             st = next(seq, states[-1])
-            dep = SimpleNamespace(status="UPDATING", replica_states={"STARTING": 1, "RUNNING": 1},
-                                  message="1 replica taking long to initialize")
-            return SimpleNamespace(applications={"app": SimpleNamespace(status=st, message="",
-                                                                        deployments={"pool-decode": dep})})
+            dep = SimpleNamespace(
+                status="UPDATING",
+                replica_states={"STARTING": 1, "RUNNING": 1},
+                message="1 replica taking long to initialize",
+            )
+            return SimpleNamespace(
+                applications={"app": SimpleNamespace(status=st, message="", deployments={"pool-decode": dep})}
+            )
+
         monkeypatch.setattr(serve, "status", status)
 
     def test_returns_once_running(self, monkeypatch):
@@ -181,8 +206,8 @@ class TestStartupWait:
 def test_push_reservation_waits_a_few_predicted_ttfts_within_the_prefill_timeout():
     from serve.orchestrator import push_wait_s
 
-    assert push_wait_s(16.0, 60.0) == pytest.approx(48.0)   # a 4k-token prompt: 16 s of prefill on one core
-    assert push_wait_s(0.5, 60.0) == pytest.approx(1.5)     # short: given up on soon (the connector keeps
-                                                            # at least its read_timeout_s)
-    assert push_wait_s(40.0, 60.0) == 60.0                  # never past the router's own prefill wait
-    assert push_wait_s(None, 60.0) == 60.0                  # admission off: no prediction
+    assert push_wait_s(16.0, 60.0) == pytest.approx(48.0)  # a 4k-token prompt: 16 s of prefill on one core
+    assert push_wait_s(0.5, 60.0) == pytest.approx(1.5)  # short: given up on soon (the connector keeps
+    # at least its read_timeout_s)
+    assert push_wait_s(40.0, 60.0) == 60.0  # never past the router's own prefill wait
+    assert push_wait_s(None, 60.0) == 60.0  # admission off: no prediction

@@ -58,5 +58,6 @@ def test_not_a_pdserve_engine_leaves_vllm_alone(monkeypatch):
 
 def test_registered_as_vllm_general_plugin():
     from importlib.metadata import entry_points
+
     eps = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
     assert eps.get("pdserve") == "workers.vllm_plugin:register"

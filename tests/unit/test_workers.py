@@ -9,9 +9,18 @@ from workers.handoff import NixlHandoff
 from workers.kv_params import KvHandoff
 from workers.messages import WorkerStats
 
-PARAMS = {"do_remote_prefill": True, "do_remote_decode": False, "remote_block_ids": [[4, 5, 6]],
-          "remote_engine_id": "eng", "remote_request_id": "r-1", "remote_host": "127.0.0.1",
-          "remote_port": 5600, "tp_size": 1, "remote_num_tokens": 300, "transfer_mode": "pull"}
+PARAMS = {
+    "do_remote_prefill": True,
+    "do_remote_decode": False,
+    "remote_block_ids": [[4, 5, 6]],
+    "remote_engine_id": "eng",
+    "remote_request_id": "r-1",
+    "remote_host": "127.0.0.1",
+    "remote_port": 5600,
+    "tp_size": 1,
+    "remote_num_tokens": 300,
+    "transfer_mode": "pull",
+}
 
 
 class TestKvHandoff:
@@ -67,7 +76,7 @@ class TestNixlHandoff:
         from workers.handoff import make_handoff
 
         cfg = make_handoff(KvHandoffConfig(backend=backend), "127.0.0.1").kv_transfer_config()
-        assert KVTransferConfig(**cfg).kv_load_failure_policy == "recompute"     # the key vLLM reads
+        assert KVTransferConfig(**cfg).kv_load_failure_policy == "recompute"  # the key vLLM reads
 
     def test_handoff_from_output(self):
         h = NixlHandoff(KvHandoffConfig(), "127.0.0.1", 5603)
@@ -77,35 +86,50 @@ class TestNixlHandoff:
 
 class TestEngineArgs:
     def test_pool_to_engine_kwargs(self):
-        pool = PoolConfig(name="decode", role="decode", device={"kind": "cpu", "cpu_cores": ["1", "0"],
-                                                                "kv_cache_space_gib": 2},
-                          engine={"block_size": 32, "max_num_seqs": 8, "extra": {"seed": 3}})
+        pool = PoolConfig(
+            name="decode",
+            role="decode",
+            device={"kind": "cpu", "cpu_cores": ["1", "0"], "kv_cache_space_gib": 2},
+            engine={"block_size": 32, "max_num_seqs": 8, "extra": {"seed": 3}},
+        )
         spec = EngineSpec(pool=pool, model_path="/m", served_model_name="m", max_model_len=1024, local_rank=1)
         kw = engine_kwargs(spec, {"kv_connector": "X"})
         assert kw["block_size"] == 32 and kw["max_model_len"] == 1024 and kw["seed"] == 3
         assert kw["kv_transfer_config"] == {"kv_connector": "X"} and "gpu_memory_utilization" not in kw
-        assert kw["scheduling_policy"] == "fcfs"          # vLLM's default unless the pool opts in
+        assert kw["scheduling_policy"] == "fcfs"  # vLLM's default unless the pool opts in
         prio = pool.model_copy(update={"engine": pool.engine.model_copy(update={"scheduling_policy": "priority"})})
-        assert engine_kwargs(EngineSpec(pool=prio, model_path="/m", served_model_name="m", max_model_len=64),
-                             None)["scheduling_policy"] == "priority"
-        assert device_env(pool, local_rank=1) == {"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_KVCACHE_SPACE": "2",
-                                                  "PDSERVE_MQ_BUSY_LOOP_S": "0.0", "PDSERVE_MQ_RECHECK_MS": "1",
-                                                  "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 34),
-                                                  "VLLM_USE_AOT_COMPILE": "0"}
+        assert (
+            engine_kwargs(EngineSpec(pool=prio, model_path="/m", served_model_name="m", max_model_len=64), None)[
+                "scheduling_policy"
+            ]
+            == "priority"
+        )
+        assert device_env(pool, local_rank=1) == {
+            "VLLM_CPU_OMP_THREADS_BIND": "0",
+            "VLLM_CPU_KVCACHE_SPACE": "2",
+            "PDSERVE_MQ_BUSY_LOOP_S": "0.0",
+            "PDSERVE_MQ_RECHECK_MS": "1",
+            "MALLOC_MMAP_MAX_": "0",
+            "MALLOC_TRIM_THRESHOLD_": str(1 << 34),
+            "VLLM_USE_AOT_COMPILE": "0",
+        }
         off = pool.model_copy(update={"device": pool.device.model_copy(update={"malloc_reuse": False})})
         assert "MALLOC_MMAP_MAX_" not in device_env(off)
         eager = pool.model_copy(update={"engine": pool.engine.model_copy(update={"enforce_eager": True})})
-        assert "VLLM_USE_AOT_COMPILE" not in device_env(eager)     # nothing compiled, no cache to load
-        assert kw["enforce_eager"] is False                           # compiled unless a pool opts out
+        assert "VLLM_USE_AOT_COMPILE" not in device_env(eager)  # nothing compiled, no cache to load
+        assert kw["enforce_eager"] is False  # compiled unless a pool opts out
 
-    @pytest.mark.parametrize("dtype, kind, flags, want", [
-        ("auto", "cpu", {"avx2", "avx512f", "amx_bf16"}, "bfloat16"),
-        ("auto", "cpu", {"avx2", "avx512_bf16"}, "bfloat16"),
-        ("auto", "cpu", {"avx2", "fma"}, "float32"),              # bf16 would be emulated
-        ("auto", "cpu", set(), "float32"),                        # flags unknown: the safe choice
-        ("auto", "gpu", set(), "auto"),                           # vLLM's own auto: the checkpoint's dtype
-        ("float16", "cpu", {"amx_bf16"}, "float16"),              # an explicit dtype is kept
-    ])
+    @pytest.mark.parametrize(
+        "dtype, kind, flags, want",
+        [
+            ("auto", "cpu", {"avx2", "avx512f", "amx_bf16"}, "bfloat16"),
+            ("auto", "cpu", {"avx2", "avx512_bf16"}, "bfloat16"),
+            ("auto", "cpu", {"avx2", "fma"}, "float32"),  # bf16 would be emulated
+            ("auto", "cpu", set(), "float32"),  # flags unknown: the safe choice
+            ("auto", "gpu", set(), "auto"),  # vLLM's own auto: the checkpoint's dtype
+            ("float16", "cpu", {"amx_bf16"}, "float16"),  # an explicit dtype is kept
+        ],
+    )
     def test_dtype_auto_follows_the_host(self, dtype, kind, flags, want):
         device = {"kind": kind, "count": 1} if kind == "gpu" else {"kind": "cpu"}
         pool = PoolConfig(name="p", role="prefill", device=device, engine={"dtype": dtype})
@@ -176,16 +200,24 @@ class TestStatsCollector:
         c = EngineStatsCollector()
         # what AsyncLLM hands the factory: the config, whose block count the engine core filled in
         c.factory(SimpleNamespace(cache_config=SimpleNamespace(num_gpu_blocks=100, block_size=128)))
-        for usage, itls, ttfts in ((0.1, [0.10, 0.10], [0.5]), (0.1, [0.14, 0.12], [0.4]), (0.5, [0.2, 0.2], [0.3]),
-                                   (0.1, [0.2], []), (0.1, [], [0.3])):
+        for usage, itls, ttfts in (
+            (0.1, [0.10, 0.10], [0.5]),
+            (0.1, [0.14, 0.12], [0.4]),
+            (0.5, [0.2, 0.2], [0.3]),
+            (0.1, [0.2], []),
+            (0.1, [], [0.3]),
+        ):
             it = IterationStats()
             it.inter_token_latencies_iter, it.time_to_first_tokens_iter = itls, ttfts
             c.record(SchedulerStats(kv_cache_usage=usage), it)
         s = c.snapshot("e", "decode", "decode", healthy=True, drain=True)
         assert s.kv_capacity_tokens == 12800
         # (batch, context tokens = usage x 12800, mean step seconds); batch 3 at two contexts stays apart
-        assert s.decode_samples == [(1, 1280, pytest.approx(0.2)), (3, 1280, pytest.approx((0.10 + 0.13) / 2)),
-                                    (3, 6400, pytest.approx(0.2))]
+        assert s.decode_samples == [
+            (1, 1280, pytest.approx(0.2)),
+            (3, 1280, pytest.approx((0.10 + 0.13) / 2)),
+            (3, 6400, pytest.approx(0.2)),
+        ]
         assert c.snapshot("e", "decode", "decode", healthy=True, drain=True).decode_samples == []
 
     def test_prefills_that_shared_a_step_make_one_sample(self):
@@ -194,14 +226,21 @@ class TestStatsCollector:
         from workers.stats import EngineStatsCollector
 
         def done(prompt, cached, prefill_s, generated=1):
-            return FinishedRequestStats(finish_reason=None, num_prompt_tokens=prompt, num_cached_tokens=cached,
-                                        prefill_time=prefill_s, num_generation_tokens=generated)
+            return FinishedRequestStats(
+                finish_reason=None,
+                num_prompt_tokens=prompt,
+                num_cached_tokens=cached,
+                prefill_time=prefill_s,
+                num_generation_tokens=generated,
+            )
 
         c = EngineStatsCollector()
-        steps = [[done(512, 0, 0.6), done(512, 0, 0.6), done(640, 128, 0.59)],   # three prefilled together
-                 [done(300, 0, 0.2)],
-                 [done(256, 0, 0.15, generated=64), done(128, 0, 0.1, generated=9)],  # decoded further
-                 [done(256, 256, 0.01), done(100, 0, 0.0)]]                           # nothing computed
+        steps = [
+            [done(512, 0, 0.6), done(512, 0, 0.6), done(640, 128, 0.59)],  # three prefilled together
+            [done(300, 0, 0.2)],
+            [done(256, 0, 0.15, generated=64), done(128, 0, 0.1, generated=9)],  # decoded further
+            [done(256, 256, 0.01), done(100, 0, 0.0)],
+        ]  # nothing computed
         for finished in steps:
             it = IterationStats()
             it.finished_requests = finished
@@ -225,10 +264,22 @@ class TestStatsCollector:
         from workers.stats import EngineStatsCollector
 
         c = EngineStatsCollector()
-        c._record_connector({"transfer_duration": [0.01, 0.02], "bytes_transferred": [100, 200],
-                             "num_descriptors": [30, 30], "num_failed_transfers": [1]})
-        slab = KVTransferStats(num_handoffs_received=1, num_descriptors=4, raw_bytes=1000, wire_bytes=289,
-                               handoff_s=[0.05], failures={"read_timeout": 2})
+        c._record_connector(
+            {
+                "transfer_duration": [0.01, 0.02],
+                "bytes_transferred": [100, 200],
+                "num_descriptors": [30, 30],
+                "num_failed_transfers": [1],
+            }
+        )
+        slab = KVTransferStats(
+            num_handoffs_received=1,
+            num_descriptors=4,
+            raw_bytes=1000,
+            wire_bytes=289,
+            handoff_s=[0.05],
+            failures={"read_timeout": 2},
+        )
         c._record_connector(slab.to_dict())
         s = c.snapshot("e", "decode", "decode", healthy=True, drain=True)
         assert (s.kv_transfers_total, s.kv_transfer_bytes_total, s.kv_transfer_raw_bytes_total) == (3, 589, 1300)
