@@ -122,6 +122,9 @@ class Ingress:
         )
         # prefix-aware policies: engines' KV events feed their index
         self._kv_events = KvEventFeed(policy.prefix_index) if policy.prefix_index is not None else None
+        self.metrics.watch_prefix_index(
+            self._orch.prefix_index_blocks, lambda: self._kv_events.events_applied if self._kv_events else 0
+        )
         self._monitor = PoolMonitor(
             pools,
             self._directory,
@@ -174,14 +177,10 @@ class Ingress:
         live = {e.endpoint_id for e in self._directory.snapshot().endpoints if e.healthy}
         for endpoint in self._orch.forget_replicas(live):
             logger.info("replica %s is gone or unhealthy: dropped from the prefix index", endpoint)
-        self.metrics.prefix_index_blocks.clear()
-        for endpoint, n in self._orch.prefix_index_blocks().items():
-            self.metrics.prefix_index_blocks.labels(endpoint).set(n)
         if self._kv_events is not None:
             self._kv_events.sync(
                 {s.endpoint_id: s.kv_events_endpoint for s in stats if s.healthy and s.kv_events_endpoint}
             )
-        self.metrics.kv_events_applied.set(self._kv_events.events_applied if self._kv_events else 0)
         if (
             self._warmup is None
             and self._cfg.router.admission.warmup_prompt_tokens

@@ -6,9 +6,9 @@ counters) are exported from the latest ``WorkerStats`` of every replica at scrap
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from workers.messages import WorkerStats
@@ -37,6 +37,26 @@ _LATENCY_BUCKETS_S = (
     80.0,
 )
 _HANDOFF_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class _PrefixIndexCollector:
+    def __init__(self, blocks: Callable[[], Mapping[str, int]], kv_events: Callable[[], int]) -> None:
+        self._blocks, self._kv_events = blocks, kv_events
+
+    def collect(self):
+        g = GaugeMetricFamily(
+            "pdserve_prefix_index_blocks",
+            "KV blocks the router's prefix index places on each replica (replicas that are gone are dropped)",
+            labels=["endpoint"],
+        )
+        for endpoint, n in self._blocks().items():
+            g.add_metric([endpoint], n)
+        yield g
+        yield GaugeMetricFamily(
+            "pdserve_prefix_index_kv_events",
+            "Engine KV cache events applied to the router's prefix index (since start)",
+            value=self._kv_events(),
+        )
 
 
 class _WorkerStatsCollector:
@@ -128,17 +148,6 @@ class ClusterMetrics:
         self.throttled = Counter(
             "pdserve_admission_throttled", "Requests admitted with throttling", ["tier", "action"], registry=r
         )
-        self.kv_events_applied = Gauge(
-            "pdserve_prefix_index_kv_events",
-            "Engine KV cache events applied to the router's prefix index (since start)",
-            registry=r,
-        )
-        self.prefix_index_blocks = Gauge(
-            "pdserve_prefix_index_blocks",
-            "KV blocks the router's prefix index places on each replica (replicas that are gone are dropped)",
-            ["endpoint"],
-            registry=r,
-        )
         self.routed_prompt_tokens = Counter(
             "pdserve_routed_prompt_tokens", "Prompt tokens of routed requests", registry=r
         )
@@ -189,6 +198,10 @@ class ClusterMetrics:
         self.prompt_tokens = Counter("pdserve_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.completion_tokens = Counter("pdserve_completion_tokens", "Tokens returned to clients", registry=r)
         r.register(_WorkerStatsCollector(worker_stats_source))
+
+    def watch_prefix_index(self, blocks: Callable[[], Mapping[str, int]], kv_events: Callable[[], int]) -> None:
+        """Export the router's prefix index as it is at scrape time: blocks per replica and KV events applied."""
+        self.registry.register(_PrefixIndexCollector(blocks, kv_events))
 
     def observe_handoff_durations(self, durations_s: Iterable[float]) -> None:
         for d in durations_s:

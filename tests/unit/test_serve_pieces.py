@@ -154,6 +154,23 @@ def test_integration_scrape_parses_the_rendered_exposition():
     assert metric_sum(samples, "pdserve_prefill_fallbacks_total", reason="decode_retry") == 2.0
 
 
+def test_prefix_index_metrics_are_read_at_scrape_time():
+    from tests.integration.cluster_utils import metric_sum, parse_samples
+
+    blocks, events = {"d1": 3, "d2": 5}, [7]
+    m = ClusterMetrics(lambda: [])
+    m.watch_prefix_index(lambda: blocks, lambda: events[0])
+    samples = parse_samples(m.render().decode())
+    assert metric_sum(samples, "pdserve_prefix_index_blocks", endpoint="d2") == 5
+    assert metric_sum(samples, "pdserve_prefix_index_kv_events") == 7
+    del blocks["d2"]  # a replica the index forgot is gone from the next scrape
+    events[0] = 9
+    samples = parse_samples(m.render().decode())
+    assert metric_sum(samples, "pdserve_prefix_index_blocks") == 3
+    assert metric_sum(samples, "pdserve_prefix_index_blocks", endpoint="d2") == 0
+    assert metric_sum(samples, "pdserve_prefix_index_kv_events") == 9
+
+
 class TestStartupWait:
     """serve/runner.wait_app_running over a FAKE ``serve.status()`` (scripted application states)."""
 
