@@ -43,11 +43,16 @@ from typing import Any
 
 import torch
 
-from kvtransfer.config import UCX_MT_MUTEX_ENV
+from kvtransfer.config import UCX_MT_MUTEX_ENV, UCX_TLS_ENV
 from kvtransfer.ports import free_port
 from kvtransfer.stats import percentile
 from loadtests.kv.kv_harness import EngineProcess
-from workers.engine_env import MALLOC_REUSE_ENV
+from workers.engine_env import (
+    KV_CACHE_HUGE_PAGES_ENV,
+    MALLOC_REUSE_ENV,
+    MQ_BUSY_LOOP_ENV,
+    NIXL_PROGRESS_DELAY_ENV,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 BLOCK_SIZE = 32
@@ -93,18 +98,18 @@ def _start_pair(kind: str, model: str, max_model_len: int, logdir: Path) -> tupl
         env = {
             "VLLM_CPU_OMP_THREADS_BIND": core,
             "VLLM_CPU_KVCACHE_SPACE": "2",
-            "UCX_TLS": "tcp,self,sm",
+            UCX_TLS_ENV: "tcp,self,sm",
             "PYTHONPATH": str(REPO),
             "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
             "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
-            "PDSERVE_NIXL_PROGRESS_DELAY_US": "1000",
+            NIXL_PROGRESS_DELAY_ENV: "1000",
             UCX_MT_MUTEX_ENV: "y",
-            "PDSERVE_KV_CACHE_HUGE_PAGES": "1",
-            "PDSERVE_MQ_BUSY_LOOP_S": "0",
+            KV_CACHE_HUGE_PAGES_ENV: "1",
+            MQ_BUSY_LOOP_ENV: "0",
             **MALLOC_REUSE_ENV,
         }  # as the cluster's CPU engines
         if kind == "nixl-stock":  # vLLM's UCX spinlock and KV caches on 4 KiB pages
-            env.update({UCX_MT_MUTEX_ENV: "n", "PDSERVE_KV_CACHE_HUGE_PAGES": "0"})
+            env.update({UCX_MT_MUTEX_ENV: "n", KV_CACHE_HUGE_PAGES_ENV: "0"})
         opts = {
             "name": f"{kind}-{role}",
             "model": model,

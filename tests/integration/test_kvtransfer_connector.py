@@ -25,11 +25,13 @@ import time
 
 import pytest
 
+from kvtransfer.config import UCX_TLS_ENV
 from kvtransfer.ports import free_port
 from loadtests.kv.kv_harness import EngineProcess
 from loadtests.kv.kv_int4_study import TEST_PROMPTS
 from tests.conftest import REPO
 from tests.integration.cluster_utils import wait_for
+from workers.engine_env import MQ_BUSY_LOOP_ENV
 
 pytestmark = pytest.mark.integration
 
@@ -72,10 +74,10 @@ def _env(core: str) -> dict[str, str]:
     return {
         "VLLM_CPU_OMP_THREADS_BIND": core,
         "VLLM_CPU_KVCACHE_SPACE": "1",
-        "UCX_TLS": "tcp,self,sm",
+        UCX_TLS_ENV: "tcp,self,sm",
         "PYTHONPATH": str(REPO),
         "TOKENIZERS_PARALLELISM": "false",
-        "PDSERVE_MQ_BUSY_LOOP_S": "0",
+        MQ_BUSY_LOOP_ENV: "0",
     }  # the cluster's engine setting (workers/vllm_plugin.py)
 
 
