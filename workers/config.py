@@ -232,7 +232,8 @@ class KvHandoffConfig(_Strict):
         True,
         description="UCX_USE_MT_MUTEX: UCX locks its workers with a mutex, not a "
         "spinlock, so NIXL's progress thread sleeps instead of spinning on the engine's "
-        "core while the engine READs (2x faster same-host READs here); false = UCX default",
+        "core while the engine READs (same-host READs measured 2x faster on a 2-core VM, loadtests/results/"
+        "README.md); false = UCX default",
     )
     slab_mode: Literal["pull", "push"] = Field(
         "pull",

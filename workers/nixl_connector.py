@@ -79,7 +79,7 @@ class QuietNixlConnector(NixlConnector):
     It also undoes a CPU-only side effect of vLLM's NIXL worker: to "reserve a core for KV loads" it
     calls ``os.sched_setaffinity(0, <last core of each NUMA node>)`` from the thread that builds the
     connector, which is the engine's model-forward (OpenMP master) thread. Every engine on a node then
-    computes on the same last core, whatever ``VLLM_CPU_OMP_THREADS_BIND`` says (measured here: the
+    computes on the same last core, whatever ``VLLM_CPU_OMP_THREADS_BIND`` says (measured on a 2-core VM: the
     prefill engine bound to core 0 ran on core 1, next to the decode engine). The thread's mask from
     before construction is restored.
 
