@@ -1,0 +1,202 @@
+"""API keys, tenant and tier binding, per-key rate limits and the body limit on a real cluster (auth on,
+keys from a file). One cluster for the module."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from tests.integration.cluster_utils import (
+    cluster_config,
+    free_port,
+    metric_sum,
+    running_cluster,
+    settled_scrape,
+)
+
+pytestmark = pytest.mark.integration
+
+MODEL = "SmolLM2-135M-Instruct"
+FREE_ACME = "sk-test-free-acme-0001"  # tenant acme, at most free
+PREMIUM_ACME = "sk-test-premium-acme-0002"  # tenant acme, at most premium
+PREMIUM_GLOBEX = "sk-test-premium-globex-0003"  # tenant globex
+LIMITED = "sk-test-limited-0004"  # 2 requests of burst, then one per 10 s
+KEYS = [
+    {"key": FREE_ACME, "tenant": "acme", "max_tier": "free"},
+    {"key": PREMIUM_ACME, "tenant": "acme", "max_tier": "premium"},
+    {"key": PREMIUM_GLOBEX, "tenant": "globex", "max_tier": "premium"},
+    {"key": LIMITED, "tenant": "slow", "max_tier": "free", "limits": {"requests_per_s": 0.1, "request_burst": 2}},
+]
+# > 4 blocks of 128 tokens, the same for every tenant
+SYSTEM = "You are a careful assistant for a library. " + " ".join(
+    f"Rule {i}: aisle {i % 7} holds only books about {['birds', 'ships', 'stars'][i % 3]}." for i in range(48)
+)
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _chat(url: str, key: str | None, content: str = "Say hi.", headers: dict | None = None, **kw) -> httpx.Response:
+    body = {"model": MODEL, "max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": content}]}
+    body.update(kw)
+    h = {**(_auth(key) if key else {}), **(headers or {})}
+    return httpx.post(f"{url}/v1/chat/completions", json=body, headers=h, timeout=120)
+
+
+def _assert_openai_error(r: httpx.Response, status: int, code: str) -> dict:
+    assert r.status_code == status, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == code, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    keys_file = tmp_path_factory.mktemp("keys") / "keys.json"
+    keys_file.write_text(json.dumps(KEYS))
+    cfg = cluster_config(free_port(), placement={"local_prefill_max_tokens": 0, "local_prefill_min_hit_ratio": 1.0})
+    data = cfg.model_dump(mode="json")
+    data["server"]["auth"] = {"keys_file": str(keys_file)}
+    data["router"]["admission"]["warmup_prompt_tokens"] = []
+    with running_cluster(type(cfg).from_dict(data)) as c:
+        yield c
+
+
+def _ingress_rss() -> int:
+    """RSS (bytes) of this test's ingress replica: a descendant of the Ray this test process started."""
+    procs = [
+        p for p in psutil.Process().children(recursive=True) if "ingress" in " ".join(p.cmdline()) and p.is_running()
+    ]
+    assert len(procs) == 1, [p.cmdline() for p in procs]
+    return procs[0].memory_info().rss
+
+
+class TestKeys:
+    def test_missing_or_wrong_key_is_401_and_health_stays_open(self, cluster):
+        url = cluster.base_url
+        for headers in ({}, _auth("sk-not-a-key-at-all"), {"Authorization": FREE_ACME}):
+            r = httpx.post(
+                f"{url}/v1/chat/completions",
+                json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+                headers=headers,
+                timeout=30,
+            )
+            err = _assert_openai_error(r, 401, "invalid_api_key")
+            assert "sk-test" not in err["message"]
+        _assert_openai_error(httpx.get(f"{url}/v1/models", timeout=10), 401, "invalid_api_key")
+        assert httpx.get(f"{url}/v1/models", headers=_auth(FREE_ACME), timeout=10).status_code == 200
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+
+    def test_free_key_asking_for_premium_runs_as_free(self, cluster):
+        url = cluster.base_url
+        before = settled_scrape(url)
+        r = _chat(url, FREE_ACME, headers={"x-customer-tier": "premium"})
+        assert r.status_code == 200, r.text
+        after = settled_scrape(url)
+
+        def admitted(tier):
+            return metric_sum(after, "pdserve_admitted_requests_total", tier=tier) - metric_sum(
+                before, "pdserve_admitted_requests_total", tier=tier
+            )
+
+        assert (admitted("free"), admitted("premium")) == (1, 0)
+        # a premium key may lower its tier
+        before = after
+        assert _chat(url, PREMIUM_ACME, headers={"x-customer-tier": "standard"}).status_code == 200
+        after = settled_scrape(url)
+        assert (admitted("standard"), admitted("premium")) == (1, 0)
+
+    def test_another_tenant_header_is_403(self, cluster):
+        r = _chat(cluster.base_url, FREE_ACME, headers={"x-tenant-id": "globex"})
+        _assert_openai_error(r, 403, "tenant_mismatch")
+        assert _chat(cluster.base_url, FREE_ACME, headers={"x-tenant-id": "acme"}).status_code == 200
+
+    def test_prefix_cache_is_shared_within_a_tenant_only(self, cluster):
+        url = cluster.base_url
+
+        def cached_after(key: str, question: str) -> float:
+            before = settled_scrape(url)
+            body = {"model": MODEL, "max_tokens": 2, "temperature": 0, "user": "someone-else"}
+            body["messages"] = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+            r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=_auth(key), timeout=120)
+            assert r.status_code == 200, r.text
+            after = settled_scrape(url)
+            src = {"pool": "prefill", "source": "local_cache_hit"}
+            return metric_sum(after, "pdserve_engine_prompt_tokens_total", **src) - metric_sum(
+                before, "pdserve_engine_prompt_tokens_total", **src
+            )
+
+        assert cached_after(FREE_ACME, "Where are bird books?") == 0  # first of tenant acme
+        # another tenant, same prompt, and the body's 'user' is no tenant with a key: no hit
+        assert cached_after(PREMIUM_GLOBEX, "Where are bird books?") == 0
+        # acme's other key hits acme's blocks
+        assert cached_after(PREMIUM_ACME, "Where are ship books?") >= 4 * 128
+
+
+class TestLimits:
+    def test_rate_limit_trips_with_retry_after_and_openai_headers(self, cluster):
+        url = cluster.base_url
+        first = _chat(url, LIMITED)
+        assert first.status_code == 200, first.text
+        assert first.headers["x-ratelimit-limit-requests"] == "2"
+        assert first.headers["x-ratelimit-remaining-requests"] == "1"
+        assert _chat(url, LIMITED).status_code == 200
+        r = _chat(url, LIMITED)
+        err = _assert_openai_error(r, 429, "rate_limit_exceeded")
+        assert "requests" in err["message"]
+        assert 1 <= int(r.headers["Retry-After"]) <= 10
+        assert r.headers["x-ratelimit-remaining-requests"] == "0"
+        # other keys are not limited by it
+        assert _chat(url, FREE_ACME).status_code == 200
+
+    def test_2mib_body_is_413_before_parsing_without_ingress_growth(self, cluster):
+        url = cluster.base_url
+        big = b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": "' + b"a" * (2 << 20)
+        big += b'"}]}'
+        rss0 = _ingress_rss()
+        for _ in range(5):
+            t0 = time.monotonic()
+            r = httpx.post(
+                f"{url}/v1/chat/completions",
+                content=big,
+                headers={**_auth(FREE_ACME), "content-type": "application/json"},
+                timeout=60,
+            )
+            _assert_openai_error(r, 413, "request_too_large")
+            assert time.monotonic() - t0 < 10
+        # chunked (no Content-Length): cut off while reading
+        chunks = (big[i : i + 65536] for i in range(0, len(big), 65536))
+        r = httpx.post(f"{url}/v1/chat/completions", content=chunks, headers=_auth(FREE_ACME), timeout=60)
+        _assert_openai_error(r, 413, "request_too_large")
+        grown = _ingress_rss() - rss0
+        assert grown < 8 << 20, f"ingress grew {grown / 2**20:.1f} MiB"
+
+
+class TestOpenAIClient:
+    def test_openai_client_with_a_key_streaming_and_not(self, cluster):
+        client = openai.OpenAI(base_url=f"{cluster.base_url}/v1", api_key=PREMIUM_GLOBEX, max_retries=0, timeout=120)
+        out = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Count to three."}], max_tokens=8, temperature=0
+        )
+        assert out.choices[0].message.content and out.usage.completion_tokens > 0
+        chunks = list(
+            client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "Count to three."}],
+                max_tokens=8,
+                temperature=0,
+                stream=True,
+            )
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == out.choices[0].message.content
+        assert [m.id for m in client.models.list().data] == [MODEL]
+        bad = openai.OpenAI(base_url=f"{cluster.base_url}/v1", api_key="sk-wrong", max_retries=0, timeout=30)
+        with pytest.raises(openai.AuthenticationError) as e:
+            bad.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert e.value.code == "invalid_api_key"
