@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -28,6 +29,7 @@ from serve.config import ClusterConfig
 from serve.gate import Gate, read_limited
 from serve.kv_events import KvEventFeed
 from serve.metrics import ClusterMetrics
+from serve.openapi import build_openapi
 from serve.orchestrator import Orchestrator
 from serve.pool_monitor import PoolMonitor
 from serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest
@@ -38,6 +40,7 @@ logger = logging.getLogger(__name__)
 WARMUP_TIMEOUT_S = 120.0
 
 app = FastAPI(title="pdserve", description="Disaggregated prefill/decode OpenAI-compatible endpoint")
+app.openapi = functools.partial(build_openapi, app)
 
 
 def _internal_error(e: Exception) -> ApiError:

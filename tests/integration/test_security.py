@@ -11,6 +11,7 @@ import openai
 import psutil
 import pytest
 
+from loadtests.fuzz import fuzz
 from tests.integration.cluster_utils import (
     cluster_config,
     free_port,
@@ -26,11 +27,13 @@ FREE_ACME = "sk-test-free-acme-0001"  # tenant acme, at most free
 PREMIUM_ACME = "sk-test-premium-acme-0002"  # tenant acme, at most premium
 PREMIUM_GLOBEX = "sk-test-premium-globex-0003"  # tenant globex
 LIMITED = "sk-test-limited-0004"  # 2 requests of burst, then one per 10 s
+FUZZ = "sk-test-fuzz-0005"
 KEYS = [
     {"key": FREE_ACME, "tenant": "acme", "max_tier": "free"},
     {"key": PREMIUM_ACME, "tenant": "acme", "max_tier": "premium"},
     {"key": PREMIUM_GLOBEX, "tenant": "globex", "max_tier": "premium"},
     {"key": LIMITED, "tenant": "slow", "max_tier": "free", "limits": {"requests_per_s": 0.1, "request_burst": 2}},
+    {"key": FUZZ, "tenant": "fuzz", "max_tier": "premium"},
 ]
 # > 4 blocks of 128 tokens, the same for every tenant
 SYSTEM = "You are a careful assistant for a library. " + " ".join(
@@ -200,3 +203,14 @@ class TestOpenAIClient:
         with pytest.raises(openai.AuthenticationError) as e:
             bad.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
         assert e.value.code == "invalid_api_key"
+
+
+class TestFuzz:
+    def test_schema_fuzz_has_no_5xx_and_every_4xx_is_openai_shaped(self, cluster):
+        doc = httpx.get(f"{cluster.base_url}/openapi.json", timeout=10).json()
+        assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"} <= set(doc["paths"])
+        report = fuzz(cluster.base_url, {"none": {}, "key": _auth(FUZZ)}, examples=40, seed=20)
+        print(json.dumps({"requests": report.requests, "by_status": report.by_status, "s": report.duration_s}))
+        assert report.requests >= 300 and report.findings == [], report.findings[:3]
+        assert report.by_status.get("401", 0) > 0 and report.by_status.get("400", 0) > 0
+        assert report.server_errors == 0
