@@ -34,6 +34,7 @@ class ApiKeyEntry(BaseModel):
     tenant: str = Field(..., min_length=1, description="prefix-cache tenant of every request with this key")
     max_tier: str = Field(..., min_length=1, description="highest QoS tier; the tier header may only lower it")
     limits: KeyLimits | None = Field(None, description="this key's limits (over its tier's)")
+    admin: bool = Field(False, description="may use the admin routes (POST /admin/drain)")
 
     @model_validator(mode="after")
     def _one_key(self) -> ApiKeyEntry:
@@ -56,6 +57,7 @@ class Principal:
     tenant: str
     max_tier: str
     limits: KeyLimits
+    admin: bool = False
 
 
 def hash_key(key: str) -> str:
@@ -103,7 +105,9 @@ def hashed_keys(entries: list[ApiKeyEntry], tiers: Mapping[str, int]) -> list[di
         if e.max_tier not in tiers:
             raise ConfigError(f"server.auth keys: max_tier {e.max_tier!r} is not one of {sorted(tiers)}")
         limits = e.limits.model_dump() if e.limits else None
-        out.append({"sha256": e.digest(), "tenant": e.tenant, "max_tier": e.max_tier, "limits": limits})
+        out.append(
+            {"sha256": e.digest(), "tenant": e.tenant, "max_tier": e.max_tier, "limits": limits, "admin": e.admin}
+        )
     if len({k["sha256"] for k in out}) != len(out):
         raise ConfigError("server.auth keys: the same key is listed twice")
     return out
@@ -126,7 +130,7 @@ class KeyStore:
         for k in keys:
             own = KeyLimits(**k["limits"]) if k.get("limits") else KeyLimits()
             limits = own.over(tier_limits.get(k["max_tier"]))
-            p = Principal(k["sha256"][:12], k["tenant"], k["max_tier"], limits)
+            p = Principal(k["sha256"][:12], k["tenant"], k["max_tier"], limits, bool(k.get("admin")))
             self._keys.append((bytes.fromhex(k["sha256"]), p))
 
     def __len__(self) -> int:

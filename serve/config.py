@@ -105,6 +105,9 @@ class ServerConfig(_Strict):
     graceful_shutdown_timeout_s: float = Field(
         30.0, gt=0, description="a replica Serve stops (scale-in, shutdown) finishes in-flight requests this long"
     )
+    drain_grace_s: float = Field(
+        30.0, gt=0, description="on SIGTERM, in-flight requests get this long to finish before the cluster stops"
+    )
     auth: AuthConfig = Field(default_factory=AuthConfig)
 
 

@@ -44,6 +44,12 @@ class Gate:
         """The key's principal (401 when it is missing or wrong); None when auth is off."""
         return self._store.authenticate(authorization) if self.enabled else None
 
+    def authenticate_admin(self, authorization: str | None) -> None:
+        """Admin routes: with auth on, a key marked ``admin`` (401 for a wrong key, 403 for another key)."""
+        p = self.authenticate(authorization)
+        if p is not None and not p.admin:
+            raise ApiError(403, "This API key may not use admin routes.", type_="permission_error", code="not_admin")
+
     def identity(self, p: Principal | None, tier: str | None, tenant: str | None) -> tuple[str | None, str | None]:
         """(tier, tenant) a request runs as. ``tier`` is the (validated) tier it asks for or None. With a
         key: at most the key's tier, and the key's tenant (403 for another one); without auth: as asked."""

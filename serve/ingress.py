@@ -118,6 +118,8 @@ class Ingress:
             share_prefix_across_tenants=r.placement.share_prefix_across_tenants,
         )
         self._gate = Gate(self._cfg.server.auth, api_keys or [], {n: t.priority for n, t in r.qos_tiers.items()})
+        self._draining = False
+        self._active = 0  # generation requests admitted and not finished
         self._monitor: PoolMonitor | None = None
         self.metrics = ClusterMetrics(lambda: self._monitor.stats() if self._monitor else [])
         policy = build_policy(r, block_size)
@@ -247,14 +249,43 @@ class Ingress:
             for role in {p["role"] for p in pools.values()}
         )
         warming = bool(self._cfg.router.admission.warmup_prompt_tokens) and not (self._warmup and self._warmup.done())
-        status = "unavailable" if not ok else "warming_up" if warming else "ok"
+        status = "draining" if self._draining else "unavailable" if not ok else "warming_up" if warming else "ok"
         return {"status": status, "model": self._cfg.model.name, "pools": pools}
+
+    # -- drain ----------------------------------------------------------------------------------
+    @app.post("/admin/drain")
+    async def drain_route(self, request: Request) -> JSONResponse:
+        self._gate.authenticate_admin(request.headers.get("authorization"))
+        return JSONResponse(self.drain())
+
+    def drain(self) -> dict[str, Any]:
+        """Stop admitting generation requests (503 ``draining``, /health ``draining``); the ones in flight
+        go on. Also called by ``pdserve serve`` on SIGTERM, through a Serve handle."""
+        if not self._draining:
+            logger.warning("draining: no new requests; %d in flight", self._active)
+        self._draining = True
+        return self.drain_status()
+
+    def drain_status(self) -> dict[str, Any]:
+        return {"status": "draining" if self._draining else "serving", "in_flight": self._active}
+
+    def _release(self, who) -> None:
+        self._active -= 1
+        self._gate.release(who)
 
     async def _handle(self, request: Request, kind: str, model_cls: type) -> Response:
         self._monitor.ensure_started()
         t0 = time.monotonic()
         headers = request.headers
         try:
+            if self._draining:
+                raise ApiError(
+                    503,
+                    "The server is draining and takes no new requests.",
+                    type_="server_error",
+                    code="draining",
+                    retry_after_s=self._cfg.server.drain_grace_s,
+                )
             who = self._gate.authenticate(headers.get("authorization"))
             raw = await read_limited(headers.get("content-length"), request.stream(), self._cfg.server.max_body_bytes)
             body = parse_body(raw, model_cls)
@@ -270,6 +301,7 @@ class Ingress:
         except ApiError as e:
             self.metrics.requests.labels(kind, str(e.status_code)).inc()
             raise
+        self._active += 1
         try:
             self.metrics.prompt_tokens.inc(parsed.job.desc.num_prompt_tokens)
             if body.stream:
@@ -277,17 +309,17 @@ class Ingress:
                 # surface routing errors (503/429) as an HTTP status, not inside a 200 stream
                 first = await stream.__anext__()
                 return StreamingResponse(
-                    _prepend(first, stream, on_end=lambda: self._gate.release(who)),
+                    _prepend(first, stream, on_end=lambda: self._release(who)),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Request-Id": parsed.response_id, **limit_headers},
                 )
         except BaseException:
-            self._gate.release(who)
+            self._release(who)
             raise
         try:
             return await self._complete(parsed, t0, limit_headers)
         finally:
-            self._gate.release(who)
+            self._release(who)
 
     async def _complete(self, p: ParsedRequest, t0: float, headers: dict[str, str] | None = None) -> JSONResponse:
         parts: list[str] = []

@@ -17,7 +17,7 @@ BODIES = {"/v1/chat/completions": "ChatCompletionRequest", "/v1/completions": "C
 _ERRORS = {
     "400": "invalid request (body, parameter, unknown tier, request above the key's token limit)",
     "401": "missing or wrong API key (auth on)",
-    "403": "the tenant header names another tenant than the key's",
+    "403": "the tenant header names another tenant than the key's, or an admin route without an admin key",
     "404": "unknown model or route",
     "405": "method not allowed",
     "413": "request body above server.max_body_bytes",
@@ -76,6 +76,8 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
                     "content": {"application/json": {"schema": {"type": "object"}}},
                 }
                 codes = ("405",)
+            elif path.startswith("/admin/"):
+                codes = ("401", "403", "405")
             else:
                 codes = ("401", "405")
             for c in codes:

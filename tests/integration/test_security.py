@@ -1,24 +1,27 @@
-"""API keys, tenant and tier binding, per-key rate limits and the body limit on a real cluster (auth on,
-keys from a file). One cluster for the module."""
+"""API keys, tenant and tier binding, per-key rate limits, the body limit, the OpenAPI document (fuzzed)
+and the SIGTERM drain on a real cluster: one ``pdserve serve`` process for the module (auth on, keys
+from a file), stopped by the drain test, which runs last."""
 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import threading
 import time
+from types import SimpleNamespace
 
 import httpx
 import openai
 import psutil
 import pytest
+import yaml
 
+from loadtests.client import SSE_DONE, sse_data
 from loadtests.fuzz import fuzz
-from tests.integration.cluster_utils import (
-    cluster_config,
-    free_port,
-    metric_sum,
-    running_cluster,
-    settled_scrape,
-)
+from tests.conftest import REPO
+from tests.integration.cluster_utils import cluster_config, free_port, health, metric_sum, settled_scrape
 
 pytestmark = pytest.mark.integration
 
@@ -28,12 +31,15 @@ PREMIUM_ACME = "sk-test-premium-acme-0002"  # tenant acme, at most premium
 PREMIUM_GLOBEX = "sk-test-premium-globex-0003"  # tenant globex
 LIMITED = "sk-test-limited-0004"  # 2 requests of burst, then one per 10 s
 FUZZ = "sk-test-fuzz-0005"
+ADMIN = "sk-test-admin-0006"
+DRAIN_GRACE_S = 60.0
 KEYS = [
     {"key": FREE_ACME, "tenant": "acme", "max_tier": "free"},
     {"key": PREMIUM_ACME, "tenant": "acme", "max_tier": "premium"},
     {"key": PREMIUM_GLOBEX, "tenant": "globex", "max_tier": "premium"},
     {"key": LIMITED, "tenant": "slow", "max_tier": "free", "limits": {"requests_per_s": 0.1, "request_burst": 2}},
     {"key": FUZZ, "tenant": "fuzz", "max_tier": "premium"},
+    {"key": ADMIN, "tenant": "ops", "max_tier": "free", "admin": True},
 ]
 # > 4 blocks of 128 tokens, the same for every tenant
 SYSTEM = "You are a careful assistant for a library. " + " ".join(
@@ -61,21 +67,47 @@ def _assert_openai_error(r: httpx.Response, status: int, code: str) -> dict:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    keys_file = tmp_path_factory.mktemp("keys") / "keys.json"
-    keys_file.write_text(json.dumps(KEYS))
-    cfg = cluster_config(free_port(), placement={"local_prefill_max_tokens": 0, "local_prefill_min_hit_ratio": 1.0})
+    """``pdserve serve`` with auth on (keys from a file), as a user runs it; always stopped on the way out."""
+    tmp = tmp_path_factory.mktemp("security")
+    (tmp / "keys.json").write_text(json.dumps(KEYS))
+    port = free_port()
+    cfg = cluster_config(port, placement={"local_prefill_max_tokens": 0, "local_prefill_min_hit_ratio": 1.0})
     data = cfg.model_dump(mode="json")
-    data["server"]["auth"] = {"keys_file": str(keys_file)}
+    data["server"].update(auth={"keys_file": str(tmp / "keys.json")}, drain_grace_s=DRAIN_GRACE_S)
     data["router"]["admission"]["warmup_prompt_tokens"] = []
-    with running_cluster(type(cfg).from_dict(data)) as c:
-        yield c
+    (tmp / "cluster.yaml").write_text(yaml.safe_dump(data))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serve.cli", "serve", str(tmp / "cluster.yaml")],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()  # keep draining: a full pipe would block the server
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            if any(line.startswith("[pdserve] ready in") for line in list(lines)):
+                break
+            time.sleep(0.5)
+        assert any(line.startswith("[pdserve] ready in") for line in lines), "".join(lines[-40:])
+        yield SimpleNamespace(base_url=f"http://127.0.0.1:{port}", proc=proc, lines=lines)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=180)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=30)
 
 
 def _ingress_rss() -> int:
     """RSS (bytes) of this test's ingress replica: a descendant of the Ray this test process started."""
-    procs = [
-        p for p in psutil.Process().children(recursive=True) if "ingress" in " ".join(p.cmdline()) and p.is_running()
-    ]
+    procs = [p for p in psutil.Process().children(recursive=True) if "ServeReplica" in " ".join(p.cmdline())]
+    procs = [p for p in procs if "ingress" in " ".join(p.cmdline())]
     assert len(procs) == 1, [p.cmdline() for p in procs]
     return procs[0].memory_info().rss
 
@@ -214,3 +246,86 @@ class TestFuzz:
         assert report.requests >= 300 and report.findings == [], report.findings[:3]
         assert report.by_status.get("401", 0) > 0 and report.by_status.get("400", 0) > 0
         assert report.server_errors == 0
+
+
+def _stream(url: str, max_tokens: int, out: dict) -> None:
+    """One streamed chat (usage included) into ``out``: status, first-token flag, finish, usage, [DONE]."""
+    body = {
+        "model": MODEL,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse."}],
+    }
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=_auth(FUZZ), timeout=180) as r:
+        out["status"] = r.status_code
+        for line in r.iter_lines():
+            data = sse_data(line)
+            if data is None:
+                continue
+            if data == SSE_DONE:
+                out["done"] = True
+                continue
+            chunk = json.loads(data)
+            for c in chunk.get("choices", []):
+                if c["delta"].get("content"):
+                    out["first_token"] = True
+                out["finish"] = c.get("finish_reason") or out.get("finish")
+            if chunk.get("usage"):
+                out["completion_tokens"] = chunk["usage"]["completion_tokens"]
+
+
+class TestZDrain:
+    """Runs last: it stops the module's cluster."""
+
+    def test_admin_drain_needs_an_admin_key(self, cluster):
+        url = cluster.base_url
+        _assert_openai_error(httpx.post(f"{url}/admin/drain", timeout=10), 401, "invalid_api_key")
+        _assert_openai_error(httpx.post(f"{url}/admin/drain", headers=_auth(FUZZ), timeout=10), 403, "not_admin")
+
+    def test_sigterm_lets_8_streams_finish_refuses_new_ones_and_exits(self, cluster):
+        url, n, max_tokens = cluster.base_url, 8, 96
+        outs = [{} for _ in range(n)]
+        threads = [threading.Thread(target=_stream, args=(url, max_tokens, o), daemon=True) for o in outs]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not all(o.get("first_token") for o in outs):
+            time.sleep(0.1)
+        assert all(o.get("first_token") for o in outs), outs
+        t_sig = time.monotonic()
+        cluster.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and health(url).get("status") != "draining":
+            time.sleep(0.1)
+        assert health(url)["status"] == "draining"
+        refused = _chat(url, FUZZ)
+        _assert_openai_error(refused, 503, "draining")
+        assert int(refused.headers["Retry-After"]) >= 1
+        still_streaming = sum(t.is_alive() for t in threads)
+        for t in threads:
+            t.join(timeout=DRAIN_GRACE_S)
+        drained_s = time.monotonic() - t_sig
+        assert [(o.get("status"), o.get("finish"), o.get("completion_tokens"), o.get("done")) for o in outs] == [
+            (200, "length", max_tokens, True)
+        ] * n
+        cluster.proc.wait(timeout=DRAIN_GRACE_S + 120)
+        exit_s = time.monotonic() - t_sig
+        print(
+            json.dumps(
+                {
+                    "streams": n,
+                    "streaming_at_refusal": still_streaming,
+                    "drained_s": round(drained_s, 1),
+                    "exit_s": round(exit_s, 1),
+                    "log": [x.strip() for x in cluster.lines if "drain" in x],
+                }
+            )
+        )
+        assert cluster.proc.returncode == 0, "".join(cluster.lines[-40:])
+        assert still_streaming >= 1  # the refusal came while streams were still running
+        assert drained_s < DRAIN_GRACE_S
+        drained = [x for x in cluster.lines if x.startswith("[pdserve] drained in")]
+        assert drained and f"{n} of {n} in-flight requests finished" in drained[0], cluster.lines[-20:]

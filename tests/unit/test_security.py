@@ -120,6 +120,21 @@ class TestGate:
             g.identity(p, None, "globex")
         assert (e.value.status_code, e.value.code) == (403, "tenant_mismatch")
 
+    def test_admin_routes_need_an_admin_key(self):
+        keys = _keys(
+            {"key": KEY_A, "tenant": "acme", "max_tier": "free"},
+            {"key": KEY_B, "tenant": "ops", "max_tier": "free", "admin": True},
+        )
+        g = Gate(AuthConfig(keys_env="K"), keys, TIERS)
+        g.authenticate_admin(f"Bearer {KEY_B}")
+        with pytest.raises(ApiError) as e:
+            g.authenticate_admin(f"Bearer {KEY_A}")
+        assert (e.value.status_code, e.value.code) == (403, "not_admin")
+        with pytest.raises(ApiError) as e:
+            g.authenticate_admin(None)
+        assert e.value.status_code == 401
+        Gate(AuthConfig(), [], TIERS).authenticate_admin(None)  # auth off: open, like every route
+
     def test_auth_off_lets_everything_by(self):
         g = Gate(AuthConfig(), [], TIERS)
         assert g.authenticate(None) is None
