@@ -229,3 +229,49 @@ class TestBodyLimit:
             asyncio.run(read_limited(None, _chunks([b"x" * 600, b"x" * 600]), 1000))
         assert e.value.status_code == 413
         assert asyncio.run(read_limited("10", _chunks([b"x" * 10]), 1000)) == b"x" * 10
+
+
+class TestAppWiring:
+    def test_serve_queue_bound_and_graceful_shutdown_come_from_config(self):
+        from serve.app import pool_deployment_options
+
+        cfg = ClusterConfig.from_yaml(
+            DEFAULT_CONFIG, ["server.max_queued_requests=7", "server.graceful_shutdown_timeout_s=42"]
+        )
+        opts = pool_deployment_options(cfg.pools[0], cfg)
+        assert (opts["max_queued_requests"], opts["graceful_shutdown_timeout_s"]) == (7, 42)
+
+    def test_ingress_gets_hashes_only_and_nothing_with_auth_off(self, monkeypatch):
+        from serve.app import ingress_keys
+
+        assert ingress_keys(ClusterConfig.from_yaml(DEFAULT_CONFIG)) == []
+        monkeypatch.setenv("PD_TEST_KEYS", json.dumps([{"key": KEY_A, "tenant": "acme", "max_tier": "premium"}]))
+        keys = ingress_keys(ClusterConfig.from_yaml(DEFAULT_CONFIG, ["server.auth.keys_env=PD_TEST_KEYS"]))
+        assert keys == [
+            {"sha256": hash_key(KEY_A), "tenant": "acme", "max_tier": "premium", "limits": None, "admin": False}
+        ]
+
+
+class TestOpenApi:
+    def test_every_public_route_with_bodies_and_openai_errors(self):
+        from serve.ingress import app
+
+        doc = app.openapi()
+        assert set(doc["paths"]) == {
+            "/v1/chat/completions",
+            "/v1/completions",
+            "/v1/models",
+            "/health",
+            "/metrics",
+            "/admin/drain",
+        }
+        chat = doc["paths"]["/v1/chat/completions"]["post"]
+        assert chat["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/ChatCompletionRequest")
+        err = {"$ref": "#/components/schemas/ErrorResponse"}
+        for code in ("400", "401", "403", "404", "413", "429", "503"):
+            assert chat["responses"][code]["content"]["application/json"]["schema"] == err
+        assert "422" not in chat["responses"]
+        schemas = doc["components"]["schemas"]
+        assert schemas["ErrorDetail"]["required"] == ["message", "type", "param", "code"]
+        assert schemas["ChatCompletionRequest"]["additionalProperties"] is False
+        assert doc["paths"]["/health"]["get"]["security"] == []
