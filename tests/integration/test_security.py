@@ -77,7 +77,8 @@ def cluster(tmp_path_factory):
     cfg = cluster_config(port, placement={"local_prefill_max_tokens": 0, "local_prefill_min_hit_ratio": 1.0})
     data = cfg.model_dump(mode="json")
     data["server"].update(auth={"keys_file": str(tmp / "keys.json")}, drain_grace_s=DRAIN_GRACE_S)
-    data["router"]["admission"]["warmup_prompt_tokens"] = []
+    # admission off: the drain streams and the rate-limit trips must not meet capacity rejections or caps
+    data["router"]["admission"].update(enabled=False, warmup_prompt_tokens=[])
     (tmp / "cluster.yaml").write_text(yaml.safe_dump(data))
     proc = subprocess.Popen(
         [sys.executable, "-m", "serve.cli", "serve", str(tmp / "cluster.yaml")],
