@@ -108,11 +108,18 @@ def cluster(tmp_path_factory):
                 proc.wait(timeout=30)
 
 
+def _cmdline(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):  # gone meanwhile
+        return ""
+
+
 def _ingress_rss() -> int:
-    """RSS (bytes) of this test's ingress replica: a descendant of the Ray this test process started."""
-    procs = [p for p in psutil.Process().children(recursive=True) if "ServeReplica" in " ".join(p.cmdline())]
-    procs = [p for p in procs if "ingress" in " ".join(p.cmdline())]
-    assert len(procs) == 1, [p.cmdline() for p in procs]
+    """RSS (bytes) of this module's ingress replica: a descendant of the ``pdserve serve`` it started."""
+    procs = [p for p in psutil.Process().children(recursive=True) if "ServeReplica" in _cmdline(p)]
+    procs = [p for p in procs if "ingress" in _cmdline(p)]
+    assert len(procs) == 1, [_cmdline(p) for p in procs]
     return procs[0].memory_info().rss
 
 
