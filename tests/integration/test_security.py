@@ -337,7 +337,7 @@ class TestZDrain:
                     "streaming_at_refusal": still_streaming,
                     "drained_s": round(drained_s, 1),
                     "exit_s": round(exit_s, 1),
-                    "log": [x.strip() for x in cluster.lines if "drain" in x],
+                    "log": [x.strip() for x in cluster.lines if x.startswith("[pdserve] drain")],
                 }
             )
         )
