@@ -8,6 +8,7 @@ from ray import serve
 from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 from ray.serve.schema import LoggingConfig
 
+from serve.auth import hashed_keys, load_key_entries
 from serve.config import ClusterConfig
 from serve.ingress import Ingress
 from workers.config import GpuDevice, PoolConfig
@@ -29,7 +30,8 @@ def pool_deployment_options(pool: PoolConfig, cfg: ClusterConfig) -> dict[str, A
         "max_ongoing_requests": pool.max_ongoing_requests,
         "health_check_period_s": 5.0,
         "health_check_timeout_s": 30.0,
-        "graceful_shutdown_timeout_s": 10.0,
+        "max_queued_requests": cfg.server.max_queued_requests,
+        "graceful_shutdown_timeout_s": cfg.server.graceful_shutdown_timeout_s,
         "logging_config": LoggingConfig(enable_access_log=False, log_level="WARNING"),
         "request_router_config": RequestRouterConfig(
             request_router_class=ROUTER_CLASS,
@@ -50,7 +52,17 @@ def pool_deployment_options(pool: PoolConfig, cfg: ClusterConfig) -> dict[str, A
     return opts
 
 
+def ingress_keys(cfg: ClusterConfig) -> list[dict]:
+    """The API keys the ingress gets, hashed here in the driver (file and environment variable are read
+    where ``pdserve serve`` runs); empty with auth off."""
+    if not cfg.server.auth.on:
+        return []
+    tiers = {n: t.priority for n, t in cfg.router.qos_tiers.items()}
+    return hashed_keys(load_key_entries(cfg.server.auth), tiers)
+
+
 def build_app(cfg: ClusterConfig, model_path: str) -> serve.Application:
+    keys = ingress_keys(cfg)
     pools = {}
     for pool in cfg.pools:
         dep = serve.deployment(EngineServer).options(**pool_deployment_options(pool, cfg))
@@ -65,7 +77,9 @@ def build_app(cfg: ClusterConfig, model_path: str) -> serve.Application:
         name="ingress",
         num_replicas=1,
         max_ongoing_requests=cfg.server.max_ongoing_requests,
+        max_queued_requests=cfg.server.max_queued_requests,
+        graceful_shutdown_timeout_s=cfg.server.graceful_shutdown_timeout_s,
         ray_actor_options={"num_cpus": 1},
         logging_config=LoggingConfig(enable_access_log=False, log_level="WARNING"),
     )
-    return ingress.bind(cfg.model_dump(mode="json"), model_path, pools)
+    return ingress.bind(cfg.model_dump(mode="json"), model_path, pools, keys)

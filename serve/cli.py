@@ -81,13 +81,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (TimeoutError, RuntimeError) as e:
         print(f"[pdserve] start-up failed; stopped: {e}", file=sys.stderr, flush=True)
         return 1
-    stop = threading.Event()
+    stop, force = threading.Event(), threading.Event()
+
+    def on_signal(*_) -> None:
+        (force if stop.is_set() else stop).set()  # a second signal cuts the drain short
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     try:
         print(f"[pdserve] OpenAI endpoint: {cluster.base_url}/v1  (model '{cfg.model.name}')", flush=True)
         print(f"[pdserve] ready in {cluster.cold_start_s:.1f}s; Ctrl-C to stop", flush=True)
         stop.wait()
+        grace = cfg.server.drain_grace_s
+        print(f"[pdserve] draining (up to {grace:.0f}s; signal again to stop now) ...", flush=True)
+        try:
+            first, left, took = cluster.drain(grace, stop_early=force.is_set)
+            print(
+                f"[pdserve] drained in {took:.1f}s: {first - left} of {first} in-flight requests finished", flush=True
+            )
+        except Exception as e:  # the cluster still stops
+            print(f"[pdserve] drain failed: {e!r}", file=sys.stderr, flush=True)
         print("[pdserve] stopping ...", flush=True)
     finally:
         cluster.stop()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -52,10 +52,63 @@ class RayConfig(_Strict):
     )
 
 
+class KeyLimits(_Strict):
+    """Per-key limits; null = no limit of that kind."""
+
+    requests_per_s: float | None = Field(None, gt=0, description="token bucket refill rate of requests")
+    request_burst: int | None = Field(
+        None, ge=1, description="requests the bucket holds (default: requests_per_s rounded up, at least 1)"
+    )
+    tokens_per_min: int | None = Field(
+        None, ge=1, description="prompt + max completion tokens per minute, charged when a request is admitted"
+    )
+    max_concurrent_requests: int | None = Field(None, ge=1, description="in-flight requests (streamed or not)")
+
+    def over(self, base: KeyLimits | None) -> KeyLimits:
+        """These limits with every field left null taken from ``base``."""
+        if base is None:
+            return self
+        return KeyLimits(**{k: v if v is not None else getattr(base, k) for k, v in self})
+
+
+class AuthConfig(_Strict):
+    """API keys: each binds a tenant (prefix-cache isolation) and a maximum QoS tier. Keys are read from
+    ``keys_file`` and/or the environment variable ``keys_env`` (never from this config), hashed at load."""
+
+    enabled: bool | None = Field(None, description="null: on when keys_file or keys_env is set")
+    keys_file: str | None = Field(None, description="YAML/JSON list of {key or key_sha256, tenant, max_tier, limits}")
+    keys_env: str | None = Field(None, description="name of an environment variable holding that same list")
+    metrics: Literal["open", "key"] = Field("open", description="/metrics open, or only with a valid key")
+    tier_limits: dict[str, KeyLimits] = Field(
+        default_factory=dict, description="limits of every key of a tier (a key's own limits override them)"
+    )
+
+    @property
+    def on(self) -> bool:
+        return self.enabled if self.enabled is not None else bool(self.keys_file or self.keys_env)
+
+    @model_validator(mode="after")
+    def _keys_when_on(self) -> AuthConfig:
+        if self.enabled and not (self.keys_file or self.keys_env):
+            raise ValueError("auth.enabled needs keys_file or keys_env")
+        return self
+
+
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     max_ongoing_requests: int = Field(512, ge=1, description="ingress replica concurrency")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413 before parsing")
+    max_queued_requests: int = Field(
+        1024, ge=1, description="Serve handle queue bound of every deployment (ingress and pools); beyond it 503"
+    )
+    graceful_shutdown_timeout_s: float = Field(
+        30.0, gt=0, description="a replica Serve stops (scale-in, shutdown) finishes in-flight requests this long"
+    )
+    drain_grace_s: float = Field(
+        30.0, gt=0, description="on SIGTERM, in-flight requests get this long to finish before the cluster stops"
+    )
+    auth: AuthConfig = Field(default_factory=AuthConfig)
 
 
 class ClusterConfig(_Strict):
@@ -110,6 +163,13 @@ class ClusterConfig(_Strict):
                     f"pools.{p.name}.engine.max_model_len ({p.engine.max_model_len}) is below "
                     f"model.max_model_len ({self.model.max_model_len})"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _auth_tiers_declared(self) -> ClusterConfig:
+        unknown = sorted(set(self.server.auth.tier_limits) - set(self.router.qos_tiers))
+        if unknown:
+            raise ValueError(f"server.auth.tier_limits: tiers {unknown} are not in router.qos_tiers")
         return self
 
     @model_validator(mode="after")

@@ -65,3 +65,15 @@ def decode_error(e: Exception) -> ApiError:
 def rejection_to_error(r: Rejection) -> ApiError:
     type_ = "rate_limit_error" if r.status_code == 429 else "overloaded_error"
     return ApiError(r.status_code, r.message, type_=type_, code=r.reason, retry_after_s=r.retry_after_s)
+
+
+def queue_full_error(e: Exception) -> ApiError:
+    """Serve refused the call: the deployment's queue holds ``server.max_queued_requests`` already."""
+    retry = getattr(e, "retry_after_s", None) or 1.0
+    return ApiError(
+        503,
+        "The server is busy (request queue full); retry after the time in Retry-After.",
+        type_="server_error",
+        code="queue_full",
+        retry_after_s=retry,
+    )

@@ -2,12 +2,15 @@
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
 GET /metrics. Every error leaves in OpenAI shape ``{"error": {message, type, param, code}}``.
+Before any tokenisation a request passes the gate (``serve.gate``): body size (413), API key (401),
+the key's tenant and tier, and the key's rate limits (429).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -23,8 +26,10 @@ from router.pipeline import build_policy
 from router.types import Role
 from serve.adapters import ParsedRequest, RequestAdapter, parse_body
 from serve.config import ClusterConfig
+from serve.gate import Gate, read_limited
 from serve.kv_events import KvEventFeed
 from serve.metrics import ClusterMetrics
+from serve.openapi import build_openapi
 from serve.orchestrator import Orchestrator
 from serve.pool_monitor import PoolMonitor
 from serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest
@@ -35,6 +40,7 @@ logger = logging.getLogger(__name__)
 WARMUP_TIMEOUT_S = 120.0
 
 app = FastAPI(title="pdserve", description="Disaggregated prefill/decode OpenAI-compatible endpoint")
+app.openapi = functools.partial(build_openapi, app)
 
 
 def _internal_error(e: Exception) -> ApiError:
@@ -70,17 +76,23 @@ async def _next_or_none(gen: AsyncIterator[Any]) -> Any:
         return None
 
 
-async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    yield first
-    async for item in rest:
-        yield item
+async def _prepend(first: bytes, rest: AsyncIterator[bytes], on_end=None) -> AsyncIterator[bytes]:
+    try:
+        yield first
+        async for item in rest:
+            yield item
+    finally:
+        if on_end is not None:
+            on_end()
 
 
 # NOTE: everything Ingress uses must be defined above it: @serve.ingress pickles the class by value
 # when it is decorated.
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, config: dict[str, Any], model_path: str, pools: dict[str, Any]) -> None:
+    def __init__(
+        self, config: dict[str, Any], model_path: str, pools: dict[str, Any], api_keys: list[dict] | None = None
+    ) -> None:
         from transformers import AutoTokenizer
 
         # Imported at run time: Serve ships this class by value (cloudpickle), which would copy
@@ -105,6 +117,9 @@ class Ingress:
             block_size=block_size,
             share_prefix_across_tenants=r.placement.share_prefix_across_tenants,
         )
+        self._gate = Gate(self._cfg.server.auth, api_keys or [], {n: t.priority for n, t in r.qos_tiers.items()})
+        self._draining = False
+        self._active = 0  # generation requests admitted and not finished
         self._monitor: PoolMonitor | None = None
         self.metrics = ClusterMetrics(lambda: self._monitor.stats() if self._monitor else [])
         policy = build_policy(r, block_size)
@@ -145,7 +160,8 @@ class Ingress:
         return await self._handle(request, "completion", CompletionRequest)
 
     @app.get("/v1/models")
-    async def models(self) -> dict[str, Any]:
+    async def models(self, request: Request) -> dict[str, Any]:
+        self._gate.authenticate(request.headers.get("authorization"))
         return {
             "object": "list",
             "data": [
@@ -167,7 +183,9 @@ class Ingress:
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     @app.get("/metrics")
-    async def metrics_route(self) -> Response:
+    async def metrics_route(self, request: Request) -> Response:
+        if self._gate.metrics_need_key:
+            self._gate.authenticate(request.headers.get("authorization"))
         self._monitor.ensure_started()
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -230,36 +248,79 @@ class Ingress:
             for role in {p["role"] for p in pools.values()}
         )
         warming = bool(self._cfg.router.admission.warmup_prompt_tokens) and not (self._warmup and self._warmup.done())
-        status = "unavailable" if not ok else "warming_up" if warming else "ok"
+        status = "draining" if self._draining else "unavailable" if not ok else "warming_up" if warming else "ok"
         return {"status": status, "model": self._cfg.model.name, "pools": pools}
+
+    # -- drain ----------------------------------------------------------------------------------
+    @app.post("/admin/drain")
+    async def drain_route(self, request: Request) -> JSONResponse:
+        self._gate.authenticate_admin(request.headers.get("authorization"))
+        return JSONResponse(self.drain())
+
+    def drain(self) -> dict[str, Any]:
+        """Stop admitting generation requests (503 ``draining``, /health ``draining``); the ones in flight
+        go on. Also called by ``pdserve serve`` on SIGTERM, through a Serve handle."""
+        if not self._draining:
+            logger.warning("draining: no new requests; %d in flight", self._active)
+        self._draining = True
+        return self.drain_status()
+
+    def drain_status(self) -> dict[str, Any]:
+        return {"status": "draining" if self._draining else "serving", "in_flight": self._active}
+
+    def _release(self, who) -> None:
+        self._active -= 1
+        self._gate.release(who)
 
     async def _handle(self, request: Request, kind: str, model_cls: type) -> Response:
         self._monitor.ensure_started()
         t0 = time.monotonic()
+        headers = request.headers
         try:
-            body = parse_body(await request.body(), model_cls)
-            parsed = self._adapter.build(
-                kind,
-                body,
-                request.headers.get(self._cfg.router.tier_header),
-                request.headers.get(self._cfg.router.tenant_header),
+            if self._draining:
+                raise ApiError(
+                    503,
+                    "The server is draining and takes no new requests.",
+                    type_="server_error",
+                    code="draining",
+                    retry_after_s=self._cfg.server.drain_grace_s,
+                )
+            who = self._gate.authenticate(headers.get("authorization"))
+            raw = await read_limited(headers.get("content-length"), request.stream(), self._cfg.server.max_body_bytes)
+            body = parse_body(raw, model_cls)
+            tier_asked = headers.get(self._cfg.router.tier_header)
+            tier, tenant = self._gate.identity(
+                who,
+                self._adapter.tier(tier_asked) if tier_asked is not None else None,
+                headers.get(self._cfg.router.tenant_header),
             )
+            parsed = self._adapter.build(kind, body, tier, tenant)
+            desc = parsed.job.desc
+            limit_headers = self._gate.admit(who, desc.num_prompt_tokens + desc.max_new_tokens)
         except ApiError as e:
             self.metrics.requests.labels(kind, str(e.status_code)).inc()
             raise
-        self.metrics.prompt_tokens.inc(parsed.job.desc.num_prompt_tokens)
-        if body.stream:
-            stream = self._stream(parsed, t0)
-            # surface routing errors (503/429) as an HTTP status, not inside a 200 stream
-            first = await stream.__anext__()
-            return StreamingResponse(
-                _prepend(first, stream),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Request-Id": parsed.response_id},
-            )
-        return await self._complete(parsed, t0)
+        self._active += 1
+        try:
+            self.metrics.prompt_tokens.inc(parsed.job.desc.num_prompt_tokens)
+            if body.stream:
+                stream = self._stream(parsed, t0)
+                # surface routing errors (503/429) as an HTTP status, not inside a 200 stream
+                first = await stream.__anext__()
+                return StreamingResponse(
+                    _prepend(first, stream, on_end=lambda: self._release(who)),
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Request-Id": parsed.response_id, **limit_headers},
+                )
+        except BaseException:
+            self._release(who)
+            raise
+        try:
+            return await self._complete(parsed, t0, limit_headers)
+        finally:
+            self._release(who)
 
-    async def _complete(self, p: ParsedRequest, t0: float) -> JSONResponse:
+    async def _complete(self, p: ParsedRequest, t0: float, headers: dict[str, str] | None = None) -> JSONResponse:
         parts: list[str] = []
         n_tokens, reason, first_s = 0, None, None
         gen = self._orch.generate(p.job)
@@ -286,7 +347,7 @@ class Ingress:
         self._finish_metrics(p, t0, n_tokens, "200")
         return JSONResponse(
             full_response(p, "".join(parts), reason, p.job.desc.num_prompt_tokens, n_tokens),
-            headers={"X-Request-Id": p.response_id},
+            headers={"X-Request-Id": p.response_id, **(headers or {})},
         )
 
     async def _stream(self, p: ParsedRequest, t0: float) -> AsyncIterator[bytes]:

@@ -35,9 +35,18 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ray.serve.exceptions import BackPressureError
+
 from router.policy import RoutingPolicy
 from router.types import EndpointState, PoolSnapshot, Rejection, RequestDescriptor, RoutingDecision
-from serve.failures import DecodeFailed, EngineFinishFailed, PushPrefillFailed, decode_error, rejection_to_error
+from serve.failures import (
+    DecodeFailed,
+    EngineFinishFailed,
+    PushPrefillFailed,
+    decode_error,
+    queue_full_error,
+    rejection_to_error,
+)
 from serve.metrics import ClusterMetrics
 from serve.pool_directory import PoolDirectory
 from serve.protocol import ApiError
@@ -210,6 +219,9 @@ class Orchestrator:
             self._metrics.prefill_fallbacks.labels("timeout").inc()
             logger.warning("prefill of %s timed out on %s; prefilling on decode", req.request_id, target.endpoint_id)
             return False, None
+        except BackPressureError:  # the pool's Serve queue is full: the replica is fine, just busy
+            self._metrics.prefill_fallbacks.labels("queue_full").inc()
+            return False, None
         except Exception as e:  # replica died, engine error...
             self._suspect(target, e)
             self._metrics.prefill_fallbacks.labels("error").inc()
@@ -269,6 +281,8 @@ class Orchestrator:
                     finished = complete = True
         except ApiError:
             raise
+        except BackPressureError as e:  # the pool's Serve queue is full (server.max_queued_requests)
+            raise queue_full_error(e) from e
         except Exception as e:
             self._suspect(target, e)
             raise DecodeFailed(target, e) from e

@@ -23,6 +23,7 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         retry_after_s: float | None = None,
+        extra_headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status_code = status_code
@@ -31,14 +32,15 @@ class ApiError(Exception):
         self.param = param
         self.code = code
         self.retry_after_s = retry_after_s
+        self.extra_headers = extra_headers or {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def headers(self) -> dict[str, str]:
         if self.retry_after_s is None:
-            return {}
-        return {"Retry-After": str(max(1, int(round(self.retry_after_s))))}
+            return dict(self.extra_headers)
+        return {**self.extra_headers, "Retry-After": str(max(1, int(round(self.retry_after_s))))}
 
 
 def validation_error_to_api(err: ValidationError) -> ApiError:
@@ -162,3 +164,16 @@ class CompletionRequest(_SamplingFields):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error the API returns."""
+
+    error: ErrorDetail

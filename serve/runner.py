@@ -24,6 +24,19 @@ class RunningCluster:
     started_ray: bool
     cold_start_s: float
 
+    def drain(self, grace_s: float, stop_early=None, poll_s: float = 0.2) -> tuple[int, int, float]:
+        """Stop admitting (the ingress answers 503 ``draining``) and wait up to ``grace_s`` for the requests
+        in flight to finish, or until ``stop_early()`` is true. (in flight at the start, left, seconds)."""
+        from ray import serve
+
+        t0 = time.monotonic()
+        ingress = serve.get_deployment_handle("ingress", self.cfg.app_name)
+        first = left = ingress.drain.remote().result(timeout_s=30)["in_flight"]
+        while left > 0 and time.monotonic() - t0 < grace_s and not (stop_early and stop_early()):
+            time.sleep(poll_s)
+            left = ingress.drain_status.remote().result(timeout_s=30)["in_flight"]
+        return first, left, time.monotonic() - t0
+
     def stop(self) -> None:
         import ray
         from ray import serve

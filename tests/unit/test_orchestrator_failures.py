@@ -383,3 +383,28 @@ class TestForgetReplicas:
         assert index.endpoints() == {"d1"}
         assert index.match([1, 2, 3], ["d0", "d1"]) == {"d0": 0, "d1": 2}
         assert index.blocks_by_endpoint() == {"d1": 2} == orch.prefix_index_blocks()
+
+
+class TestBackPressure:
+    """A pool whose Serve queue is full (server.max_queued_requests): Serve raises BackPressureError."""
+
+    def test_full_prefill_queue_prefills_on_decode_and_keeps_the_replica(self):
+        from ray.serve.exceptions import BackPressureError
+
+        handles = FakeHandles(prefill=BackPressureError(8, 8), decodes={"d0": [[HI, THERE]]})
+        orch, metrics, _ = _orch(handles)
+        assert _run(orch) == ([HI, THERE], None)
+        assert _count(metrics.prefill_fallbacks, "queue_full") == 1 and _count(metrics.prefill_fallbacks, "error") == 0
+        assert all(e.healthy for e in orch.snapshot().endpoints)
+        _idle(orch)
+
+    def test_full_decode_queue_is_503_with_retry_after_and_no_suspect(self):
+        from ray.serve.exceptions import BackPressureError
+
+        handles = FakeHandles(decodes={"d0": [[BackPressureError(8, 8)]], "d1": [[HI, THERE]]})
+        orch, _, _ = _orch(handles)
+        got, err = _run(orch)
+        assert got == [] and (err.status_code, err.code) == (503, "queue_full")
+        assert err.body()["error"]["type"] == "server_error" and err.headers()["Retry-After"] == "1"
+        assert all(e.healthy for e in orch.snapshot().endpoints)
+        _idle(orch)
