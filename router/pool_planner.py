@@ -98,6 +98,7 @@ class PoolPlanner:
         self.stabilizer = Stabilizer(settings.stabilizer, lo, hi, initial)
         self.ttft = _Latencies()
         self.tpot = _Latencies()
+        self._planned = False
 
     # -- inputs ---------------------------------------------------------------------------------------
     def on_arrival(self, at_s: float, prompt_tokens: int, output_tokens: int, refused: bool) -> None:
@@ -154,5 +155,10 @@ class PoolPlanner:
         )
 
     def plan(self, now_s: float, endpoints: list[EndpointState], model: CostModel) -> tuple[Signals, Decision]:
+        """One interval: the signals and the stabilized decision. The first plan starts from the replicas
+        running (an ingress that restarts beside a scaled-up pool does not shrink it at once)."""
         sig = self.signals(now_s, endpoints, model)
+        if not self._planned and sig.current_replicas > 0:
+            self.stabilizer.target = min(max(sig.current_replicas, self.stabilizer.lo), self.stabilizer.hi)
+        self._planned = True
         return sig, self.stabilizer.decide(now_s, sig.desired_replicas)
