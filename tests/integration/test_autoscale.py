@@ -115,11 +115,11 @@ def test_decode_pool_scales_up_under_load_and_back_after_the_window(cluster):
         assert len(_generated_per_decode(base)) == 2
     finally:
         stop.set()
+        t1 = time.monotonic()  # the last recommendation of 2 replicas comes no earlier than this
         for t in threads:
             t.join(timeout=CLIENT_TIMEOUT_S + 5)
     assert not any(t.is_alive() for t in threads)
 
-    t1 = time.monotonic()
     wait_for(lambda: _decode(cluster)["replicas"] == 1, timeout_s=SCALE_DOWN_TIMEOUT_S, interval_s=1.0)
     scaled_down_s = time.monotonic() - t1
     assert scaled_down_s >= DOWNSCALE_WINDOW_S - 1.0  # not before the scale-down window
