@@ -4,10 +4,10 @@ It observes what the orchestrator routes (``on_routed``: every arrival, refused 
 ``on_first_token`` / ``on_finish``: observed against predicted latencies), and a background task runs one
 :class:`router.pool_planner.PoolPlanner` step per pool every ``autoscaling.adjustment_interval_s`` (pools
 without autoscaling: every 10 s, signals only). A pool with ``autoscaling.enabled`` gets its stabilized target
-handed to each of its replicas (``set_replica_target``); Serve's controller reads it back as a custom
-autoscaling metric (serve/autoscale_policy.py) and scales the deployment. Every decision is logged with its
-reason and counted (``pdserve_planner_decisions_total{pool,reason}``); the signals are the
-``pdserve_planner_*`` gauges.
+handed to each of its replicas with the time it was decided (``set_replica_target``); Serve's controller
+reads both back as custom autoscaling metrics (serve/autoscale_policy.py) and scales the deployment.
+Every decision is logged with its reason and counted (``pdserve_planner_decisions_total{pool,reason}``);
+the signals are the ``pdserve_planner_*`` gauges.
 """
 
 from __future__ import annotations
@@ -62,8 +62,11 @@ class Planner:
         metrics: ClusterMetrics,
         cost_model: Callable[[str], CostModel] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
+        """``clock`` times the planning; ``wall`` stamps each decision (Serve orders replicas' reports by it)."""
         self._cfg = {p.name: p for p in pools}
+        self._wall = wall
         self._metrics = metrics
         self._clock = clock
         self._models: dict[str, CostModel] = {}
@@ -82,6 +85,7 @@ class Planner:
         }
         self._due: dict[str, float] = {}
         self.targets: dict[str, int] = {}  # autoscaled pools' latest targets
+        self.decided_s: dict[str, float] = {}  # wall-clock time of each target's decision
         self.last: dict[str, tuple[Signals, Decision]] = {}
         self._task: asyncio.Task | None = None
 
@@ -156,6 +160,7 @@ class Planner:
                 sig.queued_prefill_tokens,
             )
             self.targets[name] = out[name] = decision.target
+            self.decided_s[name] = self._wall()
         return out
 
     def _export(self, pool: str, sig: Signals) -> None:
@@ -222,11 +227,11 @@ class Planner:
         for e in snap.endpoints:
             target = self.targets.get(e.pool)
             if target is not None and e.pool in handles:
-                calls.append(self._set(handles[e.pool], e.endpoint_id, target))
+                calls.append(self._set(handles[e.pool], e.endpoint_id, target, self.decided_s[e.pool]))
         await asyncio.gather(*calls)
 
-    async def _set(self, handle: Any, endpoint_id: str, target: int) -> None:
-        resp = handle.set_replica_target.remote(target, endpoint_hint=endpoint_id)
+    async def _set(self, handle: Any, endpoint_id: str, target: int, decided_s: float) -> None:
+        resp = handle.set_replica_target.remote(target, decided_s, endpoint_hint=endpoint_id)
         try:
             await asyncio.wait_for(resp, timeout=TARGET_CALL_TIMEOUT_S)
         except Exception as e:  # the next step tries again

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from router.types import EndpointState, PoolSnapshot, Rejection, RequestDescriptor, Role, RoutingDecision
 from serve.app import PLANNER_POLICY, pool_deployment_options
-from serve.autoscale_policy import TARGET_METRIC, pool_target_policy
+from serve.autoscale_policy import DECIDED_METRIC, TARGET_METRIC, pool_target_policy
 from serve.config import DEFAULT_CONFIG, ClusterConfig
 from serve.metrics import ClusterMetrics
 from serve.planner import Planner
@@ -120,18 +120,25 @@ class FakeContext:
     target_num_replicas: int = 1
 
 
-def test_serve_policy_returns_the_newest_reported_target():
+def test_serve_policy_returns_the_target_of_the_newest_decision():
     assert pool_target_policy(FakeContext(None, 2)) == (2, {})  # no report yet: the target stands
-    ctx = FakeContext({TARGET_METRIC: {"a": [FakePoint(1.0, 3.0), FakePoint(5.0, 2.0)], "b": [FakePoint(4.0, 1.0)]}})
-    assert pool_target_policy(ctx) == (2.0, {})
+    # replica b reported last, but the target it holds was decided before a's: a's wins
+    ctx = FakeContext(
+        {
+            TARGET_METRIC: {"a": [FakePoint(1.0, 2.0), FakePoint(5.0, 1.0)], "b": [FakePoint(6.0, 2.0)]},
+            DECIDED_METRIC: {"a": [FakePoint(1.0, 10.0), FakePoint(5.0, 20.0)], "b": [FakePoint(6.0, 10.0)]},
+        }
+    )
+    assert pool_target_policy(ctx) == (1.0, {})
 
 
-def test_replicas_report_the_metric_the_policy_reads():
+def test_replicas_report_the_metrics_the_policy_reads():
     import inspect
 
     from workers import deployment
 
-    assert f'"{TARGET_METRIC}"' in inspect.getsource(deployment.EngineServer.record_autoscaling_stats)
+    source = inspect.getsource(deployment.EngineServer.record_autoscaling_stats)
+    assert f'"{TARGET_METRIC}"' in source and f'"{DECIDED_METRIC}"' in source
 
 
 def test_deployment_options_of_an_autoscaled_pool():
