@@ -43,6 +43,16 @@ class EngineSamples(Protocol):
     decode_samples: Sequence[tuple[int, int, float]]  # (batch, context tokens, seconds per token)
 
 
+class RoutingObserver(Protocol):
+    """Sees the events a policy's hooks see, learns from them, never routes (the autoscaling planner)."""
+
+    def on_routed(self, req: RequestDescriptor, outcome: RoutingDecision | Rejection, moved: bool = False) -> None: ...
+
+    def on_first_token(self, decision: RoutingDecision, ttft_s: float) -> None: ...
+
+    def on_finish(self, decision: RoutingDecision, tpot_s: float | None) -> None: ...
+
+
 class RoutingPolicy(Protocol):
     prefix_index: PrefixIndex | None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ray import serve
-from ray.serve.config import AutoscalingConfig, RequestRouterConfig
+from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, RequestRouterConfig
 from ray.serve.schema import LoggingConfig
 
 from serve.auth import hashed_keys, load_key_entries
@@ -15,6 +15,7 @@ from workers.config import GpuDevice, PoolConfig
 from workers.deployment import EngineServer
 
 ROUTER_CLASS = "serve.request_router:PdRequestRouter"
+PLANNER_POLICY = "serve.autoscale_policy:pool_target_policy"
 
 
 def pool_deployment_options(pool: PoolConfig, cfg: ClusterConfig) -> dict[str, Any]:
@@ -42,6 +43,19 @@ def pool_deployment_options(pool: PoolConfig, cfg: ClusterConfig) -> dict[str, A
     }
     if pool.replicas.fixed:
         opts["num_replicas"] = pool.replicas.max
+    elif pool.autoscaling.enabled:
+        # the planner's stabilizer owns the windows: Serve applies its target and the bounds at once
+        interval = pool.autoscaling.adjustment_interval_s
+        opts["autoscaling_config"] = AutoscalingConfig(
+            min_replicas=pool.replicas.min,
+            max_replicas=pool.replicas.max,
+            initial_replicas=pool.replicas.min,
+            upscale_delay_s=0.0,
+            downscale_delay_s=0.0,
+            metrics_interval_s=interval,
+            look_back_period_s=2 * interval,
+            policy=AutoscalingPolicy(policy_function=PLANNER_POLICY),
+        )
     else:
         opts["autoscaling_config"] = AutoscalingConfig(
             min_replicas=pool.replicas.min,

@@ -31,6 +31,7 @@ from serve.kv_events import KvEventFeed
 from serve.metrics import ClusterMetrics
 from serve.openapi import build_openapi
 from serve.orchestrator import Orchestrator
+from serve.planner import Planner
 from serve.pool_monitor import PoolMonitor
 from serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest
 from serve.responses import ChunkWriter, full_response
@@ -123,6 +124,7 @@ class Ingress:
         self._monitor: PoolMonitor | None = None
         self.metrics = ClusterMetrics(lambda: self._monitor.stats() if self._monitor else [])
         policy = build_policy(r, block_size)
+        self._planner = Planner(self._cfg.pools, r, self.metrics, getattr(policy, "model", None))
         kvh = self._cfg.kv_handoff
         push = kvh.slab.compression if kvh.backend == "slab" and kvh.slab_mode == "push" else None
         self._orch = Orchestrator(
@@ -134,6 +136,7 @@ class Ingress:
             idle_timeout_s=r.idle_timeout_s,
             decode_migrations=r.decode_migrations,
             push_compression=push,
+            observer=self._planner,
         )
         # prefix-aware policies: engines' KV events feed their index
         self._kv_events = KvEventFeed(policy.prefix_index) if policy.prefix_index is not None else None
@@ -178,7 +181,7 @@ class Ingress:
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
-        self._monitor.ensure_started()
+        self._ensure_started()
         body = self.health_report()
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
@@ -186,10 +189,14 @@ class Ingress:
     async def metrics_route(self, request: Request) -> Response:
         if self._gate.metrics_need_key:
             self._gate.authenticate(request.headers.get("authorization"))
-        self._monitor.ensure_started()
+        self._ensure_started()
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # -- helpers ----------------------------------------------------------------------------
+    def _ensure_started(self) -> None:
+        self._monitor.ensure_started()
+        self._planner.ensure_started(self._orch.snapshot, self._handles)
+
     def _on_poll(self, stats: list) -> None:
         self._orch.set_kv_agents({s.endpoint_id: s.kv_agent for s in stats if s.healthy and s.kv_agent})
         live = {e.endpoint_id for e in self._directory.snapshot().endpoints if e.healthy}
@@ -227,6 +234,7 @@ class Ingress:
         snap = self._directory.snapshot(self._orch.in_flight())
         pools: dict[str, dict[str, Any]] = {}
         ages = self._directory.poll_ages()
+        planned = self._planner.report()
         for name, role in self._roles.items():
             eps = [e for e in snap.endpoints if e.pool == name]
             # healthy: confirmed by a stats poll (a replica Serve just listed is routable, not yet vouched for)
@@ -241,6 +249,7 @@ class Ingress:
                 "unhealthy": [e.endpoint_id for e in eps if not e.healthy],
                 "last_poll_age_s": {e.endpoint_id: ages.get(e.endpoint_id) for e in eps},
                 "routers": self._directory.registrations.get(name, 0),
+                "planner": planned.get(name),
             }
         # every configured role needs a healthy replica (a config without prefill pools prefills locally)
         ok = all(
@@ -273,7 +282,7 @@ class Ingress:
         self._gate.release(who)
 
     async def _handle(self, request: Request, kind: str, model_cls: type) -> Response:
-        self._monitor.ensure_started()
+        self._ensure_started()
         t0 = time.monotonic()
         headers = request.headers
         try:

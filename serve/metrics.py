@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from workers.messages import WorkerStats
@@ -113,6 +113,29 @@ class _WorkerStatsCollector:
         yield from (g_queue, g_running, g_replicas, g_kv, c_prompt, c_gen, c_xfer, c_bytes, c_raw, c_desc, c_fail)
 
 
+# pdserve_planner_<name>{pool}: the autoscaling planner's inputs and outputs (serve/planner.py)
+PLANNER_GAUGES = {
+    "arrival_rate": "Arrivals per second over the demand window, refused requests included",
+    "refused_rate": "Refused arrivals per second over the demand window",
+    "forecast_rate": "Arrivals per second forecast for the next interval",
+    "prompt_tokens_mean": "Mean uncached prompt tokens of arrivals",
+    "output_tokens_mean": "Mean requested output tokens of arrivals",
+    "ttft_predicted_seconds": "Mean predicted TTFT of recent admitted requests",
+    "ttft_observed_seconds": "Mean observed TTFT of recent admitted requests",
+    "ttft_ratio": "Observed / predicted TTFT",
+    "tpot_predicted_seconds": "Mean predicted TPOT of recent admitted requests",
+    "tpot_observed_seconds": "Mean observed TPOT of recent admitted requests",
+    "tpot_ratio": "Observed / predicted TPOT",
+    "queued_prefill_tokens": "Uncached prompt tokens dispatched for prefill and not done",
+    "decode_batch": "Requests running in the pool's engines",
+    "waiting_requests": "Requests waiting in the pool's engines",
+    "kv_usage": "Mean KV usage of the pool's replicas",
+    "current_replicas": "Replicas the router sees",
+    "desired_replicas": "Replicas the SLOs need next interval, before stabilization",
+    "target_replicas": "Replica target after stabilization (autoscaled pools)",
+}
+
+
 class ClusterMetrics:
     def __init__(self, worker_stats_source) -> None:
         r = self.registry = CollectorRegistry()
@@ -197,6 +220,15 @@ class ClusterMetrics:
         )
         self.prompt_tokens = Counter("pdserve_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.completion_tokens = Counter("pdserve_completion_tokens", "Tokens returned to clients", registry=r)
+        self.planner = {
+            name: Gauge(f"pdserve_planner_{name}", doc, ["pool"], registry=r) for name, doc in PLANNER_GAUGES.items()
+        }
+        self.planner_decisions = Counter(
+            "pdserve_planner_decisions",
+            "Autoscaling decisions by reason (scale_up, scale_down, hold_*, at_min, at_max, steady)",
+            ["pool", "reason"],
+            registry=r,
+        )
         r.register(_WorkerStatsCollector(worker_stats_source))
 
     def watch_prefix_index(self, blocks: Callable[[], Mapping[str, int]], kv_events: Callable[[], int]) -> None:

@@ -37,7 +37,7 @@ from typing import Any
 
 from ray.serve.exceptions import BackPressureError
 
-from router.policy import RoutingPolicy
+from router.policy import RoutingObserver, RoutingPolicy
 from router.types import EndpointState, PoolSnapshot, Rejection, RequestDescriptor, RoutingDecision
 from serve.failures import (
     DecodeFailed,
@@ -99,10 +99,14 @@ class Orchestrator:
         clock: Callable[[], float] = time.monotonic,
         push_compression: str | None = None,
         decode_migrations: int = 1,
+        observer: RoutingObserver | None = None,
     ) -> None:
-        """``prefill_timeout_s``, ``idle_timeout_s``, ``decode_migrations``: the ``router`` config fields."""
+        """``prefill_timeout_s``, ``idle_timeout_s``, ``decode_migrations``: the ``router`` config fields.
+        ``observer`` (the autoscaling planner) gets the policy's ``on_routed`` / ``on_first_token`` /
+        ``on_finish`` events too."""
         self._handles = handles
         self._policy = policy
+        self._observer = observer
         self._directory = directory
         self._metrics = metrics
         self._prefill_timeout_s = prefill_timeout_s
@@ -171,6 +175,8 @@ class Orchestrator:
         """The policy's ``on_routed`` hook, and the routing metrics: a request counts once, when first
         routed; a move counts in ``prefill_fallbacks{retry}`` only."""
         self._policy.on_routed(desc, outcome, moved=bool(retry))
+        if self._observer is not None:
+            self._observer.on_routed(desc, outcome, moved=bool(retry))
         if retry:
             self._metrics.prefill_fallbacks.labels(retry).inc()
             return
@@ -406,6 +412,8 @@ class Orchestrator:
         if decision.predicted_ttft_s:
             self._metrics.ttft_pred_ratio.observe(ttft_s / decision.predicted_ttft_s)
         self._policy.on_first_token(decision, ttft_s)
+        if self._observer is not None:
+            self._observer.on_first_token(decision, ttft_s)
 
     def _finished(self, decision: RoutingDecision, progress: _Progress) -> None:
         tpot_s = None
@@ -414,6 +422,8 @@ class Orchestrator:
             if decision.predicted_tpot_s:
                 self._metrics.tpot_pred_ratio.observe(tpot_s / decision.predicted_tpot_s)
         self._policy.on_finish(decision, tpot_s)
+        if self._observer is not None:
+            self._observer.on_finish(decision, tpot_s)
 
     async def _migrate(
         self, job: GenerationJob, failure: DecodeFailed, generated: tuple[int, ...]

@@ -44,6 +44,31 @@ class ReplicaRange(_Strict):
         return self.min == self.max
 
 
+class PoolAutoscaling(_Strict):
+    """SLO-driven autoscaling of a pool (serve/planner.py, router/autoscale.py). Off: a ranged pool follows
+    Ray Serve's default policy on ``replicas.target_ongoing_requests``."""
+
+    enabled: bool = Field(False, description="the ingress's planner sets the pool's replica target")
+    adjustment_interval_s: float = Field(10.0, gt=0, description="seconds between planning decisions")
+    predictor: Literal["constant", "ewma", "trend"] = Field(
+        "ewma",
+        description="forecast of the next interval's load: the last interval's value, its exponential "
+        "moving average, or a least-squares trend over the last intervals",
+    )
+    demand_window_s: float = Field(30.0, gt=0, description="sliding window of the arrival rate and request sizes")
+    upscale_delay_s: float = Field(
+        0.0, ge=0, description="scale-up stabilization: the lowest recommendation over this window wins"
+    )
+    downscale_delay_s: float = Field(
+        300.0, ge=0, description="scale-down stabilization: the highest recommendation over this window wins"
+    )
+    max_step: int = Field(1, ge=1, description="most replicas added or removed by one decision")
+    cooldown_s: float = Field(30.0, ge=0, description="no change for this long after a change")
+    utilization: float = Field(
+        0.8, gt=0, le=1, description="prefill: share of a replica's fitted prefill rate the plan may use"
+    )
+
+
 class CpuDevice(_Strict):
     """A CPU engine. ``cpu_cores`` pins the engine's OpenMP threads (vLLM
     ``VLLM_CPU_OMP_THREADS_BIND``: ``"0"``, ``"0-3"``, ``"auto"``); two engines on the same cores
@@ -178,6 +203,7 @@ class PoolConfig(_Strict):
     device: CpuDevice | GpuDevice = Field(default_factory=CpuDevice, discriminator="kind")
     engine: EngineConfig = Field(default_factory=EngineConfig)
     max_ongoing_requests: int = Field(64, ge=1, description="Ray Serve per-replica concurrency cap")
+    autoscaling: PoolAutoscaling = Field(default_factory=PoolAutoscaling)
 
     @field_validator("replicas", mode="before")
     @classmethod
@@ -185,6 +211,17 @@ class PoolConfig(_Strict):
         if isinstance(v, int) and not isinstance(v, bool):
             return {"min": v, "max": v}
         return v
+
+    @model_validator(mode="after")
+    def _autoscaling_needs_a_range(self) -> PoolConfig:
+        if self.autoscaling.enabled and self.replicas.fixed:
+            raise ValueError(f"pool {self.name!r}: autoscaling.enabled needs replicas {{min < max}}")
+        if self.autoscaling.enabled and self.replicas.min < 1:
+            raise ValueError(
+                f"pool {self.name!r}: autoscaling.enabled needs replicas.min >= 1 (the planner's target reaches "
+                "Serve through the pool's own replicas)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _gpu_count_matches_parallelism(self) -> PoolConfig:

@@ -54,6 +54,19 @@ class EngineServer:
         self._pool = pool_cfg
         self._wrapper = EngineWrapper(spec, make_handoff(handoff_cfg, host), endpoint_id=ctx.replica_id.unique_id)
         self._wrapper.start()
+        self._replica_target: tuple[int, float] | None = None
+
+    async def set_replica_target(self, target: int, decided_s: float, endpoint_hint: str | None = None) -> None:
+        """The pool's replica target from the ingress's planner (serve/planner.py) and the wall-clock time
+        it was decided."""
+        self._replica_target = (int(target), float(decided_s))
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics, read by serve/autoscale_policy.py (none before a target)."""
+        if self._replica_target is None:
+            return {}
+        target, decided_s = self._replica_target
+        return {"pdserve_target_replicas": float(target), "pdserve_target_decided_s": decided_s}
 
     async def prefill(self, req: PrefillRequest, endpoint_hint: str | None = None) -> PrefillResult:
         return await self._wrapper.prefill(req)
