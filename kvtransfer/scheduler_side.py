@@ -204,31 +204,19 @@ class SlabConnectorScheduler:
                 self._receiving[request.request_id] = offset
         if fail:
             self.stats.fail(fail)
-        hs, s = self._handshake, self.spec
-        reservation = SlabHandoff(
-            version=PROTOCOL_VERSION,
-            engine_id=hs.agent_name,
-            request_id=push.rendezvous,
-            host=hs.host,
-            port=hs.port,
-            num_tokens=num_tokens,
-            block_size=s.block_size,
-            dtype=self.dtype_name,
-            num_layers=s.num_layers,
-            num_kv_heads=s.num_kv_heads,
-            head_dim=s.head_dim,
-            k_transposed=hs.k_transposed,
-            compression=push.compression,
-            group=self.settings.group,
-            deadline_unix_s=self._clock() + max(self.settings.read_timeout_s, push.timeout_s),
-            slabs=slabs,
+        reservation = self._describe(
+            push.rendezvous,
+            num_tokens,
+            push.compression,
+            self._clock() + max(self.settings.read_timeout_s, push.timeout_s),
+            slabs,
         )
         self._meta.recvs.append(
             RecvJob(
                 request.request_id,
                 reservation,
                 tuple(block_ids),
-                first_token // s.block_size,
+                first_token // self.spec.block_size,
                 offset,
                 fail=fail,
                 **span,
@@ -300,26 +288,32 @@ class SlabConnectorScheduler:
         timeout = self.settings.handoff_timeout_s
         self._published[req_id] = packed.offset
         self._meta.published[req_id] = timeout
+        handoff = self._describe(req_id, packed.num_tokens, packed.compression, self._clock() + timeout, packed.slabs)
+        return True, handoff.to_kv_transfer_params()
+
+    def _describe(
+        self, request_id: str, num_tokens: int, compression: str, deadline_unix_s: float, slabs: Sequence[SlabDesc]
+    ) -> SlabHandoff:
+        """Slabs in this engine's pool, described for the peer that READs (pull) or WRITEs (push) them."""
         hs, s = self._handshake, self.spec
-        handoff = SlabHandoff(
+        return SlabHandoff(
             version=PROTOCOL_VERSION,
             engine_id=hs.agent_name,
-            request_id=req_id,
+            request_id=request_id,
             host=hs.host,
             port=hs.port,
-            num_tokens=packed.num_tokens,
+            num_tokens=num_tokens,
             block_size=s.block_size,
             dtype=self.dtype_name,
             num_layers=s.num_layers,
             num_kv_heads=s.num_kv_heads,
             head_dim=s.head_dim,
             k_transposed=hs.k_transposed,
-            compression=packed.compression,
+            compression=compression,
             group=self.settings.group,
-            deadline_unix_s=self._clock() + timeout,
-            slabs=list(packed.slabs),
+            deadline_unix_s=deadline_unix_s,
+            slabs=list(slabs),
         )
-        return True, handoff.to_kv_transfer_params()
 
     # ----------------------------------------------------------------------------- both
     def update_connector_output(self, finished_sending: Sequence[str], finished_recving: Sequence[str]) -> None:
