@@ -110,9 +110,9 @@ def decode():
     return w, nixl, clock, wall
 
 
-def _job(w, req_id="d1", offset=0, fail=None) -> RecvJob:
-    nbytes = w._codecs["none"].wire_nbytes(3)
-    handoff = SlabHandoff(
+def _handoff(**kw) -> SlabHandoff:
+    """A handoff of this file's geometry; ``kw`` sets the fields a test cares about."""
+    base = dict(
         version=PROTOCOL_VERSION,
         engine_id="P",
         request_id="p1",
@@ -128,8 +128,12 @@ def _job(w, req_id="d1", offset=0, fail=None) -> RecvJob:
         compression="none",
         group=32,
         deadline_unix_s=DEADLINE,
-        slabs=[SlabDesc(1 << 40, nbytes, 0, 3)],
     )
+    return SlabHandoff(**(base | kw))
+
+
+def _job(w, req_id="d1", offset=0, fail=None) -> RecvJob:
+    handoff = _handoff(slabs=[SlabDesc(1 << 40, w._codecs["none"].wire_nbytes(3), 0, 3)])
     return RecvJob(req_id, handoff, (1, 2, 3), first_block=0, offset=offset, fail=fail)
 
 
@@ -301,20 +305,4 @@ class TestPushSender:
 
 
 def _job_handoff() -> SlabHandoff:
-    return SlabHandoff(
-        version=PROTOCOL_VERSION,
-        engine_id="D",
-        request_id="rv",
-        host="h",
-        port=1,
-        num_tokens=1,
-        block_size=BLOCK,
-        dtype="float32",
-        num_layers=LAYERS,
-        num_kv_heads=HEADS,
-        head_dim=HEAD_DIM,
-        k_transposed=True,
-        compression="none",
-        group=32,
-        deadline_unix_s=DEADLINE,
-    )
+    return _handoff(engine_id="D", request_id="rv", host="h", port=1, num_tokens=1)
