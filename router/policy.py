@@ -53,18 +53,14 @@ class RoutingObserver(Protocol):
     def on_finish(self, decision: RoutingDecision, tpot_s: float | None) -> None: ...
 
 
-class RoutingPolicy(Protocol):
+class RoutingPolicy(RoutingObserver, Protocol):
+    """Routes, and learns from the observer events of what it routed (and from engine stats)."""
+
     prefix_index: PrefixIndex | None
 
     def route(self, req: RequestDescriptor, snapshot: PoolSnapshot, admit: bool = True) -> RoutingDecision | Rejection:
         """Place ``req``; ``admit=False``: a request already admitted (its decode moves to another
         replica after a failure) is placed without admission control."""
-
-    def on_routed(self, req: RequestDescriptor, outcome: RoutingDecision | Rejection, moved: bool = False) -> None: ...
-
-    def on_first_token(self, decision: RoutingDecision, ttft_s: float) -> None: ...
-
-    def on_finish(self, decision: RoutingDecision, tpot_s: float | None) -> None: ...
 
     def on_stats(self, samples: EngineSamples) -> None: ...
 

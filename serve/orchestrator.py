@@ -106,7 +106,7 @@ class Orchestrator:
         ``on_finish`` events too."""
         self._handles = handles
         self._policy = policy
-        self._observer = observer
+        self._observers: tuple[RoutingObserver, ...] = (policy,) if observer is None else (policy, observer)
         self._directory = directory
         self._metrics = metrics
         self._prefill_timeout_s = prefill_timeout_s
@@ -172,11 +172,10 @@ class Orchestrator:
         return decision
 
     def _record(self, desc: RequestDescriptor, outcome: RoutingDecision | Rejection, retry: str | None) -> None:
-        """The policy's ``on_routed`` hook, and the routing metrics: a request counts once, when first
-        routed; a move counts in ``prefill_fallbacks{retry}`` only."""
-        self._policy.on_routed(desc, outcome, moved=bool(retry))
-        if self._observer is not None:
-            self._observer.on_routed(desc, outcome, moved=bool(retry))
+        """The policy's and the observer's ``on_routed`` hook, and the routing metrics: a request counts once,
+        when first routed; a move counts in ``prefill_fallbacks{retry}`` only."""
+        for o in self._observers:
+            o.on_routed(desc, outcome, moved=bool(retry))
         if retry:
             self._metrics.prefill_fallbacks.labels(retry).inc()
             return
@@ -411,9 +410,8 @@ class Orchestrator:
     def _first_token(self, decision: RoutingDecision, ttft_s: float) -> None:
         if decision.predicted_ttft_s:
             self._metrics.ttft_pred_ratio.observe(ttft_s / decision.predicted_ttft_s)
-        self._policy.on_first_token(decision, ttft_s)
-        if self._observer is not None:
-            self._observer.on_first_token(decision, ttft_s)
+        for o in self._observers:
+            o.on_first_token(decision, ttft_s)
 
     def _finished(self, decision: RoutingDecision, progress: _Progress) -> None:
         tpot_s = None
@@ -421,9 +419,8 @@ class Orchestrator:
             tpot_s = (self._clock() - progress.first_s) / (len(progress.generated) - 1)
             if decision.predicted_tpot_s:
                 self._metrics.tpot_pred_ratio.observe(tpot_s / decision.predicted_tpot_s)
-        self._policy.on_finish(decision, tpot_s)
-        if self._observer is not None:
-            self._observer.on_finish(decision, tpot_s)
+        for o in self._observers:
+            o.on_finish(decision, tpot_s)
 
     async def _migrate(
         self, job: GenerationJob, failure: DecodeFailed, generated: tuple[int, ...]
