@@ -1,4 +1,4 @@
-"""What a non-editable ``pip install .`` ships: the four product packages and the embedded default config
+"""What a non-editable ``pip install .`` ships: the five product packages and the embedded default config
 as package data; no tests, no load generation or studies (pyproject.toml [tool.setuptools])."""
 
 import fnmatch
@@ -10,7 +10,7 @@ from serve.cli import main
 from serve.config import DEFAULT_CONFIG, ClusterConfig
 from tests.conftest import REPO
 
-PRODUCT = ("serve", "workers", "router", "kvtransfer")
+PRODUCT = ("serve", "workers", "router", "kvtransfer", "capacity")
 
 
 def setuptools_table() -> dict:
