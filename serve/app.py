@@ -16,6 +16,7 @@ from workers.deployment import EngineServer
 
 ROUTER_CLASS = "serve.request_router:PdRequestRouter"
 PLANNER_POLICY = "serve.autoscale_policy:pool_target_policy"
+INGRESS_CONTROL_REQUESTS = 64  # Serve concurrency of the ingress beyond server.max_ongoing_requests
 
 
 def pool_deployment_options(pool: PoolConfig, cfg: ClusterConfig) -> dict[str, Any]:
@@ -90,7 +91,9 @@ def build_app(cfg: ClusterConfig, model_path: str) -> serve.Application:
     ingress = serve.deployment(Ingress).options(
         name="ingress",
         num_replicas=1,
-        max_ongoing_requests=cfg.server.max_ongoing_requests,
+        # above the ingress's own limit (serve.gate.refuse_when_busy answers 503 in OpenAI shape), with room
+        # for /health and /metrics while it refuses
+        max_ongoing_requests=cfg.server.max_ongoing_requests + INGRESS_CONTROL_REQUESTS,
         max_queued_requests=cfg.server.max_queued_requests,
         graceful_shutdown_timeout_s=cfg.server.graceful_shutdown_timeout_s,
         ray_actor_options={"num_cpus": 1},

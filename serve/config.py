@@ -97,7 +97,9 @@ class AuthConfig(_Strict):
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    max_ongoing_requests: int = Field(512, ge=1, description="ingress replica concurrency")
+    max_ongoing_requests: int = Field(
+        512, ge=1, description="generation requests the ingress serves at once; beyond it 503 server_overloaded"
+    )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413 before parsing")
     max_queued_requests: int = Field(
         1024, ge=1, description="Serve handle queue bound of every deployment (ingress and pools); beyond it 503"
@@ -106,7 +108,10 @@ class ServerConfig(_Strict):
         30.0, gt=0, description="a replica Serve stops (scale-in, shutdown) finishes in-flight requests this long"
     )
     drain_grace_s: float = Field(
-        30.0, gt=0, description="on SIGTERM, in-flight requests get this long to finish before the cluster stops"
+        30.0,
+        gt=0,
+        description="on SIGTERM, in-flight requests get this long to finish before the cluster stops "
+        "(stopping takes ~10-30 s more; leave that to a supervisor's kill timeout)",
     )
     auth: AuthConfig = Field(default_factory=AuthConfig)
 

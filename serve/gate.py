@@ -30,6 +30,28 @@ async def read_limited(content_length: str | None, chunks: AsyncIterable[bytes],
     return bytes(buf)
 
 
+def refuse_when_busy(draining: bool, active: int, max_active: int, drain_grace_s: float) -> None:
+    """503 + Retry-After for a new generation request while the server drains, or while it already serves
+    ``max_active`` of them (``server.max_ongoing_requests``): refused in OpenAI shape by the ingress itself,
+    before Serve's own replica limit (set above it, serve/app.py) would queue or drop it."""
+    if draining:
+        raise ApiError(
+            503,
+            "The server is draining and takes no new requests.",
+            type_="server_error",
+            code="draining",
+            retry_after_s=drain_grace_s,
+        )
+    if active >= max_active:
+        raise ApiError(
+            503,
+            f"The server is serving its maximum of {max_active} requests; retry shortly.",
+            type_="server_error",
+            code="server_overloaded",
+            retry_after_s=1,
+        )
+
+
 class Gate:
     """Authentication and per-key limits of the ingress; with auth off every call lets requests by."""
 
@@ -89,9 +111,10 @@ class Gate:
             extra_headers=d.headers,
         )
 
-    def release(self, p: Principal | None) -> None:
+    def release(self, p: Principal | None, unused_tokens: int = 0) -> None:
+        """End an admitted request; the key gets back the ``unused_tokens`` of its charge."""
         if p is not None:
-            self._limiter.release(p.key_id)
+            self._limiter.release(p.key_id, unused_tokens)
 
     def in_flight(self, p: Principal) -> int:
         return self._limiter.in_flight(p.key_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import functools
 import logging
 import time
@@ -26,7 +27,7 @@ from router.pipeline import build_policy
 from router.types import Role
 from serve.adapters import ParsedRequest, RequestAdapter, parse_body
 from serve.config import ClusterConfig
-from serve.gate import Gate, read_limited
+from serve.gate import Gate, read_limited, refuse_when_busy
 from serve.kv_events import KvEventFeed
 from serve.metrics import ClusterMetrics
 from serve.openapi import build_openapi
@@ -85,6 +86,20 @@ async def _prepend(first: bytes, rest: AsyncIterator[bytes], on_end=None) -> Asy
     finally:
         if on_end is not None:
             on_end()
+
+
+@dataclasses.dataclass(slots=True)
+class _Charge:
+    """One admitted generation request as the key's limits counted it: ``max_new_tokens`` completion
+    tokens were charged at admission; what it did not generate is given back when it ends."""
+
+    who: Any  # serve.auth.Principal, or None with auth off
+    max_new_tokens: int
+    generated: int = 0
+
+    @property
+    def unused_tokens(self) -> int:
+        return max(0, self.max_new_tokens - self.generated)
 
 
 # NOTE: everything Ingress uses must be defined above it: @serve.ingress pickles the class by value
@@ -277,23 +292,17 @@ class Ingress:
     def drain_status(self) -> dict[str, Any]:
         return {"status": "draining" if self._draining else "serving", "in_flight": self._active}
 
-    def _release(self, who) -> None:
+    def _release(self, charge: _Charge) -> None:
         self._active -= 1
-        self._gate.release(who)
+        self._gate.release(charge.who, charge.unused_tokens)
 
     async def _handle(self, request: Request, kind: str, model_cls: type) -> Response:
         self._ensure_started()
         t0 = time.monotonic()
         headers = request.headers
         try:
-            if self._draining:
-                raise ApiError(
-                    503,
-                    "The server is draining and takes no new requests.",
-                    type_="server_error",
-                    code="draining",
-                    retry_after_s=self._cfg.server.drain_grace_s,
-                )
+            server = self._cfg.server
+            refuse_when_busy(self._draining, self._active, server.max_ongoing_requests, server.drain_grace_s)
             who = self._gate.authenticate(headers.get("authorization"))
             raw = await read_limited(headers.get("content-length"), request.stream(), self._cfg.server.max_body_bytes)
             body = parse_body(raw, model_cls)
@@ -310,26 +319,29 @@ class Ingress:
             self.metrics.requests.labels(kind, str(e.status_code)).inc()
             raise
         self._active += 1
+        charge = _Charge(who, desc.max_new_tokens)
         try:
             self.metrics.prompt_tokens.inc(parsed.job.desc.num_prompt_tokens)
             if body.stream:
-                stream = self._stream(parsed, t0)
+                stream = self._stream(parsed, t0, charge)
                 # surface routing errors (503/429) as an HTTP status, not inside a 200 stream
                 first = await stream.__anext__()
                 return StreamingResponse(
-                    _prepend(first, stream, on_end=lambda: self._release(who)),
+                    _prepend(first, stream, on_end=lambda: self._release(charge)),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Request-Id": parsed.response_id, **limit_headers},
                 )
         except BaseException:
-            self._release(who)
+            self._release(charge)
             raise
         try:
-            return await self._complete(parsed, t0, limit_headers)
+            return await self._complete(parsed, t0, charge, limit_headers)
         finally:
-            self._release(who)
+            self._release(charge)
 
-    async def _complete(self, p: ParsedRequest, t0: float, headers: dict[str, str] | None = None) -> JSONResponse:
+    async def _complete(
+        self, p: ParsedRequest, t0: float, charge: _Charge, headers: dict[str, str] | None = None
+    ) -> JSONResponse:
         parts: list[str] = []
         n_tokens, reason, first_s = 0, None, None
         gen = self._orch.generate(p.job)
@@ -340,6 +352,7 @@ class Ingress:
                     self.metrics.ttft.labels(p.kind).observe(first_s - t0)
                 parts.append(chunk.text)
                 n_tokens += len(chunk.token_ids)
+                charge.generated = n_tokens
                 reason = chunk.finish_reason or reason
         except ApiError as e:
             self.metrics.requests.labels(p.kind, str(e.status_code)).inc()
@@ -359,7 +372,7 @@ class Ingress:
             headers={"X-Request-Id": p.response_id, **(headers or {})},
         )
 
-    async def _stream(self, p: ParsedRequest, t0: float) -> AsyncIterator[bytes]:
+    async def _stream(self, p: ParsedRequest, t0: float, charge: _Charge) -> AsyncIterator[bytes]:
         """SSE stream. Errors before the first byte propagate (-> HTTP status); later ones become an
         ``error`` event followed by ``[DONE]``, with no finish chunk and no usage chunk."""
         w = ChunkWriter(p)
@@ -377,6 +390,7 @@ class Ingress:
                     hist.labels(p.kind).observe(now - (t0 if last_s is None else last_s))
                     last_s = now
                 n_tokens += len(chunk.token_ids)
+                charge.generated = n_tokens
                 if chunk.text or chunk.finish_reason:
                     yielded = True
                     yield w.delta(chunk.text, chunk.finish_reason)

@@ -110,10 +110,17 @@ class RateLimiter:
         st.in_flight += 1
         return RateDecision(True, self._headers(st))
 
-    def release(self, key_id: str) -> None:
+    def release(self, key_id: str, unused_tokens: int = 0) -> None:
+        """An admitted request ended: its in-flight slot comes back, and so do the ``unused_tokens`` it was
+        charged for and did not use (``max_tokens`` it did not generate), up to the bucket's capacity."""
         st = self._keys.get(key_id)
-        if st is not None and st.in_flight > 0:
+        if st is None:
+            return
+        if st.in_flight > 0:
             st.in_flight -= 1
+        if st.tokens is not None and unused_tokens > 0:
+            st.tokens.refill(self.clock())
+            st.tokens.level = min(st.tokens.capacity, st.tokens.level + unused_tokens)
 
     def in_flight(self, key_id: str) -> int:
         st = self._keys.get(key_id)

@@ -344,5 +344,6 @@ class TestZDrain:
         assert cluster.proc.returncode == 0, "".join(cluster.lines[-40:])
         assert still_streaming >= 1  # the refusal came while streams were still running
         assert drained_s < DRAIN_GRACE_S
+        assert exit_s < DRAIN_GRACE_S, exit_s  # drained and stopped within the grace period
         drained = [x for x in cluster.lines if x.startswith("[pdserve] drained in")]
         assert drained and f"{n} of {n} in-flight requests finished" in drained[0], cluster.lines[-20:]

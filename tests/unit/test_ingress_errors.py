@@ -12,7 +12,7 @@ import pytest
 from loadtests.client import sse_data
 from router.types import RequestDescriptor
 from serve.adapters import ParsedRequest
-from serve.ingress import Ingress
+from serve.ingress import Ingress, _Charge
 from serve.metrics import ClusterMetrics
 from serve.orchestrator import GenerationJob
 from serve.protocol import ApiError, ChatCompletionRequest
@@ -55,7 +55,7 @@ def _events(script, include_usage=True):
     """The SSE payloads of a streamed request (the ``first`` pull is what _handle awaits before the 200)."""
 
     async def main():
-        return [e async for e in Ingress._stream(_ingress(script), _parsed(True, include_usage), 0.0)]
+        return [e async for e in Ingress._stream(_ingress(script), _parsed(True, include_usage), 0.0, _Charge(None, 8))]
 
     return [sse_data(e.decode().strip()) for e in asyncio.run(main())]
 
@@ -76,7 +76,7 @@ class TestStreaming:
 
     def test_error_before_the_first_byte_propagates_as_the_http_status(self):
         async def main():
-            stream = Ingress._stream(_ingress([FAILED]), _parsed(True), 0.0)
+            stream = Ingress._stream(_ingress([FAILED]), _parsed(True), 0.0, _Charge(None, 8))
             await stream.__anext__()
 
         with pytest.raises(ApiError) as ei:
@@ -91,12 +91,12 @@ class TestStreaming:
 class TestNonStreaming:
     def test_error_after_tokens_is_the_error_not_a_truncated_200(self):
         with pytest.raises(ApiError) as ei:
-            asyncio.run(Ingress._complete(_ingress([HI, FAILED]), _parsed(False), 0.0))
+            asyncio.run(Ingress._complete(_ingress([HI, FAILED]), _parsed(False), 0.0, _Charge(None, 8)))
         assert ei.value is FAILED
 
     def test_unexpected_exception_is_a_500(self):
         with pytest.raises(ApiError) as ei:
-            asyncio.run(Ingress._complete(_ingress([HI, RuntimeError("bug")]), _parsed(False), 0.0))
+            asyncio.run(Ingress._complete(_ingress([HI, RuntimeError("bug")]), _parsed(False), 0.0, _Charge(None, 8)))
         assert (ei.value.status_code, ei.value.code) == (500, "internal_error")
 
     def test_client_disconnect_cancels_the_generation_and_counts(self):
@@ -116,7 +116,7 @@ class TestNonStreaming:
         ns._orch = FakeBlockingOrchestrator()
 
         async def main():
-            task = asyncio.ensure_future(Ingress._complete(ns, _parsed(False), 0.0))
+            task = asyncio.ensure_future(Ingress._complete(ns, _parsed(False), 0.0, _Charge(None, 8)))
             await asyncio.sleep(0.05)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -128,7 +128,9 @@ class TestNonStreaming:
         assert ns.metrics.requests.labels("chat", "499")._value.get() == 1
 
     def test_complete_response(self):
-        resp = asyncio.run(Ingress._complete(_ingress([HI, THERE]), _parsed(False), 0.0))
+        charge = _Charge(None, 8)
+        resp = asyncio.run(Ingress._complete(_ingress([HI, THERE]), _parsed(False), 0.0, charge))
+        assert (charge.generated, charge.unused_tokens) == (2, 6)  # given back to the key's token bucket
         body = json.loads(resp.body)
         assert resp.status_code == 200 and body["choices"][0]["message"]["content"] == "hi there"
         assert body["choices"][0]["finish_reason"] == "stop"

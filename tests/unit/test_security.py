@@ -17,7 +17,7 @@ from serve.auth import (
     parse_entries,
 )
 from serve.config import DEFAULT_CONFIG, AuthConfig, ClusterConfig, ConfigError, KeyLimits
-from serve.gate import Gate, read_limited
+from serve.gate import Gate, read_limited, refuse_when_busy
 from serve.protocol import ApiError
 from serve.ratelimit import RateLimiter, TokenBucket
 
@@ -189,6 +189,27 @@ class TestGate:
     def test_key_limits_override_tier_limits_field_by_field(self):
         merged = KeyLimits(requests_per_s=1).over(KeyLimits(requests_per_s=5, tokens_per_min=100))
         assert (merged.requests_per_s, merged.tokens_per_min) == (1, 100)
+
+    def test_a_busy_or_draining_server_refuses_in_openai_shape(self):
+        refuse_when_busy(False, 511, 512, 30)  # below the limit: admitted
+        with pytest.raises(ApiError) as e:
+            refuse_when_busy(False, 512, 512, 30)
+        assert (e.value.status_code, e.value.code, e.value.headers()["Retry-After"]) == (503, "server_overloaded", "1")
+        with pytest.raises(ApiError) as e:
+            refuse_when_busy(True, 0, 512, 30)
+        assert (e.value.status_code, e.value.code, e.value.headers()["Retry-After"]) == (503, "draining", "30")
+
+    def test_unused_completion_tokens_are_given_back(self):
+        clock = Clock()
+        lim = RateLimiter(clock)
+        limits = KeyLimits(tokens_per_min=600)
+        assert lim.admit("k", limits, 500).allowed  # prompt 100 + max_tokens 400
+        assert not lim.admit("k", limits, 500).allowed
+        lim.release("k", unused_tokens=390)  # it generated 10 of its 400
+        d = lim.admit("k", limits, 480)
+        assert d.allowed and d.headers["x-ratelimit-remaining-tokens"] == "10"
+        lim.release("k", unused_tokens=10_000)  # never above the bucket's capacity
+        assert lim.admit("k", limits, 600).allowed and not lim.admit("k", limits, 1).allowed
 
     def test_refused_request_takes_nothing(self):
         clock = Clock()
