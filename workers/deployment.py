@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ray import serve
@@ -18,6 +20,21 @@ from workers.handoff import make_handoff
 from workers.messages import DecodeRequest, PrefillRequest, PrefillResult, TokenChunk
 
 logger = logging.getLogger(__name__)
+
+LEASE_POLL_S = 0.2
+
+
+async def wait_kv_released(kv_usage: Callable[[], float], bound_s: float, poll_s: float = LEASE_POLL_S) -> float | None:
+    """Wait until the engine holds no KV blocks, at most ``bound_s``; the seconds it took, or None if blocks
+    were still held at the bound. Called once Serve has drained the replica's requests, so what is still held
+    is KV that prefills hand off and no decode has read yet (its lease; vLLM frees it when the read is done or
+    the lease expires, and its scheduler stats follow within the same step)."""
+    t0 = time.monotonic()
+    while kv_usage() > 0:
+        if time.monotonic() - t0 >= bound_s:
+            return None
+        await asyncio.sleep(poll_s)
+    return time.monotonic() - t0
 
 
 def _side_channel_host(cfg: KvHandoffConfig) -> str:
@@ -52,6 +69,7 @@ class EngineServer:
             kv_events_address=address,
         )
         self._pool = pool_cfg
+        self._lease_s = handoff_cfg.kv_lease_s
         self._wrapper = EngineWrapper(spec, make_handoff(handoff_cfg, host), endpoint_id=ctx.replica_id.unique_id)
         self._wrapper.start()
         self._replica_target: tuple[int, float] | None = None
@@ -85,7 +103,18 @@ class EngineServer:
     async def check_health(self) -> None:
         await self._wrapper.check_health()
 
-    def __del__(self) -> None:
+    async def __del__(self) -> None:
+        """Serve awaits this when it stops the replica (scale-in, shutdown), after the replica's requests
+        have drained and within ``server.graceful_shutdown_timeout_s``: KV that decodes have yet to read is
+        read (or its lease expires) before the engine stops."""
         wrapper = getattr(self, "_wrapper", None)
-        if wrapper is not None:
+        if wrapper is None:
+            return
+        try:
+            waited = await wait_kv_released(lambda: wrapper.stats().kv_usage, float(self._lease_s))
+            if waited is None:
+                logger.warning("replica stop: KV leases still held after %ss", self._lease_s)
+            elif waited > 0:
+                logger.warning("replica stop: waited %.1fs for KV leases to be read", waited)
+        finally:
             wrapper.shutdown()

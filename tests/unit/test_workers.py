@@ -1,3 +1,4 @@
+import asyncio
 import socket
 
 import pytest
@@ -302,3 +303,24 @@ def test_renice_children_raises_niceness_of_spawned_processes():
     finally:
         child.kill()
         child.wait()
+
+
+class TestKvLeasesAtStop:
+    """workers/deployment.py: a stopping replica waits for the KV its prefills handed off to be read."""
+
+    def test_waits_until_the_engine_holds_no_kv(self):
+        from workers.deployment import wait_kv_released
+
+        usage = iter([0.4, 0.4, 0.1, 0.0])  # a fake engine's kv_usage, one value per poll
+        waited = asyncio.run(wait_kv_released(lambda: next(usage), bound_s=5, poll_s=0.01))
+        assert waited is not None and 0.02 <= waited < 1
+
+    def test_gives_up_at_the_bound(self):
+        from workers.deployment import wait_kv_released
+
+        assert asyncio.run(wait_kv_released(lambda: 0.2, bound_s=0.05, poll_s=0.01)) is None
+
+    def test_nothing_held_returns_at_once(self):
+        from workers.deployment import wait_kv_released
+
+        assert asyncio.run(wait_kv_released(lambda: 0.0, bound_s=5)) == pytest.approx(0, abs=0.01)
