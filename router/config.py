@@ -58,6 +58,13 @@ class PlacementConfig(BaseModel):
         "the 2-core box it cut TTFT p50 at 2-4 req/s but raised ITL p99 "
         "(loadtests/results/20261129-232708)",
     )
+    local_prefill_when_idle: bool = Field(
+        True,
+        description="prefill on the decode replica when it has nothing to do (no request running, waiting or "
+        "dispatched) and would compute no more of the prompt than the prefill replica: no decode step waits "
+        "for it, and the request skips the KV handoff and a hop (TTFT ~0.2 s instead of ~0.35 s for 256 tokens "
+        "on the 2-core box)",
+    )
     prefix_index_capacity_blocks: int = Field(1_000_000, ge=1)
     share_prefix_across_tenants: bool = Field(False, description="false: a tenant's hashes are salted")
 

@@ -5,7 +5,9 @@ Pure: stdlib only.
 ``conditional`` (conditional disaggregation; thresholds in ``router.placement``): local (on the decode
 replica) when its uncached part is short or its cached share is high; otherwise the prefill replica
 with the longest cached prefix among those whose queue has room (then least queued, least loaded,
-random). No prefill replica with room -> local. With ``local_prefill_when_sooner``, local too when
+random). No prefill replica with room -> local. With ``local_prefill_when_idle``, local when the decode
+replica has nothing to do and would compute no more of the prompt than the prefill replica (no decode
+step waits for it; the request skips the handoff). With ``local_prefill_when_sooner``, local too when
 that replica is backed up and the decode engine would finish the prompt sooner without stretching its
 batch's next step past the tier's TPOT SLO: as load shifts to prefill, the decode engines take part of
 it (at the cost of their inter-token latency).
@@ -74,6 +76,14 @@ class ConditionalPrefill:
                 reason = "remote_prefill"
             else:
                 reason = "local_prefill:no_prefill_room" if prefills else "local_prefill:no_prefill_replica"
+        if (
+            prefill is not None
+            and p.local_prefill_when_idle
+            and decode.load == 0
+            and decode.queued_prefill_tokens == 0
+            and d_uncached <= prompt - hit + prefill.queued_prefill_tokens
+        ):
+            prefill, hit, reason = None, d_hit, "local_prefill:idle"
         if (
             prefill is not None
             and p.local_prefill_when_sooner

@@ -86,7 +86,7 @@ def cluster(reference):
         decode_replicas=1,
         dtype=DTYPE,
         kv_handoff={"backend": "slab", "slab_mode": "push"},
-        placement={"local_prefill_max_tokens": 0, "local_prefill_min_hit_ratio": 1.0},
+        placement={"local_prefill_max_tokens": 0, "local_prefill_min_hit_ratio": 1.0, "local_prefill_when_idle": False},
     )
     with running_cluster(cfg) as c:
         yield c

@@ -53,6 +53,7 @@ def cluster():
         placement={
             "local_prefill_max_tokens": 0,
             "local_prefill_min_hit_ratio": 1.0,
+            "local_prefill_when_idle": False,
             "local_prefill_when_sooner": False,
         },  # (the default, stated)
         admission={"enabled": False},

@@ -56,7 +56,7 @@ def cluster():
         decode_replicas=2,
         dtype=DTYPE,
         kv_handoff={"kv_lease_s": KV_LEASE_S},
-        placement={"local_prefill_max_tokens": 0, "local_prefill_min_hit_ratio": 1.0},
+        placement={"local_prefill_max_tokens": 0, "local_prefill_min_hit_ratio": 1.0, "local_prefill_when_idle": False},
         admission={"enabled": False},
     )
     with running_cluster(cfg) as c:

@@ -74,7 +74,10 @@ def cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("security")
     (tmp / "keys.json").write_text(json.dumps(KEYS))
     port = free_port()
-    cfg = cluster_config(port, placement={"local_prefill_max_tokens": 0, "local_prefill_min_hit_ratio": 1.0})
+    cfg = cluster_config(
+        port,
+        placement={"local_prefill_max_tokens": 0, "local_prefill_min_hit_ratio": 1.0, "local_prefill_when_idle": False},
+    )
     data = cfg.model_dump(mode="json")
     data["server"].update(auth={"keys_file": str(tmp / "keys.json")}, drain_grace_s=DRAIN_GRACE_S)
     # admission off: the drain streams and the rate-limit trips must not meet capacity rejections or caps

@@ -34,7 +34,10 @@ def routed(pol, r, snap, admit=True):
 
 
 def policy(**router):
-    cfg = RouterConfig(**router)
+    """The pipeline with ``router``; the idle-decode rule is off unless given (most tests route to idle
+    replicas to test other rules; TestLocalPrefillWhenIdle tests that one)."""
+    placement = {"local_prefill_when_idle": False, **router.pop("placement", {})}
+    cfg = RouterConfig(placement=placement, **router)
     return SloAwarePolicy(cfg, PrefixIndex(), {}, BS, random.Random(0))
 
 
@@ -290,3 +293,32 @@ class TestLocalPrefillWhenSooner:
     def test_off_by_config(self):
         assert self.route(prefill_queued=4096, local_prefill_when_sooner=False).prefill.endpoint_id == "P1"
         assert RouterConfig().placement.local_prefill_when_sooner is False  # off unless a config opts in
+
+
+class TestLocalPrefillWhenIdle:
+    def _route(self, decode_kw, prefill_kw=None, tokens=1024, decode_hit_blocks=0, prefill_hit_blocks=0):
+        pol = policy(admission={"enabled": False}, placement={"local_prefill_when_idle": True})
+        r = req(tokens)
+        pol.prefix_index.add("D1", r.block_hashes[:decode_hit_blocks])
+        pol.prefix_index.add("P1", r.block_hashes[:prefill_hit_blocks])
+        snap = PoolSnapshot([ep("D1", Role.DECODE, **decode_kw), ep("P1", Role.PREFILL, **(prefill_kw or {}))])
+        return routed(pol, r, snap)
+
+    def test_an_idle_decode_replica_prefills_itself(self):
+        d = self._route({})
+        assert (d.prefill, d.reason, d.uncached_tokens) == (None, "local_prefill:idle", 1024)
+
+    def test_not_when_it_has_work(self):
+        for kw in ({"load": 1}, {"queued": 200}):
+            d = self._route(kw)
+            assert d.prefill is not None and d.reason == "remote_prefill", kw
+
+    def test_not_when_the_prefill_replica_has_more_of_the_prompt_cached(self):
+        d = self._route({}, prefill_hit_blocks=4)
+        assert d.prefill is not None and d.prefix_hit_tokens == 4 * BS
+        # ... unless its queue makes up the difference
+        d = self._route({}, {"queued": 4 * BS}, prefill_hit_blocks=4)
+        assert (d.prefill, d.reason) == (None, "local_prefill:idle")
+
+    def test_on_by_default(self):
+        assert RouterConfig().placement.local_prefill_when_idle is True

@@ -79,7 +79,17 @@ class TestDecider:
         d = self.decider(prefill_queue_limit_tokens=100)
         out = d.place(1000, "free", ep("D"), [ep("P", Role.PREFILL, queued=500)], {"D": 0, "P": 0}, BS)
         assert (out.prefill, out.reason, out.uncached_tokens) == (None, "local_prefill:no_prefill_room", 1000)
+        out = d.place(1000, "free", ep("D", load=1), [ep("P", Role.PREFILL, queued=50)], {"D": 0, "P": 0}, BS)
+        assert (out.prefill.endpoint_id, out.reason) == ("P", "remote_prefill")
+
+    def test_an_idle_decode_replica_prefills_unless_the_prefill_replica_has_more_cached(self):
+        d = self.decider()
         out = d.place(1000, "free", ep("D"), [ep("P", Role.PREFILL, queued=50)], {"D": 0, "P": 0}, BS)
+        assert (out.prefill, out.reason, out.uncached_tokens) == (None, "local_prefill:idle", 1000)
+        out = d.place(1000, "free", ep("D"), [ep("P", Role.PREFILL)], {"D": 0, "P": 10}, BS)
+        assert (out.prefill.endpoint_id, out.reason, out.uncached_tokens) == ("P", "remote_prefill", 840)
+        off = self.decider(local_prefill_when_idle=False)
+        out = off.place(1000, "free", ep("D"), [ep("P", Role.PREFILL)], {"D": 0, "P": 0}, BS)
         assert (out.prefill.endpoint_id, out.reason) == ("P", "remote_prefill")
 
     def test_hit_and_uncached_are_the_prefilling_replicas(self):
@@ -150,7 +160,7 @@ class TestHooks:
         activity = TierActivity(30.0, clock) if clock else None
         return SloAwarePolicy(cfg, PrefixIndex(), {}, BS, random.Random(0), activity=activity)
 
-    SNAP = PoolSnapshot([ep("D1"), ep("P1", Role.PREFILL)])
+    SNAP = PoolSnapshot([ep("D1", load=1), ep("P1", Role.PREFILL)])  # a busy decode replica: remote prefill
 
     def test_route_changes_no_state(self):
         t = [0.0]
@@ -182,7 +192,7 @@ class TestHooks:
     def test_a_refusal_records_the_arrival_only_when_admission_decided_it(self):
         t = [0.0]
         pol = self.policy(lambda: t[0])
-        crowded = PoolSnapshot([ep("D1"), ep("P1", Role.PREFILL, queued=5000)])
+        crowded = PoolSnapshot([ep("D1", load=1), ep("P1", Role.PREFILL, queued=5000)])
         r = req(1000, tier="premium", hashes=range(60))
         refused = pol.route(r, crowded)
         assert isinstance(refused, Rejection) and refused.reason == "overload_ttft"
