@@ -35,6 +35,7 @@ PREMIUM_GLOBEX = "sk-test-premium-globex-0003"  # tenant globex
 LIMITED = "sk-test-limited-0004"  # 2 requests of burst, then one per 10 s
 FUZZ = "sk-test-fuzz-0005"
 ADMIN = "sk-test-admin-0006"
+ONE_AT_A_TIME = "sk-test-one-stream-0007"  # one request in flight, 600 tokens a minute
 DRAIN_GRACE_S = 60.0
 KEYS = [
     {"key": FREE_ACME, "tenant": "acme", "max_tier": "free"},
@@ -43,6 +44,12 @@ KEYS = [
     {"key": LIMITED, "tenant": "slow", "max_tier": "free", "limits": {"requests_per_s": 0.1, "request_burst": 2}},
     {"key": FUZZ, "tenant": "fuzz", "max_tier": "premium"},
     {"key": ADMIN, "tenant": "ops", "max_tier": "free", "admin": True},
+    {
+        "key": ONE_AT_A_TIME,
+        "tenant": "solo",
+        "max_tier": "free",
+        "limits": {"max_concurrent_requests": 1, "tokens_per_min": 600},
+    },
 ]
 # > 4 blocks of 128 tokens, the same for every tenant
 SYSTEM = "You are a careful assistant for a library. " + " ".join(
@@ -203,6 +210,35 @@ class TestLimits:
         assert r.headers["x-ratelimit-remaining-requests"] == "0"
         # other keys are not limited by it
         assert _chat(url, FREE_ACME).status_code == 200
+
+    def test_concurrent_stream_cap_and_unused_tokens_given_back(self, cluster):
+        """One stream in flight at a time; a request charges prompt + max_tokens of the key's 600 tokens a
+        minute, and what it did not generate comes back when it ends."""
+        url = cluster.base_url
+        body = {
+            "model": MODEL,
+            "max_tokens": 64,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "messages": [{"role": "user", "content": "Tell me about lighthouses."}],
+        }
+        with httpx.stream(
+            "POST", f"{url}/v1/chat/completions", json=body, headers=_auth(ONE_AT_A_TIME), timeout=120
+        ) as r:
+            assert r.status_code == 200
+            second = _chat(url, ONE_AT_A_TIME)
+            err = _assert_openai_error(second, 429, "rate_limit_exceeded")
+            assert "concurrent" in err["message"] and int(second.headers["Retry-After"]) >= 1
+            for _ in r.iter_lines():
+                pass
+        # each of the next two is charged ~325 tokens (prompt + max_tokens=300): without the refund the second
+        # would not fit in the 600-token minute after the stream and the first; stopping at the first word
+        # gives back ~300
+        for _ in range(2):
+            r = _chat(url, ONE_AT_A_TIME, max_tokens=300, content="Say hi.", stop=[" ", "."])
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] < 20
 
     def test_2mib_body_is_413_before_parsing_without_ingress_growth(self, cluster):
         url = cluster.base_url
