@@ -158,6 +158,11 @@ class EngineGroup:
     def measures_handoff(self) -> bool:
         return self.prefill_pool.name != self.decode_pool.name
 
+    @property
+    def measuring_pools(self) -> tuple[PoolConfig, ...]:
+        """The pools whose engines start (one engine each): the prefill and the decode measuring pool."""
+        return (self.prefill_pool, self.decode_pool) if self.measures_handoff else (self.prefill_pool,)
+
 
 def group_pools(pools: Sequence[PoolConfig], key_of: Callable[[PoolConfig], ProfileKey]) -> list[EngineGroup]:
     """Pools grouped by profile key, in config order."""
@@ -233,21 +238,17 @@ class _Engines:
         from workers.handoff import make_handoff
 
         saved = dict(os.environ)
+        cfg = self.handoff_cfg
+        host = cfg.side_channel_host if cfg.side_channel_host != "auto" else "127.0.0.1"  # engines on this host
         try:
-            for pool in {
-                self.group.prefill_pool.name: self.group.prefill_pool,
-                self.group.decode_pool.name: self.group.decode_pool,
-            }.values():
+            for pool in self.group.measuring_pools:
                 spec = EngineSpec(
                     pool=pool,
                     model_path=self.model_path,
                     served_model_name=self.model_name,
                     max_model_len=self.max_model_len,
                 )
-                host = (
-                    self.handoff_cfg.side_channel_host if self.handoff_cfg.side_channel_host != "auto" else "127.0.0.1"
-                )
-                handoff = make_handoff(self.handoff_cfg, host) if self.group.measures_handoff else None
+                handoff = make_handoff(cfg, host) if self.group.measures_handoff else None
                 w = EngineWrapper(spec, handoff, endpoint_id=f"profile-{pool.name}")
                 self.wrappers[pool.name] = w
                 w.start()

@@ -104,6 +104,7 @@ def test_default_config_is_one_engine_type_measured_on_both_pools():
     g = groups[0]
     assert (g.prefill_pool.name, g.decode_pool.name) == ("prefill", "decode")
     assert g.measures_handoff
+    assert [p.name for p in g.measuring_pools] == ["prefill", "decode"]
 
 
 def test_pools_of_different_devices_are_separate_engine_types():
@@ -111,6 +112,7 @@ def test_pools_of_different_devices_are_separate_engine_types():
     groups = group_pools(pools, lambda p: profile_key("m", p, "bfloat16", AMX, 4))
     assert [[p.name for p in g.pools] for g in groups] == [["a"], ["b", "c"]]
     assert not groups[0].measures_handoff and groups[0].decode_pool.name == "a"
+    assert [p.name for p in groups[0].measuring_pools] == ["a"]
     assert groups[1].prefill_pool.name == "b"  # no prefill pool: the first measures prefill
 
 
