@@ -1,10 +1,11 @@
-"""`pdserve` command line: serve | prepare-model | status | validate."""
+"""`pdserve` command line: serve | prepare-model | status | validate | profile."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -108,6 +109,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from serve.profile_cmd import run_profile
+
+    logging.basicConfig(level=logging.WARNING, format="[pdserve] %(message)s")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the engines' start-up chatter
+    cfg = _load(args.config, args.overrides)
+    try:
+        run_profile(cfg, args.out, args.pools, args.quick, progress=lambda m: print(m, flush=True))
+    except ValueError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pdserve", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -131,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.add_parser("validate", help="check a config and print it resolved")
     _add_config_args(v)
     v.set_defaults(fn=cmd_validate)
+    pr = sub.add_parser("profile", help="measure each pool's engine; write a profile file (capacity/profile.py)")
+    _add_config_args(pr)
+    pr.add_argument("--out", default="profile.json", help="profile file to write (default profile.json)")
+    pr.add_argument("--pools", default=None, metavar="NAME,...", help="only these pools (default: all)")
+    pr.add_argument("--quick", action="store_true", help="a few points only (a smoke run, ~1-2 min on a CPU)")
+    pr.set_defaults(fn=cmd_profile)
     args = p.parse_args(argv)
     try:
         return args.fn(args)

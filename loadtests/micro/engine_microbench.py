@@ -128,7 +128,9 @@ def main(argv=None) -> int:
         _child(args)
         return 0
     from loadtests.bench import bundled_model_dir
+    from workers.engine import cpu_flags
     from workers.engine_env import MALLOC_REUSE_ENV
+    from workers.profiler import cpu_isa, cpu_model
 
     model_dir = args.model_dir or bundled_model_dir()
     rows = []
@@ -172,24 +174,16 @@ def main(argv=None) -> int:
     run_id = time.strftime("%Y%m%d-%H%M%S") + "-engine"
     out_dir = Path(args.out) if args.out else REPO / "loadtests" / "results" / run_id
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"cores": args.cores, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats, "cpu": _cpu_model()}
+    meta = {
+        "cores": args.cores,
+        "prompt_tokens": args.prompt_tokens,
+        "repeats": args.repeats,
+        "cpu": f"{cpu_model()} ({cpu_isa(cpu_flags())})",
+    }
     (out_dir / "engine.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     _plot(rows, out_dir / "engine.png")
     print(f"[engine-microbench] results in {out_dir}", flush=True)
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                flags = Path("/proc/cpuinfo").read_text()
-                return line.split(":", 1)[1].strip() + (
-                    " (avx512_bf16)" if "avx512_bf16" in flags else " (no avx512_bf16/amx)"
-                )
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

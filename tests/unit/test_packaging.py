@@ -45,3 +45,15 @@ def test_serve_without_a_config_uses_the_embedded_default(monkeypatch):
     monkeypatch.setattr("signal.signal", lambda *_: None)  # cmd_serve's SIGTERM handler stays out of pytest
     assert main(["serve"]) == 1
     assert seen["cfg"] == ClusterConfig.from_yaml(DEFAULT_CONFIG)
+
+
+def test_the_shipped_profiles_are_package_data():
+    from capacity.profile import load_profiles
+
+    data = setuptools_table()["package-data"]
+    assert data["capacity"] == ["profiles/*.json", "*.yaml"]
+    shipped = sorted((REPO / "capacity" / "profiles").glob("*.json"))
+    assert [p.name for p in shipped] and "smollm2-135m-cpu.json" in [p.name for p in shipped]
+    for path in shipped:
+        assert fnmatch.fnmatch(str(path.relative_to(REPO / "capacity")), data["capacity"][0])
+        assert load_profiles(path)
