@@ -119,3 +119,11 @@ def test_trace_replays_as_recorded(tmp_path):
 def test_unknown_workload():
     with pytest.raises(ValueError, match="random-512-64"):
         get_workload("nope")
+
+
+def test_bench_entries_map_to_presets():
+    from loadtests.bench import VS_VLLM_WORKLOADS
+    from loadtests.sim_validation import sim_preset
+
+    assert [sim_preset(w) for w, _ in VS_VLLM_WORKLOADS[:3]] == ["random-256-128", "random-512-64", "shared-prefix"]
+    assert all(sim_preset(w) in PRESETS for w in ("random", "chat", "shared-prefix-wide"))
