@@ -66,19 +66,12 @@ class Percentiles:
     n: int
 
     @classmethod
-    def of(cls, values, weights=None) -> Percentiles:
+    def of(cls, values) -> Percentiles:
         v = np.asarray(values, dtype=float)
         if v.size == 0:
             return cls(None, None, None, None, 0)
-        if weights is None:
-            p50, p90, p99 = np.percentile(v, [50, 90, 99]).tolist()
-            return cls(p50, p90, p99, float(v.mean()), int(v.size))
-        w = np.asarray(weights, dtype=float)
-        order = np.argsort(v)
-        v, w = v[order], w[order]
-        cdf = np.cumsum(w) / w.sum()
-        p50, p90, p99 = (float(v[min(np.searchsorted(cdf, q), v.size - 1)]) for q in (0.5, 0.9, 0.99))
-        return cls(p50, p90, p99, float((v * w).sum() / w.sum()), int(w.sum()))
+        p50, p90, p99 = np.percentile(v, [50, 90, 99]).tolist()  # linear, as loadtests/stats.py
+        return cls(p50, p90, p99, float(v.mean()), int(v.size))
 
 
 @dataclass(frozen=True)
