@@ -22,9 +22,11 @@ part does, and how it follows what the served cluster does:
 - **Decode replicas.** Continuous batching: every step gives each running request one token; waiting
   requests join (FCFS, up to ``max_num_seqs``) while the KV cache has the blocks for their context;
   a running request that cannot grow preempts the latest joined one, which recomputes later (vLLM's
-  recompute preemption). A request prefilled locally is computed in chunks from the step budget left
-  after the decode tokens, interleaved with the decode steps. Step time: ``decode_step_s(batch, mean
-  context)`` plus the prefill chunk's marginal time.
+  recompute preemption). A handed-off request's KV loads during the first step it is scheduled in
+  (vLLM's asynchronous KV load: the request waits for remote KV); its first token comes from the
+  next. A request prefilled locally is computed in chunks from the step budget left after the decode
+  tokens, interleaved with the decode steps. Step time: ``decode_step_s(batch, mean context)`` plus
+  the prefill chunk's marginal time.
 
 Not modelled: engine failures and retries, prefill-side KV limits, QoS tiers (every request is the
 default tier), network contention between concurrent handoffs.
@@ -142,6 +144,7 @@ class _Req:
         "finish_s",
         "release",
         "decode_engine",
+        "loading",
     )
 
     def __init__(self, i: int, spec: SimRequest, desc: RequestDescriptor) -> None:
@@ -159,6 +162,7 @@ class _Req:
         self.finish_s: float | None = None
         self.release = 0  # router-reserved prefill tokens not yet released
         self.decode_engine: _Engine | None = None
+        self.loading = False  # its handed-off KV loads into the decode engine during its first step there
 
 
 @cache
@@ -285,24 +289,25 @@ class _Engine:
             chunks.append((r, take))
             budget -= take
         tokens = self.budget - budget
-        return self.prefill_s(tokens), chunks, (), tokens
+        return self.prefill_s(tokens), chunks, (), tokens, ()
 
     def _plan_decode(self):
         bs = self.bs
-        decodes = [r for r in self.running if r.prefill_left == 0]
+        decodes = [r for r in self.running if r.prefill_left == 0 and not r.loading]
         # each decoding request grows by one token; preempt the latest joined while KV runs out
         need = sum(1 for r in decodes if r.context % bs == 0)
         while self.used_blocks + need > self.capacity_blocks and len(self.running) > 1:
             victim = self.running.pop()
             self.used_blocks -= victim.blocks
-            if victim.prefill_left == 0:
+            if victim.prefill_left == 0 and not victim.loading:
                 decodes.remove(victim)
                 need -= victim.context % bs == 0
-            victim.blocks, victim.context = 0, 0
+            victim.blocks, victim.context, victim.loading = 0, 0, False
             victim.prefill_start_s = -1.0  # recompute: prompt + what it generated
             self.waiting.appendleft(victim)
             self.sim.preemptions += 1
         budget = self.budget - len(decodes)
+        loads = []
         # join waiting requests while a slot, KV and (for a local prefill) budget allow
         while self.waiting and len(self.running) < self.max_num_seqs:
             r = self.waiting[0]
@@ -320,7 +325,9 @@ class _Engine:
             r.blocks, r.context = blocks, ctx
             self.used_blocks += blocks
             self.running.append(r)
-            if r.prefill_left == 0:
+            if r.loading:
+                loads.append(r)
+            elif r.prefill_left == 0:
                 decodes.append(r)
                 budget -= 1
         chunks = []
@@ -330,7 +337,7 @@ class _Engine:
                 chunks.append((r, take))
                 budget -= take
         if not decodes and not chunks:
-            return None
+            return (0.0, (), (), 0, loads) if loads else None
         prefill_tokens = sum(t for _, t in chunks)
         step_s = 0.0
         if decodes:
@@ -340,10 +347,12 @@ class _Engine:
                 step_s += max(0.0, self.prefill_s(prefill_tokens) - self.prefill_s(1))
         else:
             step_s = self.prefill_s(prefill_tokens)
-        return step_s, chunks, decodes, prefill_tokens
+        return step_s, chunks, decodes, prefill_tokens, loads
 
     def step_done(self, plan) -> None:
-        step_s, chunks, decodes, _ = plan
+        step_s, chunks, decodes, _, loads = plan
+        for r in loads:
+            r.loading = False
         sim, now = self.sim, self.sim.now
         self.busy = False
         if self.role is Role.PREFILL:
@@ -474,8 +483,9 @@ class Simulation:
     def handoff_done(self, r: _Req) -> None:
         e = r.decode_engine
         e.store(r.desc.block_hashes)  # received blocks are cached on the decode engine too
-        r.prefill_start_s = 0.0  # its KV is here: it joins as a decode
+        r.prefill_start_s = 0.0  # its KV is here: it joins as a decode, after a step that loads it
         r.prefill_left = 0
+        r.loading = True
         e.waiting.append(r)
         e.kick()
 
