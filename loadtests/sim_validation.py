@@ -30,13 +30,14 @@ METRICS = (  # (name, measured summary path, simulated result path)
 BOUNDS = {"ttft_p50_s": 0.25, "ttft_p99_s": 0.25, "tpot_p50_s": 0.25, "goodput_rps": 0.20}  # issue 19
 
 
-def sim_preset(entry: str) -> str:
+def sim_preset(entry: str) -> str | None:
     """The simulator preset of a bench workload entry (``random:input_tokens=256,output_tokens=128``
-    -> ``random-256-128``)."""
+    -> ``random-256-128``); None for an entry with options no preset has."""
     name, kw = parse_workload(entry)
+    kw.pop("n", None)
     if name == "random":
         return f"random-{kw.get('input_tokens', 512)}-{kw.get('output_tokens', 64)}"
-    return name
+    return None if kw else name
 
 
 def _get(d: dict, path: tuple[str, ...]):
@@ -53,17 +54,23 @@ def simulate(config: str, overrides: list[str], preset: str, rate: float, n: int
     return json.loads(subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True).stdout)
 
 
-def validate_run(run: Path, seeds: int, profiles: str | None) -> list[dict]:
+def validate_run(run: Path, seeds: int, profiles: str | None, config_of: dict[str, str]) -> list[dict]:
+    """Every row of ``ours`` systems in ``run``; ``config_of``: label -> config, for runs recorded with a
+    config not in the repository."""
     summary = json.loads((run / "summary.json").read_text())
     args = summary["meta"]["args"]
     configs = {}
     for entry in args["systems"].split(","):
-        label, _, config = parse_system(entry, args["config"])
-        configs[label] = str(REPO / config) if not Path(config).is_absolute() else config
+        label, kind, config = parse_system(entry, args["config"])
+        if kind == "ours":
+            config = config_of.get(label, config)
+            configs[label] = str(REPO / config) if not Path(config).is_absolute() else config
     labels = dict(zip(workload_labels(args["workloads"]), args["workloads"]))
     rows = []
     for m in summary["rows"]:
-        preset = sim_preset(labels[m["workload"]])
+        preset = sim_preset(labels[m["workload"]]) if m["workload"] in labels else None
+        if m["system"] not in configs or preset is None:
+            continue
         sims = [
             simulate(configs[m["system"]], args["overrides"], preset, m["rate"], m["requests"], s, profiles)
             for s in range(seeds)
@@ -136,8 +143,16 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--profiles", default=None, help="profile file (default: pdserve simulate's)")
+    p.add_argument(
+        "--system-config",
+        action="append",
+        default=[],
+        metavar="LABEL=CONFIG",
+        help="the config a run's system ran (when the run recorded one not in the repository)",
+    )
     args = p.parse_args(argv)
-    rows = [row for run in args.runs for row in validate_run(Path(run), args.seeds, args.profiles)]
+    config_of = dict(e.split("=", 1) for e in args.system_config)
+    rows = [row for run in args.runs for row in validate_run(Path(run), args.seeds, args.profiles, config_of)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "validation.json").write_text(json.dumps({"seeds": args.seeds, "rows": rows}, indent=2) + "\n")
