@@ -94,15 +94,15 @@ def validate_run(run: Path, seeds: int, profiles: str | None, config_of: dict[st
 
 
 def table(rows: list[dict]) -> str:
-    head = "| system | workload | rate | " + " | ".join(f"{n} meas / sim (err)" for n, _, _ in METRICS) + " |"
-    lines = [head, "|" + "---|" * (3 + len(METRICS))]
+    head = "| run | system | workload | rate | " + " | ".join(f"{n} meas / sim (err)" for n, _, _ in METRICS) + " |"
+    lines = [head, "|" + "---|" * (4 + len(METRICS))]
     for r in rows:
         cells = []
         for n, _, _ in METRICS:
             c = r[n]
             err = "-" if c["error"] is None else f"{c['error']:+.0%}"
             cells.append(f"{c['measured']:.3f} / {c['simulated']:.3f} ({err})")
-        lines.append(f"| {r['system']} | {r['workload']} | {r['rate']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['run']} | {r['system']} | {r['workload']} | {r['rate']} | " + " | ".join(cells) + " |")
     within = {
         n: sum(1 for r in rows if r[n]["error"] is not None and abs(r[n]["error"]) <= BOUNDS[n]) for n, _, _ in METRICS
     }
