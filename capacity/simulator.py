@@ -47,6 +47,7 @@ from capacity.cluster import SimCluster, SimPool
 from capacity.profile import EngineProfile
 from capacity.workload import SimRequest, Workload
 from kvtransfer.wire import wire_byte_ratio
+from router.admission import engine_priority
 from router.hashing import block_keys
 from router.pipeline import build_policy
 from router.types import EndpointState, PoolSnapshot, Rejection, RequestDescriptor, Role, RoutingDecision
@@ -221,7 +222,7 @@ class _Engine:
                 kv_capacity_tokens=self.capacity_blocks * self.bs,
                 in_flight=self.in_flight,
                 queued_prefill_tokens=self.queued_tokens,
-                queued_prefill_by_priority=((0, self.queued_tokens),) if self.queued_tokens else (),
+                queued_prefill_by_priority=((self.sim.priority, self.queued_tokens),) if self.queued_tokens else (),
                 updated_s=self.sim.now,
             )
         return self._state
@@ -408,6 +409,10 @@ class Simulation:
             budget = int(pool.profile.meta.get("max_num_batched_tokens") or DEFAULT_BUDGET_TOKENS)
             self.engines += [_Engine(self, pool, i, budget) for i in range(pool.replicas)]
         self.by_id = {e.id: e for e in self.engines}
+        tiers = cluster.router.qos_tiers
+        default = tiers.get(cluster.router.default_tier)
+        # the engine priority every request runs at (the default tier's), as the orchestrator sends it
+        self.priority = engine_priority(default.priority) if default is not None else 0
         self.slo_ttft_s = cluster.router.slo.ttft_ms / 1e3
         self.slo_tpot_s = cluster.router.slo.tpot_ms / 1e3
         self.itl: list[float] = []
