@@ -27,6 +27,20 @@ PROTOCOL_VERSION = 3
 Compression = Literal["none", "int8", "int4"]
 COMPRESSIONS: tuple[str, ...] = get_args(Compression)
 
+
+def wire_byte_ratio(compression: str | None, dtype_bytes: int, group: int = 32) -> float:
+    """Wire bytes per raw KV byte of a slab of ``dtype_bytes``-wide values: 1 uncompressed; int8 and
+    int4 carry codes (8 or 4 bits a value) plus, per group of ``group`` values, an fp16 scale and an
+    8-bit (int8) or 4-bit (int4) zero point (kvtransfer/quant.py GroupQuant.encoded_nbytes)."""
+    if compression in (None, "none"):
+        return 1.0
+    if compression == "int8":
+        return (1 + 3 / group) / dtype_bytes
+    if compression == "int4":
+        return (0.5 + 2.5 / group) / dtype_bytes
+    raise ValueError(f"unknown compression {compression!r}; choose from {COMPRESSIONS}")
+
+
 # kv_transfer_params keys (vLLM's NixlConnector names where they mean the same thing)
 KEY_DO_REMOTE_DECODE = "do_remote_decode"
 KEY_DO_REMOTE_PREFILL = "do_remote_prefill"

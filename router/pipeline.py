@@ -18,7 +18,7 @@ prompt's blocks on the replicas that will hold them and the tier's arrival, ``on
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from router.admission_stage import SloAdmission
 from router.config import RouterConfig
@@ -113,11 +113,21 @@ class SloAwarePolicy:
             m.observe_decode(batch, seconds, context_tokens)
 
 
-def build_policy(cfg: RouterConfig, block_size: int, rng: random.Random | None = None) -> RoutingPolicy:
+def build_policy(
+    cfg: RouterConfig,
+    block_size: int,
+    rng: random.Random | None = None,
+    clock: Callable[[], float] | None = None,
+) -> RoutingPolicy:
     """The policy named in the config (``slo-aware``: the pipeline; ``least-loaded`` and ``round-robin``:
-    baselines without admission)."""
+    baselines without admission). ``clock``: what tier activity is timed on (default: monotonic time;
+    the simulator passes its simulated time)."""
     if cfg.policy == "least-loaded":
         return LeastLoadedPolicy(rng)
     if cfg.policy == "round-robin":
         return RoundRobinPolicy()
-    return SloAwarePolicy(cfg, PrefixIndex(cfg.placement.prefix_index_capacity_blocks), {}, block_size, rng)
+    idle_s = cfg.admission.tier_idle_s
+    activity = TierActivity(idle_s, clock) if clock is not None and idle_s is not None else None
+    return SloAwarePolicy(
+        cfg, PrefixIndex(cfg.placement.prefix_index_capacity_blocks), {}, block_size, rng, activity=activity
+    )

@@ -1,4 +1,4 @@
-"""`pdserve` command line: serve | prepare-model | status | validate | profile."""
+"""`pdserve` command line: serve | prepare-model | status | validate | profile | simulate."""
 
 from __future__ import annotations
 
@@ -33,6 +33,25 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     cfg = _load(args.config, args.overrides)
     print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from capacity.simulator import simulate
+    from capacity.workload import get_workload
+    from serve.sim_cluster import load_sim_cluster
+
+    try:
+        cluster = load_sim_cluster(_load(args.config, args.overrides), args.profiles)
+        workload = get_workload(args.workload)
+    except (KeyError, ValueError, OSError) as e:
+        print(f"pdserve simulate: {e}", file=sys.stderr)
+        return 2
+    result = simulate(cluster, workload, args.rate, args.requests, args.seed)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(result.summary())
     return 0
 
 
@@ -152,6 +171,17 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--pools", default=None, metavar="NAME,...", help="only these pools (default: all)")
     pr.add_argument("--quick", action="store_true", help="a few points only (a smoke run, ~1-2 min on a CPU)")
     pr.set_defaults(fn=cmd_profile)
+    sim = sub.add_parser("simulate", help="simulate a config serving a workload (engine profiles + the real router)")
+    _add_config_args(sim)
+    sim.add_argument(
+        "--workload", required=True, help="random-256-128 | random-512-64 | shared-prefix | bursty | chat | trace:FILE"
+    )
+    sim.add_argument("--rate", type=float, required=True, help="offered requests per second")
+    sim.add_argument("--requests", type=int, default=1000)
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--profiles", default=None, help="profile file (default: the bundled model's CPU profile)")
+    sim.add_argument("--json", action="store_true", help="the whole result as JSON")
+    sim.set_defaults(fn=cmd_simulate)
     args = p.parse_args(argv)
     try:
         return args.fn(args)

@@ -6,6 +6,7 @@ import torch
 from kvtransfer.codec import SlabCodec, hadamard
 from kvtransfer.quant import GroupQuant
 from kvtransfer.slab import MiB, SlabSpec, plan_slabs, pool_nbytes
+from kvtransfer.wire import wire_byte_ratio
 
 # SmolLM2-135M: 30 layers, 3 KV heads, head_dim 64
 SMOL = {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64}
@@ -136,6 +137,16 @@ class TestCpuAttnLayout:
 
 
 class TestSlabCodec:
+    @pytest.mark.parametrize("compression", ["none", "int8", "int4"])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    @pytest.mark.parametrize("group", [16, 32])
+    def test_wire_byte_ratio_matches_the_codec(self, compression, dtype, group):
+        """The pure ratio the simulator uses (kvtransfer/wire.py) is the real codec's wire/raw bytes."""
+        spec = SlabSpec(**SMOL, block_size=128, dtype_bytes=torch.finfo(dtype).bits // 8)
+        codec = SlabCodec(spec, dtype, compression, group=group)
+        ratio = codec.wire_nbytes(4) / codec.raw_nbytes(4)
+        assert wire_byte_ratio(compression, spec.dtype_bytes, group) == pytest.approx(ratio, rel=1e-12)
+
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
     @pytest.mark.parametrize("block_size", [32, 128])
     def test_none_round_trip_is_bit_exact(self, dtype, block_size):

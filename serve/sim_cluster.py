@@ -1,0 +1,102 @@
+"""A pdserve config as the simulator's ``SimCluster`` (``pdserve simulate``): each pool's replicas with
+the profile of its engine, found by the engine's key in a profile file and adjusted to the pool's own
+engine settings (decode batch limit, step token budget, KV cache size)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from capacity.cluster import Link, SimCluster, SimPool
+from capacity.profile import EngineProfile, load_profiles
+from serve.config import ClusterConfig
+from workers.config import CpuDevice, PoolConfig
+
+DEFAULT_PROFILES = Path(__file__).resolve().parent.parent / "capacity" / "profiles" / "smollm2-135m-cpu.json"
+# one node: the profile's measured handoff time already covers the transfer, the link adds nothing
+SAME_NODE = Link(bandwidth_gbps=math.inf, latency_s=0.0)
+
+
+def bound_cores(binding: str) -> int | None:
+    """Cores a CPU binding names ("0" -> 1, "0-3" -> 4, "0,2" -> 2); None for "auto" / "nobind"."""
+    if binding in ("auto", "nobind"):
+        return None
+    n = 0
+    for part in binding.split(","):
+        lo, _, hi = part.partition("-")
+        n += int(hi or lo) - int(lo) + 1
+    return n
+
+
+def pool_profile(profiles: Sequence[EngineProfile], model: str, pool: PoolConfig) -> EngineProfile:
+    """The profile of ``pool``'s engine: same model, device kind, TP/PP, dtype (any, for "auto"), and
+    device type (a GPU's ``gpu_type``; a CPU binding's core count, ``cpu-<n>core-...``). Raises
+    KeyError naming what was looked for."""
+    e, dev = pool.engine, pool.device
+    kind = "cpu" if isinstance(dev, CpuDevice) else "cuda"
+    cands = [
+        p
+        for p in profiles
+        if p.key.model == model
+        and p.device_kind == kind
+        and (p.key.tp, p.key.pp) == (e.tensor_parallel_size, e.pipeline_parallel_size)
+        and (e.dtype == "auto" or p.key.dtype == e.dtype)
+    ]
+    if isinstance(dev, CpuDevice):
+        cores = bound_cores(dev.cores_for_rank(0))
+        if cores is not None:
+            cands = [p for p in cands if p.key.device_type.startswith(f"cpu-{cores}core")] or cands
+    elif dev.gpu_type:
+        cands = [p for p in cands if p.key.device_type == dev.gpu_type]
+    if not cands:
+        raise KeyError(
+            f"pool {pool.name!r}: no profile for model {model!r} on {kind} "
+            f"(tp={e.tensor_parallel_size}, pp={e.pipeline_parallel_size}, dtype={e.dtype})"
+        )
+    return cands[0]
+
+
+def for_pool(profile: EngineProfile, pool: PoolConfig) -> EngineProfile:
+    """``profile`` with ``pool``'s own decode batch limit, step token budget and KV cache size."""
+    e, dev = pool.engine, pool.device
+    kv_tokens = profile.kv_capacity_tokens
+    if "num_gpu_blocks_override" in e.extra:
+        kv_tokens = int(e.extra["num_gpu_blocks_override"]) * e.block_size
+    elif isinstance(dev, CpuDevice):
+        kv_tokens = dev.kv_cache_space_gib * 2**30 // profile.kv_bytes_per_token
+    meta = dict(profile.meta)
+    if e.max_num_batched_tokens:
+        meta["max_num_batched_tokens"] = e.max_num_batched_tokens
+    return dataclasses.replace(profile, kv_capacity_tokens=kv_tokens, max_num_seqs=e.max_num_seqs, meta=meta)
+
+
+def sim_cluster(cfg: ClusterConfig, profiles: Sequence[EngineProfile]) -> SimCluster:
+    pools = []
+    for pool in cfg.pools:
+        prof = for_pool(pool_profile(profiles, cfg.model.name, pool), pool)
+        devices = 1 if isinstance(pool.device, CpuDevice) else pool.device.count
+        pools.append(
+            SimPool(
+                name=pool.name,
+                role=pool.role.value,
+                replicas=pool.replicas.min or pool.replicas.max,
+                profile=prof,
+                price_per_hour=float(prof.meta.get("price_per_hour", 0.0)),
+                devices_per_replica=devices,
+            )
+        )
+    kv = cfg.kv_handoff
+    compression = kv.slab.compression if kv.backend == "slab" else None
+    return SimCluster(
+        pools=tuple(pools),
+        router=cfg.router,
+        block_size=cfg.pools[0].engine.block_size,
+        default_link=SAME_NODE,
+        kv_compression=None if compression == "none" else compression,
+    )
+
+
+def load_sim_cluster(config: ClusterConfig, profiles_path: str | Path | None = None) -> SimCluster:
+    return sim_cluster(config, load_profiles(profiles_path or DEFAULT_PROFILES))
