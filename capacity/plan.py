@@ -24,7 +24,7 @@ from capacity.cpu_estimate import smollm2_cpu_estimate
 from capacity.estimate import Estimate, Flow, PoolLoad, PoolTimes, decode_shares, estimate, pool_times
 from capacity.inventory import Inventory
 from capacity.plan_inputs import Slo, Workload
-from capacity.profile import MEASURED, EngineProfile, load_profiles
+from capacity.profile import MEASURED, ROOFLINE, EngineProfile, load_profiles
 from capacity.roofline import DTYPE_BYTES, DoesNotFit, ModelSpec, estimate_profile
 from capacity.search import (
     DECODE,
@@ -386,6 +386,16 @@ class Planner:
         return cfg
 
 
+def estimate_kind(built: BuiltPlan) -> str:
+    """How a plan's timings were obtained, for every output that shows its figures."""
+    sources = {p.profile.source for p in built.pools}
+    if ROOFLINE in sources:
+        return "estimate (roofline)"
+    if sources - {MEASURED}:
+        return "estimate (" + ", ".join(sorted(sources - {MEASURED})) + ")"
+    return "estimate from measured profiles"
+
+
 @dataclass
 class PlanResult:
     planner: Planner
@@ -433,7 +443,7 @@ class PlanResult:
             "model": p.model.name,
             "workload": p.wl.model_dump(),
             "slo": p.slo.model_dump(),
-            "estimate_kind": "estimate (roofline)" if self.plan.estimated else "measured profiles",
+            "estimate_kind": estimate_kind(self.plan),
             "search": {
                 "iterations": self.iterations,
                 "evaluations": self.evaluations,
@@ -456,7 +466,7 @@ class PlanResult:
             f"# pdserve plan: {s['inventory']} / {s['model']}",
             "",
             f"Workload: {self.planner.wl.rate:g} req/s; SLO TTFT {s['slo']['ttft_ms']:g} ms, "
-            f"TPOT {s['slo']['tpot_ms']:g} ms. Figures: {s['estimate_kind']} (analytic queueing estimate).",
+            f"TPOT {s['slo']['tpot_ms']:g} ms. Figures: {s['estimate_kind']}, analytic queueing model.",
             f"Search: {s['search']['iterations']} tabu iterations, {s['search']['evaluations']} plans scored in "
             f"{s['search']['elapsed_s']} s (seed {s['search']['seed']}).",
             "",

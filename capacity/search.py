@@ -77,15 +77,25 @@ def _agglomerate(distance: np.ndarray, threshold: float) -> list[int]:
 
 
 def cluster_devices(inv: Inventory) -> list[tuple[int, ...]]:
-    """Devices clustered on link bandwidth (distance = 1 / bandwidth), cut halfway (geometrically) between
-    the two largest distinct distances, so only the slowest links separate clusters (with uniform
-    network links between servers: one cluster per server), then split by device type. Sorted by first
-    device id."""
+    """Devices clustered on link bandwidth (distance = 1 / bandwidth, average linkage), then split by device
+    type; sorted by first device id. The cut sits halfway (geometrically) between the slowest link
+    inside a server and the fastest link between servers, so servers stay whole and the network's
+    faster links can join servers; when some network link is as fast as a server's own, between the
+    two slowest distinct links."""
     bw = inv.bandwidth_gbps
     dist = 1.0 / bw
     np.fill_diagonal(dist, 0.0)
-    levels = np.unique(dist[~np.eye(len(dist), dtype=bool)])
-    threshold = float(np.sqrt(levels[-1] * levels[-2])) if levels.size > 1 else float("inf")
+    off = ~np.eye(len(dist), dtype=bool)
+    nodes = np.array([d.node for d in inv.devices])
+    same = (nodes[:, None] == nodes[None, :]) & off
+    between = nodes[:, None] != nodes[None, :]
+    levels = np.unique(dist[off])
+    if not between.any():
+        threshold = float("inf")
+    elif dist[same].size and dist[same].max() < dist[between].min():
+        threshold = float(np.sqrt(dist[same].max() * dist[between].min()))
+    else:
+        threshold = float(np.sqrt(levels[-1] * levels[-2])) if levels.size > 1 else float("inf")
     labels = _agglomerate(dist, threshold)
     groups: dict[tuple[int, str], list[int]] = {}
     for d in inv.devices:
