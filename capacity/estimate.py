@@ -154,18 +154,38 @@ def decode_shares(decode: list[PoolLoad], wl: Workload, slo: Slo) -> np.ndarray:
     return cap / cap.sum() if cap.sum() > 0 else np.zeros(len(decode))
 
 
+@dataclass(frozen=True)
+class _FlowArrays:
+    """The flows' invariants over admitted rates, one row per flow."""
+
+    prefill: np.ndarray  # prefill pool index
+    decode: np.ndarray  # decode pool index
+    share: np.ndarray
+    service_q_s: np.ndarray  # flows x prompt quantiles: prefill time
+    transfer_q_s: np.ndarray  # flows x prompt quantiles: KV handoff time
+
+
+def _flow_arrays(flows: list[Flow], prefill: list[PoolLoad], kv_bytes_q: np.ndarray) -> _FlowArrays:
+    return _FlowArrays(
+        prefill=np.array([f.prefill for f in flows], dtype=int),
+        decode=np.array([f.decode for f in flows], dtype=int),
+        share=np.array([f.share for f in flows]),
+        service_q_s=np.stack([prefill[f.prefill].times.prefill_q_s for f in flows]),
+        transfer_q_s=np.stack([f.link.latency_s + kv_bytes_q * 8 / (f.link.bandwidth_gbps * 1e9) for f in flows]),
+    )
+
+
 def _attainment(
     rate: float,
     prefill: list[PoolLoad],
     decode: list[PoolLoad],
-    flows: list[Flow],
+    flows: _FlowArrays | None,
     dshare: np.ndarray,
-    kv_bytes_q: np.ndarray,
-    wl: Workload,
+    out: float,
     slo: Slo,
 ) -> tuple[float, float, float]:
-    """(probability both SLOs hold, TTFT attainment, TPOT attainment) at admitted ``rate``."""
-    out = float(wl.output_tokens.quantiles().mean())
+    """(probability both SLOs hold, TTFT attainment, TPOT attainment) at admitted ``rate``; ``out``: mean
+    output tokens."""
     colocated = not prefill
     tpot_att, first_step, ttft_local = [], [], []
     for p, share in zip(decode, dshare):
@@ -195,16 +215,19 @@ def _attainment(
     rho = rate / mu.sum()
     if rho >= 1.0:
         return 0.0, 0.0, 0.0
-    both = ttft = 0.0
-    for f in flows:
-        p = prefill[f.prefill]
-        per_replica = rate * mu[f.prefill] / mu.sum() / p.replicas
-        wait = per_replica * p.times.prefill_m2 / (2 * (1 - rho))
-        extra = np.array([f.link.transfer_s(int(b)) for b in kv_bytes_q]) + first_step[f.decode]
-        t = ttft_attainment(p.times.prefill_q_s, extra, rho, wait, slo.ttft_s)
-        ttft += f.share * t
-        both += f.share * t * tpot_att[f.decode]
-    return both, ttft, float(np.dot(dshare, tpot_att))
+    m2 = np.array([p.times.prefill_m2 for p in prefill])
+    replicas = np.array([p.replicas for p in prefill])
+    # every prefill replica runs at utilisation rho; the M/G/1 mean wait of each flow's prefill pool
+    wait = rate * mu / mu.sum() / replicas * m2 / (2 * (1 - rho))
+    slack = slo.ttft_s - flows.service_q_s - flows.transfer_q_s - np.array(first_step)[flows.decode][:, None]
+    p_le = 1.0 - rho * np.exp(-rho * np.maximum(slack, 0) / wait[flows.prefill][:, None])
+    per_flow = np.where(slack >= 0, p_le, 0.0).mean(axis=1)
+    tpot = np.array(tpot_att)
+    return (
+        float(np.dot(flows.share, per_flow * tpot[flows.decode])),
+        float(np.dot(flows.share, per_flow)),
+        float(np.dot(dshare, tpot)),
+    )
 
 
 def estimate(
@@ -219,10 +242,12 @@ def estimate(
     if not decode or dshare.sum() == 0 or (prefill and not flows):
         return zero
     best = zero
+    out = float(wl.output_tokens.quantiles().mean())
+    arrays = _flow_arrays(flows, prefill, kv_bytes_q) if prefill else None
 
     def consider(rate: float) -> None:
         nonlocal best
-        both, ttft, tpot = _attainment(rate, prefill, decode, flows, dshare, kv_bytes_q, wl, slo)
+        both, ttft, tpot = _attainment(rate, prefill, decode, arrays, dshare, out, slo)
         if rate * both > best.goodput_rps:
             best = Estimate(wl.rate, rate, rate * both, ttft, tpot, cost)
 

@@ -453,7 +453,9 @@ class PlanResult:
             },
             "results": {k: describe(v) for k, v in rows.items()},
             "ratios": {
-                f"plan/{k}": (round(base / v.estimate.goodput_per_dollar, 3) if v.estimate.goodput_per_dollar else None)
+                f"plan/{k}": round(float(base / v.estimate.goodput_per_dollar), 3)
+                if v.estimate.goodput_per_dollar
+                else None
                 for k, v in rows.items()
                 if k != "plan"
             },
