@@ -233,3 +233,17 @@ def test_cli_plan_writes_a_valid_config(tmp_path: Path, capsys):
 def test_workload_rate_override():
     wl = Workload(prompt_tokens=LengthDist(value=10), output_tokens=LengthDist(value=5), rate=2.0)
     assert wl.with_rate(None).rate == 2.0 and wl.with_rate(7.0).rate == 7.0
+
+
+def test_inventory_rejects_unknown_types_and_overrides_prices():
+    with pytest.raises(KeyError, match="B9000"):
+        parse_inventory({"name": "x", "nodes": [{"name": "n", "devices": {"B9000": 2}}]})
+    with pytest.raises(ValueError, match="price_per_hour"):
+        parse_inventory(
+            {"name": "x", "device_types": {"c": {"kind": "cpu"}}, "nodes": [{"name": "n", "devices": {"c": 1}}]}
+        )
+    inv = parse_inventory(
+        {"name": "x", "device_types": {"L4": {"price_per_hour": 0.5}}, "nodes": [{"name": "n", "devices": {"L4": 2}}]}
+    )
+    assert inv.price_per_hour("L4") == 0.5 and inv.gpu("L4").memory_gib == 24
+    assert inv.link(inv.devices[0], inv.devices[1]).bandwidth_gbps == pytest.approx(31.5 * 8)
