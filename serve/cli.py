@@ -1,4 +1,4 @@
-"""`pdserve` command line: serve | prepare-model | status | validate | profile | simulate."""
+"""`pdserve` command line: serve | prepare-model | status | validate | profile | simulate | plan."""
 
 from __future__ import annotations
 
@@ -142,6 +142,42 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import yaml
+
+    from capacity.inventory import load_inventory
+    from capacity.plan import plan
+    from capacity.plan_inputs import Slo, load_workload
+    from capacity.roofline import load_model
+    from capacity.search import SearchConfig
+
+    search = SearchConfig(iterations=args.iterations, tenure=args.tenure, seed=args.seed)
+    result = plan(
+        load_inventory(args.inventory),
+        load_model(args.model),
+        load_workload(args.workload).with_rate(args.rate),
+        Slo(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms),
+        search=search,
+        dtype=args.dtype,
+    )
+    ClusterConfig.from_dict(result.config)  # what pdserve validate checks
+    text = yaml.safe_dump(result.config, sort_keys=False)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(f"# pdserve plan {args.inventory} --model {args.model}: {result.summary()['estimate_kind']}\n")
+            f.write(text)
+    else:
+        print(text)
+    if args.report:
+        with open(args.report, "w") as f:
+            f.write(result.report())
+        with open(f"{args.report}.json", "w") as f:
+            json.dump(result.summary(), f, indent=1)
+    else:
+        print(result.report())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pdserve", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -182,6 +218,20 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--profiles", default=None, help="profile file (default: the bundled model's CPU profile)")
     sim.add_argument("--json", action="store_true", help="the whole result as JSON")
     sim.set_defaults(fn=cmd_simulate)
+    pl = sub.add_parser("plan", help="plan pools over an inventory of devices (estimate) and write the config")
+    pl.add_argument("inventory", help="inventory YAML (configs/inventories/)")
+    pl.add_argument("--model", required=True, help="capacity/models.yaml name or a HF config.json path")
+    pl.add_argument("--workload", required=True, help="workload YAML (configs/workloads/)")
+    pl.add_argument("--rate", type=float, default=None, help="requests per second (default: the workload's)")
+    pl.add_argument("--slo-ttft-ms", type=float, required=True)
+    pl.add_argument("--slo-tpot-ms", type=float, required=True)
+    pl.add_argument("--out", default=None, help="write the config here (default: stdout)")
+    pl.add_argument("--report", default=None, help="write the report here and its data to REPORT.json")
+    pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--iterations", type=int, default=60, help="tabu search iterations (default 60)")
+    pl.add_argument("--tenure", type=int, default=8, help="tabu tenure in iterations (default 8)")
+    pl.add_argument("--dtype", default="bfloat16", help="weights and KV dtype of GPU engines")
+    pl.set_defaults(fn=cmd_plan)
     args = p.parse_args(argv)
     try:
         return args.fn(args)
