@@ -37,6 +37,7 @@ from capacity.search import (
     initial_solution,
     tabu_search,
 )
+from capacity.simulator import simulate
 from kvtransfer.config import SlabSettings
 from router.config import RouterConfig, SloConfig
 
@@ -518,6 +519,18 @@ def consolidate(planner: Planner, solution: Solution) -> Solution:
             break
         current, score = merged, planner.score(merged)
     return current
+
+
+def simulated_goodput_per_dollar(workload: Workload, requests: int, seed: int = 0) -> Callable[[SimCluster], float]:
+    """A ``confirm`` scorer: SLO-meeting requests per USD of a plan as the simulator (capacity/simulator.py)
+    serves ``requests`` of ``workload`` at its rate, with the plan's router placing and admitting them."""
+    sim_wl = workload.to_sim()
+
+    def score(cluster: SimCluster) -> float:
+        res = simulate(cluster, sim_wl, workload.rate, requests, seed)
+        return res.goodput_rps * 3600.0 / cluster.price_per_hour if cluster.price_per_hour else 0.0
+
+    return score
 
 
 def plan(

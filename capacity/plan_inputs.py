@@ -16,6 +16,8 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from capacity import workload as sim_workload
+
 QUANTILE_POINTS = 24
 
 
@@ -46,6 +48,19 @@ class LengthDist(_Strict):
             raise ValueError("uniform: low > high")
         return self
 
+    def to_sim(self) -> sim_workload.Lengths:
+        """The same lengths as the simulator's ``Lengths`` (a log-normal of this mean and cv unless fixed)."""
+        if self.dist == "fixed":
+            return sim_workload.Lengths(self.value, min_tokens=self.min, max_tokens=self.max)
+        if self.dist == "uniform":
+            mean = (self.low + self.high) / 2
+            cv = (self.high - self.low) / math.sqrt(12) / mean
+        else:
+            mean, cv = self.mean, self.cv
+        sigma = math.sqrt(math.log1p(cv**2))
+        median = max(1, round(mean * math.exp(-(sigma**2) / 2)))
+        return sim_workload.Lengths(median, sigma, min_tokens=self.min, max_tokens=self.max)
+
     def quantiles(self, n: int = QUANTILE_POINTS) -> np.ndarray:
         """``n`` equal-probability points of the distribution, ascending, in tokens."""
         u = (np.arange(n) + 0.5) / n
@@ -70,6 +85,12 @@ class Workload(_Strict):
 
     def with_rate(self, rate: float | None) -> Workload:
         return self if rate is None else self.model_copy(update={"rate": rate})
+
+    def to_sim(self, name: str = "plan") -> sim_workload.Workload:
+        """The simulator's workload (capacity/workload.py) of the same lengths, Poisson at ``rate``: fixed
+        lengths stay fixed; log-normal and uniform become log-normals of the same mean and cv. Prompts have
+        no shared prefixes there: the simulator confirms a plan without ``prefix_share`` (conservative)."""
+        return sim_workload.Workload(name, self.prompt_tokens.to_sim(), self.output_tokens.to_sim())
 
 
 class Slo(_Strict):

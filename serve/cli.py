@@ -146,19 +146,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import yaml
 
     from capacity.inventory import load_inventory
-    from capacity.plan import plan
+    from capacity.plan import plan, simulated_goodput_per_dollar
     from capacity.plan_inputs import Slo, load_workload
     from capacity.roofline import load_model
     from capacity.search import SearchConfig
 
     search = SearchConfig(iterations=args.iterations, tenure=args.tenure, seed=args.seed)
+    workload = load_workload(args.workload).with_rate(args.rate)
     result = plan(
         load_inventory(args.inventory),
         load_model(args.model),
-        load_workload(args.workload).with_rate(args.rate),
+        workload,
         Slo(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms),
         search=search,
         dtype=args.dtype,
+        confirm=simulated_goodput_per_dollar(workload, args.confirm, args.seed) if args.confirm else None,
     )
     ClusterConfig.from_dict(result.config)  # what pdserve validate checks
     text = yaml.safe_dump(result.config, sort_keys=False)
@@ -231,6 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--iterations", type=int, default=60, help="tabu search iterations (default 60)")
     pl.add_argument("--tenure", type=int, default=8, help="tabu tenure in iterations (default 8)")
     pl.add_argument("--dtype", default="bfloat16", help="weights and KV dtype of GPU engines")
+    pl.add_argument(
+        "--confirm",
+        type=int,
+        default=0,
+        metavar="N",
+        help="re-score the best plans and both baselines by simulating N requests each (pdserve simulate)",
+    )
     pl.set_defaults(fn=cmd_plan)
     args = p.parse_args(argv)
     try:

@@ -247,3 +247,36 @@ def test_inventory_rejects_unknown_types_and_overrides_prices():
     )
     assert inv.price_per_hour("L4") == 0.5 and inv.gpu("L4").memory_gib == 24
     assert inv.link(inv.devices[0], inv.devices[1]).bandwidth_gbps == pytest.approx(31.5 * 8)
+
+
+def test_sim_workload_keeps_mean_and_spread():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for d in (
+        LengthDist(dist="lognormal", mean=400, cv=0.8),
+        LengthDist(dist="uniform", low=100, high=500),
+        LengthDist(dist="fixed", value=256),
+    ):
+        x = d.to_sim().sample(rng, 40_000)
+        q = d.quantiles(400)
+        assert x.mean() == pytest.approx(q.mean(), rel=0.05), d
+        assert x.std() == pytest.approx(q.std(), rel=0.15, abs=1.0), d
+
+
+def test_simulator_confirms_the_cpu_plan_and_both_baselines():
+    """``pdserve plan --confirm N``: the simulator re-scores the plan and both baselines (requests per USD)."""
+    from capacity.plan import simulated_goodput_per_dollar
+
+    wl = load_workload(WORKLOADS / "cpu-small.yaml")
+    inv = load_inventory(INVENTORIES / "this-machine-cpu.yaml")
+    res = plan(
+        inv,
+        load_model("smollm2-135m"),
+        wl,
+        Slo(ttft_ms=4000, tpot_ms=250),
+        search=QUICK,
+        confirm=simulated_goodput_per_dollar(wl, 200),
+    )
+    assert set(res.confirmed) == {"plan", "colocated", "even-split"}
+    assert all(v > 0 for v in res.confirmed.values()), res.confirmed
