@@ -543,8 +543,8 @@ def plan(
     confirm: Callable[[SimCluster], float] | None = None,
     top_k: int = TOP_K_CONFIRM,
 ) -> PlanResult:
-    """Search the inventory's plans; with ``confirm``, the best ``top_k`` by the estimate are re-scored by
-    it and the best by ``confirm`` wins."""
+    """Search the inventory's plans; with ``confirm``, the best ``top_k`` by the estimate and both baselines are
+    re-scored by it and the best by ``confirm`` wins (a baseline may: the estimate can rank plans wrongly)."""
     t0 = time.perf_counter()
     planner = Planner(inv, model, workload, slo, dtype, search)
     initial = initial_solution(inv, planner.prefill_rank)
@@ -556,11 +556,15 @@ def plan(
     if confirm is not None:
         top = [consolidate(planner, s) for _, s in result.ranked[:top_k]]
         scores = {s: confirm(planner.sim_cluster(planner.build(s))) for s in top}
-        chosen = planner.build(max(top, key=lambda s: (scores[s], -top.index(s))))
+        for base in (colocated, even):
+            if base.solution not in scores:
+                scores[base.solution] = confirm(planner.sim_cluster(base))
+        order = [*top, colocated.solution, even.solution]
+        chosen = planner.build(max(scores, key=lambda s: (scores[s], -order.index(s))))
         confirmed = {
             "plan": scores[chosen.solution],
-            "colocated": confirm(planner.sim_cluster(colocated)),
-            "even-split": confirm(planner.sim_cluster(even)),
+            "colocated": scores[colocated.solution],
+            "even-split": scores[even.solution],
         }
     return PlanResult(
         planner, chosen, colocated, even, result.iterations, result.evaluations, time.perf_counter() - t0, confirmed

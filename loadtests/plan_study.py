@@ -1,9 +1,11 @@
 """The planner on mixed GPU inventories against its two baselines (every group colocated, an even
 prefill/decode split): plans, predicted goodput per dollar and ratios, recorded as JSON + PNG + markdown.
 
-Figures are the planner's analytic estimate on roofline profiles (capacity/roofline.py), not measurements.
+Figures are the planner's analytic estimate on roofline profiles (capacity/roofline.py), not measurements;
+with ``--confirm N`` also the simulator's (capacity/simulator.py: N requests through the real router on the
+same roofline profiles) for the chosen plan and both baselines.
 
-    python -m loadtests.plan_study [--out loadtests/results/<run>-plan] [--model llama-3.1-8b] [--rate 200]
+    python -m loadtests.plan_study [--out loadtests/results/<run>-plan] [--rate 200] [--confirm 2000]
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import matplotlib
 import yaml
 
 from capacity.inventory import load_inventory
-from capacity.plan import plan
+from capacity.plan import plan, simulated_goodput_per_dollar
 from capacity.plan_inputs import Slo, load_workload
 from capacity.roofline import load_model
 from capacity.search import SearchConfig
@@ -30,14 +32,19 @@ INVENTORIES = ("a100-l4", "h100-a10g-t4")
 SYSTEMS = ("plan", "colocated", "even-split")
 
 
-def run(out: Path, model: str, workload: str, rate: float, slo: Slo, seed: int) -> dict:
+def run(out: Path, model: str, workload: str, rate: float, slo: Slo, seed: int, confirm: int = 0) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     wl = load_workload(REPO / "configs" / "workloads" / f"{workload}.yaml").with_rate(rate)
     spec = load_model(model)
     summary = {"model": model, "workload": workload, "rate": rate, "slo": slo.model_dump(), "inventories": {}}
     for name in INVENTORIES:
         res = plan(
-            load_inventory(REPO / "configs" / "inventories" / f"{name}.yaml"), spec, wl, slo, SearchConfig(seed=seed)
+            load_inventory(REPO / "configs" / "inventories" / f"{name}.yaml"),
+            spec,
+            wl,
+            slo,
+            SearchConfig(seed=seed),
+            confirm=simulated_goodput_per_dollar(wl, confirm, seed) if confirm else None,
         )
         (out / f"{name}.config.yaml").write_text(
             f"# pdserve plan configs/inventories/{name}.yaml --model {model} --workload {workload} --rate {rate:g}"
@@ -58,6 +65,17 @@ def chart(path: Path, summary: dict) -> None:
         values = [summary["inventories"][n]["results"][system]["goodput_per_dollar"] for n in INVENTORIES]
         bars = ax.bar([i + (k - 1) * width for i in range(len(INVENTORIES))], values, width, label=system)
         ax.bar_label(bars, fmt="%.0f", fontsize=8)
+        simulated = [summary["inventories"][n]["confirmed"].get(system) for n in INVENTORIES]
+        if all(v is not None for v in simulated):
+            bars = ax.bar(
+                [i + (k - 1) * width for i in range(len(INVENTORIES))],
+                simulated,
+                width * 0.4,
+                color="none",
+                edgecolor="black",
+                hatch="//",
+                label=f"{system} (simulated)" if k == 0 else None,
+            )
     ax.set_xticks(range(len(INVENTORIES)), INVENTORIES)
     ax.set_ylabel("SLO-meeting requests per USD")
     ax.set_title(
@@ -80,11 +98,14 @@ def main() -> None:
     p.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=60.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--confirm", type=int, default=0, help="simulate N requests per plan and baseline")
     a = p.parse_args()
     out = Path(a.out or REPO / "loadtests" / "results" / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-plan")
-    s = run(out, a.model, a.workload, a.rate, Slo(ttft_ms=a.slo_ttft_ms, tpot_ms=a.slo_tpot_ms), a.seed)
+    slo = Slo(ttft_ms=a.slo_ttft_ms, tpot_ms=a.slo_tpot_ms)
+    s = run(out, a.model, a.workload, a.rate, slo, a.seed, a.confirm)
     for name, inv in s["inventories"].items():
         print(name, json.dumps(inv["ratios"]), {k: v["goodput_per_dollar"] for k, v in inv["results"].items()})
+        print(name, "simulated:", json.dumps(inv["confirmed"]))
     print(out)
 
 
