@@ -268,7 +268,12 @@ class Ingress:
                 "scales_from_zero": self._pool_cfg[name].scales_from_zero,
             }
         ready, ok = roles_served(pools)
-        warming = bool(self._cfg.router.admission.warmup_prompt_tokens) and not (self._warmup and self._warmup.done())
+        # the warm-up runs once a decode replica is up (not while a request would have to wake the pool)
+        warming = (
+            bool(self._cfg.router.admission.warmup_prompt_tokens)
+            and ready
+            and not (self._warmup and self._warmup.done())
+        )
         status = "draining" if self._draining else "unavailable" if not ok else "warming_up" if warming else "ok"
         return {"status": status, "ready": ready, "model": self._cfg.model.name, "pools": pools}
 
