@@ -8,7 +8,7 @@ autoscaling policy (serve/autoscale_policy.py) answers at least one replica for 
 receives that call first. One wake per pool is outstanding at a time; it is cancelled after the pool's
 ``autoscaling.cold_start_timeout_s``.
 
-- No healthy decode replica and a decode pool that scales from zero: the request waits (:meth:`ColdStart.ready`)
+- No healthy decode replica and an empty decode pool that scales from zero: the request waits (:meth:`ColdStart.ready`)
   until the pool has a replica, at most ``cold_start_timeout_s``; a wake that fails ends the wait at once.
   Either way the client gets 503 ``cold_start_timeout`` / ``cold_start_failed`` with Retry-After, in the
   OpenAI error shape. Outcomes count in ``pdserve_cold_start_waits_total{pool,outcome}``.
@@ -94,11 +94,16 @@ class ColdStart:
 
     # -- a request that needs a decode replica --------------------------------------------------------
     async def ready(self, snapshot: Callable[[], PoolSnapshot]) -> None:
-        """Return once a healthy decode replica exists; with none, wake the first decode pool that scales from
-        zero and wait for it (bounded). Without such a pool, return at once (the router answers 503)."""
-        if not self._decode or _has_decode(snapshot()):
+        """Return once a healthy decode replica exists; with none, wake the first empty decode pool that scales
+        from zero and wait for it (bounded). Without such a pool (e.g. its replicas exist but are unhealthy),
+        return at once: the router answers 503."""
+        snap = snapshot()
+        if not self._decode or _has_decode(snap):
             return
-        pool = self._decode[0]
+        present = {e.pool for e in snap.endpoints}
+        pool = next((p for p in self._decode if p not in present), None)
+        if pool is None:
+            return
         if not self.waking(pool):
             target, decided_s = self._planner.cold_start(pool, self.timeout_s(pool))
             self.wake(pool, target, decided_s)

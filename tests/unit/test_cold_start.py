@@ -103,6 +103,7 @@ def test_a_request_waits_for_the_empty_decode_pools_first_replica():
 
 
 def test_a_pool_with_a_replica_or_no_pool_that_scales_from_zero_is_not_waited_for():
+    """Only an empty decode pool that scales from zero is waited for."""
     cfg = _cfg()
     handle, planner = FakeWakeHandle(), FakePlanner()
     cs = ColdStart(cfg.pools, {"decode": handle}, planner, ClusterMetrics(lambda: []), poll_s=0.01)
@@ -110,6 +111,9 @@ def test_a_pool_with_a_replica_or_no_pool_that_scales_from_zero_is_not_waited_fo
     fixed = ClusterConfig.from_yaml(DEFAULT_CONFIG)  # decode pool of 1 fixed replica: the router answers 503
     cs_fixed = ColdStart(fixed.pools, {"decode": handle}, planner, ClusterMetrics(lambda: []), poll_s=0.01)
     asyncio.run(cs_fixed.ready(lambda: PoolSnapshot([])))
+    # the pool has a replica, an unhealthy one: not a cold start (the router answers 503 at once)
+    sick = EndpointState("decode-0", "decode", Role.DECODE, False)
+    asyncio.run(asyncio.wait_for(cs.ready(lambda: PoolSnapshot([sick])), timeout=1.0))
     assert handle.calls == [] and planner.cold_starts == []
 
 
