@@ -63,13 +63,23 @@ def _decode(c) -> dict:
     return next(p for p in health(c.base_url)["pools"].values() if p["role"] == "decode")
 
 
-def test_empty_decode_pool_serves_its_first_request_and_returns_to_zero(cluster):
+def _status_line(base: str, capsys, pool: str) -> str:
+    """``pdserve status --url`` against the cluster: its line for ``pool``."""
+    from serve import cli
+
+    cli.main(["status", "--url", base])
+    return next(line for line in capsys.readouterr().out.splitlines() if f"pool {pool} " in line)
+
+
+def test_empty_decode_pool_serves_its_first_request_and_returns_to_zero(cluster, capsys):
     base = cluster.base_url
     d = _decode(cluster)
     assert (d["replicas"], d["scales_from_zero"]) == (0, True)
     wait_for(lambda: (_decode(cluster)["planner"] or {}).get("target_replicas") == 0, timeout_s=30)
     time.sleep(5.0)  # no replica starts by itself (no stats poll or planner call reaches the empty pool)
     assert _decode(cluster)["replicas"] == 0
+    line = _status_line(base, capsys, "decode")
+    assert "replicas=0" in line and "target=0" in line and "range=0..1" in line, line
 
     t0 = time.monotonic()
     r = httpx.post(f"{base}/v1/chat/completions", json=request_body(PROMPTS[0]), timeout=FIRST_REQUEST_TIMEOUT_S)
@@ -81,6 +91,8 @@ def test_empty_decode_pool_serves_its_first_request_and_returns_to_zero(cluster)
     s = scrape(base)
     assert metric_sum(s, "pdserve_planner_decisions_total", pool="decode", reason="cold_start") == 1
     assert metric_sum(s, "pdserve_cold_start_waits_total", pool="decode", outcome="served") == 1
+    line = _status_line(base, capsys, "decode")
+    assert "replicas=1" in line and "target=1" in line, line
 
     # the next request finds the replica: no wait
     t1 = time.monotonic()
