@@ -31,7 +31,7 @@ from loadtests.closedloop import run_closed_loop
 from loadtests.openloop import run_open_loop
 from loadtests.stats import summarize, summarize_by_tag
 from loadtests.systems import REPO, SERVER_AUTOGROUP_NICE, STARTERS, resolved_config, wait_ready
-from loadtests.timeline import prefix_cache_hit_rate
+from loadtests.timeline import prefix_cache_hit_rate, replica_seconds
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 SMOKE_MULTI_TURN = "multi-turn:n=4,turns=2,system_tokens=64,turn_tokens=16,output_tokens=8,think_s=0"
@@ -259,6 +259,7 @@ def run_system(entry: str, args, out: Path) -> list[dict]:
                     server_rss_bytes=sp.rss_bytes(),
                     ready_s=sp.ready_s,
                     prefix_cache_hit_rate=prefix_cache_hit_rate(before, after),
+                    replica_seconds=replica_seconds(res.timeline),  # the run's cost, per pool (from /health)
                 )
                 rows.append(summary)
                 raw = out / "raw" / f"{name}-{label}-{rate}.json"

@@ -107,8 +107,8 @@ def _ratio_table(system: str, base: str, pairs: list[tuple[dict, dict]]) -> list
         f"## {system} vs {base}",
         "",
         "| workload | rate | goodput ratio | ITL p99 ratio | TTFT p50 ratio | TTFT p99 ratio | TPOT p50 ratio "
-        "| prefix hit-rate ratio |",
-        "|---|---|---|---|---|---|---|---|",
+        "| prefix hit-rate ratio | replica-s ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for a, b in pairs:
         lines.append(
@@ -117,9 +117,15 @@ def _ratio_table(system: str, base: str, pairs: list[tuple[dict, dict]]) -> list
             f"{_ratio(a['ttft_s']['p50'], b['ttft_s']['p50'])} | "
             f"{_ratio(a['ttft_s']['p99'], b['ttft_s']['p99'])} | "
             f"{_ratio(a['tpot_s']['p50'], b['tpot_s']['p50'])} | "
-            f"{_ratio(a.get('prefix_cache_hit_rate'), b.get('prefix_cache_hit_rate'))} |"
+            f"{_ratio(a.get('prefix_cache_hit_rate'), b.get('prefix_cache_hit_rate'))} | "
+            f"{_ratio(_replica_s(a), _replica_s(b))} |"
         )
     return lines
+
+
+def _replica_s(row: dict) -> float | None:
+    """The run's replica-seconds over all pools (its cost; loadtests/timeline.py), if sampled."""
+    return (row.get("replica_seconds") or {}).get("total")
 
 
 def plot_all(out: Path, rows: list[dict]) -> list[Path]:
@@ -193,23 +199,44 @@ def _timeline(out: Path, wl: str, rate: float, items: list[dict], bin_s: float =
                 ls=":",
                 label=f"{system} running",
             )
-            if any("replicas" in s for s in tl):
-                axes[2].step(
-                    [s["t"] for s in tl],
-                    [s.get("replicas", 0) for s in tl],
-                    where="post",
-                    color=line.get_color(),
-                    label=f"{system} replicas",
-                )
+            _replica_steps(axes[2], system, tl, line.get_color())
     axes[0].set_ylabel(f"req/s ({bin_s:.0f} s bins)")
     axes[0].set_title(f"bursty trace (base {rate} req/s, 3x peak): arrivals, completions, rejections")
     axes[1].set_ylabel("requests in engines")
-    axes[2].set_ylabel("healthy replicas (all pools)")
+    axes[2].set_ylabel("replicas")
     axes[2].set_xlabel("seconds since run start")
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, ncol=3)
     return save_figure(fig, out / f"timeline-{wl}-{rate}.png")
+
+
+# timeline keys (loadtests/timeline.py) drawn as replica steps, and their line styles
+_REPLICA_SERIES = (("replicas.", "-", "replicas"), ("target.", "--", "target"), ("flex.", ":", "flex"))
+
+
+def _replica_steps(ax, system: str, tl: list[dict], color: str) -> None:
+    """Replicas of each pool (solid, from /health), the planner's target of autoscaled pools (dashed) and
+    flex replicas per role (dotted), as steps; a timeline without /health samples: healthy replicas of all
+    pools (from /metrics)."""
+    keys = sorted({k for s in tl for k in s if k.startswith(tuple(p for p, _, _ in _REPLICA_SERIES))})
+    if not keys and any("replicas" in s for s in tl):
+        keys = ["replicas"]
+    markers = "osd^v<>"
+    for i, key in enumerate(keys):
+        style = next((ls for p, ls, _ in _REPLICA_SERIES if key.startswith(p)), "-")
+        pts = [(s["t"], s[key]) for s in tl if key in s]
+        ax.step(
+            [t for t, _ in pts],
+            [v for _, v in pts],
+            where="post",
+            color=color,
+            ls=style,
+            marker=markers[i % len(markers)],
+            markevery=max(1, len(pts) // 12),
+            markersize=4,
+            label=f"{system} {key}",
+        )
 
 
 def _cdfs(out: Path, wl: str, items: list[dict]) -> list[Path]:

@@ -1,8 +1,10 @@
-"""Server-side timeline during a run: poll ``/metrics`` and keep queue depth, running and replicas.
+"""Server-side timeline during a run: poll ``/metrics`` and ``/health`` and keep queue depth, running and replicas.
 
 Understands pdserve's gauges (``pdserve_pool_*``) and vLLM's OpenAI server (``vllm:num_requests_*``);
 a server without ``/metrics`` (e.g. Ray Serve LLM's HTTP proxy) simply yields no samples. For pdserve
-also replicas per role and the cumulative fallback counters (``pdserve_prefill_fallbacks_total``).
+also replicas per role and the cumulative fallback counters (``pdserve_prefill_fallbacks_total``), and from
+its ``/health``: replicas per pool (``replicas.<pool>``), the planner's target of each autoscaled pool
+(``target.<pool>``) and, with flex pools, how many flex replicas serve each role (``flex.<role>``).
 """
 
 from __future__ import annotations
@@ -68,17 +70,56 @@ def prefix_cache_hit_rate(before: str, after: str) -> float | None:
     return (h1 - h0) / (q1 - q0) if q1 > q0 else None
 
 
+def parse_health(body: dict) -> dict[str, float]:
+    """From a pdserve ``/health`` body (pure): ``replicas.<pool>`` (replicas Serve runs), ``target.<pool>``
+    (the planner's target of autoscaled pools) and ``flex.<role>`` (flex replicas serving each role, summed
+    over flex pools). Empty for a body without pools."""
+    out: dict[str, float] = {}
+    for name, p in (body.get("pools") or {}).items():
+        out[f"replicas.{name}"] = float(p.get("replicas") or 0)
+        target = (p.get("planner") or {}).get("target_replicas")
+        if target is not None:
+            out[f"target.{name}"] = float(target)
+    for roles in (body.get("flex") or {}).values():
+        for role in roles.values():
+            out[f"flex.{role}"] = out.get(f"flex.{role}", 0.0) + 1.0
+    return out
+
+
+def replica_seconds(samples: list[dict], prefix: str = "replicas.") -> dict[str, float]:
+    """Replica-seconds per pool over a timeline (the cost of a run): each sample's replicas of a pool held
+    until the next sample (pure). Keys without ``prefix``; ``total`` sums the pools."""
+    out: dict[str, float] = {}
+    for cur, nxt in zip(samples, samples[1:]):
+        dt = nxt["t"] - cur["t"]
+        for k, v in cur.items():
+            if k.startswith(prefix):
+                out[k[len(prefix) :]] = out.get(k[len(prefix) :], 0.0) + v * dt
+    if out:
+        out["total"] = sum(out.values())
+    return out
+
+
+async def _get(client: httpx.AsyncClient, url: str) -> httpx.Response | None:
+    try:
+        return await client.get(url)
+    except httpx.HTTPError:
+        return None
+
+
 async def sample_metrics(base_url: str, t0: float, period_s: float, samples: list[dict], stop: asyncio.Event) -> None:
-    """Append ``{"t": seconds since t0, **parse_sample(...)}`` every ``period_s`` until ``stop``."""
+    """Append ``{"t": seconds since t0, **parse_sample(...), **parse_health(...)}`` every ``period_s`` until
+    ``stop`` (``/health`` answers 503 with its body while a role has no replica: it counts too)."""
     async with httpx.AsyncClient(timeout=max(period_s, 2.0)) as client:
         while not stop.is_set():
             try:
-                r = await client.get(f"{base_url}/metrics")
-                if r.status_code == 200:
-                    fields = parse_sample(r.text)
-                    if fields:
-                        samples.append({"t": time.perf_counter() - t0, **fields})
-            except (httpx.HTTPError, ValueError):
+                m, h = await asyncio.gather(_get(client, f"{base_url}/metrics"), _get(client, f"{base_url}/health"))
+                fields = parse_sample(m.text) if m is not None and m.status_code == 200 else {}
+                if h is not None and h.status_code in (200, 503):
+                    fields.update(parse_health(h.json()))
+                if fields:
+                    samples.append({"t": time.perf_counter() - t0, **fields})
+            except (httpx.HTTPError, ValueError, AttributeError):
                 pass
             try:
                 await asyncio.wait_for(stop.wait(), timeout=period_s)

@@ -14,7 +14,8 @@ pool's target. Times are seconds on the caller's clock.
   tokens/s; decode step time vs batch) times the observed/predicted correction the router keeps.
 - Stabilizer: HPA behaviour. A scale-up waits ``upscale_delay_s`` (the lowest recommendation over that
   window wins), a scale-down ``downscale_delay_s`` (the highest wins), each change moves at most
-  ``max_step`` replicas, and after a change nothing moves for ``cooldown_s``.
+  ``max_step`` replicas, and after a change nothing moves for ``cooldown_s``. A pool at zero replicas that a
+  request waits for is woken at once (:meth:`Stabilizer.wake`).
 """
 
 from __future__ import annotations
@@ -211,7 +212,7 @@ class StabilizerSettings:
 @dataclass(frozen=True, slots=True)
 class Decision:
     target: int
-    reason: str  # bounded, metric-label safe: scale_up, scale_down, hold_*, at_min, at_max, steady
+    reason: str  # bounded, metric-label safe: scale_up, scale_down, hold_*, at_min, at_max, steady, cold_start
 
 
 class Stabilizer:
@@ -253,6 +254,16 @@ class Stabilizer:
         self.target = new
         self._changed_s = now_s
         return Decision(new, "scale_up" if up else "scale_down")
+
+    def wake(self, now_s: float) -> Decision:
+        """Scale from zero: a request waits for this pool. The target becomes at least one replica at once
+        (no window: the request is the evidence), recorded as a recommendation, and starts a cool-down."""
+        if self.target >= 1:
+            return Decision(self.target, "cold_start")
+        self.target = min(max(1, self.lo), self.hi)
+        self._history.append((now_s, self.target))
+        self._changed_s = now_s
+        return Decision(self.target, "cold_start")
 
     def _steady_reason(self, desired: float) -> str:
         if desired > self.hi:

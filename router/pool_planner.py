@@ -154,11 +154,19 @@ class PoolPlanner:
             desired_replicas=desired,
         )
 
-    def plan(self, now_s: float, endpoints: list[EndpointState], model: CostModel) -> tuple[Signals, Decision]:
-        """One interval: the signals and the stabilized decision. The first plan starts from the replicas
-        running (an ingress that restarts beside a scaled-up pool does not shrink it at once)."""
+    def plan(
+        self, now_s: float, endpoints: list[EndpointState], model: CostModel, floor: float = 0.0
+    ) -> tuple[Signals, Decision]:
+        """One interval: the signals and the stabilized decision on at least ``floor`` replicas (a pool woken
+        from zero keeps one while its first replica starts). The first plan starts from the replicas running
+        (an ingress that restarts beside a scaled-up pool does not shrink it at once)."""
         sig = self.signals(now_s, endpoints, model)
         if not self._planned and sig.current_replicas > 0:
             self.stabilizer.target = min(max(sig.current_replicas, self.stabilizer.lo), self.stabilizer.hi)
         self._planned = True
-        return sig, self.stabilizer.decide(now_s, sig.desired_replicas)
+        return sig, self.stabilizer.decide(now_s, max(sig.desired_replicas, floor))
+
+    def wake(self, now_s: float) -> Decision:
+        """Scale from zero (:meth:`router.autoscale.Stabilizer.wake`)."""
+        self._planned = True
+        return self.stabilizer.wake(now_s)

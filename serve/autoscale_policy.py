@@ -10,6 +10,10 @@ target must not win over one that already has it. Serve then applies the deploym
 (``replicas.min`` / ``replicas.max``); its own up/down delays are 0 because the planner's stabilizer already
 applied the pool's windows, step limit and cool-down.
 
+Scale from zero: a pool with no replica has no report; a request queued at one of its handles (the ingress's
+wake call, serve/cold_start.py; Serve's routers push such a queue to the controller at once) makes the
+target at least one replica.
+
 Self-contained (Serve pickles this module by value into the controller): it imports nothing of ours.
 """
 
@@ -27,7 +31,8 @@ def _last(series: Any) -> float | None:
 
 
 def pool_target_policy(ctx: Any) -> tuple[float, dict[str, Any]]:
-    """``ctx``: Serve's ``AutoscalingContext``. Without a report yet, the current target stands."""
+    """``ctx``: Serve's ``AutoscalingContext``. Without a report yet, the current target stands, or becomes
+    one replica if the pool has none and requests wait at its handles."""
     raw = ctx.raw_metrics or {}
     targets, decided = raw.get(TARGET_METRIC) or {}, raw.get(DECIDED_METRIC) or {}
     newest: tuple[float, float] | None = None
@@ -36,5 +41,7 @@ def pool_target_policy(ctx: Any) -> tuple[float, dict[str, Any]]:
         if target is not None and at is not None and (newest is None or at > newest[0]):
             newest = (at, target)
     if newest is None:
+        if ctx.current_num_replicas == 0 and (ctx.total_num_requests or 0) > 0:
+            return max(ctx.target_num_replicas, 1), {}
         return ctx.target_num_replicas, {}
     return newest[1], {}

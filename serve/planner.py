@@ -8,6 +8,14 @@ handed to each of its replicas with the time it was decided (``set_replica_targe
 reads both back as custom autoscaling metrics (serve/autoscale_policy.py) and scales the deployment.
 Every decision is logged with its reason and counted (``pdserve_planner_decisions_total{pool,reason}``);
 the signals are the ``pdserve_planner_*`` gauges.
+
+Scale from zero (pools with ``replicas.min: 0``): an empty pool has no replica to hand its target to, so a
+target above zero for it goes to ``wake`` (serve/cold_start.py), which queues the call at the pool's handle
+where Serve's controller sees it. A request admitted while the prefill pools are empty prefills on its decode
+replica, and its uncached prompt counts as demand on those empty prefill pools (their planner then scales one
+up). A request that finds no decode replica waits for one: :meth:`Planner.cold_start` (reason
+``cold_start``) sets the pool's target to at least 1 and holds it there until a replica runs or the wait's
+bound passes.
 """
 
 from __future__ import annotations
@@ -79,10 +87,13 @@ class Planner:
                 planner_settings(p, router),
                 p.replicas.min,
                 p.replicas.max,
-                max(1, p.replicas.min),
+                p.replicas.min if p.scales_from_zero else max(1, p.replicas.min),
             )
             for p in pools
         }
+        self._empty = {p.name for p in pools if p.replicas.min == 0}  # pools with no replica at the last step
+        self._floor_until: dict[str, float] = {}  # woken pools: keep one replica until a replica runs or this
+        self.wake: Callable[[str, int, float], None] | None = None  # (pool, target, decided_s) of an empty pool
         self._due: dict[str, float] = {}
         self.targets: dict[str, int] = {}  # autoscaled pools' latest targets
         self.decided_s: dict[str, float] = {}  # wall-clock time of each target's decision
@@ -118,6 +129,10 @@ class Planner:
             uncached = outcome.uncached_tokens if pool == prefill_pool else 0
             if pool in self.planners:
                 self.planners[pool].on_arrival(now, uncached, out, refused=False)
+        if outcome.prefill is None:  # prefilled on its decode replica: demand on the empty prefill pools
+            for pool in self._empty:
+                if self.planners[pool].role is Role.PREFILL:
+                    self.planners[pool].on_arrival(now, outcome.uncached_tokens, 0, refused=False)
 
     def on_first_token(self, decision: RoutingDecision, ttft_s: float) -> None:
         pool = decision.prefill.pool if decision.prefill else decision.decode.pool
@@ -133,11 +148,16 @@ class Planner:
         """Plan every pool whose interval is due; returns the new targets of autoscaled pools planned now."""
         now = self._clock()
         out: dict[str, int] = {}
+        present = {e.pool for e in snapshot.endpoints}
+        self._empty = set(self.planners) - present
+        for name in present:
+            self._floor_until.pop(name, None)  # woken: a replica runs
         for name, planner in self.planners.items():
             if now < self._due.get(name, 0.0):
                 continue
             self._due[name] = now + self.interval_s(name)
-            sig, decision = planner.plan(now, snapshot.endpoints, self._cost_model(name))
+            floor = 1.0 if now < self._floor_until.get(name, 0.0) else 0.0
+            sig, decision = planner.plan(now, snapshot.endpoints, self._cost_model(name), floor)
             self.last[name] = (sig, decision)
             self._export(name, sig)
             if not self.autoscaled(name):
@@ -162,6 +182,21 @@ class Planner:
             self.targets[name] = out[name] = decision.target
             self.decided_s[name] = self._wall()
         return out
+
+    def cold_start(self, pool: str, hold_s: float) -> tuple[int, float]:
+        """A request waits for ``pool``, which has no replica: its target becomes at least 1 at once and stays
+        so for ``hold_s`` or until a replica runs. Returns (target, wall-clock time of the decision)."""
+        now = self._clock()
+        decision = self.planners[pool].wake(now)
+        self._floor_until[pool] = now + hold_s
+        self._metrics.planner["target_replicas"].labels(pool).set(decision.target)
+        self._metrics.planner_decisions.labels(pool, decision.reason).inc()
+        logger.info("planner %s: cold_start -> target %d (a request waits for the empty pool)", pool, decision.target)
+        self.targets[pool] = decision.target
+        self.decided_s[pool] = self._wall()
+        if pool in self.last:  # /health shows it as the pool's last decision
+            self.last[pool] = (self.last[pool][0], decision)
+        return decision.target, self.decided_s[pool]
 
     def _export(self, pool: str, sig: Signals) -> None:
         g = self._metrics.planner
@@ -228,6 +263,10 @@ class Planner:
             target = self.targets.get(e.pool)
             if target is not None and e.pool in handles:
                 calls.append(self._set(handles[e.pool], e.endpoint_id, target, self.decided_s[e.pool]))
+        present = {e.pool for e in snap.endpoints}
+        for pool, target in self.targets.items():
+            if target > 0 and pool not in present and self.wake is not None:
+                self.wake(pool, target, self.decided_s[pool])  # no replica to tell: queue it at the handle
         await asyncio.gather(*calls)
 
     async def _set(self, handle: Any, endpoint_id: str, target: int, decided_s: float) -> None:

@@ -31,7 +31,11 @@ class PoolMonitor:
         clock: Callable[[], float] = time.time,
         on_stats: Callable[[WorkerStats], None] | None = None,
         on_poll: Callable[[list[WorkerStats]], None] | None = None,
+        lazy: frozenset[str] = frozenset(),
     ) -> None:
+        """``lazy``: pools that may have no replica (``replicas.min: 0``); they get no first call from here,
+        which would queue at an empty pool's handle and start a replica (serve/cold_start.py wakes them)."""
+        self._lazy = lazy
         self._on_stats = on_stats
         self._on_poll = on_poll
         self._handles = handles
@@ -68,7 +72,7 @@ class PoolMonitor:
         known = set(self._directory.pools())
         calls = []
         for pool, handle in self._handles.items():
-            if pool not in known:  # first call creates the handle's request router
+            if pool not in known and pool not in self._lazy:  # first call creates the handle's request router
                 calls.append(self._poll(handle, None))
         for e in self._directory.snapshot().endpoints:
             calls.append(self._poll(self._handles[e.pool], e.endpoint_id))

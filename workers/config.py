@@ -67,6 +67,13 @@ class PoolAutoscaling(_Strict):
     utilization: float = Field(
         0.8, gt=0, le=1, description="prefill: share of a replica's fitted prefill rate the plan may use"
     )
+    cold_start_timeout_s: float = Field(
+        180.0,
+        gt=0,
+        description="replicas.min 0: how long a request that needs the empty pool waits for its first replica "
+        "(decode pools; an empty prefill pool never holds a request: it prefills on its decode replica) "
+        "before a 503 with Retry-After",
+    )
 
 
 class CpuDevice(_Strict):
@@ -216,12 +223,12 @@ class PoolConfig(_Strict):
     def _autoscaling_needs_a_range(self) -> PoolConfig:
         if self.autoscaling.enabled and self.replicas.fixed:
             raise ValueError(f"pool {self.name!r}: autoscaling.enabled needs replicas {{min < max}}")
-        if self.autoscaling.enabled and self.replicas.min < 1:
-            raise ValueError(
-                f"pool {self.name!r}: autoscaling.enabled needs replicas.min >= 1 (the planner's target reaches "
-                "Serve through the pool's own replicas)"
-            )
         return self
+
+    @property
+    def scales_from_zero(self) -> bool:
+        """An autoscaled pool that may have no replica: a request that needs it wakes it (serve/cold_start.py)."""
+        return self.autoscaling.enabled and self.replicas.min == 0
 
     @model_validator(mode="after")
     def _gpu_count_matches_parallelism(self) -> PoolConfig:

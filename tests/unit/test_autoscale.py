@@ -126,3 +126,17 @@ def test_stabilizer_upscale_window_and_cooldown():
     assert st.decide(clock.tick(3), 8).reason == "hold_cooldown"
     d = st.decide(clock.tick(1), 8)
     assert (d.target, d.reason) == (8, "scale_up")  # the 1 at t=5 left the 3 s window
+
+
+def test_stabilizer_wakes_an_empty_pool_at_once_and_returns_to_zero_after_the_window():
+    clock = FakeClock()
+    st = Stabilizer(StabilizerSettings(downscale_delay_s=5, max_step=1, cooldown_s=2), 0, 2, 0)
+    assert st.decide(clock.t, 0.0).reason == "steady"
+    d = st.wake(clock.tick(1))
+    assert (d.target, d.reason) == (1, "cold_start")  # no window, no cool-down in the way
+    assert st.wake(clock.tick(0.5)) == d  # already awake: unchanged
+    assert st.decide(clock.tick(0.5), 0.0).reason == "hold_cooldown"  # a wake starts a cool-down
+    reasons = [st.decide(clock.tick(1), 0.0).reason for _ in range(4)]
+    assert reasons == ["hold_downscale_window"] * 4  # the wake's 1 is in every window up to t=6
+    d = st.decide(clock.tick(1), 0.0)
+    assert (d.target, d.reason) == (0, "scale_down")

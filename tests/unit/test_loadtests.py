@@ -160,6 +160,36 @@ vllm:num_requests_running{engine="0",model_name="m"} 7.0
         after = parse_sample(metrics.render().decode())
         assert (after["decode_retries"], after["prefill_fallbacks"]) == (2.0, 3.0)
 
+    def test_parse_health_replicas_targets_and_flex_roles_from_a_recorded_body(self):
+        import json
+        from pathlib import Path
+
+        from loadtests.timeline import parse_health
+
+        body = json.loads((Path(__file__).parent / "data" / "health_autoscale_flex.json").read_text())
+        assert parse_health(body) == {
+            "replicas.prefill": 1.0,
+            "replicas.decode": 2.0,
+            "replicas.mixed": 2.0,
+            "target.decode": 2.0,  # only the autoscaled pool has a target
+            "flex.prefill": 1.0,
+            "flex.decode": 1.0,
+        }
+        assert parse_health({"status": "unavailable"}) == {}
+
+    def test_replica_seconds_integrate_each_pools_replicas_over_the_timeline(self):
+        from loadtests.timeline import replica_seconds
+
+        tl = [
+            {"t": 0.0, "replicas.decode": 1.0, "replicas.prefill": 1.0, "target.decode": 2.0},
+            {"t": 10.0, "replicas.decode": 2.0, "replicas.prefill": 1.0},
+            {"t": 15.0, "replicas.decode": 1.0, "replicas.prefill": 1.0},
+            {"t": 20.0, "queue": 3.0},  # a sample without /health fields ends the last interval
+        ]
+        rs = replica_seconds(tl)
+        assert rs == pytest.approx({"decode": 10 + 10 + 5, "prefill": 20.0, "total": 45.0})
+        assert replica_seconds([{"t": 0.0, "queue": 1.0}]) == {}
+
     def test_prefix_cache_hit_rate_between_scrapes(self):
         from loadtests.timeline import prefix_cache_counters, prefix_cache_hit_rate
 
@@ -275,12 +305,26 @@ class TestReport:
             ]
             recs.append(RequestRecord(10.0, 503, outcome="rejected", reason="overloaded").to_dict())
             tl = [{"t": float(t), "queue": t % 3, "running": 1.0, "replicas": 2.0} for t in range(25)]
+            if system == "ours":  # /health samples: replicas per pool, the planner's target, flex roles
+                for x in tl:
+                    up = 10 <= x["t"] < 20
+                    x.update({"replicas.decode": 1.0 + up, "target.decode": 2.0 if up else 1.0, "flex.decode": 1.0})
             (tmp_path / "raw" / f"{system}-bursty-0.5.json").write_text(json.dumps({"records": recs, "timeline": tl}))
         report.write_report(tmp_path, rows, {"run_id": "t", "slo": {"ttft_s": 4.0, "tpot_s": 0.25}})
         md = (tmp_path / "report.md").read_text()
         assert "| bursty | 0.5 | 2.00x |" in md
         for png in ("goodput-bursty.png", "cdf-bursty-0.5.png", "timeline-bursty-0.5.png"):
             assert (tmp_path / png).stat().st_size > 5000
+
+    def test_replica_seconds_ratio_in_the_report(self, tmp_path):
+        from loadtests import report
+
+        a, b = self._row("auto", "random", 1.0, 0.9), self._row("fixed", "random", 1.0, 1.0)
+        a["replica_seconds"], b["replica_seconds"] = {"total": 150.0}, {"total": 200.0}
+        meta = {"run_id": "t", "slo": {"ttft_s": 4.0, "tpot_s": 0.25}, "baselines": ["fixed"]}
+        report.write_report(tmp_path, [a, b], meta)
+        md = (tmp_path / "report.md").read_text()
+        assert "| random | 1.0 | 0.90x |" in md and "| 0.75x |" in md
 
 
 class TestBenchArgs:

@@ -118,6 +118,8 @@ class FakePoint:
 class FakeContext:
     raw_metrics: dict | None
     target_num_replicas: int = 1
+    current_num_replicas: int = 1
+    total_num_requests: float = 0.0
 
 
 def test_serve_policy_returns_the_target_of_the_newest_decision():
@@ -130,6 +132,16 @@ def test_serve_policy_returns_the_target_of_the_newest_decision():
         }
     )
     assert pool_target_policy(ctx) == (1.0, {})
+
+
+def test_serve_policy_wakes_an_empty_pool_for_requests_queued_at_its_handles():
+    assert pool_target_policy(FakeContext(None, 0, current_num_replicas=0)) == (0, {})  # idle: stays at 0
+    assert pool_target_policy(FakeContext(None, 0, current_num_replicas=0, total_num_requests=1.0)) == (1, {})
+    # a replica starting (target 1, none running yet) keeps its target
+    assert pool_target_policy(FakeContext(None, 1, current_num_replicas=0, total_num_requests=1.0)) == (1, {})
+    # a running replica that reports target 0 wins over a queue (the planner decided, knowing the demand)
+    reported = {TARGET_METRIC: {"a": [FakePoint(1.0, 0.0)]}, DECIDED_METRIC: {"a": [FakePoint(1.0, 5.0)]}}
+    assert pool_target_policy(FakeContext(reported, 1, total_num_requests=3.0)) == (0.0, {})
 
 
 def test_replicas_report_the_metrics_the_policy_reads():
@@ -159,7 +171,7 @@ def test_deployment_options_of_an_autoscaled_pool():
     "replicas, autoscaling, match",
     [
         (2, {"enabled": True}, "needs replicas {min < max}"),
-        ({"min": 0, "max": 2}, {"enabled": True}, "replicas.min >= 1"),
+        ({"min": 0, "max": 2}, {"enabled": True, "cold_start_timeout_s": 0}, "cold_start_timeout_s"),
         ({"min": 1, "max": 2}, {"enabled": True, "predictor": "oracle"}, "predictor"),
         ({"min": 1, "max": 2}, {"enabled": True, "unknown": 1}, "unknown"),
     ],
