@@ -7,7 +7,9 @@ without autoscaling: every 10 s, signals only). A pool with ``autoscaling.enable
 handed to each of its replicas with the time it was decided (``set_replica_target``); Serve's controller
 reads both back as custom autoscaling metrics (serve/autoscale_policy.py) and scales the deployment.
 Every decision is logged with its reason and counted (``pdserve_planner_decisions_total{pool,reason}``);
-the signals are the ``pdserve_planner_*`` gauges.
+the signals are the ``pdserve_planner_*`` gauges. The same loop runs the flex pools' role controller
+(serve/flex.py, ``flex.interval_s``) and feeds it the routed requests; a flex pool's own planner is signals
+only, counted as a decode pool.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import contextvars
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from router.autoscale import Decision, StabilizerSettings
 from router.config import RouterConfig
@@ -26,7 +28,10 @@ from router.pipeline import new_cost_model
 from router.pool_planner import PlannerSettings, PoolPlanner, Signals
 from router.types import PoolSnapshot, Rejection, RequestDescriptor, Role, RoutingDecision
 from serve.metrics import ClusterMetrics
-from workers.config import PoolConfig
+from workers.config import PoolConfig, PoolRole
+
+if TYPE_CHECKING:
+    from serve.flex import FlexManager
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +68,12 @@ class Planner:
         cost_model: Callable[[str], CostModel] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        flex: FlexManager | None = None,
     ) -> None:
-        """``clock`` times the planning; ``wall`` stamps each decision (Serve orders replicas' reports by it)."""
+        """``clock`` times the planning; ``wall`` stamps each decision (Serve orders replicas' reports by it);
+        ``flex``: the flex pools' role controller, run from the same loop."""
         self._cfg = {p.name: p for p in pools}
+        self.flex = flex
         self._wall = wall
         self._metrics = metrics
         self._clock = clock
@@ -75,7 +83,7 @@ class Planner:
         self.planners = {
             p.name: PoolPlanner(
                 p.name,
-                Role(p.role.value),
+                Role.DECODE if p.role is PoolRole.FLEX else Role(p.role.value),
                 planner_settings(p, router),
                 p.replicas.min,
                 p.replicas.max,
@@ -105,6 +113,8 @@ class Planner:
 
     # -- the orchestrator's hooks ---------------------------------------------------------------------
     def on_routed(self, req: RequestDescriptor, outcome: RoutingDecision | Rejection, moved: bool = False) -> None:
+        if self.flex is not None:
+            self.flex.on_routed(req, outcome, moved)
         if moved:
             return
         now = self._clock()
@@ -209,11 +219,13 @@ class Planner:
             )
 
     async def _run(self, snapshot: Callable[[], PoolSnapshot], handles: Mapping[str, Any]) -> None:
-        period = min(self.interval_s(p) for p in self.planners)
+        period = min([self.interval_s(p) for p in self.planners] + ([self.flex.interval_s()] if self.flex else []))
         while True:
             try:
                 snap = snapshot()
                 self.step(snap)
+                if self.flex is not None:
+                    self.flex.step(snap)
                 await self.publish(snap, handles)
             except asyncio.CancelledError:
                 raise
