@@ -210,7 +210,8 @@ def warm_up(base_url: str, model: str) -> None:
     asyncio.run(run_open_loop(base_url, model, warm, max_duration_s=30, drain_s=60))
 
 
-TIERED_WORKLOADS = ("qos",)  # records tagged with their QoS tier: summaries also per tier
+# records tagged (QoS tier, phase): summaries also per tag, under "by_tier"
+TIERED_WORKLOADS = ("qos", "phase-shift")
 
 
 def run_system(entry: str, args, out: Path) -> list[dict]:

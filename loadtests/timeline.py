@@ -2,9 +2,10 @@
 
 Understands pdserve's gauges (``pdserve_pool_*``) and vLLM's OpenAI server (``vllm:num_requests_*``);
 a server without ``/metrics`` (e.g. Ray Serve LLM's HTTP proxy) simply yields no samples. For pdserve
-also replicas per role and the cumulative fallback counters (``pdserve_prefill_fallbacks_total``), and from
-its ``/health``: replicas per pool (``replicas.<pool>``), the planner's target of each autoscaled pool
-(``target.<pool>``) and, with flex pools, how many flex replicas serve each role (``flex.<role>``).
+also replicas per role, the cumulative fallback counters (``pdserve_prefill_fallbacks_total``), for a
+``role: flex`` pool its replicas per role and its controller's flip decisions and flips, and from its
+``/health``: replicas per pool (``replicas.<pool>``), the planner's target of each autoscaled pool
+(``target.<pool>``) and how many flex replicas serve each role (``flex.<role>``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,18 @@ _FIELDS = {
         ("prefill_replicas", {"role": "prefill"}),
     ],
     "pdserve_prefill_fallbacks": [("prefill_fallbacks", {}), ("decode_retries", {"reason": "decode_retry"})],
+    # role: flex pools (serve/flex.py): replicas per role, the controller's flip decisions, flips applied
+    "pdserve_flex_role": [
+        ("flex_prefill", {"role": "prefill"}),
+        ("flex_decode", {"role": "decode"}),
+        ("flex_draining", {"role": "draining"}),
+    ],
+    "pdserve_flex_decisions": [
+        ("flex_prefill_heavy_decisions", {"reason": "prefill_heavy"}),
+        ("flex_decode_heavy_decisions", {"reason": "decode_heavy"}),
+    ],
+    "pdserve_flex_flips": [("flex_flips", {})],
+    "pdserve_flex_desired_prefill": [("flex_desired_prefill", {})],
     "vllm:num_requests_waiting": [("queue", {})],
     "vllm:num_requests_running": [("running", {})],
 }

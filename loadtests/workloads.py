@@ -16,8 +16,12 @@ word for SmolLM2's tokenizer. Distributions and where their parameters come from
 - ``long-prompt``: summarisation, prompts near ``max_model_len`` minus the output, short outputs.
 - ``qos``: the ``chat`` shape (or ``base=random``: 512/64) with ``x-customer-tier`` headers drawn
   premium/standard/free = 10/30/60 %.
+- ``phase-shift``: the traffic's shape changes twice: prefill-heavy (long prompts, short answers),
+  decode-heavy (short prompts, long answers), prefill-heavy again, ``phase_s`` each; requests tagged
+  with their phase. The load a ``role: flex`` pool follows by flipping replicas between roles.
 Arrivals are open-loop: Poisson at ``rate`` req/s, or a piecewise-constant rate schedule
-(``bursty``: base rate, tripled within a minute, then back).
+(``bursty``: base rate, tripled within a minute, then back; ``phase-shift``: ``rate`` in the
+prefill-heavy phases, ``decode_rate`` in the decode-heavy one).
 
 Closed-loop conversations (``CONVERSATIONS``; run by ``loadtests.closedloop``):
 
@@ -169,6 +173,38 @@ def bursty(seed: int, n: int, rate: float, minute_s: float = 60.0, **kw) -> list
     return [RequestSpec(t, s.messages, s.max_tokens) for t, s in zip(arrivals, base)]
 
 
+PHASES = ("1-prefill-heavy", "2-decode-heavy", "3-prefill-heavy")
+
+
+def phase_shift(
+    seed: int,
+    n: int,
+    rate: float,
+    phase_s: float = 90.0,
+    prefill_input_tokens: int = 1024,
+    prefill_output_tokens: int = 16,
+    decode_input_tokens: int = 64,
+    decode_output_tokens: int = 256,
+    decode_rate: float | None = None,
+    **_,
+) -> list[RequestSpec]:
+    """Three phases of ``phase_s`` seconds (at most ``n`` requests in all): prefill-heavy at ``rate``,
+    decode-heavy at ``decode_rate`` (default ``rate``), prefill-heavy at ``rate``; tag = the phase."""
+    rng = random.Random(seed)
+    shapes = (
+        (rate, prefill_input_tokens, prefill_output_tokens),
+        (decode_rate or rate, decode_input_tokens, decode_output_tokens),
+        (rate, prefill_input_tokens, prefill_output_tokens),
+    )
+    arrivals = schedule_arrivals(rng, [(phase_s, r) for r, _, _ in shapes], n)
+    out = []
+    for t in arrivals:
+        i = min(int(t // phase_s), len(PHASES) - 1)
+        _, input_tokens, output_tokens = shapes[i]
+        out.append(RequestSpec(t, _user(words(rng, int(input_tokens / TOKENS_PER_WORD))), output_tokens, tag=PHASES[i]))
+    return out
+
+
 TIERS = (("premium", 0.10), ("standard", 0.30), ("free", 0.60))
 
 
@@ -202,6 +238,7 @@ WORKLOADS = {
     "long-prompt": long_prompt,
     "bursty": bursty,
     "qos": qos_mix,
+    "phase-shift": phase_shift,
 }
 
 

@@ -52,6 +52,7 @@ class EndpointState:
     queued_prefill_by_priority: tuple[tuple[int, int], ...] = ()
     priority_step_tokens: int = 0  # 0: the engine schedules in arrival order (see prefill_tokens_ahead)
     updated_s: float = 0.0
+    draining: bool = False  # a flex replica leaving ``role``: listed, but no role's candidate (by_role)
 
     @property
     def context_tokens(self) -> int:
@@ -104,4 +105,5 @@ class PoolSnapshot:
     taken_s: float = 0.0
 
     def by_role(self, role: Role) -> list[EndpointState]:
-        return [e for e in self.endpoints if e.role is role]
+        """The candidates of ``role``: its replicas, less those draining out of it."""
+        return [e for e in self.endpoints if e.role is role and not e.draining]

@@ -137,8 +137,9 @@ class ClusterConfig(_Strict):
     def _decode_role_present(self) -> ClusterConfig:
         # prefill pools are optional: without one every request prefills on its decode replica
         # (colocated serving with prefix-aware placement and admission)
-        if not any(p.role is PoolRole.DECODE for p in self.pools):
-            raise ValueError("pools: need at least one pool with role ['decode']")
+        # a flex pool always keeps flex.min_decode >= 1 replicas in the decode role
+        if not any(p.role in (PoolRole.DECODE, PoolRole.FLEX) for p in self.pools):
+            raise ValueError("pools: need at least one pool with role ['decode'] or ['flex']")
         return self
 
     @model_validator(mode="after")

@@ -24,16 +24,16 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.pipeline import build_policy
-from router.types import Role
 from serve.adapters import ParsedRequest, RequestAdapter, parse_body
 from serve.cold_start import ColdStart
 from serve.config import ClusterConfig
+from serve.flex import FlexManager, flex_roles
 from serve.gate import Gate, read_limited, refuse_when_busy
 from serve.kv_events import KvEventFeed
 from serve.metrics import ClusterMetrics
 from serve.openapi import build_openapi
 from serve.orchestrator import Orchestrator
-from serve.planner import Planner
+from serve.planner import Planner, strictest_slo_s
 from serve.pool_monitor import PoolMonitor
 from serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest
 from serve.responses import ChunkWriter, full_response
@@ -131,7 +131,7 @@ class Ingress:
 
         self._cfg = ClusterConfig.model_validate(config)
         self._directory.stale_s = self._cfg.router.stats_stale_s
-        self._roles = {p.name: Role(p.role.value) for p in self._cfg.pools}
+        self._roles = {p.name: p.role.value for p in self._cfg.pools}
         self._pool_cfg = {p.name: p for p in self._cfg.pools}
         self._handles = pools
         tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -152,7 +152,19 @@ class Ingress:
         self._monitor: PoolMonitor | None = None
         self.metrics = ClusterMetrics(lambda: self._monitor.stats() if self._monitor else [])
         policy = build_policy(r, block_size)
-        self._planner = Planner(self._cfg.pools, r, self.metrics, getattr(policy, "model", None))
+        self._flex: FlexManager | None = None
+        self._directory.flex = roles = flex_roles(self._cfg.pools)
+        if roles is not None:
+            self._flex = FlexManager(
+                self._cfg.pools,
+                r,
+                roles,
+                self.metrics,
+                lambda: self._orch.in_flight(),
+                getattr(policy, "model", None),
+                strictest_slo_s(r)[1],
+            )
+        self._planner = Planner(self._cfg.pools, r, self.metrics, getattr(policy, "model", None), flex=self._flex)
         cold_start = ColdStart(self._cfg.pools, pools, self._planner, self.metrics)
         self._planner.wake = cold_start.wake
         kvh = self._cfg.kv_handoff
@@ -267,7 +279,7 @@ class Ingress:
             eps = [e for e in snap.endpoints if e.pool == name]
             # healthy: confirmed by a stats poll (a replica Serve just listed is routable, not yet vouched for)
             pools[name] = {
-                "role": role.value,
+                "role": role,
                 "replicas": len(eps),
                 "healthy": sum(e.healthy and e.endpoint_id in ages for e in eps),
                 "running": sum(e.num_running for e in eps),
@@ -290,7 +302,10 @@ class Ingress:
             and not (self._warmup and self._warmup.done())
         )
         status = "draining" if self._draining else "unavailable" if not ok else "warming_up" if warming else "ok"
-        return {"status": status, "ready": ready, "model": self._cfg.model.name, "pools": pools}
+        body = {"status": status, "ready": ready, "model": self._cfg.model.name, "pools": pools}
+        if self._flex is not None:
+            body["flex"] = self._flex.report()
+        return body
 
     # -- drain ----------------------------------------------------------------------------------
     @app.post("/admin/drain")

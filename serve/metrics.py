@@ -235,6 +235,35 @@ class ClusterMetrics:
             ["pool", "outcome"],
             registry=r,
         )
+        # role flips of flex pools (serve/flex.py)
+        self.flex_role = Gauge(
+            "pdserve_flex_role",
+            "1 for the role a flex replica serves now (prefill, decode, or draining while it flips), else 0",
+            ["pool", "replica", "role"],
+            registry=r,
+        )
+        self.flex_flips = Counter(
+            "pdserve_flex_flips", "Role flips applied, by reason", ["pool", "from", "to", "reason"], registry=r
+        )
+        self.flex_flip_s = Histogram(
+            "pdserve_flex_flip_seconds",
+            "A role flip from the drain mark to the switch (in-flight work of the old role finishing)",
+            ["pool"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.flex_decisions = Counter(
+            "pdserve_flex_decisions",
+            "Flex controller decisions by reason (prefill_heavy, decode_heavy, below_min_*, or a hold)",
+            ["pool", "reason"],
+            registry=r,
+        )
+        self.flex_desired_prefill = Gauge(
+            "pdserve_flex_desired_prefill",
+            "Prefill replicas the measured demand asks of a flex pool (fractional, before hysteresis)",
+            ["pool"],
+            registry=r,
+        )
         r.register(_WorkerStatsCollector(worker_stats_source))
 
     def watch_prefix_index(self, blocks: Callable[[], Mapping[str, int]], kv_events: Callable[[], int]) -> None:

@@ -15,7 +15,9 @@ where Serve's controller sees it. A request admitted while the prefill pools are
 replica, and its uncached prompt counts as demand on those empty prefill pools (their planner then scales one
 up). A request that finds no decode replica waits for one: :meth:`Planner.cold_start` (reason
 ``cold_start``) sets the pool's target to at least 1 and holds it there until a replica runs or the wait's
-bound passes.
+bound passes. The same loop runs the flex pools' role controller
+(serve/flex.py, ``flex.interval_s``) and feeds it the routed requests; a flex pool's own planner is signals
+only, counted as a decode pool.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import contextvars
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from router.autoscale import Decision, StabilizerSettings
 from router.config import RouterConfig
@@ -34,7 +36,10 @@ from router.pipeline import new_cost_model
 from router.pool_planner import PlannerSettings, PoolPlanner, Signals
 from router.types import PoolSnapshot, Rejection, RequestDescriptor, Role, RoutingDecision
 from serve.metrics import ClusterMetrics
-from workers.config import PoolConfig
+from workers.config import PoolConfig, PoolRole
+
+if TYPE_CHECKING:
+    from serve.flex import FlexManager
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +76,12 @@ class Planner:
         cost_model: Callable[[str], CostModel] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        flex: FlexManager | None = None,
     ) -> None:
-        """``clock`` times the planning; ``wall`` stamps each decision (Serve orders replicas' reports by it)."""
+        """``clock`` times the planning; ``wall`` stamps each decision (Serve orders replicas' reports by it);
+        ``flex``: the flex pools' role controller, run from the same loop."""
         self._cfg = {p.name: p for p in pools}
+        self.flex = flex
         self._wall = wall
         self._metrics = metrics
         self._clock = clock
@@ -83,7 +91,7 @@ class Planner:
         self.planners = {
             p.name: PoolPlanner(
                 p.name,
-                Role(p.role.value),
+                Role.DECODE if p.role is PoolRole.FLEX else Role(p.role.value),
                 planner_settings(p, router),
                 p.replicas.min,
                 p.replicas.max,
@@ -116,6 +124,8 @@ class Planner:
 
     # -- the orchestrator's hooks ---------------------------------------------------------------------
     def on_routed(self, req: RequestDescriptor, outcome: RoutingDecision | Rejection, moved: bool = False) -> None:
+        if self.flex is not None:
+            self.flex.on_routed(req, outcome, moved)
         if moved:
             return
         now = self._clock()
@@ -244,11 +254,13 @@ class Planner:
             )
 
     async def _run(self, snapshot: Callable[[], PoolSnapshot], handles: Mapping[str, Any]) -> None:
-        period = min(self.interval_s(p) for p in self.planners)
+        period = min([self.interval_s(p) for p in self.planners] + ([self.flex.interval_s()] if self.flex else []))
         while True:
             try:
                 snap = snapshot()
                 self.step(snap)
+                if self.flex is not None:
+                    self.flex.step(snap)
                 await self.publish(snap, handles)
             except asyncio.CancelledError:
                 raise

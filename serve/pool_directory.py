@@ -12,9 +12,12 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from router.types import EndpointState, PoolSnapshot, Role
+
+if TYPE_CHECKING:
+    from serve.flex import FlexRoles
 
 # the load an engine reports (WorkerStats fields) that EndpointState mirrors
 LOAD_FIELDS = ("num_running", "num_waiting", "kv_usage", "kv_capacity_tokens", "priority_step_tokens")
@@ -52,6 +55,7 @@ class PoolDirectory:
         self.registrations: dict[str, int] = {}
         self._clock = clock
         self.stale_s = stale_s
+        self.flex: FlexRoles | None = None  # roles of the flex pools' replicas (serve/flex.py)
 
     def register(self, pool: str, source: EndpointSource) -> None:
         """Serve builds one router per handle *variant* (e.g. ``.options(stream=True)``); they all
@@ -106,16 +110,22 @@ class PoolDirectory:
                 queued_by_priority.get(e.endpoint_id, ()),
                 e.endpoint_id in suspects,
             )
-            for src in sources
-            for e in src.endpoints()
+            for e in self._listed(sources)
         ]
         live = {e.endpoint_id for e in endpoints}
+        if self.flex is not None:
+            self.flex.forget(live)
         with self._lock:  # forget replicas Serve no longer lists
             for gone in set(self._polled) - live:
                 self._polled.pop(gone, None)
             for gone in set(self._suspect) - live:
                 self._suspect.pop(gone, None)
         return PoolSnapshot(endpoints=endpoints, taken_s=now)
+
+    def _listed(self, sources: list[EndpointSource]) -> list[EndpointState]:
+        """The replicas Serve lists, flex pools' ones in the role they serve now."""
+        listed = [e for src in sources for e in src.endpoints()]
+        return self.flex.assign(listed) if self.flex is not None else listed
 
     def _merge(
         self,

@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 class PdRequestRouter(RequestRouter):
     def initialize_state(self, pool: str = "", role: str = "decode") -> None:
         self._pool = pool
-        self._role = Role(role)
+        # a flex pool's replicas are listed as decode here; the directory's FlexRoles gives each its role
+        self._role = Role.DECODE if role == "flex" else Role(role)
         self._rng = random.Random()
         # Imported here, not at module level: Serve may ship this class by value (cloudpickle),
         # which would give it a private copy of module globals; sys.modules has the real one.

@@ -24,6 +24,7 @@ class _Strict(BaseModel):
 class PoolRole(str, enum.Enum):  # noqa: UP042 (StrEnum changes str() and format() to the bare value)
     PREFILL = "prefill"
     DECODE = "decode"
+    FLEX = "flex"  # each replica serves prefill or decode as the flex controller assigns (serve/flex.py)
 
 
 class ReplicaRange(_Strict):
@@ -73,6 +74,35 @@ class PoolAutoscaling(_Strict):
         description="replicas.min 0: how long a request that needs the empty pool waits for its first replica "
         "(decode pools; an empty prefill pool never holds a request: it prefills on its decode replica) "
         "before a 503 with Retry-After",
+    )
+
+
+class FlexSettings(_Strict):
+    """Role flips of a ``role: flex`` pool (router/flex.py decides, serve/flex.py applies): its engines serve
+    prefill or decode as assigned, and a replica changes role without an engine restart."""
+
+    initial_prefill: int = Field(1, ge=0, description="replicas that start as prefill (the rest start as decode)")
+    min_prefill: int = Field(0, ge=0, description="never fewer prefill replicas (0: decode replicas prefill locally)")
+    min_decode: int = Field(1, ge=1, description="never fewer decode replicas")
+    interval_s: float = Field(10.0, gt=0, description="seconds between the controller's decisions")
+    demand_window_s: float = Field(30.0, gt=0, description="sliding window of the measured prefill and decode demand")
+    dwell_s: float = Field(60.0, ge=0, description="no flip for this long after a flip was applied")
+    hysteresis: float = Field(
+        0.25,
+        ge=0,
+        description="replicas beyond the half-replica rounding band the desired prefill count must move before a flip",
+    )
+    confirm_intervals: int = Field(
+        2, ge=1, description="consecutive decisions that must want the same flip before it starts"
+    )
+    min_load: float = Field(
+        0.05, ge=0, description="below this many replicas' worth of demand the split is held (idle: no signal)"
+    )
+    drain_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="longest wait for a flipping replica's in-flight work of its old role; then it switches "
+        "anyway (the engine serves both roles, so late work still completes)",
     )
 
 
@@ -211,6 +241,7 @@ class PoolConfig(_Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     max_ongoing_requests: int = Field(64, ge=1, description="Ray Serve per-replica concurrency cap")
     autoscaling: PoolAutoscaling = Field(default_factory=PoolAutoscaling)
+    flex: FlexSettings | None = Field(None, description="role: flex pools only (their defaults when left out)")
 
     @field_validator("replicas", mode="before")
     @classmethod
@@ -229,6 +260,31 @@ class PoolConfig(_Strict):
     def scales_from_zero(self) -> bool:
         """An autoscaled pool that may have no replica: a request that needs it wakes it (serve/cold_start.py)."""
         return self.autoscaling.enabled and self.replicas.min == 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flex_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("role") in (PoolRole.FLEX, PoolRole.FLEX.value) and not data.get("flex"):
+            return {**data, "flex": {}}
+        return data
+
+    @model_validator(mode="after")
+    def _flex_split_fits(self) -> PoolConfig:
+        if self.role is not PoolRole.FLEX:
+            if self.flex is not None:
+                raise ValueError(f"pool {self.name!r}: flex settings need role: flex")
+            return self
+        f, n = self.flex, self.replicas.min
+        if self.autoscaling.enabled:
+            raise ValueError(f"pool {self.name!r}: a flex pool's size is fixed (autoscaling.enabled is not supported)")
+        if f.min_prefill > f.initial_prefill:
+            raise ValueError(f"pool {self.name!r}: flex.min_prefill ({f.min_prefill}) > initial_prefill")
+        if f.initial_prefill + f.min_decode > n:
+            raise ValueError(
+                f"pool {self.name!r}: flex.initial_prefill + flex.min_decode ({f.initial_prefill + f.min_decode}) "
+                f"exceeds replicas.min ({n})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _gpu_count_matches_parallelism(self) -> PoolConfig:

@@ -1,6 +1,7 @@
 """Greedy outputs of ONE colocated vLLM engine (the baseline a P/D path must reproduce).
 
-Run as a subprocess (vLLM spawns processes; this keeps them out of the pytest process):
+Run as a subprocess (vLLM spawns processes; this keeps them out of the pytest process), by
+``reference_outputs`` or as:
     python -m tests.integration.reference_greedy MODEL_DIR MAX_TOKENS DTYPE OUT.json < prompts.json
 stdin: a JSON list of token-id lists; OUT.json: a JSON list of {text, token_ids}.
 """
@@ -10,6 +11,29 @@ from __future__ import annotations
 import json
 import os
 import sys
+
+
+def reference_outputs(model_dir, prompts: list[list[int]], max_tokens: int, dtype: str, out_path) -> list[dict]:
+    """This module run as a subprocess on ``prompts`` (token-id lists): one {text, token_ids} per prompt. One
+    OpenMP thread, like each cluster engine: a different thread count changes the reduction order."""
+    import subprocess
+
+    from tests.conftest import REPO
+
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+    args = [sys.executable, "-m", "tests.integration.reference_greedy", str(model_dir), str(max_tokens), dtype]
+    out = subprocess.run(
+        [*args, str(out_path)],
+        input=json.dumps(prompts),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(out_path) as f:
+        return json.load(f)
 
 
 def main() -> None:
