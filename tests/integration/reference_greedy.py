@@ -13,6 +13,18 @@ import os
 import sys
 
 
+def chat_token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Each text as one user turn through the model's chat template, as the ingress renders it."""
+
+    def ids(text: str) -> list[int]:
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+        return tokenizer.encode(rendered, add_special_tokens=False)
+
+    return [ids(t) for t in texts]
+
+
 def reference_outputs(model_dir, prompts: list[list[int]], max_tokens: int, dtype: str, out_path) -> list[dict]:
     """This module run as a subprocess on ``prompts`` (token-id lists): one {text, token_ids} per prompt. One
     OpenMP thread, like each cluster engine: a different thread count changes the reduction order."""

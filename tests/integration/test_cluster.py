@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from tests.integration.cluster_utils import (
     settled_scrape,
     wait_for,
 )
+from tests.integration.reference_greedy import chat_token_ids, reference_outputs
 
 pytestmark = pytest.mark.integration
 
@@ -49,14 +49,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def chat_ids(tokenizer):
-    def ids(text: str) -> list[int]:
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
-        return tokenizer.encode(rendered, add_special_tokens=False)
-
-    return [ids(p) for p in PROMPTS]
+def chat_ids(tokenizer) -> list[list[int]]:
+    return chat_token_ids(tokenizer, PROMPTS)
 
 
 @pytest.fixture(scope="module")
@@ -64,26 +58,8 @@ def reference(model_dir, chat_ids, tmp_path_factory):
     """Greedy outputs of a single colocated engine, computed before the cluster starts. One OpenMP
     thread, like each cluster engine: a different thread count changes bf16 reduction order."""
     out_path = tmp_path_factory.mktemp("reference") / "greedy.json"
-    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.integration.reference_greedy",
-            str(model_dir),
-            str(GREEDY_TOKENS),
-            DTYPE,
-            str(out_path),
-        ],
-        input=json.dumps(chat_ids),
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out_path.read_text())
+    greedy = reference_outputs(model_dir, chat_ids, GREEDY_TOKENS, DTYPE, out_path)
+    return greedy
 
 
 @pytest.fixture(scope="module")

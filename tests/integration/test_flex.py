@@ -28,7 +28,7 @@ from tests.integration.cluster_utils import (
     scrape,
     wait_for,
 )
-from tests.integration.reference_greedy import reference_outputs
+from tests.integration.reference_greedy import chat_token_ids, reference_outputs
 
 pytestmark = pytest.mark.integration
 
@@ -85,13 +85,7 @@ def _config():
 
 @pytest.fixture(scope="module")
 def chat_ids(tokenizer) -> list[list[int]]:
-    def ids(text: str) -> list[int]:
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
-        return tokenizer.encode(rendered, add_special_tokens=False)
-
-    return [ids(p) for p in PROMPTS]
+    return chat_token_ids(tokenizer, PROMPTS)
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,6 @@ reference run overlaps the first pair's start-up).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -31,6 +27,7 @@ from loadtests.kv.kv_harness import EngineProcess
 from loadtests.kv.kv_int4_study import TEST_PROMPTS
 from tests.conftest import REPO
 from tests.integration.cluster_utils import wait_for
+from tests.integration.reference_greedy import chat_token_ids, reference_outputs
 from workers.engine_env import MQ_BUSY_LOOP_ENV
 
 pytestmark = pytest.mark.integration
@@ -44,13 +41,7 @@ PROMPTS = TEST_PROMPTS
 
 @pytest.fixture(scope="module")
 def prompts(tokenizer) -> list[list[int]]:
-    def ids(text: str) -> list[int]:
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
-        return tokenizer.encode(rendered, add_special_tokens=False)
-
-    out = [ids(p) for p in PROMPTS]
+    out = chat_token_ids(tokenizer, PROMPTS)
     assert 90 <= min(map(len, out)) and max(map(len, out)) <= 700, [len(p) for p in out]
     return out
 
@@ -131,33 +122,9 @@ def reference(engines, model_dir, prompts, tmp_path_factory):
     """Greedy tokens of one colocated engine (block 128, one OpenMP thread), computed while the
     block-128 pair starts; the block-32 prefill engine starts right after."""
     out_path = tmp_path_factory.mktemp("reference") / "greedy.json"
-    env = {
-        **os.environ,
-        "VLLM_CPU_OMP_THREADS_BIND": "1",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "VLLM_LOGGING_LEVEL": "WARNING",
-    }
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.integration.reference_greedy",
-            str(model_dir),
-            str(GREEDY_TOKENS),
-            DTYPE,
-            str(out_path),
-        ],
-        input=json.dumps(prompts),
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=600,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    greedy = reference_outputs(model_dir, prompts, GREEDY_TOKENS, DTYPE, out_path)
     engines.start("p32", 32, "0")
-    return [o["token_ids"] for o in json.loads(out_path.read_text())]
+    return [o["token_ids"] for o in greedy]
 
 
 def _prefill(prefill: EngineProcess, ids: list[int], compression: str | None = None) -> dict:
