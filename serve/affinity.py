@@ -14,20 +14,9 @@ import logging
 import os
 from collections.abc import Iterable, Iterator
 
-from workers.config import CpuDevice, PoolConfig, PoolRole
+from workers.config import CpuDevice, PoolConfig, PoolRole, binding_cores
 
 logger = logging.getLogger(__name__)
-
-
-def parse_cores(binding: str) -> set[int] | None:
-    """``"0"``, ``"0-3"``, ``"0,2-3"`` -> core ids; None for bindings that name no cores (auto, nobind)."""
-    if binding in ("auto", "nobind", "all"):
-        return None
-    cores: set[int] = set()
-    for part in binding.split(","):
-        lo, _, hi = part.partition("-")
-        cores.update(range(int(lo), int(hi or lo) + 1))
-    return cores
 
 
 def decode_cores(pools: Iterable[PoolConfig]) -> set[int] | None:
@@ -38,7 +27,7 @@ def decode_cores(pools: Iterable[PoolConfig]) -> set[int] | None:
             continue
         bindings = [pool.device.cpu_cores] if isinstance(pool.device.cpu_cores, str) else pool.device.cpu_cores
         for b in bindings:
-            cores = parse_cores(b)
+            cores = binding_cores(b)
             if cores is None:
                 return None
             out |= cores
@@ -51,7 +40,7 @@ def serving_cores(setting: str, pools: Iterable[PoolConfig], available: set[int]
     if setting == "all":
         return None
     if setting != "auto":
-        chosen = (parse_cores(setting) or set()) & available
+        chosen = (binding_cores(setting) or set()) & available
         return chosen or None
     pinned = decode_cores(pools)
     if not pinned:

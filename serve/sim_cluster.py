@@ -12,22 +12,11 @@ from pathlib import Path
 from capacity.cluster import Link, SimCluster, SimPool
 from capacity.profile import EngineProfile, load_profiles
 from serve.config import ClusterConfig
-from workers.config import CpuDevice, PoolConfig
+from workers.config import CpuDevice, PoolConfig, binding_cores
 
 DEFAULT_PROFILES = Path(__file__).resolve().parent.parent / "capacity" / "profiles" / "smollm2-135m-cpu.json"
 # one node: the profile's measured handoff time already covers the transfer, the link adds nothing
 SAME_NODE = Link(bandwidth_gbps=math.inf, latency_s=0.0)
-
-
-def bound_cores(binding: str) -> int | None:
-    """Cores a CPU binding names ("0" -> 1, "0-3" -> 4, "0,2" -> 2); None for "auto" / "nobind"."""
-    if binding in ("auto", "nobind"):
-        return None
-    n = 0
-    for part in binding.split(","):
-        lo, _, hi = part.partition("-")
-        n += int(hi or lo) - int(lo) + 1
-    return n
 
 
 def pool_profile(profiles: Sequence[EngineProfile], model: str, pool: PoolConfig) -> EngineProfile:
@@ -45,7 +34,8 @@ def pool_profile(profiles: Sequence[EngineProfile], model: str, pool: PoolConfig
         and (e.dtype == "auto" or p.key.dtype == e.dtype)
     ]
     if isinstance(dev, CpuDevice):
-        cores = bound_cores(dev.cores_for_rank(0))
+        cores = binding_cores(dev.cores_for_rank(0))
+        cores = len(cores) if cores is not None else None
         if cores is not None:
             cands = [p for p in cands if p.key.device_type.startswith(f"cpu-{cores}core")] or cands
     elif dev.gpu_type:

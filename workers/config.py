@@ -106,6 +106,18 @@ class FlexSettings(_Strict):
     )
 
 
+def binding_cores(binding: str) -> set[int] | None:
+    """The cores a CPU binding names: ``"0"``, ``"0-3"``, ``"0,2-3"`` -> core ids; None for bindings that name
+    no cores (``auto``, ``nobind``, ``all``)."""
+    if binding in ("auto", "nobind", "all"):
+        return None
+    cores: set[int] = set()
+    for part in binding.split(","):
+        lo, _, hi = part.partition("-")
+        cores.update(range(int(lo), int(hi or lo) + 1))
+    return cores
+
+
 class CpuDevice(_Strict):
     """A CPU engine. ``cpu_cores`` pins the engine's OpenMP threads (vLLM
     ``VLLM_CPU_OMP_THREADS_BIND``: ``"0"``, ``"0-3"``, ``"auto"``); two engines on the same cores

@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from capacity.profile import MEASURED, EngineProfile, ProfileKey
-from workers.config import CpuDevice, GpuDevice, KvHandoffConfig, PoolConfig, PoolRole
+from workers.config import CpuDevice, GpuDevice, KvHandoffConfig, PoolConfig, PoolRole, binding_cores
 
 logger = logging.getLogger(__name__)
 
@@ -106,23 +106,12 @@ def cpu_isa(flags: Iterable[str]) -> str:
     return "avx2" if "avx2" in f else "generic"
 
 
-def binding_cores(binding: str, available_cores: int) -> int:
-    """How many cores a ``VLLM_CPU_OMP_THREADS_BIND`` binding gives an engine (``auto``/``nobind``: every
-    core this process may run on)."""
-    if binding in ("auto", "nobind"):
-        return available_cores
-    n = 0
-    for part in binding.split(","):
-        lo, _, hi = part.partition("-")
-        n += int(hi or lo) - int(lo) + 1
-    return n
-
-
 def device_type(pool: PoolConfig, flags: Iterable[str], available_cores: int) -> str:
     """A pool's device type: ``cpu-<cores>core-<isa>`` for a CPU engine (its rank-0 binding), else the
     GPU type (``gpu`` when the pool names none)."""
     if isinstance(pool.device, CpuDevice):
-        cores = binding_cores(pool.device.cores_for_rank(0), available_cores)
+        named = binding_cores(pool.device.cores_for_rank(0))
+        cores = len(named) if named is not None else available_cores
         return f"cpu-{cores}core-{cpu_isa(flags)}"
     return pool.device.gpu_type or "gpu"
 

@@ -2,8 +2,8 @@ import os
 
 import pytest
 
-from serve.affinity import decode_cores, inherited_affinity, parse_cores, serving_cores
-from workers.config import PoolConfig
+from serve.affinity import decode_cores, inherited_affinity, serving_cores
+from workers.config import PoolConfig, binding_cores
 
 
 def pool(role: str, cores, kind: str = "cpu") -> PoolConfig:
@@ -12,10 +12,11 @@ def pool(role: str, cores, kind: str = "cpu") -> PoolConfig:
 
 
 @pytest.mark.parametrize(
-    "binding, want", [("0", {0}), ("0-3", {0, 1, 2, 3}), ("0,2-3", {0, 2, 3}), ("auto", None), ("nobind", None)]
+    "binding, want",
+    [("0", {0}), ("0-3", {0, 1, 2, 3}), ("0,2-3", {0, 2, 3}), ("0-1,4", {0, 1, 4}), ("auto", None), ("nobind", None)],
 )
-def test_parse_cores(binding, want):
-    assert parse_cores(binding) == want
+def test_binding_cores(binding, want):
+    assert binding_cores(binding) == want
 
 
 def test_decode_cores_cover_every_rank_and_ignore_prefill_and_gpu_pools():

@@ -14,7 +14,7 @@ from capacity.simulator import Simulation, simulate
 from capacity.workload import PRESETS, fixed
 from router.config import AdmissionConfig, RouterConfig
 from serve.config import ClusterConfig
-from serve.sim_cluster import bound_cores, pool_profile, sim_cluster
+from serve.sim_cluster import pool_profile, sim_cluster
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -155,10 +155,6 @@ def test_ten_thousand_requests_on_64_replicas_in_seconds():
 
 
 # serve/sim_cluster.py -----------------------------------------------------------------------------
-
-
-def test_bound_cores():
-    assert [bound_cores(b) for b in ("0", "0-3", "0,2", "0-1,4", "auto")] == [1, 4, 2, 3, None]
 
 
 def test_default_config_maps_each_pool_to_its_profile():
