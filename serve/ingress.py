@@ -130,6 +130,11 @@ class Ingress:
         self._directory = pool_directory.DIRECTORY
 
         self._cfg = ClusterConfig.model_validate(config)
+        # /openapi.json names this deployment's tier and tenant headers
+        app.openapi_schema = None
+        app.openapi = functools.partial(
+            build_openapi, app, tier_header=self._cfg.router.tier_header, tenant_header=self._cfg.router.tenant_header
+        )
         self._directory.stale_s = self._cfg.router.stats_stale_s
         self._roles = {p.name: p.role.value for p in self._cfg.pools}
         self._pool_cfg = {p.name: p for p in self._cfg.pools}

@@ -26,10 +26,25 @@ _ERRORS = {
     "504": "no engine output for router.idle_timeout_s",
 }
 GENERATION_ERRORS = ("400", "401", "403", "404", "413", "429", "503", "504")
-_HEADERS = [
-    {"name": "x-customer-tier", "in": "header", "required": False, "schema": {"type": "string"}},
-    {"name": "x-tenant-id", "in": "header", "required": False, "schema": {"type": "string"}},
-]
+
+
+def _headers(tier_header: str, tenant_header: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": tier_header,
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string"},
+            "description": "QoS tier (router.tier_header); with an API key at most the key's tier",
+        },
+        {
+            "name": tenant_header,
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string"},
+            "description": "tenant for prefix-cache isolation (router.tenant_header); with an API key the key's own",
+        },
+    ]
 
 
 def _error(desc: str) -> dict[str, Any]:
@@ -39,7 +54,10 @@ def _error(desc: str) -> dict[str, Any]:
     }
 
 
-def build_openapi(app: FastAPI) -> dict[str, Any]:
+def build_openapi(
+    app: FastAPI, tier_header: str = "x-customer-tier", tenant_header: str = "x-tenant-id"
+) -> dict[str, Any]:
+    """The document, built once per app; the header parameters carry the deployment's header names."""
     if app.openapi_schema:
         return app.openapi_schema
     doc = get_openapi(title=app.title, version="1", description=app.description, routes=app.routes)
@@ -60,7 +78,7 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
                     "required": True,
                     "content": {"application/json": {"schema": {"$ref": REF.format(model=BODIES[path])}}},
                 }
-                op["parameters"] = _HEADERS
+                op["parameters"] = _headers(tier_header, tenant_header)
                 responses["200"] = {
                     "description": "the completion (JSON), or server-sent events when stream is true",
                     "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {}},

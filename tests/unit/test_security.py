@@ -296,3 +296,19 @@ class TestOpenApi:
         assert schemas["ErrorDetail"]["required"] == ["message", "type", "param", "code"]
         assert schemas["ChatCompletionRequest"]["additionalProperties"] is False
         assert doc["paths"]["/health"]["get"]["security"] == []
+        assert [h["name"] for h in chat["parameters"]] == ["x-customer-tier", "x-tenant-id"]
+
+    def test_header_parameters_carry_the_configured_names(self):
+        from fastapi import FastAPI
+
+        from serve.openapi import build_openapi
+
+        app = FastAPI()
+
+        @app.post("/v1/chat/completions")
+        async def chat() -> dict:
+            return {}
+
+        doc = build_openapi(app, tier_header="x-plan", tenant_header="x-org")
+        names = [h["name"] for h in doc["paths"]["/v1/chat/completions"]["post"]["parameters"]]
+        assert names == ["x-plan", "x-org"]
