@@ -55,7 +55,7 @@ def _config():
         free_port(),
         dtype=DTYPE,
         # remote prefill whenever a prefill replica exists: the flip changes the path every request takes
-        placement={"local_prefill_max_tokens": 0, "local_prefill_min_hit_ratio": 1.0},
+        placement={"local_prefill_max_tokens": 0, "local_prefill_min_hit_ratio": 1.0, "local_prefill_when_idle": False},
         admission={"enabled": False},  # the load must not be shed: zero failed requests is the claim
     )
     data = cfg.model_dump(mode="json")
