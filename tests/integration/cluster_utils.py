@@ -25,6 +25,15 @@ def running_cluster(cfg: ClusterConfig) -> Iterator:
         c.stop()
 
 
+# every prompt prefilled on a prefill replica and handed off (tests of the disaggregated path): no short,
+# cached or idle-decode exception sends one to the decode replica
+ALWAYS_REMOTE_PREFILL = {
+    "local_prefill_max_tokens": 0,
+    "local_prefill_min_hit_ratio": 1.0,
+    "local_prefill_when_idle": False,
+}
+
+
 def cluster_config(
     port: int, decode_replicas: int = 1, dtype: str | None = None, kv_handoff: dict | None = None, **router
 ) -> ClusterConfig:

@@ -22,6 +22,7 @@ import pytest
 from loadtests.client import SSE_DONE, sse_data
 from tests.conftest import REPO
 from tests.integration.cluster_utils import (
+    ALWAYS_REMOTE_PREFILL,
     cluster_config,
     free_port,
     health,
@@ -66,7 +67,7 @@ def reference(model_dir, chat_ids, tmp_path_factory):
 def cluster(reference):
     # always remote prefill (short prompts would otherwise prefill on the decode replica): these
     # tests check the disaggregated path byte for byte
-    placement = {"local_prefill_max_tokens": 0, "local_prefill_min_hit_ratio": 1.0, "local_prefill_when_idle": False}
+    placement = ALWAYS_REMOTE_PREFILL
     with running_cluster(cluster_config(free_port(), decode_replicas=2, dtype=DTYPE, placement=placement)) as c:
         wait_for(lambda: _healthy_decode(c.base_url) == 2, timeout_s=120)
         yield c

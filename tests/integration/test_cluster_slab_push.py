@@ -15,6 +15,7 @@ import pytest
 
 from loadtests.faults.faults import engine_processes, paused
 from tests.integration.cluster_utils import (
+    ALWAYS_REMOTE_PREFILL,
     cluster_config,
     free_port,
     freed_after_disconnect,
@@ -57,7 +58,7 @@ def cluster(reference):
         decode_replicas=1,
         dtype=DTYPE,
         kv_handoff={"backend": "slab", "slab_mode": "push"},
-        placement={"local_prefill_max_tokens": 0, "local_prefill_min_hit_ratio": 1.0, "local_prefill_when_idle": False},
+        placement=ALWAYS_REMOTE_PREFILL,
     )
     with running_cluster(cfg) as c:
         yield c

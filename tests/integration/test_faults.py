@@ -20,6 +20,7 @@ import pytest
 from loadtests.faults.faults import engine_processes, kill, paused
 from tests.integration.chat_client import CLIENT_TIMEOUT_S, PROMPTS, chat, request_body, stream
 from tests.integration.cluster_utils import (
+    ALWAYS_REMOTE_PREFILL,
     cluster_config,
     free_port,
     freed_after_disconnect,
@@ -50,12 +51,7 @@ def cluster():
         free_port(),
         dtype=DTYPE,
         prefill_timeout_s=PREFILL_TIMEOUT_S,
-        placement={
-            "local_prefill_max_tokens": 0,
-            "local_prefill_min_hit_ratio": 1.0,
-            "local_prefill_when_idle": False,
-            "local_prefill_when_sooner": False,
-        },  # (the default, stated)
+        placement={**ALWAYS_REMOTE_PREFILL, "local_prefill_when_sooner": False},  # (the default, stated)
         admission={"enabled": False},
     )
     with running_cluster(cfg) as c:

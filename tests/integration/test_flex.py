@@ -20,6 +20,7 @@ import pytest
 from loadtests.faults.faults import engine_processes
 from tests.integration.chat_client import CLIENT_TIMEOUT_S
 from tests.integration.cluster_utils import (
+    ALWAYS_REMOTE_PREFILL,
     cluster_config,
     free_port,
     health,
@@ -55,7 +56,7 @@ def _config():
         free_port(),
         dtype=DTYPE,
         # remote prefill whenever a prefill replica exists: the flip changes the path every request takes
-        placement={"local_prefill_max_tokens": 0, "local_prefill_min_hit_ratio": 1.0, "local_prefill_when_idle": False},
+        placement=ALWAYS_REMOTE_PREFILL,
         admission={"enabled": False},  # the load must not be shed: zero failed requests is the claim
     )
     data = cfg.model_dump(mode="json")

@@ -19,6 +19,7 @@ import pytest
 from loadtests.faults.faults import engine_processes, engine_processes_of, kill, paused, replica_processes
 from tests.integration.chat_client import CLIENT_TIMEOUT_S, PROMPTS, chat, stream
 from tests.integration.cluster_utils import (
+    ALWAYS_REMOTE_PREFILL,
     cluster_config,
     free_port,
     health,
@@ -56,7 +57,7 @@ def cluster():
         decode_replicas=2,
         dtype=DTYPE,
         kv_handoff={"kv_lease_s": KV_LEASE_S},
-        placement={"local_prefill_max_tokens": 0, "local_prefill_min_hit_ratio": 1.0, "local_prefill_when_idle": False},
+        placement=ALWAYS_REMOTE_PREFILL,
         admission={"enabled": False},
     )
     with running_cluster(cfg) as c:

@@ -24,7 +24,14 @@ import yaml
 from loadtests.client import SSE_DONE, sse_data
 from loadtests.fuzz import fuzz
 from tests.conftest import REPO
-from tests.integration.cluster_utils import cluster_config, free_port, health, metric_sum, settled_scrape
+from tests.integration.cluster_utils import (
+    ALWAYS_REMOTE_PREFILL,
+    cluster_config,
+    free_port,
+    health,
+    metric_sum,
+    settled_scrape,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -83,7 +90,7 @@ def cluster(tmp_path_factory):
     port = free_port()
     cfg = cluster_config(
         port,
-        placement={"local_prefill_max_tokens": 0, "local_prefill_min_hit_ratio": 1.0, "local_prefill_when_idle": False},
+        placement=ALWAYS_REMOTE_PREFILL,
     )
     data = cfg.model_dump(mode="json")
     data["server"].update(auth={"keys_file": str(tmp / "keys.json")}, drain_grace_s=DRAIN_GRACE_S)
