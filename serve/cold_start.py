@@ -97,8 +97,10 @@ class ColdStart:
         """Return once a healthy decode replica exists; with none, wake the first empty decode pool that scales
         from zero and wait for it (bounded). Without such a pool (e.g. its replicas exist but are unhealthy),
         return at once: the router answers 503."""
+        if not self._decode:  # no decode pool scales from zero: nothing to wait for (no snapshot per request)
+            return
         snap = snapshot()
-        if not self._decode or _has_decode(snap):
+        if _has_decode(snap):
             return
         present = {e.pool for e in snap.endpoints}
         pool = next((p for p in self._decode if p not in present), None)
