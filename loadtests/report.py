@@ -211,20 +211,25 @@ def _timeline(out: Path, wl: str, rate: float, items: list[dict], bin_s: float =
     return save_figure(fig, out / f"timeline-{wl}-{rate}.png")
 
 
-# timeline keys (loadtests/timeline.py) drawn as replica steps, and their line styles
-_REPLICA_SERIES = (("replicas.", "-", "replicas"), ("target.", "--", "target"), ("flex.", ":", "flex"))
+# timeline keys (loadtests/timeline.py) drawn as replica steps -> line style: per pool (a prefix ending in ".")
+# or a whole key
+_REPLICA_SERIES = {"replicas.": "-", "target.": "--", "flex_prefill": ":", "flex_decode": ":", "flex_draining": ":"}
+
+
+def _series_style(key: str) -> str | None:
+    return next((ls for p, ls in _REPLICA_SERIES.items() if key == p or (p.endswith(".") and key.startswith(p))), None)
 
 
 def _replica_steps(ax, system: str, tl: list[dict], color: str) -> None:
     """Replicas of each pool (solid, from /health), the planner's target of autoscaled pools (dashed) and
     flex replicas per role (dotted), as steps; a timeline without /health samples: healthy replicas of all
     pools (from /metrics)."""
-    keys = sorted({k for s in tl for k in s if k.startswith(tuple(p for p, _, _ in _REPLICA_SERIES))})
+    keys = sorted({k for s in tl for k in s if _series_style(k)})
     if not keys and any("replicas" in s for s in tl):
         keys = ["replicas"]
     markers = "osd^v<>"
     for i, key in enumerate(keys):
-        style = next((ls for p, ls, _ in _REPLICA_SERIES if key.startswith(p)), "-")
+        style = _series_style(key)
         pts = [(s["t"], s[key]) for s in tl if key in s]
         ax.step(
             [t for t, _ in pts],

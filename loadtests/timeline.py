@@ -4,8 +4,8 @@ Understands pdserve's gauges (``pdserve_pool_*``) and vLLM's OpenAI server (``vl
 a server without ``/metrics`` (e.g. Ray Serve LLM's HTTP proxy) simply yields no samples. For pdserve
 also replicas per role, the cumulative fallback counters (``pdserve_prefill_fallbacks_total``), for a
 ``role: flex`` pool its replicas per role and its controller's flip decisions and flips, and from its
-``/health``: replicas per pool (``replicas.<pool>``), the planner's target of each autoscaled pool
-(``target.<pool>``) and how many flex replicas serve each role (``flex.<role>``).
+``/health``: replicas per pool (``replicas.<pool>``) and the planner's target of each autoscaled pool
+(``target.<pool>``).
 """
 
 from __future__ import annotations
@@ -85,17 +85,14 @@ def prefix_cache_hit_rate(before: str, after: str) -> float | None:
 
 def parse_health(body: dict) -> dict[str, float]:
     """From a pdserve ``/health`` body (pure): ``replicas.<pool>`` (replicas Serve runs), ``target.<pool>``
-    (the planner's target of autoscaled pools) and ``flex.<role>`` (flex replicas serving each role, summed
-    over flex pools). Empty for a body without pools."""
+    (the planner's target of autoscaled pools). Empty for a body without pools. (Flex replicas per role
+    come from ``/metrics``: ``flex_prefill``, ``flex_decode``, ``flex_draining``.)"""
     out: dict[str, float] = {}
     for name, p in (body.get("pools") or {}).items():
         out[f"replicas.{name}"] = float(p.get("replicas") or 0)
         target = (p.get("planner") or {}).get("target_replicas")
         if target is not None:
             out[f"target.{name}"] = float(target)
-    for roles in (body.get("flex") or {}).values():
-        for role in roles.values():
-            out[f"flex.{role}"] = out.get(f"flex.{role}", 0.0) + 1.0
     return out
 
 

@@ -160,7 +160,7 @@ vllm:num_requests_running{engine="0",model_name="m"} 7.0
         after = parse_sample(metrics.render().decode())
         assert (after["decode_retries"], after["prefill_fallbacks"]) == (2.0, 3.0)
 
-    def test_parse_health_replicas_targets_and_flex_roles_from_a_recorded_body(self):
+    def test_parse_health_replicas_and_targets_from_a_recorded_body(self):
         import json
         from pathlib import Path
 
@@ -172,8 +172,6 @@ vllm:num_requests_running{engine="0",model_name="m"} 7.0
             "replicas.decode": 2.0,
             "replicas.mixed": 2.0,
             "target.decode": 2.0,  # only the autoscaled pool has a target
-            "flex.prefill": 1.0,
-            "flex.decode": 1.0,
         }
         assert parse_health({"status": "unavailable"}) == {}
 
@@ -308,7 +306,7 @@ class TestReport:
             if system == "ours":  # /health samples: replicas per pool, the planner's target, flex roles
                 for x in tl:
                     up = 10 <= x["t"] < 20
-                    x.update({"replicas.decode": 1.0 + up, "target.decode": 2.0 if up else 1.0, "flex.decode": 1.0})
+                    x.update({"replicas.decode": 1.0 + up, "target.decode": 2.0 if up else 1.0, "flex_decode": 1.0})
             (tmp_path / "raw" / f"{system}-bursty-0.5.json").write_text(json.dumps({"records": recs, "timeline": tl}))
         report.write_report(tmp_path, rows, {"run_id": "t", "slo": {"ttft_s": 4.0, "tpot_s": 0.25}})
         md = (tmp_path / "report.md").read_text()
