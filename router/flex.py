@@ -5,7 +5,8 @@ capacity from the router's cost model, and asks :meth:`FlexController.decide` ev
 (drain the old role, switch) and reports it back with :meth:`FlexController.applied`.
 
 - Work in replicas' worth (:func:`replicas_of_work`): prompt tokens per second over one replica's prefill rate,
-  output tokens per second over one replica's decode rate at the TPOT SLO (:func:`capacity_from_model`).
+  output tokens per second over one replica's decode rate at the TPOT SLO (:func:`capacity_from_model`): engine
+  throughput, not end-to-end latency.
 - Desired prefill replicas = the pool's size x the prefill share of that work.
 - Hysteresis: one replica moves only when the desired count passes the current one by half a replica (the
   rounding point) plus ``hysteresis``; the same move must be wanted ``confirm_intervals`` decisions in a row;
@@ -79,10 +80,12 @@ class FlexDecision:
 
 
 def capacity_from_model(model: CostModel, tpot_slo_s: float, max_batch: int) -> FlexCapacity:
-    """One replica's capacities from the router's cost model of the pool: its fitted prefill rate slowed by the
-    observed/predicted TTFT correction, and the decode tokens per second of the largest batch that meets the
-    TPOT SLO (step time times the TPOT correction)."""
-    prefill = model.prefill_tokens_per_s() / max(model.ttft_bias, 1e-6)
+    """One replica's capacities from the router's cost model of the pool: its fitted prefill rate (the engine's
+    own prefill steps), and the decode tokens per second of the largest batch that meets the TPOT SLO (step time
+    times the TPOT correction). The TTFT correction is not applied: it carries latency that does not occupy the
+    engine (the serving path's calls, the KV handoff, streaming back, ~0.15 s per request on a 2-core box), so for
+    short prompts it is many times the prefill itself and would make a decode-heavy load look prefill-heavy."""
+    prefill = model.prefill_tokens_per_s()
     b = batch_at_tpot_slo(model.decode_step_s, tpot_slo_s, max_batch, model.tpot_bias)
     decode = b / max(model.decode_step_s(b) * model.tpot_bias, 1e-6)
     return FlexCapacity(prefill, decode)

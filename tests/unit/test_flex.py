@@ -134,6 +134,17 @@ class TestController:
         m.tpot_bias = 2.0  # observed TPOT twice the prediction: a smaller batch, fewer tokens/s
         assert capacity_from_model(m, 0.25, 64).decode_tokens_per_s < cap.decode_tokens_per_s
 
+    def test_serving_path_latency_does_not_make_short_prompts_look_prefill_heavy(self):
+        # observed TTFT 10x the engine's prefill (64-token prompts: ~30 ms prefill, ~0.3 s end to end): the
+        # engine's prefill rate is unchanged, so 0.8 req/s of 64/256 is decode work: the prefill replica flips
+        m = CostModel()
+        m.ttft_bias = 10.0
+        cap = capacity_from_model(m, tpot_slo_s=0.25, max_batch=64)
+        assert cap.prefill_tokens_per_s == pytest.approx(m.prefill_tokens_per_s())
+        demand = FlexDemand(prefill_tokens_per_s=0.8 * 64, decode_tokens_per_s=0.8 * 256)
+        d = _ctl(confirm_intervals=1, min_prefill=0).decide(0.0, _split(1, 1), demand, cap)
+        assert (d.reason, d.to_role) == ("decode_heavy", Role.DECODE) and d.desired_prefill < 0.25
+
 
 def _flex_cfg(**flex) -> ClusterConfig:
     data = ClusterConfig.from_yaml(DEFAULT_CONFIG).model_dump(mode="json")
