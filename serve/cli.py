@@ -12,6 +12,11 @@ import threading
 
 from serve.config import DEFAULT_CONFIG, ClusterConfig, ConfigError
 
+WORKLOAD_HELP = (
+    "a preset (random-256-128, random-512-64, shared-prefix, shared-prefix-wide, bursty, chat), trace:FILE or a "
+    "workload YAML (configs/workloads/; capacity/workload.py)"
+)
+
 
 def _load(path: str | None, overrides: list[str] | None = None) -> ClusterConfig:
     return ClusterConfig.from_yaml(path or DEFAULT_CONFIG, overrides or ())
@@ -38,16 +43,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from capacity.simulator import simulate
-    from capacity.workload import get_workload
+    from capacity.workload import load_workload
     from serve.sim_cluster import load_sim_cluster
 
     try:
         cluster = load_sim_cluster(_load(args.config, args.overrides), args.profiles)
-        workload = get_workload(args.workload)
+        workload = load_workload(args.workload).with_rate(args.rate)
     except (KeyError, ValueError, OSError) as e:
         print(f"pdserve simulate: {e}", file=sys.stderr)
         return 2
-    result = simulate(cluster, workload, args.rate, args.requests, args.seed)
+    result = simulate(cluster, workload, workload.rate, args.requests, args.seed)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -143,9 +148,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     from capacity.inventory import load_inventory
     from capacity.plan import plan, simulated_goodput_per_dollar
-    from capacity.plan_inputs import Slo, load_workload
     from capacity.roofline import load_model
     from capacity.search import SearchConfig
+    from capacity.workload import load_workload
+    from router.config import SloConfig
 
     search = SearchConfig(iterations=args.iterations, tenure=args.tenure, seed=args.seed)
     workload = load_workload(args.workload).with_rate(args.rate)
@@ -153,7 +159,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         load_inventory(args.inventory),
         load_model(args.model),
         workload,
-        Slo(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms),
+        SloConfig(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms),
         search=search,
         dtype=args.dtype,
         confirm=simulated_goodput_per_dollar(workload, args.confirm, args.seed) if args.confirm else None,
@@ -211,10 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     pr.set_defaults(fn=cmd_profile)
     sim = sub.add_parser("simulate", help="simulate a config serving a workload (engine profiles + the real router)")
     _add_config_args(sim)
-    sim.add_argument(
-        "--workload", required=True, help="random-256-128 | random-512-64 | shared-prefix | bursty | chat | trace:FILE"
-    )
-    sim.add_argument("--rate", type=float, required=True, help="offered requests per second")
+    sim.add_argument("--workload", required=True, help=WORKLOAD_HELP)
+    sim.add_argument("--rate", type=float, default=None, help="offered requests per second (default: the workload's)")
     sim.add_argument("--requests", type=int, default=1000)
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--profiles", default=None, help="profile file (default: the bundled model's CPU profile)")
@@ -223,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     pl = sub.add_parser("plan", help="plan pools over an inventory of devices (estimate) and write the config")
     pl.add_argument("inventory", help="inventory YAML (configs/inventories/)")
     pl.add_argument("--model", required=True, help="capacity/models.yaml name or a HF config.json path")
-    pl.add_argument("--workload", required=True, help="workload YAML (configs/workloads/)")
+    pl.add_argument("--workload", required=True, help=WORKLOAD_HELP)
     pl.add_argument("--rate", type=float, default=None, help="requests per second (default: the workload's)")
     pl.add_argument("--slo-ttft-ms", type=float, required=True)
     pl.add_argument("--slo-tpot-ms", type=float, required=True)
