@@ -144,41 +144,26 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    import yaml
-
-    from capacity.inventory import load_inventory
-    from capacity.plan import plan, simulated_goodput_per_dollar
-    from capacity.roofline import load_model
     from capacity.search import SearchConfig
-    from capacity.workload import load_workload
     from router.config import SloConfig
+    from serve.plan_cmd import run_plan
 
-    search = SearchConfig(iterations=args.iterations, tenure=args.tenure, seed=args.seed)
-    workload = load_workload(args.workload).with_rate(args.rate)
-    result = plan(
-        load_inventory(args.inventory),
-        load_model(args.model),
-        workload,
-        SloConfig(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms),
-        search=search,
-        dtype=args.dtype,
-        confirm=simulated_goodput_per_dollar(workload, args.confirm, args.seed) if args.confirm else None,
-    )
-    ClusterConfig.from_dict(result.config)  # what pdserve validate checks
-    text = yaml.safe_dump(result.config, sort_keys=False)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(f"# pdserve plan {args.inventory} --model {args.model}: {result.summary()['estimate_kind']}\n")
-            f.write(text)
-    else:
-        print(text)
-    if args.report:
-        with open(args.report, "w") as f:
-            f.write(result.report())
-        with open(f"{args.report}.json", "w") as f:
-            json.dump(result.summary(), f, indent=1)
-    else:
-        print(result.report())
+    try:
+        run_plan(
+            args.inventory,
+            args.model,
+            args.workload,
+            args.rate,
+            SloConfig(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms),
+            SearchConfig(iterations=args.iterations, tenure=args.tenure, seed=args.seed),
+            dtype=args.dtype,
+            confirm_requests=args.confirm,
+            out=args.out,
+            report=args.report,
+        )
+    except (KeyError, ValueError, OSError) as e:
+        print(f"pdserve plan: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -235,6 +235,18 @@ def test_cli_plan_writes_a_valid_config(tmp_path: Path, capsys):
     capsys.readouterr()
 
 
+def test_cli_plan_takes_a_preset_workload_and_needs_a_rate(capsys):
+    args = ["plan", str(INVENTORIES / "this-machine-cpu.yaml"), "--model", "bundled:smollm2", "--workload"]
+    args += ["random-512-64", "--slo-ttft-ms", "4000", "--slo-tpot-ms", "250", "--iterations", "5"]
+    assert main(args) == 2
+    assert "no rate" in capsys.readouterr().err
+    assert main([*args, "--rate", "0.5"]) == 0
+    printed = capsys.readouterr().out  # no --out / --report: the config, then the report
+    cfg = ClusterConfig.from_dict(yaml.safe_load(printed[: printed.index("# pdserve plan:")]))
+    assert {p.device.kind for p in cfg.pools} == {"cpu"}
+    assert "## colocated" in printed and "0.5 req/s" in printed
+
+
 def test_workload_rate_override():
     wl = Workload(prompt_tokens=Lengths(value=10), output_tokens=Lengths(value=5), rate=2.0)
     assert wl.with_rate(None).rate == 2.0 and wl.with_rate(7.0).rate == 7.0
