@@ -26,8 +26,9 @@ from statistics import NormalDist
 import numpy as np
 
 from capacity.cluster import Link
-from capacity.plan_inputs import Slo, Workload
 from capacity.profile import EngineProfile
+from capacity.workload import Workload
+from router.config import SloConfig
 
 ADMIT_STEPS = 16  # admitted rates scanned: offered rate x k / ADMIT_STEPS ...
 REFINE_STEPS = 8  # ... then steps of 1/REFINE_STEPS of that around the best
@@ -62,9 +63,9 @@ class PoolTimes:
 
 
 def pool_times(profile: EngineProfile, wl: Workload, max_num_seqs: int) -> PoolTimes:
-    prompts = wl.prompt_tokens.quantiles()
-    outs = wl.output_tokens.quantiles()
-    uncached = np.maximum(np.round(prompts * (1 - wl.prefix_share)), 1)
+    prompts = wl.prompt_quantiles()
+    outs = wl.output_quantiles()
+    uncached = np.maximum(np.round(prompts * (1 - wl.cached_share)), 1)
     pre = np.array([profile.prefill_s(int(t)) for t in uncached])
     per_seq = float(prompts.mean() + outs.mean())
     n_max = max(1, min(max_num_seqs, int(profile.kv_capacity_tokens // per_seq)))
@@ -148,8 +149,8 @@ class Estimate:
         }
 
 
-def decode_shares(decode: list[PoolLoad], wl: Workload, slo: Slo) -> np.ndarray:
-    out = float(wl.output_tokens.quantiles().mean())
+def decode_shares(decode: list[PoolLoad], wl: Workload, slo: SloConfig) -> np.ndarray:
+    out = float(wl.output_quantiles().mean())
     cap = np.array([p.replicas * p.times.decode_capacity_rps(out, slo.tpot_s) for p in decode])
     return cap / cap.sum() if cap.sum() > 0 else np.zeros(len(decode))
 
@@ -182,7 +183,7 @@ def _attainment(
     flows: _FlowArrays | None,
     dshare: np.ndarray,
     out: float,
-    slo: Slo,
+    slo: SloConfig,
 ) -> tuple[float, float, float]:
     """(probability both SLOs hold, TTFT attainment, TPOT attainment) at admitted ``rate``; ``out``: mean
     output tokens."""
@@ -231,7 +232,12 @@ def _attainment(
 
 
 def estimate(
-    prefill: list[PoolLoad], decode: list[PoolLoad], flows: list[Flow], kv_bytes_q: np.ndarray, wl: Workload, slo: Slo
+    prefill: list[PoolLoad],
+    decode: list[PoolLoad],
+    flows: list[Flow],
+    kv_bytes_q: np.ndarray,
+    wl: Workload,
+    slo: SloConfig,
 ) -> Estimate:
     """Goodput at the best admitted rate up to ``wl.rate``. Every pool has replicas; ``flows`` index
     ``prefill`` and ``decode``. ``kv_bytes_q``: wire bytes of each prompt quantile's KV handoff
@@ -242,7 +248,7 @@ def estimate(
     if not decode or dshare.sum() == 0 or (prefill and not flows):
         return zero
     best = zero
-    out = float(wl.output_tokens.quantiles().mean())
+    out = float(wl.output_quantiles().mean())
     arrays = _flow_arrays(flows, prefill, kv_bytes_q) if prefill else None
 
     def consider(rate: float) -> None:

@@ -23,7 +23,6 @@ from capacity.cluster import Link, SimCluster, SimPool
 from capacity.cpu_estimate import smollm2_cpu_estimate
 from capacity.estimate import Estimate, Flow, PoolLoad, PoolTimes, decode_shares, estimate, pool_times
 from capacity.inventory import Inventory
-from capacity.plan_inputs import Slo, Workload
 from capacity.profile import MEASURED, ROOFLINE, EngineProfile, load_profiles
 from capacity.roofline import DTYPE_BYTES, DoesNotFit, ModelSpec, estimate_profile
 from capacity.search import (
@@ -38,6 +37,7 @@ from capacity.search import (
     tabu_search,
 )
 from capacity.simulator import simulate
+from capacity.workload import Workload
 from kvtransfer.config import SlabSettings
 from router.config import RouterConfig, SloConfig
 
@@ -121,15 +121,17 @@ class Planner:
         inv: Inventory,
         model: ModelSpec,
         workload: Workload,
-        slo: Slo,
+        slo: SloConfig,
         dtype: str = "bfloat16",
         search: SearchConfig = DEFAULT_SEARCH,
     ):
+        if workload.rate is None:
+            raise ValueError(f"workload {workload.name!r} has no rate: give one (--rate)")
         self.inv, self.model, self.wl, self.slo, self.dtype, self.search = inv, model, workload, slo, dtype, search
         self._lower: dict[tuple, PoolPlan | None] = {}
         self._built: dict[Solution, BuiltPlan] = {}
         self._candidates: dict[tuple[str, int], list[tuple[int, int, EngineProfile, PoolTimes]]] = {}
-        self._prompt_q = workload.prompt_tokens.quantiles()
+        self._prompt_q = workload.prompt_quantiles()
 
     # --- profiles and TP/PP candidates -----------------------------------------------------------
     @cached_property
@@ -193,7 +195,7 @@ class Planner:
             cached = self._lower[key]
             return cached if cached is None else self._with_devices(cached, per_node)
         longest_prompt = float(self._prompt_q.max())
-        out_tokens = float(self.wl.output_tokens.quantiles().mean())
+        out_tokens = float(self.wl.output_quantiles().mean())
         best, best_key = None, None
         for tp, pp, prof, times in self.candidates(dtype, max(len(ids) for ids in per_node.values())):
             d = tp * pp
@@ -348,14 +350,14 @@ class Planner:
                 )
                 for p in built.pools
             ),
-            router=RouterConfig(slo=SloConfig(ttft_ms=self.slo.ttft_ms, tpot_ms=self.slo.tpot_ms)),
+            router=RouterConfig(slo=self.slo),
             block_size=BLOCK_SIZE,
             links=links,
             kv_compression=None if built.compression == "none" else built.compression,
         )
 
     def max_model_len(self) -> int:
-        need = float(self._prompt_q.max() + self.wl.output_tokens.quantiles().max())
+        need = float(self._prompt_q.max() + self.wl.output_quantiles().max())
         return int(min(self.model.max_model_len, max(2048, 2 ** math.ceil(math.log2(need)))))
 
     def config(self, built: BuiltPlan) -> dict:
@@ -442,7 +444,7 @@ class PlanResult:
         return {
             "inventory": p.inv.spec.name,
             "model": p.model.name,
-            "workload": p.wl.model_dump(),
+            "workload": p.wl.model_dump(exclude={"trace"}),
             "slo": p.slo.model_dump(),
             "estimate_kind": estimate_kind(self.plan),
             "search": {
@@ -524,10 +526,9 @@ def consolidate(planner: Planner, solution: Solution) -> Solution:
 def simulated_goodput_per_dollar(workload: Workload, requests: int, seed: int = 0) -> Callable[[SimCluster], float]:
     """A ``confirm`` scorer: SLO-meeting requests per USD of a plan as the simulator (capacity/simulator.py)
     serves ``requests`` of ``workload`` at its rate, with the plan's router placing and admitting them."""
-    sim_wl = workload.to_sim()
 
     def score(cluster: SimCluster) -> float:
-        res = simulate(cluster, sim_wl, workload.rate, requests, seed)
+        res = simulate(cluster, workload, workload.rate, requests, seed)
         return res.goodput_rps * 3600.0 / cluster.price_per_hour if cluster.price_per_hour else 0.0
 
     return score
@@ -537,7 +538,7 @@ def plan(
     inv: Inventory,
     model: ModelSpec,
     workload: Workload,
-    slo: Slo,
+    slo: SloConfig,
     search: SearchConfig = DEFAULT_SEARCH,
     dtype: str = "bfloat16",
     confirm: Callable[[SimCluster], float] | None = None,

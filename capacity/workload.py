@@ -1,11 +1,22 @@
-"""Token-level workloads for the simulator: when requests arrive, how long their prompts and outputs
-are, and which prompt prefixes they share.
+"""A workload, the one schema ``pdserve simulate`` and ``pdserve plan`` read: the offered load (rate and
+arrival pattern), prompt and output lengths in tokens, and prefix sharing. The SLOs are not part of it
+(router.config.SloConfig: the router's, given to ``pdserve plan`` on its command line).
 
-Arrivals are Poisson at the offered rate, a piecewise-constant rate ``schedule`` (multiples of the
-rate), or a ``trace`` replayed as recorded. Prompt and output lengths are fixed or log-normal (median,
-sigma, clipped). ``prefix`` groups model a multi-turn chat: a few long system prompts shared by many
-users, each user's history growing turn by turn (the prefix-cache workload); prompts are then built
-from synthetic token ids so that equal text gives equal block hashes.
+A workload is a built-in preset by name, ``trace:PATH`` (a recorded trace), or a YAML file of the fields of
+``Workload`` (``configs/workloads/``). ``rate`` is the offered requests per second; the commands' ``--rate``
+overrides it, and a preset has none (the command gives it).
+
+- Arrivals: Poisson at the rate, a piecewise-constant rate ``schedule`` (multiples of the rate), or a
+  ``trace`` replayed as recorded.
+- Lengths (``Lengths``): fixed, uniform or log-normal (mean, cv), clipped. The simulator samples requests
+  from them; the planner's analytic estimate averages over equal-probability quantile points (the midpoints
+  of ``QUANTILE_POINTS`` equal slices of the CDF), so a skewed distribution weighs its tail and no random
+  draw is involved.
+- Prefix sharing: ``prefix_share`` (the share of prompt tokens a prefix cache holds: the planner prefills
+  the rest; the simulator's prompts share nothing, so it judges such a workload without the cache) or
+  ``prefix`` groups, a multi-turn chat in which a few long system prompts are shared by many
+  users, each user's history growing turn by turn (prompts are built from synthetic token ids, so equal
+  text gives equal block hashes).
 
 ``PRESETS`` carry the names and parameters of loadtests/workloads.py's open-loop workloads
 (tests/unit/test_workload.py checks they agree; lengths there are in words at 1.3 tokens a word).
@@ -14,42 +25,107 @@ from synthetic token ids so that equal text gives equal block hashes.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
+from typing import Literal
 
 import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 VOCAB_TOKENS = 49_152  # SmolLM2's vocabulary; any size works, ids only need to differ
+QUANTILE_POINTS = 24
 
 
-@dataclass(frozen=True, slots=True)
-class Lengths:
-    """Token counts: ``median_tokens`` exactly (``sigma`` 0) or log-normal, clipped to the bounds."""
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    median_tokens: int
-    sigma: float = 0.0
-    min_tokens: int = 1
-    max_tokens: int = 1 << 20
+
+def _midpoints(n: int) -> np.ndarray:
+    return (np.arange(n) + 0.5) / n
+
+
+class Lengths(_Strict):
+    """Tokens per request: ``fixed`` (value), ``uniform`` (low..high) or ``lognormal`` (mean, cv =
+    standard deviation / mean), clipped to [min, max]."""
+
+    dist: Literal["fixed", "uniform", "lognormal"] = "fixed"
+    value: int | None = Field(None, ge=1)
+    low: int | None = Field(None, ge=1)
+    high: int | None = Field(None, ge=1)
+    mean: float | None = Field(None, gt=0)
+    cv: float = Field(0.5, ge=0)
+    min: int = Field(1, ge=1)
+    max: int = Field(32768, ge=1)
+
+    @model_validator(mode="after")
+    def _params(self) -> Lengths:
+        need = {"fixed": ("value",), "uniform": ("low", "high"), "lognormal": ("mean",)}[self.dist]
+        missing = [n for n in need if getattr(self, n) is None]
+        if missing:
+            raise ValueError(f"{self.dist} length distribution needs {missing}")
+        if self.dist == "uniform" and self.low > self.high:
+            raise ValueError("uniform: low > high")
+        return self
+
+    @classmethod
+    def lognormal_median(cls, median_tokens: float, sigma: float, min_tokens: int, max_tokens: int) -> Lengths:
+        """The log-normal of this median and sigma (of the log), as mean and cv."""
+        return cls(
+            dist="lognormal",
+            mean=median_tokens * math.exp(sigma**2 / 2),
+            cv=math.sqrt(math.expm1(sigma**2)),
+            min=min_tokens,
+            max=max_tokens,
+        )
+
+    def _log_params(self) -> tuple[float, float]:
+        """(mu, sigma) of the log of a log-normal."""
+        sigma = math.sqrt(math.log1p(self.cv**2))
+        return math.log(self.mean) - sigma**2 / 2, sigma
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        if self.sigma <= 0:
-            return np.full(n, self.median_tokens, dtype=np.int64)
-        x = rng.lognormal(np.log(self.median_tokens), self.sigma, n)
-        return np.clip(x.astype(np.int64), self.min_tokens, self.max_tokens)
+        """``n`` random lengths (a fixed length is not clipped)."""
+        if self.dist == "fixed":
+            return np.full(n, self.value, dtype=np.int64)
+        if self.dist == "uniform":
+            x = rng.integers(self.low, self.high, n, endpoint=True)
+        else:
+            x = rng.lognormal(*self._log_params(), n).astype(np.int64)
+        return np.clip(x, self.min, self.max)
+
+    def quantiles(self, n: int = QUANTILE_POINTS) -> np.ndarray:
+        """``n`` equal-probability points of the distribution, ascending, in tokens."""
+        u = _midpoints(n)
+        if self.dist == "fixed":
+            x = np.full(n, float(self.value))
+        elif self.dist == "uniform":
+            x = self.low + u * (self.high - self.low)
+        else:
+            mu, sigma = self._log_params()
+            x = np.exp(mu + sigma * np.array([NormalDist().inv_cdf(p) for p in u]))
+        return np.clip(np.round(x), self.min, self.max)
 
 
-@dataclass(frozen=True, slots=True)
-class PrefixGroups:
+class PrefixGroups(_Strict):
     """Multi-turn chat with shared system prompts: each request is a random user's next turn; its prompt
     is the user's system prompt (``user % num_system_prompts``) followed by the last
     ``2 * max_history_turns - 1`` messages of the user's history (turns and the answers between them)."""
 
-    num_system_prompts: int = 3
-    num_users: int = 24
-    system_tokens: int = 400
-    turn_tokens: int = 40
-    answer_tokens: int = 32  # the synthetic answer appended to the history after each turn
-    max_history_turns: int = 6
+    num_system_prompts: int = Field(3, ge=1)
+    num_users: int = Field(24, ge=1)
+    system_tokens: int = Field(400, ge=1)
+    turn_tokens: int = Field(40, ge=1)
+    answer_tokens: int = Field(32, ge=1)  # each request's output, appended to the history after its turn
+    max_history_turns: int = Field(6, ge=1)
+
+    @property
+    def full_prompt_tokens(self) -> int:
+        """A prompt once the user's history fills the window."""
+        h = self.max_history_turns
+        return self.system_tokens + h * self.turn_tokens + (h - 1) * self.answer_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,15 +140,66 @@ class SimRequest:
         return len(self.prompt_token_ids)
 
 
-@dataclass(frozen=True, slots=True)
-class Workload:
-    name: str
-    prompt: Lengths
-    output: Lengths
+class Workload(_Strict):
+    """Lengths come from ``prompt_tokens`` and ``output_tokens``, or from the ``prefix`` groups, or from the
+    ``trace`` (which also gives the arrivals)."""
+
+    name: str = ""
+    rate: float | None = Field(None, gt=0, description="offered requests per second (--rate overrides it)")
+    prompt_tokens: Lengths | None = None
+    output_tokens: Lengths | None = None
+    prefix_share: float = Field(
+        0.0, ge=0, lt=1, description="share of prompt tokens found in a prefix cache (not prefilled again)"
+    )
     prefix: PrefixGroups | None = None
     schedule: tuple[tuple[float, float], ...] = ()  # (duration_s, multiple of the rate); () = Poisson
     trace: tuple[tuple[float, int, int], ...] = ()  # (arrival_s, prompt tokens, output tokens), replayed
 
+    @model_validator(mode="after")
+    def _one_source_of_lengths(self) -> Workload:
+        lengths = self.prompt_tokens is not None or self.output_tokens is not None
+        if self.trace and (lengths or self.prefix or self.schedule):
+            raise ValueError("a trace gives arrivals and lengths: no prompt_tokens, output_tokens, prefix, schedule")
+        if self.prefix and (lengths or self.prefix_share):
+            raise ValueError(
+                "prefix groups give the lengths and the cached share: no prompt_tokens, output_tokens, prefix_share"
+            )
+        if not (self.trace or self.prefix) and (self.prompt_tokens is None or self.output_tokens is None):
+            raise ValueError("a workload needs prompt_tokens and output_tokens (or prefix groups, or a trace)")
+        return self
+
+    def with_rate(self, rate: float | None) -> Workload:
+        """The workload at ``rate`` (None: its own rate); an error when neither gives one."""
+        if rate is None and self.rate is None:
+            raise ValueError(f"workload {self.name!r} has no rate: give one (--rate)")
+        return self if rate is None else self.model_copy(update={"rate": rate})
+
+    # --- the planner's view: quantile points and the cached share ------------------------------------
+    def prompt_quantiles(self, n: int = QUANTILE_POINTS) -> np.ndarray:
+        """``n`` equal-probability prompt lengths, ascending (prefix groups: every user's history full)."""
+        if self.trace:
+            return np.quantile([p for _, p, _ in self.trace], _midpoints(n), method="inverted_cdf").astype(float)
+        if self.prefix:
+            return np.full(n, float(self.prefix.full_prompt_tokens))
+        return self.prompt_tokens.quantiles(n)
+
+    def output_quantiles(self, n: int = QUANTILE_POINTS) -> np.ndarray:
+        """``n`` equal-probability output lengths, ascending."""
+        if self.trace:
+            return np.quantile([o for _, _, o in self.trace], _midpoints(n), method="inverted_cdf").astype(float)
+        if self.prefix:
+            return np.full(n, float(self.prefix.answer_tokens))
+        return self.output_tokens.quantiles(n)
+
+    @property
+    def cached_share(self) -> float:
+        """Share of prompt tokens a prefix cache holds. Prefix groups: the system prompt (once a user's
+        history fills the window, the history after it shifts every turn)."""
+        if self.prefix:
+            return self.prefix.system_tokens / self.prefix.full_prompt_tokens
+        return self.prefix_share
+
+    # --- the simulator's view: requests --------------------------------------------------------------
     def arrivals_s(self, rng: np.random.Generator, rate: float, n: int) -> np.ndarray:
         if self.trace:
             return np.array([t for t, _, _ in self.trace[:n]], dtype=float)
@@ -99,7 +226,7 @@ class Workload:
             prompts = np.array([p for _, p, _ in self.trace[:n]])
             outputs = np.array([o for _, _, o in self.trace[:n]])
         else:
-            prompts, outputs = self.prompt.sample(rng, n), self.output.sample(rng, n)
+            prompts, outputs = self.prompt_tokens.sample(rng, n), self.output_tokens.sample(rng, n)
         ids = rng.integers(0, VOCAB_TOKENS, int(prompts.sum())).tolist()
         out, at = [], 0
         for t, p, o in zip(arrivals.tolist(), prompts.tolist(), outputs.tolist()):
@@ -131,22 +258,25 @@ def bursty_schedule(minute_s: float = 60.0) -> tuple[tuple[float, float], ...]:
     return ((minute_s / 2, 1.0), (minute_s / 4, 2.0), (minute_s, 3.0), (minute_s / 2, 1.0))
 
 
-def fixed(prompt_tokens: int, output_tokens: int, name: str = "") -> Workload:
-    return Workload(name or f"random-{prompt_tokens}-{output_tokens}", Lengths(prompt_tokens), Lengths(output_tokens))
+def fixed(prompt_tokens: int, output_tokens: int, name: str = "", **fields) -> Workload:
+    return Workload(
+        name=name or f"random-{prompt_tokens}-{output_tokens}",
+        prompt_tokens=Lengths(value=prompt_tokens),
+        output_tokens=Lengths(value=output_tokens),
+        **fields,
+    )
 
 
 PRESETS: dict[str, Workload] = {
     "random-256-128": fixed(256, 128),
     "random-512-64": fixed(512, 64),
-    "shared-prefix": Workload("shared-prefix", Lengths(0), Lengths(32), prefix=PrefixGroups()),
-    "shared-prefix-wide": Workload(
-        "shared-prefix-wide", Lengths(0), Lengths(32), prefix=PrefixGroups(num_system_prompts=12, num_users=48)
-    ),
-    "bursty": Workload("bursty", Lengths(512), Lengths(64), schedule=bursty_schedule()),
+    "shared-prefix": Workload(name="shared-prefix", prefix=PrefixGroups()),
+    "shared-prefix-wide": Workload(name="shared-prefix-wide", prefix=PrefixGroups(num_system_prompts=12, num_users=48)),
+    "bursty": fixed(512, 64, "bursty", schedule=bursty_schedule()),
     "chat": Workload(
-        "chat",
-        Lengths(180, sigma=1.0, min_tokens=8, max_tokens=1024),
-        Lengths(120, sigma=0.8, min_tokens=4, max_tokens=512),
+        name="chat",
+        prompt_tokens=Lengths.lognormal_median(180, sigma=1.0, min_tokens=8, max_tokens=1024),
+        output_tokens=Lengths.lognormal_median(120, sigma=0.8, min_tokens=4, max_tokens=512),
     ),
 }
 
@@ -155,13 +285,18 @@ def load_trace(path: str | Path) -> Workload:
     """A trace file: JSON lines of ``{"arrival_s", "prompt_tokens", "output_tokens"}``."""
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     trace = tuple(sorted((float(r["arrival_s"]), int(r["prompt_tokens"]), int(r["output_tokens"])) for r in rows))
-    return Workload(f"trace:{Path(path).name}", Lengths(1), Lengths(1), trace=trace)
+    return Workload(name=f"trace:{Path(path).name}", trace=trace)
 
 
-def get_workload(name: str) -> Workload:
-    """A preset by name, or ``trace:PATH``."""
-    if name.startswith("trace:"):
-        return load_trace(name.removeprefix("trace:"))
-    if name not in PRESETS:
-        raise ValueError(f"unknown workload {name!r}; choose from {sorted(PRESETS)} or trace:PATH")
-    return PRESETS[name]
+def load_workload(spec: str | Path) -> Workload:
+    """A preset by name, ``trace:PATH``, or a YAML file of ``Workload`` fields (named after the file unless it
+    says otherwise)."""
+    spec = str(spec)
+    if spec in PRESETS:
+        return PRESETS[spec]
+    if spec.startswith("trace:"):
+        return load_trace(spec.removeprefix("trace:"))
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f"unknown workload {spec!r}; choose from {sorted(PRESETS)}, trace:PATH or a YAML file")
+    return Workload.model_validate({"name": path.stem, **(yaml.safe_load(path.read_text()) or {})})

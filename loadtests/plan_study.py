@@ -20,9 +20,10 @@ import yaml
 
 from capacity.inventory import load_inventory
 from capacity.plan import plan, simulated_goodput_per_dollar
-from capacity.plan_inputs import Slo, load_workload
 from capacity.roofline import load_model
 from capacity.search import SearchConfig
+from capacity.workload import load_workload
+from router.config import SloConfig
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -32,7 +33,7 @@ INVENTORIES = ("a100-l4", "h100-a10g-t4")
 SYSTEMS = ("plan", "colocated", "even-split")
 
 
-def run(out: Path, model: str, workload: str, rate: float, slo: Slo, seed: int, confirm: int = 0) -> dict:
+def run(out: Path, model: str, workload: str, rate: float, slo: SloConfig, seed: int, confirm: int = 0) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     wl = load_workload(REPO / "configs" / "workloads" / f"{workload}.yaml").with_rate(rate)
     spec = load_model(model)
@@ -101,7 +102,7 @@ def main() -> None:
     p.add_argument("--confirm", type=int, default=0, help="simulate N requests per plan and baseline")
     a = p.parse_args()
     out = Path(a.out or REPO / "loadtests" / "results" / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-plan")
-    slo = Slo(ttft_ms=a.slo_ttft_ms, tpot_ms=a.slo_tpot_ms)
+    slo = SloConfig(ttft_ms=a.slo_ttft_ms, tpot_ms=a.slo_tpot_ms)
     s = run(out, a.model, a.workload, a.rate, slo, a.seed, a.confirm)
     for name, inv in s["inventories"].items():
         print(name, json.dumps(inv["ratios"]), {k: v["goodput_per_dollar"] for k, v in inv["results"].items()})

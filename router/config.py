@@ -13,6 +13,14 @@ class SloConfig(BaseModel):
     ttft_ms: float = Field(2000.0, gt=0)
     tpot_ms: float = Field(200.0, gt=0)
 
+    @property
+    def ttft_s(self) -> float:
+        return self.ttft_ms / 1e3
+
+    @property
+    def tpot_s(self) -> float:
+        return self.tpot_ms / 1e3
+
 
 class QosTierConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

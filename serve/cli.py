@@ -12,6 +12,11 @@ import threading
 
 from serve.config import DEFAULT_CONFIG, ClusterConfig, ConfigError
 
+WORKLOAD_HELP = (
+    "a preset (random-256-128, random-512-64, shared-prefix, shared-prefix-wide, bursty, chat), trace:FILE or a "
+    "workload YAML (configs/workloads/; capacity/workload.py)"
+)
+
 
 def _load(path: str | None, overrides: list[str] | None = None) -> ClusterConfig:
     return ClusterConfig.from_yaml(path or DEFAULT_CONFIG, overrides or ())
@@ -38,16 +43,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from capacity.simulator import simulate
-    from capacity.workload import get_workload
+    from capacity.workload import load_workload
     from serve.sim_cluster import load_sim_cluster
 
     try:
         cluster = load_sim_cluster(_load(args.config, args.overrides), args.profiles)
-        workload = get_workload(args.workload)
+        workload = load_workload(args.workload).with_rate(args.rate)
     except (KeyError, ValueError, OSError) as e:
         print(f"pdserve simulate: {e}", file=sys.stderr)
         return 2
-    result = simulate(cluster, workload, args.rate, args.requests, args.seed)
+    result = simulate(cluster, workload, workload.rate, args.requests, args.seed)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -139,40 +144,26 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    import yaml
-
-    from capacity.inventory import load_inventory
-    from capacity.plan import plan, simulated_goodput_per_dollar
-    from capacity.plan_inputs import Slo, load_workload
-    from capacity.roofline import load_model
     from capacity.search import SearchConfig
+    from router.config import SloConfig
+    from serve.plan_cmd import run_plan
 
-    search = SearchConfig(iterations=args.iterations, tenure=args.tenure, seed=args.seed)
-    workload = load_workload(args.workload).with_rate(args.rate)
-    result = plan(
-        load_inventory(args.inventory),
-        load_model(args.model),
-        workload,
-        Slo(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms),
-        search=search,
-        dtype=args.dtype,
-        confirm=simulated_goodput_per_dollar(workload, args.confirm, args.seed) if args.confirm else None,
-    )
-    ClusterConfig.from_dict(result.config)  # what pdserve validate checks
-    text = yaml.safe_dump(result.config, sort_keys=False)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(f"# pdserve plan {args.inventory} --model {args.model}: {result.summary()['estimate_kind']}\n")
-            f.write(text)
-    else:
-        print(text)
-    if args.report:
-        with open(args.report, "w") as f:
-            f.write(result.report())
-        with open(f"{args.report}.json", "w") as f:
-            json.dump(result.summary(), f, indent=1)
-    else:
-        print(result.report())
+    try:
+        run_plan(
+            args.inventory,
+            args.model,
+            args.workload,
+            args.rate,
+            SloConfig(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms),
+            SearchConfig(iterations=args.iterations, tenure=args.tenure, seed=args.seed),
+            dtype=args.dtype,
+            confirm_requests=args.confirm,
+            out=args.out,
+            report=args.report,
+        )
+    except (KeyError, ValueError, OSError) as e:
+        print(f"pdserve plan: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -211,10 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     pr.set_defaults(fn=cmd_profile)
     sim = sub.add_parser("simulate", help="simulate a config serving a workload (engine profiles + the real router)")
     _add_config_args(sim)
-    sim.add_argument(
-        "--workload", required=True, help="random-256-128 | random-512-64 | shared-prefix | bursty | chat | trace:FILE"
-    )
-    sim.add_argument("--rate", type=float, required=True, help="offered requests per second")
+    sim.add_argument("--workload", required=True, help=WORKLOAD_HELP)
+    sim.add_argument("--rate", type=float, default=None, help="offered requests per second (default: the workload's)")
     sim.add_argument("--requests", type=int, default=1000)
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--profiles", default=None, help="profile file (default: the bundled model's CPU profile)")
@@ -223,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     pl = sub.add_parser("plan", help="plan pools over an inventory of devices (estimate) and write the config")
     pl.add_argument("inventory", help="inventory YAML (configs/inventories/)")
     pl.add_argument("--model", required=True, help="capacity/models.yaml name or a HF config.json path")
-    pl.add_argument("--workload", required=True, help="workload YAML (configs/workloads/)")
+    pl.add_argument("--workload", required=True, help=WORKLOAD_HELP)
     pl.add_argument("--rate", type=float, default=None, help="requests per second (default: the workload's)")
     pl.add_argument("--slo-ttft-ms", type=float, required=True)
     pl.add_argument("--slo-tpot-ms", type=float, required=True)

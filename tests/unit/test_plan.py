@@ -9,7 +9,6 @@ import yaml
 from capacity.estimate import poisson_cdf
 from capacity.inventory import load_inventory, parse_inventory
 from capacity.plan import Planner, plan, wire_ratio
-from capacity.plan_inputs import LengthDist, Slo, Workload, load_workload
 from capacity.roofline import Roofline, load_model
 from capacity.search import (
     DECODE,
@@ -21,6 +20,8 @@ from capacity.search import (
     initial_solution,
     neighbours,
 )
+from capacity.workload import Lengths, Workload, load_workload
+from router.config import SloConfig
 from serve.cli import main
 from serve.config import ClusterConfig
 from tests.conftest import REPO
@@ -29,19 +30,19 @@ INVENTORIES = REPO / "configs" / "inventories"
 WORKLOADS = REPO / "configs" / "workloads"
 LLAMA8 = load_model("llama-3.1-8b")
 CHAT = load_workload(WORKLOADS / "chat.yaml").with_rate(150)
-SLO = Slo(ttft_ms=1000, tpot_ms=60)
+SLO = SloConfig(ttft_ms=1000, tpot_ms=60)
 QUICK = SearchConfig(iterations=15, patience=6, seed=0)
 
 
 def test_length_quantiles():
-    fixed = LengthDist(dist="fixed", value=100).quantiles(8)
+    fixed = Lengths(dist="fixed", value=100).quantiles(8)
     assert list(fixed) == [100] * 8
-    uni = LengthDist(dist="uniform", low=100, high=300).quantiles(10)
+    uni = Lengths(dist="uniform", low=100, high=300).quantiles(10)
     assert uni.min() > 100 and uni.max() < 300 and uni.mean() == pytest.approx(200, abs=1)
-    logn = LengthDist(dist="lognormal", mean=1000, cv=0.5, max=100000).quantiles(200)
+    logn = Lengths(dist="lognormal", mean=1000, cv=0.5, max=100000).quantiles(200)
     assert logn.mean() == pytest.approx(1000, rel=0.03) and list(logn) == sorted(logn)
     with pytest.raises(ValueError, match="needs"):
-        LengthDist(dist="uniform", low=1)
+        Lengths(dist="uniform", low=1)
 
 
 def test_poisson_cdf():
@@ -98,8 +99,8 @@ def test_same_seed_same_plan():
 
 
 def _check_memory(planner, built):
-    out_mean = float(planner.wl.output_tokens.quantiles().mean())
-    prompt = planner.wl.prompt_tokens.quantiles()
+    out_mean = float(planner.wl.output_quantiles().mean())
+    prompt = planner.wl.prompt_quantiles()
     for p in built.pools:
         r = Roofline(planner.model, planner.inv.gpu(p.device_type), p.tp, p.pp, planner.dtype)
         batch_kv = p.max_num_seqs * (prompt.mean() + out_mean) if p.phase == DECODE else prompt.max()
@@ -132,7 +133,7 @@ def test_plan_fits_memory_validates_and_beats_nothing_silently(inventory):
 
 def test_70b_plan_uses_tensor_parallel_replicas_that_fit():
     inv = load_inventory(INVENTORIES / "a100-l4.yaml")
-    res = plan(inv, load_model("llama-3.1-70b"), CHAT.with_rate(20), Slo(ttft_ms=3000, tpot_ms=150), search=QUICK)
+    res = plan(inv, load_model("llama-3.1-70b"), CHAT.with_rate(20), SloConfig(ttft_ms=3000, tpot_ms=150), search=QUICK)
     assert res.plan.pools and all(p.tp * p.pp >= 2 for p in res.plan.pools)
     _check_memory(res.planner, res.plan)
     ClusterConfig.from_dict(res.config)
@@ -178,7 +179,7 @@ def test_confirm_hook_picks_the_best_of_the_top_plans_and_the_baselines():
 def test_cpu_inventory_plans_a_config_on_cores():
     inv = load_inventory(INVENTORIES / "this-machine-cpu.yaml")
     wl = load_workload(WORKLOADS / "cpu-small.yaml")
-    res = plan(inv, load_model("bundled:smollm2"), wl, Slo(ttft_ms=4000, tpot_ms=250), search=QUICK)
+    res = plan(inv, load_model("bundled:smollm2"), wl, SloConfig(ttft_ms=4000, tpot_ms=250), search=QUICK)
     cfg = ClusterConfig.from_dict(res.config)
     assert cfg.model.path == "bundled:smollm2"
     cores = []
@@ -234,9 +235,26 @@ def test_cli_plan_writes_a_valid_config(tmp_path: Path, capsys):
     capsys.readouterr()
 
 
+def test_cli_plan_takes_a_preset_workload_and_needs_a_rate(capsys):
+    args = ["plan", str(INVENTORIES / "this-machine-cpu.yaml"), "--model", "bundled:smollm2", "--workload"]
+    args += ["random-512-64", "--slo-ttft-ms", "4000", "--slo-tpot-ms", "250", "--iterations", "5"]
+    assert main(args) == 2
+    assert "no rate" in capsys.readouterr().err
+    assert main([*args, "--rate", "0.5"]) == 0
+    printed = capsys.readouterr().out  # no --out / --report: the config, then the report
+    cfg = ClusterConfig.from_dict(yaml.safe_load(printed[: printed.index("# pdserve plan:")]))
+    assert {p.device.kind for p in cfg.pools} == {"cpu"}
+    assert "## colocated" in printed and "0.5 req/s" in printed
+
+
 def test_workload_rate_override():
-    wl = Workload(prompt_tokens=LengthDist(value=10), output_tokens=LengthDist(value=5), rate=2.0)
+    wl = Workload(prompt_tokens=Lengths(value=10), output_tokens=Lengths(value=5), rate=2.0)
     assert wl.with_rate(None).rate == 2.0 and wl.with_rate(7.0).rate == 7.0
+    no_rate = wl.model_copy(update={"rate": None})
+    with pytest.raises(ValueError, match="no rate"):
+        no_rate.with_rate(None)
+    with pytest.raises(ValueError, match="no rate"):
+        Planner(load_inventory(INVENTORIES / "a100-l4.yaml"), LLAMA8, no_rate, SLO)
 
 
 def test_inventory_rejects_unknown_types_and_overrides_prices():
@@ -253,16 +271,16 @@ def test_inventory_rejects_unknown_types_and_overrides_prices():
     assert inv.link(inv.devices[0], inv.devices[1]).bandwidth_gbps == pytest.approx(31.5 * 8)
 
 
-def test_sim_workload_keeps_mean_and_spread():
+def test_sampled_lengths_keep_the_quantiles_mean_and_spread():
     import numpy as np
 
     rng = np.random.default_rng(0)
     for d in (
-        LengthDist(dist="lognormal", mean=400, cv=0.8),
-        LengthDist(dist="uniform", low=100, high=500),
-        LengthDist(dist="fixed", value=256),
+        Lengths(dist="lognormal", mean=400, cv=0.8),
+        Lengths(dist="uniform", low=100, high=500),
+        Lengths(dist="fixed", value=256),
     ):
-        x = d.to_sim().sample(rng, 40_000)
+        x = d.sample(rng, 40_000)
         q = d.quantiles(400)
         assert x.mean() == pytest.approx(q.mean(), rel=0.05), d
         assert x.std() == pytest.approx(q.std(), rel=0.15, abs=1.0), d
@@ -278,7 +296,7 @@ def test_simulator_confirms_the_cpu_plan_and_both_baselines():
         inv,
         load_model("smollm2-135m"),
         wl,
-        Slo(ttft_ms=4000, tpot_ms=250),
+        SloConfig(ttft_ms=4000, tpot_ms=250),
         search=QUICK,
         confirm=simulated_goodput_per_dollar(wl, 200),
     )

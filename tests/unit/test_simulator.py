@@ -191,3 +191,21 @@ def test_cli_simulate(tmp_path, capsys):
     assert main(args) == 0
     assert "TTFT p50/p90/p99 ms" in capsys.readouterr().out
     assert main([*args[:-1], str(tmp_path / "missing.json")]) == 2
+
+
+def test_cli_simulate_reads_a_workload_file_at_its_rate(tmp_path, capsys):
+    from capacity.profile import save_profiles
+    from serve.cli import main
+
+    path = tmp_path / "profiles.json"
+    save_profiles(path, [fake_profile(dtype="bfloat16")])
+    wl = "configs/workloads/cpu-small.yaml"  # rate: 0.5
+    args = ["simulate", "--workload", wl, "--requests", "40", "--profiles", str(path), "--json"]
+    runs = {}
+    for rate in (None, "0.5", "5"):
+        assert main(args + (["--rate", rate] if rate else [])) == 0
+        runs[rate] = json.loads(capsys.readouterr().out)
+    assert runs[None] == runs["0.5"] != runs["5"]
+    assert runs[None]["requests"] == 40
+    assert main(["simulate", "--workload", "chat", "--profiles", str(path)]) == 2  # a preset has no rate
+    assert "no rate" in capsys.readouterr().err
