@@ -1,11 +1,18 @@
-"""SLO-driven autoscaling on a real local cluster (1 prefill + a decode pool of 1..2 replicas, eager engines).
+"""SLO-driven autoscaling on a real local cluster: 1 prefill replica and a decode pool of {min 0, max 2} (eager
+engines), one cluster for both tests (they run in file order).
 
-The decode pool's engines take at most ``MAX_NUM_SEQS`` requests per step, so ``CLIENTS`` concurrent clients
-need more decode replicas than one by the planner's count (requests running and waiting over the batch one
-replica runs within the TPOT SLO). Small windows: a decision every second, a 10 s scale-down window, a 2 s
-cool-down. The pool must reach 2 replicas under load and return to 1 after the window once the load stops,
-with every request answered (200, or 429/503 with Retry-After; never another status or a hang), and the
-planner's decisions counted by reason. Every request, loop and wait here has a time bound.
+- Scale from zero: the cluster starts with no decode replica and is healthy (``ok``: the first request wakes the
+  pool). The first request waits for the pool's first replica (the cold start: ~60-90 s on this machine) and is
+  answered 200 with tokens; the planner counts a ``cold_start`` decision and the wait counts as ``served``.
+- Scale up and down: the decode engines take at most ``MAX_NUM_SEQS`` requests per step, so ``CLIENTS``
+  concurrent clients need more decode replicas than one by the planner's count (requests running and waiting
+  over the batch one replica runs within the TPOT SLO). The pool must reach 2 replicas under load and, once the
+  load stops, return to its minimum (0) no sooner than the scale-down window, with every request answered (200,
+  or 429/503 with Retry-After; never another status or a hang) and the planner's decisions counted by reason.
+
+Small windows: a decision every second over a 5 s demand window, a 10 s scale-down window, a 2 s cool-down.
+(That scale-down stops at a pool's ``min`` is unit-tested with a fake clock: tests/unit/test_autoscale.py.)
+Every request, loop and wait here has a time bound.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import time
 import httpx
 import pytest
 
-from tests.integration.chat_client import CLIENT_TIMEOUT_S, MAX_TOKENS, PROMPTS, chat, request_body
+from tests.integration.chat_client import CLIENT_TIMEOUT_S, PROMPTS, request_body
 from tests.integration.cluster_utils import (
     cluster_config,
     free_port,
@@ -32,9 +39,12 @@ pytestmark = pytest.mark.integration
 MAX_NUM_SEQS = 2
 CLIENTS = 6
 LOAD_TOKENS = 48
+DEMAND_WINDOW_S = 5.0
 DOWNSCALE_WINDOW_S = 10.0
+COLD_START_TIMEOUT_S = 240.0  # the pool's bound on the first request's wait
+FIRST_REQUEST_TIMEOUT_S = COLD_START_TIMEOUT_S + 60.0
 SCALE_UP_TIMEOUT_S = 240.0  # a new replica starts in ~60-90 s on this machine, slower under load
-SCALE_DOWN_TIMEOUT_S = 90.0  # window + cool-down + Serve's graceful stop of the replica (10 s)
+SCALE_DOWN_TIMEOUT_S = 150.0  # windows + cool-downs + Serve's graceful stop of each replica (10 s)
 LOAD_LIMIT_S = SCALE_UP_TIMEOUT_S + 30.0  # the load threads stop by themselves after this
 
 
@@ -43,16 +53,17 @@ def _config():
     data = cfg.model_dump(mode="json")
     for pool in data["pools"]:
         if pool["role"] == "decode":
-            pool["replicas"] = {"min": 1, "max": 2}
+            pool["replicas"] = {"min": 0, "max": 2}
             pool["device"]["cpu_cores"] = ["1", "0"]
             pool["engine"]["max_num_seqs"] = MAX_NUM_SEQS
             pool["autoscaling"] = {
                 "enabled": True,
                 "adjustment_interval_s": 1.0,
                 "predictor": "constant",
-                "demand_window_s": 5.0,
+                "demand_window_s": DEMAND_WINDOW_S,
                 "downscale_delay_s": DOWNSCALE_WINDOW_S,
                 "cooldown_s": 2.0,
+                "cold_start_timeout_s": COLD_START_TIMEOUT_S,
             }
     return type(cfg).from_dict(data)
 
@@ -66,6 +77,14 @@ def cluster():
 
 def _decode(c) -> dict:
     return next(p for p in health(c.base_url)["pools"].values() if p["role"] == "decode")
+
+
+def _status_line(base: str, capsys, pool: str) -> str:
+    """``pdserve status --url`` against the cluster: its line for ``pool``."""
+    from serve import cli
+
+    cli.main(["status", "--url", base])
+    return next(line for line in capsys.readouterr().out.splitlines() if f"pool {pool} " in line)
 
 
 def _load(base_url: str, stop: threading.Event, replies: list, i: int) -> None:
@@ -85,12 +104,42 @@ def _load(base_url: str, stop: threading.Event, replies: list, i: int) -> None:
             stop.wait(min(float(r.headers.get("retry-after", 1)), 2.0))
 
 
-def test_decode_pool_scales_up_under_load_and_back_after_the_window(cluster):
+def test_empty_decode_pool_serves_its_first_request(cluster, capsys):
     base = cluster.base_url
-    first = _decode(cluster)
-    assert first["replicas"] == 1
-    wait_for(lambda: (_decode(cluster)["planner"] or {}).get("target_replicas") == 1, timeout_s=30)
-    assert chat(base, PROMPTS[0]).status == 200
+    d = _decode(cluster)
+    assert (d["replicas"], d["scales_from_zero"]) == (0, True)
+    wait_for(lambda: (_decode(cluster)["planner"] or {}).get("target_replicas") == 0, timeout_s=30)
+    time.sleep(5.0)  # no replica starts by itself (no stats poll or planner call reaches the empty pool)
+    assert _decode(cluster)["replicas"] == 0
+    line = _status_line(base, capsys, "decode")
+    assert "replicas=0" in line and "target=0" in line and "range=0..2" in line, line
+
+    t0 = time.monotonic()
+    r = httpx.post(f"{base}/v1/chat/completions", json=request_body(PROMPTS[0]), timeout=FIRST_REQUEST_TIMEOUT_S)
+    waited_s = time.monotonic() - t0
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["usage"]["completion_tokens"] > 0 and body["choices"][0]["message"]["content"]
+    assert _decode(cluster)["replicas"] == 1
+    s = scrape(base)
+    assert metric_sum(s, "pdserve_planner_decisions_total", pool="decode", reason="cold_start") == 1
+    assert metric_sum(s, "pdserve_cold_start_waits_total", pool="decode", outcome="served") == 1
+    line = _status_line(base, capsys, "decode")
+    assert "replicas=1" in line and "target=1" in line, line
+
+    # the next request finds the replica: no wait
+    t1 = time.monotonic()
+    assert httpx.post(f"{base}/v1/chat/completions", json=request_body(PROMPTS[1]), timeout=60).status_code == 200
+    assert time.monotonic() - t1 < 30.0
+    print(f"first request answered after {waited_s:.1f}s (cold start)")
+
+
+def test_decode_pool_scales_up_under_load_and_down_to_min_after_the_window(cluster, capsys):
+    base = cluster.base_url
+    # a replica serves: the previous test's, or a new cold start if the pool went back to 0 in between
+    r = httpx.post(f"{base}/v1/chat/completions", json=request_body(PROMPTS[0]), timeout=FIRST_REQUEST_TIMEOUT_S)
+    assert r.status_code == 200, r.text
+    assert _decode(cluster)["replicas"] >= 1
 
     stop, replies = threading.Event(), []
     threads = [threading.Thread(target=_load, args=(base, stop, replies, i), daemon=True) for i in range(CLIENTS)]
@@ -120,7 +169,7 @@ def test_decode_pool_scales_up_under_load_and_back_after_the_window(cluster):
             t.join(timeout=CLIENT_TIMEOUT_S + 5)
     assert not any(t.is_alive() for t in threads)
 
-    wait_for(lambda: _decode(cluster)["replicas"] == 1, timeout_s=SCALE_DOWN_TIMEOUT_S, interval_s=1.0)
+    wait_for(lambda: _decode(cluster)["replicas"] == 0, timeout_s=SCALE_DOWN_TIMEOUT_S, interval_s=1.0)
     scaled_down_s = time.monotonic() - t1
     assert scaled_down_s >= DOWNSCALE_WINDOW_S - 1.0  # not before the scale-down window
 
@@ -128,7 +177,7 @@ def test_decode_pool_scales_up_under_load_and_back_after_the_window(cluster):
     assert metric_sum(s, "pdserve_planner_decisions_total", pool="decode", reason="scale_up") >= 1
     assert metric_sum(s, "pdserve_planner_decisions_total", pool="decode", reason="scale_down") >= 1
     assert metric_sum(s, "pdserve_planner_decisions_total", pool="decode", reason="hold_downscale_window") >= 1
-    assert metric_sum(s, "pdserve_planner_target_replicas", pool="decode") == 1
+    assert metric_sum(s, "pdserve_planner_target_replicas", pool="decode") == 0
     for signal in ("arrival_rate", "refused_rate", "decode_batch", "kv_usage", "desired_replicas"):
         assert (f"pdserve_planner_{signal}", frozenset({("pool", "decode")})) in s, signal
 
@@ -137,8 +186,10 @@ def test_decode_pool_scales_up_under_load_and_back_after_the_window(cluster):
     assert set(statuses) <= {200, 429, 503}, f"unexpected statuses {sorted(set(statuses))}"
     refused = [h for st, h in replies if st in (429, 503)]
     assert all("retry-after" in h for h in refused)
-    assert chat(base, PROMPTS[1], max_tokens=MAX_TOKENS).status == 200  # the remaining replica serves
-    print(f"scaled up after {scaled_up_s:.1f}s, down after {scaled_down_s:.1f}s; {len(replies)} requests")
+    assert health(base)["status"] == "ok"  # empty again, and wakeable
+    line = _status_line(base, capsys, "decode")
+    assert "replicas=0" in line and "target=0" in line, line
+    print(f"scaled up after {scaled_up_s:.1f}s, down to 0 after {scaled_down_s:.1f}s; {len(replies)} requests")
 
 
 def _generated_per_decode(base: str) -> list[float]:
