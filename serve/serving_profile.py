@@ -5,7 +5,8 @@ Sequential streamed chat requests with short distinct prompts (HTTP only, nothin
 request's TTFT and TPOT as the client sees them, minus the same request shape's TTFT and TPOT on the
 engines alone (``capacity.simulator.unloaded_request_s`` of the config's cluster on the engine profiles:
 prefill, handoff and decode steps, on the path the router takes for a lone request). The medians of
-the differences are the profile's ``ServingOverhead``. Given a clock of the serving processes' CPU
+the differences are the profile's ``ServingOverhead`` (at least 0: the path cannot make the engines
+faster; a negative median is the engine profile's own noise). Given a clock of the serving processes' CPU
 seconds, the CPU they spend per streamed token too: their CPU over the streams, less their idle rate
 (measured first, over ``idle_s`` without requests) times the streams' wall time, over the tokens
 streamed.
@@ -115,9 +116,9 @@ def measure_serving(
         )
         e_ttft, e_tpot = engine_times(n_prompt, n_out)
         samples.append(StreamSample(n_prompt, n_out, ttft, tpot, e_ttft, e_tpot))
-    ttft_s = statistics.median(s.ttft_s - s.engine_ttft_s for s in samples)
+    ttft_s = max(0.0, statistics.median(s.ttft_s - s.engine_ttft_s for s in samples))
     gaps = [s.tpot_s - s.engine_tpot_s for s in samples if s.tpot_s is not None and s.engine_tpot_s is not None]
-    tpot_s = statistics.median(gaps) if gaps else 0.0
+    tpot_s = max(0.0, statistics.median(gaps)) if gaps else 0.0
     cpu_per_token_s = 0.0
     if cpu_s is not None:
         busy = cpu_s() - c0 - idle_rate * (time.perf_counter() - t0)
