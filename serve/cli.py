@@ -214,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument(
         "--serving",
         action="store_true",
-        help="start the config's cluster and measure only the serving path's latency (TTFT, TPOT) beyond the "
-        "engines; written into the existing profiles of --out",
+        help="start the config's cluster and measure only the serving path's terms beyond the engines (TTFT, "
+        "TPOT, CPU per token); written into the existing profiles of --out",
     )
     pr.set_defaults(fn=cmd_profile)
     sim = sub.add_parser("simulate", help="simulate a config serving a workload (engine profiles + the real router)")
