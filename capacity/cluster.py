@@ -32,6 +32,10 @@ class SimPool:
     price_per_hour: float = 0.0  # one replica, all its devices
     devices_per_replica: int = 1
     node: str = "node0"
+    # share of the serving processes' CPU work (ingress, Ray Serve, streaming) that runs on each replica's
+    # cores: 0 where they have cores of their own (a GPU engine, or pinned apart), 1 / n per core shared
+    # where they spread over n cores
+    serving_core_share: float = 0.0
 
 
 @dataclass(frozen=True)

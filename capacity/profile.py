@@ -4,6 +4,9 @@ KV handoff, as measured points (``pdserve profile``) or as roofline estimates (c
 A profile file is JSON: ``{"version": 1, "profiles": [EngineProfile.to_dict(), ...]}``. A profile is keyed
 by (model, device_type, tp, pp, dtype). Lookups interpolate linearly between measured points and
 extrapolate linearly beyond the last two (never below the smallest measured time).
+
+A profile's optional ``serving`` section (``ServingOverhead``) is what the serving path around the
+engine adds to what a client sees; a profile without it has none (zero).
 """
 
 from __future__ import annotations
@@ -43,6 +46,24 @@ class ProfileKey:
 
 
 @dataclass(frozen=True)
+class ServingOverhead:
+    """What the serving path (ingress, the Ray Serve handle calls, the KV handoff's control messages, SSE
+    streaming back) adds to the engines' own times, as a client sees it: measured against a running
+    cluster by ``pdserve profile --serving`` (serve/serving_profile.py)."""
+
+    ttft_s: float = 0.0  # added to every request's time to first token
+    tpot_s: float = 0.0  # added to every later token's gap (time per output token)
+    # CPU seconds the serving processes spend per streamed token: on cores they share with an engine
+    # they take that engine's time (capacity/simulator.py: the engine's steps stretch)
+    cpu_per_token_s: float = 0.0
+    notes: str = ""  # how and where it was measured
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> ServingOverhead:
+        return cls(**(d or {}))
+
+
+@dataclass(frozen=True)
 class EngineProfile:
     """One engine replica's timings. ``decode`` is a grid: every batch size measured at every context
     length (context = KV tokens per running sequence)."""
@@ -57,6 +78,7 @@ class EngineProfile:
     kv_capacity_tokens: int  # the engine's KV cache, in tokens
     max_num_seqs: int  # the engine's decode batch limit
     notes: str = ""  # how it was measured / which table row it was derived from
+    serving: ServingOverhead = ServingOverhead()  # the serving path's own latency around this engine
     meta: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -87,6 +109,7 @@ class EngineProfile:
         for name in ("prefill", "handoff"):
             d[name] = tuple(tuple(p) for p in sorted(d[name]))
         d["decode"] = tuple(tuple(p) for p in sorted(d["decode"]))
+        d["serving"] = ServingOverhead.from_dict(d.get("serving"))
         prof = cls(key=key, **d)
         prof.check()
         return prof

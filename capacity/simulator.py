@@ -28,12 +28,23 @@ part does, and how it follows what the served cluster does:
   tokens, interleaved with the decode steps. Step time: ``decode_step_s(batch, mean context)`` plus
   the prefill chunk's marginal time.
 
+- **Serving path.** The decode pool's profile's ``serving`` term (``ServingOverhead``: ingress, Ray
+  Serve calls, handoff control messages, SSE streaming, measured against a running cluster) is added
+  to what a client sees: ``ttft_s`` to every first token, ``tpot_s`` to every later token's gap. It
+  delays the stream, not the engines: the engine steps and the router's load view are as above; the
+  router's TTFT / TPOT observations include it (the orchestrator sits behind the ingress).
+- **Serving processes' CPU.** Where the serving processes share an engine's cores (a pool's
+  ``serving_core_share`` > 0), they take ``u = token rate x serving.cpu_per_token_s x share`` of its core
+  time (the cluster's streamed tokens per second over the last stats period): its steps last
+  ``1 / (1 - u)`` times their profiled time (u at most ``MAX_SERVING_CPU_SHARE``).
+
 Not modelled: engine failures and retries, prefill-side KV limits, QoS tiers (every request is the
 default tier), network contention between concurrent handoffs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import random
@@ -44,7 +55,7 @@ from functools import cache, lru_cache
 import numpy as np
 
 from capacity.cluster import SimCluster, SimPool
-from capacity.profile import EngineProfile
+from capacity.profile import EngineProfile, ServingOverhead
 from capacity.workload import SimRequest, Workload
 from kvtransfer.wire import wire_byte_ratio
 from router.admission import engine_priority
@@ -56,6 +67,8 @@ DEFAULT_BUDGET_TOKENS = 2048  # vLLM's max_num_batched_tokens default with chunk
 MAX_SAMPLES = 256  # prefill samples a replica hands over per stats poll (workers/stats.py)
 CONTEXT_BUCKET_TOKENS = 256  # decode steps are averaged per (batch, context // this) (workers/stats.py)
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1}
+
+MAX_SERVING_CPU_SHARE = 0.9  # the serving processes never take a shared core entirely from its engine
 
 _ARRIVE, _STEP, _HANDOFF, _POLL = 0, 1, 2, 3
 
@@ -268,6 +281,9 @@ class _Engine:
         plan = self._plan_prefill() if self.role is Role.PREFILL else self._plan_decode()
         if plan is None:
             return
+        stretch = self.sim.serving_stretch(self.pool)
+        if stretch != 1.0:
+            plan = (plan[0] * stretch, *plan[1:])
         self.busy = True
         self.sim.push(self.sim.now + plan[0], _STEP, (self, plan))
 
@@ -424,6 +440,10 @@ class Simulation:
         self.area = 0.0  # integral of requests in the system over time
         self._area_t = 0.0
         self.requests: list[_Req] = []
+        self.serving_cpu_per_token_s = max(p.profile.serving.cpu_per_token_s for p in cluster.pools)
+        self.token_rate = 0.0  # tokens streamed per second over the last stats period
+        self._tokens = 0  # tokens streamed since the last stats poll
+        self._polled_s = 0.0
 
     def push(self, t: float, kind: int, payload) -> None:
         self._seq += 1
@@ -433,6 +453,14 @@ class Simulation:
         self.area += self.outstanding * (self.now - self._area_t)
         self._area_t = self.now
         self.outstanding += delta
+
+    def serving_stretch(self, pool: SimPool) -> float:
+        """How much longer ``pool``'s engine steps last than profiled while the serving processes take
+        CPU on its cores (1.0 where they do not)."""
+        if not pool.serving_core_share or not self.serving_cpu_per_token_s:
+            return 1.0
+        u = self.token_rate * self.serving_cpu_per_token_s * pool.serving_core_share
+        return 1.0 / (1.0 - min(u, MAX_SERVING_CPU_SHARE))
 
     def snapshot(self) -> PoolSnapshot:
         return PoolSnapshot(endpoints=[e.state() for e in self.engines], taken_s=self.now)
@@ -496,16 +524,18 @@ class Simulation:
 
     def token(self, r: _Req, now: float) -> None:
         r.generated += 1
+        self._tokens += 1
+        serving = r.decode_engine.pool.profile.serving
         if r.first_s is None:
             r.first_s = now
             self._release(r, r.decode_engine)  # a local prefill's reservation (a remote one's is gone)
-            self.policy.on_first_token(r.decision, now - r.desc.arrival_s)
+            self.policy.on_first_token(r.decision, now - r.desc.arrival_s + serving.ttft_s)
         else:
-            self.itl.append(now - r.last_s)
+            self.itl.append(now - r.last_s + serving.tpot_s)
         r.last_s = now
         if r.generated >= r.max_new:
             r.finish_s = now
-            tpot = (now - r.first_s) / (r.generated - 1) if r.generated > 1 else None
+            tpot = (now - r.first_s) / (r.generated - 1) + serving.tpot_s if r.generated > 1 else None
             self.policy.on_finish(r.decision, tpot)
             e = r.decode_engine
             e.in_flight -= 1
@@ -515,7 +545,11 @@ class Simulation:
     def poll(self) -> None:
         """Every replica's stats poll: its load for the snapshots, its drained timing samples for the
         policy (the prefill samples of the period, at most ``MAX_SAMPLES``; the decode steps averaged
-        per (batch, context bucket), as workers/stats.py drains them)."""
+        per (batch, context bucket), as workers/stats.py drains them). The period's streamed-token rate
+        is taken here too."""
+        if self.now > self._polled_s:
+            self.token_rate = self._tokens / (self.now - self._polled_s)
+            self._tokens, self._polled_s = 0, self.now
         for e in self.engines:
             e.poll()
             if e.prefill_samples or e.decode_steps:
@@ -591,19 +625,42 @@ def simulate(cluster: SimCluster, workload: Workload, rate: float, n_requests: i
     return sim.result()
 
 
+def _client_view(r: _Req) -> tuple[float, float | None, float]:
+    """A finished request's TTFT, TPOT (None for one token) and finish time as its client sees them: the
+    engines' times plus the serving path's ``ServingOverhead`` of its decode pool."""
+    serving = r.decode_engine.pool.profile.serving
+    n = r.generated - 1
+    ttft = r.first_s - r.desc.arrival_s + serving.ttft_s
+    tpot = (r.finish_s - r.first_s) / n + serving.tpot_s if n > 0 else None
+    return ttft, tpot, r.finish_s + serving.ttft_s + n * serving.tpot_s
+
+
+def unloaded_request_s(cluster: SimCluster, prompt_tokens: int, max_new_tokens: int) -> tuple[float, float | None]:
+    """TTFT and TPOT of one request alone on ``cluster`` (distinct prompt tokens: no prefix-cache hit),
+    from the engines' profiles only (every pool's serving term zeroed): what the serving path's
+    measurement (serve/serving_profile.py) subtracts from a running cluster's figures."""
+    none = ServingOverhead()
+    bare = dataclasses.replace(
+        cluster,
+        pools=tuple(
+            dataclasses.replace(p, profile=dataclasses.replace(p.profile, serving=none)) for p in cluster.pools
+        ),
+    )
+    sim = Simulation(bare, seed=0)
+    sim.run_requests([SimRequest(0.0, tuple(range(1, prompt_tokens + 1)), max_new_tokens)])
+    res = sim.result()
+    return res.ttft_s.p50, res.tpot_s.p50
+
+
 def _result(sim: Simulation, reqs: list[_Req], cluster: SimCluster) -> SimResult:
     done = [r for r in reqs if r.finish_s is not None]
+    seen = {r.id: _client_view(r) for r in done}  # (TTFT, TPOT or None, finish) as the client sees them
     # from the start (arrival offsets count from 0) to the last finish, as loadtests.bench times a run
-    last = max((r.finish_s for r in done), default=0.0)
+    last = max((v[2] for v in seen.values()), default=0.0)
     duration = max(last, max((r.desc.arrival_s for r in reqs), default=0.0), 1e-9)
-    ttft = [r.first_s - r.desc.arrival_s for r in done]
-    tpot = [(r.finish_s - r.first_s) / (r.generated - 1) for r in done if r.generated > 1]
-    good = sum(
-        1
-        for r in done
-        if r.first_s - r.desc.arrival_s <= sim.slo_ttft_s
-        and (r.generated <= 1 or (r.finish_s - r.first_s) / (r.generated - 1) <= sim.slo_tpot_s)
-    )
+    ttft = [v[0] for v in seen.values()]
+    tpot = [v[1] for v in seen.values() if v[1] is not None]
+    good = sum(1 for v in seen.values() if v[0] <= sim.slo_ttft_s and (v[1] is None or v[1] <= sim.slo_tpot_s))
     out_tokens = sum(r.generated for r in done)
     hours = duration / 3600
     cost_h = cluster.price_per_hour
@@ -627,6 +684,6 @@ def _result(sim: Simulation, reqs: list[_Req], cluster: SimCluster) -> SimResult
         remote_prefills=sim.remote,
         preemptions=sim.preemptions,
         mean_in_system=sim.area / duration,
-        mean_latency_s=float(np.mean([r.finish_s - r.desc.arrival_s for r in done])) if done else 0.0,
+        mean_latency_s=float(np.mean([v[2] - r.desc.arrival_s for r, v in zip(done, seen.values())])) if done else 0.0,
         estimated=any(p.profile.estimated for p in cluster.pools),
     )

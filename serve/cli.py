@@ -130,14 +130,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from serve.profile_cmd import run_profile
+    from serve.profile_cmd import run_profile, run_serving_profile
 
     logging.basicConfig(level=logging.WARNING, format="[pdserve] %(message)s")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the engines' start-up chatter
     cfg = _load(args.config, args.overrides)
     try:
-        run_profile(cfg, args.out, args.pools, args.quick, progress=lambda m: print(m, flush=True))
-    except ValueError as e:
+        if args.serving:
+            run_serving_profile(cfg, args.out, progress=lambda m: print(m, flush=True))
+        else:
+            run_profile(cfg, args.out, args.pools, args.quick, progress=lambda m: print(m, flush=True))
+    except (ValueError, KeyError, OSError) as e:
         print(str(e), file=sys.stderr)
         return 2
     return 0
@@ -199,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--out", default="profile.json", help="profile file to write (default profile.json)")
     pr.add_argument("--pools", default=None, metavar="NAME,...", help="only these pools (default: all)")
     pr.add_argument("--quick", action="store_true", help="a few points only (a smoke run, ~1-2 min on a CPU)")
+    pr.add_argument(
+        "--serving",
+        action="store_true",
+        help="start the config's cluster and measure only the serving path's terms beyond the engines (TTFT, "
+        "TPOT, CPU per token); written into the existing profiles of --out",
+    )
     pr.set_defaults(fn=cmd_profile)
     sim = sub.add_parser("simulate", help="simulate a config serving a workload (engine profiles + the real router)")
     _add_config_args(sim)

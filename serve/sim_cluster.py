@@ -11,6 +11,7 @@ from pathlib import Path
 
 from capacity.cluster import Link, SimCluster, SimPool
 from capacity.profile import EngineProfile, load_profiles
+from serve.affinity import serving_cores
 from serve.config import ClusterConfig
 from workers.config import CpuDevice, PoolConfig, binding_cores
 
@@ -62,7 +63,31 @@ def for_pool(profile: EngineProfile, pool: PoolConfig) -> EngineProfile:
     return dataclasses.replace(profile, kv_capacity_tokens=kv_tokens, max_num_seqs=e.max_num_seqs, meta=meta)
 
 
+def serving_core_shares(cfg: ClusterConfig) -> dict[str, float]:
+    """Per CPU pool pinned to cores: the share of the serving processes' CPU work that runs on a replica's
+    cores (``SimPool.serving_core_share``). The serving processes run on ``ray.serving_cores``
+    (serve/affinity.py) of the cores the config's CPU pools are pinned to, taken as the machine's cores,
+    spread evenly over them. Empty when that is unknown: Ray joined at ``ray.address``, or an unpinned
+    CPU engine."""
+    if cfg.ray.address:
+        return {}
+    cores: dict[str, set[int]] = {}  # a pool's first replica's cores
+    machine: set[int] = set()
+    for pool in cfg.pools:
+        if isinstance(pool.device, CpuDevice):
+            bindings = pool.device.cpu_cores
+            for b in [bindings] if isinstance(bindings, str) else bindings:
+                pinned = binding_cores(b)
+                if pinned is None:
+                    return {}
+                machine |= pinned
+            cores[pool.name] = binding_cores(pool.device.cores_for_rank(0))
+    serving = serving_cores(cfg.ray.serving_cores, cfg.pools, machine) or machine
+    return {name: len(c & serving) / len(serving) for name, c in cores.items() if serving}
+
+
 def sim_cluster(cfg: ClusterConfig, profiles: Sequence[EngineProfile]) -> SimCluster:
+    shares = serving_core_shares(cfg)
     pools = []
     for pool in cfg.pools:
         prof = for_pool(pool_profile(profiles, cfg.model.name, pool), pool)
@@ -75,6 +100,7 @@ def sim_cluster(cfg: ClusterConfig, profiles: Sequence[EngineProfile]) -> SimClu
                 profile=prof,
                 price_per_hour=float(prof.meta.get("price_per_hour", 0.0)),
                 devices_per_replica=devices,
+                serving_core_share=shares.get(pool.name, 0.0),
             )
         )
     kv = cfg.kv_handoff

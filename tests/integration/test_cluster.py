@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -19,7 +20,11 @@ import time
 import httpx
 import pytest
 
+from capacity.profile import load_profiles
 from loadtests.client import SSE_DONE, sse_data
+from serve.config import ClusterConfig
+from serve.serving_profile import engine_times_of, measure_serving
+from serve.sim_cluster import DEFAULT_PROFILES, sim_cluster
 from tests.conftest import REPO
 from tests.integration.cluster_utils import (
     ALWAYS_REMOTE_PREFILL,
@@ -339,6 +344,24 @@ class TestClients:
         )
         assert out.returncode == 0, out.stderr
         assert "pool decode" in out.stdout and "replicas=2" in out.stdout
+
+    def test_serving_path_measurement(self, cluster):
+        """serve/serving_profile.py against this cluster: sequential streams of the asked length whose TTFT
+        and TPOT exceed the engines' own (the bundled profile's; every prompt here is handed off) by a
+        positive serving-path term under a second."""
+        data = cluster.cfg.model_dump(mode="json")
+        for pool in data["pools"]:
+            pool["engine"]["dtype"] = "auto"  # the bundled profile's engines (the key's dtype)
+        sim = sim_cluster(ClusterConfig.from_dict(data), load_profiles(DEFAULT_PROFILES))
+        m = measure_serving(cluster.base_url, MODEL, engine_times_of(sim), requests=4, prompt_words=(16, 96))
+        assert len(m.samples) == 4 and all(s.output_tokens == 32 for s in m.samples)
+        short, long_ = m.samples[0], m.samples[1]
+        assert 16 < short.prompt_tokens < long_.prompt_tokens  # the prompts' words plus the chat template
+        # the lone request's engine path: remote prefill, handoff, a KV-loading step, then its first token
+        assert long_.engine_ttft_s > sim.pools[0].profile.prefill_s(long_.prompt_tokens)
+        assert 0.0 < m.overhead.ttft_s < 1.0
+        assert m.overhead.ttft_s == statistics.median(s.ttft_s - s.engine_ttft_s for s in m.samples)
+        assert all(s.tpot_s is not None and s.tpot_s > 0 for s in m.samples)
 
 
 SYSTEM = "You are a meticulous assistant for a warehouse. " + " ".join(

@@ -9,12 +9,12 @@ import pytest
 
 import capacity.simulator as simulator
 from capacity.cluster import Link, SimCluster, SimPool
-from capacity.profile import MEASURED, EngineProfile, ProfileKey
-from capacity.simulator import Simulation, simulate
+from capacity.profile import MEASURED, EngineProfile, ProfileKey, ServingOverhead
+from capacity.simulator import Simulation, simulate, unloaded_request_s
 from capacity.workload import PRESETS, fixed
 from router.config import AdmissionConfig, RouterConfig
 from serve.config import ClusterConfig
-from serve.sim_cluster import pool_profile, sim_cluster
+from serve.sim_cluster import pool_profile, serving_core_shares, sim_cluster
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -154,6 +154,82 @@ def test_ten_thousand_requests_on_64_replicas_in_seconds():
     assert took < 30.0, f"{took:.1f} s (goal: < 10 s on an idle 2-core box)"
 
 
+def test_serving_term_adds_to_what_the_client_sees_not_to_the_engines():
+    """A profile's serving term raises every TTFT by its ``ttft_s`` and every later token's gap by its
+    ``tpot_s``; the engines' work (tokens, prefills, cache hits) is the same."""
+    overhead = ServingOverhead(ttft_s=0.15, tpot_s=0.004)
+    served = dataclasses.replace(fake_profile(), serving=overhead)
+    args = (PRESETS["random-256-128"], 1.0, 200)
+    bare = simulate(cluster(1, 1, NO_ADMISSION), *args, seed=3)
+    with_path = simulate(cluster(1, 1, NO_ADMISSION, profile=served), *args, seed=3)
+    assert with_path.completed == bare.completed == 200
+    assert (with_path.local_prefills, with_path.remote_prefills) == (bare.local_prefills, bare.remote_prefills)
+    for q in ("p50", "p99", "mean"):
+        assert getattr(with_path.ttft_s, q) == pytest.approx(getattr(bare.ttft_s, q) + 0.15, abs=1e-9)
+        assert getattr(with_path.tpot_s, q) == pytest.approx(getattr(bare.tpot_s, q) + 0.004, abs=1e-9)
+    assert with_path.itl_s.p50 == pytest.approx(bare.itl_s.p50 + 0.004, abs=1e-9)
+    # every request finishes later by the first-token term plus 127 token gaps
+    assert with_path.mean_latency_s == pytest.approx(bare.mean_latency_s + 0.15 + 127 * 0.004, abs=1e-6)
+
+
+def test_serving_cpu_stretches_the_steps_of_engines_on_shared_cores():
+    """The serving processes' CPU per streamed token slows only the engines on cores they share, more
+    so at a higher token rate; with no shared core the run is as without it."""
+    prof = dataclasses.replace(fake_profile(), serving=ServingOverhead(cpu_per_token_s=0.002))
+
+    def run(share: float, rate: float):
+        c = cluster(1, 1, NO_ADMISSION, profile=prof)
+        pools = tuple(dataclasses.replace(p, serving_core_share=share if p.role == "decode" else 0.0) for p in c.pools)
+        return simulate(dataclasses.replace(c, pools=pools), PRESETS["random-256-128"], rate, 200, seed=6)
+
+    bare = simulate(cluster(1, 1, NO_ADMISSION), PRESETS["random-256-128"], 2.0, 200, seed=6)
+    assert run(0.0, 2.0).to_dict() == bare.to_dict()
+    shared = run(0.5, 2.0)
+    assert shared.completed == 200
+    # ~2 req/s x 128 tokens x 2 ms x 0.5: ~25 % of the core; slower steps then batch more requests
+    assert shared.tpot_s.p50 > 1.25 * bare.tpot_s.p50
+    sim = Simulation(cluster(1, 1, NO_ADMISSION, profile=prof), seed=0)
+    sim.token_rate = 250.0
+    decode_pool = dataclasses.replace(sim.cluster.pools[1], serving_core_share=0.5)
+    assert sim.serving_stretch(decode_pool) == pytest.approx(1 / (1 - 250 * 0.002 * 0.5))
+    assert sim.serving_stretch(sim.cluster.pools[0]) == 1.0  # share 0
+    sim.token_rate = 1e6
+    assert sim.serving_stretch(decode_pool) == pytest.approx(1 / (1 - simulator.MAX_SERVING_CPU_SHARE))
+    slow = run(0.5, 0.5)
+    slow_bare = simulate(cluster(1, 1, NO_ADMISSION), PRESETS["random-256-128"], 0.5, 200, seed=6)
+    assert slow.tpot_s.p50 / slow_bare.tpot_s.p50 < shared.tpot_s.p50 / bare.tpot_s.p50
+
+
+def test_unloaded_request_is_the_engines_alone():
+    """``unloaded_request_s``: one request's TTFT / TPOT from the engine profiles, the serving term left
+    out; a lone short prompt prefills on the idle decode replica (placement.local_prefill_when_idle)."""
+    prof = dataclasses.replace(fake_profile(), serving=ServingOverhead(ttft_s=5.0, tpot_s=1.0))
+    ttft, tpot = unloaded_request_s(cluster(1, 1, NO_ADMISSION, profile=prof), 100, 8)
+    assert ttft == pytest.approx(prof.prefill_s(100))
+    assert tpot == pytest.approx(prof.decode_step_s(1, 101), rel=0.05)
+    remote_ttft, _ = unloaded_request_s(cluster(1, 1, ALWAYS_HANDOFF, profile=prof), 100, 8)
+    assert remote_ttft > ttft  # the handoff, the step that loads the KV, then the first decode step
+
+
+def test_profile_file_serving_section(tmp_path):
+    """The serving section round-trips through a profile file; a profile written without one loads with
+    no serving term; the shipped profile carries a measured one."""
+    from capacity.profile import load_profiles, save_profiles
+    from serve.sim_cluster import DEFAULT_PROFILES
+
+    served = dataclasses.replace(fake_profile(), serving=ServingOverhead(0.1, 0.002, "measured here"))
+    path = tmp_path / "p.json"
+    save_profiles(path, [served])
+    assert load_profiles(path) == [served]
+    data = json.loads(path.read_text())
+    del data["profiles"][0]["serving"]
+    path.write_text(json.dumps(data))
+    (old,) = load_profiles(path)
+    assert old.serving == ServingOverhead() and old == dataclasses.replace(served, serving=ServingOverhead())
+    shipped = load_profiles(DEFAULT_PROFILES)
+    assert all(0.0 < p.serving.ttft_s < 1.0 and p.serving.notes for p in shipped)
+
+
 # serve/sim_cluster.py -----------------------------------------------------------------------------
 
 
@@ -167,6 +243,19 @@ def test_default_config_maps_each_pool_to_its_profile():
         assert pool.profile.max_num_seqs == conf.engine.max_num_seqs
         assert pool.profile.kv_capacity_tokens == 2**30 // 23040  # kv_cache_space_gib: 1
     assert sc.kv_compression is None and sc.block_size == 128
+
+
+def test_serving_core_shares_follow_ray_serving_cores():
+    """Where the serving processes run (serve/affinity.py) decides which engines they take CPU from."""
+    assert serving_core_shares(ClusterConfig.from_yaml("serve/default.yaml")) == {"prefill": 1.0, "decode": 0.0}
+    all_cores = ClusterConfig.from_yaml("configs/bench/serving-cores-all.yaml")
+    assert serving_core_shares(all_cores) == {"prefill": 0.5, "decode": 0.5}
+    # two colocated replicas on cores 0 and 1: no core is free of a decode engine, Ray runs on both
+    assert serving_core_shares(ClusterConfig.from_yaml("configs/bench/prefix-2x.yaml")) == {"decode": 0.5}
+    joined = ClusterConfig.from_yaml("serve/default.yaml", ["ray.address=auto"])
+    assert serving_core_shares(joined) == {}
+    sc = sim_cluster(ClusterConfig.from_yaml("serve/default.yaml"), [fake_profile(dtype="bfloat16")])
+    assert [p.serving_core_share for p in sc.pools] == [1.0, 0.0]
 
 
 def test_missing_profile_is_a_clear_error():
