@@ -4,6 +4,7 @@
         --workload shared-prefix --rates 1 --requests 60 --duration 90
     python -m loadtests.bench --systems ours --workload multi-turn --rates 0.5 --requests 120 --duration 300
     python -m loadtests.bench --smoke          # CI: one system, two small workloads, a few minutes
+    python -m loadtests.bench --url http://127.0.0.1:8000 --workload random --rates 1   # a running server
     python -m loadtests.bench --vs-vllm        # pdserve's default config vs plain vLLM vs Ray Serve LLM P/D
     python -m loadtests.bench --systems rr=ours@configs/bench/round-robin-3x-small-kv.yaml,\
         prefix=ours@configs/bench/prefix-3x-small-kv.yaml --baseline rr --workload shared-prefix-wide \
@@ -30,7 +31,7 @@ from loadtests import report, workloads
 from loadtests.closedloop import run_closed_loop
 from loadtests.openloop import run_open_loop
 from loadtests.stats import summarize, summarize_by_tag
-from loadtests.systems import REPO, SERVER_AUTOGROUP_NICE, STARTERS, resolved_config, wait_ready
+from loadtests.systems import REPO, SERVER_AUTOGROUP_NICE, STARTERS, AttachedSystem, resolved_config, wait_ready
 from loadtests.timeline import prefix_cache_hit_rate, replica_seconds
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -52,8 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--systems",
-        default="ours,colocated",
-        help="comma-separated: ours, colocated, raypd, or LABEL=ours@CONFIG for an A/B variant",
+        default=None,
+        help="comma-separated: ours, colocated, raypd, or LABEL=ours@CONFIG for an A/B variant (default: "
+        "ours,colocated; with --url: ours)",
     )
     p.add_argument(
         "--workload",
@@ -93,6 +95,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "to the run's configs/ (repeatable)",
     )
     p.add_argument("--out", default=None)
+    p.add_argument(
+        "--url",
+        default=None,
+        help="benchmark the server already running at this base URL (one system, labelled by --systems, "
+        "default ours): not started or stopped here, its start-up time and memory not measured",
+    )
     p.add_argument("--smoke", action="store_true")
     p.add_argument(
         "--vs-vllm",
@@ -111,8 +119,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.requests, args.duration = 40, 170.0
     if args.smoke:
         # an open-loop workload and a small closed-loop one (two 2-turn conversations)
-        args.systems, args.workloads, args.rates = "ours", ["random", SMOKE_MULTI_TURN], ["1", "1"]
+        args.workloads, args.rates = ["random", SMOKE_MULTI_TURN], ["1", "1"]
+        args.systems = "ours" if not args.url else args.systems
         args.requests, args.duration, args.drain = 8, 30.0, 120.0
+    args.systems = args.systems or ("ours" if args.url else "ours,colocated")
+    if args.url and ("," in args.systems or args.vs_vllm):
+        p.error("--url benchmarks one running server: give at most one --systems label")
     args.workloads = args.workloads or ["random"]
     args.rates = args.rates or ["1"] * len(args.workloads)
     if len(args.rates) != len(args.workloads):
@@ -219,21 +231,26 @@ def run_system(entry: str, args, out: Path) -> list[dict]:
     if kind == "ours":
         config = edited_config(config, args.overrides, name, out)
     model_dir = args.model_dir or (bundled_model_dir() if kind != "ours" else "")
-    port = free_port()
-    print(f"[bench] starting {name} ({kind}) on :{port}", flush=True)
-    sp = STARTERS[kind](
-        config=config,
-        model_dir=model_dir,
-        model=args.model,
-        port=port,
-        log_dir=out / "logs",
-        dtype=args.dtype,
-        name=name,
-    )
+    if args.url:
+        print(f"[bench] using {name} at {args.url}", flush=True)
+        sp = AttachedSystem(name, args.url.rstrip("/"))
+    else:
+        port = free_port()
+        print(f"[bench] starting {name} ({kind}) on :{port}", flush=True)
+        sp = STARTERS[kind](
+            config=config,
+            model_dir=model_dir,
+            model=args.model,
+            port=port,
+            log_dir=out / "logs",
+            dtype=args.dtype,
+            name=name,
+        )
     rows = []
     try:
         wait_ready(sp, args.model)
-        print(f"[bench] {name} ready in {sp.ready_s:.0f}s; warming up", flush=True)
+        took = f" in {sp.ready_s:.0f}s" if sp.ready_s is not None else ""
+        print(f"[bench] {name} ready{took}; warming up", flush=True)
         warm_up(sp.base_url, args.model)
         labels = workload_labels(args.workloads, args.smoke)
         for wi, (entry, rates, label) in enumerate(zip(args.workloads, args.rates, labels)):
@@ -282,7 +299,7 @@ def run_system(entry: str, args, out: Path) -> list[dict]:
                 )
     finally:
         sp.stop()
-        print(f"[bench] {name} stopped", flush=True)
+        print(f"[bench] {name} {'stopped' if sp.proc is not None else 'left running'}", flush=True)
     return rows
 
 

@@ -40,7 +40,7 @@ def write_report(out: Path, rows: list[dict], meta: dict) -> None:
             f"{r['output_tps']:.1f} | {_fmt(r['ttft_s']['p50'], 1e3, 0)}/{_fmt(r['ttft_s']['p99'], 1e3, 0)} | "
             f"{_fmt(r['itl_s']['p50'], 1e3, 0)}/{_fmt(r['itl_s']['p99'], 1e3, 0)} | "
             f"{_fmt(r['tpot_s']['p50'], 1e3, 0)} | {_fmt(r.get('prefix_cache_hit_rate'), 100, 0)} | "
-            f"{r['server_rss_bytes'] / 2**30:.1f} |"
+            f"{_fmt(r['server_rss_bytes'], 2**-30, 1)} |"
         )
     by_key = {(r["system"], r["workload"], r["rate"]): r for r in rows}
     peers = ("colocated", "raypd")

@@ -2,7 +2,8 @@
 
 - ``ours``: ``pdserve serve CONFIG``;
 - ``colocated``: one plain vLLM OpenAI server on the same total cores (what users run instead);
-- ``raypd``: Ray Serve LLM's own prefill/decode app (``loadtests/raypd_app.py``).
+- ``raypd``: Ray Serve LLM's own prefill/decode app (``loadtests/raypd_app.py``);
+- a server already running (``loadtests.bench --url``): ``AttachedSystem``, used as found and never stopped.
 """
 
 from __future__ import annotations
@@ -65,6 +66,24 @@ class SystemProcess:
             self._log.close()
 
 
+@dataclass
+class AttachedSystem:
+    """A server the bench did not start: benchmarked where it runs, never stopped; neither its start-up time
+    nor its memory is measured (``None``)."""
+
+    name: str
+    base_url: str
+    proc: None = None
+    log_path: str = "(not started by the bench)"
+    ready_s: float | None = None
+
+    def rss_bytes(self) -> None:
+        return None
+
+    def stop(self) -> None:
+        pass
+
+
 SERVER_AUTOGROUP_NICE = 10
 
 
@@ -105,10 +124,11 @@ def _spawn(name: str, cmd: list[str], env: dict, port: int, log_dir: Path) -> Sy
     )
 
 
-def wait_ready(sp: SystemProcess, model: str, timeout_s: float = 900.0) -> None:
+def wait_ready(sp: SystemProcess | AttachedSystem, model: str, timeout_s: float = 900.0) -> None:
+    """Until the server answers a chat request (a started one's start-up time in ``ready_s``)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if sp.proc.poll() is not None:
+        if sp.proc is not None and sp.proc.poll() is not None:
             raise RuntimeError(f"{sp.name} exited with {sp.proc.returncode}; see {sp.log_path}")
         try:
             # a server that says it is not ready (pdserve: pools starting, router warming up) is not
@@ -122,7 +142,8 @@ def wait_ready(sp: SystemProcess, model: str, timeout_s: float = 900.0) -> None:
                 json={"model": model, "max_tokens": 2, "messages": [{"role": "user", "content": "ping"}]},
             )
             if r.status_code == 200:
-                sp.ready_s = time.monotonic() - sp.started_s
+                if sp.proc is not None:
+                    sp.ready_s = time.monotonic() - sp.started_s
                 return
         except httpx.HTTPError:
             pass

@@ -338,6 +338,15 @@ class TestBenchArgs:
         with pytest.raises(SystemExit):
             parse_system("colocated@x.yaml", "c.yaml")
 
+    def test_url_benchmarks_one_running_server(self):
+        from loadtests.bench import parse_args
+
+        a = parse_args(["--smoke", "--url", "http://127.0.0.1:8000"])
+        assert (a.url, a.systems, a.requests) == ("http://127.0.0.1:8000", "ours", 8)
+        assert parse_args(["--url", "http://h:1", "--systems", "prod"]).systems == "prod"
+        with pytest.raises(SystemExit):
+            parse_args(["--url", "http://h:1", "--systems", "ours,colocated"])
+
     def test_workload_labels_keep_two_shapes_apart(self):
         from loadtests.bench import workload_labels
 
