@@ -684,6 +684,6 @@ def _result(sim: Simulation, reqs: list[_Req], cluster: SimCluster) -> SimResult
         remote_prefills=sim.remote,
         preemptions=sim.preemptions,
         mean_in_system=sim.area / duration,
-        mean_latency_s=float(np.mean([v[2] - r.desc.arrival_s for r, v in zip(done, seen.values())])) if done else 0.0,
+        mean_latency_s=float(np.mean([seen[r.id][2] - r.desc.arrival_s for r in done])) if done else 0.0,
         estimated=any(p.profile.estimated for p in cluster.pools),
     )

@@ -177,19 +177,21 @@ class Workload(_Strict):
     # --- the planner's view: quantile points and the cached share ------------------------------------
     def prompt_quantiles(self, n: int = QUANTILE_POINTS) -> np.ndarray:
         """``n`` equal-probability prompt lengths, ascending (prefix groups: every user's history full)."""
-        if self.trace:
-            return np.quantile([p for _, p, _ in self.trace], _midpoints(n), method="inverted_cdf").astype(float)
-        if self.prefix:
-            return np.full(n, float(self.prefix.full_prompt_tokens))
-        return self.prompt_tokens.quantiles(n)
+        full = self.prefix.full_prompt_tokens if self.prefix else 0
+        return self._quantiles(1, self.prompt_tokens, full, n)
 
     def output_quantiles(self, n: int = QUANTILE_POINTS) -> np.ndarray:
         """``n`` equal-probability output lengths, ascending."""
+        return self._quantiles(2, self.output_tokens, self.prefix.answer_tokens if self.prefix else 0, n)
+
+    def _quantiles(self, trace_column: int, lengths: Lengths | None, prefix_tokens: int, n: int) -> np.ndarray:
+        """Quantile points of one length: the trace's column, the prefix groups' fixed length, or ``lengths``."""
         if self.trace:
-            return np.quantile([o for _, _, o in self.trace], _midpoints(n), method="inverted_cdf").astype(float)
+            col = [row[trace_column] for row in self.trace]
+            return np.quantile(col, _midpoints(n), method="inverted_cdf").astype(float)
         if self.prefix:
-            return np.full(n, float(self.prefix.answer_tokens))
-        return self.output_tokens.quantiles(n)
+            return np.full(n, float(prefix_tokens))
+        return lengths.quantiles(n)
 
     @property
     def cached_share(self) -> float:
