@@ -97,6 +97,11 @@ class AuthConfig(_Strict):
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    direct_ingress: bool = Field(
+        True,
+        description="the ingress replica serves HTTP on `port` itself (Ray Serve direct ingress): no proxy hop, "
+        "~40 % less serving CPU per streamed token; false puts Ray Serve's HTTP proxy on `port`",
+    )
     max_ongoing_requests: int = Field(
         512, ge=1, description="generation requests the ingress serves at once; beyond it 503 server_overloaded"
     )

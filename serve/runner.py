@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import httpx
 
 from serve.affinity import inherited_affinity, serving_cores
-from serve.config import BUNDLED_SMOLLM2, ClusterConfig
+from serve.config import BUNDLED_SMOLLM2, ClusterConfig, ServerConfig
 from serve.model_prep import resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -48,14 +48,33 @@ class RunningCluster:
                 ray.shutdown()
 
 
-def _runtime_env() -> dict:
-    """Replicas must import this project's packages: ship the repo root as the working dir only
-    when the packages are not importable from site-packages (e.g. a plain checkout)."""
+def direct_ingress_env(server: ServerConfig) -> dict[str, str]:
+    """Ray Serve settings that make the ingress replica itself listen on ``server.port`` (pure).
+
+    Serve allocates a direct-ingress replica's port from [MIN, MAX); a one-port range is ``server.port``
+    (the app has one ingress replica per cluster). No load balancer sits in front to deregister a stopping
+    replica, so Serve's minimum draining period is off (in-flight requests are still waited for), and a
+    released port is reusable at once (a restarted ingress replica binds the same port)."""
+    if not server.direct_ingress:
+        return {}
+    return {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(server.port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(server.port + 1),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+        "RAY_SERVE_PORT_QUARANTINE_S": "0",
+    }
+
+
+def _runtime_env(server: ServerConfig) -> dict:
+    """Environment of every Ray worker of the job (replicas); the Serve controller gets the direct
+    ingress part through ``serve.start``'s controller options."""
     return {
         "env_vars": {
             "TOKENIZERS_PARALLELISM": "false",
             "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
             "RAY_SERVE_ENABLE_TASK_EVENTS": "0",
+            **direct_ingress_env(server),
         }
     }
 
@@ -107,6 +126,21 @@ def wait_app_running(app_name: str, deadline: float, poll_s: float = 1.0) -> Non
         time.sleep(poll_s)
 
 
+def _start_serve(server: ServerConfig) -> None:
+    """Serve's controller and HTTP proxy. With direct ingress the ingress replica owns ``server.port``
+    and Serve still runs its proxy on the head node: it gets another free port, and nothing calls it."""
+    from ray import serve
+
+    from kvtransfer.ports import free_port
+
+    env = direct_ingress_env(server)
+    proxy_port = free_port(server.host) if env else server.port
+    serve.start(
+        http_options={"host": server.host, "port": proxy_port},
+        controller_options={"runtime_env": {"env_vars": env}} if env else None,
+    )
+
+
 def start_cluster(cfg: ClusterConfig, timeout_s: float = 600.0, progress=print) -> RunningCluster:
     import ray
     from ray import serve
@@ -119,14 +153,14 @@ def start_cluster(cfg: ClusterConfig, timeout_s: float = 600.0, progress=print) 
     started_ray = False
     if not ray.is_initialized():
         if cfg.ray.address:
-            ray.init(address=cfg.ray.address, runtime_env=_runtime_env(), logging_level=logging.WARNING)
+            ray.init(address=cfg.ray.address, runtime_env=_runtime_env(cfg.server), logging_level=logging.WARNING)
         else:
             cores = serving_cores(cfg.ray.serving_cores, cfg.pools, os.sched_getaffinity(0))
             with inherited_affinity(cores):
                 ray.init(
                     num_cpus=cfg.ray.num_cpus,
                     include_dashboard=False,
-                    runtime_env=_runtime_env(),
+                    runtime_env=_runtime_env(cfg.server),
                     logging_level=logging.WARNING,
                 )
             started_ray = True
@@ -134,7 +168,7 @@ def start_cluster(cfg: ClusterConfig, timeout_s: float = 600.0, progress=print) 
         f"[pdserve] Ray up; starting {len(cfg.pools)} pools: "
         + ", ".join(f"{p.name}({p.role.value} x{p.replicas.max})" for p in cfg.pools)
     )
-    serve.start(http_options={"host": cfg.server.host, "port": cfg.server.port})
+    _start_serve(cfg.server)
     base_url = f"http://{cfg.server.host}:{cfg.server.port}"
     cluster = RunningCluster(
         cfg=cfg, base_url=base_url, model_path=model_path, started_ray=started_ray, cold_start_s=0.0

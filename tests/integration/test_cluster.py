@@ -18,6 +18,7 @@ import sys
 import time
 
 import httpx
+import psutil
 import pytest
 
 from capacity.profile import load_profiles
@@ -81,6 +82,13 @@ def cluster(reference):
 def _healthy_decode(base_url: str) -> int:
     body = health(base_url)
     return sum(p["healthy"] for p in body["pools"].values() if p["role"] == "decode")
+
+
+def _tcp_connections(proc: psutil.Process) -> list:
+    try:
+        return proc.net_connections(kind="tcp")
+    except psutil.Error:  # another user's process, or gone
+        return []
 
 
 def chat(base_url: str, content: str, **kw) -> httpx.Response:
@@ -147,6 +155,18 @@ class TestServing:
         a = chat(cluster.base_url, "Invent a word.", max_tokens=12, temperature=1.0, seed=7).json()
         b = chat(cluster.base_url, "Invent a word.", max_tokens=12, temperature=1.0, seed=7).json()
         assert a["choices"][0]["message"]["content"] == b["choices"][0]["message"]["content"]
+
+    def test_ingress_replica_owns_the_port(self, cluster):
+        """Direct ingress (the default): the process listening on the configured port is the ingress
+        replica itself, not Ray Serve's HTTP proxy."""
+        port = cluster.cfg.server.port
+        listeners = [
+            " ".join(p.cmdline())
+            for p in psutil.process_iter()
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in _tcp_connections(p))
+        ]
+        assert len(listeners) == 1, listeners
+        assert "ServeReplica" in listeners[0] and listeners[0].split()[0].endswith(":ingress"), listeners
 
     def test_models_and_health(self, cluster):
         models = httpx.get(f"{cluster.base_url}/v1/models").json()

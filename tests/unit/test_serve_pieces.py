@@ -228,3 +228,38 @@ def test_push_reservation_waits_a_few_predicted_ttfts_within_the_prefill_timeout
     # at least its read_timeout_s)
     assert push_wait_s(40.0, 60.0) == 60.0  # never past the router's own prefill wait
     assert push_wait_s(None, 60.0) == 60.0  # admission off: no prediction
+
+
+class TestDirectIngressEnv:
+    """serve.runner.direct_ingress_env read by Ray Serve's own port allocator (a fresh interpreter:
+    Serve reads these settings at import)."""
+
+    ALLOCATE_TWICE = (
+        "from ray.serve._private.node_port_manager import PortAllocator;"
+        "from ray.serve._private.constants import RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT as lo,"
+        " RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT as hi;"
+        "a = PortAllocator(lo, hi, 'http', 'node');"
+        "first = a.allocate('replica-1'); a.release('replica-1', first);"
+        "print(first, a.allocate('replica-2'))"
+    )
+
+    def test_the_ingress_replica_gets_the_configured_port_again_after_a_restart(self):
+        import os
+        import subprocess
+        import sys
+
+        from serve.config import ServerConfig
+        from serve.runner import direct_ingress_env
+
+        env = {**os.environ, **direct_ingress_env(ServerConfig(port=18123))}
+        out = subprocess.run(
+            [sys.executable, "-c", self.ALLOCATE_TWICE], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["18123", "18123"]
+
+    def test_off_leaves_serve_alone(self):
+        from serve.config import ServerConfig
+        from serve.runner import direct_ingress_env
+
+        assert direct_ingress_env(ServerConfig(direct_ingress=False)) == {}
