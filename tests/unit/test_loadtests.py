@@ -452,3 +452,33 @@ class TestConversations:
 
     def test_text_is_not_recorded(self):
         assert "text" not in RequestRecord(0.0, 200, text="hello").to_dict()
+
+
+class TestServingCpu:
+    def test_variant_parsing(self):
+        from loadtests.micro.serving_cpu import parse_variant
+
+        assert parse_variant("direct") == ("direct", [])
+        assert parse_variant("proxy:server.direct_ingress=false,router.policy=round-robin") == (
+            "proxy",
+            ["server.direct_ingress=false", "router.policy=round-robin"],
+        )
+
+    def test_serving_groups_leave_engines_out_and_keep_the_total(self):
+        from loadtests.micro.serving_cpu import serving_groups
+
+        kinds = {
+            "replica ingress": 0.9,
+            "ray::ProxyActor": 0.6,
+            "replica pool-decode": 0.4,
+            "replica pool-prefill": 0.1,
+            "raylet": 0.05,
+            "VLLM::EngineCore (of replica pool-decode)": 3.8,
+        }
+        groups = serving_groups(kinds)
+        assert groups == {
+            "ingress replica": 0.9,
+            "Serve HTTP proxy": 0.6,
+            "engine replicas (Ray/Serve side)": 0.5,
+            "other": 0.05,
+        }
