@@ -35,6 +35,7 @@ import httpx
 import numpy as np
 import psutil
 
+from loadtests.bench import portable
 from loadtests.client import stream_chat
 from loadtests.report import save_figure
 from loadtests.systems import REPO
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     reports = [measure_variant(args, label, sets) for label, sets in variants]
     base = reports[0]["serving_cpu_ms_per_token"]
     summary = {
-        "args": vars(args),
+        "args": {k: portable(v) for k, v in vars(args).items()},
         "serving_cpu_ms_per_token": {r["label"]: r["serving_cpu_ms_per_token"] for r in reports},
         "baseline": reports[0]["label"],
         "ratio_to_baseline": {r["label"]: round(r["serving_cpu_ms_per_token"] / base, 3) for r in reports},
