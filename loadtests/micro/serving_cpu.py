@@ -5,7 +5,8 @@ against a cluster this script starts, one after the other in one run.
     python -m loadtests.micro.serving_cpu [--config PATH] [--variant LABEL[:KEY=VALUE,...]]...
         [--streams 16] [--requests-per-stream 3] [--max-tokens 256] [--idle-s 10] [--env KEY=VALUE ...]
 
-Default variants: ``proxy`` (``server.direct_ingress=false``: Ray Serve's HTTP proxy in front of the
+A variant's ``KEY=VALUE`` items are config overrides, ``env.NAME=VALUE`` items environment variables of its
+Ray processes. Default variants: ``proxy`` (``server.direct_ingress=false``: Ray Serve's HTTP proxy in front of the
 ingress) and ``direct`` (the config as it is). Each cluster (``serve.runner.start_cluster``, loopback
 only, a free port) runs as this process's descendants, so every process of it is sampled with psutil:
 Ray's own (GCS, raylet, agents), Serve's (controller, HTTP proxy), the ingress replica, each engine
@@ -196,13 +197,16 @@ def serving_groups(kinds: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 3) for k, v in out.items()}
 
 
-def parse_variant(text: str) -> tuple[str, list[str]]:
-    """``LABEL`` or ``LABEL:KEY=VALUE,...`` -> (label, config overrides)."""
+def parse_variant(text: str) -> tuple[str, list[str], dict[str, str]]:
+    """``LABEL`` or ``LABEL:KEY=VALUE,...`` -> (label, config overrides, environment). A key ``env.NAME`` sets
+    the variable NAME in the environment that variant's Ray processes inherit (e.g. a ``RAY_SERVE_*`` switch)."""
     label, _, sets = text.partition(":")
-    return label, [s for s in sets.split(",") if s]
+    items = [s for s in sets.split(",") if s]
+    env = dict(s.removeprefix("env.").split("=", 1) for s in items if s.startswith("env."))
+    return label, [s for s in items if not s.startswith("env.")], env
 
 
-def measure_variant(args, label: str, overrides: list[str]) -> dict:
+def measure_variant(args, label: str, overrides: list[str], env: dict[str, str]) -> dict:
     from kvtransfer.ports import free_port
     from serve.runner import start_cluster
 
@@ -215,8 +219,17 @@ def measure_variant(args, label: str, overrides: list[str]) -> dict:
     root = psutil.Process()
     detail = ("replica", "ray::ProxyActor")
     t_start = time.monotonic()
-    cluster = start_cluster(cfg, progress=lambda m: print(m, flush=True))
-    report: dict = {"label": label, "set": overrides, "direct_ingress": cfg.server.direct_ingress}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the local Ray started next (and every process it starts) inherits it
+    try:
+        cluster = start_cluster(cfg, progress=lambda m: print(m, flush=True))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
+    report: dict = {"label": label, "set": overrides, "env": env, "direct_ingress": cfg.server.direct_ingress}
     try:
         report["cold_start_s"] = round(time.monotonic() - t_start, 1)
         model = cfg.model.name
@@ -283,7 +296,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(DEFAULT_CONFIG))
     ap.add_argument("--set", action="append", default=[], help="config override KEY=VALUE (dotted), every variant")
-    ap.add_argument("--variant", action="append", default=None, help="LABEL[:KEY=VALUE,...] (repeatable)")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=None,
+        help="LABEL[:KEY=VALUE,...] (repeatable): config overrides, env.NAME=VALUE for Ray's processes",
+    )
     ap.add_argument("--streams", type=int, default=16)
     ap.add_argument("--requests-per-stream", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=256)
@@ -298,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ[k] = v
     out = Path(args.out or REPO / "loadtests" / "results" / f"{time.strftime('%Y%m%d-%H%M%S')}-serving-cpu")
     out.mkdir(parents=True, exist_ok=True)
-    reports = [measure_variant(args, label, sets) for label, sets in variants]
+    reports = [measure_variant(args, *variant) for variant in variants]
     base = reports[0]["serving_cpu_ms_per_token"]
     summary = {
         "args": {k: portable(v) for k, v in vars(args).items()},

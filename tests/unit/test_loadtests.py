@@ -458,10 +458,11 @@ class TestServingCpu:
     def test_variant_parsing(self):
         from loadtests.micro.serving_cpu import parse_variant
 
-        assert parse_variant("direct") == ("direct", [])
-        assert parse_variant("proxy:server.direct_ingress=false,router.policy=round-robin") == (
+        assert parse_variant("direct") == ("direct", [], {})
+        assert parse_variant("proxy:server.direct_ingress=false,env.RAY_SERVE_X=0,router.policy=round-robin") == (
             "proxy",
             ["server.direct_ingress=false", "router.policy=round-robin"],
+            {"RAY_SERVE_X": "0"},
         )
 
     def test_serving_groups_leave_engines_out_and_keep_the_total(self):
