@@ -100,7 +100,9 @@ class ServerConfig(_Strict):
     direct_ingress: bool = Field(
         True,
         description="the ingress replica serves HTTP on `port` itself (Ray Serve direct ingress): no proxy hop, "
-        "~40 % less serving CPU per streamed token; false puts Ray Serve's HTTP proxy on `port`",
+        "0.63x the serving CPU per streamed token (loadtests/results/20261130-141915-serving-cpu); while a "
+        "restarted ingress replica comes up, connections are refused. false puts Ray Serve's HTTP proxy on `port` "
+        "(it answers 503 meanwhile)",
     )
     max_ongoing_requests: int = Field(
         512, ge=1, description="generation requests the ingress serves at once; beyond it 503 server_overloaded"
