@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,8 +162,19 @@ def resolved_config(config: str, overrides: list[str] | tuple[str, ...] = ()) ->
     return json.loads(proc.stdout)
 
 
-def start_ours(config: str, port: int, log_dir: Path, name: str = "ours", **_) -> SystemProcess:
-    return _spawn(name, [sys.executable, "-m", "serve.cli", "serve", config, "--port", str(port)], {}, port, log_dir)
+def start_ours(
+    config: str,
+    port: int,
+    log_dir: Path,
+    name: str = "ours",
+    overrides: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    **_,
+) -> SystemProcess:
+    """``pdserve serve CONFIG --port PORT --set ...``; ``env``: extra environment of the server (and so of the
+    local Ray it starts)."""
+    cmd = [sys.executable, "-m", "serve.cli", "serve", config, "--port", str(port), *(f"--set={o}" for o in overrides)]
+    return _spawn(name, cmd, env or {}, port, log_dir)
 
 
 def start_colocated(

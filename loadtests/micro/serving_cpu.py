@@ -2,22 +2,21 @@
 ingress and the engine replicas) over a fixed streaming load, for one or more config variants, each
 against a cluster this script starts, one after the other in one run.
 
-    python -m loadtests.micro.serving_cpu [--config PATH] [--variant LABEL[:KEY=VALUE,...]]...
-        [--streams 16] [--requests-per-stream 3] [--max-tokens 256] [--idle-s 10] [--env KEY=VALUE ...]
+    python -m loadtests.micro.serving_cpu [--config PATH] [--set KEY=VALUE]... [--variant LABEL[:KEY=VALUE,...]]...
+        [--streams 16] [--requests-per-stream 3] [--max-tokens 256] [--idle-s 10]
 
 A variant's ``KEY=VALUE`` items are config overrides, ``env.NAME=VALUE`` items environment variables of its
-Ray processes. Default variants: ``proxy`` (``server.direct_ingress=false``: Ray Serve's HTTP proxy in front of the
-ingress) and ``direct`` (the config as it is). Each cluster (``serve.runner.start_cluster``, loopback
-only, a free port) runs as this process's descendants, so every process of it is sampled with psutil:
-Ray's own (GCS, raylet, agents), Serve's (controller, HTTP proxy), the ingress replica, each engine
-replica (its Ray/Serve side and vLLM's in-process frontend) and vLLM's engine processes (``VLLM::*``).
-First ``idle_s`` without requests gives each process's idle rate; then ``streams`` concurrent clients
-each send ``requests_per_stream`` greedy streamed chats of ``max_tokens`` tokens (``ignore_eos``, short
-distinct prompts) back to back. A process's CPU per token is its CPU over the load less its idle rate
-times the load's wall time, over the tokens streamed. ``--env`` sets variables in the environment Ray's
-processes inherit (e.g. Ray Serve's ``RAY_SERVE_*`` switches). Client-side TTFT and inter-event gaps
-(p50/p99) come along. Writes ``loadtests/results/<run>-serving-cpu/``: ``summary.json`` and
-``serving-cpu.png`` (serving CPU per token by process kind, per variant).
+server (and so of the local Ray it starts, e.g. a ``RAY_SERVE_*`` switch). Default variants: ``proxy``
+(``server.direct_ingress=false``: Ray Serve's HTTP proxy in front of the ingress) and ``direct`` (the config as
+it is). Each cluster is ``pdserve serve CONFIG --port PORT --set ...`` (loopback only, a free port) started as a
+subprocess, so every process of it is sampled with psutil: Ray's own (GCS, raylet, agents), Serve's
+(controller, HTTP proxy), the ingress replica, each engine replica (its Ray/Serve side and vLLM's in-process
+frontend) and vLLM's engine processes (``VLLM::*``). First ``idle_s`` without requests gives each process's
+idle rate; then ``streams`` concurrent clients each send ``requests_per_stream`` greedy streamed chats of
+``max_tokens`` tokens (``ignore_eos``, short distinct prompts) back to back. A process's CPU per token is its
+CPU over the load less its idle rate times the load's wall time, over the tokens streamed. Client-side TTFT
+and inter-event gaps (p50/p99) come along. Writes ``loadtests/results/<run>-serving-cpu/``: ``summary.json``
+and ``serving-cpu.png`` (serving CPU per token by process kind, per variant).
 """
 
 from __future__ import annotations
@@ -36,11 +35,11 @@ import httpx
 import numpy as np
 import psutil
 
+from kvtransfer.ports import free_port
 from loadtests.bench import portable
 from loadtests.client import stream_chat
 from loadtests.report import save_figure
-from loadtests.systems import REPO
-from serve.config import DEFAULT_CONFIG, ClusterConfig
+from loadtests.systems import REPO, resolved_config, start_ours, wait_ready
 
 WORDS = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river stone cloud".split()
 ENGINE_PREFIX = "VLLM::"
@@ -206,35 +205,19 @@ def parse_variant(text: str) -> tuple[str, list[str], dict[str, str]]:
     return label, [s for s in items if not s.startswith("env.")], env
 
 
-def measure_variant(args, label: str, overrides: list[str], env: dict[str, str]) -> dict:
-    from kvtransfer.ports import free_port
-    from serve.runner import start_cluster
-
-    cfg = ClusterConfig.from_yaml(args.config, [*args.set, *overrides])
-    data = cfg.model_dump(mode="json")
-    data["server"]["port"] = free_port("127.0.0.1")
-    data["server"]["host"] = "127.0.0.1"
-    data["app_name"] = "pdserve-cpu"
-    cfg = ClusterConfig.from_dict(data)
-    root = psutil.Process()
+def measure_variant(args, out: Path, label: str, overrides: list[str], env: dict[str, str]) -> dict:
+    sets = [*args.set, *overrides]
+    cfg = resolved_config(args.config, sets)
+    sp = start_ours(args.config, free_port(), out / "logs", name=label, overrides=sets, env=env)
+    root = psutil.Process(sp.proc.pid)
     detail = ("replica", "ray::ProxyActor")
-    t_start = time.monotonic()
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the local Ray started next (and every process it starts) inherits it
+    report: dict = {"label": label, "set": overrides, "env": env, "direct_ingress": cfg["server"]["direct_ingress"]}
     try:
-        cluster = start_cluster(cfg, progress=lambda m: print(m, flush=True))
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                del os.environ[k]
-            else:
-                os.environ[k] = v
-    report: dict = {"label": label, "set": overrides, "env": env, "direct_ingress": cfg.server.direct_ingress}
-    try:
-        report["cold_start_s"] = round(time.monotonic() - t_start, 1)
-        model = cfg.model.name
+        model = cfg["model"]["name"]
+        wait_ready(sp, model)
+        report["ready_s"] = round(sp.ready_s, 1)
         print(f"[serving-cpu] {label}: warm-up", flush=True)
-        asyncio.run(run_load(cluster.base_url, model, args.streams, 1, 16, seed=99))
+        asyncio.run(run_load(sp.base_url, model, args.streams, 1, 16, seed=99))
         time.sleep(2.0)
         i0 = snapshot(root, detail)
         time.sleep(args.idle_s)
@@ -244,11 +227,11 @@ def measure_variant(args, label: str, overrides: list[str], env: dict[str, str])
         print(f"[serving-cpu] {label}: load {n}", flush=True)
         a = snapshot(root, detail)
         records = asyncio.run(
-            run_load(cluster.base_url, model, args.streams, args.requests_per_stream, args.max_tokens, seed=1)
+            run_load(sp.base_url, model, args.streams, args.requests_per_stream, args.max_tokens, seed=1)
         )
         b = snapshot(root, detail)
     finally:
-        cluster.stop()
+        sp.stop()
     stats = client_stats(records)
     tokens = max(1, stats["tokens"])
     per, threads = busy_per_token(idle, a, b, tokens)
@@ -294,7 +277,7 @@ def plot(out: Path, reports: list[dict]) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(DEFAULT_CONFIG))
+    ap.add_argument("--config", default="serve/default.yaml")
     ap.add_argument("--set", action="append", default=[], help="config override KEY=VALUE (dotted), every variant")
     ap.add_argument(
         "--variant",
@@ -306,17 +289,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--requests-per-stream", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--idle-s", type=float, default=10.0)
-    ap.add_argument("--env", action="append", default=[], help="KEY=VALUE for Ray's processes")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     variants = [parse_variant(v) for v in args.variant or ["proxy:server.direct_ingress=false", "direct"]]
 
-    for kv in args.env:
-        k, v = kv.split("=", 1)
-        os.environ[k] = v
     out = Path(args.out or REPO / "loadtests" / "results" / f"{time.strftime('%Y%m%d-%H%M%S')}-serving-cpu")
     out.mkdir(parents=True, exist_ok=True)
-    reports = [measure_variant(args, *variant) for variant in variants]
+    reports = [measure_variant(args, out, *variant) for variant in variants]
     base = reports[0]["serving_cpu_ms_per_token"]
     summary = {
         "args": {k: portable(v) for k, v in vars(args).items()},
