@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from kvtransfer.ports import free_port
 from serve.affinity import inherited_affinity, serving_cores
 from serve.config import BUNDLED_SMOLLM2, ClusterConfig, ServerConfig
 from serve.model_prep import resolve_model_path
@@ -130,8 +131,6 @@ def _start_serve(server: ServerConfig) -> None:
     """Serve's controller and HTTP proxy. With direct ingress the ingress replica owns ``server.port``
     and Serve still runs its proxy on the head node: it gets another free port, and nothing calls it."""
     from ray import serve
-
-    from kvtransfer.ports import free_port
 
     env = direct_ingress_env(server)
     proxy_port = free_port(server.host) if env else server.port

@@ -39,6 +39,7 @@ from kvtransfer.ports import free_port
 from loadtests.bench import portable
 from loadtests.client import stream_chat
 from loadtests.report import save_figure
+from loadtests.stats import dist
 from loadtests.systems import REPO, resolved_config, start_ours, wait_ready
 
 WORDS = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river stone cloud".split()
@@ -156,25 +157,23 @@ def by_kind(per: dict[str, float]) -> dict[str, float]:
 
 def client_stats(records: list) -> dict:
     ok = [r for r in records if r.outcome == "ok"]
-    ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
     gaps = [g for r in ok for g in r.itl_s]
-    tpot = [r.tpot_s for r in ok if r.tpot_s is not None]
-
-    def pct(xs: list[float], q: float) -> float | None:
-        return round(float(np.percentile(xs, q)) * 1e3, 1) if xs else None
-
+    dists = {
+        "ttft": dist([r.ttft_s for r in ok if r.ttft_s is not None]),
+        "event_gap": dist(gaps),
+        "tpot": dist([r.tpot_s for r in ok if r.tpot_s is not None]),
+    }
     return {
         "requests": len(records),
         "ok": len(ok),
         "errors": collections.Counter(r.reason for r in records if r.outcome != "ok"),
         "tokens": sum(r.completion_tokens for r in ok),
         "events_per_request": round(len(gaps) / len(ok) + 1, 1) if ok else None,
-        "ttft_ms_p50": pct(ttft, 50),
-        "ttft_ms_p99": pct(ttft, 99),
-        "event_gap_ms_p50": pct(gaps, 50),
-        "event_gap_ms_p99": pct(gaps, 99),
-        "tpot_ms_p50": pct(tpot, 50),
-        "tpot_ms_p99": pct(tpot, 99),
+        **{
+            f"{name}_ms_{q}": None if d[q] is None else round(d[q] * 1e3, 1)
+            for name, d in dists.items()
+            for q in ("p50", "p99")
+        },
     }
 
 

@@ -483,3 +483,15 @@ class TestServingCpu:
             "engine replicas (Ray/Serve side)": 0.5,
             "other": 0.05,
         }
+
+    def test_client_stats_in_milliseconds(self):
+        from loadtests.client import RequestRecord
+        from loadtests.micro.serving_cpu import client_stats
+
+        ok = RequestRecord(start_s=0.0, outcome="ok", ttft_s=0.5, itl_s=[0.01, 0.03], completion_tokens=3)
+        refused = RequestRecord(start_s=0.0, outcome="rejected", reason="overload_ttft")
+        stats = client_stats([ok, refused])
+        assert (stats["requests"], stats["ok"], stats["tokens"], stats["events_per_request"]) == (2, 1, 3, 3.0)
+        assert stats["errors"] == {"overload_ttft": 1}
+        assert (stats["ttft_ms_p50"], stats["event_gap_ms_p50"], stats["event_gap_ms_p99"]) == (500.0, 20.0, 29.8)
+        assert client_stats([refused])["ttft_ms_p99"] is None
