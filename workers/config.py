@@ -209,13 +209,13 @@ class EngineConfig(_Strict):
         "which happens on most steps (1-core decode step at batch 1: 33 ms at 1 ms, 43 ms "
         "at 10 ms)",
     )
-    cpu_niceness: int | Literal["auto"] | None = Field(
-        "auto",
-        description="renice the engine's processes to this after start (Ray workers, the serving stack "
-        "among them, run at 15). 'auto': 19 for a prefill pool's CPU engines, which share their cores "
-        "with the serving stack and the decode engines' schedulers (serve/affinity.py): a prefill's "
-        "compute then never delays a decode step's scheduling nor a token on its way out; every other "
-        "pool is left as started. null = leave as started",
+    cpu_niceness: int | None = Field(
+        None,
+        ge=-20,
+        le=19,
+        description="renice the engine's processes to this "
+        "(Ray workers run at 15): 19 lets the HTTP proxy / router preempt engine "
+        "compute on a saturated box; null = leave as started",
     )
     kv_events: bool = Field(
         True,

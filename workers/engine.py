@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from workers.config import CpuDevice, GpuDevice, PoolConfig, PoolRole
+from workers.config import CpuDevice, GpuDevice, PoolConfig
 from workers.engine_env import MALLOC_REUSE_ENV, MQ_BUSY_LOOP_ENV, MQ_RECHECK_ENV
 from workers.handoff import HandoffBackend, free_port
 from workers.messages import (
@@ -141,23 +141,6 @@ def engine_kwargs(
     return kwargs
 
 
-PREFILL_CPU_NICENESS = 19  # lowest priority: below Ray's workers (15), the serving stack among them
-
-
-def engine_niceness(pool: PoolConfig) -> int | None:
-    """The niceness of a pool's engine processes after start (pure): ``engine.cpu_niceness``, where
-    'auto' is ``PREFILL_CPU_NICENESS`` for a prefill pool on CPUs and None (left as started) otherwise.
-    A prefill engine's compute shares its cores with the serving stack and the decode engines'
-    schedulers (serve/affinity.py keeps them off the decode cores); at the lowest priority it yields
-    to them, so a prefill never stretches a decode step nor holds back a streamed token."""
-    n = pool.engine.cpu_niceness
-    if n != "auto":
-        return n
-    if pool.role is PoolRole.PREFILL and isinstance(pool.device, CpuDevice):
-        return PREFILL_CPU_NICENESS
-    return None
-
-
 def renice_children(niceness: int) -> int:
     """Set the niceness of every process this one spawned (vLLM's engine core and workers); returns how
     many. Raising niceness needs no privilege; a failure is logged, never fatal."""
@@ -218,9 +201,8 @@ class EngineWrapper:
         t0 = time.monotonic()
         self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[self.collector.factory])
         self.load_s = time.monotonic() - t0
-        niceness = engine_niceness(self.spec.pool)
-        if niceness is not None:
-            renice_children(niceness)
+        if self.spec.pool.engine.cpu_niceness is not None:
+            renice_children(self.spec.pool.engine.cpu_niceness)
         logger.info("engine for pool %s up in %.1fs (%s)", self.spec.pool.name, self.load_s, self.endpoint_id)
 
     @property

@@ -168,23 +168,6 @@ class TestServing:
         assert len(listeners) == 1, listeners
         assert "ServeReplica" in listeners[0] and listeners[0].split()[0].endswith(":ingress"), listeners
 
-    def test_prefill_engines_run_below_the_serving_stack(self, cluster):
-        """engine.cpu_niceness 'auto': the prefill engine's processes (vLLM's engine core and worker) run
-        at the lowest priority, the decode engines' as Ray started them, like the replicas serving them."""
-        nice: dict[str, set[int]] = {}
-        for p in psutil.process_iter():
-            try:
-                if not p.name().startswith("VLLM::"):
-                    continue
-                replica = next(a for a in p.parents() if "ServeReplica:pdserve-test:pool-" in " ".join(a.cmdline()))
-                pool = " ".join(replica.cmdline()).split("pool-")[1].split()[0]
-                nice.setdefault(pool, set()).add(p.nice())
-                nice.setdefault(f"{pool} replica", set()).add(replica.nice())
-            except (psutil.Error, StopIteration):
-                continue
-        assert nice["prefill"] == {19}, nice
-        assert nice["decode"] == nice["decode replica"] and 19 not in nice["decode"], nice
-
     def test_models_and_health(self, cluster):
         models = httpx.get(f"{cluster.base_url}/v1/models").json()
         assert [m["id"] for m in models["data"]] == [MODEL]

@@ -305,33 +305,6 @@ def test_renice_children_raises_niceness_of_spawned_processes():
         child.wait()
 
 
-class TestEngineNiceness:
-    """workers/engine.py engine_niceness: what the engine processes are reniced to after start."""
-
-    CPU = {"kind": "cpu", "cpu_cores": "0"}
-
-    @pytest.mark.parametrize(
-        ("role", "device", "engine", "expected"),
-        [
-            ("prefill", CPU, {}, 19),  # auto: a CPU prefill engine yields to the serving stack
-            ("decode", CPU, {}, None),  # auto: decode engines are left as started
-            ("flex", CPU, {}, None),  # auto: a flex engine may be decoding
-            ("prefill", {"kind": "gpu", "count": 1}, {}, None),  # auto: GPU compute is not on the cores
-            ("decode", CPU, {"cpu_niceness": 5}, 5),
-            ("prefill", CPU, {"cpu_niceness": None}, None),
-        ],
-    )
-    def test_resolves(self, role, device, engine, expected):
-        from workers.engine import engine_niceness
-
-        pool = PoolConfig(name="p", role=role, replicas=2, device=device, engine=engine)
-        assert engine_niceness(pool) == expected
-
-    def test_rejects_other_words(self):
-        with pytest.raises(ValueError):
-            PoolConfig(name="p", role="prefill", device=self.CPU, engine={"cpu_niceness": "low"})
-
-
 class TestKvLeasesAtStop:
     """workers/deployment.py: a stopping replica waits for the KV its prefills handed off to be read."""
 
