@@ -212,6 +212,14 @@ class ClusterMetrics:
         self.prefill_s = Histogram(
             "pdserve_prefill_seconds", "Remote prefill call duration", buckets=_LATENCY_BUCKETS_S, registry=r
         )
+        self.prefill_engine_s = Histogram(
+            "pdserve_prefill_engine_seconds",
+            "Part of a remote prefill call spent in the prefill replica's engine (its queue and the forward "
+            "pass, as the replica measured it); pdserve_prefill_seconds less this is the call's overhead "
+            "(the ingress and replica event loops, Ray, routing)",
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.handoff_s = Histogram(
             "pdserve_kv_handoff_duration_seconds",
             "Per-transfer KV handoff time",

@@ -242,6 +242,7 @@ class Orchestrator:
         finally:
             self._release(target.endpoint_id)
         self._metrics.prefill_s.observe(self._clock() - t0)
+        self._metrics.prefill_engine_s.observe(result.prefill_s)
         if result.handoff is None and push_rendezvous is None:
             self._metrics.prefill_fallbacks.labels("no_handoff").inc()
         return True, result.handoff

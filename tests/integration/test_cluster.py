@@ -215,6 +215,9 @@ class TestDisaggregation:
             wait_for(lambda: observed() == expected, timeout_s=20)
         except AssertionError:
             assert observed() == expected
+        # one remote prefill call, and the engine's share of it as the prefill replica measured it
+        assert delta("pdserve_prefill_seconds_count") == 1 and delta("pdserve_prefill_engine_seconds_count") == 1
+        assert 0 < delta("pdserve_prefill_engine_seconds_sum") < delta("pdserve_prefill_seconds_sum")
 
     def test_both_decode_replicas_receive_traffic(self, cluster):
         before = settled_scrape(cluster.base_url)
