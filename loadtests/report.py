@@ -44,7 +44,7 @@ def write_report(out: Path, rows: list[dict], meta: dict) -> None:
         )
     by_key = {(r["system"], r["workload"], r["rate"]): r for r in rows}
     peers = ("colocated", "raypd")
-    for base in (*peers, *meta.get("baselines", [])):
+    for base in dict.fromkeys((*peers, *meta.get("baselines", []))):  # a peer named as baseline: one table
         for system in sorted({r["system"] for r in rows} - {base, *peers}):
             pairs = [(r, by_key.get((base, r["workload"], r["rate"]))) for r in rows if r["system"] == system]
             pairs = [(a, b) for a, b in pairs if b]

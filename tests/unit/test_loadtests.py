@@ -324,6 +324,14 @@ class TestReport:
         md = (tmp_path / "report.md").read_text()
         assert "| random | 1.0 | 0.90x |" in md and "| 0.75x |" in md
 
+    def test_a_peer_named_as_baseline_gets_one_table(self, tmp_path):
+        from loadtests import report
+
+        rows = [self._row("ours", "random", 1.0, 0.9), self._row("colocated", "random", 1.0, 1.0)]
+        meta = {"run_id": "t", "slo": {"ttft_s": 4.0, "tpot_s": 0.25}, "baselines": ["colocated"]}
+        report.write_report(tmp_path, rows, meta)
+        assert (tmp_path / "report.md").read_text().count("## ours vs colocated") == 1
+
 
 class TestBenchArgs:
     def test_workload_options_and_seeds(self):
