@@ -213,9 +213,10 @@ class EngineConfig(_Strict):
         None,
         ge=-20,
         le=19,
-        description="renice the engine's processes to this "
-        "(Ray workers run at 15): 19 lets the HTTP proxy / router preempt engine "
-        "compute on a saturated box; null = leave as started",
+        description="renice the engine's processes (vLLM's engine core and workers) to this after start; "
+        "Ray workers, the serving stack among them, run at 15. null = leave as started. Off by default: at "
+        "19 it made no measured difference on the 2-core box, neither for all engines nor for the prefill "
+        "engine alone (loadtests/results/README.md: 20261122-071253, 20261130-173402-prefill-nice)",
     )
     kv_events: bool = Field(
         True,
